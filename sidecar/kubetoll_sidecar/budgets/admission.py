@@ -1,0 +1,207 @@
+"""Which meters a request falls under, and the admit decision (pipeline stages 5 and 7).
+
+Levels, from the widest: each budget covering the route has a namespace cap
+(USD and tokens per day and month, shared by every tenant) and, for the
+request's tier, the tenant's own limits (tokens/min and requests/min buckets,
+USD per day and month). Every level is checked and reserved before the call and
+settled after it.
+
+When a level is exhausted its `onExhausted` decides: reject (429 with
+Retry-After), downgrade (serve from the route's downgrade backends, counting the
+spend), or allow (serve and count the overage).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..config import Budget, FailMode, OnExhausted, RouterConfig
+from .periods import PeriodCalculator
+from .store import BudgetStore, Exhausted, Hold, Meter, MeterState, Reservation
+
+
+@dataclass(slots=True)
+class MeterSet:
+    """The meters one request falls under, grouped by what they count."""
+
+    requests: list[Meter] = field(default_factory=list)  # requests/min buckets (stage 5)
+    tokens: list[Meter] = field(default_factory=list)  # tokens/min buckets, token caps
+    usd: list[Meter] = field(default_factory=list)  # USD caps
+
+    def windows(self) -> list[Meter]:
+        return [m for m in self.tokens + self.usd if m.kind == "window"]
+
+    def all(self) -> list[Meter]:
+        return self.requests + self.tokens + self.usd
+
+
+@dataclass(slots=True)
+class Admitted:
+    reservation: Reservation
+    downgrade: bool  # an exhausted level said "downgrade"
+    overage: list[str]  # labels of levels served past their limit ("allow" or "downgrade")
+
+
+class Rejected(Exception):
+    def __init__(self, exhausted: Exhausted, reason: str) -> None:
+        self.exhausted = exhausted
+        self.reason = reason  # metric label: "requests_per_minute", "tokens_per_minute", "usd", "tokens"
+        super().__init__(str(exhausted))
+
+    @property
+    def retry_after(self) -> float:
+        ra = self.exhausted.retry_after
+        return 60.0 if ra is None else ra
+
+
+class NoDowngradeBackends(Exception):
+    def __init__(self, exhausted: Exhausted) -> None:
+        self.exhausted = exhausted
+        super().__init__(f"{exhausted}; its onExhausted is downgrade but the route has no downgrade backends")
+
+
+class BudgetMeters:
+    """Builds meter sets from the config. One per loaded config."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self._budgets_by_route: dict[str, list[Budget]] = {
+            r.name: [b for b in config.budgets if b.covers(r.name)] for r in config.routes
+        }
+        self._periods = PeriodCalculator()
+
+    def for_request(self, route: str, tenant: str, tier: str, now: float) -> MeterSet:
+        ms = MeterSet()
+        for b in self._budgets_by_route.get(route, ()):
+            day = self._periods.period("day", b.timezone, now)
+            month = self._periods.period("month", b.timezone, now)
+            cap, on = b.cap, b.cap_on_exhausted
+            base = b.name
+            fo = b.fail_mode is FailMode.fail_open
+            for unit, limit, period, target in (
+                ("usd", cap.usd_per_day, day, ms.usd),
+                ("usd", cap.usd_per_month, month, ms.usd),
+                ("tokens", cap.tokens_per_day, day, ms.tokens),
+                ("tokens", cap.tokens_per_month, month, ms.tokens),
+            ):
+                if limit is not None:
+                    target.append(
+                        Meter(
+                            key=f"{base}:cap:{unit}:{period.id}",
+                            kind="window",
+                            unit=unit,
+                            limit=float(limit),
+                            budget=b.name,
+                            level="cap",
+                            label=f"{base}/cap/{unit}-{period.kind}",
+                            on_exhausted=on,
+                            period_end=period.end,
+                            fail_open=fo,
+                        )
+                    )
+            t = b.tiers.get(tier)
+            if t is None:
+                continue
+            lvl = f"tier:{tier}"
+            tkey = f"{base}:{lvl}:t:{tenant}"
+            if t.requests_per_minute is not None:
+                ms.requests.append(
+                    Meter(
+                        key=f"{tkey}:rpm",
+                        kind="bucket",
+                        unit="requests",
+                        limit=float(t.requests_per_minute),
+                        budget=b.name,
+                        level=lvl,
+                        label=f"{base}/{lvl}/requests-per-minute",
+                        on_exhausted=t.on_exhausted,
+                        refill_per_second=t.requests_per_minute / 60.0,
+                        fail_open=fo,
+                    )
+                )
+            if t.tokens_per_minute is not None:
+                ms.tokens.append(
+                    Meter(
+                        key=f"{tkey}:tpm",
+                        kind="bucket",
+                        unit="tokens",
+                        limit=float(t.tokens_per_minute),
+                        budget=b.name,
+                        level=lvl,
+                        label=f"{base}/{lvl}/tokens-per-minute",
+                        on_exhausted=t.on_exhausted,
+                        refill_per_second=t.tokens_per_minute / 60.0,
+                        fail_open=fo,
+                    )
+                )
+            for limit, period in ((t.usd_per_day, day), (t.usd_per_month, month)):
+                if limit is not None:
+                    ms.usd.append(
+                        Meter(
+                            key=f"{tkey}:usd:{period.id}",
+                            kind="window",
+                            unit="usd",
+                            limit=float(limit),
+                            budget=b.name,
+                            level=lvl,
+                            label=f"{base}/{lvl}/usd-{period.kind}",
+                            on_exhausted=t.on_exhausted,
+                            period_end=period.end,
+                            fail_open=fo,
+                        )
+                    )
+        return ms
+
+
+def _reason(m: Meter) -> str:
+    if m.kind == "bucket":
+        return "requests_per_minute" if m.unit == "requests" else "tokens_per_minute"
+    return f"{m.unit}_{'cap' if m.level == 'cap' else 'tier'}"
+
+
+async def reserve_with_policy(
+    store: BudgetStore, holds: Sequence[Hold], now: float, can_downgrade: bool
+) -> Admitted:
+    """Reserve all holds; an exhausted level applies its onExhausted and we try again.
+
+    At most one retry per hold: each pass turns one more hold into an unenforced one.
+    """
+    holds = list(holds)
+    downgrade = False
+    overage: list[str] = []
+    for _ in range(len(holds) + 1):
+        try:
+            res = await store.reserve(holds, now)
+            return Admitted(res, downgrade, overage)
+        except Exhausted as exc:
+            policy = exc.meter.on_exhausted
+            if policy is OnExhausted.reject:
+                raise Rejected(exc, _reason(exc.meter)) from None
+            if policy is OnExhausted.downgrade:
+                if not can_downgrade:
+                    raise NoDowngradeBackends(exc) from None
+                downgrade = True
+            overage.append(exc.meter.label)
+            holds = [Hold(h.meter, h.amount, False) if h.meter.key == exc.meter.key else h for h in holds]
+    raise AssertionError("unreachable: every hold was relaxed")
+
+
+def percent_used(store: BudgetStore, meters: Sequence[Meter], now: float) -> float:
+    """The highest use, in percent, over the calendar windows (what downgrade atPercent compares to)."""
+    worst = 0.0
+    for m in meters:
+        if m.kind == "window":
+            worst = max(worst, store.snapshot(m, now).percent)
+    return worst
+
+
+def tightest(store: BudgetStore, meters: Sequence[Meter], now: float) -> tuple[Meter, MeterState] | None:
+    """The level with the smallest remaining fraction, for the x-kubetoll-budget-remaining header."""
+    best: tuple[Meter, MeterState] | None = None
+    best_frac = 2.0
+    for m in meters:
+        st = store.snapshot(m, now)
+        frac = st.remaining / st.limit if st.limit > 0 else 0.0
+        if frac < best_frac:
+            best, best_frac = (m, st), frac
+    return best

@@ -1,0 +1,134 @@
+"""Reading RouterConfig from disk and noticing when it changes.
+
+A ConfigMap mounted as a volume is updated by the kubelet with a symlink swap
+(`router.json -> ..data/router.json`, `..data -> ..2026_11_22_...`), so the
+file's own path never changes; its target does. The watcher polls (every 0.25 s:
+cheap, and works on every filesystem, unlike inotify through symlinks) the
+resolved path, inode, size and mtime, and reloads when any of them moves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import yaml
+from pydantic import ValidationError
+
+from .config import RouterConfig
+
+log = logging.getLogger("kubetoll.config")
+
+
+class ConfigError(Exception):
+    """A config that cannot be used. The message says which file and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    config: RouterConfig
+    path: str
+    digest: str  # sha256 of the file's bytes
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors()[:20]:
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"{loc}: {err['msg']}")
+    more = exc.error_count() - len(lines)
+    if more > 0:
+        lines.append(f"... and {more} more")
+    return "; ".join(lines)
+
+
+def parse_config(raw: bytes, source: str) -> RouterConfig:
+    try:
+        if source.endswith((".yaml", ".yml")):
+            data = yaml.safe_load(raw)
+        else:
+            try:
+                data = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                data = yaml.safe_load(raw)  # YAML is a superset of JSON: one more chance
+    except (yaml.YAMLError, ValueError) as exc:
+        raise ConfigError(f"{source}: not valid JSON or YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a JSON/YAML object at the top level")
+    version = data.get("version", 1)
+    if version != 1:
+        raise ConfigError(f"{source}: config version {version!r} is not supported by this sidecar (supports 1)")
+    try:
+        return RouterConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: invalid RouterConfig: {format_validation_error(exc)}") from None
+
+
+def load_config(path: str) -> LoadedConfig:
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return LoadedConfig(parse_config(raw, path), path, hashlib.sha256(raw).hexdigest())
+
+
+def _fingerprint(path: str) -> tuple | None:
+    try:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+        return (real, st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        return None
+
+
+class ConfigWatcher:
+    """Polls a config file and calls `on_change` with a LoadedConfig or a ConfigError."""
+
+    def __init__(
+        self,
+        path: str,
+        on_change: Callable[[LoadedConfig | ConfigError], Awaitable[None]],
+        interval: float = 0.25,
+        initial_digest: str = "",
+    ) -> None:
+        self.path = path
+        self.on_change = on_change
+        self.interval = interval
+        self._fp = _fingerprint(path)
+        self._digest = initial_digest
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="kubetoll-config-watcher")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            fp = _fingerprint(self.path)
+            if fp == self._fp:
+                continue
+            self._fp = fp
+            try:
+                loaded = load_config(self.path)
+            except ConfigError as exc:
+                self._digest = ""  # so that restoring the last good content applies (and clears the refusal)
+                await self.on_change(exc)
+                continue
+            if loaded.digest == self._digest:
+                continue  # touched, same content
+            self._digest = loaded.digest
+            await self.on_change(loaded)

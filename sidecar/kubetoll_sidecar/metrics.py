@@ -1,0 +1,82 @@
+"""Prometheus metrics, served on the metrics port (never the 127.0.0.1 API port).
+
+Names follow the OpenTelemetry GenAI semantic conventions where they have one
+(`gen_ai_client_token_usage`, `gen_ai_client_operation_duration_seconds`,
+`gen_ai_server_time_to_first_token_seconds` measured from the client side);
+the rest are `kubetoll_*`. Tenant ids are never labels (unbounded cardinality);
+tiers are (a handful per budget).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+_ADDED_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+_TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.requests = Counter(
+            "kubetoll_requests", "Requests handled, by route, backend, tier and outcome.",
+            ["route", "backend", "tier", "outcome"], registry=r,
+        )
+        self.tokens = Counter(
+            "kubetoll_tokens", "Tokens billed, by route, backend and type (input, output, cached_input).",
+            ["route", "backend", "type"], registry=r,
+        )
+        self.token_usage = Histogram(
+            "gen_ai_client_token_usage", "Tokens per call (OTel GenAI), by type.",
+            ["gen_ai_operation_name", "gen_ai_request_model", "gen_ai_token_type"], buckets=_TOKEN_BUCKETS, registry=r,
+        )
+        self.cost = Counter(
+            "kubetoll_cost_usd", "USD spent (list or shadow price), by route, backend and tier.",
+            ["route", "backend", "tier"], registry=r,
+        )
+        self.fallbacks = Counter(
+            "kubetoll_fallbacks", "Attempts that moved on to the next backend, by the backend left and why.",
+            ["route", "backend", "reason"], registry=r,
+        )
+        self.rejections = Counter(
+            "kubetoll_rejections", "Requests refused before reaching a backend, by reason.",
+            ["route", "reason"], registry=r,
+        )
+        self.downgrades = Counter(
+            "kubetoll_downgrades", "Requests served from a route's downgrade backends, by why.",
+            ["route", "reason"], registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "gen_ai_client_operation_duration_seconds", "Upstream call duration (OTel GenAI), by backend.",
+            ["backend", "gen_ai_operation_name"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram(
+            "gen_ai_server_time_to_first_token_seconds", "Time to the first streamed chunk, as the sidecar sees it.",
+            ["backend"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.added_latency = Histogram(
+            "kubetoll_added_latency_seconds", "Time the sidecar itself adds to a request (all but the upstream call).",
+            ["route"], buckets=_ADDED_BUCKETS, registry=r,
+        )
+        self.budget_remaining = Gauge(
+            "kubetoll_budget_remaining", "What is left of a namespace-cap budget level in its period.",
+            ["budget", "level", "unit", "period"], registry=r,
+        )
+        self.budget_percent = Gauge(
+            "kubetoll_budget_used_percent", "Percent used of a namespace-cap budget level in its period.",
+            ["budget", "level", "unit", "period"], registry=r,
+        )
+        self.circuit_open = Gauge(
+            "kubetoll_circuit_open", "1 while a backend's circuit breaker is open.", ["backend"], registry=r,
+        )
+        self.config_reloads = Counter(
+            "kubetoll_config_reloads", "Config loads, by result (applied, refused, unchanged).", ["result"], registry=r,
+        )
+        self.config_refused = Gauge(
+            "kubetoll_config_refused", "1 while the config file on disk is refused and an older one serves.", registry=r,
+        )
+        self.config_info = Gauge(
+            "kubetoll_config_info", "The config being served.", ["revision", "namespace"], registry=r,
+        )
+        self.in_flight = Gauge("kubetoll_requests_in_flight", "Requests being served now.", registry=r)

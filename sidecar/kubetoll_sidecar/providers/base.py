@@ -1,0 +1,107 @@
+"""What every provider translator offers the forwarder.
+
+A translator knows one provider's wire format and nothing else: how to turn an
+OpenAI-shaped request into that provider's HTTP request, how to turn its response
+(or its SSE stream) back into OpenAI's shape, how to read its usage, and how to
+classify its errors into the route's failure classes. It does no I/O: the
+forwarder owns connections, timeouts and fallback (Envoy AI Gateway splits it the
+same way: one translator per provider).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..config import Backend, FailureClass
+
+
+class Endpoint:
+    """The OpenAI API the client called."""
+
+    chat = "chat"
+    completions = "completions"
+    embeddings = "embeddings"
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token usage as the provider reported it (or as counted, when it did not)."""
+
+    prompt_tokens: int = 0  # all input tokens, cached ones included
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # input tokens read from the provider's prompt cache
+    cache_write_tokens: int = 0  # input tokens written to the provider's prompt cache (Anthropic)
+    reported: bool = True  # False when counted by the sidecar because the provider sent none
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class UpstreamRequest:
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass(slots=True)
+class UpstreamError:
+    """A failed attempt, classified. `failure` None means: not a fallback class, pass it to the client."""
+
+    status: int
+    failure: FailureClass | None
+    message: str
+    retry_after: float | None = None
+    # The provider's error translated to OpenAI's error object, for passing through.
+    openai_error: dict[str, Any] = field(default_factory=dict)
+
+
+class UnsupportedRequest(Exception):
+    """This provider cannot serve this request: the endpoint (embeddings on Anthropic) or a parameter (n > 1 on Anthropic). The forwarder skips the backend and says why."""
+
+
+class StreamTranslator(Protocol):
+    """Turns the upstream's SSE events into OpenAI chat.completion.chunk dicts.
+
+    `feed` takes one upstream SSE event (its `event:` name, may be None, and its
+    `data:` payload as bytes) and returns the OpenAI chunks to send, in order:
+    each a dict, or bytes already holding the chunk's JSON (pass-through). It
+    keeps the usage it has seen. `done` is True once the upstream said the stream
+    is complete (OpenAI `[DONE]`, Anthropic `message_stop`).
+    """
+
+    usage: Usage | None
+    done: bool
+    text_chars: int  # characters of content and tool arguments emitted so far
+
+    def feed(self, event: str | None, data: bytes) -> list[dict[str, Any] | bytes]: ...
+
+    def error(self) -> UpstreamError | None:
+        """An error the upstream sent inside the stream, if any."""
+        ...
+
+
+class Translator(Protocol):
+    def build_request(
+        self, backend: Backend, endpoint: str, body: dict[str, Any], api_key: str | None, stream: bool
+    ) -> UpstreamRequest:
+        """`body` is the client's OpenAI request with `model` already set to the backend's model.
+
+        Raises UnsupportedRequest when the provider cannot serve it.
+        """
+        ...
+
+    def parse_response(self, endpoint: str, body: bytes, model_alias: str) -> tuple[dict[str, Any], Usage]:
+        """A successful non-streaming response, as the OpenAI response body and its usage.
+
+        `model_alias` is what the client asked for; the OpenAI body's `model` stays
+        the upstream's real model id (as OpenAI itself does).
+        """
+        ...
+
+    def stream_translator(self, model_alias: str, include_usage: bool) -> StreamTranslator: ...
+
+    def classify_error(self, status: int, headers: Any, body: bytes) -> UpstreamError: ...

@@ -1,0 +1,126 @@
+"""Pipeline stage 1: parse and validate an OpenAI API request.
+
+Checks what the router needs and what OpenAI itself would refuse with a 400
+(missing model or messages, wrong types), and leaves every other field to the
+upstream, so new OpenAI parameters pass through without a sidecar release.
+Parsing is plain orjson plus a few checks: pydantic models for whole requests
+would cost more than the rest of the pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .errors import ApiError, bad_request
+from .providers.base import Endpoint
+
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+@dataclass(slots=True)
+class ParsedRequest:
+    endpoint: str
+    body: dict[str, Any]  # the client's request as sent
+    upstream_body: dict[str, Any]  # what goes upstream (the route's cap applied)
+    model: str
+    stream: bool
+    include_usage: bool  # the client asked for the usage chunk
+    n: int
+    max_tokens: int | None
+    messages: list[dict[str, Any]]
+
+    def set_max_tokens(self, value: int) -> None:
+        self.max_tokens = value
+        key = "max_completion_tokens" if "max_completion_tokens" in self.body else "max_tokens"
+        self.upstream_body = {**self.upstream_body, key: value}
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"request body is {request.content_length} bytes; the limit is {limit}", "invalid_request_error", "request_too_large")
+    chunks = []
+    size = 0
+    async for chunk in request.content.iter_chunked(65536):
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes", "invalid_request_error", "request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _int_field(body: dict[str, Any], name: str, minimum: int) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        raise bad_request(f"`{name}` must be an integer >= {minimum}", param=name)
+    return v
+
+
+async def parse_request(request: web.Request, endpoint: str, limit: int) -> ParsedRequest:
+    raw = await read_body(request, limit)
+    ctype = request.headers.get("content-type", "application/json")
+    if "json" not in ctype:
+        raise bad_request(f"expected a JSON body (content-type application/json), got {ctype!r}")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    return validate_body(body, endpoint)
+
+
+def validate_body(body: Any, endpoint: str) -> ParsedRequest:
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("you must provide a model parameter", param="model")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise bad_request("`stream` must be a boolean", param="stream")
+    if endpoint == Endpoint.embeddings and stream:
+        raise bad_request("embeddings cannot be streamed", param="stream")
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise bad_request("`stream_options` must be an object", param="stream_options")
+    if opts and not stream:
+        raise bad_request("`stream_options` is only allowed when `stream` is true", param="stream_options")
+    include_usage = bool(opts and opts.get("include_usage"))
+    n = _int_field(body, "n", 1) or 1
+    max_tokens = _int_field(body, "max_completion_tokens", 1)
+    if max_tokens is None:
+        max_tokens = _int_field(body, "max_tokens", 1)
+    messages: list[dict[str, Any]] = []
+    if endpoint == Endpoint.chat:
+        messages = body.get("messages")  # type: ignore[assignment]
+        if not isinstance(messages, list) or not messages:
+            raise bad_request("`messages` must be a non-empty array", param="messages")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                raise bad_request(f"messages[{i}] must be an object", param=f"messages[{i}]")
+            role = m.get("role")
+            if role not in _ROLES:
+                raise bad_request(f"messages[{i}].role must be one of {sorted(_ROLES)}", param=f"messages[{i}].role")
+            content = m.get("content")
+            if content is not None and not isinstance(content, (str, list)):
+                raise bad_request(f"messages[{i}].content must be a string or an array of parts", param=f"messages[{i}].content")
+            if content is None and role in ("user", "system", "developer"):
+                raise bad_request(f"messages[{i}].content is required for role {role}", param=f"messages[{i}].content")
+        tools = body.get("tools")
+        if tools is not None and not isinstance(tools, list):
+            raise bad_request("`tools` must be an array", param="tools")
+    elif endpoint == Endpoint.completions:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not prompt):
+            raise bad_request("`prompt` must be a string or a non-empty array", param="prompt")
+    elif endpoint == Endpoint.embeddings:
+        inp = body.get("input")
+        if not isinstance(inp, (str, list)) or (isinstance(inp, list) and not inp) or inp == "":
+            raise bad_request("`input` must be a non-empty string or array", param="input")
+    return ParsedRequest(endpoint, body, body, model, stream, include_usage, n, max_tokens, messages)

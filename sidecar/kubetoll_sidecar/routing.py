@@ -1,0 +1,119 @@
+"""Pipeline stage 3: pick the rule, then the candidate backends (the fallback chain).
+
+A route is the model name the app asks for. Its rules are tried in order and
+the first whose conditions all hold wins; its backends are the chain the
+forwarder walks. Regexes and keyword sets are compiled once per config load.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import FailureClass, Route, RouterConfig, RuleMatch
+
+
+@dataclass(frozen=True, slots=True)
+class RouteContext:
+    prompt_tokens: int
+    tenant: str
+    tier: str
+    headers: Mapping[str, str]
+    last_user_text: Callable[[], str]  # lazy: only rules on content need it
+
+
+class CompiledRule:
+    __slots__ = ("name", "backends", "_min", "_max", "_tiers", "_tenants", "_header", "_hvalue", "_hregex", "_kw", "_re")
+
+    def __init__(self, name: str, match: RuleMatch, backends: list[str]) -> None:
+        self.name = name
+        self.backends = tuple(backends)
+        self._min = match.min_prompt_tokens
+        self._max = match.max_prompt_tokens
+        self._tiers = frozenset(match.tiers)
+        self._tenants = frozenset(match.tenants)
+        h = match.header
+        self._header = h.name.lower() if h else None
+        self._hvalue = h.value if h else None
+        self._hregex = re.compile(h.regex) if h and h.regex else None
+        self._kw = (
+            re.compile(r"\b(?:" + "|".join(re.escape(k) for k in match.keywords) + r")\b", re.IGNORECASE)
+            if match.keywords
+            else None
+        )
+        self._re = re.compile(match.regex) if match.regex else None
+
+    def matches(self, ctx: RouteContext) -> bool:
+        if self._min is not None and ctx.prompt_tokens < self._min:
+            return False
+        if self._max is not None and ctx.prompt_tokens > self._max:
+            return False
+        if self._tiers and ctx.tier not in self._tiers:
+            return False
+        if self._tenants and ctx.tenant not in self._tenants:
+            return False
+        if self._header is not None:
+            value = ctx.headers.get(self._header)
+            if value is None:
+                return False
+            if self._hvalue is not None and value != self._hvalue:
+                return False
+            if self._hregex is not None and not self._hregex.search(value):
+                return False
+        if self._kw is not None or self._re is not None:
+            text = ctx.last_user_text()
+            if self._kw is not None and not self._kw.search(text):
+                return False
+            if self._re is not None and not self._re.search(text):
+                return False
+        return True
+
+
+class CompiledRoute:
+    def __init__(self, route: Route) -> None:
+        self.name = route.name
+        self.rules = [CompiledRule(r.name or f"rule-{i}", r.match, r.backends) for i, r in enumerate(route.rules)]
+        self.fallback_on: frozenset[FailureClass] = frozenset(route.fallback_on)
+        self.max_output_tokens = route.max_output_tokens
+        self.downgrade_at = route.downgrade.at_percent if route.downgrade else None
+        self.downgrade_chain: tuple[str, ...] = tuple(route.downgrade.backends) if route.downgrade else ()
+        # Every backend this route might call, for a conservative USD reservation.
+        seen: dict[str, None] = {}
+        for r in self.rules:
+            seen.update(dict.fromkeys(r.backends))
+        self.all_backends = tuple(seen)
+
+    def select(self, ctx: RouteContext) -> CompiledRule | None:
+        for rule in self.rules:
+            if rule.matches(ctx):
+                return rule
+        return None
+
+
+def read_pod_labels(path: str) -> dict[str, str]:
+    """The downward API's labels file: one `key="value"` per line. Missing file: no labels."""
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    labels: dict[str, str] = {}
+    for line in p.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            labels[key.strip()] = value.strip().strip('"')
+    return labels
+
+
+class Router:
+    def __init__(self, config: RouterConfig, pod_labels: Mapping[str, str]) -> None:
+        self.routes: dict[str, CompiledRoute] = {}
+        for r in config.routes:
+            if all(pod_labels.get(k) == v for k, v in r.pod_selector.items()):
+                self.routes[r.name] = CompiledRoute(r)
+
+    def get(self, name: str) -> CompiledRoute | None:
+        return self.routes.get(name)
+
+    def names(self) -> list[str]:
+        return list(self.routes)

@@ -1,0 +1,316 @@
+"""The sidecar process: the API on 127.0.0.1, probes and metrics on a second port, hot reload, drain.
+
+`Sidecar` owns the long-lived parts (budget store, ledger, connection pools,
+circuit breakers, metrics) and the current RouterState, which a config reload
+replaces in one assignment. `run_sidecar` is the blocking entry used by
+`kubetoll sidecar` and `kubetoll run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .budgets.memory import InMemoryBudgetStore
+from .budgets.periods import Clock, SystemClock
+from .budgets.store import BudgetStore
+from .circuit import BreakerRegistry
+from .config import RouterConfig
+from .config_loader import ConfigError, ConfigWatcher, LoadedConfig, load_config
+from .credentials import CredentialStore
+from .errors import ApiError
+from .forwarder import Forwarder
+from .ledger import InMemoryLedger, Ledger
+from .metrics import Metrics
+from .pipeline import Pipeline
+from .providers.base import Endpoint
+from .routing import read_pod_labels
+from .state import RouterState, SessionPool, build_state
+
+log = logging.getLogger("kubetoll.sidecar")
+
+
+class Sidecar:
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        *,
+        store: BudgetStore | None = None,
+        ledger: Ledger | None = None,
+        clock: Clock | None = None,
+        metrics: Metrics | None = None,
+        watch: bool = True,
+        watch_interval: float = 0.25,
+    ) -> None:
+        self.config_path = loaded.path
+        self.metrics = metrics or Metrics()
+        self.clock = clock or SystemClock()
+        self.sessions = SessionPool()
+        self.breakers = BreakerRegistry()
+        self._loaded = loaded
+        self.store: BudgetStore = store or InMemoryBudgetStore()
+        self.ledger: Ledger = ledger or InMemoryLedger()
+        self.state: RouterState | None = None
+        self.refused: str | None = None  # why the file on disk is not being served
+        self.draining = False
+        self._watch = watch
+        self._watch_interval = watch_interval
+        self._watcher: ConfigWatcher | None = None
+        self.pipeline: Pipeline | None = None
+        self.started_at = time.time()
+
+    @property
+    def config(self) -> RouterConfig:
+        assert self.state is not None
+        return self.state.config
+
+    async def start(self) -> None:
+        """Builds the first state; raises ConfigError if it cannot (the process then exits)."""
+        self.state = self._build(self._loaded)
+        self.pipeline = Pipeline(
+            lambda: self.state,
+            self.store,
+            self.ledger,
+            Forwarder(self.breakers, CredentialStore(self.state.config.server.credentials_dir)),
+            self.metrics,
+            self.clock,
+        )
+        self._warm_encodings(self.state)
+        self._publish_config_metrics()
+        if self._watch:
+            self._watcher = ConfigWatcher(self.config_path, self._on_config_change, self._watch_interval, self._loaded.digest)
+            self._watcher.start()
+
+    @staticmethod
+    def _warm_encodings(state: RouterState) -> None:
+        """Load tiktoken's BPE tables now (~100 ms each), not on the first request."""
+        from . import tokens
+
+        for name in {tokens.encoding_for_model(b.config.model).name for b in state.backends.values()}:
+            tokens.get_encoding(name)
+
+    def _build(self, loaded: LoadedConfig) -> RouterState:
+        labels = read_pod_labels(loaded.config.server.pod_labels_file)
+        return build_state(loaded.config, loaded.digest, self.sessions, labels)
+
+    async def _on_config_change(self, result: LoadedConfig | ConfigError) -> None:
+        if isinstance(result, LoadedConfig):
+            try:
+                new_state = self._build(result)
+            except ConfigError as exc:
+                result = exc
+            else:
+                old = self.state
+                self._warm_encodings(new_state)
+                self.state = new_state  # new requests see it; requests in flight keep theirs
+                self.refused = None
+                self.metrics.config_reloads.labels("applied").inc()
+                self._publish_config_metrics()
+                if old is not None:
+                    grace = max((b.timeouts.total for b in old.config.backends), default=300.0)
+                    self.sessions.retire_unused(new_state.backends, grace)
+                    if (old.config.server.port, old.config.server.metrics_port) != (
+                        new_state.config.server.port,
+                        new_state.config.server.metrics_port,
+                    ):
+                        log.warning("config changed the listen ports; they apply at the next restart")
+                log.info(
+                    "config applied: %s (revision %s, %d routes, %d backends, %d budgets)",
+                    result.path, result.config.revision or result.digest[:12],
+                    len(result.config.routes), len(result.config.backends), len(result.config.budgets),
+                )
+                return
+        self.refused = str(result)
+        self.metrics.config_reloads.labels("refused").inc()
+        self.metrics.config_refused.set(1)
+        log.error("config refused, still serving the last good one: %s", result)
+
+    def _publish_config_metrics(self) -> None:
+        assert self.state is not None
+        self.metrics.config_refused.set(0)
+        self.metrics.config_info.clear()
+        c = self.state.config
+        self.metrics.config_info.labels(c.revision or self.state.digest[:12], c.namespace).set(1)
+
+    async def close(self) -> None:
+        if self._watcher:
+            await self._watcher.stop()
+        await self.sessions.close()
+        await self.store.close()
+        await self.ledger.close()
+
+    # ------------------------------------------------------------------ apps
+
+    def api_app(self) -> web.Application:
+        # client_max_size is above our own limit so that read_body, not aiohttp, answers 413 in OpenAI's format.
+        app = web.Application(client_max_size=1 << 40, middlewares=[self._error_middleware])
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/v1/models/{model:.+}", self._model)
+        return app
+
+    def ops_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        return app
+
+    @web.middleware
+    async def _error_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return exc.response()
+        except web.HTTPNotFound:
+            return ApiError(404, f"unknown path {request.path}; this router serves the OpenAI API under /v1", "invalid_request_error", "unknown_url").response()
+        except web.HTTPMethodNotAllowed as exc:
+            return ApiError(405, f"{request.method} is not allowed on {request.path} (allowed: {', '.join(sorted(exc.allowed_methods))})", "invalid_request_error", "method_not_allowed").response()
+        except Exception:
+            log.exception("internal error on %s", request.path)
+            return ApiError(500, "internal error in the kubetoll sidecar (see its log)", "server_error", "internal_error").response()
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, Endpoint.chat)
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, Endpoint.completions)
+
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, Endpoint.embeddings)
+
+    async def _serve(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        if self.draining:
+            raise ApiError(503, "the sidecar is shutting down", "service_unavailable", "draining", retry_after=1)
+        assert self.pipeline is not None
+        return await self.pipeline.handle(request, endpoint)
+
+    def _model_entry(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": int(self.started_at), "owned_by": "kubetoll"}
+
+    async def _models(self, request: web.Request) -> web.Response:
+        assert self.state is not None
+        data = [self._model_entry(n) for n in self.state.router.names()]
+        return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
+
+    async def _model(self, request: web.Request) -> web.Response:
+        assert self.state is not None
+        name = request.match_info["model"]
+        if self.state.router.get(name) is None:
+            from .errors import not_found_model
+
+            raise not_found_model(name, self.state.router.names())
+        return web.Response(body=orjson.dumps(self._model_entry(name)), content_type="application/json")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        self._refresh_gauges()
+        return web.Response(body=generate_latest(self.metrics.registry), headers={"content-type": CONTENT_TYPE_LATEST})
+
+    def _refresh_gauges(self) -> None:
+        """Gauges computed at scrape time, not per request."""
+        assert self.state is not None
+        now = self.clock.time()
+        m = self.metrics
+        m.budget_remaining.clear()
+        m.budget_percent.clear()
+        for route in self.state.router.names():
+            for meter in self.state.meters.for_request(route, "-", "-", now).windows():
+                if meter.level != "cap":
+                    continue  # tenant levels are per tenant: not labels (cardinality)
+                st = self.store.snapshot(meter, now)
+                period = meter.label.rsplit("-", 1)[-1]
+                m.budget_remaining.labels(meter.budget, meter.level, meter.unit, period).set(st.remaining)
+                m.budget_percent.labels(meter.budget, meter.level, meter.unit, period).set(st.percent)
+        m.circuit_open.clear()
+        for name, breaker in self.breakers.items():
+            m.circuit_open.labels(name).set(1 if breaker.state != "closed" else 0)
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        assert self.state is not None
+        detail = {
+            "ready": not self.draining,
+            "configRevision": self.state.config.revision or self.state.digest[:12],
+            "configPath": self.config_path,
+            "configRefused": self.refused,
+            "routes": self.state.router.names(),
+            "draining": self.draining,
+        }
+        # A refused newer config does not make the pod unready: it still serves the
+        # last good one, and restarting it would lose that. The detail says why.
+        return web.json_response(detail, status=200 if not self.draining else 503)
+
+
+async def serve(sidecar: Sidecar, host: str | None = None, port: int | None = None, metrics_port: int | None = None, stop: asyncio.Event | None = None) -> None:
+    """Serve until `stop` is set (or SIGTERM/SIGINT), then drain and close."""
+    await sidecar.start()
+    cfg = sidecar.config.server
+    api = web.AppRunner(sidecar.api_app(), access_log=None, shutdown_timeout=cfg.drain_seconds, handle_signals=False)
+    ops = web.AppRunner(sidecar.ops_app(), access_log=None, handle_signals=False)
+    await api.setup()
+    await ops.setup()
+    api_host = host or cfg.host
+    if api_host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("API bound to %s: it has no auth of its own, keep it on 127.0.0.1 in a pod", api_host)
+    await web.TCPSite(api, api_host, port or cfg.port, reuse_address=True).start()
+    await web.TCPSite(ops, cfg.metrics_host, metrics_port or cfg.metrics_port, reuse_address=True).start()
+    log.info(
+        "kubetoll sidecar serving the OpenAI API on http://%s:%d/v1 (metrics and probes on %s:%d), config %s",
+        api_host, port or cfg.port, cfg.metrics_host, metrics_port or cfg.metrics_port, sidecar.config_path,
+    )
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    await stop.wait()
+    log.info("shutting down: draining requests in flight (up to %ss)", cfg.drain_seconds)
+    sidecar.draining = True
+    # Stops listening, waits for handlers up to shutdown_timeout; their spend settles as they finish.
+    await api.cleanup()
+    await ops.cleanup()
+    await sidecar.close()
+    log.info("stopped")
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def run_sidecar(config_path: str, *, host: str | None = None, port: int | None = None, metrics_port: int | None = None, log_level: str = "INFO") -> int:
+    """Blocking entry point. Exit status 2 with a clear message when the config is unusable."""
+    configure_logging(log_level)
+    try:
+        loaded = load_config(config_path)
+    except ConfigError as exc:
+        print(f"kubetoll sidecar: cannot start: {exc}", file=sys.stderr)
+        return 2
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        pass
+    try:
+        asyncio.run(serve(Sidecar(loaded), host, port, metrics_port))
+    except ConfigError as exc:
+        print(f"kubetoll sidecar: cannot start: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"kubetoll sidecar: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    return 0

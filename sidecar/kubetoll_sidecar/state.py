@@ -1,0 +1,110 @@
+"""RouterState: everything derived from one RouterConfig, built once per load and swapped atomically.
+
+A request takes a reference to the current state when it starts and uses it to
+the end, so a reload never changes a request in flight: new requests see the new
+state, old ones finish on theirs.
+
+Connection pools outlive reloads (a reload that keeps a backend's endpoint keeps
+its warm keep-alive connections); pools no state uses any more are closed after
+the longest request could have finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aiohttp
+
+from .budgets.admission import BudgetMeters
+from .config import Backend, RouterConfig
+from .config_loader import ConfigError
+from .forwarder import BackendRuntime
+from .prices import PricingError, resolve_price
+from .routing import Router
+from .tenancy import TenantResolver
+
+log = logging.getLogger("kubetoll.state")
+
+# Output reservation when neither the request, the route nor the backend caps it.
+DEFAULT_OUTPUT_RESERVATION = 4096
+
+
+@dataclass(slots=True)
+class RouterState:
+    config: RouterConfig
+    digest: str
+    router: Router
+    tenants: TenantResolver
+    meters: BudgetMeters
+    backends: dict[str, BackendRuntime]
+    suspended_budgets: frozenset[str]
+
+    def chain(self, names: tuple[str, ...]) -> list[BackendRuntime]:
+        return [self.backends[n] for n in names]
+
+
+class SessionPool:
+    """One aiohttp ClientSession (keep-alive pool) per backend endpoint, shared across reloads."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[tuple[str, str, int], aiohttp.ClientSession] = {}
+        self._closing: set[asyncio.Task] = set()
+
+    def get(self, b: Backend) -> aiohttp.ClientSession:
+        key = (b.name, b.endpoint, b.max_connections)
+        s = self._sessions.get(key)
+        if s is None or s.closed:
+            connector = aiohttp.TCPConnector(
+                limit=b.max_connections, limit_per_host=b.max_connections, keepalive_timeout=60, ttl_dns_cache=30
+            )
+            # auto_decompress off is not wanted: providers gzip large bodies. Cookies are never wanted.
+            s = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",))
+            self._sessions[key] = s
+        return s
+
+    def retire_unused(self, in_use: Mapping[str, BackendRuntime], grace: float) -> None:
+        used = {id(rt.session) for rt in in_use.values()}
+        for key, s in list(self._sessions.items()):
+            if id(s) not in used:
+                del self._sessions[key]
+                task = asyncio.create_task(self._close_later(s, grace))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    async def _close_later(s: aiohttp.ClientSession, grace: float) -> None:
+        await asyncio.sleep(grace)
+        await s.close()
+
+    async def close(self) -> None:
+        for t in list(self._closing):
+            t.cancel()
+        for s in self._sessions.values():
+            await s.close()
+        self._sessions.clear()
+
+
+def build_state(config: RouterConfig, digest: str, sessions: SessionPool, pod_labels: Mapping[str, str]) -> RouterState:
+    """Everything a request needs from this config. Raises ConfigError; never half-builds."""
+    prices = {}
+    problems = []
+    for b in config.backends:
+        try:
+            prices[b.name] = resolve_price(b)
+        except PricingError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    backends = {b.name: BackendRuntime(b, prices[b.name], sessions.get(b)) for b in config.backends}
+    return RouterState(
+        config=config,
+        digest=digest,
+        router=Router(config, pod_labels),
+        tenants=TenantResolver(config),
+        meters=BudgetMeters(config),
+        backends=backends,
+        suspended_budgets=frozenset(b.name for b in config.budgets if b.suspended),
+    )

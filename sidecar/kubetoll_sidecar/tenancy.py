@@ -1,0 +1,59 @@
+"""Pipeline stage 2: who the end user (tenant) is, and their tier.
+
+The app names its end user with a header or the OpenAI `user` field; the tier
+comes from a header. A tier the budgets do not define falls back to the default
+tier, so a typo or a forged header can never lift a tenant out of its limits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .config import RouterConfig
+from .errors import bad_request
+
+MAX_TENANT_LEN = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    tenant: str
+    tier: str
+
+
+class TenantResolver:
+    def __init__(self, config: RouterConfig) -> None:
+        t = config.tenancy
+        self._header = t.header
+        self._tier_header = t.tier_header
+        self._use_user = t.use_user_field
+        self._default_tier = t.default_tier
+        self._required = t.required
+        self._anonymous = t.anonymous_tenant
+        self._known_tiers = frozenset(name for b in config.budgets for name in b.tiers)
+
+    def identify(self, headers: Mapping[str, str], body: Mapping[str, Any]) -> Identity:
+        tenant = headers.get(self._header)
+        if not tenant and self._use_user:
+            user = body.get("user")
+            tenant = user if isinstance(user, str) else None
+        if not tenant:
+            if self._required:
+                raise bad_request(
+                    f"this router requires a tenant: set the {self._header} header"
+                    + (" or the `user` field" if self._use_user else ""),
+                    param="user",
+                    code="tenant_required",
+                )
+            tenant = self._anonymous
+        if len(tenant) > MAX_TENANT_LEN or any(c in tenant for c in "{}\n\r"):
+            raise bad_request(
+                f"tenant id must be at most {MAX_TENANT_LEN} characters without braces or newlines",
+                param="user",
+            )
+        tier = headers.get(self._tier_header) or self._default_tier
+        if tier not in self._known_tiers:
+            tier = self._default_tier
+        return Identity(tenant, tier)
