@@ -193,3 +193,16 @@ async def test_probes_and_metrics(sim, start_sidecar):
     assert 'kubetoll_tokens_total{backend="primary",route="chat",type="output"}' in text
     assert "gen_ai_client_operation_duration_seconds" in text
     assert "sk-test-openai-key-123" not in text
+
+
+async def test_spend_endpoint_lists_ledger_records(sim, start_sidecar):
+    sc = await start_sidecar(base_config(sim.url))
+    await sc.openai().chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}], user="alice")
+    async with aiohttp.ClientSession() as s:
+        async with s.get(sc.url + "/kubetoll/v1/spend") as r:
+            data = await r.json()
+        async with s.get(sc.url + "/kubetoll/v1/spend?since=abc") as r:
+            assert r.status == 400
+    assert data["namespace"] == "test"
+    (rec,) = data["records"]
+    assert rec["tenant"] == "alice" and rec["route"] == "chat" and rec["backend"] == "primary" and rec["cost_usd"] > 0

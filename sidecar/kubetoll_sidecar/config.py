@@ -281,6 +281,7 @@ class Route(Model):
         default_factory=dict,
         description="Serve this route only in pods whose labels include all of these (empty: every pod).",
     )
+    cache_policy: str | None = Field(None, description="Name of the cache policy answering this route from cache.")
 
 
 # --------------------------------------------------------------------------- budgets
@@ -332,6 +333,49 @@ class Budget(Model):
         return not self.routes or route in self.routes
 
 
+# --------------------------------------------------------------------------- caching
+
+
+class CacheScope(str, Enum):
+    tenant = "tenant"  # a tenant only ever gets answers cached for itself
+    namespace = "namespace"  # every tenant of the namespace shares entries
+
+
+class ExactCacheSettings(Model):
+    enabled: bool = True
+    ttl_seconds: int = Field(3600, gt=0)
+
+
+class SemanticCacheSettings(Model):
+    enabled: bool = False
+    embedding_backend: str | None = Field(None, description="A backend serving /v1/embeddings.")
+    threshold: float = Field(0.9, gt=0, le=1, description="Cosine similarity a hit needs (before the strict check).")
+    ttl_seconds: int = Field(3600, gt=0)
+    embed: Literal["lastUserMessage", "allUserMessages"] = "lastUserMessage"
+    verify: bool = Field(True, description="Also require numbers, negations, named things and the action to agree.")
+    max_entries: int = Field(100_000, gt=0, description="Local index entries per sidecar.")
+
+    @model_validator(mode="after")
+    def _backend(self) -> SemanticCacheSettings:
+        if self.enabled and not self.embedding_backend:
+            raise ValueError("semantic caching needs embeddingBackend")
+        return self
+
+
+class CacheableSettings(Model):
+    max_temperature: float = Field(0.0, ge=0, le=2, description="Requests above this temperature are not cached.")
+    allow_tools: bool = False
+
+
+class CachePolicy(Model):
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    scope: CacheScope = CacheScope.tenant
+    exact: ExactCacheSettings = Field(default_factory=ExactCacheSettings)
+    semantic: SemanticCacheSettings = Field(default_factory=SemanticCacheSettings)
+    cacheable: CacheableSettings = Field(default_factory=CacheableSettings)
+    local_max_bytes: int = Field(64 * 1024 * 1024, gt=0, description="In-process LRU bound per sidecar.")
+
+
 class Tenancy(Model):
     """How the sidecar names the end user (tenant) and their tier."""
 
@@ -379,6 +423,7 @@ class RouterConfig(Model):
     backends: list[Backend] = Field(default_factory=list)
     routes: list[Route] = Field(default_factory=list)
     budgets: list[Budget] = Field(default_factory=list)
+    cache_policies: list[CachePolicy] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _references(self) -> RouterConfig:
@@ -400,6 +445,15 @@ class RouterConfig(Model):
                 for b in route.downgrade.backends:
                     if b not in known:
                         raise ValueError(f"routes[{route.name}].downgrade.backends: unknown backend {b!r}")
+        policies = {p.name: p for p in self.cache_policies}
+        if len(policies) != len(self.cache_policies):
+            raise ValueError("duplicate cache policy names")
+        for route in self.routes:
+            if route.cache_policy is not None and route.cache_policy not in policies:
+                raise ValueError(f"routes[{route.name}].cachePolicy: unknown cache policy {route.cache_policy!r}")
+        for p in self.cache_policies:
+            if p.semantic.embedding_backend is not None and p.semantic.embedding_backend not in known:
+                raise ValueError(f"cachePolicies[{p.name}].semantic.embeddingBackend: unknown backend {p.semantic.embedding_backend!r}")
         budgets = [b.name for b in self.budgets]
         dup = {n for n in budgets if budgets.count(n) > 1}
         if dup:

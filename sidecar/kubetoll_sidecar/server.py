@@ -157,6 +157,9 @@ class Sidecar:
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model:.+}", self._model)
+        # Spend records of this sidecar, for `kubetoll report`. On the API port (127.0.0.1
+        # only), not the metrics port: per-tenant spend must not be readable from the pod network.
+        app.router.add_get("/kubetoll/v1/spend", self._spend)
         return app
 
     def ops_app(self) -> web.Application:
@@ -211,6 +214,18 @@ class Sidecar:
 
             raise not_found_model(name, self.state.router.names())
         return web.Response(body=orjson.dumps(self._model_entry(name)), content_type="application/json")
+
+    async def _spend(self, request: web.Request) -> web.Response:
+        try:
+            since = float(request.query.get("since", 0))
+            until = float(request.query["until"]) if "until" in request.query else None
+        except ValueError:
+            raise ApiError(400, "since and until must be epoch seconds", "invalid_request_error", None, "since") from None
+        records = [r.to_dict() for r in self.ledger.records(since, until)]
+        return web.Response(
+            body=orjson.dumps({"namespace": self.config.namespace, "records": records, "dropped": getattr(self.ledger, "dropped", 0)}),
+            content_type="application/json",
+        )
 
     async def _metrics(self, request: web.Request) -> web.Response:
         self._refresh_gauges()

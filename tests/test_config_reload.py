@@ -1,0 +1,138 @@
+"""Hot reload: changed files and kubelet symlink swaps apply within 1 s; broken configs are refused."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from kubetoll_sidecar.config_loader import ConfigError, load_config
+from kubetoll_sidecar.server import Sidecar
+from kubetoll_sidecar.upstream_simulator import Fault
+from support.harness import base_config, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+async def models(sc):
+    async with aiohttp.ClientSession() as s:
+        async with s.get(sc.url + "/v1/models") as r:
+            return sorted(m["id"] for m in (await r.json())["data"])
+
+
+async def readyz(sc):
+    async with aiohttp.ClientSession() as s:
+        async with s.get(sc.ops_url + "/readyz") as r:
+            return r.status, await r.json()
+
+
+async def test_changed_file_applies_within_a_second(sim, start_sidecar):
+    cfg = base_config(sim.url)
+    sc = await start_sidecar(cfg)
+    assert await models(sc) == ["chat"]
+    cfg["routes"].append({"name": "chat-2", "rules": [{"backends": ["primary"]}]})
+    t0 = time.monotonic()
+    sc.write_config(cfg)
+    while await models(sc) != ["chat", "chat-2"]:
+        assert time.monotonic() - t0 < 1.0, "reload took more than 1 s"
+        await asyncio.sleep(0.02)
+    assert sc.sidecar.metrics.config_reloads.labels("applied")._value.get() == 1
+
+
+async def test_kubelet_style_symlink_swap(sim, start_sidecar, tmp_path):
+    # The kubelet's layout: router.json -> ..data/router.json, ..data -> ..<version>/
+    def publish(version: str, cfg: dict) -> None:
+        d = tmp_path / f"..{version}"
+        d.mkdir()
+        (d / "router.json").write_text(json.dumps(cfg))
+        tmp_link = tmp_path / "..data_tmp"
+        tmp_link.symlink_to(d.name)
+        os.replace(tmp_link, tmp_path / "..data")  # the atomic swap
+
+    cfg = base_config(sim.url)
+    publish("v1", cfg)
+    link = tmp_path / "router.json"
+    link.symlink_to(Path("..data") / "router.json")
+    sidecar = Sidecar(load_config(str(link)), watch_interval=0.1)
+    await sidecar.start()
+    try:
+        assert sidecar.state.router.names() == ["chat"]
+        publish("v2", dict(cfg, routes=[{"name": "swapped", "rules": [{"backends": ["primary"]}]}]))
+        await wait_until(lambda: sidecar.state.router.names() == ["swapped"], timeout=1.0)
+    finally:
+        await sidecar.close()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{ this is not json",
+        json.dumps({"version": 2}),
+        json.dumps({"routes": [{"name": "r", "rules": [{"backends": ["ghost"]}]}]}),
+        json.dumps({"backends": [{"name": "x", "provider": "nope", "model": "m", "endpoint": "http://a"}]}),
+        json.dumps({"backends": [{"name": "x", "provider": "openai-compatible", "model": "m", "endpoint": "http://a"}]}),  # no price
+    ],
+)
+async def test_broken_config_is_refused_and_the_last_good_one_serves(sim, start_sidecar, content):
+    sc = await start_sidecar(base_config(sim.url))
+    sc.path.write_text(content)
+    await wait_until(lambda: sc.sidecar.refused is not None, timeout=2)
+    status, detail = await readyz(sc)
+    assert status == 200 and detail["configRefused"]
+    assert sc.sidecar.metrics.config_refused._value.get() == 1
+    # Still serving the old config.
+    r = await sc.openai().chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}])
+    assert r.choices
+    # Fixing the file clears the refusal.
+    sc.write_config(base_config(sim.url) | {"server": sc.config["server"]})
+    await wait_until(lambda: sc.sidecar.refused is None, timeout=2)
+    assert sc.sidecar.metrics.config_refused._value.get() == 0
+
+
+async def test_request_in_flight_finishes_on_the_old_config(sim, sim2, start_sidecar):
+    cfg = base_config(sim.url)
+    sc = await start_sidecar(cfg)
+    sim.enqueue_fault(Fault(kind="slow_first_token", delay=0.8))
+    task = asyncio.create_task(
+        sc.openai().chat.completions.with_raw_response.create(model="chat", messages=[{"role": "user", "content": "x"}])
+    )
+    await asyncio.sleep(0.2)
+    new = base_config(sim2.url) | {"server": cfg["server"]}
+    sc.write_config(new)
+    await wait_until(lambda: sc.sidecar.state.config.backends[0].endpoint == sim2.url + "/v1", timeout=1)
+    raw = await task
+    assert raw.headers["x-kubetoll-backend"] == "primary"
+    assert len(sim.requests) == 1 and not sim2.requests  # the old request used the old endpoint
+    await sc.openai().chat.completions.create(model="chat", messages=[{"role": "user", "content": "y"}])
+    assert len(sim2.requests) == 1  # a new request uses the new one
+
+
+def test_load_config_reports_the_field():
+    with pytest.raises(ConfigError) as exc:
+        from kubetoll_sidecar.config_loader import parse_config
+
+        parse_config(json.dumps({"server": {"port": "eighty"}}).encode(), "x.json")
+    assert "server.port" in str(exc.value)
+
+
+def test_sidecar_started_with_an_invalid_config_exits_with_a_clear_message(tmp_path):
+    bad = tmp_path / "router.yaml"
+    bad.write_text("routes:\n  - name: r\n    rules: [{backends: [missing]}]\n")
+    p = subprocess.run(
+        [sys.executable, "-m", "kubetoll_sidecar.cli", "sidecar", "--config", str(bad)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": "sidecar:operator"},
+    )
+    assert p.returncode == 2
+    assert "cannot start" in p.stderr and "unknown backend 'missing'" in p.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "kubetoll_sidecar.cli", "sidecar", "--config", str(tmp_path / "nope.json")],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": "sidecar:operator"},
+    )
+    assert missing.returncode == 2 and "cannot read" in missing.stderr

@@ -1,0 +1,60 @@
+"""SIGTERM: stop accepting, finish requests in flight, settle their spend, exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from kubetoll_sidecar.upstream_simulator import Fault
+from support.harness import base_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+async def test_sigterm_drains_in_flight_requests_and_exits_zero(sim, tmp_path):
+    cfg = base_config(sim.url)
+    path = tmp_path / "router.json"
+    path.write_text(json.dumps(cfg))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kubetoll_sidecar.cli", "sidecar", "--config", str(path),
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": "sidecar:operator"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{cfg['server']['port']}"
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(200):
+                try:
+                    async with s.get(url + "/v1/models") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+            sim.enqueue_fault(Fault(kind="slow_first_token", delay=1.0))
+            body = {"model": "chat", "messages": [{"role": "user", "content": "slow one"}]}
+            in_flight = asyncio.create_task(s.post(url + "/v1/chat/completions", json=body))
+            await asyncio.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            resp = await in_flight
+            assert resp.status == 200, await resp.text()
+            assert float(resp.headers["x-kubetoll-cost-usd"]) > 0
+            await resp.read()
+        rc = await asyncio.wait_for(proc.wait(), 15)
+        assert rc == 0
+        err = (await proc.stderr.read()).decode()
+        assert "draining" in err and "stopped" in err
+        # The drained request was settled and logged before exit, and no key leaked into the log.
+        line = next(l for l in err.splitlines() if "kubetoll.access" in l)
+        record = json.loads(line.split("kubetoll.access ", 1)[1])
+        assert record["outcome"] == "ok" and record["cost_usd"] > 0
+        assert "sk-test-openai-key-123" not in err and "slow one" not in err
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
