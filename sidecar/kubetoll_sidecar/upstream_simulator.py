@@ -11,13 +11,18 @@ One aiohttp server answers the wire formats of three providers, so the sidecar
   (`GET /v1/models` answers in Anthropic's shape when `anthropic-version` is sent).
 
 What it simulates: request validation and error bodies in each provider's own
-format, authentication, deterministic answers (the same last user message gives
-the same text), exact token usage (tiktoken o200k_base, OpenAI's 3-token
-per-message overhead), tool calls with arguments built from the JSON schema,
-JSON / json_schema response formats, `n` choices, SSE streaming exactly as each
-provider frames it (including Azure's leading `prompt_filter_results` chunk with
-no choices), latency / time-to-first-token / inter-chunk pacing, and faults
-(`Fault`, the `x-sim-fault` header, `error_rate`, `rate_limit_burst`).
+format; authentication (OpenAI `Authorization: Bearer`, Azure `api-key`,
+Anthropic `x-api-key` or `Authorization: Bearer`, which anthropic SDKs >= 2 send);
+deterministic answers (the same last user message gives the same text); token
+usage counted with tiktoken through `kubetoll_sidecar.tokens` (OpenAI's cookbook
+formula: 3 per message + role + content, +3 reply priming; completion tokens are
+exact, the answer text is built from one-token pieces); tool calls with arguments
+built from the JSON schema; JSON / json_schema response formats; `n` choices;
+SSE streaming framed as each provider frames it (including Azure's leading
+`prompt_filter_results` chunk with no choices and `"usage": null` on every OpenAI
+chunk when usage was asked for); latency, time-to-first-token and inter-chunk
+pacing; and faults (`Fault`, the `x-sim-fault` header, `error_rate`,
+`rate_limit_burst`). Every request is recorded in `SimulatedUpstream.requests`.
 
 What it does not: real language understanding, stop sequences, logprobs, legacy
 `echo`/`suffix`, parallel tool calls (one call per choice), token counting of
@@ -28,13 +33,17 @@ citations, HTTP/2. JSON-mode answers are not cut by `max_tokens`.
 Fault syntax (header `x-sim-fault`, or `Fault(...)` via `enqueue_fault`):
 `429;retry-after=2`, `500`, `529`, `cut;after=3`, `slow;delay=0.5`,
 `context_length`, `insufficient_quota`, `malformed`, `no_usage`,
-`stream_error;status=529;after=2`.
+`stream_error;status=529;after=2`. `after` counts SSE events of any kind (OpenAI's
+role chunk, Anthropic's message_start and ping included); a cut never reaches the
+finishing event (finish_reason chunk / message_delta), usage or `[DONE]`. On a
+non-streaming request `cut` sends half of the JSON body and drops the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import hashlib
 import math
@@ -45,9 +54,10 @@ import struct
 import time
 from array import array
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -59,6 +69,9 @@ __all__ = [
     "SimSettings",
     "SimulatedUpstream",
     "answer_pieces",
+    "count_tokens",
+    "openai_prompt_tokens",
+    "anthropic_prompt_tokens",
     "parse_fault",
     "run",
     "sample_from_schema",
@@ -215,6 +228,11 @@ def _text_counter() -> Callable[[str, str], int]:
     return functools.lru_cache(maxsize=8192)(count_text)
 
 
+def _warm_tokenizers() -> None:
+    count_tokens("warm up", "gpt-4o")
+    count_tokens("warm up", "gpt-4")
+
+
 def count_tokens(text: str, model: str = "gpt-4o") -> int:
     return _text_counter()(text, model) if text else 0
 
@@ -350,7 +368,13 @@ _PLAUSIBLE_STRINGS = (
     (("name", "title"), "Alice"),
     (("id",), "id_123"),
 )
-_FORMAT_STRINGS = {"date": "2024-06-01", "date-time": "2024-06-01T12:00:00Z", "email": "user@example.com", "uri": "https://example.com", "uuid": "123e4567-e89b-12d3-a456-426614174000"}
+_FORMAT_STRINGS = {
+    "date": "2024-06-01",
+    "date-time": "2024-06-01T12:00:00Z",
+    "email": "user@example.com",
+    "uri": "https://example.com",
+    "uuid": "123e4567-e89b-12d3-a456-426614174000",
+}
 
 
 def _plausible_string(name: str) -> str:
@@ -465,7 +489,9 @@ def _pick_tool(tools: list[_Tool], choice: str | tuple[str, str], last_text: str
     if isinstance(choice, tuple):
         return next((t for t in tools if t.name == choice[1]), tools[0])
     lowered = last_text.lower()
-    mentioned = next((t for t in tools if t.name.lower() in lowered or t.name.lower().replace("_", " ") in lowered), None)
+    mentioned = next(
+        (t for t in tools if t.name.lower() in lowered or t.name.lower().replace("_", " ") in lowered), None
+    )
     if choice == "required":
         return mentioned or tools[0]
     if after_result:
@@ -651,18 +677,44 @@ def chat_stream_events(
     for i, reply in enumerate(replies):
         events: list[Event] = []
         if reply.tool is not None:
-            call = {"index": 0, "id": reply.tool_id, "type": "function", "function": {"name": reply.tool.name, "arguments": ""}}
-            events.append((chunk(choice(i, {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None})), False))
+            call = {
+                "index": 0,
+                "id": reply.tool_id,
+                "type": "function",
+                "function": {"name": reply.tool.name, "arguments": ""},
+            }
+            events.append(
+                (chunk(choice(i, {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None})), False)
+            )
             for piece in _split_chars(reply.arguments, 4 * max(1, settings.tokens_per_chunk)):
-                events.append((chunk(choice(i, {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})), True))
+                events.append(
+                    (chunk(choice(i, {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})), True)
+                )
         else:
             events.append((chunk(choice(i, {"role": "assistant", "content": "", "refusal": None})), False))
-            events.extend((chunk(choice(i, {"content": text})), True) for text in reply.chunks(settings.tokens_per_chunk) if text)
+            events.extend(
+                (chunk(choice(i, {"content": text})), True) for text in reply.chunks(settings.tokens_per_chunk) if text
+            )
         bodies.append(events)
         finishes.append((chunk(choice(i, {}, reply.finish)), False))
     events = _interleave(bodies)
     if azure:
-        events.insert(0, (_sse({"choices": [], "created": 0, "id": "", "model": "", "object": "", "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]}), False))
+        events.insert(
+            0,
+            (
+                _sse(
+                    {
+                        "choices": [],
+                        "created": 0,
+                        "id": "",
+                        "model": "",
+                        "object": "",
+                        "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}],
+                    }
+                ),
+                False,
+            ),
+        )
     closing = len(events)
     events.extend(finishes)
     if usage is not None:
@@ -697,7 +749,9 @@ _ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "to
 
 def _anthropic_content(reply: _Reply) -> list[dict[str, Any]]:
     if reply.tool is not None:
-        return [{"type": "tool_use", "id": reply.tool_id, "name": reply.tool.name, "input": orjson.loads(reply.arguments)}]
+        return [
+            {"type": "tool_use", "id": reply.tool_id, "name": reply.tool.name, "input": orjson.loads(reply.arguments)}
+        ]
     return [{"type": "text", "text": reply.text}]
 
 
@@ -714,17 +768,26 @@ def messages_stream_events(
     if reply.tool is not None:
         block = {"type": "tool_use", "id": reply.tool_id, "name": reply.tool.name, "input": {}}
         deltas = [{"type": "input_json_delta", "partial_json": ""}] + [
-            {"type": "input_json_delta", "partial_json": p} for p in _split_chars(reply.arguments, 4 * max(1, settings.tokens_per_chunk))
+            {"type": "input_json_delta", "partial_json": p}
+            for p in _split_chars(reply.arguments, 4 * max(1, settings.tokens_per_chunk))
         ]
     else:
         block = {"type": "text", "text": ""}
         deltas = [{"type": "text_delta", "text": t} for t in reply.chunks(settings.tokens_per_chunk)]
-    events.append((_sse_named("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block}), False))
+    events.append(
+        (_sse_named("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block}), False)
+    )
     events.append((_sse_named("ping", {"type": "ping"}), False))
-    events.extend((_sse_named("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": d}), True) for d in deltas)
+    events.extend(
+        (_sse_named("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": d}), True)
+        for d in deltas
+    )
     events.append((_sse_named("content_block_stop", {"type": "content_block_stop", "index": 0}), False))
     closing = len(events)
-    delta: dict[str, Any] = {"type": "message_delta", "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None}}
+    delta: dict[str, Any] = {
+        "type": "message_delta",
+        "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
+    }
     if send_usage:
         delta["usage"] = {"output_tokens": reply.tokens}
     events.append((_sse_named("message_delta", delta), False))
@@ -736,16 +799,28 @@ def messages_stream_events(
 
 
 def _fmt_seconds(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:.3f}".rstrip("0")
+    return str(int(value)) if float(value).is_integer() else (f"{value:.3f}".rstrip("0").rstrip(".") or "0")
 
 
 _OPENAI_STATUS = {
     400: ("invalid_request_error", None, "Invalid request (simulated)."),
-    401: ("invalid_request_error", "invalid_api_key", "Incorrect API key provided. You can find your API key at https://platform.openai.com/account/api-keys."),
+    401: (
+        "invalid_request_error",
+        "invalid_api_key",
+        "Incorrect API key provided. You can find your API key at https://platform.openai.com/account/api-keys.",
+    ),
     402: ("insufficient_quota", "payment_required", "Payment required: your account has no credit left."),
-    403: ("invalid_request_error", "unsupported_country_region_territory", "Country, region, or territory not supported"),
+    403: (
+        "invalid_request_error",
+        "unsupported_country_region_territory",
+        "Country, region, or territory not supported",
+    ),
     404: ("invalid_request_error", "model_not_found", "The model does not exist or you do not have access to it."),
-    429: ("requests", "rate_limit_exceeded", "Rate limit reached for requests per min (RPM): Limit 10000, Used 10000, Requested 1."),
+    429: (
+        "requests",
+        "rate_limit_exceeded",
+        "Rate limit reached for requests per min (RPM): Limit 10000, Used 10000, Requested 1.",
+    ),
     500: ("server_error", None, "The server had an error while processing your request. Sorry about that!"),
     502: ("server_error", None, "Bad gateway."),
     503: ("server_error", None, "The engine is currently overloaded, please try again later."),
@@ -846,6 +921,8 @@ class SimulatedUpstream:
         await site.start()
         self.port = self._runner.addresses[0][1]
         self._started = time.monotonic()
+        # Load the encodings now (once per process), not on the first request's clock.
+        await asyncio.get_running_loop().run_in_executor(None, _warm_tokenizers)
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -962,28 +1039,44 @@ class SimulatedUpstream:
             # x-api-key, or Bearer as anthropic SDKs >= 2 send the API key.
             if key is not None and headers.get("x-api-key") != key and headers.get("Authorization") != f"Bearer {key}":
                 if "x-api-key" not in headers and "Authorization" not in headers:
-                    return self._error(ctx, 401, anthropic_error_body("authentication_error", "x-api-key header is required"))
+                    return self._error(
+                        ctx, 401, anthropic_error_body("authentication_error", "x-api-key header is required")
+                    )
                 return self._status_error(ctx, 401, None)
             if ctx.request.method == "POST" and "anthropic-version" not in headers:
-                return self._error(ctx, 400, anthropic_error_body("invalid_request_error", "anthropic-version: header is required"))
+                return self._error(
+                    ctx, 400, anthropic_error_body("invalid_request_error", "anthropic-version: header is required")
+                )
         elif ctx.provider == AZURE:
             if key is not None and headers.get("api-key") != key:
                 return self._status_error(ctx, 401, None)
             if not ctx.api_version:
-                return self._error(ctx, 400, {"error": {"code": "BadRequest", "message": "Missing required query parameter: api-version"}})
+                return self._error(
+                    ctx,
+                    400,
+                    {"error": {"code": "BadRequest", "message": "Missing required query parameter: api-version"}},
+                )
         elif key is not None:
             auth = headers.get("Authorization", "")
             if not auth.startswith("Bearer "):
-                return self._error(ctx, 401, openai_error_body(
-                    "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
-                    "invalid_request_error",
-                ))
+                return self._error(
+                    ctx,
+                    401,
+                    openai_error_body(
+                        "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+                        "invalid_request_error",
+                    ),
+                )
             if auth[7:] != key:
                 return self._status_error(ctx, 401, None)
         if ctx.body is None or (ctx.request.method == "POST" and not isinstance(ctx.body, dict)):
             if ctx.provider == ANTHROPIC:
                 return self._invalid(ctx, "There was an error parsing the body of your request.", None)
-            return self._invalid(ctx, "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly.)", None)
+            return self._invalid(
+                ctx,
+                "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly.)",
+                None,
+            )
         return None
 
     def _next_fault(self, ctx: _Ctx) -> Fault | None:
@@ -1017,14 +1110,22 @@ class SimulatedUpstream:
             return self._context_length_error(ctx, self._prompt_tokens_of(ctx))
         if kind == "insufficient_quota":
             if ctx.provider == ANTHROPIC:
-                return self._invalid(ctx, "Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits.", None)
+                return self._invalid(
+                    ctx,
+                    "Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits.",
+                    None,
+                )
             body = openai_error_body(
                 "You exceeded your current quota, please check your plan and billing details. For more information on this error, read the docs: https://platform.openai.com/docs/guides/error-codes/api-errors.",
-                "insufficient_quota", None, "insufficient_quota",
+                "insufficient_quota",
+                None,
+                "insufficient_quota",
             )
             return self._error(ctx, fault.status or 429, body)
         if kind == "malformed":
-            return web.Response(status=200, body=_MALFORMED_BODY, content_type="application/json", headers=self._headers(ctx))
+            return web.Response(
+                status=200, body=_MALFORMED_BODY, content_type="application/json", headers=self._headers(ctx)
+            )
         return None
 
     # ----- responses
@@ -1080,9 +1181,13 @@ class SimulatedUpstream:
     def _status_error(self, ctx: _Ctx, status: int, retry_after: float | None) -> web.Response:
         """An error response for an HTTP status, in the provider's format."""
         if ctx.provider == ANTHROPIC:
-            type_, message = _ANTHROPIC_STATUS.get(status, ("api_error" if status >= 500 else "invalid_request_error", f"Error {status}"))
+            type_, message = _ANTHROPIC_STATUS.get(
+                status, ("api_error" if status >= 500 else "invalid_request_error", f"Error {status}")
+            )
             return self._error(ctx, status, anthropic_error_body(type_, message), retry_after)
-        type_, code, message = _OPENAI_STATUS.get(status, ("server_error" if status >= 500 else "invalid_request_error", None, f"Error {status}"))
+        type_, code, message = _OPENAI_STATUS.get(
+            status, ("server_error" if status >= 500 else "invalid_request_error", None, f"Error {status}")
+        )
         if status == 429 and ctx.model:
             message = f"Rate limit reached for {ctx.model} in organization org-kubetoll-sim on requests per min (RPM): Limit 10000, Used 10000, Requested 1."
         if ctx.provider == AZURE and (status in (401, 404, 429) or status >= 500):
@@ -1127,14 +1232,23 @@ class SimulatedUpstream:
             return None
         if ctx.provider == ANTHROPIC:
             return self._error(ctx, 404, anthropic_error_body("not_found_error", f"model: {ctx.model}"))
-        return self._error(ctx, 404, openai_error_body(
-            f"The model `{ctx.model}` does not exist or you do not have access to it.", "invalid_request_error", None, "model_not_found",
-        ))
+        return self._error(
+            ctx,
+            404,
+            openai_error_body(
+                f"The model `{ctx.model}` does not exist or you do not have access to it.",
+                "invalid_request_error",
+                None,
+                "model_not_found",
+            ),
+        )
 
     def _wants_usage(self, ctx: _Ctx) -> bool:
         return not (ctx.fault is not None and ctx.fault.kind == "no_usage")
 
-    async def _write_stream(self, ctx: _Ctx, events: list[Event], closing: int, error_event: bytes | None) -> web.StreamResponse:
+    async def _write_stream(
+        self, ctx: _Ctx, events: list[Event], closing: int, error_event: bytes | None
+    ) -> web.StreamResponse:
         """Sends SSE events, honouring first_token_ms, chunk_interval_ms and the stream faults."""
         settings, fault = self.settings, ctx.fault
         headers = self._headers(ctx)
@@ -1182,31 +1296,61 @@ class SimulatedUpstream:
             return self._invalid(ctx, "you must provide a model parameter", "model")
         messages = body.get("messages")
         if messages is None:
-            return self._invalid(ctx, "Missing required parameter: 'messages'.", "messages", "missing_required_parameter")
+            return self._invalid(
+                ctx, "Missing required parameter: 'messages'.", "messages", "missing_required_parameter"
+            )
         if not isinstance(messages, list):
-            return self._invalid(ctx, "Invalid type for 'messages': expected an array of objects.", "messages", "invalid_type")
+            return self._invalid(
+                ctx, "Invalid type for 'messages': expected an array of objects.", "messages", "invalid_type"
+            )
         if not messages:
-            return self._invalid(ctx, "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array instead.", "messages", "empty_array")
+            return self._invalid(
+                ctx,
+                "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array instead.",
+                "messages",
+                "empty_array",
+            )
         roles = ("system", "developer", "user", "assistant", "tool", "function")
         for i, msg in enumerate(messages):
             if not isinstance(msg, dict) or msg.get("role") not in roles:
                 role = msg.get("role") if isinstance(msg, dict) else None
-                return self._invalid(ctx, f"Invalid value: {role!r}. Supported values are: 'system', 'assistant', 'user', 'function', 'tool', and 'developer'.", f"messages[{i}].role", "invalid_value")
+                return self._invalid(
+                    ctx,
+                    f"Invalid value: {role!r}. Supported values are: 'system', 'assistant', 'user', 'function', 'tool', and 'developer'.",
+                    f"messages[{i}].role",
+                    "invalid_value",
+                )
         return self._validate_common(ctx)
 
     def _validate_common(self, ctx: _Ctx) -> web.Response | None:
         body = ctx.body
         n = body.get("n")
         if n is not None and (not isinstance(n, int) or not 1 <= n <= 128):
-            return self._invalid(ctx, f"Invalid 'n': integer out of range. Expected a value between 1 and 128, but got {n} instead.", "n", "integer_out_of_range")
+            return self._invalid(
+                ctx,
+                f"Invalid 'n': integer out of range. Expected a value between 1 and 128, but got {n} instead.",
+                "n",
+                "integer_out_of_range",
+            )
         for key in ("max_tokens", "max_completion_tokens"):
             value = body.get(key)
             if value is not None and (not isinstance(value, int) or value < 1):
-                return self._invalid(ctx, f"Invalid '{key}': integer below minimum value. Expected a value >= 1, but got {value} instead.", key, "integer_below_min_value")
+                return self._invalid(
+                    ctx,
+                    f"Invalid '{key}': integer below minimum value. Expected a value >= 1, but got {value} instead.",
+                    key,
+                    "integer_below_min_value",
+                )
         if body.get("stream_options") is not None and not ctx.stream:
-            return self._invalid(ctx, "The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options")
+            return self._invalid(
+                ctx, "The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options"
+            )
         if body.get("tool_choice") is not None and not body.get("tools") and "messages" in body:
-            return self._invalid(ctx, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.", "tool_choice")
+            return self._invalid(
+                ctx,
+                "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
+                "tool_choice",
+            )
         return self._unknown_model(ctx)
 
     def _include_usage(self, ctx: _Ctx) -> bool:
@@ -1215,7 +1359,13 @@ class SimulatedUpstream:
         return asked and self.settings.send_usage_in_stream and self._wants_usage(ctx)
 
     def _openai_base(self, ctx: _Ctx, prefix: str, obj: str) -> dict[str, Any]:
-        return {"id": _random_id(prefix, 29), "object": obj, "created": int(time.time()), "model": ctx.model, "system_fingerprint": "fp_kubetoll_sim"}
+        return {
+            "id": _random_id(prefix, 29),
+            "object": obj,
+            "created": int(time.time()),
+            "model": ctx.model,
+            "system_fingerprint": "fp_kubetoll_sim",
+        }
 
     async def _chat(self, ctx: _Ctx) -> web.StreamResponse:
         invalid = self._validate_chat(ctx)
@@ -1231,13 +1381,26 @@ class SimulatedUpstream:
         if ctx.stream:
             base = self._openai_base(ctx, "chatcmpl-", "chat.completion.chunk")
             base["service_tier"] = "default"
-            events, closing = chat_stream_events(base, replies, settings, usage if self._include_usage(ctx) else None, ctx.provider == AZURE)
+            events, closing = chat_stream_events(
+                base, replies, settings, usage if self._include_usage(ctx) else None, ctx.provider == AZURE
+            )
             return await self._write_stream(ctx, events, closing, self._openai_stream_error(ctx))
         choices = []
         for i, reply in enumerate(replies):
-            message: dict[str, Any] = {"role": "assistant", "content": None if reply.tool else reply.text, "refusal": None, "annotations": []}
+            message: dict[str, Any] = {
+                "role": "assistant",
+                "content": None if reply.tool else reply.text,
+                "refusal": None,
+                "annotations": [],
+            }
             if reply.tool is not None:
-                message["tool_calls"] = [{"id": reply.tool_id, "type": "function", "function": {"name": reply.tool.name, "arguments": reply.arguments}}]
+                message["tool_calls"] = [
+                    {
+                        "id": reply.tool_id,
+                        "type": "function",
+                        "function": {"name": reply.tool.name, "arguments": reply.arguments},
+                    }
+                ]
             choice: dict[str, Any] = {"index": i, "message": message, "logprobs": None, "finish_reason": reply.finish}
             if ctx.provider == AZURE:
                 choice["content_filter_results"] = {}
@@ -1251,10 +1414,15 @@ class SimulatedUpstream:
             payload["prompt_filter_results"] = [{"prompt_index": 0, "content_filter_results": {}}]
         return await self._send_json(ctx, payload)
 
-    def _openai_stream_error(self, ctx: _Ctx) -> bytes:
+    def _openai_stream_error(self, ctx: _Ctx) -> bytes | None:
+        """The `data: {"error": ...}` event OpenAI sends mid-stream, when the fault asks for one."""
         fault = ctx.fault
-        status = (fault.status if fault else None) or 500
-        type_, code, message = _OPENAI_STATUS.get(status, ("server_error", None, "The server had an error while processing your request."))
+        if fault is None or fault.kind != "stream_error":
+            return None
+        status = fault.status or 500
+        type_, code, message = _OPENAI_STATUS.get(
+            status, ("server_error", None, "The server had an error while processing your request.")
+        )
         return _sse(openai_error_body(message, type_, None, code))
 
     async def _completions(self, ctx: _Ctx) -> web.StreamResponse:
@@ -1272,18 +1440,28 @@ class SimulatedUpstream:
             prompts = [prompt]
         else:
             prompts = list(prompt) if isinstance(prompt, list) else [str(prompt)]
+        if not prompts or any(p == "" or p == [] for p in prompts):
+            return self._invalid(
+                ctx, "Invalid 'prompt': empty. Expected a non-empty string or array.", "prompt", "empty_array"
+            )
         prompt_tokens = sum(count_tokens(p, count_model) if isinstance(p, str) else len(p) for p in prompts)
         if prompt_tokens > self._context_window(ctx):
             return self._context_length_error(ctx, prompt_tokens)
         cap = _cap(body, "max_tokens")
         n = int(body.get("n") or 1)
-        replies = [_text_reply(p if isinstance(p, str) else str(p), settings, cap, j) for p in prompts for j in range(n)]
+        replies = [
+            _text_reply(p if isinstance(p, str) else str(p), settings, cap, j) for p in prompts for j in range(n)
+        ]
         usage = _openai_usage(prompt_tokens, sum(r.tokens for r in replies), settings.cached_prompt_tokens)
         base = self._openai_base(ctx, "cmpl-", "text_completion")
         if ctx.stream:
-            events, closing = completion_stream_events(base, replies, settings, usage if self._include_usage(ctx) else None)
+            events, closing = completion_stream_events(
+                base, replies, settings, usage if self._include_usage(ctx) else None
+            )
             return await self._write_stream(ctx, events, closing, self._openai_stream_error(ctx))
-        base["choices"] = [{"text": r.text, "index": i, "logprobs": None, "finish_reason": r.finish} for i, r in enumerate(replies)]
+        base["choices"] = [
+            {"text": r.text, "index": i, "logprobs": None, "finish_reason": r.finish} for i, r in enumerate(replies)
+        ]
         if self._wants_usage(ctx):
             base["usage"] = usage
         return await self._send_json(ctx, base)
@@ -1298,10 +1476,19 @@ class SimulatedUpstream:
         else:
             inputs = raw if isinstance(raw, list) else []
         if not inputs or any(x == "" or x == [] or not isinstance(x, (str, list)) for x in inputs):
-            return self._invalid(ctx, "'$.input' is invalid. Please check the API reference: https://platform.openai.com/docs/api-reference.", "input")
+            return self._invalid(
+                ctx,
+                "'$.input' is invalid. Please check the API reference: https://platform.openai.com/docs/api-reference.",
+                "input",
+            )
         dims = body.get("dimensions") or settings.embedding_dim
         if not isinstance(dims, int) or dims < 1:
-            return self._invalid(ctx, f"Invalid 'dimensions': integer below minimum value. Expected a value >= 1, but got {dims} instead.", "dimensions", "integer_below_min_value")
+            return self._invalid(
+                ctx,
+                f"Invalid 'dimensions': integer below minimum value. Expected a value >= 1, but got {dims} instead.",
+                "dimensions",
+                "integer_below_min_value",
+            )
         invalid = self._unknown_model(ctx)
         if invalid is not None:
             return invalid
@@ -1327,10 +1514,25 @@ class SimulatedUpstream:
             ctx.body = {"model": wanted}
             if ctx.provider == ANTHROPIC:
                 return self._error(ctx, 404, anthropic_error_body("not_found_error", f"model: {wanted}"))
-            return self._error(ctx, 404, openai_error_body(f"The model '{wanted}' does not exist", "invalid_request_error", "model", "model_not_found"))
+            return self._error(
+                ctx,
+                404,
+                openai_error_body(
+                    f"The model '{wanted}' does not exist", "invalid_request_error", "model", "model_not_found"
+                ),
+            )
         if ctx.provider == ANTHROPIC:
             items = [{"type": "model", "id": m, "display_name": m, "created_at": "2025-01-01T00:00:00Z"} for m in ids]
-            payload: Any = items[0] if wanted else {"data": items, "has_more": False, "first_id": ids[0] if ids else None, "last_id": ids[-1] if ids else None}
+            payload: Any = (
+                items[0]
+                if wanted
+                else {
+                    "data": items,
+                    "has_more": False,
+                    "first_id": ids[0] if ids else None,
+                    "last_id": ids[-1] if ids else None,
+                }
+            )
         else:
             items = [{"id": m, "object": "model", "created": 1_700_000_000, "owned_by": "kubetoll-sim"} for m in ids]
             payload = items[0] if wanted else {"object": "list", "data": items}
@@ -1356,7 +1558,11 @@ class SimulatedUpstream:
         for i, msg in enumerate(messages):
             role = msg.get("role") if isinstance(msg, dict) else None
             if role == "system":
-                return self._invalid(ctx, 'messages: Unexpected role "system". The Messages API accepts a top-level `system` parameter, not "system" as an input message role.', None)
+                return self._invalid(
+                    ctx,
+                    'messages: Unexpected role "system". The Messages API accepts a top-level `system` parameter, not "system" as an input message role.',
+                    None,
+                )
             if role not in ("user", "assistant"):
                 return self._invalid(ctx, f"messages.{i}.role: Input should be 'user' or 'assistant'", None)
         return self._unknown_model(ctx)
@@ -1394,12 +1600,18 @@ class SimulatedUpstream:
         }
         if ctx.stream:
             events, closing = messages_stream_events(message, reply, settings, self._wants_usage(ctx))
-            status = (ctx.fault.status if ctx.fault else None) or 529
-            type_, text = _ANTHROPIC_STATUS.get(status, ("api_error", "Internal server error"))
-            return await self._write_stream(ctx, events, closing, _sse_named("error", anthropic_error_body(type_, text)))
+            return await self._write_stream(ctx, events, closing, self._anthropic_stream_error(ctx))
         if not self._wants_usage(ctx):
             del message["usage"]
         return await self._send_json(ctx, message)
+
+    def _anthropic_stream_error(self, ctx: _Ctx) -> bytes | None:
+        """Anthropic's in-stream `event: error` (an overloaded_error unless the fault says otherwise)."""
+        fault = ctx.fault
+        if fault is None or fault.kind != "stream_error":
+            return None
+        type_, text = _ANTHROPIC_STATUS.get(fault.status or 529, ("api_error", "Internal server error"))
+        return _sse_named("error", anthropic_error_body(type_, text))
 
     async def _count_tokens(self, ctx: _Ctx) -> web.StreamResponse:
         invalid = self._validate_messages(ctx, need_max_tokens=False)
@@ -1431,10 +1643,8 @@ async def _serve(host: str, port: int, settings: SimSettings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows
             loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix
-            pass
     async with SimulatedUpstream(settings, host=host, port=port) as sim:
         print(f"kubetoll simulated upstream listening on {sim.url} - {describe_paths()}", flush=True)
         await stop.wait()
