@@ -201,3 +201,23 @@ def test_dst_days_are_23_and_25_hours():
     assert compute_period("day", "Europe/Berlin", autumn).end - compute_period("day", "Europe/Berlin", autumn).start == 25 * 3600
     m = compute_period("month", "UTC", dt.datetime(2026, 12, 31, 23, tzinfo=dt.timezone.utc).timestamp())
     assert m.id == "2026-12" and dt.datetime.fromtimestamp(m.end, dt.timezone.utc) == dt.datetime(2027, 1, 1, tzinfo=dt.timezone.utc)
+
+
+async def test_client_that_goes_away_is_billed_what_the_provider_did_and_no_more(sim, start_sidecar):
+    """The upstream call runs to its end (the provider bills it): spend settles at its actual usage,
+    the reservation (prompt + max_tokens) does not linger, and the ledger has the record."""
+    import asyncio
+
+    from kubetoll_sidecar.upstream_simulator import Fault
+    from support.harness import wait_until
+
+    clock = FakeClock(T0)
+    sc = await start_sidecar(budget_config(sim, {"name": "b", "cap": {"tokensPerDay": 10_000}}, gpu=False), clock=clock)
+    meter = sc.sidecar.state.meters.for_request("chat", "x", "default", clock.time()).tokens[0]
+    sim.enqueue_fault(Fault(kind="slow_first_token", delay=1.0))
+    task = asyncio.create_task(post(sc, max_tokens=100))
+    await wait_until(lambda: sc.sidecar.store.snapshot(meter, clock.time()).used > 100)  # reserved
+    task.cancel()  # the client disconnects while the upstream is still thinking
+    await wait_until(lambda: list(sc.sidecar.ledger.records()), timeout=3)
+    (rec,) = sc.sidecar.ledger.records()
+    assert sc.sidecar.store.snapshot(meter, clock.time()).used == rec.prompt_tokens + rec.completion_tokens < 100

@@ -2,7 +2,7 @@
 
 Stages, in order (DESIGN.md "The request pipeline"):
 
- 1 parse      `requests.parse_request` — OpenAI-style 400/413 on bad input
+ 1 parse      `request_parsing.parse_request` — OpenAI-style 400/413 on bad input
  2 identify   `TenantResolver.identify` — tenant and tier
  3 route      `CompiledRoute.select` — rule, then the fallback chain
  4 estimate   `tokens.count_*` — prompt tokens; output from max_tokens or the caps
@@ -39,7 +39,7 @@ from .forwarder import AllBackendsFailed, BackendRuntime, Forwarded, Forwarder, 
 from .ledger import Ledger, SpendRecord
 from .metrics import Metrics
 from .providers.base import Endpoint, Usage
-from .requests import ParsedRequest, parse_request
+from .request_parsing import ParsedRequest, parse_request
 from .routing import CompiledRoute, RouteContext
 from .sse import DONE, encode_event
 from .state import DEFAULT_OUTPUT_RESERVATION, RouterState
@@ -96,6 +96,10 @@ class Pipeline:
         except ApiError as exc:
             out.status, out.outcome = exc.status, out.outcome if out.outcome != "ok" else "error"
             return exc.response({"x-request-id": out.request_id})
+        except asyncio.CancelledError:
+            if out.outcome == "ok":  # the client went away before we answered
+                out.status, out.outcome = 499, "client_disconnected"
+            raise
         finally:
             self.metrics.in_flight.dec()
             self._record(state, out, endpoint)
