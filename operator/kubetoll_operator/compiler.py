@@ -1,0 +1,579 @@
+"""compile_namespace: a namespace's custom resources → one RouterConfig.
+
+A pure function: plain dicts in (the objects as the API server or a YAML file
+has them), a `CompileResult` out. The operator, `kubetoll validate`, `compile`
+and `run` all call it, so a cluster and a laptop get the same answer.
+
+A broken resource never breaks the namespace. The rules, in order:
+
+* A resource whose spec does not parse, whose name the router cannot use, or
+  whose Secret is missing (when secrets are given) is left out: it gets an
+  error problem and Ready=False.
+* A route drops each backend reference that does not resolve (a warning, and
+  ResolvedRefs=False). It is left out only when some rule would keep no backend
+  at all: silently sending a whole class of requests to a different rule would
+  change what the route means. Downgrade backends that do not resolve are
+  dropped; with none left, the downgrade is dropped.
+* A budget drops routes that do not resolve. When none of the routes it names
+  resolve, the budget is left out: an empty list would mean "every route" and
+  widen it.
+* Tenancy comes from the budgets that set `spec.tenant`, in name order: the
+  first one wins; a later one that differs gets a TenancyConflict warning and
+  its tenant spec is ignored (its limits still apply).
+* A CachePolicy whose embedding backend does not resolve (or is an anthropic
+  backend, which has no embeddings API) is left out. A route naming a missing or
+  left-out CachePolicy drops the reference (warning). While the sidecar does not
+  enforce caching (`SIDECAR_ENFORCES_CACHE`), a compiled policy still reports
+  Ready=False with reason NotEnforced: it is in the config, but nothing is cached.
+* Two routes with the same modelName: the later by resource name is left out.
+
+The JSON is canonical (sorted keys, compact, no nulls) and `content_hash` is the
+sha256 of exactly those bytes, so the sidecar can hash the file it read and
+compare with the ConfigMap's `kubetoll.dev/config-hash` annotation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from kubetoll_sidecar.config import (
+    NAME_PATTERN,
+    ROUTE_NAME_PATTERN,
+    Backend,
+    Budget,
+    BudgetStoreSettings,
+    CachePolicy,
+    Route,
+    RouterConfig,
+    ServerSettings,
+    Tenancy,
+)
+from kubetoll_sidecar.prices import PricingError, resolve_price
+from pydantic import ValidationError
+
+from .resources import (
+    API_VERSION,
+    GROUP,
+    KINDS,
+    CachePolicySpec,
+    ModelBackendSpec,
+    ModelRouteSpec,
+    Provider,
+    TokenBudgetSpec,
+)
+
+CredentialMode = Literal["file", "env"]
+Severity = Literal["error", "warning"]
+
+ENV_PREFIX = "KUBETOLL_SECRET_"
+
+# RouterConfig carries cache policies, but the sidecar's pipeline does not look
+# them up yet. Flip this when it does; until then CachePolicies say NotEnforced.
+SIDECAR_ENFORCES_CACHE = False
+NOT_ENFORCED_MESSAGE = "compiled into the router config, but the sidecar does not enforce caching yet: no request is answered from cache"
+CREDENTIALS_KEY_SEPARATOR = "_"  # cannot occur in a Secret name, so "<secret>_<key>" is unambiguous
+MAX_SECRET_KEY_LENGTH = 253
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something wrong with one resource. `field` is a path such as spec.rules[0].backends[1]."""
+
+    kind: str
+    name: str
+    reason: str
+    message: str
+    field: str = ""
+    severity: Severity = "error"
+
+    def __str__(self) -> str:
+        where = f"{self.field}: " if self.field else ""
+        return f"{self.kind}/{self.name}: {where}{self.message} ({self.reason})"
+
+
+@dataclass
+class Outcome:
+    """What became of one resource: in the config or not, and what its status should show."""
+
+    kind: str
+    name: str
+    generation: int | None
+    included: bool = True
+    reason: str = "Compiled"
+    message: str = ""
+    refs_ok: bool = True
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    config: RouterConfig | None
+    config_json: str
+    content_hash: str
+    problems: list[Problem]
+    # key in kubetoll-credentials (file mode) or env var name (env mode) → (Secret name, key)
+    credentials: dict[str, tuple[str, str]]
+    outcomes: dict[tuple[str, str], Outcome]
+
+    @property
+    def ok(self) -> bool:
+        return self.config is not None and not any(p.severity == "error" for p in self.problems)
+
+    def problems_for(self, kind: str, name: str) -> list[Problem]:
+        return [p for p in self.problems if p.kind == kind and p.name == name]
+
+
+def credential_file_key(secret: str, key: str) -> str:
+    """The key in `kubetoll-credentials` (and file name in the sidecar) for one Secret key."""
+    return f"{secret}{CREDENTIALS_KEY_SEPARATOR}{key}"
+
+
+def credential_env_name(secret: str, key: str) -> str:
+    """The environment variable `kubetoll run` reads a Secret key from."""
+    return ENV_PREFIX + re.sub(r"[^A-Z0-9]", "_", f"{secret}_{key}".upper())
+
+
+def service_endpoint(namespace: str, name: str, port: int, scheme: str, path: str, cluster_domain: str) -> str:
+    return f"{scheme}://{name}.{namespace}.svc.{cluster_domain}:{port}{path}".rstrip("/")
+
+
+def _loc(prefix: str, loc: Iterable[Any]) -> str:
+    out = prefix
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _pydantic_problems(kind: str, name: str, exc: ValidationError, prefix: str, reason: str) -> list[Problem]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        msg = err["msg"]
+        where = _loc(prefix, err["loc"])
+        if not msg.startswith("Value error, "):
+            problems.append(Problem(kind, name, reason, msg, where))
+            continue
+        # Cross-field rules report "field: message; field: message" (see SpecModel).
+        for part in msg[len("Value error, ") :].split("; "):
+            m = re.match(r"^([A-Za-z][A-Za-z0-9.]*): (.*)$", part)
+            if m:
+                problems.append(Problem(kind, name, reason, m.group(2), f"{where}.{m.group(1)}" if where else m.group(1)))
+            else:
+                problems.append(Problem(kind, name, reason, part, where))
+    return problems
+
+
+def canonical_json(config: RouterConfig) -> str:
+    data = config.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+class _Compilation:
+    def __init__(
+        self,
+        namespace: str,
+        credential_mode: CredentialMode,
+        secrets: Mapping[str, Mapping[str, Any]] | None,
+        cluster_domain: str,
+    ) -> None:
+        self.namespace = namespace
+        self.credential_mode = credential_mode
+        self.secrets = secrets
+        self.cluster_domain = cluster_domain
+        self.problems: list[Problem] = []
+        self.outcomes: dict[tuple[str, str], Outcome] = {}
+        self.credentials: dict[str, tuple[str, str]] = {}
+
+    # ----------------------------------------------------------------- helpers
+
+    def problem(self, kind: str, name: str, reason: str, message: str, field: str = "", severity: Severity = "error") -> None:
+        self.problems.append(Problem(kind, name, reason, message, field, severity))
+        outcome = self.outcomes.get((kind, name))
+        if outcome is None:
+            return
+        if severity == "error":
+            if outcome.included:
+                outcome.included = False
+                outcome.reason = reason
+                outcome.message = f"{field}: {message}" if field else message
+        elif reason.endswith("NotFound") or reason.endswith("NotReady") or reason == "Unsupported":
+            outcome.refs_ok = False
+
+    def leave_out(self, kind: str, name: str, reason: str, message: str, field: str = "") -> None:
+        self.problem(kind, name, reason, message, field, "error")
+
+    # ----------------------------------------------------------------- parse
+
+    def parse(self, resources: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+        """kind → name → parsed spec model, for the resources that parse."""
+        parsed: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
+        for obj in resources:
+            api_version = str(obj.get("apiVersion", ""))
+            kind = str(obj.get("kind", ""))
+            if api_version.split("/", 1)[0] != GROUP:
+                continue  # Secrets, Services, ...: not ours
+            meta = obj.get("metadata") or {}
+            name = str(meta.get("name") or "")
+            if kind not in KINDS:
+                self.problems.append(Problem(kind or "<no kind>", name or "<unnamed>", "UnknownKind", f"{api_version} has no kind {kind!r}", "kind"))
+                continue
+            if not name:
+                self.problems.append(Problem(kind, "<unnamed>", "InvalidMetadata", "metadata.name is required", "metadata.name"))
+                continue
+            if (kind, name) in self.outcomes:
+                self.problems.append(Problem(kind, name, "Duplicate", f"a second {kind} named {name!r}; the first one is used", "metadata.name"))
+                continue
+            generation = meta.get("generation")
+            self.outcomes[(kind, name)] = Outcome(kind, name, generation if isinstance(generation, int) else None)
+            if api_version != API_VERSION:
+                self.leave_out(kind, name, "UnsupportedVersion", f"apiVersion {api_version!r} is not served; use {API_VERSION}", "apiVersion")
+                continue
+            spec = obj.get("spec")
+            if not isinstance(spec, Mapping):
+                self.leave_out(kind, name, "InvalidSpec", "spec is required and must be an object", "spec")
+                continue
+            try:
+                model = KINDS[kind].spec_model.model_validate(spec)
+            except ValidationError as exc:
+                for p in _pydantic_problems(kind, name, exc, "spec", "InvalidSpec"):
+                    self.leave_out(p.kind, p.name, p.reason, p.message, p.field)
+                continue
+            parsed[kind][name] = model
+        return parsed
+
+    # ----------------------------------------------------------------- backends
+
+    def backends(self, specs: dict[str, ModelBackendSpec]) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        env_owner: dict[str, tuple[str, str]] = {}
+        for name in sorted(specs):
+            spec = specs[name]
+            kind = "ModelBackend"
+            if not re.match(NAME_PATTERN, name):
+                self.leave_out(kind, name, "InvalidName", "name must be at most 63 characters of a-z, 0-9, '.', '-' (it names the backend in metrics)", "metadata.name")
+                continue
+            if spec.endpoint is not None:
+                endpoint = spec.endpoint
+            else:
+                ref = spec.service_ref
+                assert ref is not None  # the model guarantees one of the two
+                endpoint = service_endpoint(self.namespace, ref.name, ref.port, ref.scheme.value, ref.path, self.cluster_domain)
+            data: dict[str, Any] = {
+                "name": name,
+                "provider": spec.provider.value,
+                "model": spec.model,
+                "endpoint": endpoint,
+                "headers": dict(spec.headers),
+                "pricing": spec.pricing.model_dump(by_alias=True, exclude_none=True),
+                "limits": spec.limits.model_dump(by_alias=True, exclude_none=True),
+                "timeouts": spec.timeouts.model_dump(by_alias=True),
+                "circuitBreaker": spec.circuit_breaker.model_dump(by_alias=True),
+                "maxConnections": spec.max_connections,
+            }
+            if spec.azure is not None:
+                data["azure"] = spec.azure.model_dump(by_alias=True)
+            if spec.credentials is not None:
+                secret, key = spec.credentials.secret_ref.name, spec.credentials.secret_ref.key
+                field_path = "spec.credentials.secretRef"
+                if self.secrets is not None:
+                    if secret not in self.secrets:
+                        self.leave_out(kind, name, "SecretNotFound", f"Secret {secret!r} not found in namespace {self.namespace!r}", field_path + ".name")
+                        continue
+                    if key not in self.secrets[secret]:
+                        self.leave_out(kind, name, "SecretKeyNotFound", f"Secret {secret!r} has no key {key!r}", field_path + ".key")
+                        continue
+                if self.credential_mode == "file":
+                    cred_key = credential_file_key(secret, key)
+                    if len(cred_key) > MAX_SECRET_KEY_LENGTH:
+                        self.leave_out(kind, name, "InvalidSecretRef", f"Secret name plus key is longer than {MAX_SECRET_KEY_LENGTH - 1} characters", field_path)
+                        continue
+                    data["credentials"] = {"file": cred_key}
+                else:
+                    cred_key = credential_env_name(secret, key)
+                    owner = env_owner.setdefault(cred_key, (secret, key))
+                    if owner != (secret, key):
+                        self.leave_out(kind, name, "CredentialConflict", f"Secret {secret!r} key {key!r} maps to the same environment variable {cred_key} as Secret {owner[0]!r} key {owner[1]!r}", field_path)
+                        continue
+                    data["credentials"] = {"env": cred_key}
+                self.credentials[cred_key] = (secret, key)
+            try:
+                backend = Backend.model_validate(data)
+            except ValidationError as exc:
+                for p in _pydantic_problems(kind, name, exc, "spec", "InvalidSpec"):
+                    self.leave_out(kind, name, p.reason, p.message, p.field)
+                continue
+            # The sidecar refuses a whole config with a backend it cannot price,
+            # so such a backend is left out here rather than break the namespace.
+            try:
+                price = resolve_price(backend)
+            except PricingError as exc:
+                self.leave_out(kind, name, "PriceUnknown", str(exc).removeprefix(f"backend {name}: "), "spec.pricing")
+                continue
+            out[name] = backend.model_dump(mode="json", by_alias=True, exclude_none=True)
+            prices: dict[str, Any] = {"source": price.source, **price.per_mtok()}
+            if price.tiers:
+                prices["note"] = "prompt-size tiers apply: " + ", ".join(f"over {start} input tokens: input ${r.input * 1e6:g}, output ${r.output * 1e6:g} per MTok" for start, r in price.tiers)
+            self.outcomes[(kind, name)].details = {"endpoint": endpoint, "prices": prices}
+        # A credential only a left-out backend used is not needed.
+        used = {b["credentials"].get("file") or b["credentials"].get("env") for b in out.values() if "credentials" in b}
+        self.credentials = {k: v for k, v in self.credentials.items() if k in used}
+        return out
+
+    # ----------------------------------------------------------------- cache policies
+
+    def cache_policies(self, specs: dict[str, CachePolicySpec], backends: dict[str, dict[str, Any]], all_backends: set[str]) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        kind = "CachePolicy"
+        for name in sorted(specs):
+            spec = specs[name]
+            if not re.match(NAME_PATTERN, name):
+                self.leave_out(kind, name, "InvalidName", "name must be at most 63 characters of a-z, 0-9, '.', '-'", "metadata.name")
+                continue
+            ref = spec.semantic.embedding_backend
+            field_path = "spec.semantic.embeddingBackend"
+            if ref is not None and ref not in backends:
+                reason = "BackendNotReady" if ref in all_backends else "BackendNotFound"
+                what = "is not ready" if ref in all_backends else "not found"
+                self.leave_out(kind, name, reason, f"ModelBackend {ref!r} {what}", field_path)
+                continue
+            if ref is not None and backends[ref]["provider"] == Provider.anthropic.value:
+                self.leave_out(kind, name, "Unsupported", f"ModelBackend {ref!r} is an anthropic backend, which serves no /v1/embeddings", field_path)
+                continue
+            data = {"name": name, **spec.model_dump(mode="json", by_alias=True, exclude_none=True)}
+            try:
+                policy = CachePolicy.model_validate(data)
+            except ValidationError as exc:
+                for p in _pydantic_problems(kind, name, exc, "spec", "InvalidSpec"):
+                    self.leave_out(kind, name, p.reason, p.message, p.field)
+                continue
+            out[name] = policy.model_dump(mode="json", by_alias=True, exclude_none=True)
+            outcome = self.outcomes[(kind, name)]
+            if not SIDECAR_ENFORCES_CACHE:
+                outcome.reason = "NotEnforced"
+                outcome.message = NOT_ENFORCED_MESSAGE
+        return out
+
+    # ----------------------------------------------------------------- routes
+
+    def _resolve_backends(self, name: str, refs: list[str], field_prefix: str, backends: dict[str, dict[str, Any]], all_backends: set[str]) -> list[str]:
+        kept = []
+        for j, ref in enumerate(refs):
+            if ref in backends:
+                if ref not in kept:
+                    kept.append(ref)
+                continue
+            if ref in all_backends:
+                self.problem("ModelRoute", name, "BackendNotReady", f"ModelBackend {ref!r} is not ready; dropped from the chain", f"{field_prefix}[{j}]", "warning")
+            else:
+                self.problem("ModelRoute", name, "BackendNotFound", f"ModelBackend {ref!r} not found; dropped from the chain", f"{field_prefix}[{j}]", "warning")
+        return kept
+
+    def routes(
+        self,
+        specs: dict[str, ModelRouteSpec],
+        backends: dict[str, dict[str, Any]],
+        all_backends: set[str],
+        policies: dict[str, dict[str, Any]],
+        all_policies: set[str],
+    ) -> dict[str, dict[str, Any]]:
+        """Route resource name → RouterConfig route dict."""
+        out: dict[str, dict[str, Any]] = {}
+        model_names: dict[str, str] = {}
+        policy_users: dict[str, list[str]] = {}
+        for name in sorted(specs):
+            spec = specs[name]
+            kind = "ModelRoute"
+            model_name = spec.model_name or name
+            if not re.match(ROUTE_NAME_PATTERN, model_name):
+                self.leave_out(kind, name, "InvalidName", f"model name {model_name!r} must match {ROUTE_NAME_PATTERN}; set spec.modelName", "spec.modelName")
+                continue
+            if model_name in model_names:
+                self.leave_out(kind, name, "ModelNameConflict", f"model name {model_name!r} is already served by ModelRoute {model_names[model_name]!r}", "spec.modelName")
+                continue
+            rules = []
+            empty_rule = None
+            for i, rule in enumerate(spec.rules):
+                kept = self._resolve_backends(name, rule.backends, f"spec.rules[{i}].backends", backends, all_backends)
+                if not kept:
+                    empty_rule = i
+                    break
+                rules.append(
+                    {
+                        "name": rule.name,
+                        "match": rule.match.model_dump(by_alias=True, exclude_none=True),
+                        "backends": kept,
+                    }
+                )
+            if empty_rule is not None:
+                self.leave_out(kind, name, "NoBackends", f"rule {spec.rules[empty_rule].name or empty_rule!r} has no backend that resolves", f"spec.rules[{empty_rule}].backends")
+                continue
+            data: dict[str, Any] = {
+                "name": model_name,
+                "rules": rules,
+                "fallbackOn": [f.value for f in spec.fallback_on],
+            }
+            if spec.max_output_tokens is not None:
+                data["maxOutputTokens"] = spec.max_output_tokens
+            if spec.pod_selector is not None and spec.pod_selector.match_labels:
+                data["podSelector"] = dict(spec.pod_selector.match_labels)
+            if spec.downgrade is not None:
+                kept = self._resolve_backends(name, spec.downgrade.backends, "spec.downgrade.backends", backends, all_backends)
+                if kept:
+                    data["downgrade"] = {"atPercent": spec.downgrade.at_percent, "backends": kept}
+                else:
+                    self.problem(kind, name, "DowngradeDropped", "no downgrade backend resolves; the downgrade is dropped", "spec.downgrade.backends", "warning")
+            if spec.cache_policy is not None:
+                if spec.cache_policy in policies:
+                    policy_users.setdefault(spec.cache_policy, []).append(model_name)
+                    data["cachePolicy"] = spec.cache_policy
+                elif spec.cache_policy in all_policies:
+                    self.problem(kind, name, "CachePolicyNotReady", f"CachePolicy {spec.cache_policy!r} is not ready; the reference is dropped", "spec.cachePolicy", "warning")
+                else:
+                    self.problem(kind, name, "CachePolicyNotFound", f"CachePolicy {spec.cache_policy!r} not found; the reference is dropped", "spec.cachePolicy", "warning")
+            try:
+                route = Route.model_validate(data)
+            except ValidationError as exc:
+                for p in _pydantic_problems(kind, name, exc, "spec", "InvalidSpec"):
+                    self.leave_out(kind, name, p.reason, p.message, p.field)
+                continue
+            model_names[model_name] = name
+            out[name] = route.model_dump(mode="json", by_alias=True, exclude_none=True)
+            chain: list[str] = []
+            for r in rules:
+                chain += [b for b in r["backends"] if b not in chain]
+            for b in data.get("downgrade", {}).get("backends", []):
+                if b not in chain:
+                    chain.append(b)
+            self.outcomes[(kind, name)].details = {
+                "modelName": model_name,
+                "firstBackend": rules[0]["backends"][0],
+                "backends": chain,
+            }
+        for policy, users in policy_users.items():
+            outcome = self.outcomes.get(("CachePolicy", policy))
+            if outcome is not None:
+                outcome.details["routes"] = sorted(users)
+        return out
+
+    # ----------------------------------------------------------------- budgets
+
+    def budgets(self, specs: dict[str, TokenBudgetSpec], routes: dict[str, dict[str, Any]], all_routes: set[str]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        out: list[dict[str, Any]] = []
+        tenancy: dict[str, Any] | None = None
+        tenancy_from = ""
+        for name in sorted(specs):
+            spec = specs[name]
+            kind = "TokenBudget"
+            if not re.match(NAME_PATTERN, name):
+                self.leave_out(kind, name, "InvalidName", "name must be at most 63 characters of a-z, 0-9, '.', '-' (it names the budget in Redis keys)", "metadata.name")
+                continue
+            covered = []
+            for j, ref in enumerate(spec.routes):
+                if ref in routes:
+                    covered.append(routes[ref]["name"])
+                elif ref in all_routes:
+                    self.problem(kind, name, "RouteNotReady", f"ModelRoute {ref!r} is not ready; not covered", f"spec.routes[{j}]", "warning")
+                else:
+                    self.problem(kind, name, "RouteNotFound", f"ModelRoute {ref!r} not found; not covered", f"spec.routes[{j}]", "warning")
+            if spec.routes and not covered:
+                self.leave_out(kind, name, "NoRoutes", "none of the routes in spec.routes resolves; an empty list would cover every route, so the budget is left out", "spec.routes")
+                continue
+            data = {
+                "name": name,
+                "routes": sorted(set(covered)),
+                "cap": spec.cap.model_dump(by_alias=True, exclude_none=True),
+                "capOnExhausted": spec.cap_on_exhausted.value,
+                "timezone": spec.timezone,
+                "failMode": spec.fail_mode.value,
+                "suspended": spec.suspended,
+                "tiers": {t.name: t.model_dump(by_alias=True, exclude_none=True, exclude={"name"}) for t in spec.tiers},
+            }
+            try:
+                budget = Budget.model_validate(data)
+            except ValidationError as exc:
+                for p in _pydantic_problems(kind, name, exc, "spec", "InvalidSpec"):
+                    self.leave_out(kind, name, p.reason, p.message, p.field)
+                continue
+            out.append(budget.model_dump(mode="json", by_alias=True, exclude_none=True))
+            self.outcomes[(kind, name)].details = {"routes": data["routes"], "tenancy": "none"}
+            if spec.tenant is not None:
+                tenant = spec.tenant.model_dump(by_alias=True)
+                if tenancy is None:
+                    tenancy, tenancy_from = tenant, name
+                    self.outcomes[(kind, name)].details["tenancy"] = "accepted"
+                elif tenant != tenancy:
+                    diff = sorted(k for k in tenant if tenant[k] != tenancy[k])
+                    self.problem(kind, name, "TenancyConflict", f"spec.tenant differs from TokenBudget {tenancy_from!r} in {', '.join(diff)}; that one is used", "spec.tenant", "warning")
+                    self.outcomes[(kind, name)].details["tenancy"] = "conflict"
+                else:
+                    self.outcomes[(kind, name)].details["tenancy"] = "accepted"
+        return out, tenancy
+
+
+def compile_namespace(
+    namespace: str,
+    resources: Iterable[Mapping[str, Any]],
+    *,
+    credential_mode: CredentialMode = "file",
+    secrets: Mapping[str, Mapping[str, Any]] | None = None,
+    server: ServerSettings | None = None,
+    budget_store: BudgetStoreSettings | None = None,
+    cluster_domain: str = "cluster.local",
+) -> CompileResult:
+    """Compile one namespace's ModelBackends, ModelRoutes, TokenBudgets and CachePolicies.
+
+    `resources` are whole objects (apiVersion, kind, metadata, spec); objects of
+    other API groups are ignored. `secrets`, when given, maps Secret name → its
+    data keys (values are not read); backends whose Secret or key is missing are
+    left out. Without it (offline validation) references to Secrets are not
+    checked. `credential_mode` "file" names keys of the kubetoll-credentials
+    Secret; "env" names environment variables (`kubetoll run`). `server` and
+    `budget_store` are deployment settings, not resources: the operator and
+    `kubetoll run` pass them in.
+    """
+    c = _Compilation(namespace, credential_mode, secrets, cluster_domain)
+    parsed = c.parse(resources)
+    all_backends = {n for (k, n) in c.outcomes if k == "ModelBackend"}
+    all_routes = {n for (k, n) in c.outcomes if k == "ModelRoute"}
+    backends = c.backends(parsed["ModelBackend"])
+    policies = c.cache_policies(parsed["CachePolicy"], backends, all_backends)
+    all_policies = {n for (k, n) in c.outcomes if k == "CachePolicy"}
+    routes = c.routes(parsed["ModelRoute"], backends, all_backends, policies, all_policies)
+    budgets, tenancy = c.budgets(parsed["TokenBudget"], routes, all_routes)
+
+    for name in policies:
+        outcome = c.outcomes[("CachePolicy", name)]
+        outcome.details.setdefault("routes", [])
+
+    data: dict[str, Any] = {
+        "namespace": namespace,
+        "backends": [backends[n] for n in sorted(backends)],
+        "routes": sorted(routes.values(), key=lambda r: r["name"]),
+        "budgets": budgets,
+        "cachePolicies": [policies[n] for n in sorted(policies)],
+    }
+    if tenancy is not None:
+        data["tenancy"] = tenancy
+    if server is not None:
+        data["server"] = server.model_dump(mode="json", by_alias=True)
+    if budget_store is not None:
+        data["budgetStore"] = budget_store.model_dump(mode="json", by_alias=True)
+    try:
+        config: RouterConfig | None = RouterConfig.model_validate(data)
+    except ValidationError as exc:
+        # Every part was validated on its own; reaching here is a compiler bug.
+        # Report it and produce nothing, so the last good config stays in place.
+        for p in _pydantic_problems("Namespace", namespace, exc, "", "CompileError"):
+            c.problems.append(p)
+        config = None
+    if config is None:
+        return CompileResult(None, "", "", c.problems, c.credentials, c.outcomes)
+    text = canonical_json(config)
+    return CompileResult(config, text, hashlib.sha256(text.encode()).hexdigest(), c.problems, c.credentials, c.outcomes)

@@ -1,0 +1,94 @@
+"""`kubetoll crds / validate / compile` and the file watching of `kubetoll run`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from kubetoll_operator.commands import LocalRunner
+from kubetoll_sidecar.cli import main
+from kubetoll_sidecar.config import RouterConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = [str(p) for p in sorted((ROOT / "examples").glob("*.yaml"))]
+
+
+def test_crds_check_passes_on_the_committed_files() -> None:
+    assert main(["crds", "--check", "--out", str(ROOT / "crds")]) == 0
+
+
+def test_validate_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", *sum((["-f", p] for p in EXAMPLES), [])]) == 0
+    out, err = capsys.readouterr()
+    assert "0 errors" in out and "NotEnforced" not in out and "does not enforce caching" in err
+
+
+def test_validate_names_file_document_kind_field_and_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\n---\n"
+        "apiVersion: kubetoll.dev/v1alpha1\nkind: ModelBackend\nmetadata: {name: b}\n"
+        "spec: {provider: openai, model: m, endpoint: 'https://x/v1', serviceRef: {name: svc, port: 80}, credentials: {secretRef: {name: s, key: k}}}\n"
+    )
+    (tmp_path / "broken.yaml").write_text("kind: [\n")
+    assert main(["validate", "-f", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}#1: error: ModelBackend/b spec: set exactly one of endpoint or serviceRef (InvalidSpec)" in err
+    assert "broken.yaml: not valid YAML" in err
+
+
+def test_compile_prints_the_config(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compile", "--namespace", "team-a", "--canonical", *sum((["-f", p] for p in EXAMPLES), [])]) == 0
+    out, err = capsys.readouterr()
+    text = out.strip()
+    config = RouterConfig.model_validate_json(text)
+    assert config.namespace == "team-a" and [r.name for r in config.routes] == ["chat"]
+    assert f"config hash {hashlib.sha256(text.encode()).hexdigest()}" in err
+
+
+def test_local_runner_recompiles_on_change_and_keeps_the_last_good_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="kubetoll.run")
+    src = tmp_path / "manifests"
+    shutil.copytree(ROOT / "examples", src, ignore=shutil.ignore_patterns("sidecar", "*.md"))
+    monkeypatch.delenv("KUBETOLL_SECRET_OPENAI_CREDENTIALS_API_KEY", raising=False)
+    monkeypatch.setenv("KUBETOLL_SECRET_ANTHROPIC_CREDENTIALS_API_KEY", "from-env")
+    runner = LocalRunner([str(src)], "default", tmp_path / "router.json", redis_url="redis://127.0.0.1:6379/0")
+    result, messages = runner.compile()
+    assert result is not None and runner.apply(result)
+    config = json.loads((tmp_path / "router.json").read_text())
+    assert config["budgetStore"]["url"] == "redis://127.0.0.1:6379/0"
+    creds = {b["name"]: b.get("credentials") for b in config["backends"]}
+    assert creds["gpt-4o"] == {"env": "KUBETOLL_SECRET_OPENAI_CREDENTIALS_API_KEY"}
+    import os
+
+    assert os.environ["KUBETOLL_SECRET_OPENAI_CREDENTIALS_API_KEY"] == "sk-REPLACE-ME"  # from the Secret manifest
+    assert os.environ["KUBETOLL_SECRET_ANTHROPIC_CREDENTIALS_API_KEY"] == "from-env"  # the environment wins
+
+    stop = threading.Event()
+    watcher = threading.Thread(target=runner.watch, args=(stop,), daemon=True)
+    watcher.start()
+    try:
+        route = src / "20-route.yaml"
+        route.write_text(route.read_text().replace("modelName: chat ", "modelName: chat-v2 "))
+
+        def wait_for(predicate, timeout: float = 10.0) -> None:
+            deadline = time.monotonic() + timeout
+            while not predicate():
+                assert time.monotonic() < deadline, "timed out: " + caplog.text[-3000:]
+                time.sleep(0.05)
+
+        wait_for(lambda: json.loads((tmp_path / "router.json").read_text())["routes"][0]["name"] == "chat-v2")
+        good = (tmp_path / "router.json").read_text()
+        route.write_text(route.read_text().replace("backends: [llama-vllm, gpt-4o-mini]\n  fallbackOn", "backends: [nope]\n  fallbackOn"))
+        wait_for(lambda: "do not compile; keeping config" in caplog.text)
+        assert "spec.rules[3].backends" in caplog.text
+        assert (tmp_path / "router.json").read_text() == good
+    finally:
+        stop.set()
+        watcher.join(5)
