@@ -1,0 +1,149 @@
+"""The Redis key layout of the shared budget store (docs/redis-layout.md describes it in full).
+
+Every key starts with `kt:{<namespace>` so one namespace's keys can be fenced
+off with an ACL key pattern, and a budget's keys carry the hash tag
+`{<namespace>:<budget>}` so a Redis Cluster keeps them in one slot and one Lua
+script may touch all of them.
+
+Nothing outside this module builds a key, and nothing here takes a raw key:
+callers pass a namespace (fixed when a `RedisKeys` is built) and a budget or a
+`Meter`, both validated, so a store configured for one namespace cannot name a
+key of another.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..config import NAME_PATTERN
+from .store import Meter
+
+_NAME = re.compile(NAME_PATTERN)
+
+PREFIX = "kt"
+
+# Amounts are stored as integers: exact sums, HINCRBY-able, no float drift across sidecars.
+SCALE = {"usd": 1_000_000_000, "tokens": 1000, "requests": 1000}  # nano-USD, milli-tokens, milli-requests
+DEFAULT_SCALE = 1000
+
+DAY = 86_400
+# How long a window meter's keys outlive the end of their period (reports and the
+# operator's status read last period's totals; the ledger keeps the detail).
+RETENTION_AFTER_PERIOD = {"day": 35 * DAY, "month": 400 * DAY}
+BUCKET_IDLE_GRACE_MS = 60_000  # a bucket key lives this long past the time it would be full again
+INDEX_TTL_S = 400 * DAY + DAY  # index keys: refreshed on use, longer than any meter they list
+
+_DAY_ID = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_MONTH_ID = re.compile(r"^\d{4}-\d{2}$")
+
+
+def scale_of(unit: str) -> int:
+    return SCALE.get(unit, DEFAULT_SCALE)
+
+
+def to_units(amount: float, scale: int) -> int:
+    return int(round(amount * scale))
+
+
+def check_name(what: str, value: str) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ValueError(f"{what} {value!r} must match {NAME_PATTERN}")
+    return value
+
+
+def period_of(meter: Meter) -> tuple[str, str]:
+    """(period kind, period id) of a window meter: admission puts the period id last in its key."""
+    pid = meter.key.rsplit(":", 1)[-1]
+    if _DAY_ID.match(pid):
+        return "day", pid
+    if _MONTH_ID.match(pid):
+        return "month", pid
+    return "", pid
+
+
+def window_expire_at(meter: Meter) -> float:
+    """Epoch seconds when a window meter's keys expire: period end plus the retention for its kind."""
+    kind, _ = period_of(meter)
+    return meter.period_end + RETENTION_AFTER_PERIOD.get(kind, RETENTION_AFTER_PERIOD["month"])
+
+
+@dataclass(frozen=True, slots=True)
+class MeterKeys:
+    budget: str
+    suffix: str  # the meter key without its "<budget>:" prefix
+    state: str  # hash: totals, limit, lease per sidecar
+    holders: str  # sorted set: sidecar id -> lease expiry (ms, Redis time)
+
+
+class RedisKeys:
+    """All the keys of one namespace. Home tags: `{ns}` (namespace-wide keys) and `{ns:budget}`."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = check_name("namespace", namespace)
+        self.ns_tag = f"{{{namespace}}}"
+
+    # -- tags
+
+    def budget_tag(self, budget: str) -> str:
+        return f"{{{self.namespace}:{check_name('budget', budget)}}}"
+
+    def _k(self, tag: str, *parts: str) -> str:
+        return ":".join((PREFIX, tag, *parts))
+
+    # -- per budget (slot {ns:budget})
+
+    def meter(self, meter: Meter) -> MeterKeys:
+        budget = check_name("budget", meter.budget)
+        if not meter.key.startswith(budget + ":") or len(meter.key) == len(budget) + 1:
+            raise ValueError(f"meter key {meter.key!r} must start with its budget name {budget!r} and a colon")
+        return self.meter_named(budget, meter.key[len(budget) + 1 :])
+
+    def meter_named(self, budget: str, suffix: str) -> MeterKeys:
+        """A meter by its name within the budget (what the budget's meter index lists)."""
+        tag = self.budget_tag(budget)
+        return MeterKeys(budget, suffix, self._k(tag, "m", suffix), self._k(tag, "m", suffix, "holders"))
+
+    def meter_index(self, budget: str) -> str:
+        """Sorted set: meter suffix -> expiry (ms). What the operator lists to find a budget's meters."""
+        return self._k(self.budget_tag(budget), "meters")
+
+    def suspended(self, budget: str) -> str:
+        """The kill switch: present (any value) means suspended."""
+        return self._k(self.budget_tag(budget), "suspended")
+
+    # -- per home tag (either {ns} or {ns:budget}): bookkeeping a sync script needs in its own slot
+
+    def home_tag(self, budget: str | None) -> str:
+        return self.ns_tag if budget is None else self.budget_tag(budget)
+
+    def epoch(self, home_tag: str) -> str:
+        """Set once by the first script to run against an empty Redis; a changed value means history was lost."""
+        return self._k(self._checked_home(home_tag), "epoch")
+
+    def sidecar(self, home_tag: str, sidecar_id: str) -> str:
+        """Hash {seq, batch}: the last script sequence and flush batch applied for one sidecar (idempotency)."""
+        return self._k(self._checked_home(home_tag), "sc", sidecar_id)
+
+    # -- per namespace (slot {ns})
+
+    def ledger(self) -> str:
+        return self._k(self.ns_tag, "ledger")
+
+    def budgets_index(self) -> str:
+        return self._k(self.ns_tag, "budgets")
+
+    def channel(self) -> str:
+        """Pub/sub channel for kill-switch changes (JSON: {"budget": ..., "suspended": bool})."""
+        return self._k(self.ns_tag, "events")
+
+    def _checked_home(self, tag: str) -> str:
+        if tag == self.ns_tag or (tag.startswith(f"{{{self.namespace}:") and tag.endswith("}")):
+            return tag
+        raise ValueError(f"{tag!r} is not a home tag of namespace {self.namespace!r}")
+
+
+def check_sidecar_id(value: str) -> str:
+    if not re.match(r"^[A-Za-z0-9._-]{1,100}$", value):
+        raise ValueError(f"sidecar id {value!r} must be 1-100 characters of [A-Za-z0-9._-]")
+    return value

@@ -1,0 +1,180 @@
+"""The Lua script behind every budget round trip (one call per home slot per sync).
+
+SYNC, in one atomic step, for one sidecar:
+
+1. idempotency: `seq` must grow (a late copy of an older call is ignored) and a
+   flush `batch` number already applied is not applied again (a retry after a
+   timeout whose first attempt did run);
+2. the epoch key: created when missing, returned so the sidecar can tell that
+   Redis lost its data;
+3. the kill switch of every budget in the call;
+4. per meter: drop expired leases (a dead sidecar's reservations return to the
+   pool), refill a bucket from Redis `TIME`, apply the batch's settled spend
+   (window: `spent += d`; bucket: consumed tokens leave the lease), then set this
+   sidecar's lease: shrink to `want`, or grow towards `want` by at most
+   `frac * unleased / holders` (more when a waiting request `need`s it and it is
+   there), never below `floor` (what the sidecar has already promised to
+   requests in flight), nothing above `floor` when the budget is suspended;
+5. the batch's spend records appended to the ledger stream (MINID trimming by age).
+
+The payload is JSON (ARGV[1]); keys are passed in KEYS and referred to by index.
+Integers up to 2^53 survive cjson and Lua numbers exactly; every integer written
+back goes through string.format('%d').
+"""
+
+SYNC = r"""
+local p = cjson.decode(ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function int(v) return string.format('%d', math.floor(v)) end
+
+local sk = KEYS[p.sk]
+local last = redis.call('HMGET', sk, 'seq', 'batch')
+if p.seq <= (tonumber(last[1]) or -1) then
+  return {'stale', '', now, {}, {}}
+end
+local dup = false
+if p.batch > 0 then
+  if p.batch <= (tonumber(last[2]) or 0) then
+    dup = true
+  else
+    redis.call('HSET', sk, 'batch', int(p.batch))
+  end
+end
+redis.call('HSET', sk, 'seq', int(p.seq))
+redis.call('PEXPIRE', sk, p.sk_ttl)
+
+local ek = KEYS[p.ek]
+local epoch = redis.call('GET', ek)
+if not epoch then
+  epoch = p.epoch_new
+  redis.call('SET', ek, epoch)
+end
+
+if p.bi then
+  if #p.new_budgets > 0 then redis.call('SADD', KEYS[p.bi], unpack(p.new_budgets)) end
+  redis.call('PEXPIRE', KEYS[p.bi], p.ix_ttl)
+end
+
+local susp = {}
+local suspended = {}
+for i, b in ipairs(p.budgets) do
+  local s = redis.call('EXISTS', KEYS[b[2]])
+  susp[i] = s
+  suspended[b[1]] = (s == 1)
+  redis.call('ZREMRANGEBYSCORE', KEYS[b[3]], '-inf', now)
+end
+
+local out = {}
+for i, m in ipairs(p.meters) do
+  local h = KEYS[m.h]
+  local x = KEYS[m.x]
+  local me = 'L:' .. p.sid
+  local f = redis.call('HMGET', h, 'spent', 'level', 'ts', 'leased', me)
+  local bucket = (m.kind == 'bucket')
+  local spent = tonumber(f[1]) or 0
+  local leased = tonumber(f[4]) or 0
+  local cur = tonumber(f[5]) or 0
+  local level = 0
+  if bucket then
+    level = tonumber(f[2])
+    local ts = tonumber(f[3]) or now
+    if level == nil then
+      level = m.limit - leased
+    elseif now > ts then
+      level = level + (now - ts) * m.refill
+    end
+  end
+  -- leases whose holder stopped renewing them: back to the pool, never counted as spend
+  local expired = redis.call('ZRANGEBYSCORE', x, '-inf', now)
+  for _, who in ipairs(expired) do
+    local field = 'L:' .. who
+    local amt = tonumber(redis.call('HGET', h, field)) or 0
+    redis.call('HDEL', h, field)
+    leased = leased - amt
+    if bucket then level = level + amt end
+    if who == p.sid then cur = 0 end
+  end
+  if #expired > 0 then redis.call('ZREMRANGEBYSCORE', x, '-inf', now) end
+  if bucket and level > m.limit - leased then level = m.limit - leased end
+  -- settled spend of this batch: covered by the lease first, the rest is overage
+  if m.d > 0 and not dup then
+    local covered = math.min(m.d, cur)
+    cur = cur - covered
+    leased = leased - covered
+    if bucket then
+      level = level - (m.d - covered)
+    else
+      spent = spent + m.d
+    end
+  end
+  local room
+  if bucket then room = level else room = m.limit - spent - leased end
+  if room < 0 then room = 0 end
+  local new = cur
+  if suspended[m.b] then
+    new = 0
+  elseif m.want <= cur then
+    new = m.want
+  else
+    local holders = redis.call('ZCARD', x)
+    if not redis.call('ZSCORE', x, p.sid) then holders = holders + 1 end
+    local cap = math.floor(p.frac * room / holders)
+    -- requests are waiting: give them what they need if it is there, else all that is
+    -- left as long as at least the smallest of them fits (a burst at the end of a budget)
+    local needx = m.need - cur
+    if needx > cap then
+      if needx <= room then
+        cap = needx
+      elseif m.nmin > 0 and m.nmin - cur <= room then
+        cap = room
+      end
+    end
+    new = cur + math.min(m.want - cur, cap, room)
+  end
+  if new < m.floor then new = m.floor end
+  local dl = new - cur
+  leased = leased + dl
+  local exp
+  if bucket then
+    level = level - dl
+    if m.refill > 0 then
+      exp = now + math.ceil(math.max(m.limit - level, 0) / m.refill) + 2 * p.ttl + p.grace
+    else
+      exp = now + p.ix_ttl
+    end
+    redis.call('HSET', h, 'level', int(level), 'ts', int(now), 'refill_per_ms', tostring(m.refill))
+  else
+    exp = m.exp
+    redis.call('HSET', h, 'spent', int(spent), 'period', m.period, 'period_end', int(m.pend))
+  end
+  redis.call('HSET', h, 'leased', int(leased), 'limit', int(m.limit), 'kind', m.kind, 'unit', m.unit,
+    'scale', int(m.scale), 'label', m.label, 'budget', m.b, 'meter', m.k, 'updated_ms', int(now))
+  if new > 0 then
+    redis.call('HSET', h, me, int(new))
+    redis.call('ZADD', x, now + p.ttl, p.sid)
+  else
+    redis.call('HDEL', h, me)
+    redis.call('ZREM', x, p.sid)
+  end
+  redis.call('PEXPIREAT', h, int(exp))
+  redis.call('PEXPIREAT', x, int(exp))
+  redis.call('ZADD', KEYS[m.ix], int(exp), m.k)
+  redis.call('PEXPIRE', KEYS[m.ix], p.ix_ttl)
+  local total
+  if bucket then total = level else total = spent end
+  out[i] = {int(new), int(total), int(leased), redis.call('ZCARD', x)}
+end
+
+if p.lk > 0 and not dup then
+  local lk = KEYS[p.lk]
+  local minid = int(now - p.keep_ms) .. '-0'
+  for _, r in ipairs(p.recs) do
+    redis.call('XADD', lk, 'MINID', '~', minid, '*', unpack(r))
+  end
+end
+
+local status = 'ok'
+if dup then status = 'dup' end
+return {status, epoch, now, susp, out}
+"""
