@@ -1,0 +1,642 @@
+"""Pipeline stage 6, cache lookup (and the cache store of stage 10).
+
+`CacheStage` answers a request from cache when its route's cache policy
+allows: first the exact tier (in-process LRU, then Redis), then the semantic
+tier (embed the question, search the local index, check the candidate
+strictly, fetch the answer). On a miss it keeps what it computed (the key, the
+embedding) in the returned `CacheLookup`, and `store(lookup, ...)` files the
+answer under it once the model has given one.
+
+Sharing across the sidecars of a namespace goes through Redis:
+
+* answers live in Redis under `kt:cache:{<ns>}:<policy>:<gen>:e:<hash>` with the
+  policy's TTL; every sidecar reads them, and keeps the ones it served in its
+  own LRU;
+* each semantic insert is also appended to a Redis stream
+  (`...:<gen>:log`: id, partition, vector, signature, expiry). Every sidecar
+  reads the stream incrementally (`XREAD` from its last id, every
+  `sync_interval`), so a question answered by one pod is a semantic hit on all
+  of them within about that interval; a sidecar that starts (or sees a new
+  generation) reads the stream from its start. Expiry reaches the local index
+  by the expiry time carried with each entry (expired rows are skipped by the
+  search and swept out), and an answer evicted or flushed from Redis is found
+  missing on the hit's fetch, dropped from the index, and the lookup goes on
+  as a miss.
+
+The generation is a hash of the policy's settings plus an admin epoch
+(`kt:cache:{<ns>}:<policy>:epoch`, read every `epoch_interval`): changing the
+policy or bumping the epoch (`flush_policy`, `kubetoll cache flush`) makes every
+older entry unreachable at once, locally and in Redis.
+
+Redis is never waited on for more than `redis_timeout` on the request path;
+after a failure the stage runs on local state alone for a second before trying
+again (`RedisGuard`). An embedding backend that fails or is slow makes the
+semantic tier a miss, never an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from ..config import CachePolicy, RouterConfig
+from ..ledger import CACHE_EMBEDDING_OUTCOME, SpendRecord
+from ..providers.base import Usage
+from . import keys
+from .embeddings import EmbedFn
+from .lru import ByteLRU
+from .metrics import CacheMetrics
+from .redis_guard import RedisGuard, RedisUnavailable
+from .replay import CacheHit, Entry, is_complete, usage_dict
+from .verify import VERIFY_VERSION, Signature, disagreement, signature
+
+log = logging.getLogger("kubetoll.cache")
+
+CACHE_CONTROL_HEADER = "x-kubetoll-cache-control"
+CACHEABLE_ENDPOINTS = ("chat", "completions")
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingCharge:
+    """An embedding call made for a semantic lookup: bill it like any call."""
+
+    backend: str
+    usage: Usage
+    cost_usd: float
+    seconds: float
+
+
+@dataclass(slots=True)
+class CacheLookup:
+    """What stage 6 found, and what stage 10 needs to store the answer on a miss."""
+
+    status: str  # "hit", "miss", "bypass", "uncacheable", "off"
+    hit: CacheHit | None = None
+    embedding: EmbeddingCharge | None = None
+    reason: str = ""  # why uncacheable, or why a semantic candidate was turned down
+    # -- private to the stage
+    _rt: Any = None
+    _route: str = ""
+    _endpoint: str = ""
+    _key: str = ""
+    _gen: str = ""
+    _storable: bool = False
+    _partition: str = ""
+    _vector: Any = None
+    _signature: Signature | None = None
+
+    @property
+    def header_value(self) -> str:
+        """For the `x-kubetoll-cache` response header."""
+        if self.hit is not None:
+            return f"hit-{self.hit.kind}"
+        return self.status
+
+    @property
+    def should_store(self) -> bool:
+        """True when the answer to this request should be offered to `store` (a miss that may be stored)."""
+        return self.status == "miss" and self._storable
+
+
+_OFF = CacheLookup("off")
+
+
+@dataclass(slots=True)
+class _PolicyRuntime:
+    policy: CachePolicy
+    settings_hash: str
+    lru: ByteLRU
+    embed: EmbedFn | None = None
+    epoch: int | None = None  # None until read from Redis
+    epoch_retry_at: float = 0.0
+    index: Any = None  # SemanticIndex, built on first use (numpy is only needed then)
+    cursor: str = "0-0"  # last stream id applied to the index
+    embed_down_until: float = 0.0
+    stats: dict[str, int] = field(default_factory=lambda: {"hits": 0, "misses": 0})
+
+    @property
+    def name(self) -> str:
+        return self.policy.name
+
+    @property
+    def gen(self) -> str:
+        return keys.generation(self.settings_hash, self.epoch if self.epoch is not None else 0)
+
+    @property
+    def semantic_on(self) -> bool:
+        return self.policy.semantic.enabled
+
+    @property
+    def entry_ttl(self) -> int:
+        p = self.policy
+        ttls = [p.exact.ttl_seconds] if p.exact.enabled else []
+        if p.semantic.enabled:
+            ttls.append(p.semantic.ttl_seconds)
+        return max(ttls, default=p.exact.ttl_seconds)
+
+    def ensure_index(self) -> Any:
+        if self.index is None:
+            from .semantic import SemanticIndex
+
+            self.index = SemanticIndex(self.policy.semantic.max_entries)
+        return self.index
+
+    def set_epoch(self, epoch: int, metrics: CacheMetrics) -> None:
+        if epoch == self.epoch:
+            return
+        had_state = len(self.lru) or (self.index is not None and len(self.index))
+        if self.epoch is not None or had_state:
+            # Entries of another epoch (or of an epoch never known) must not be served.
+            self.lru.clear()
+            if self.index is not None:
+                self.index.clear()
+            if self.epoch is not None:
+                metrics.flushes.labels(self.name, "epoch_bumped").inc()
+                log.info("cache policy %s: epoch %s -> %s, local entries dropped", self.name, self.epoch, epoch)
+        self.epoch = epoch
+        self.cursor = "0-0"  # read the new generation's inserts from the start
+
+
+def policy_hash(policy: CachePolicy) -> str:
+    return keys.digest(keys.canonical_json({"settings": keys.policy_settings_hash(policy), "verify": VERIFY_VERSION}), 6)
+
+
+def _header(headers: Mapping[str, str] | None, name: str) -> str:
+    if not headers:
+        return ""
+    v = headers.get(name)
+    if v is None and isinstance(headers, dict):
+        for k, val in headers.items():
+            if k.lower() == name:
+                return str(val)
+        return ""
+    return str(v or "")
+
+
+def uncacheable_reason(policy: CachePolicy, endpoint: str, body: Mapping[str, Any]) -> str:
+    """Why this request may not be answered from (or stored in) the cache; "" when it may."""
+    if not (policy.exact.enabled or policy.semantic.enabled):
+        return "disabled"
+    if endpoint not in CACHEABLE_ENDPOINTS:
+        return "endpoint"
+    t = body.get("temperature")
+    if t is None:
+        t = 1.0  # OpenAI's default
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or t > policy.cacheable.max_temperature:
+        return "temperature"
+    if (body.get("tools") or body.get("functions")) and not policy.cacheable.allow_tools:
+        return "tools"
+    return ""
+
+
+class CacheStage:
+    def __init__(
+        self,
+        namespace: str,
+        redis: Any | None,
+        registry: CollectorRegistry | None = None,
+        *,
+        redis_timeout: float = 0.020,
+        background_timeout: float = 0.5,
+        sync_interval: float = 0.2,
+        epoch_interval: float = 1.0,
+        embed_timeout: float = 2.0,
+        embed_cooldown: float = 2.0,
+        redis_cooldown: float = 1.0,
+        metrics: CacheMetrics | None = None,
+    ) -> None:
+        kwargs = getattr(getattr(redis, "connection_pool", None), "connection_kwargs", {}) or {}
+        if kwargs.get("decode_responses"):
+            raise ValueError("CacheStage needs a Redis client with decode_responses=False (it stores binary vectors)")
+        self.namespace = namespace
+        self.metrics = metrics or CacheMetrics(registry)
+        self.guard = RedisGuard(redis, redis_timeout, redis_cooldown, on_error=lambda op, why: self.metrics.redis_errors.labels(op, why).inc())
+        self.background_timeout = background_timeout
+        self.sync_interval = sync_interval
+        self.epoch_interval = epoch_interval
+        self.embed_timeout = embed_timeout
+        self.embed_cooldown = embed_cooldown
+        self._policies: dict[str, _PolicyRuntime] = {}
+        self._sync_task: asyncio.Task | None = None
+        self._pending: set[asyncio.Task] = set()
+        self._next_epoch_check = 0.0
+        self._next_sweep = 0.0
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def configure(self, config: RouterConfig, embedders: Mapping[str, EmbedFn] | None = None) -> None:
+        """Apply a config load. A policy whose settings are unchanged keeps its local
+        entries; a changed one starts empty under a new generation."""
+        if config.namespace != self.namespace:
+            log.warning("cache: config namespace %s differs from the stage's %s; keys stay in %s", config.namespace, self.namespace, self.namespace)
+        embedders = embedders or {}
+        new: dict[str, _PolicyRuntime] = {}
+        for p in config.cache_policies:
+            h = policy_hash(p)
+            embed = embedders.get(p.semantic.embedding_backend) if p.semantic.enabled and p.semantic.embedding_backend else None
+            if p.semantic.enabled and embed is None:
+                log.warning("cache policy %s: no embedder for backend %s; its semantic tier will miss", p.name, p.semantic.embedding_backend)
+            old = self._policies.get(p.name)
+            if old is not None and old.settings_hash == h:
+                old.policy = p
+                old.embed = embed
+                new[p.name] = old
+                continue
+            if old is not None:
+                self.metrics.flushes.labels(p.name, "policy_changed").inc()
+                log.info("cache policy %s changed: new generation %s, old entries no longer served", p.name, h)
+            new[p.name] = _PolicyRuntime(p, h, ByteLRU(p.local_max_bytes), embed)
+        self._policies = new
+        self._next_epoch_check = 0.0
+
+    async def start(self) -> None:
+        """Starts the background sync (epochs, semantic inserts). Lookups start it too if needed."""
+        if self._sync_task is None and self.guard.client is not None and not self._closed:
+            self._sync_task = asyncio.create_task(self._sync_loop(), name="kubetoll-cache-sync")
+
+    async def close(self) -> None:
+        """Waits (briefly) for stores in flight, then stops the sync task."""
+        self._closed = True
+        await self.drain(1.0)
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            try:
+                await self._sync_task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._sync_task = None
+
+    async def drain(self, timeout: float = 1.0) -> None:
+        if self._pending:
+            await asyncio.wait(list(self._pending), timeout=timeout)
+
+    def policy_names(self) -> list[str]:
+        return sorted(self._policies)
+
+    # ------------------------------------------------------------------ lookup
+
+    async def lookup(
+        self,
+        policy: str | None,
+        route: str,
+        tenant: str,
+        endpoint: str,
+        body: Mapping[str, Any],
+        headers: Mapping[str, str] | None = None,
+        *,
+        semantic: bool = True,
+    ) -> CacheLookup:
+        """Stage 6. `body` is the request as it goes upstream (`ParsedRequest.upstream_body`).
+
+        Never raises for Redis or embedding trouble (those are misses). Pass
+        `semantic=False` to skip the paid embedding call (e.g. for a tenant over budget).
+        """
+        rt = self._policies.get(policy) if policy else None
+        if rt is None:
+            return _OFF
+        started = time.perf_counter()
+        control = _header(headers, CACHE_CONTROL_HEADER).lower()
+        m = self.metrics
+        if "no-cache" in control:
+            m.lookups.labels(route, rt.name, "bypass").inc()
+            return CacheLookup("bypass", reason="no-cache")
+        reason = uncacheable_reason(rt.policy, endpoint, body)
+        if reason:
+            m.lookups.labels(route, rt.name, "uncacheable").inc()
+            return CacheLookup("uncacheable", reason=reason)
+        if self._sync_task is None and self.guard.client is not None and not self._closed:
+            await self.start()
+        await self._ensure_epoch(rt)
+        normalized = keys.normalize_request(body)
+        scope = keys.scope_value(rt.policy, tenant)
+        h = keys.exact_key(endpoint, route, scope, normalized)
+        lk = CacheLookup("miss", _rt=rt, _route=route, _endpoint=endpoint, _key=h, _gen=rt.gen, _storable="no-store" not in control)
+        now = time.time()
+        p = rt.policy
+        if p.exact.enabled:
+            entry = await self._fetch(rt, h, now, p.exact.ttl_seconds)
+            if entry is not None:
+                return self._hit(lk, CacheHit("exact", rt.name, entry), started)
+        if p.semantic.enabled and semantic:
+            split = keys.semantic_split(endpoint, route, scope, normalized, p.semantic.embed)
+            if split is not None:
+                hit = await self._semantic(rt, lk, split, now)
+                if hit is not None:
+                    return self._hit(lk, hit, started)
+        rt.stats["misses"] += 1
+        m.lookups.labels(route, rt.name, "miss").inc()
+        m.lookup_seconds.labels(rt.name, "miss").observe(time.perf_counter() - started)
+        return lk
+
+    def _hit(self, lk: CacheLookup, hit: CacheHit, started: float) -> CacheLookup:
+        rt, route, m = lk._rt, lk._route, self.metrics
+        lk.status, lk.hit = "hit", hit
+        rt.stats["hits"] += 1
+        m.lookups.labels(route, rt.name, f"hit_{hit.kind}").inc()
+        u = hit.avoided_usage
+        m.avoided_tokens.labels(route, rt.name, "input").inc(u.prompt_tokens)
+        m.avoided_tokens.labels(route, rt.name, "output").inc(u.completion_tokens)
+        m.avoided_usd.labels(route, rt.name, hit.kind).inc(hit.avoided_usd)
+        if hit.kind == "semantic":
+            m.semantic_similarity.labels(rt.name).observe(hit.similarity)
+        m.lookup_seconds.labels(rt.name, f"hit_{hit.kind}").observe(time.perf_counter() - started)
+        return lk
+
+    async def _fetch(self, rt: _PolicyRuntime, h: str, now: float, max_age: float) -> Entry | None:
+        """The entry stored under `h`, local LRU first, then Redis; None if absent or too old."""
+        raw = rt.lru.get(h, now)
+        if raw is None and rt.epoch is not None and self.guard.available:
+            key = keys.entry_key(self.namespace, rt.name, rt.gen, h)
+            try:
+                raw = await self.guard.call("get", lambda c: c.get(key))
+            except RedisUnavailable:
+                raw = None
+            if raw is not None:
+                try:
+                    created = Entry.loads(raw).created
+                except (ValueError, KeyError, TypeError):
+                    return None
+                rt.lru.put(h, raw, created + rt.entry_ttl)
+        if raw is None:
+            return None
+        try:
+            entry = Entry.loads(raw)
+        except (ValueError, KeyError, TypeError):
+            rt.lru.discard(h)
+            return None
+        if now - entry.created > max_age:
+            return None
+        return entry
+
+    async def _semantic(self, rt: _PolicyRuntime, lk: CacheLookup, split: keys.SemanticSplit, now: float) -> CacheHit | None:
+        vec = await self._embed(rt, lk, split.text)
+        if vec is None:
+            return None
+        sig = signature(split.text)
+        lk._partition, lk._vector, lk._signature = split.partition, vec, sig
+        index = rt.ensure_index()
+        s = rt.policy.semantic
+        for cand in await self._search(index, split.partition, vec, s.threshold, now):
+            if s.verify:
+                why = disagreement(sig, cand.signature)
+                if why is not None:
+                    lk.reason = why
+                    self.metrics.semantic_rejections.labels(lk._route, rt.name, why).inc()
+                    continue
+            entry = await self._fetch(rt, cand.entry_id, now, s.ttl_seconds)
+            if entry is None:
+                if not self.guard.available and cand.entry_id not in rt.lru:
+                    continue  # cannot tell whether it is gone: keep it, try the next
+                index.remove(cand.entry_id)
+                continue
+            return CacheHit("semantic", rt.name, entry, cand.similarity)
+        return None
+
+    @staticmethod
+    async def _search(index: Any, partition: str, vec: Any, threshold: float, now: float) -> list[Any]:
+        if not index.needs_offload(partition):
+            return index.search(partition, vec, threshold, now)
+        from .semantic import _top_rows
+
+        plan = index.search_plan(partition, vec)
+        if plan is None:
+            return []
+        mat, expires, n = plan
+        rows = await asyncio.get_running_loop().run_in_executor(None, _top_rows, mat, expires, n, vec, now, 4)
+        return index.rescore(partition, rows, vec, threshold, now)
+
+    async def _embed(self, rt: _PolicyRuntime, lk: CacheLookup, text: str) -> Any:
+        m = self.metrics
+        if rt.embed is None or time.monotonic() < rt.embed_down_until:
+            m.embedding_calls.labels(rt.name, "skipped").inc()
+            return None
+        t0 = time.perf_counter()
+        try:
+            vectors, usage, cost = await asyncio.wait_for(rt.embed([text]), self.embed_timeout)
+            from .semantic import SemanticIndex
+
+            vec = SemanticIndex.normalise(vectors[0])
+            if vec is None:
+                raise ValueError("empty or zero vector")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the backend's failure is a miss, whatever it is
+            rt.embed_down_until = time.monotonic() + self.embed_cooldown
+            m.embedding_calls.labels(rt.name, "failed").inc()
+            log.warning("cache policy %s: embedding failed (%s: %s); semantic lookups miss for %.0fs", rt.name, type(exc).__name__, exc, self.embed_cooldown)
+            return None
+        m.embedding_calls.labels(rt.name, "ok").inc()
+        m.embedding_usd.labels(rt.name).inc(cost)
+        lk.embedding = EmbeddingCharge(rt.policy.semantic.embedding_backend or "", usage, float(cost), time.perf_counter() - t0)
+        return vec
+
+    async def _ensure_epoch(self, rt: _PolicyRuntime) -> None:
+        if rt.epoch is not None or not self.guard.available or time.monotonic() < rt.epoch_retry_at:
+            return
+        key = keys.epoch_key(self.namespace, rt.name)
+        try:
+            v = await self.guard.call("epoch", lambda c: c.get(key))
+        except RedisUnavailable:
+            rt.epoch_retry_at = time.monotonic() + 1.0
+            return
+        rt.set_epoch(int(v or 0), self.metrics)
+
+    # ------------------------------------------------------------------ store
+
+    def store_soon(self, lookup: CacheLookup, response_body: Any, usage: Usage | None, cost_usd: float) -> None:
+        """Fire-and-forget `store`: never blocks or fails the response."""
+        if not lookup.should_store or self._closed:
+            return
+        task = asyncio.get_running_loop().create_task(self.store(lookup, response_body, usage, cost_usd))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def store(self, lookup: CacheLookup, response_body: Any, usage: Usage | None, cost_usd: float) -> bool:
+        """Files a complete answer under the lookup's key (and its question in the semantic index)."""
+        rt: _PolicyRuntime | None = lookup._rt
+        if rt is None or lookup.status != "miss":
+            return False
+        m = self.metrics
+        if not lookup._storable:
+            m.stores.labels(lookup._route, rt.name, "no_store").inc()
+            return False
+        if not is_complete(lookup._endpoint, response_body):
+            m.stores.labels(lookup._route, rt.name, "incomplete").inc()
+            return False
+        if self._policies.get(rt.name) is not rt or rt.gen != lookup._gen:
+            return False  # the policy changed or was flushed since the lookup
+        try:
+            return await self._store(rt, lookup, response_body, usage, cost_usd)
+        except Exception:  # a store must never break anything
+            log.exception("cache policy %s: store failed", rt.name)
+            return False
+
+    async def _store(self, rt: _PolicyRuntime, lookup: CacheLookup, response_body: dict[str, Any], usage: Usage | None, cost_usd: float) -> bool:
+        m = self.metrics
+        now = time.time()
+        body = dict(response_body)
+        if usage is None:
+            u = body.get("usage") or {}
+            usage = Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0), int((u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0))
+        elif not body.get("usage"):
+            body["usage"] = usage_dict(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+        entry = Entry(lookup._endpoint, body, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, float(cost_usd), now)
+        raw = entry.dumps()
+        ttl = rt.entry_ttl
+        h = lookup._key
+        rt.lru.put(h, raw, now + ttl)
+        p = rt.policy
+        semantic = p.semantic.enabled and lookup._vector is not None and lookup._signature is not None
+        sem_expires = now + p.semantic.ttl_seconds
+        if semantic:
+            rt.ensure_index().add(h, lookup._partition, lookup._vector, lookup._signature, sem_expires)
+        if rt.epoch is None or not self.guard.available:
+            m.stores.labels(lookup._route, rt.name, "redis_unavailable" if self.guard.client is not None else "stored").inc()
+            return True
+        ek = keys.entry_key(self.namespace, rt.name, rt.gen, h)
+        lk = keys.log_key(self.namespace, rt.name, rt.gen)
+
+        async def write(c: Any) -> Any:
+            pipe = c.pipeline(transaction=False)
+            pipe.set(ek, raw, ex=ttl)
+            if semantic:
+                fields = {
+                    "h": h, "p": lookup._partition, "v": lookup._vector.tobytes(),
+                    "s": lookup._signature.to_json(), "x": repr(sem_expires),
+                }
+                pipe.xadd(lk, fields, maxlen=p.semantic.max_entries, approximate=True)
+                pipe.expire(lk, p.semantic.ttl_seconds + 60)
+            return await pipe.execute()
+
+        try:
+            await self.guard.call("store", write, timeout=self.background_timeout)
+        except RedisUnavailable:
+            m.stores.labels(lookup._route, rt.name, "redis_unavailable").inc()
+            return True
+        m.stores.labels(lookup._route, rt.name, "stored").inc()
+        return True
+
+    # ------------------------------------------------------------------ background sync
+
+    async def _sync_loop(self) -> None:
+        while not self._closed:
+            more = False
+            try:
+                more = await self.sync_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("cache sync failed")
+            if not more:
+                await asyncio.sleep(self.sync_interval)
+
+    async def sync_once(self) -> bool:
+        """One round: epochs (when due), then new semantic inserts. True when a stream had more to read."""
+        now_m = time.monotonic()
+        rts = list(self._policies.values())
+        self._publish_gauges(rts)
+        if not rts or not self.guard.available:
+            return False
+        if now_m >= self._next_epoch_check:
+            ekeys = [keys.epoch_key(self.namespace, rt.name) for rt in rts]
+            try:
+                vals = await self.guard.call("epoch", lambda c: c.mget(ekeys), timeout=self.background_timeout)
+            except RedisUnavailable:
+                return False
+            for rt, v in zip(rts, vals):
+                rt.set_epoch(int(v or 0), self.metrics)
+            self._next_epoch_check = now_m + self.epoch_interval
+        now = time.time()
+        if now_m >= self._next_sweep:
+            for rt in rts:
+                if rt.index is not None:
+                    rt.index.sweep(now)
+            self._next_sweep = now_m + 10.0
+        sem = [rt for rt in rts if rt.semantic_on and rt.epoch is not None]
+        if not sem:
+            return False
+        streams = {keys.log_key(self.namespace, rt.name, rt.gen): rt for rt in sem}
+        cursors = {k: rt.cursor for k, rt in streams.items()}
+        batch = 1000
+        try:
+            res = await self.guard.call("sync", lambda c: c.xread(cursors, count=batch), timeout=self.background_timeout)
+        except RedisUnavailable:
+            return False
+        more = False
+        for stream_key, records in res or ():
+            sk = stream_key.decode() if isinstance(stream_key, bytes) else stream_key
+            rt = streams.get(sk)
+            if rt is None or keys.log_key(self.namespace, rt.name, rt.gen) != sk:
+                continue  # the generation changed while we read
+            index = rt.ensure_index()
+            for rid, fields in records:
+                self._apply(index, fields, now)
+                rt.cursor = rid.decode() if isinstance(rid, bytes) else rid
+            more = more or len(records) >= batch
+        return more
+
+    @staticmethod
+    def _apply(index: Any, fields: Mapping[Any, Any], now: float) -> None:
+        import numpy as np
+
+        def f(name: str) -> Any:
+            return fields.get(name.encode(), fields.get(name))
+
+        try:
+            expires = float(f("x"))
+            if expires <= now:
+                return
+            h = f("h")
+            h = h.decode() if isinstance(h, bytes) else h
+            if h in index:
+                return
+            part = f("p")
+            part = part.decode() if isinstance(part, bytes) else part
+            vec = np.frombuffer(f("v"), dtype=np.float32).copy()
+            sig = bytes(f("s"))
+            Signature.from_json(sig)  # refuse a record this version cannot read
+        except (TypeError, ValueError, AttributeError):
+            return  # a record this sidecar cannot read: skip it
+        index.add(h, part, vec, sig, expires)
+
+    def _publish_gauges(self, rts: list[_PolicyRuntime]) -> None:
+        m = self.metrics
+        for rt in rts:
+            m.local_entries.labels(rt.name, "lru").set(len(rt.lru))
+            m.local_bytes.labels(rt.name, "lru").set(rt.lru.bytes)
+            if rt.index is not None:
+                m.local_entries.labels(rt.name, "semantic_index").set(len(rt.index))
+                m.local_bytes.labels(rt.name, "semantic_index").set(rt.index.nbytes)
+
+    # ------------------------------------------------------------------ ledger
+
+    @staticmethod
+    def spend_record(lookup: CacheLookup, *, time_: float, namespace: str, tenant: str, tier: str, request_id: str) -> SpendRecord | None:
+        """The ledger record of a cache hit: no backend, no tokens billed, zero cost, the savings."""
+        hit = lookup.hit
+        if hit is None:
+            return None
+        return SpendRecord(
+            time=time_, namespace=namespace, route=lookup._route, backend="", tenant=tenant, tier=tier,
+            prompt_tokens=0, completion_tokens=0, cached_tokens=0, cost_usd=0.0,
+            cache_hit=hit.kind, avoided_usd=hit.avoided_usd, outcome="ok", request_id=request_id,
+        )
+
+    @staticmethod
+    def embedding_record(lookup: CacheLookup, *, time_: float, namespace: str, tenant: str, tier: str, request_id: str) -> SpendRecord | None:
+        """The ledger record of the embedding call a semantic lookup made (hit or miss)."""
+        e = lookup.embedding
+        if e is None:
+            return None
+        return SpendRecord(
+            time=time_, namespace=namespace, route=lookup._route, backend=e.backend, tenant=tenant, tier=tier,
+            prompt_tokens=e.usage.prompt_tokens, completion_tokens=0, cached_tokens=0, cost_usd=e.cost_usd,
+            outcome=CACHE_EMBEDDING_OUTCOME, request_id=request_id,
+        )
