@@ -196,7 +196,7 @@ def test_every_field_reaches_router_config() -> None:
         }
     ]
     cache_outcome = result.outcomes[("CachePolicy", "cache")]
-    assert cache_outcome.included and cache_outcome.reason == "NotEnforced"  # never pretend it works
+    assert cache_outcome.included and cache_outcome.reason == "Compiled"
     assert result.credentials == {"openai_api-key": ("openai", "api-key")}
     # Statuses get what they show.
     assert result.outcomes[("ModelRoute", "full-route")].details == {"modelName": "Support/Bot-1", "firstBackend": "full", "backends": ["full", "gpu"]}

@@ -22,9 +22,7 @@ A broken resource never breaks the namespace. The rules, in order:
   its tenant spec is ignored (its limits still apply).
 * A CachePolicy whose embedding backend does not resolve (or is an anthropic
   backend, which has no embeddings API) is left out. A route naming a missing or
-  left-out CachePolicy drops the reference (warning). While the sidecar does not
-  enforce caching (`SIDECAR_ENFORCES_CACHE`), a compiled policy still reports
-  Ready=False with reason NotEnforced: it is in the config, but nothing is cached.
+  left-out CachePolicy drops the reference (warning).
 * Two routes with the same modelName: the later by resource name is left out.
 
 The JSON is canonical (sorted keys, compact, no nulls) and `content_hash` is the
@@ -72,10 +70,6 @@ Severity = Literal["error", "warning"]
 
 ENV_PREFIX = "KUBETOLL_SECRET_"
 
-# RouterConfig carries cache policies, but the sidecar's pipeline does not look
-# them up yet. Flip this when it does; until then CachePolicies say NotEnforced.
-SIDECAR_ENFORCES_CACHE = False
-NOT_ENFORCED_MESSAGE = "compiled into the router config, but the sidecar does not enforce caching yet: no request is answered from cache"
 CREDENTIALS_KEY_SEPARATOR = "_"  # cannot occur in a Secret name, so "<secret>_<key>" is unambiguous
 MAX_SECRET_KEY_LENGTH = 253
 
@@ -354,10 +348,6 @@ class _Compilation:
                     self.leave_out(kind, name, p.reason, p.message, p.field)
                 continue
             out[name] = policy.model_dump(mode="json", by_alias=True, exclude_none=True)
-            outcome = self.outcomes[(kind, name)]
-            if not SIDECAR_ENFORCES_CACHE:
-                outcome.reason = "NotEnforced"
-                outcome.message = NOT_ENFORCED_MESSAGE
         return out
 
     # ----------------------------------------------------------------- routes

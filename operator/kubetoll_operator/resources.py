@@ -578,14 +578,14 @@ class SemanticCache(SpecModel):
     """Serve a stored answer to a near-identical question that passes a strict agreement check."""
 
     enabled: bool = Field(False, description="Turn semantic caching on.")
-    threshold: float = Field(0.9, gt=0, le=1, description="Cosine similarity at or above which a stored question is a candidate (a hit also needs the strict agreement check when verify is on).")
+    threshold: float = Field(0.7, gt=0, le=1, description="Cosine similarity (model-specific; see docs/caching.md) at or above which a stored question is a candidate (a hit also needs the strict agreement check when verify is on).")
     embedding_backend: str | None = Field(
         None, max_length=253, pattern=OBJECT_NAME_PATTERN, description="Name of a ModelBackend in this namespace that serves /v1/embeddings."
     )
     ttl_seconds: int = Field(3600, ge=1, le=2592000, description="How long an entry lives, in seconds.")
     embed: EmbedInput = Field(EmbedInput.last_user_message, description="What is embedded: the last user message or all user messages.")
     verify: bool = Field(True, description="Also require the two questions to agree on numbers, negation, named things and the action asked for.")
-    max_entries: int = Field(100000, ge=1, le=100000000, description="Entries in each sidecar's local semantic index.")
+    max_entries: int = Field(20000, ge=1, le=100000000, description="Entries in each sidecar's local semantic index.")
 
     __cel_rules__ = (
         CelRule(

@@ -42,9 +42,7 @@ def desired_status(result: CompileResult, outcome: Outcome) -> dict[str, Any]:
     gen = outcome.generation
     problems = result.problems_for(outcome.kind, outcome.name)
     ref_problems = [p for p in problems if p.reason in REF_REASONS]
-    if outcome.included and outcome.reason == "NotEnforced":
-        ready = _condition("Ready", False, "NotEnforced", outcome.message, gen)
-    elif outcome.included:
+    if outcome.included:
         warn = [p for p in problems if p.severity == "warning"]
         # No config hash here: it would rewrite every status on every change.
         message = "compiled into the namespace's router config"
@@ -77,7 +75,6 @@ def desired_status(result: CompileResult, outcome: Outcome) -> dict[str, Any]:
             conditions.append(_condition("TenancyAccepted", True, "TenancyAccepted", "spec.tenant is the namespace's tenancy", gen))
     elif outcome.kind == "CachePolicy":
         status["routes"] = d.get("routes", [])
-        conditions.append(_condition("Enforced", False, "NotEnforced", "the sidecar does not enforce caching yet", gen))
     return {k: v for k, v in status.items() if v is not None}
 
 

@@ -349,11 +349,11 @@ class ExactCacheSettings(Model):
 class SemanticCacheSettings(Model):
     enabled: bool = False
     embedding_backend: str | None = Field(None, description="A backend serving /v1/embeddings.")
-    threshold: float = Field(0.9, gt=0, le=1, description="Cosine similarity a hit needs (before the strict check).")
+    threshold: float = Field(0.7, gt=0, le=1, description="Cosine similarity a hit needs (before the strict check); model-specific, see docs/caching.md.")
     ttl_seconds: int = Field(3600, gt=0)
     embed: Literal["lastUserMessage", "allUserMessages"] = "lastUserMessage"
     verify: bool = Field(True, description="Also require numbers, negations, named things and the action to agree.")
-    max_entries: int = Field(100_000, gt=0, description="Local index entries per sidecar.")
+    max_entries: int = Field(20_000, gt=0, description="Local index entries per sidecar.")
 
     @model_validator(mode="after")
     def _backend(self) -> SemanticCacheSettings:

@@ -13,6 +13,11 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 
+# The outcome of a record that bills a semantic cache lookup's embedding call: spend,
+# but not a request of its own (reports count requests without it).
+CACHE_EMBEDDING_OUTCOME = "cache_embedding"
+
+
 @dataclass(frozen=True, slots=True)
 class SpendRecord:
     time: float  # epoch seconds, at settlement
@@ -29,7 +34,7 @@ class SpendRecord:
     avoided_usd: float = 0.0  # what a cache hit saved
     downgraded: bool = False
     fallbacks: int = 0
-    outcome: str = "ok"  # ok, upstream_error, cut_stream, client_disconnected
+    outcome: str = "ok"  # ok, upstream_error, cut_stream, client_disconnected, cache_embedding
     request_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:

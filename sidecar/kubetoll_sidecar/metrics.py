@@ -80,3 +80,10 @@ class Metrics:
             "kubetoll_config_info", "The config being served.", ["revision", "namespace"], registry=r,
         )
         self.in_flight = Gauge("kubetoll_requests_in_flight", "Requests being served now.", registry=r)
+        self.budget_store = Gauge(
+            "kubetoll_budget_store",
+            "The shared (Redis) budget store, read at scrape time: available (1/0), buffered_records, "
+            "dropped_records, dropped_spend_batches, leases_active, redis_calls, redis_errors, unavailable_total, "
+            "degraded_decisions_total, fail_open_allowance_used_total and more (docs/redis-layout.md).",
+            ["stat"], registry=r,
+        )

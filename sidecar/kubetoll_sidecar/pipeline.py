@@ -7,11 +7,12 @@ Stages, in order (DESIGN.md "The request pipeline"):
  3 route      `CompiledRoute.select` — rule, then the fallback chain
  4 estimate   `tokens.count_*` — prompt tokens; output from max_tokens or the caps
  5 rate       requests/min buckets — 429 + Retry-After
- 6 cache      (not built yet: no cache stage runs; the CachePolicy issue adds it)
+ 6 cache      `CacheStage.lookup` — exact, then semantic; a hit is answered here
  7 admit      `reserve_with_policy` — every budget level; reject, downgrade or allow
  8 forward    `Forwarder.forward` — fallback, circuit breakers, streaming
- 9 settle     `BudgetStore.settle` — the provider's usage, priced, replaces the reservation
-10 record     metrics, one log line, cost headers, the spend ledger
+ 9 settle     `BudgetStore.settle` — the provider's usage, priced, replaces the
+              reservation; the spend-ledger record is appended in the same step
+10 record     metrics, one log line, cost headers; the answer is offered to the cache
 
 Each stage is a function or object of its own module; this module only strings
 them together and turns their exceptions into OpenAI errors.
@@ -34,6 +35,8 @@ from . import tokens
 from .budgets.admission import Admitted, MeterSet, NoDowngradeBackends, Rejected, percent_used, reserve_with_policy, tightest
 from .budgets.periods import Clock
 from .budgets.store import BudgetStore, Hold, Reservation, StoreUnavailable, Suspended
+from .cache.replay import StreamAssembler
+from .cache.stage import CacheLookup, CacheStage
 from .errors import ApiError, bad_request, not_found_model
 from .forwarder import AllBackendsFailed, BackendRuntime, Forwarded, Forwarder, UpstreamRejected
 from .ledger import Ledger, SpendRecord
@@ -65,6 +68,7 @@ class Outcome:
     downgraded: bool = False
     upstream_seconds: float = 0.0
     reason: str = ""
+    cache: CacheLookup | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -77,6 +81,7 @@ class Pipeline:
         forwarder: Forwarder,
         metrics: Metrics,
         clock: Clock,
+        cache: CacheStage | None = None,
     ) -> None:
         self.get_state = get_state
         self.store = store
@@ -84,6 +89,7 @@ class Pipeline:
         self.forwarder = forwarder
         self.metrics = metrics
         self.clock = clock
+        self.cache = cache
 
     # ------------------------------------------------------------------ entry
 
@@ -131,7 +137,15 @@ class Pipeline:
         # 5 request rate
         rate_res = await self._admit(meters.requests and [Hold(m, 1.0) for m in meters.requests], now, route, out, can_downgrade=bool(route.downgrade_chain))
         downgrade = bool(rate_res and rate_res.downgrade)
-        # 6 cache: no cache stage is built yet.
+        if rate_res is not None:
+            # The request is counted once admitted (a cache hit counts too): settle at once,
+            # so a shared store never holds the count as an open reservation.
+            await self._settle(rate_res.reservation, meters, None, 0.0, now, requests=1.0)
+        # 6 cache
+        if self.cache is not None and route.cache_policy is not None:
+            lookup = await self._cache_lookup(request, req, state, route, meters, endpoint, out)
+            if lookup.hit is not None:
+                return await self._cache_response(request, req, state, lookup, out)
         # Budget-aware downgrade by percent, decided before reserving.
         if not downgrade and route.downgrade_at is not None and meters.windows():
             if percent_used(self.store, meters.windows(), now) >= route.downgrade_at:
@@ -191,10 +205,12 @@ class Pipeline:
         # 9 settle
         usage = fwd.usage if fwd.usage and fwd.usage.reported else Usage(prompt_tokens, _count_body_output(fwd.body, fwd.backend.config.model), reported=False)
         cost = fwd.backend.price.cost(usage)
-        await self._settle(reservation, meters, usage, cost, self.clock.time())
         out.usage, out.cost = usage, cost
+        await self._settle(reservation, meters, usage, cost, self.clock.time(), record=self._spend_record(state, out))
         # 10 record (the rest happens in _record)
         body = fwd.body or {}
+        if out.cache is not None and out.cache.should_store and self.cache is not None:
+            self.cache.store_soon(out.cache, body, usage, cost)
         return web.Response(
             body=orjson.dumps(body),
             content_type="application/json",
@@ -263,20 +279,104 @@ class Pipeline:
         except StoreUnavailable as exc:
             out.outcome, out.reason = "rejected", "store_unavailable"
             self.metrics.rejections.labels(route.name, "store_unavailable").inc()
-            raise ApiError(503, f"budget store unavailable and the budget is failClosed: {exc}", "service_unavailable", "budget_store_unavailable", retry_after=1.0) from None
+            raise ApiError(503, f"budget store unavailable: {exc}", "service_unavailable", "budget_store_unavailable", retry_after=1.0) from None
         except Suspended as exc:
             out.outcome = "suspended"
             self.metrics.rejections.labels(route.name, "budget_suspended").inc()
             raise ApiError(403, str(exc), "permission_denied", "budget_suspended") from None
 
-    async def _settle(self, reservation: Reservation | None, meters: MeterSet, usage: Usage | None, cost: float, now: float) -> None:
-        if reservation is None:
-            return
-        total = float(usage.total_tokens) if usage else 0.0
-        actual = {m.key: total for m in meters.tokens}
-        actual.update({m.key: cost for m in meters.usd})
-        # Shielded: a client that disconnects must not cancel the settlement of what it spent.
-        await asyncio.shield(self.store.settle(reservation, actual, now))
+    async def _settle(
+        self,
+        reservation: Reservation | None,
+        meters: MeterSet,
+        usage: Usage | None,
+        cost: float,
+        now: float,
+        *,
+        record: SpendRecord | None = None,
+        requests: float = 0.0,
+    ) -> None:
+        """Settle what was spent, and append its ledger record in the same step.
+
+        Shielded: a client that disconnects must not cancel the settlement of what it
+        spent. Spend and record go in one coroutine with no suspension between them,
+        so a shared store flushes both in the same batch (its totals and its ledger
+        never disagree, even if the process dies right after).
+        """
+        actual: dict[str, float] = {}
+        if reservation is not None:
+            if requests:
+                actual = {h.meter.key: requests for h in reservation.holds}
+            else:
+                total = float(usage.total_tokens) if usage else 0.0
+                actual = {m.key: total for m in meters.tokens}
+                actual.update({m.key: cost for m in meters.usd})
+        await asyncio.shield(self._settle_and_record(reservation, actual, now, record))
+
+    async def _settle_and_record(self, reservation: Reservation | None, actual: dict[str, float], now: float, record: SpendRecord | None) -> None:
+        if reservation is not None:
+            await self.store.settle(reservation, actual, now)
+        if record is not None:
+            self.ledger.append(record)
+
+    def _spend_record(self, state: RouterState, out: Outcome) -> SpendRecord | None:
+        u = out.usage
+        if u is None or not out.backend:
+            return None
+        return SpendRecord(
+            time=self.clock.time(), namespace=state.config.namespace, route=out.route or "-", backend=out.backend,
+            tenant=out.tenant, tier=out.tier, prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+            cached_tokens=u.cached_tokens, cost_usd=out.cost, downgraded=out.downgraded, fallbacks=out.fallbacks,
+            outcome=out.outcome, request_id=out.request_id,
+        )
+
+    # ------------------------------------------------------------------ cache (stage 6)
+
+    async def _cache_lookup(
+        self, request: web.Request, req: ParsedRequest, state: RouterState, route: CompiledRoute, meters: MeterSet, endpoint: str, out: Outcome
+    ) -> CacheLookup:
+        assert self.cache is not None
+        lookup = await self.cache.lookup(route.cache_policy, route.name, out.tenant, endpoint, req.upstream_body, request.headers)
+        out.cache = lookup
+        charge = lookup.embedding
+        if charge is not None:
+            # The semantic lookup's embedding call is spend like any other: counted against
+            # this request's budgets (never refused: it already happened) and in the ledger.
+            record = CacheStage.embedding_record(
+                lookup, time_=self.clock.time(), namespace=state.config.namespace, tenant=out.tenant, tier=out.tier, request_id=out.request_id
+            )
+            holds = [Hold(m, float(charge.usage.total_tokens), enforce=False) for m in meters.tokens]
+            holds += [Hold(m, charge.cost_usd, enforce=False) for m in meters.usd]
+            reservation = None
+            if holds:
+                try:
+                    reservation = await self.store.reserve(holds, self.clock.time())
+                except (StoreUnavailable, Suspended):
+                    reservation = None  # the record still goes to the ledger; the store is away
+            self.metrics.cost.labels(route.name, charge.backend, out.tier).inc(charge.cost_usd)
+            await self._settle(reservation, meters, charge.usage, charge.cost_usd, self.clock.time(), record=record)
+        return lookup
+
+    async def _cache_response(self, request: web.Request, req: ParsedRequest, state: RouterState, lookup: CacheLookup, out: Outcome) -> web.StreamResponse:
+        hit = lookup.hit
+        assert hit is not None
+        out.outcome = f"cache_hit_{hit.kind}"
+        record = CacheStage.spend_record(
+            lookup, time_=self.clock.time(), namespace=state.config.namespace, tenant=out.tenant, tier=out.tier, request_id=out.request_id
+        )
+        if record is not None:
+            self.ledger.append(record)
+        headers = {"x-request-id": out.request_id, **hit.headers()}
+        if not req.stream:
+            return web.Response(body=hit.json_bytes(), content_type="application/json", headers=headers)
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache", **headers})
+        try:
+            await resp.prepare(request)
+            await resp.write(hit.sse_bytes(req.include_usage))
+            await resp.write_eof()
+        except (ConnectionResetError, RuntimeError):
+            out.outcome = "client_disconnected"
+        return resp
 
     async def _stream_response(
         self,
@@ -301,21 +401,23 @@ class Pipeline:
             }
         )
         outcome = "ok"
+        # The answer is assembled as it streams, to be cached if it ends cleanly.
+        assembler = StreamAssembler(req.endpoint) if out.cache is not None and out.cache.should_store else None
         try:
             await resp.prepare(request)
             added_before_first = time.perf_counter() - out.started - out.upstream_seconds
             out.extra["ttfb_added"] = added_before_first
             self.metrics.ttft.labels(out.backend).observe(st.first_chunk_at - st.started)
-            await _write_chunks(resp, st.pending)
+            await _write_chunks(resp, st.pending, assembler)
             translator = st.translator
             while not translator.done:
                 chunk = await st.response.content.readany()
                 if not chunk:
                     for ev, data in st.decoder.flush():
-                        await _write_chunks(resp, translator.feed(ev, data))
+                        await _write_chunks(resp, translator.feed(ev, data), assembler)
                     break
                 for ev, data in st.decoder.feed(chunk):
-                    await _write_chunks(resp, translator.feed(ev, data))
+                    await _write_chunks(resp, translator.feed(ev, data), assembler)
                 if translator.error() is not None:
                     break
             err = translator.error()
@@ -326,7 +428,7 @@ class Pipeline:
         except (ConnectionResetError, asyncio.CancelledError) as exc:
             outcome = "client_disconnected"
             if isinstance(exc, asyncio.CancelledError):
-                await self._finish_stream(st, req, fwd, prompt_tokens, reservation, meters, out, outcome)
+                await self._finish_stream(st, req, state, fwd, prompt_tokens, reservation, meters, out, outcome)
                 raise
         except (asyncio.TimeoutError, OSError, Exception) as exc:  # upstream read failed mid-stream
             outcome = "cut_stream"
@@ -334,7 +436,11 @@ class Pipeline:
                 await resp.write(encode_event({"error": {"message": f"{out.backend}: upstream stream failed: {type(exc).__name__}", "type": "server_error", "param": None, "code": "upstream_stream_cut"}}))
             except (ConnectionResetError, RuntimeError):
                 outcome = "client_disconnected"
-        cost = await self._finish_stream(st, req, fwd, prompt_tokens, reservation, meters, out, outcome)
+        cost = await self._finish_stream(st, req, state, fwd, prompt_tokens, reservation, meters, out, outcome)
+        if outcome == "ok" and assembler is not None and self.cache is not None and out.cache is not None:
+            body = assembler.body()  # None unless every choice finished
+            if body is not None:
+                self.cache.store_soon(out.cache, body, out.usage, cost)
         if outcome != "client_disconnected":
             try:
                 # An SSE comment: SDKs ignore it, curl users and tests see the final cost.
@@ -345,7 +451,7 @@ class Pipeline:
                 out.outcome = "client_disconnected"
         return resp
 
-    async def _finish_stream(self, st: Any, req: ParsedRequest, fwd: Forwarded, prompt_tokens: int, reservation: Reservation | None, meters: MeterSet, out: Outcome, outcome: str) -> float:
+    async def _finish_stream(self, st: Any, req: ParsedRequest, state: RouterState, fwd: Forwarded, prompt_tokens: int, reservation: Reservation | None, meters: MeterSet, out: Outcome, outcome: str) -> float:
         if out.extra.get("stream_settled"):
             return out.cost
         out.extra["stream_settled"] = True
@@ -359,8 +465,8 @@ class Pipeline:
             cached = usage.cached_tokens if usage else 0
             usage = Usage(prompt, max(counted, usage.completion_tokens if usage else 0), cached, reported=False)
         cost = fwd.backend.price.cost(usage)
-        await self._settle(reservation, meters, usage, cost, self.clock.time())
         out.usage, out.cost, out.outcome = usage, cost, outcome
+        await self._settle(reservation, meters, usage, cost, self.clock.time(), record=self._spend_record(state, out))
         return cost
 
     # ------------------------------------------------------------------ record
@@ -371,6 +477,8 @@ class Pipeline:
             h["x-kubetoll-cost-usd"] = f"{cost:.9f}"
         if out.downgraded:
             h["x-kubetoll-downgraded"] = "true"
+        if out.cache is not None:
+            h["x-kubetoll-cache"] = out.cache.header_value
         t = tightest(self.store, meters.all(), self.clock.time())
         if t is not None:
             m, st = t
@@ -394,14 +502,6 @@ class Pipeline:
             if u.cached_tokens:
                 m.tokens.labels(route, out.backend, "cached_input").inc(u.cached_tokens)
             m.cost.labels(route, out.backend, out.tier).inc(out.cost)
-            self.ledger.append(
-                SpendRecord(
-                    time=self.clock.time(), namespace=state.config.namespace, route=route, backend=out.backend,
-                    tenant=out.tenant, tier=out.tier, prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                    cached_tokens=u.cached_tokens, cost_usd=out.cost, downgraded=out.downgraded, fallbacks=out.fallbacks,
-                    outcome=out.outcome, request_id=out.request_id,
-                )
-            )
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 orjson.dumps(
@@ -417,11 +517,13 @@ class Pipeline:
             )
 
 
-async def _write_chunks(resp: web.StreamResponse, chunks: list[Any]) -> None:
+async def _write_chunks(resp: web.StreamResponse, chunks: list[Any], assembler: StreamAssembler | None = None) -> None:
     if not chunks:
         return
     parts = []
     for c in chunks:
+        if assembler is not None:
+            assembler.feed(c)
         parts.append(b"data: " + c + b"\n\n" if isinstance(c, bytes) else encode_event(c))
     await resp.write(b"".join(parts))
 

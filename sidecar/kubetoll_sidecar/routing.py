@@ -79,6 +79,7 @@ class CompiledRoute:
         self.max_output_tokens = route.max_output_tokens
         self.downgrade_at = route.downgrade.at_percent if route.downgrade else None
         self.downgrade_chain: tuple[str, ...] = tuple(route.downgrade.backends) if route.downgrade else ()
+        self.cache_policy = route.cache_policy
         # Every backend this route might call, for a conservative USD reservation.
         seen: dict[str, None] = {}
         for r in self.rules:

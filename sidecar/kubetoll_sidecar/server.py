@@ -1,8 +1,10 @@
 """The sidecar process: the API on 127.0.0.1, probes and metrics on a second port, hot reload, drain.
 
-`Sidecar` owns the long-lived parts (budget store, ledger, connection pools,
-circuit breakers, metrics) and the current RouterState, which a config reload
-replaces in one assignment. `run_sidecar` is the blocking entry used by
+`Sidecar` owns the long-lived parts (budget store, ledger, cache, connection
+pools, circuit breakers, metrics) and the current RouterState, which a config
+reload replaces in one assignment. The budget store is chosen at start from
+`budgetStore.url`: Redis when set (shared by every sidecar of the namespace),
+process memory otherwise; changing it takes a restart. `run_sidecar` is the blocking entry used by
 `kubetoll sidecar` and `kubetoll run`.
 """
 
@@ -22,6 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .budgets.memory import InMemoryBudgetStore
 from .budgets.periods import Clock, SystemClock
 from .budgets.store import BudgetStore
+from .cache.embeddings import embedder_for_backend
+from .cache.stage import CacheStage
 from .circuit import BreakerRegistry
 from .config import RouterConfig
 from .config_loader import ConfigError, ConfigWatcher, LoadedConfig, load_config
@@ -56,8 +60,12 @@ class Sidecar:
         self.sessions = SessionPool()
         self.breakers = BreakerRegistry()
         self._loaded = loaded
+        self._store_given = store is not None
         self.store: BudgetStore = store or InMemoryBudgetStore()
         self.ledger: Ledger = ledger or InMemoryLedger()
+        self.cache: CacheStage | None = None
+        self.credentials = CredentialStore(loaded.config.server.credentials_dir)
+        self._redis_clients: list[Any] = []
         self.state: RouterState | None = None
         self.refused: str | None = None  # why the file on disk is not being served
         self.draining = False
@@ -75,13 +83,31 @@ class Sidecar:
     async def start(self) -> None:
         """Builds the first state; raises ConfigError if it cannot (the process then exits)."""
         self.state = self._build(self._loaded)
+        cfg = self.state.config
+        redis_cache_client = None
+        if cfg.budget_store.url and not self._store_given:
+            from .budgets.redis_connect import connect_redis
+            from .budgets.redis_store import RedisBudgetStore
+            from .ledger_redis import RedisLedger
+
+            store = RedisBudgetStore(cfg.budget_store, cfg.namespace, cfg.server.credentials_dir, clock=self.clock)
+            await store.start()  # bounded; Redis being away is not fatal (failOpen/failClosed decide)
+            self.store, self.ledger = store, RedisLedger(store)
+            # The cache stores binary vectors: its own client, without response decoding.
+            redis_cache_client = connect_redis(cfg.budget_store, cfg.server.credentials_dir, decode_responses=False)
+            self._redis_clients.append(redis_cache_client)
+        # Always present (cheap when no route names a policy), so a reload can add policies.
+        self.cache = CacheStage(cfg.namespace, redis_cache_client, self.metrics.registry)
+        await self.cache.start()
+        self._apply_to_shared_parts(self.state)
         self.pipeline = Pipeline(
             lambda: self.state,
             self.store,
             self.ledger,
-            Forwarder(self.breakers, CredentialStore(self.state.config.server.credentials_dir)),
+            Forwarder(self.breakers, self.credentials),
             self.metrics,
             self.clock,
+            self.cache,
         )
         self._warm_encodings(self.state)
         self._publish_config_metrics()
@@ -97,6 +123,20 @@ class Sidecar:
         for name in {tokens.encoding_for_model(b.config.model).name for b in state.backends.values()}:
             tokens.get_encoding(name)
 
+    def _apply_to_shared_parts(self, state: RouterState) -> None:
+        """What a config load changes outside RouterState: the kill switches the store
+        watches, the cache policies and their embedding backends."""
+        watch = getattr(self.store, "watch_budgets", None)
+        if watch is not None:
+            watch([b.name for b in state.config.budgets])
+        if self.cache is not None:
+            embedders = {
+                p.semantic.embedding_backend: embedder_for_backend(state.backends[p.semantic.embedding_backend], self.credentials)
+                for p in state.config.cache_policies
+                if p.semantic.enabled and p.semantic.embedding_backend in state.backends
+            }
+            self.cache.configure(state.config, embedders)
+
     def _build(self, loaded: LoadedConfig) -> RouterState:
         labels = read_pod_labels(loaded.config.server.pod_labels_file)
         return build_state(loaded.config, loaded.digest, self.sessions, labels)
@@ -110,6 +150,7 @@ class Sidecar:
             else:
                 old = self.state
                 self._warm_encodings(new_state)
+                self._apply_to_shared_parts(new_state)
                 self.state = new_state  # new requests see it; requests in flight keep theirs
                 self.refused = None
                 self.metrics.config_reloads.labels("applied").inc()
@@ -143,9 +184,16 @@ class Sidecar:
     async def close(self) -> None:
         if self._watcher:
             await self._watcher.stop()
+        if self.cache is not None:
+            await self.cache.close()
         await self.sessions.close()
-        await self.store.close()
+        await self.store.close()  # a Redis store returns its leases and writes buffered spend here
         await self.ledger.close()
+        for client in self._redis_clients:
+            try:
+                await client.aclose()
+            except Exception:  # closing is best effort; the process is ending
+                pass
 
     # ------------------------------------------------------------------ apps
 
@@ -221,9 +269,18 @@ class Sidecar:
             until = float(request.query["until"]) if "until" in request.query else None
         except ValueError:
             raise ApiError(400, "since and until must be epoch seconds", "invalid_request_error", None, "since") from None
-        records = [r.to_dict() for r in self.ledger.records(since, until)]
+        read = getattr(self.ledger, "read", None)  # a shared ledger: every sidecar's records
+        if read is not None:
+            try:
+                found = await asyncio.wait_for(read(since, until), 10.0)
+                scope = "namespace"
+            except Exception as exc:
+                raise ApiError(503, f"the spend ledger in Redis cannot be read: {type(exc).__name__}", "service_unavailable", "ledger_unavailable", retry_after=1.0) from None
+        else:
+            found, scope = list(self.ledger.records(since, until)), "sidecar"
+        records = [r.to_dict() for r in found]
         return web.Response(
-            body=orjson.dumps({"namespace": self.config.namespace, "records": records, "dropped": getattr(self.ledger, "dropped", 0)}),
+            body=orjson.dumps({"namespace": self.config.namespace, "scope": scope, "records": records, "dropped": getattr(self.ledger, "dropped", 0)}),
             content_type="application/json",
         )
 
@@ -246,6 +303,10 @@ class Sidecar:
                 period = meter.label.rsplit("-", 1)[-1]
                 m.budget_remaining.labels(meter.budget, meter.level, meter.unit, period).set(st.remaining)
                 m.budget_percent.labels(meter.budget, meter.level, meter.unit, period).set(st.percent)
+        stats = getattr(self.store, "stats", None)
+        if stats is not None:
+            for name, value in stats().items():
+                m.budget_store.labels(name).set(value)
         m.circuit_open.clear()
         for name, breaker in self.breakers.items():
             m.circuit_open.labels(name).set(1 if breaker.state != "closed" else 0)
@@ -262,6 +323,11 @@ class Sidecar:
             "configRefused": self.refused,
             "routes": self.state.router.names(),
             "draining": self.draining,
+            "budgetStore": {
+                "kind": "redis" if hasattr(self.store, "stats") else "memory",
+                # Not a readiness condition: failOpen/failClosed decide per budget while Redis is away.
+                "available": bool(getattr(self.store, "available", True)),
+            },
         }
         # A refused newer config does not make the pod unready: it still serves the
         # last good one, and restarting it would lose that. The detail says why.
