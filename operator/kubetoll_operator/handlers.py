@@ -58,6 +58,7 @@ class OperatorOptions:
     cluster_domain: str = "cluster.local"
     debounce_seconds: float = 0.2  # coalesce a burst of events (kubectl apply -f dir/) into one compile
     max_backoff_seconds: float = 60.0
+    webhook: Any = None  # webhook.WebhookOptions: the sidecar-injection webhook (None: off)
 
 
 def _index_name(plural: str) -> str:
@@ -428,6 +429,12 @@ async def _on_configmap(type: str | None, body: Any, namespace: str, name: str, 
     # operator ran; later, it restores a ConfigMap someone edited or deleted.
     if type == "DELETED" or namespace not in r.applied or annotations.get(HASH_ANNOTATION) != r.applied[namespace]:
         r.request(namespace, f"ConfigMap {name} {type or 'listed'}")
+
+
+# The sidecar-injection webhook (webhook.py): its admission handlers and server settings.
+from . import webhook as _webhook  # noqa: E402  (imports handlers lazily: no cycle at import time)
+
+_webhook.register(registry)
 
 
 def run_operator(

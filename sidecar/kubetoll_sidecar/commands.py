@@ -13,6 +13,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="API port (default from config)")
     p.add_argument("--metrics-port", type=int, help="metrics/probes port (default from config)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--wait-for-config", action="store_true",
+        help="if the config file does not exist yet, wait for it (API answers 503 config_pending, /readyz 503) instead of exiting; the injected sidecar uses this",
+    )
     p.set_defaults(handler=_sidecar)
 
     p = sub.add_parser("check-config", help="validate a RouterConfig file and resolve its prices")
@@ -32,7 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _sidecar(args: argparse.Namespace) -> int:
     from .server import run_sidecar
 
-    return run_sidecar(args.config, host=args.host, port=args.port, metrics_port=args.metrics_port, log_level=args.log_level)
+    return run_sidecar(
+        args.config, host=args.host, port=args.port, metrics_port=args.metrics_port, log_level=args.log_level, wait_for_config=args.wait_for_config
+    )
 
 
 def _check(args: argparse.Namespace) -> int:

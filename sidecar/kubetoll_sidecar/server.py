@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import time
@@ -27,7 +28,7 @@ from .budgets.store import BudgetStore
 from .cache.embeddings import embedder_for_backend
 from .cache.stage import CacheStage
 from .circuit import BreakerRegistry
-from .config import RouterConfig
+from .config import RouterConfig, ServerSettings
 from .config_loader import ConfigError, ConfigWatcher, LoadedConfig, load_config
 from .credentials import CredentialStore
 from .errors import ApiError
@@ -372,20 +373,98 @@ def configure_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
-def run_sidecar(config_path: str, *, host: str | None = None, port: int | None = None, metrics_port: int | None = None, log_level: str = "INFO") -> int:
-    """Blocking entry point. Exit status 2 with a clear message when the config is unusable."""
-    configure_logging(log_level)
+async def wait_for_config_file(path: str, host: str, port: int, metrics_host: str, metrics_port: int, poll: float = 0.5) -> bool:
+    """Serve "not ready yet" until `path` exists. False if told to stop first.
+
+    In a pod the router ConfigMap is mounted `optional`: a pod created before the
+    operator compiled its namespace starts with no file. Exiting would crash-loop
+    the pod (and back off for minutes after the file appears); instead the API
+    answers 503 `config_pending` in OpenAI's format, /readyz says what it waits
+    for, /healthz stays up, and the sidecar starts as soon as the kubelet writes
+    the file.
+    """
+    message = f"the kubetoll sidecar is waiting for its router config ({path}); the operator writes it from the namespace's resources"
+
+    async def pending(request: web.Request) -> web.Response:
+        return ApiError(503, message, "service_unavailable", "config_pending", retry_after=2).response()
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        return web.json_response({"ready": False, "waitingForConfig": path}, status=503)
+
+    api, ops = web.Application(), web.Application()
+    api.router.add_route("*", "/{tail:.*}", pending)
+    ops.router.add_get("/healthz", healthz)
+    ops.router.add_get("/readyz", readyz)
+    runners = [web.AppRunner(api, access_log=None, handle_signals=False), web.AppRunner(ops, access_log=None, handle_signals=False)]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
     try:
-        loaded = load_config(config_path)
-    except ConfigError as exc:
-        print(f"kubetoll sidecar: cannot start: {exc}", file=sys.stderr)
-        return 2
+        for runner, h, p in zip(runners, (host, metrics_host), (port, metrics_port)):
+            await runner.setup()
+            await web.TCPSite(runner, h, p, reuse_address=True).start()
+        log.warning("router config %s does not exist yet: waiting for it (API answers 503 config_pending)", path)
+        while not os.path.exists(path):
+            try:
+                await asyncio.wait_for(stop.wait(), poll)
+                return False
+            except asyncio.TimeoutError:
+                continue
+        log.info("router config %s appeared: starting", path)
+        return True
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError):
+                pass
+
+
+def run_sidecar(
+    config_path: str,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    metrics_port: int | None = None,
+    log_level: str = "INFO",
+    wait_for_config: bool = False,
+) -> int:
+    """Blocking entry point. Exit status 2 with a clear message when the config is unusable.
+
+    `wait_for_config`: a missing file is waited for (see `wait_for_config_file`);
+    an existing but invalid one still exits 2.
+    """
+    configure_logging(log_level)
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         pass
+    if wait_for_config and not os.path.exists(config_path):
+        defaults = ServerSettings()
+        try:
+            if not asyncio.run(
+                wait_for_config_file(config_path, host or defaults.host, port or defaults.port, defaults.metrics_host, metrics_port or defaults.metrics_port)
+            ):
+                return 0
+        except OSError as exc:
+            print(f"kubetoll sidecar: cannot listen: {exc}", file=sys.stderr)
+            return 1
+    try:
+        loaded = load_config(config_path)
+    except ConfigError as exc:
+        print(f"kubetoll sidecar: cannot start: {exc}", file=sys.stderr)
+        return 2
     try:
         asyncio.run(serve(Sidecar(loaded), host, port, metrics_port))
     except ConfigError as exc:

@@ -1,0 +1,298 @@
+"""The container images, without Docker.
+
+No Docker engine runs here, so the images are checked in the parts that can be:
+the Dockerfiles' shape (multi-stage, slim runtime, numeric non-root user, the
+offline encodings check, entrypoints), that everything they COPY exists and gets
+past .dockerignore, and what the builder stage does: the wheel is built from a
+copy of the Docker build context (once per test session), installed into a fresh
+venv, and run from there with no network and TIKTOKEN_CACHE_DIR unset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ENCODINGS = {
+    "fb374d419588a4632f3f557e76b4b70aebbca790": "o200k_base",
+    "9b5ad71b2ce5302211f9c61530b329a4922fc6a4": "cl100k_base",
+}
+IMAGES = {"sidecar": "Dockerfile.sidecar", "operator": "Dockerfile.operator"}
+
+
+# --------------------------------------------------------------------------- Dockerfiles
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments), continuation lines joined, comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for line in path.read_text().splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        keyword, _, rest = full.partition(" ")
+        out.append((keyword.upper(), rest.strip()))
+    return out
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def _glob_regex(pattern: str) -> str:
+    """Go's filepath.Match plus Docker's `**` (any number of folders)."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return out
+
+
+def ignored(rel: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern that matches a path (or one of its parent folders) decides."""
+    parts = rel.strip("/").split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    verdict = False
+    for raw in patterns:
+        negate = raw.startswith("!")
+        regex = _glob_regex((raw[1:] if negate else raw).strip("/"))
+        if any(re.fullmatch(regex, c) for c in candidates):
+            verdict = not negate
+    return verdict
+
+
+def build_context(dest: Path) -> Path:
+    """A copy of what `docker build .` sends, by .dockerignore."""
+    patterns = dockerignore_patterns()
+    for path in sorted(ROOT.rglob("*")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith((".git/", ".venv/")) or rel in (".git", ".venv") or not path.is_file():
+            continue
+        if ignored(rel, patterns):
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    return dest
+
+
+@pytest.mark.parametrize("which", list(IMAGES))
+def test_dockerfile_shape(which: str) -> None:
+    steps = instructions(ROOT / IMAGES[which])
+    args = {k: v for k, v in (a.split("=", 1) for kw, a in steps if kw == "ARG" and "=" in a)}
+    froms = [a for kw, a in steps if kw == "FROM"]
+    assert len(froms) == 2, "multi-stage: a builder and a runtime"
+    for f in froms:
+        image = f.split()[0].replace("${PYTHON_IMAGE}", args.get("PYTHON_IMAGE", ""))
+        assert image == "python:3.11-slim", f
+    assert froms[0].endswith("AS builder") and froms[1].endswith("AS runtime")
+
+    runtime = steps[[i for i, (kw, _) in enumerate(steps) if kw == "FROM"][1]:]
+    builder = steps[: [i for i, (kw, _) in enumerate(steps) if kw == "FROM"][1]]
+    build_runs = " ".join(a for kw, a in builder if kw == "RUN")
+    assert "pip wheel --no-deps --wheel-dir /dist ." in build_runs
+    extra = "[operator]" if which == "operator" else ""
+    assert f'pip install "$(ls /dist/kubetoll-*.whl){extra}"' in build_runs
+
+    users = [a for kw, a in runtime if kw == "USER"]
+    assert users == ["10001:10001"], "a numeric, non-root user (runAsNonRoot can check it)"
+    assert ("COPY", "--from=builder /opt/kubetoll /opt/kubetoll") in runtime
+    check = [a for kw, a in runtime if kw == "RUN" and "TIKTOKEN_CACHE_DIR" in a]
+    assert len(check) == 1 and check[0].startswith("--network=none [")
+    argv = json.loads(check[0].removeprefix("--network=none "))
+    assert argv[:3] == ["/usr/bin/env", "-u", "TIKTOKEN_CACHE_DIR"]
+    # The RUN step's check, run here the same way (the project's package, no cache dir set).
+    env = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_CACHE_DIR"} | {"PYTHONPATH": f"{ROOT / 'sidecar'}:{ROOT / 'operator'}"}
+    result = subprocess.run([sys.executable, *argv[4:]], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "tiktoken encodings load offline from" in result.stdout
+
+    entrypoint = [json.loads(a) for kw, a in runtime if kw == "ENTRYPOINT"]
+    assert entrypoint == [["kubetoll", which]]
+    if which == "sidecar":
+        assert [json.loads(a) for kw, a in runtime if kw == "CMD"] == [["--config", "/etc/kubetoll/router/router.json"]]
+    assert [a for kw, a in runtime if kw == "RUN" and "--help" in a] == [f'--network=none ["kubetoll", "{which}", "--help"]']
+
+
+@pytest.mark.parametrize("which", list(IMAGES))
+def test_everything_copied_exists_and_is_in_the_context(which: str) -> None:
+    patterns = dockerignore_patterns()
+    copies = [a for kw, a in instructions(ROOT / IMAGES[which]) if kw == "COPY" and not a.startswith("--from=")]
+    assert copies
+    for copy in copies:
+        *sources, _dest = copy.split()
+        for src in sources:
+            path = ROOT / src
+            assert path.exists(), f"{IMAGES[which]}: COPY {src}: no such file in the repository"
+            assert not ignored(src, patterns), f"{IMAGES[which]}: COPY {src}: excluded by .dockerignore"
+            files = [path] if path.is_file() else [p for p in path.rglob("*.py")]
+            assert files and not any(ignored(p.relative_to(ROOT).as_posix(), patterns) for p in files), src
+    # The encodings must reach the build too.
+    for name in ENCODINGS:
+        assert not ignored(f"sidecar/kubetoll_sidecar/tiktoken_cache/{name}", patterns)
+    # What the context leaves out.
+    for rel in (".git/config", ".venv/bin/python", "tests/test_images.py", "bench/README.md", "charts/kubetoll/Chart.yaml", "sidecar/kubetoll_sidecar/__pycache__/x.pyc"):
+        assert ignored(rel, patterns), rel
+
+
+# --------------------------------------------------------------------------- the wheel, built once
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    context = build_context(tmp_path_factory.mktemp("docker-context"))
+    out = tmp_path_factory.mktemp("dist")
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(out), "."],
+        cwd=context, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    wheels = list(out.glob("kubetoll-*.whl"))
+    assert len(wheels) == 1, wheels
+    return wheels[0]
+
+
+def _site_packages(python: Path) -> str:
+    return subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def fresh_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A new venv with only the wheel installed; the dependencies come from the test venv.
+
+    Installing them from PyPI would make the test slow and networked; they are
+    reached through a .pth line instead, which adds the test venv's
+    site-packages *after* the fresh venv's own, without running its .pth files
+    (so an editable install of the project there cannot shadow the wheel).
+    """
+    venv = tmp_path_factory.mktemp("fresh") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    result = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--disable-pip-version-check", str(wheel)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    borrowed = [p for p in sys.path if p.endswith("site-packages")]
+    Path(_site_packages(python), "zz_test_dependencies.pth").write_text("\n".join(borrowed) + "\n")
+    return venv
+
+
+def offline_env() -> dict[str, str]:
+    """No TIKTOKEN_CACHE_DIR, no project sources on the path, and any HTTP(S) download goes to a closed port."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TIKTOKEN_CACHE_DIR", "PYTHONPATH", "VIRTUAL_ENV")}
+    closed = "http://127.0.0.1:9"
+    return env | {"HTTP_PROXY": closed, "HTTPS_PROXY": closed, "http_proxy": closed, "https_proxy": closed, "NO_PROXY": "", "no_proxy": ""}
+
+
+def run_in(venv: Path, *argv: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(venv / "bin" / argv[0]), *argv[1:]], cwd=cwd, env=offline_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_wheel_contents(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        entry_points = next(z.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
+        metadata = next(z.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
+    for name in ENCODINGS:
+        assert f"kubetoll_sidecar/tiktoken_cache/{name}" in names
+    for module in ("kubetoll_sidecar/cli.py", "kubetoll_sidecar/server.py", "kubetoll_operator/handlers.py", "kubetoll_operator/webhook.py", "kubetoll_operator/injection.py"):
+        assert module in names
+    assert "kubetoll = kubetoll_sidecar.cli:main" in entry_points
+    assert 'Provides-Extra: operator' in metadata
+    assert not any(n.startswith(("tests/", "charts/", "bench/")) for n in names)
+
+
+def test_installed_wheel_runs_offline(fresh_venv: Path, tmp_path: Path) -> None:
+    out = run_in(fresh_venv, "kubetoll", "--help", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    for command in ("sidecar", "operator", "crds", "validate", "run"):
+        assert command in out.stdout
+    out = run_in(fresh_venv, "kubetoll", "sidecar", "--help", cwd=tmp_path)
+    assert out.returncode == 0 and "--config" in out.stdout, out.stderr
+    out = run_in(fresh_venv, "kubetoll", "operator", "--help", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    for flag in ("--peering", "--webhook", "--webhook-cert-dir", "--native-sidecars", "--sidecar-image"):
+        assert flag in out.stdout
+
+    probe = (
+        "import json, os, kubetoll_sidecar, kubetoll_operator.webhook\n"
+        "assert 'TIKTOKEN_CACHE_DIR' not in os.environ\n"
+        "from kubetoll_sidecar import tokens\n"
+        "sizes = {n: len(tokens.get_encoding(n).encode('Where is my order? It was due on Monday.')) for n in (tokens.O200K, tokens.CL100K)}\n"
+        "print(json.dumps({'package': kubetoll_sidecar.__file__, 'cache': os.environ['TIKTOKEN_CACHE_DIR'], 'sizes': sizes}))\n"
+    )
+    out = run_in(fresh_venv, "python", "-c", probe, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    site = _site_packages(fresh_venv / "bin" / "python")
+    assert info["package"].startswith(site), "imported from somewhere other than the installed wheel"
+    assert info["cache"] == str(Path(site) / "kubetoll_sidecar" / "tiktoken_cache")
+    assert all(n > 5 for n in info["sizes"].values())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def sidecar_process(fresh_venv: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    port, metrics_port = _free_port(), _free_port()
+    env = offline_env() | {"SIM_OPENAI_KEY": "sk-test", "SIM_ANTHROPIC_KEY": "sk-test"}
+    proc = subprocess.Popen(
+        [str(fresh_venv / "bin" / "kubetoll"), "sidecar", "--config", str(ROOT / "examples" / "sidecar" / "router.yaml"), "--port", str(port), "--metrics-port", str(metrics_port)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        yield proc, metrics_port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_installed_sidecar_starts_and_stops(sidecar_process: tuple[subprocess.Popen[str], int]) -> None:
+    """The image's command, from the installed wheel: ready on the probe port, exit 0 on SIGTERM."""
+    proc, metrics_port = sidecar_process
+    deadline = time.monotonic() + 30
+    ready: dict[str, Any] | None = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with opener.open(f"http://127.0.0.1:{metrics_port}/readyz", timeout=1) as resp:
+                ready = json.loads(resp.read())
+                break
+        except OSError:
+            time.sleep(0.2)
+    assert ready is not None, proc.stdout.read() if proc.poll() is not None and proc.stdout else "not ready in 30 s"
+    assert ready["ready"] is True and ready["routes"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
