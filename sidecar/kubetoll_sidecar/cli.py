@@ -17,6 +17,8 @@ from collections.abc import Callable
 # whose optional dependencies are missing is skipped with a note in --help.
 COMMAND_MODULES = (
     "kubetoll_sidecar.commands",
+    "kubetoll_sidecar.cache.commands",
+    "kubetoll_sidecar.tools.commands",
     "kubetoll_operator.commands",
 )
 

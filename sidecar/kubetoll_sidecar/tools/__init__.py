@@ -1,0 +1,1 @@
+"""Tools around the router: `kubetoll demo`, `kubetoll estimate` and `kubetoll report`."""

@@ -1,0 +1,298 @@
+"""`kubetoll report`: spend for a period, from a running sidecar or the shared ledger.
+
+Sources:
+
+* `--sidecar URL` (default http://127.0.0.1:7400): the sidecar's own ledger, read
+  from `GET /kubetoll/v1/spend?since=&until=` on its API port (127.0.0.1 only, so
+  run it in the pod: `kubectl exec ... -c kubetoll -- kubetoll report`).
+* `--redis-url URL --namespace NS`: the namespace's shared ledger in Redis (one
+  stream per namespace, read with `ledger_redis.read_ledger`), every sidecar's
+  records. A build without the Redis ledger says so and exits 2.
+
+Periods: `--since`/`--until` take ISO dates (`2026-11-01`, local midnight),
+date-times (`2026-11-01T09:30`, `...Z`, `...+01:00`), epoch seconds, `now`,
+`today`, `yesterday`, `this-month`, `last-month`, or a duration back from now
+(`24h`, `7d`, `90m`, `2w`).
+
+Savings are shown against a baseline model's catalogue prices (`--baseline`,
+default gpt-4o): every request's tokens priced there, with no cache and no
+routing, split into cache, routing and downgrade parts (see `spend.py`).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import io
+import json
+import re
+import sys
+from datetime import datetime, timedelta, tzinfo
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from . import spend
+from .estimate import EstimateError, catalog_price, text_table
+from .spend import fmt_usd
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+DIMENSIONS = ("tenant", "route", "backend", "tier")
+
+
+class ReportError(Exception):
+    """Bad arguments or an unreachable source (exit status 2)."""
+
+
+def _tz(name: str | None) -> tzinfo:
+    if not name:
+        local = datetime.now().astimezone().tzinfo
+        assert local is not None
+        return local
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ReportError(f"--tz: unknown timezone {name!r}") from None
+
+
+def parse_when(text: str, now: float, tz: tzinfo, option: str = "--since") -> float:
+    """Epoch seconds for a --since/--until value."""
+    t = text.strip().lower()
+    local_now = datetime.fromtimestamp(now, tz)
+    midnight = local_now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if t == "now":
+        return now
+    if t == "today":
+        return midnight.timestamp()
+    if t == "yesterday":
+        return (midnight - timedelta(days=1)).timestamp()
+    if t == "this-month":
+        return midnight.replace(day=1).timestamp()
+    if t == "last-month":
+        first = midnight.replace(day=1)
+        prev = (first - timedelta(days=1)).replace(day=1)
+        return prev.timestamp()
+    m = _DURATION.match(t)
+    if m:
+        return now - float(m.group(1)) * _UNITS[m.group(2)]
+    if re.fullmatch(r"\d{9,11}(\.\d+)?", t):
+        return float(t)
+    try:
+        dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ReportError(
+            f"{option} {text!r}: expected an ISO date or date-time, epoch seconds, now, today, yesterday, "
+            "this-month, last-month, or a duration such as 24h or 7d"
+        ) from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=tz)
+    return dt.timestamp()
+
+
+# --------------------------------------------------------------------------- sources
+
+
+async def fetch_from_sidecar(url: str, since: float, until: float | None, timeout: float = 10.0) -> tuple[str, list[dict[str, Any]], int]:
+    """(namespace, records, dropped) from a sidecar's /kubetoll/v1/spend."""
+    import aiohttp
+
+    params = {"since": repr(since)}
+    if until is not None:
+        params["until"] = repr(until)
+    endpoint = url.rstrip("/") + "/kubetoll/v1/spend"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+            async with session.get(endpoint, params=params) as resp:
+                body = await resp.read()
+                if resp.status != 200:
+                    raise ReportError(f"{endpoint}: HTTP {resp.status}: {body[:300].decode('utf-8', 'replace')}")
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise ReportError(f"cannot reach the sidecar at {url}: {exc}") from None
+    try:
+        data = json.loads(body)
+        return str(data.get("namespace", "")), list(data["records"]), int(data.get("dropped", 0))
+    except (ValueError, KeyError, TypeError):
+        raise ReportError(f"{endpoint}: not a spend response") from None
+
+
+def redis_reader() -> Any | None:
+    """`ledger_redis.read_ledger` when this build has the Redis ledger, else None."""
+    try:
+        module = importlib.import_module("kubetoll_sidecar.ledger_redis")
+    except ModuleNotFoundError as exc:
+        if exc.name and "kubetoll_sidecar.ledger_redis".startswith(exc.name):
+            return None
+        raise
+    return getattr(module, "read_ledger", None)
+
+
+async def fetch_from_redis(
+    url: str, namespace: str, since: float, until: float | None,
+    password_file: str | None = None, username_file: str | None = None, timeout: float = 10.0,
+) -> list[Any]:
+    """The namespace's records from the shared ledger (a Redis stream), with the ledger's own reader."""
+    reader = redis_reader()
+    if reader is None:
+        raise ReportError(
+            "reading the shared ledger from Redis is not available in this build (no Redis ledger reader); "
+            "use --sidecar URL to read a running sidecar's ledger"
+        )
+    from pathlib import Path
+
+    from redis.exceptions import RedisError
+
+    from ..budgets.redis_connect import connect_redis
+    from ..budgets.redis_keys import check_name
+    from ..config import BudgetStoreSettings
+
+    files = [f for f in (password_file, username_file) if f]
+    dirs = {str(Path(f).resolve().parent) for f in files}
+    if len(dirs) > 1:
+        raise ReportError("--redis-password-file and --redis-username-file must be in the same directory")
+    try:
+        check_name("namespace", namespace)
+        settings = BudgetStoreSettings(
+            url=url,
+            password_file=Path(password_file).name if password_file else None,
+            username_file=Path(username_file).name if username_file else None,
+        )
+        client = connect_redis(settings, dirs.pop() if dirs else "/nonexistent", io_timeout=timeout)
+    except ValueError as exc:
+        raise ReportError(f"--redis-url / --namespace: {exc}") from None
+    try:
+        return list(await reader(client, namespace, since, until))
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise ReportError(f"cannot read the ledger from Redis at {url}: {type(exc).__name__}: {exc}") from None
+    finally:
+        await client.aclose()
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _fmt_time(ts: float | None, tz: tzinfo) -> str:
+    if ts is None:
+        return "now"
+    return datetime.fromtimestamp(ts, tz).strftime("%Y-%m-%d %H:%M:%S %Z").strip()
+
+
+def _group_rows(groups: list[dict[str, Any]], total: float) -> list[list[str]]:
+    return [
+        [
+            g["key"] or "(none)", str(g["requests"]), f"{g['prompt_tokens']:,}", f"{g['completion_tokens']:,}",
+            fmt_usd(g["cost_usd"]), fmt_usd(g["cost_per_request_usd"]),
+            f"{100 * g['cost_usd'] / total:.1f}%" if total else "–",
+            str(g["cache_hits"]), fmt_usd(g["avoided_usd"]), str(g["downgraded"]),
+        ]
+        for g in groups
+    ]
+
+
+_HEADERS = ["requests", "input tok", "output tok", "spend", "per request", "share", "cache hits", "avoided", "downgraded"]
+
+
+def format_table(report: dict[str, Any]) -> str:
+    s = report["summary"]
+    t = s["totals"]
+    lines = [
+        f"Spend in namespace {report['namespace'] or '?'} from {report['since_text']} to {report['until_text']} ({report['source']})",
+        f"{t['requests']} requests · {fmt_usd(t['cost_usd'])} · {fmt_usd(t['cost_per_request_usd'])} per request · "
+        f"{t['prompt_tokens']:,} input + {t['completion_tokens']:,} output tokens",
+    ]
+    if report.get("dropped"):
+        lines.append(f"warning: the sidecar's in-memory ledger dropped {report['dropped']} older records; totals miss them")
+    sav = s["savings"]
+    if sav:
+        lines.append(
+            f"Savings against {sav['baseline']} for every request (no cache, no routing: {fmt_usd(sav['baseline_usd'])}): "
+            f"{fmt_usd(sav['saved_usd'])} ({sav['saved_percent']:.1f}%) — cache {fmt_usd(sav['cache_usd'])} ({t['cache_hits']} hits), "
+            f"routing {fmt_usd(sav['routing_usd'])}, downgrade {fmt_usd(sav['downgrade_usd'])} ({t['downgraded']} downgraded requests)"
+        )
+    for dim in DIMENSIONS:
+        groups = s[f"by_{dim}"]
+        if dim == "tenant":
+            groups = s["top_spenders"]
+            title = f"Top spenders ({len(groups)} of {len(s['by_tenant'])} tenants)"
+        else:
+            title = f"By {dim}"
+        lines += ["", title, text_table([dim, *_HEADERS], _group_rows(groups, t["cost_usd"]), set(range(1, 10)))]
+    return "\n".join(lines)
+
+
+_CSV_FIELDS = ["requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd", "cost_per_request_usd", "cache_hits", "avoided_usd", "downgraded", "downgraded_cost_usd", "fallbacks"]
+
+
+def format_csv(report: dict[str, Any]) -> str:
+    s = report["summary"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["dimension", "key", *_CSV_FIELDS])
+    w.writerow(["total", "", *(s["totals"][f] for f in _CSV_FIELDS)])
+    for dim in DIMENSIONS:
+        for g in s[f"by_{dim}"]:
+            w.writerow([dim, g["key"], *(g[f] for f in _CSV_FIELDS)])
+    if s["savings"]:
+        for part in ("baseline_usd", "saved_usd", "cache_usd", "routing_usd", "downgrade_usd"):
+            w.writerow(["savings", part.removesuffix("_usd"), "", "", "", "", s["savings"][part], "", "", "", "", "", ""])
+    return buf.getvalue()
+
+
+async def build_report(args: Any, now: float) -> dict[str, Any]:
+    tz = _tz(args.tz)
+    since = parse_when(args.since, now, tz, "--since")
+    until = parse_when(args.until, now, tz, "--until") if args.until else None
+    if until is not None and until <= since:
+        raise ReportError(f"--until ({_fmt_time(until, tz)}) is not after --since ({_fmt_time(since, tz)})")
+    if args.top < 1:
+        raise ReportError("--top must be at least 1")
+    dropped = 0
+    if args.redis_url:
+        if not args.namespace:
+            raise ReportError("--redis-url needs --namespace (the ledger is one stream per namespace)")
+        records = await fetch_from_redis(
+            args.redis_url, args.namespace, since, until, args.redis_password_file, args.redis_username_file
+        )
+        namespace, source = args.namespace, f"Redis ledger at {args.redis_url}"
+    else:
+        namespace, records, dropped = await fetch_from_sidecar(args.sidecar, since, until)
+        source = f"sidecar {args.sidecar}"
+        if args.namespace and namespace and args.namespace != namespace:
+            raise ReportError(f"the sidecar at {args.sidecar} serves namespace {namespace}, not {args.namespace}")
+    baseline = None
+    if args.baseline and args.baseline.lower() != "none":
+        try:
+            baseline = catalog_price(args.baseline)
+        except EstimateError as exc:
+            raise ReportError(str(exc).replace("--models", "--baseline")) from None
+    summary = spend.summarize(records, baseline=baseline, baseline_label=args.baseline or "", top=args.top)
+    return {
+        "namespace": namespace,
+        "source": source,
+        "since": since,
+        "until": until,
+        "since_text": _fmt_time(since, tz),
+        "until_text": _fmt_time(until, tz),
+        "dropped": dropped,
+        "summary": summary,
+    }
+
+
+def run(args: Any, out: Any = None, err: Any = None) -> int:
+    import asyncio
+    import time
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        report = asyncio.run(build_report(args, time.time()))
+    except ReportError as exc:
+        print(f"kubetoll report: {exc}", file=err)
+        return 2
+    if args.format == "json":
+        out.write(json.dumps(report, indent=2) + "\n")
+    elif args.format == "csv":
+        out.write(format_csv(report))
+    else:
+        out.write(format_table(report) + "\n")
+    return 0
+

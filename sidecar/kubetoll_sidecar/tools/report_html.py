@@ -1,0 +1,403 @@
+"""The demo's spend report: one self-contained HTML file with inline SVG charts.
+
+No scripts, fonts or styles from the network: the file opens offline and can be
+mailed around. Every number is computed from the sidecar's spend ledger (what
+was actually billed), except counts of events that never reach a backend
+(rejections, fallbacks, downgrades), which come from the sidecar's metrics.
+
+The numbers are also embedded as JSON in
+`<script type="application/json" id="kubetoll-report-data">`, so a test or a
+script can read them without scraping the page.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ..ledger import SpendRecord
+from ..prices import ResolvedPrice
+from . import spend
+from .spend import fmt_usd
+
+PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f")
+TIER_COLORS = {"premium": "#4e79a7", "free": "#76b7b2"}
+DATA_ID = "kubetoll-report-data"
+
+
+# --------------------------------------------------------------------------- data
+
+
+def timeline(records: Iterable[SpendRecord], t0: float, t1: float, bucket_s: float) -> dict[str, Any]:
+    """Spend per backend per bucket of `bucket_s` seconds from t0 (the run's start)."""
+    n = max(1, math.ceil(max(t1 - t0, bucket_s) / bucket_s))
+    series: dict[str, list[float]] = defaultdict(lambda: [0.0] * n)
+    for r in records:
+        i = min(max(int((r.time - t0) // bucket_s), 0), n - 1)
+        series[r.backend or spend.CACHE_BACKEND][i] += r.cost_usd
+    order = sorted(series, key=lambda k: -sum(series[k]))
+    return {"bucket_seconds": bucket_s, "buckets": n, "series": {k: series[k] for k in order}}
+
+
+def build_report_data(
+    records: Sequence[SpendRecord],
+    *,
+    baseline: ResolvedPrice,
+    baseline_label: str,
+    t0: float,
+    t1: float,
+    meta: dict[str, Any],
+    backends: list[dict[str, Any]],
+    tenants: list[dict[str, Any]],
+    events: dict[str, Any],
+    cache: dict[str, Any],
+    bucket_s: float = 5.0,
+) -> dict[str, Any]:
+    summary = spend.summarize(records, baseline=baseline, baseline_label=baseline_label, top=len(records) or 1)
+    return {
+        "meta": meta,
+        "summary": summary,
+        "timeline": timeline(records, t0, t1, bucket_s),
+        "backends": backends,
+        "tenants": tenants,
+        "events": events,
+        "cache": cache,
+    }
+
+
+# --------------------------------------------------------------------------- SVG helpers
+
+
+def _e(s: Any) -> str:
+    return html.escape(str(s), quote=True)
+
+
+def _nice_step(max_value: float, ticks: int = 5) -> float:
+    if max_value <= 0:
+        return 1.0
+    raw = max_value / ticks
+    mag = 10 ** math.floor(math.log10(raw))
+    for m in (1, 2, 2.5, 5, 10):
+        if raw <= m * mag:
+            return m * mag
+    return 10 * mag
+
+
+def _tick(v: float, step: float) -> str:
+    """An axis label with as many decimals as the step needs (at least two)."""
+    for d in range(2, 10):
+        if abs(round(step, d) - step) < step * 1e-9:
+            break
+    return "$0" if v == 0 else f"${v:,.{d}f}"
+
+
+def _colors(keys: Iterable[str]) -> dict[str, str]:
+    out = {}
+    for i, k in enumerate(keys):
+        out[k] = "#bab0ac" if k == spend.CACHE_BACKEND else PALETTE[i % len(PALETTE)]
+    return out
+
+
+def stacked_area_svg(tl: dict[str, Any], colors: dict[str, str], width: int = 1000, height: int = 320) -> str:
+    n = tl["buckets"]
+    bs = tl["bucket_seconds"]
+    series = tl["series"]
+    left, right, top, bottom = 78, 20, 16, 44
+    pw, ph = width - left - right, height - top - bottom
+    totals = [sum(s[i] for s in series.values()) for i in range(n)]
+    vmax = max(totals, default=0.0)
+    step = _nice_step(vmax)
+    ymax = step * max(1, math.ceil(vmax / step)) if vmax > 0 else 1.0
+    x_of = lambda i: left + pw * (i / n)  # noqa: E731
+    y_of = lambda v: top + ph * (1 - v / ymax)  # noqa: E731
+    parts = [f'<svg viewBox="0 0 {width} {height}" width="100%" role="img" aria-label="Spend over time per backend">']
+    # grid and y labels
+    v = 0.0
+    while v <= ymax + 1e-12:
+        y = y_of(v)
+        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e5e7eb"/>')
+        parts.append(f'<text x="{left - 8}" y="{y + 4:.1f}" text-anchor="end" class="tick">{_e(_tick(v, step))}</text>')
+        v += step
+    # x labels: about eight of them, on whole multiples of the bucket
+    every = max(1, math.ceil(n / 8))
+    for i in range(0, n + 1, every):
+        x = x_of(i)
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top + ph}" y2="{top + ph + 5}" stroke="#9ca3af"/>')
+        parts.append(f'<text x="{x:.1f}" y="{top + ph + 20}" text-anchor="middle" class="tick">{int(i * bs)}s</text>')
+    parts.append(f'<text x="{left + pw / 2:.1f}" y="{height - 4}" text-anchor="middle" class="axis">seconds into the run (spend per {bs:g}-second bucket)</text>')
+    # stacked areas: each bucket is a step of its width, so areas read as spend per bucket
+    base = [0.0] * n
+    for name, values in series.items():
+        upper = [base[i] + values[i] for i in range(n)]
+        pts_top = []
+        pts_bot = []
+        for i in range(n):
+            pts_top += [(x_of(i), y_of(upper[i])), (x_of(i + 1), y_of(upper[i]))]
+            pts_bot += [(x_of(i), y_of(base[i])), (x_of(i + 1), y_of(base[i]))]
+        poly = pts_top + list(reversed(pts_bot))
+        d = " ".join(f"{x:.1f},{y:.1f}" for x, y in poly)
+        parts.append(f'<polygon points="{d}" fill="{colors[name]}" fill-opacity="0.85" stroke="{colors[name]}" stroke-width="0.5"><title>{_e(name)}: {_e(fmt_usd(sum(values)))}</title></polygon>')
+        base = upper
+    parts.append(f'<line x1="{left}" x2="{width - right}" y1="{top + ph}" y2="{top + ph}" stroke="#6b7280"/>')
+    parts.append(f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + ph}" stroke="#6b7280"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def legend_html(colors: dict[str, str], totals: dict[str, float]) -> str:
+    items = "".join(
+        f'<span class="legend-item"><span class="swatch" style="background:{c}"></span>{_e(k)} <b>{_e(fmt_usd(totals.get(k, 0.0)))}</b></span>'
+        for k, c in colors.items()
+    )
+    return f'<div class="legend">{items}</div>'
+
+
+def tenant_bars_svg(rows: list[dict[str, Any]], width: int = 1000) -> str:
+    row_h, left, right, top = 34, 150, 330, 8
+    height = top * 2 + row_h * max(len(rows), 1)
+    vmax = max((r["cost_usd"] for r in rows), default=0.0) or 1.0
+    pw = width - left - right
+    parts = [f'<svg viewBox="0 0 {width} {height}" width="100%" role="img" aria-label="Spend per tenant">']
+    for i, r in enumerate(rows):
+        y = top + i * row_h
+        w = max(pw * r["cost_usd"] / vmax, 1.5)
+        color = TIER_COLORS.get(r.get("tier", ""), "#9c755f")
+        parts.append(f'<text x="{left - 10}" y="{y + row_h / 2 + 5:.1f}" text-anchor="end" class="label">{_e(r["key"])}</text>')
+        parts.append(f'<rect x="{left}" y="{y + 6}" width="{w:.1f}" height="{row_h - 12}" rx="3" fill="{color}"><title>{_e(r["key"])}: {_e(fmt_usd(r["cost_usd"]))}</title></rect>')
+        bits = [fmt_usd(r["cost_usd"]), f'{r["requests"]} served']
+        if r.get("rejected"):
+            bits.append(f'{r["rejected"]} rejected')
+        if r.get("downgraded"):
+            bits.append(f'{r["downgraded"]} downgraded')
+        if r.get("budget_percent") is not None:
+            bits.append(f'budget {r["budget_percent"]:.0f}%')
+        parts.append(f'<text x="{left + w + 8:.1f}" y="{y + row_h / 2 + 5:.1f}" class="value">{_e(" · ".join(bits))}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def waterfall_svg(s: dict[str, Any], width: int = 1000, height: int = 300) -> str:
+    """Baseline → minus cache, routing, downgrade savings → what was spent."""
+    steps = [
+        ("baseline", s["baseline_usd"], "total"),
+        ("cache", -s["cache_usd"], "delta"),
+        ("routing", -s["routing_usd"], "delta"),
+        ("downgrade", -s["downgrade_usd"], "delta"),
+        ("actual spend", s["actual_usd"], "total"),
+    ]
+    left, right, top, bottom = 78, 20, 24, 48
+    pw, ph = width - left - right, height - top - bottom
+    running = 0.0
+    bars = []
+    hi = 0.0
+    for label, v, kind in steps:
+        if kind == "total":
+            lo_v, hi_v = 0.0, v
+            running = v
+        else:
+            lo_v, hi_v = sorted((running, running + v))
+            running += v
+        hi = max(hi, hi_v, lo_v)
+        bars.append((label, v, kind, lo_v, hi_v, running))
+    step = _nice_step(hi)
+    ymax = step * max(1, math.ceil(hi / step)) if hi > 0 else 1.0
+    y_of = lambda v: top + ph * (1 - v / ymax)  # noqa: E731
+    slot = pw / len(bars)
+    parts = [f'<svg viewBox="0 0 {width} {height}" width="100%" role="img" aria-label="Savings against the baseline">']
+    v = 0.0
+    while v <= ymax + 1e-12:
+        y = y_of(v)
+        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e5e7eb"/>')
+        parts.append(f'<text x="{left - 8}" y="{y + 4:.1f}" text-anchor="end" class="tick">{_e(_tick(v, step))}</text>')
+        v += step
+    for i, (label, val, kind, lo_v, hi_v, after) in enumerate(bars):
+        x = left + i * slot + slot * 0.2
+        w = slot * 0.6
+        if kind == "total":
+            color = "#6b7280" if label == "baseline" else "#2563eb"
+        else:
+            color = "#16a34a" if val <= 0 else "#dc2626"
+        y1, y2 = y_of(hi_v), y_of(lo_v)
+        hgt = max(y2 - y1, 1.0)
+        parts.append(f'<rect x="{x:.1f}" y="{y1:.1f}" width="{w:.1f}" height="{hgt:.1f}" rx="2" fill="{color}"/>')
+        shown = val if kind == "total" else -val
+        if kind == "total" or abs(shown) < 5e-10:
+            text = fmt_usd(shown)
+        else:
+            text = ("−" if shown > 0 else "+") + fmt_usd(abs(shown))
+        parts.append(f'<text x="{x + w / 2:.1f}" y="{y1 - 6:.1f}" text-anchor="middle" class="value">{_e(text)}</text>')
+        parts.append(f'<text x="{x + w / 2:.1f}" y="{top + ph + 20}" text-anchor="middle" class="label">{_e(label)}</text>')
+        if i + 1 < len(bars):
+            nxt = y_of(after)
+            parts.append(f'<line x1="{x + w:.1f}" x2="{x + slot:.1f}" y1="{nxt:.1f}" y2="{nxt:.1f}" stroke="#9ca3af" stroke-dasharray="3,3"/>')
+    parts.append(f'<line x1="{left}" x2="{width - right}" y1="{top + ph}" y2="{top + ph}" stroke="#6b7280"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+# --------------------------------------------------------------------------- page
+
+
+_CSS = """
+body{font-family:-apple-system,BlinkMacSystemFont,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;color:#111827;background:#f9fafb;margin:0}
+main{max-width:1100px;margin:0 auto;padding:28px 32px 48px}
+h1{font-size:26px;margin:0 0 4px}h2{font-size:18px;margin:34px 0 10px}
+.sub{color:#6b7280;font-size:14px;margin:0 0 22px}
+.cards{display:grid;grid-template-columns:repeat(4,1fr);gap:12px}
+.card{background:#fff;border:1px solid #e5e7eb;border-radius:8px;padding:14px 16px}
+.card .k{color:#6b7280;font-size:13px}
+.card .v{font-size:24px;font-weight:600;margin-top:4px}.card .n{color:#6b7280;font-size:12px;margin-top:2px}
+.good{color:#15803d}.bad{color:#b91c1c}
+.panel{background:#fff;border:1px solid #e5e7eb;border-radius:8px;padding:14px 16px}
+svg text.tick{font-size:12px;fill:#6b7280}svg text.axis{font-size:12px;fill:#374151}
+svg text.label{font-size:13px;fill:#111827}svg text.value{font-size:12px;fill:#374151}
+.legend{display:flex;flex-wrap:wrap;gap:16px;font-size:13px;margin:0 0 8px}
+.legend-item{display:flex;align-items:center;gap:6px}.swatch{width:12px;height:12px;border-radius:2px;display:inline-block}
+table{border-collapse:collapse;width:100%;font-size:13px;background:#fff}
+th,td{padding:6px 10px;border-bottom:1px solid #e5e7eb;text-align:right;white-space:nowrap}
+th{background:#f3f4f6;font-weight:600}th:first-child,td:first-child{text-align:left}
+td.l,th.l{text-align:left}
+.note{color:#4b5563;font-size:13px;line-height:1.5}
+.two{display:grid;grid-template-columns:1fr 1fr;gap:16px}
+code{font-size:12px;background:#f3f4f6;padding:1px 4px;border-radius:3px}
+"""
+
+
+def _table(headers: list[str], rows: list[list[Any]], left_cols: int = 1) -> str:
+    th = "".join(f'<th class="{"l" if i < left_cols else ""}">{_e(h)}</th>' for i, h in enumerate(headers))
+    body = "".join("<tr>" + "".join(f'<td class="{"l" if i < left_cols else ""}">{_e(c)}</td>' for i, c in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_html(data: dict[str, Any]) -> str:
+    meta = data["meta"]
+    summ = data["summary"]
+    tot = summ["totals"]
+    sav = summ["savings"]
+    tl = data["timeline"]
+    ev = data["events"]
+    cache = data["cache"]
+    colors = _colors(tl["series"].keys())
+    backend_totals = {k: sum(v) for k, v in tl["series"].items()}
+    rejected = sum(int(v) for v in ev.get("rejections", {}).values())
+    fallbacks = sum(int(v) for v in ev.get("fallbacks", {}).values())
+
+    cards = [
+        ("spent", fmt_usd(tot["cost_usd"]), f'{tot["requests"]} requests billed · {fmt_usd(tot["cost_per_request_usd"])}/request', ""),
+        (f"baseline: all on {sav['baseline']}", fmt_usd(sav["baseline_usd"]), "same tokens, no cache, no routing", ""),
+        ("saved", f'{fmt_usd(sav["saved_usd"])} ({sav["saved_percent"]:.0f}%)', f'cache {fmt_usd(sav["cache_usd"])} · routing {fmt_usd(sav["routing_usd"])} · downgrade {fmt_usd(sav["downgrade_usd"])}', "good" if sav["saved_usd"] >= 0 else "bad"),
+        ("rejected · fallbacks · downgraded", f'{rejected} · {fallbacks} · {tot["downgraded"]}', "budget rejections · moved down a chain · served by cheaper backends", ""),
+    ]
+    cards_html = "".join(
+        f'<div class="card"><div class="k">{_e(k)}</div><div class="v {cls}">{_e(v)}</div><div class="n">{_e(n)}</div></div>' for k, v, n, cls in cards
+    )
+
+    tenants = data["tenants"]
+    tenant_rows = sorted(tenants, key=lambda r: -r["cost_usd"])
+
+    backend_info = {b["name"]: b for b in data["backends"]}
+    backend_table = _table(
+        ["backend", "model", "price", "requests", "input tokens", "output tokens", "spend", "per request", "share"],
+        [
+            [
+                g["key"],
+                backend_info.get(g["key"], {}).get("model", ""),
+                backend_info.get(g["key"], {}).get("price", ""),
+                g["requests"], f'{g["prompt_tokens"]:,}', f'{g["completion_tokens"]:,}',
+                fmt_usd(g["cost_usd"]), fmt_usd(g["cost_per_request_usd"]),
+                f'{100 * g["cost_usd"] / tot["cost_usd"]:.1f}%' if tot["cost_usd"] else "–",
+            ]
+            for g in summ["by_backend"]
+        ],
+        left_cols=3,
+    )
+    tenant_table = _table(
+        ["tenant", "tier", "served", "rejected", "downgraded", "input tokens", "output tokens", "spend", "per request", "budget used"],
+        [
+            [
+                r["key"], r.get("tier", ""), r["requests"], r.get("rejected", 0), r["downgraded"],
+                f'{r["prompt_tokens"]:,}', f'{r["completion_tokens"]:,}', fmt_usd(r["cost_usd"]),
+                fmt_usd(r["cost_per_request_usd"]),
+                f'{r["budget_percent"]:.0f}%' if r.get("budget_percent") is not None else "–",
+            ]
+            for r in tenant_rows
+        ],
+        left_cols=2,
+    )
+    events_rows: list[list[Any]] = []
+    for key, v in sorted(ev.get("rejections", {}).items(), key=lambda kv: -kv[1]):
+        events_rows.append(["rejection", key, int(v)])
+    for key, v in sorted(ev.get("fallbacks", {}).items(), key=lambda kv: -kv[1]):
+        events_rows.append(["fallback", key, int(v)])
+    for key, v in sorted(ev.get("downgrades", {}).items(), key=lambda kv: -kv[1]):
+        events_rows.append(["downgrade", key, int(v)])
+    events_table = _table(["event", "where and why", "count"], events_rows or [["none", "", 0]], left_cols=2)
+
+    if cache.get("hits"):
+        cache_text = f'{cache["hits"]} requests were answered from cache ({100 * cache["hit_rate"]:.1f}%), avoiding {fmt_usd(cache["avoided_usd"])}.'
+    elif cache.get("configured"):
+        cache_text = "A cache policy is configured, but no request was answered from cache in this run."
+    else:
+        cache_text = "Caching is not configured, so no request was answered from cache."
+    waste = ""
+    if cache.get("exact_repeats"):
+        waste = (
+            f' {cache["exact_repeats"]} requests repeated, word for word, a question the same tenant had already been answered; '
+            f'they cost {fmt_usd(cache["exact_repeat_usd"])} — what an exact cache would have saved. '
+            f'{cache.get("paraphrases", 0)} more rephrased an earlier question ({fmt_usd(cache.get("paraphrase_usd", 0.0))}): the candidates for a semantic cache.'
+        )
+
+    stopped = " Stopped early (interrupted); the report covers what ran." if meta.get("interrupted") else ""
+    notes = "".join(f" · {n}" for n in meta.get("notes", []))
+    sub = (
+        f'{_e(meta.get("generated_at", ""))} · {meta.get("duration_s", 0):.0f} s of traffic · seed {_e(meta.get("seed"))} · '
+        f'{_e(meta.get("requests_sent", 0))} requests sent to route <code>{_e(meta.get("route", ""))}</code> · config: {_e(meta.get("config_source", ""))}{_e(notes)}{_e(stopped)}'
+    )
+    payload = json.dumps(data, sort_keys=True).replace("</", "<\\/")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>Kubetoll demo report</title><style>{_CSS}</style></head>
+<body><main>
+<h1>Kubetoll demo report</h1>
+<p class="sub">{sub}</p>
+<div class="cards">{cards_html}</div>
+
+<h2>Spend over time, per backend</h2>
+<div class="panel">{legend_html(colors, backend_totals)}{stacked_area_svg(tl, colors)}</div>
+
+<h2>Savings against sending everything to {_e(sav["baseline"])}</h2>
+<div class="panel">{waterfall_svg(sav)}
+<p class="note">The baseline prices every billed request's tokens at {_e(sav["baseline"])}'s list prices ({_e(meta.get("baseline_price", ""))}), with no cache and no routing.
+<b>Routing</b> is what requests saved by being served, without a downgrade, on a cheaper backend (negative when a fallback went to a dearer one);
+<b>downgrade</b> is what downgraded requests saved; <b>cache</b> is what cache hits avoided. {_e(cache_text)}{_e(waste)}</p></div>
+
+<h2>Spend per tenant</h2>
+<div class="panel">{tenant_bars_svg(tenant_rows)}
+<p class="note"><span class="swatch" style="background:{TIER_COLORS['premium']}"></span> premium &nbsp; <span class="swatch" style="background:{TIER_COLORS['free']}"></span> free.
+Budget used: the fullest of the tenant's tier USD budgets, as the sidecar's budget store saw it at the end.</p></div>
+
+<h2>Backends</h2>
+{backend_table}
+
+<h2>Tenants</h2>
+{tenant_table}
+
+<h2>Rejections, fallbacks and downgrades</h2>
+{events_table}
+<p class="note">Counts from the sidecar's Prometheus metrics (<code>kubetoll_rejections</code>, <code>kubetoll_fallbacks</code>, <code>kubetoll_downgrades</code>); spend and tokens from its ledger ({tot["requests"]} records).
+A downgrade is counted when it is decided, so the metric also counts downgraded requests that a budget then rejected; the ledger's {tot["downgraded"]} are the ones served.</p>
+<script type="application/json" id="{DATA_ID}">{payload}</script>
+</main></body></html>
+"""
+
+
+def extract_data(page: str) -> dict[str, Any]:
+    """The JSON embedded in a report page."""
+    start_tag = f'<script type="application/json" id="{DATA_ID}">'
+    i = page.index(start_tag) + len(start_tag)
+    j = page.index("</script>", i)
+    return json.loads(page[i:j])
