@@ -41,15 +41,19 @@ _HEALTH_FAILURES = frozenset(
 )
 
 
-def translator_for(provider: Provider) -> Translator:
-    from .providers.anthropic import AnthropicTranslator
-    from .providers.openai import AzureOpenAITranslator, OpenAITranslator
+_TRANSLATORS: dict[Provider, type] = {}
 
-    if provider is Provider.anthropic:
-        return AnthropicTranslator()
-    if provider is Provider.azure_openai:
-        return AzureOpenAITranslator()
-    return OpenAITranslator()
+
+def translator_for(provider: Provider) -> Translator:
+    """A fresh translator (they hold a stream's state). Classes are looked up once:
+    importing inside the call cost more than the rest of building a request."""
+    if not _TRANSLATORS:
+        from .providers.anthropic import AnthropicTranslator
+        from .providers.openai import AzureOpenAITranslator, OpenAITranslator
+
+        _TRANSLATORS.update({Provider.anthropic: AnthropicTranslator, Provider.azure_openai: AzureOpenAITranslator})
+        _TRANSLATORS[Provider.openai] = OpenAITranslator
+    return _TRANSLATORS.get(provider, _TRANSLATORS[Provider.openai])()
 
 
 @dataclass(slots=True)

@@ -9,6 +9,8 @@ tiers are (a handful per budget).
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
@@ -19,6 +21,7 @@ _TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.requests = Counter(
             "kubetoll_requests", "Requests handled, by route, backend, tier and outcome.",
             ["route", "backend", "tier", "outcome"], registry=r,
@@ -87,3 +90,13 @@ class Metrics:
             "degraded_decisions_total, fail_open_allowance_used_total and more (docs/redis-layout.md).",
             ["stat"], registry=r,
         )
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once: labels() validates and locks on
+        every call, several times per request. Label values here are bounded (routes,
+        backends, known tiers, outcomes), and so is this memo."""
+        key = (id(metric), labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c

@@ -32,6 +32,7 @@ class ParsedRequest:
     n: int
     max_tokens: int | None
     messages: list[dict[str, Any]]
+    body_size: int = 0  # bytes of the JSON body as received
 
     def set_max_tokens(self, value: int) -> None:
         self.max_tokens = value
@@ -70,7 +71,9 @@ async def parse_request(request: web.Request, endpoint: str, limit: int) -> Pars
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
-    return validate_body(body, endpoint)
+    parsed = validate_body(body, endpoint)
+    parsed.body_size = len(raw)
+    return parsed
 
 
 def validate_body(body: Any, endpoint: str) -> ParsedRequest:

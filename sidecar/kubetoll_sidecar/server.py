@@ -370,6 +370,8 @@ async def serve(sidecar: Sidecar, host: str | None = None, port: int | None = No
 
 
 def configure_logging(level: str = "INFO") -> None:
+    # Plain synchronous stderr. A QueueHandler thread and a loop-timed batched writer
+    # were both measured (docs/performance.md): neither paid off reliably on one core.
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 

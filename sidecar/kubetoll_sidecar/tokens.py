@@ -17,6 +17,7 @@ settles it after), so it must be close and fast:
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,10 +77,15 @@ def get_encoding(name: str) -> tiktoken.Encoding:
 
 
 class _CountCache:
-    """LRU of token counts keyed by (encoding, text). Bounded by entries."""
+    """LRU of token counts keyed by (encoding, text). Bounded by entries.
+
+    Thread-safe: the pipeline counts large prompts in a worker thread. The lock
+    covers the dict only, never the encoding.
+    """
 
     def __init__(self, max_entries: int = 20_000, min_chars: int = 64) -> None:
         self._data: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._lock = threading.Lock()
         self.max_entries = max_entries
         self.min_chars = min_chars  # short strings encode faster than they hash and evict
 
@@ -87,14 +93,16 @@ class _CountCache:
         if len(text) < self.min_chars:
             return len(enc.encode_ordinary(text))
         key = (enc.name, text)
-        n = self._data.get(key)
-        if n is not None:
-            self._data.move_to_end(key)
-            return n
+        with self._lock:
+            n = self._data.get(key)
+            if n is not None:
+                self._data.move_to_end(key)
+                return n
         n = len(enc.encode_ordinary(text))
-        self._data[key] = n
-        if len(self._data) > self.max_entries:
-            self._data.popitem(last=False)
+        with self._lock:
+            self._data[key] = n
+            if len(self._data) > self.max_entries:
+                self._data.popitem(last=False)
         return n
 
 

@@ -28,9 +28,15 @@ class MeterSet:
     requests: list[Meter] = field(default_factory=list)  # requests/min buckets (stage 5)
     tokens: list[Meter] = field(default_factory=list)  # tokens/min buckets, token caps
     usd: list[Meter] = field(default_factory=list)  # USD caps
+    # The calendar periods these meters were built for: the set is reused inside them.
+    valid_from: float = float("-inf")
+    valid_until: float = float("inf")
+    _windows: list[Meter] | None = None
 
     def windows(self) -> list[Meter]:
-        return [m for m in self.tokens + self.usd if m.kind == "window"]
+        if self._windows is None:
+            self._windows = [m for m in self.tokens + self.usd if m.kind == "window"]
+        return self._windows
 
     def all(self) -> list[Meter]:
         return self.requests + self.tokens + self.usd
@@ -62,19 +68,42 @@ class NoDowngradeBackends(Exception):
 
 
 class BudgetMeters:
-    """Builds meter sets from the config. One per loaded config."""
+    """Builds meter sets from the config. One per loaded config.
+
+    A (route, tenant, tier) gets the same MeterSet, the same Meter objects, until
+    one of its calendar periods ends: building them costs more than the rest of
+    admission, and a store can keep per-meter state keyed on the object. The
+    sets are read-only to their users. The memo is bounded; past the bound it
+    starts over (a burst of new tenants costs a rebuild each, nothing more).
+    """
+
+    MAX_MEMO = 50_000
 
     def __init__(self, config: RouterConfig) -> None:
         self._budgets_by_route: dict[str, list[Budget]] = {
             r.name: [b for b in config.budgets if b.covers(r.name)] for r in config.routes
         }
         self._periods = PeriodCalculator()
+        self._memo: dict[tuple[str, str, str], MeterSet] = {}
 
     def for_request(self, route: str, tenant: str, tier: str, now: float) -> MeterSet:
+        key = (route, tenant, tier)
+        ms = self._memo.get(key)
+        if ms is not None and ms.valid_from <= now < ms.valid_until:
+            return ms
+        ms = self._build(route, tenant, tier, now)
+        if len(self._memo) >= self.MAX_MEMO:
+            self._memo.clear()
+        self._memo[key] = ms
+        return ms
+
+    def _build(self, route: str, tenant: str, tier: str, now: float) -> MeterSet:
         ms = MeterSet()
         for b in self._budgets_by_route.get(route, ()):
             day = self._periods.period("day", b.timezone, now)
             month = self._periods.period("month", b.timezone, now)
+            ms.valid_from = max(ms.valid_from, day.start, month.start)
+            ms.valid_until = min(ms.valid_until, day.end, month.end)
             cap, on = b.cap, b.cap_on_exhausted
             base = b.name
             fo = b.fail_mode is FailMode.fail_open
