@@ -12,6 +12,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoPermissionError, ResponseError
 
 from kubetoll_sidecar.budgets.redis_connect import FileCredentialProvider, connect_redis
+from kubetoll_sidecar.cache import keys as cache_keys
 from kubetoll_sidecar.budgets.redis_keys import RedisKeys
 from kubetoll_sidecar.budgets.redis_store import RedisBudgetStore, set_suspended
 from kubetoll_sidecar.budgets.store import Exhausted, Hold, Meter, StoreUnavailable
@@ -132,11 +133,11 @@ def acl_line(ns: str, password: str) -> list[str]:
     """The ACL from docs/redis-layout.md, as ACL SETUSER arguments."""
     return [
         f"kubetoll-{ns}", "reset", "on", f">{password}",
-        f"~kt:{{{ns}}}:*", f"~kt:{{{ns}:*", f"&kt:{{{ns}}}:*",
+        f"~kt:{{{ns}}}:*", f"~kt:{{{ns}:*", f"~kt:cache:{{{ns}}}:*", f"&kt:{{{ns}}}:*",
         "+@connection", "-@dangerous", "+evalsha", "+eval", "+script|load", "+time",
         "+hget", "+hmget", "+hset", "+hdel", "+hgetall", "+get", "+set", "+del", "+exists", "+mget",
-        "+pexpire", "+pexpireat", "+zadd", "+zrem", "+zrange", "+zrangebyscore", "+zremrangebyscore",
-        "+zcard", "+zscore", "+xadd", "+xrange", "+sadd", "+smembers", "+subscribe", "+unsubscribe", "+publish",
+        "+expire", "+pexpire", "+pexpireat", "+zadd", "+zrem", "+zrange", "+zrangebyscore", "+zremrangebyscore",
+        "+zcard", "+zscore", "+xadd", "+xrange", "+xread", "+sadd", "+smembers", "+subscribe", "+unsubscribe", "+publish",
     ]
 
 
@@ -163,6 +164,19 @@ async def test_acl_user_confined_to_its_namespace(tmp_path):
         with pytest.raises(ResponseError):
             await user.flushall()
         await user.aclose()
+        # the response cache works for its own namespace, with what CacheStage sends, and not for another's
+        cache = connect_redis(settings, str(tmp_path), decode_responses=False)
+        entry, log = cache_keys.entry_key("team-a", "faq", "g1", "h1"), cache_keys.log_key("team-a", "faq", "g1")
+        pipe = cache.pipeline(transaction=False)
+        pipe.set(entry, b"answer", ex=60)
+        pipe.xadd(log, {b"id": b"h1"})
+        pipe.expire(log, 60)
+        await pipe.execute()
+        assert await cache.mget([entry, cache_keys.epoch_key("team-a", "faq")]) == [b"answer", None]
+        assert (await cache.xread({log: "0"}))[0][1][0][1] == {b"id": b"h1"}
+        with pytest.raises(NoPermissionError):
+            await cache.get(cache_keys.entry_key("team-b", "faq", "g1", "h1"))
+        await cache.aclose()
         # a store configured for team-b with team-a's user cannot spend: its failClosed meters refuse
         b = RedisBudgetStore(settings, "team-b", str(tmp_path), sidecar_id="x")
         await b.start()
