@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 import pytest
+from redis.asyncio import Redis
 
 from kubetoll_sidecar.upstream_simulator import SimSettings, SimulatedUpstream
 from support.harness import RunningSidecar
+from support.redis_server import private_or_shared_redis
 
 os.environ.setdefault("KT_TEST_OPENAI_KEY", "sk-test-openai-key-123")
 os.environ.setdefault("KT_TEST_ANTHROPIC_KEY", "sk-ant-test-key-456")
@@ -36,3 +39,26 @@ async def start_sidecar(tmp_path):
     yield _start
     for sc in started:
         await sc.stop()
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    """A real Redis: REDIS_URL when set, else a private redis-server for the module."""
+    yield from private_or_shared_redis()
+
+
+@pytest.fixture
+async def r(redis_url):
+    """A client with decoded responses, for reading what the code under test wrote."""
+    c = Redis.from_url(redis_url, decode_responses=True)
+    yield c
+    await c.aclose()
+
+
+@pytest.fixture
+def ns():
+    """A fresh namespace (key prefix) per test, so tests never see each other's keys."""
+    return f"t{uuid.uuid4().hex[:10]}"

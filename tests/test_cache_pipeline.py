@@ -7,8 +7,6 @@ these tests go through the OpenAI SDK and the HTTP API of running sidecars.
 
 from __future__ import annotations
 
-import uuid
-
 import aiohttp
 import orjson
 import pytest
@@ -16,7 +14,6 @@ import pytest
 from kubetoll_sidecar.ledger import CACHE_EMBEDDING_OUTCOME
 from support.harness import base_config
 from kubetoll_sidecar.upstream_simulator import Fault
-from support.redis_server import RedisProcess
 
 pytestmark = pytest.mark.asyncio
 
@@ -145,15 +142,7 @@ async def test_semantic_lookup_bills_its_embedding_call(sim, start_sidecar):
     assert sc.sidecar.store.spent(meter.key) == pytest.approx(sum(r.cost_usd for r in records), rel=1e-12)
 
 
-@pytest.fixture
-def redis_url():
-    p = RedisProcess().start()
-    yield p.url
-    p.stop()
-
-
-async def test_two_sidecars_on_redis_share_cached_answers_and_one_ledger(sim, start_sidecar, redis_url):
-    ns = "t" + uuid.uuid4().hex[:8]
+async def test_two_sidecars_on_redis_share_cached_answers_and_one_ledger(sim, start_sidecar, redis_url, ns):
     a = await start_sidecar(cached_config(sim.url, namespace=ns, budgetStore={"url": redis_url, "timeoutMs": 500}))
     b = await start_sidecar(cached_config(sim.url, namespace=ns, budgetStore={"url": redis_url, "timeoutMs": 500}))
     status, headers, _ = await post(a.url, {"model": "chat", "messages": QUESTION, "temperature": 0})

@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import copy
 import json
-import uuid
 from typing import Any
 
 import aiohttp
@@ -20,20 +19,9 @@ from kubetoll_sidecar.cache import keys
 from kubetoll_sidecar.cache.embeddings import EmbeddingServer, HashedEmbedder
 from kubetoll_sidecar.config import RouterConfig
 from kubetoll_sidecar.providers.base import Usage
-from support.redis_server import RedisProcess, shared_redis_url
+from support.redis_server import RedisProcess
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    url = shared_redis_url()
-    if url:
-        yield url  # a shared server: every test uses its own namespace (key prefix)
-        return
-    proc = RedisProcess().start()
-    yield proc.url
-    proc.stop()
 
 
 @pytest.fixture
@@ -41,11 +29,6 @@ async def redis(redis_url):
     client = aioredis.from_url(redis_url)
     yield client
     await client.aclose()
-
-
-@pytest.fixture
-def ns():
-    return "t" + uuid.uuid4().hex[:10]
 
 
 @pytest.fixture

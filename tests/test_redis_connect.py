@@ -19,7 +19,7 @@ from kubetoll_sidecar.budgets.store import Exhausted, Hold, Meter, StoreUnavaila
 from kubetoll_sidecar.config import BudgetStoreSettings, OnExhausted
 from kubetoll_sidecar.ledger import SpendRecord
 from kubetoll_sidecar.ledger_redis import RedisLedger, period_totals, read_ledger
-from support.redis_server import ClusterRedis, RedisProcess, SentinelRedis, TlsRedis, private_or_shared_redis
+from support.redis_server import ClusterRedis, RedisProcess, SentinelRedis, TlsRedis
 
 # These tests are not about timeouts: a generous one keeps a loaded machine from looking like
 # a Redis outage (tests/test_redis_faults.py uses the 50 ms default on purpose).
@@ -59,11 +59,6 @@ async def check_totals(client, ns: str) -> None:
 
 
 # ---------------------------------------------------------------------- isolation
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    yield from private_or_shared_redis()
 
 
 async def test_namespaces_never_share_budget_state(redis_url):

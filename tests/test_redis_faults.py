@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 
 import pytest
 from redis.asyncio import Redis
@@ -43,11 +42,6 @@ def redis_proc():
     if p.proc is not None and p.proc.poll() is None:
         p.resume()  # in case a test failed while it was paused
     p.stop()
-
-
-@pytest.fixture
-def ns():
-    return f"t{uuid.uuid4().hex[:10]}"
 
 
 def make(url: str, ns: str, sid: str = "a", **kw) -> RedisBudgetStore:

@@ -4,39 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 import pytest
-from redis.asyncio import Redis
 
 from kubetoll_sidecar.budgets.redis_keys import RedisKeys
 from kubetoll_sidecar.budgets.redis_store import RedisBudgetStore, get_suspended, set_suspended
 from kubetoll_sidecar.budgets.store import Hold, Meter, Suspended
 from kubetoll_sidecar.config import BudgetStoreSettings, OnExhausted
-from support.redis_server import private_or_shared_redis
 
 # These tests are not about timeouts: a generous one keeps a loaded machine from looking like
 # a Redis outage (tests/test_redis_faults.py uses the 50 ms default on purpose).
 SLOW_OK_MS = 1000.0
 
 END = time.time() + 20 * 86400
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    yield from private_or_shared_redis()
-
-
-@pytest.fixture
-async def r(redis_url):
-    c = Redis.from_url(redis_url, decode_responses=True)
-    yield c
-    await c.aclose()
-
-
-@pytest.fixture
-def ns():
-    return f"t{uuid.uuid4().hex[:10]}"
 
 
 def meter(budget: str = "b") -> Meter:

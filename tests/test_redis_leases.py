@@ -10,10 +10,8 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 
 import pytest
-from redis.asyncio import Redis
 
 from kubetoll_sidecar.budgets.redis_keys import RedisKeys
 from kubetoll_sidecar.budgets.redis_store import RedisBudgetStore
@@ -21,7 +19,6 @@ from kubetoll_sidecar.budgets.store import Exhausted, Hold, Meter
 from kubetoll_sidecar.config import BudgetStoreSettings, OnExhausted
 from kubetoll_sidecar.ledger import SpendRecord
 from kubetoll_sidecar.ledger_redis import RedisLedger, period_totals, read_ledger
-from support.redis_server import private_or_shared_redis
 
 # These tests are not about timeouts: a generous one keeps a loaded machine from looking like
 # a Redis outage (tests/test_redis_faults.py uses the 50 ms default on purpose).
@@ -31,23 +28,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOW = time.time()
 DAY_END = NOW + 6 * 3600
 MONTH_END = NOW + 20 * 86400
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    yield from private_or_shared_redis()
-
-
-@pytest.fixture
-async def r(redis_url):
-    c = Redis.from_url(redis_url, decode_responses=True)
-    yield c
-    await c.aclose()
-
-
-@pytest.fixture
-def ns():
-    return f"t{uuid.uuid4().hex[:10]}"
 
 
 def window(limit: float, key: str = "b:cap:usd:2026-11", end: float = MONTH_END, fail_open: bool = True, unit: str = "usd") -> Meter:

@@ -18,7 +18,6 @@ from kubetoll_sidecar.budgets.redis_store import RedisBudgetStore
 from kubetoll_sidecar.budgets.store import Exhausted, Hold, Meter
 from kubetoll_sidecar.config import BudgetStoreSettings, OnExhausted
 from kubetoll_sidecar.ledger_redis import period_totals
-from support.redis_server import private_or_shared_redis
 
 # These tests are not about timeouts: a generous one keeps a loaded machine from looking like
 # a Redis outage (tests/test_redis_faults.py uses the 50 ms default on purpose).
@@ -26,11 +25,6 @@ SLOW_OK_MS = 1000.0
 
 NOW = time.time()
 PERIOD_END = NOW + 3 * 86400
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    yield from private_or_shared_redis()
 
 
 def window(limit: float, name: str = "cap:usd:2026-11", budget: str = "b", on=OnExhausted.reject, unit: str = "usd") -> Meter:

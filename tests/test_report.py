@@ -143,13 +143,6 @@ def test_unreachable_sidecar_and_bad_periods() -> None:
     assert "is not after --since" in err.getvalue()
 
 
-@pytest.fixture(scope="module")
-def redis_url():
-    from support.redis_server import private_or_shared_redis
-
-    yield from private_or_shared_redis()
-
-
 async def test_report_from_the_redis_ledger(tmp_path, sim, redis_url) -> None:
     """Records written through a sidecar whose ledger is the namespace's Redis stream."""
     if report.redis_reader() is None:

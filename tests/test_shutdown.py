@@ -17,6 +17,19 @@ from support.harness import base_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
+async def until_status(s: aiohttp.ClientSession, url: str, status: int = 200, tries: int = 200) -> None:
+    """GET `url` until it answers `status` (the process under test is starting)."""
+    for _ in range(tries):
+        try:
+            async with s.get(url) as r:
+                if r.status == status:
+                    return
+        except aiohttp.ClientConnectionError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{url} never answered {status}")
+
+
 async def test_sigterm_drains_in_flight_requests_and_exits_zero(sim, tmp_path):
     cfg = base_config(sim.url)
     path = tmp_path / "router.json"
@@ -29,13 +42,7 @@ async def test_sigterm_drains_in_flight_requests_and_exits_zero(sim, tmp_path):
     url = f"http://127.0.0.1:{cfg['server']['port']}"
     try:
         async with aiohttp.ClientSession() as s:
-            for _ in range(200):
-                try:
-                    async with s.get(url + "/v1/models") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.05)
+            await until_status(s, url + "/v1/models")
             sim.enqueue_fault(Fault(kind="slow_first_token", delay=1.0))
             body = {"model": "chat", "messages": [{"role": "user", "content": "slow one"}]}
             in_flight = asyncio.create_task(s.post(url + "/v1/chat/completions", json=body))
@@ -74,13 +81,7 @@ async def test_wait_for_config_serves_503_until_the_file_appears_then_starts(sim
     body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
     try:
         async with aiohttp.ClientSession() as s:
-            for _ in range(200):
-                try:
-                    async with s.get(f"http://127.0.0.1:{ops}/healthz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.05)
+            await until_status(s, f"http://127.0.0.1:{ops}/healthz")
             async with s.get(f"http://127.0.0.1:{ops}/readyz") as r:
                 assert r.status == 503 and (await r.json())["waitingForConfig"] == str(path)
             async with s.post(f"http://127.0.0.1:{api}/v1/chat/completions", json=body) as r:
@@ -89,14 +90,7 @@ async def test_wait_for_config_serves_503_until_the_file_appears_then_starts(sim
             # The kubelet writes the ConfigMap: the sidecar starts on it.
             path.parent.mkdir()
             path.write_text(json.dumps(cfg))
-            for _ in range(200):
-                try:
-                    async with s.get(f"http://127.0.0.1:{ops}/readyz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.05)
+            await until_status(s, f"http://127.0.0.1:{ops}/readyz")
             async with s.post(f"http://127.0.0.1:{api}/v1/chat/completions", json=body) as r:
                 assert r.status == 200, await r.text()
         proc.send_signal(signal.SIGTERM)

@@ -11,7 +11,6 @@ import argparse
 import base64
 import copy
 import json
-import uuid
 from dataclasses import replace
 from decimal import Decimal
 from typing import Any
@@ -20,6 +19,7 @@ import jsonpatch
 import kubernetes_validate
 import pytest
 from kubetoll_operator import webhook
+from support.admission import admission_review
 from kubetoll_operator.injection import (
     InjectionError,
     InjectionOptions,
@@ -112,25 +112,7 @@ def pod(
 
 
 def review(obj: dict[str, Any], *, operation: str = "CREATE", namespace: str = NS) -> dict[str, Any]:
-    """An AdmissionReview request as the API server sends it (admission.k8s.io/v1)."""
-    return {
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": str(uuid.uuid4()),
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
-            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
-            "namespace": namespace,
-            "operation": operation,
-            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller", "uid": "4a1e", "groups": ["system:serviceaccounts", "system:authenticated"]},
-            "object": obj,
-            "oldObject": None,
-            "dryRun": False,
-            "options": {"kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1"},
-        },
-    }
+    return admission_review(obj, namespace=namespace, operation=operation)
 
 
 def admit(obj: dict[str, Any], namespace_labels: dict[str, str], options: InjectionOptions, **kw: Any) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -16,7 +16,6 @@ import json
 import socket
 import ssl
 import threading
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from kmock._internal.references import ResourceInfo, resource
 from kubetoll_operator import handlers
 from kubetoll_operator.injection import InjectionOptions, mutate_pod
 from kubetoll_operator.webhook import WebhookOptions
+from support.admission import admission_review
 
 IMAGE = "registry.example/kubetoll-sidecar:1.2.3"
 VERBS = ["get", "list", "watch", "create", "update", "patch", "delete"]
@@ -139,24 +139,7 @@ class ApiServer:
                 await asyncio.sleep(0.1)
 
     async def review(self, path: str, pod: dict[str, Any], namespace: str = "team-a") -> dict[str, Any]:
-        body = {
-            "apiVersion": "admission.k8s.io/v1",
-            "kind": "AdmissionReview",
-            "request": {
-                "uid": str(uuid.uuid4()),
-                "kind": {"group": "", "version": "v1", "kind": "Pod"},
-                "resource": {"group": "", "version": "v1", "resource": "pods"},
-                "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
-                "requestResource": {"group": "", "version": "v1", "resource": "pods"},
-                "namespace": namespace,
-                "operation": "CREATE",
-                "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller", "groups": ["system:authenticated"]},
-                "object": pod,
-                "oldObject": None,
-                "dryRun": False,
-                "options": {"kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1"},
-            },
-        }
+        body = admission_review(pod, namespace=namespace)
         async with aiohttp.ClientSession() as session:
             async with session.post(self.base + path, json=body, ssl=self.ssl) as resp:
                 assert resp.status == 200, f"{resp.status}: {await resp.text()}"

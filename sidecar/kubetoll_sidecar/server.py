@@ -335,6 +335,19 @@ class Sidecar:
         return web.json_response(detail, status=200 if not self.draining else 503)
 
 
+def _stop_on_signals(stop: asyncio.Event | None) -> None:
+    """SIGTERM/SIGINT set `stop` (None: remove the handlers). Not on Windows."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            if stop is None:
+                loop.remove_signal_handler(sig)
+            else:
+                loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+
+
 async def serve(sidecar: Sidecar, host: str | None = None, port: int | None = None, metrics_port: int | None = None, stop: asyncio.Event | None = None) -> None:
     """Serve until `stop` is set (or SIGTERM/SIGINT), then drain and close."""
     await sidecar.start()
@@ -353,12 +366,7 @@ async def serve(sidecar: Sidecar, host: str | None = None, port: int | None = No
         api_host, port or cfg.port, cfg.metrics_host, metrics_port or cfg.metrics_port, sidecar.config_path,
     )
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
+    _stop_on_signals(stop)
     await stop.wait()
     log.info("shutting down: draining requests in flight (up to %ss)", cfg.drain_seconds)
     sidecar.draining = True
@@ -402,12 +410,7 @@ async def wait_for_config_file(path: str, host: str, port: int, metrics_host: st
     ops.router.add_get("/readyz", readyz)
     runners = [web.AppRunner(api, access_log=None, handle_signals=False), web.AppRunner(ops, access_log=None, handle_signals=False)]
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
+    _stop_on_signals(stop)
     try:
         for runner, h, p in zip(runners, (host, metrics_host), (port, metrics_port)):
             await runner.setup()
@@ -424,11 +427,7 @@ async def wait_for_config_file(path: str, host: str, port: int, metrics_host: st
     finally:
         for runner in runners:
             await runner.cleanup()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                loop.remove_signal_handler(sig)
-            except (NotImplementedError, RuntimeError):
-                pass
+        _stop_on_signals(None)
 
 
 def run_sidecar(

@@ -76,6 +76,16 @@ def _e(s: Any) -> str:
     return html.escape(str(s), quote=True)
 
 
+def _y_grid(parts: list[str], y_of: Any, ymax: float, step: float, x0: float, x1: float) -> None:
+    """Horizontal grid lines with their value labels, from 0 to ymax every step."""
+    v = 0.0
+    while v <= ymax + 1e-12:
+        y = y_of(v)
+        parts.append(f'<line x1="{x0}" x2="{x1}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e5e7eb"/>')
+        parts.append(f'<text x="{x0 - 8}" y="{y + 4:.1f}" text-anchor="end" class="tick">{_e(_tick(v, step))}</text>')
+        v += step
+
+
 def _nice_step(max_value: float, ticks: int = 5) -> float:
     if max_value <= 0:
         return 1.0
@@ -115,13 +125,7 @@ def stacked_area_svg(tl: dict[str, Any], colors: dict[str, str], width: int = 10
     x_of = lambda i: left + pw * (i / n)  # noqa: E731
     y_of = lambda v: top + ph * (1 - v / ymax)  # noqa: E731
     parts = [f'<svg viewBox="0 0 {width} {height}" width="100%" role="img" aria-label="Spend over time per backend">']
-    # grid and y labels
-    v = 0.0
-    while v <= ymax + 1e-12:
-        y = y_of(v)
-        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e5e7eb"/>')
-        parts.append(f'<text x="{left - 8}" y="{y + 4:.1f}" text-anchor="end" class="tick">{_e(_tick(v, step))}</text>')
-        v += step
+    _y_grid(parts, y_of, ymax, step, left, width - right)
     # x labels: about eight of them, on whole multiples of the bucket
     every = max(1, math.ceil(n / 8))
     for i in range(0, n + 1, every):
@@ -208,12 +212,7 @@ def waterfall_svg(s: dict[str, Any], width: int = 1000, height: int = 300) -> st
     y_of = lambda v: top + ph * (1 - v / ymax)  # noqa: E731
     slot = pw / len(bars)
     parts = [f'<svg viewBox="0 0 {width} {height}" width="100%" role="img" aria-label="Savings against the baseline">']
-    v = 0.0
-    while v <= ymax + 1e-12:
-        y = y_of(v)
-        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e5e7eb"/>')
-        parts.append(f'<text x="{left - 8}" y="{y + 4:.1f}" text-anchor="end" class="tick">{_e(_tick(v, step))}</text>')
-        v += step
+    _y_grid(parts, y_of, ymax, step, left, width - right)
     for i, (label, val, kind, lo_v, hi_v, after) in enumerate(bars):
         x = left + i * slot + slot * 0.2
         w = slot * 0.6
