@@ -53,7 +53,7 @@ def _expected_tokens(sample: object, encoding: str) -> tuple[int, int]:
     enc = tiktoken.get_encoding(encoding)
     messages = sample["messages"] if isinstance(sample, dict) else sample
     prompt, reply = messages[:-1], messages[-1]
-    n = 3 + sum(3 + len(enc.encode(m["content"])) for m in prompt)
+    n = 3 + sum(3 + len(enc.encode(m["role"])) + len(enc.encode(m["content"])) for m in prompt)  # OpenAI: role and content
     return n, len(enc.encode(reply["content"]))
 
 
@@ -109,13 +109,13 @@ routes:
 
 def test_arithmetic_by_hand(tmp_path: Path) -> None:
     # One sample: a user message "hello" (one token in both o200k_base and cl100k_base).
-    # Prompt tokens: 3 reply priming + 3 message framing + 1 = 7. Output: --output-tokens 100.
-    # hosted: 7 × $1/MTok + 100 × $2/MTok = $0.000207 a request
-    # gpu:    $3.60 an hour / (1000 tok/s × 3600 s) = $1/MTok for every token: 107 × $1/MTok = $0.000107
+    # Prompt tokens: 3 reply priming + 3 message framing + 1 role ("user") + 1 = 8. Output: --output-tokens 100.
+    # hosted: 8 × $1/MTok + 100 × $2/MTok = $0.000208 a request
+    # gpu:    $3.60 an hour / (1000 tok/s × 3600 s) = $1/MTok for every token: 108 × $1/MTok = $0.000108
     # 3040 MAU × 10 requests/user/month / 30.4 days = 1000 requests a day:
-    #   hosted $0.207/day, $6.2928/month; gpu $0.107/day, $3.2528/month
+    #   hosted $0.208/day, $6.3232/month; gpu $0.108/day, $3.2832/month
     # blended, half on each, half of all requests from cache:
-    #   0.5 × (0.5 × 0.000207 + 0.5 × 0.000107) = $0.0000785 a request, $0.0785/day, $2.3864/month
+    #   0.5 × (0.5 × 0.000208 + 0.5 × 0.000108) = $0.000079 a request, $0.079/day, $2.4016/month
     assert len(tiktoken.get_encoding("o200k_base").encode("hello")) == 1
     assert len(tiktoken.get_encoding("cl100k_base").encode("hello")) == 1
     (tmp_path / "router.yaml").write_text(HAND_CONFIG)
@@ -130,31 +130,31 @@ def test_arithmetic_by_hand(tmp_path: Path) -> None:
     assert r["requests_per_day"] == pytest.approx(1000)
     hosted, gpu = r["targets"]
     assert (hosted["name"], gpu["name"]) == ("hosted", "gpu")
-    assert hosted["input_tokens_per_request"] == 7 and hosted["output_tokens_per_request"] == 100
-    assert hosted["cost_per_request_usd"] == pytest.approx(0.000207)
-    assert hosted["cost_per_day_usd"] == pytest.approx(0.207)
-    assert hosted["cost_per_month_usd"] == pytest.approx(6.2928)
+    assert hosted["input_tokens_per_request"] == 8 and hosted["output_tokens_per_request"] == 100
+    assert hosted["cost_per_request_usd"] == pytest.approx(0.000208)
+    assert hosted["cost_per_day_usd"] == pytest.approx(0.208)
+    assert hosted["cost_per_month_usd"] == pytest.approx(6.3232)
     assert gpu["price_source"] == "gpu-shadow"
-    assert gpu["cost_per_request_usd"] == pytest.approx(0.000107)
-    assert gpu["cost_per_day_usd"] == pytest.approx(0.107)
-    assert gpu["cost_per_month_usd"] == pytest.approx(3.2528)
+    assert gpu["cost_per_request_usd"] == pytest.approx(0.000108)
+    assert gpu["cost_per_day_usd"] == pytest.approx(0.108)
+    assert gpu["cost_per_month_usd"] == pytest.approx(3.2832)
     b = r["blended"]
     assert b["split"] == {"hosted": 0.5, "gpu": 0.5}
-    assert b["cost_per_request_usd"] == pytest.approx(0.0000785)
-    assert b["cost_per_day_usd"] == pytest.approx(0.0785)
-    assert b["cost_per_month_usd"] == pytest.approx(2.3864)
+    assert b["cost_per_request_usd"] == pytest.approx(0.000079)
+    assert b["cost_per_day_usd"] == pytest.approx(0.079)
+    assert b["cost_per_month_usd"] == pytest.approx(2.4016)
 
     rc, out, _ = _run([str(tmp_path / "s.jsonl"), "--config", str(tmp_path / "router.yaml"), "--requests-per-day", "1000", "--output-tokens", "100", "--format", "csv"])
     assert rc == 0
     lines = out.strip().splitlines()
     assert lines[0].startswith("name,model,price_source")
-    assert lines[1].split(",")[5:8] == ["0.000207000", "0.207000", "6.292800"]
+    assert lines[1].split(",")[5:8] == ["0.000208000", "0.208000", "6.323200"]
     assert lines[-1].startswith("blended,")  # default split: all on the first backend
-    assert lines[-1].split(",")[5] == "0.000207000"
+    assert lines[-1].split(",")[5] == "0.000208000"
 
     rc, out, _ = _run([str(tmp_path / "s.jsonl"), "--config", str(tmp_path / "router.yaml"), "--requests-per-day", "1000", "--output-tokens", "100"])
     assert rc == 0
-    assert "hosted" in out and "$0.000207" in out and "$6.293" in out and "gpu-shadow" in out
+    assert "hosted" in out and "$0.000208" in out and "$6.323" in out and "gpu-shadow" in out
 
 
 def test_template_with_variables(tmp_path: Path) -> None:
@@ -165,8 +165,8 @@ def test_template_with_variables(tmp_path: Path) -> None:
     r = json.loads(out)
     enc = tiktoken.get_encoding("o200k_base")
     assert [s["input_tokens"]["gpt-4o"] for s in r["per_sample"]] == [
-        3 + 3 + len(enc.encode("Summarize the ticket from Acme about a late parcel.")),
-        3 + 3 + len(enc.encode("Summarize the ticket from Globex about a damaged box.")),
+        3 + 3 + 1 + len(enc.encode("Summarize the ticket from Acme about a late parcel.")),  # priming, framing, role "user"
+        3 + 3 + 1 + len(enc.encode("Summarize the ticket from Globex about a damaged box.")),
     ]
     assert [s["source"] for s in r["per_sample"]] == [f"{tmp_path / 'v.jsonl'}:1", f"{tmp_path / 'v.jsonl'}:3"]
 

@@ -65,7 +65,8 @@ def test_token_counts_match_tiktoken():
     assert not tokens.encoding_for_model("openai/gpt-4o-mini").approximate
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": text}]
     enc = tiktoken.get_encoding("o200k_base")
-    expected = 3 + 2 * 3 + len(enc.encode("be brief")) + len(enc.encode(text))
+    # OpenAI's formula: 3 per message, the role and the content encoded, 3 for the reply priming.
+    expected = 3 + 2 * 3 + len(enc.encode("system")) + len(enc.encode("user")) + len(enc.encode("be brief")) + len(enc.encode(text))
     assert tokens.count_chat(msgs, "gpt-4o") == expected
     # Memoised: the same long message again gives the same count.
     assert tokens.count_chat(msgs, "gpt-4o") == expected

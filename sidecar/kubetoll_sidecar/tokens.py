@@ -131,6 +131,9 @@ def _content_text(content: Any) -> str:
     return str(content)
 
 
+_role_tokens: dict[tuple[str, str], int] = {}
+_KNOWN_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
 # An image costs tokens by size; without decoding it we reserve OpenAI's
 # high-detail figure for a 1024x1024 image (85 + 4*170), a safe middle.
 IMAGE_TOKENS = 765
@@ -141,6 +144,16 @@ def count_chat(messages: list[dict[str, Any]], model: str, tools: list[Any] | No
     total = REPLY_PRIMING
     for msg in messages:
         total += TOKENS_PER_MESSAGE
+        role = msg.get("role")
+        if isinstance(role, str):
+            # OpenAI's accounting encodes the role too (one token for the standard ones).
+            key = (enc.name, role)
+            n = _role_tokens.get(key)
+            if n is None:
+                n = len(enc.encode_ordinary(role))
+                if role in _KNOWN_ROLES:  # bounded: a client may send any role string
+                    _role_tokens[key] = n
+            total += n
         content = msg.get("content")
         total += _cache.count(enc, _content_text(content))
         if isinstance(content, list):
