@@ -313,3 +313,4 @@ async def test_thousands_of_tenant_meters_are_synced_in_bounded_calls(redis_url,
     assert len(totals) == 2500
     assert {t.spent_units for t in totals} == {50_000_000}
     assert {t.leased_units for t in totals} == {0}
+

@@ -247,6 +247,7 @@ class RedisBudgetStore:
         self.unavailable_total = 0  # times the store found Redis unreachable or too slow
         self.degraded_decisions_total = 0  # reserves decided without Redis
         self.fail_open_allowance_used_total = 0
+        self.contention_rejections_total = 0  # Redis answered, but no lease came free in time
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -367,9 +368,15 @@ class RedisBudgetStore:
             if not missing:
                 return self._commit(holds, sts, amts, mono)
             if mono >= deadline:
-                # Redis answers but the lease it granted went to other requests first, and
-                # this one is out of time: decide it as if Redis were away (no wait beyond timeout_ms).
-                return self._reserve_degraded(holds, sts, amts, now, mono)
+                # Redis answers, but what it granted went to other requests first and this one
+                # is out of time. Not an outage, so no failOpen allowance: with Redis answering,
+                # enforced holds never take a meter past its limit. The client retries shortly.
+                self.contention_rejections_total += 1
+                label = holds[missing[0]].meter.label if missing else holds[0].meter.label
+                raise StoreUnavailable(
+                    f"{label}: no share of the budget came free within {self.settings.timeout_ms:g} ms "
+                    "(other sidecars hold the rest of it); retry shortly"
+                )
             # Not enough lease: one round trip for every meter short of it, and for every
             # request waiting on the same meter (their needs add up).
             for i in missing:
@@ -473,6 +480,7 @@ class RedisBudgetStore:
             "unavailable_total": self.unavailable_total,
             "degraded_decisions_total": self.degraded_decisions_total,
             "fail_open_allowance_used_total": self.fail_open_allowance_used_total,
+            "contention_rejections_total": self.contention_rejections_total,
             "available": 1.0 if self._healthy else 0.0,
             "suspended_budgets": len(self._suspended),
         }
@@ -595,6 +603,11 @@ class RedisBudgetStore:
             self._healthy = False
             self.unavailable_total += 1
             self._degraded_since = mono
+            # A bucket's allowance is its share of capacity plus refill since this outage
+            # began, so what an earlier outage used does not count against it.
+            for st in self._leases.values():
+                if st.bucket:
+                    st.allowance_used = 0
             self._backoff = 0.05
             self._retry_at = mono + self._backoff
             # One line per outage, and at most one every 10 s when Redis flaps.
