@@ -391,6 +391,12 @@ def test_redis_wiring() -> None:
     url = redis_url_env(docs)
     assert url == "redis://kubetoll-redis.kubetoll-system.svc.cluster.local:6379/0"
     BudgetStoreSettings(url=url)  # what the sidecar will accept
+    # The spend reporter's settings reach the operator only with a Redis to read.
+    args = parse_operator_args(operator_args(docs))
+    assert (args.spend_interval, args.tenants_over_budget) == (15.0, 10)
+    assert "--spend-interval" not in " ".join(operator_args(render()))
+    tuned = parse_operator_args(operator_args(render(*VALUE_SETS["external-redis"], "--set-json", "operator.spendStatus.intervalSeconds=2.5", "--set", "operator.spendStatus.tenantsOverBudget=3")))
+    assert (tuned.spend_interval, tuned.tenants_over_budget) == (2.5, 3)
     redis = one(docs, "Deployment", "kubetoll-redis")
     service = one(docs, "Service", "kubetoll-redis")
     assert service["spec"]["selector"] == redis["spec"]["selector"]["matchLabels"]

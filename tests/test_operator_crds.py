@@ -157,12 +157,16 @@ def test_every_kind_has_a_crd_with_names_columns_and_status() -> None:
         assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
         assert version["additionalPrinterColumns"]
     cols = lambda kind: [c["name"] for c in CRDS[kind]["spec"]["versions"][0]["additionalPrinterColumns"]]  # noqa: E731
-    assert cols("TokenBudget")[:4] == ["Spent", "Limit", "Percent", "Period End"]
+    assert cols("TokenBudget")[:5] == ["Spent", "Limit", "Unit", "Percent", "Period End"]
+    # Each TokenBudget and CachePolicy column reads a status field the spend reporter fills.
+    paths = lambda kind: [c["jsonPath"] for c in CRDS[kind]["spec"]["versions"][0]["additionalPrinterColumns"]]  # noqa: E731
+    assert paths("TokenBudget")[:5] == [".status.spent", ".status.limit", ".status.unit", ".status.percent", ".status.periodEnd"]
+    assert [".status.hits", ".status.savedUSD"] == [p for p in paths("CachePolicy") if p.startswith(".status.") and "conditions" not in p]
     assert cols("ModelRoute")[:3] == ["Model Name", "First Backend", "Ready"]
     assert cols("ModelBackend")[:3] == ["Provider", "Model", "Ready"]
     assert [CRDS[k]["spec"]["names"]["shortNames"] for k in ("ModelBackend", "ModelRoute", "TokenBudget", "CachePolicy")] == [["mb"], ["mr"], ["tb"], ["cp"]]
     status = schema_of("TokenBudget")["properties"]["status"]["properties"]
-    assert {"spent", "remaining", "percent", "periodStart", "periodEnd"} <= set(status)
+    assert {"spent", "remaining", "percent", "periodStart", "periodEnd", "tenantsOverBudget", "meters"} <= set(status)
 
 
 # --------------------------------------------------------------------------- structural

@@ -125,17 +125,18 @@ async def start_operator(kmock: Any, tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
     # kopf cancels every task created after it started when it stops, so it gets
     # its own thread and event loop (as kopf.testing.KopfRunner does); the
-    # emulator keeps serving on the test's loop.
-    stop = threading.Event()
-    threads: list[threading.Thread] = []
+    # emulator keeps serving on the test's loop. Each start has its own stop flag:
+    # `await stop_operator(memo)` stops one (to test a restart); the rest stop at teardown.
+    running: list[tuple[threading.Event, threading.Thread]] = []
     failures: list[BaseException] = []
 
-    async def start() -> kopf.Memo:
+    async def start(**options: Any) -> kopf.Memo:
         settings = kopf.OperatorSettings()
         settings.watching.reconnect_backoff = 0.1
         settings.queueing.idle_timeout = 0.5
-        memo = kopf.Memo(options=handlers.OperatorOptions(debounce_seconds=0.05))
+        memo = kopf.Memo(options=handlers.OperatorOptions(**{"debounce_seconds": 0.05, **options}))
         ready = threading.Event()
+        stop = threading.Event()
 
         def main() -> None:
             try:
@@ -147,16 +148,24 @@ async def start_operator(kmock: Any, tmp_path: Path, monkeypatch: pytest.MonkeyP
 
         thread = threading.Thread(target=main, name="kopf-operator", daemon=True)
         thread.start()
-        threads.append(thread)
+        running.append((stop, thread))
+        memo.stop_flag, memo.operator_thread = stop, thread
         assert await asyncio.to_thread(ready.wait, 10), "the operator did not start"
         return memo
 
     yield start
-    stop.set()
-    for thread in threads:
+    for stop, thread in running:
+        stop.set()
         await asyncio.to_thread(thread.join, 15)
         assert not thread.is_alive(), "the operator did not stop"
     assert failures == []
+
+
+async def stop_operator(memo: kopf.Memo) -> None:
+    """Stop one operator started by `start_operator` and wait until its thread has ended."""
+    memo.stop_flag.set()
+    await asyncio.to_thread(memo.operator_thread.join, 15)
+    assert not memo.operator_thread.is_alive(), "the operator did not stop"
 
 
 def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:

@@ -60,11 +60,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", metavar="URL", help="liveness endpoint (default: http://0.0.0.0:8080/healthz; empty to disable)")
     p.add_argument("--redis-url", default=os.environ.get("KUBETOLL_REDIS_URL"), help="Redis URL written into every namespace's config (budgets shared across sidecars); env KUBETOLL_REDIS_URL")
     p.add_argument("--cluster-domain", default=os.environ.get("KUBETOLL_CLUSTER_DOMAIN", "cluster.local"), help="cluster DNS domain for serviceRef endpoints (default: cluster.local)")
+    p.add_argument("--redis-username-file", default=os.environ.get("KUBETOLL_REDIS_USERNAME_FILE"), metavar="PATH", help="file holding the operator's Redis ACL user, read at each connection; env KUBETOLL_REDIS_USERNAME_FILE")
+    p.add_argument("--redis-password-file", default=os.environ.get("KUBETOLL_REDIS_PASSWORD_FILE"), metavar="PATH", help="file holding the operator's Redis password, read at each connection; env KUBETOLL_REDIS_PASSWORD_FILE (or the password itself in KUBETOLL_REDIS_PASSWORD)")
+    p.add_argument("--spend-interval", type=_positive_float, default=_positive_float(os.environ.get("KUBETOLL_SPEND_INTERVAL", "15")), metavar="SECONDS", help="with --redis-url: how often each namespace's spend is read into TokenBudget and CachePolicy status (default 15); env KUBETOLL_SPEND_INTERVAL")
+    p.add_argument("--tenants-over-budget", type=int, default=10, metavar="N", help="TokenBudget status lists at most N tenants over a tier limit (default 10)")
     p.add_argument("--verbose", action="store_true")
     from .webhook import add_arguments as add_webhook_arguments
 
     add_webhook_arguments(p)
     p.set_defaults(handler=cmd_operator)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
 
 
 def _priority(text: str) -> int:
@@ -332,7 +343,18 @@ def cmd_operator(args: argparse.Namespace) -> int:
     from .webhook import options_from_args as webhook_options
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    options = OperatorOptions(redis_url=args.redis_url or None, cluster_domain=args.cluster_domain, webhook=webhook_options(args))
+    from .spend import credentials_from_env
+
+    options = OperatorOptions(
+        redis_url=args.redis_url or None,
+        cluster_domain=args.cluster_domain,
+        webhook=webhook_options(args),
+        spend_interval_seconds=args.spend_interval,
+        tenants_over_budget=max(args.tenants_over_budget, 0),
+        redis_username_file=args.redis_username_file or None,
+        redis_password_file=args.redis_password_file or None,
+        redis_password=credentials_from_env(),
+    )
     run_operator(
         options,
         standalone=args.standalone,

@@ -17,6 +17,13 @@ namespace: it coalesces bursts of events, compiles, and writes
 and deletes both managed objects once the namespace has no resources left. A
 failed API call is retried with backoff; the last written config stays in place
 meanwhile.
+
+With a Redis budget store (`--redis-url`) a second task per namespace, the spend
+reporter, reads what the sidecars wrote every `spend_interval_seconds` and fills
+the TokenBudget spend fields and CachePolicy counters, posts one Event per alert
+threshold per period, and sets the SpendKnown and ThresholdReached conditions
+(spend.py has the arithmetic; docs/operator.md says why a task and not a kopf
+timer).
 """
 
 from __future__ import annotations
@@ -28,15 +35,18 @@ import datetime
 import hashlib
 import logging
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
+from redis.exceptions import RedisError
 
+from . import spend
 from .compiler import CompileResult, compile_namespace
 from .kube import ApiError, KubeApi
-from .resources import API_VERSION, GROUP, KINDS, VERSION
+from .resources import API_VERSION, GROUP, KINDS, VERSION, TokenBudgetSpec
 from .status import desired_status, merge_transition_times, status_differs
 
 log = logging.getLogger("kubetoll.operator")
@@ -52,6 +62,9 @@ COMPONENT = "kubetoll-operator"
 registry = kopf.OperatorRegistry()
 
 
+DEFAULT_THRESHOLDS = TokenBudgetSpec.model_fields["alert_thresholds"].default_factory()  # type: ignore[misc]
+
+
 @dataclass
 class OperatorOptions:
     redis_url: str | None = None
@@ -59,6 +72,14 @@ class OperatorOptions:
     debounce_seconds: float = 0.2  # coalesce a burst of events (kubectl apply -f dir/) into one compile
     max_backoff_seconds: float = 60.0
     webhook: Any = None  # webhook.WebhookOptions: the sidecar-injection webhook (None: off)
+    # The spend reporter (only with redis_url).
+    spend_interval_seconds: float = 15.0  # how often each namespace's spend is read and its statuses updated
+    tenants_over_budget: int = 10  # TokenBudget status lists at most this many tenants over a tier limit
+    redis_timeout_seconds: float = 2.0  # bound on each step of a reading (totals, an alert mark, the ledger)
+    cache_ledger_records_per_tick: int = 200_000  # ledger entries read per namespace and tick for cache counters
+    redis_username_file: str | None = None
+    redis_password_file: str | None = None
+    redis_password: str | None = field(default=None, repr=False)
 
 
 def _index_name(plural: str) -> str:
@@ -100,6 +121,16 @@ class Reconciler:
     reported: dict[str, set[tuple[str, ...]]] = field(default_factory=dict)  # ns → problems already posted as Events
     last_compile: str | None = None
     compiles: int = 0
+    # the spend reporter
+    configs: dict[str, Any] = field(default_factory=dict)  # ns → the RouterConfig last compiled
+    reporters: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    written: dict[tuple[str, str, str], tuple[str | None, dict[str, Any]]] = field(default_factory=dict)  # (kind, ns, name) → (uid, status we wrote)
+    locks: dict[str, asyncio.Lock] = field(default_factory=dict)  # ns → held while a status is read, merged and written
+    alert_marks: dict[tuple[str, str, str, int], float] = field(default_factory=dict)  # (ns, budget, meter, threshold) → period end
+    cache_counters: dict[str, spend.CacheCounter] = field(default_factory=dict)
+    spend_ok: dict[str, bool] = field(default_factory=dict)  # ns → last reading succeeded (logs transitions only)
+    spend_reports: int = 0
+    redis: Any = None
 
     # ----------------------------------------------------------------- triggers
 
@@ -145,9 +176,16 @@ class Reconciler:
             self.tasks.pop(namespace, None)
 
     async def close(self) -> None:
-        for task in list(self.tasks.values()):
+        tasks = [*self.tasks.values(), *self.reporters.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.redis is not None:
+            try:
+                await asyncio.wait_for(self.redis.aclose(), self.options.redis_timeout_seconds)
+            except Exception:  # closing: nothing left to do about it
+                pass
+            self.redis = None
         if self.api is not None:
             await self.api.close()
 
@@ -172,6 +210,7 @@ class Reconciler:
     async def reconcile(self, namespace: str) -> None:
         assert self.api is not None, "not logged in yet"
         api = self.api
+        started = time.perf_counter()
         resources = self.resources(namespace)
         cm_path = f"/api/v1/namespaces/{namespace}/configmaps/{CONFIGMAP_NAME}"
         secret_path = f"/api/v1/namespaces/{namespace}/secrets/{CREDENTIALS_SECRET}"
@@ -184,6 +223,8 @@ class Reconciler:
                     removed.append(what)
             self.applied.pop(namespace, None)
             self.reported.pop(namespace, None)
+            self.configs.pop(namespace, None)
+            self._set_reporter(namespace, False)
             if removed:
                 log.info("namespace %s: no kubetoll resources left; removed %s", namespace, " and ".join(removed))
             return
@@ -198,7 +239,9 @@ class Reconciler:
             from kubetoll_sidecar.config import BudgetStoreSettings
 
             store = BudgetStoreSettings(url=self.options.redis_url)
+        compile_started = time.perf_counter()
         result = compile_namespace(namespace, resources, secrets=sources, budget_store=store, cluster_domain=self.options.cluster_domain)
+        compile_ms = (time.perf_counter() - compile_started) * 1000
         self.compiles += 1
         self.last_compile = datetime.datetime.now(datetime.timezone.utc).isoformat()
 
@@ -212,13 +255,17 @@ class Reconciler:
             if await self._apply_configmap(namespace, cm_path, result):
                 changed.append("config")
             self.applied[namespace] = result.content_hash
+            self.configs[namespace] = result.config
+            self._set_reporter(namespace, bool(self.options.redis_url and (result.config.budgets or result.config.cache_policies)))
         statuses = await self._apply_statuses(namespace, result)
         events = await self._post_events(namespace, result)
         errors = sum(1 for p in result.problems if p.severity == "error")
         log.info(
-            "namespace %s: compiled %d resources: config %s, %s; %d errors, %d warnings; %d statuses and %d events written",
+            "namespace %s: compiled %d resources in %.0f ms (%.0f ms with the API calls): config %s, %s; %d errors, %d warnings; %d statuses and %d events written",
             namespace,
             len(resources),
+            compile_ms,
+            (time.perf_counter() - started) * 1000,
             result.content_hash[:12] or "none",
             ("updated " + " and ".join(changed)) if changed else "unchanged",
             errors,
@@ -273,31 +320,73 @@ class Reconciler:
         await self.api.merge_patch(path, patch)
         return True
 
+    def _lock(self, namespace: str) -> asyncio.Lock:
+        lock = self.locks.get(namespace)
+        if lock is None:
+            lock = self.locks[namespace] = asyncio.Lock()
+        return lock
+
+    def _current_status(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """The freshest status we know: the one we last wrote, else what the index holds.
+
+        Two writers (the compile and the spend reporter) share `status.conditions`, a list a
+        merge patch replaces whole, so each keeps the other's conditions; the index can lag
+        behind our own last write by a watch event.
+        """
+        meta = obj.get("metadata", {})
+        key = (obj.get("kind", ""), meta.get("namespace", ""), meta.get("name", ""))
+        cached = self.written.get(key)
+        if cached is not None and cached[0] == meta.get("uid"):
+            return cached[1]
+        return dict(obj.get("status") or {})
+
+    async def _write_status(self, obj: dict[str, Any], patch: dict[str, Any], current: dict[str, Any]) -> bool:
+        """Merge-patch `status` (with lastTransitionTime kept where a condition did not change). False: the object is gone."""
+        assert self.api is not None
+        meta = obj["metadata"]
+        kind, namespace, name = obj["kind"], meta.get("namespace", ""), meta["name"]
+        if "conditions" in patch:
+            patch = merge_transition_times(patch, current)
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{KINDS[kind].plural}/{name}/status"
+        try:
+            answer = await self.api.merge_patch(path, {"status": patch})
+        except ApiError as exc:
+            if exc.status == 404:  # deleted meanwhile; its DELETED event recompiles
+                self.written.pop((kind, namespace, name), None)
+                return False
+            raise
+        status = (answer or {}).get("status")
+        if not isinstance(status, dict):
+            status = {k: v for k, v in {**current, **patch}.items() if v is not None}
+        self.written[(kind, namespace, name)] = (meta.get("uid"), status)
+        return True
+
     async def _apply_statuses(self, namespace: str, result: CompileResult) -> int:
         assert self.api is not None
-        current_by_key = {(o.get("kind"), o["metadata"]["name"]): o for o in self.resources(namespace)}
+        objects = self.resources(namespace)
+        current_by_key = {(o.get("kind"), o["metadata"]["name"]): o for o in objects}
+        live = {(o.get("kind"), namespace, o["metadata"]["name"]) for o in objects}
+        for key in [k for k in self.written if k[1] == namespace and k not in live]:
+            del self.written[key]
         written = 0
-        for key, outcome in sorted(result.outcomes.items()):
-            obj = current_by_key.get(key)
-            if obj is None:
-                continue
-            current = obj.get("status") or {}
-            desired = desired_status(result, outcome)
-            if not status_differs(desired, current):
-                continue
-            status = merge_transition_times(desired, current)
-            for k in current:
-                if k not in status and k in ("endpoint", "prices", "modelName", "firstBackend"):
-                    status[k] = None
-            plural = KINDS[outcome.kind].plural
-            path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{plural}/{outcome.name}/status"
-            try:
-                await self.api.merge_patch(path, {"status": status})
-            except ApiError as exc:
-                if exc.status == 404:  # deleted meanwhile; its DELETED event recompiles
+        async with self._lock(namespace):
+            for key, outcome in sorted(result.outcomes.items()):
+                obj = current_by_key.get(key)
+                if obj is None:
                     continue
-                raise
-            written += 1
+                obj = {**obj, "metadata": {**obj["metadata"], "namespace": namespace}}
+                current = self._current_status(obj)
+                desired = desired_status(result, outcome)
+                # The spend reporter's conditions stay as it wrote them.
+                desired["conditions"] += [c for c in current.get("conditions") or [] if c.get("type") in spend.SPEND_CONDITIONS]
+                if not status_differs(desired, current):
+                    continue
+                status = dict(desired)
+                for k in current:
+                    if k not in status and k in ("endpoint", "prices", "modelName", "firstBackend"):
+                        status[k] = None
+                if await self._write_status(obj, status, current):
+                    written += 1
         return written
 
     async def _post_events(self, namespace: str, result: CompileResult) -> int:
@@ -310,26 +399,198 @@ class Reconciler:
             key = (p.kind, p.name, p.reason, p.field, p.message)
             if key in before or (p.kind, p.name) not in uids:
                 continue
-            now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-            event = {
-                "apiVersion": "v1",
-                "kind": "Event",
-                "metadata": {"name": f"{p.name}.{uuid.uuid4().hex[:16]}", "namespace": namespace},
-                "involvedObject": {"apiVersion": API_VERSION, "kind": p.kind, "name": p.name, "namespace": namespace, "uid": uids[(p.kind, p.name)]},
-                "type": "Warning",
-                "reason": p.reason,
-                "message": (f"{p.field}: " if p.field else "") + p.message,
-                "source": {"component": COMPONENT},
-                "reportingComponent": COMPONENT,
-                "reportingInstance": socket.gethostname(),
-                "firstTimestamp": now,
-                "lastTimestamp": now,
-                "count": 1,
-            }
-            await self.api.create(f"/api/v1/namespaces/{namespace}/events", event)
+            await self._create_event(namespace, p.kind, p.name, uids[(p.kind, p.name)], "Warning", p.reason, (f"{p.field}: " if p.field else "") + p.message)
             posted += 1
         self.reported[namespace] = current
         return posted
+
+    async def _create_event(self, namespace: str, kind: str, name: str, uid: str | None, type_: str, reason: str, message: str) -> None:
+        assert self.api is not None
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{name}.{uuid.uuid4().hex[:16]}", "namespace": namespace},
+            "involvedObject": {"apiVersion": API_VERSION, "kind": kind, "name": name, "namespace": namespace, "uid": uid},
+            "type": type_,
+            "reason": reason,
+            "message": message,
+            "source": {"component": COMPONENT},
+            "reportingComponent": COMPONENT,
+            "reportingInstance": socket.gethostname(),
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        await self.api.create(f"/api/v1/namespaces/{namespace}/events", event)
+
+    # ----------------------------------------------------------------- spend reporter
+    #
+    # One task per namespace that has budgets or cache policies, not a kopf timer: a
+    # timer is per object and makes kopf put a finalizer on every TokenBudget (a budget
+    # could then not be deleted while no operator runs), its interval is fixed when the
+    # handler is registered, and one reading per namespace fetches every budget's
+    # meters and reads the ledger once for all of its cache policies.
+
+    def _set_reporter(self, namespace: str, wanted: bool) -> None:
+        task = self.reporters.get(namespace)
+        if wanted and task is None:
+            self.reporters[namespace] = asyncio.create_task(self._spend_loop(namespace), name=f"kubetoll-spend-{namespace}")
+        elif not wanted and task is not None:
+            task.cancel()
+            del self.reporters[namespace]
+            self.cache_counters.pop(namespace, None)
+            self.spend_ok.pop(namespace, None)
+
+    async def _spend_loop(self, namespace: str) -> None:
+        while True:
+            try:
+                await self.report_spend(namespace)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a Kubernetes write failed, or a bug: try again next tick
+                log.error("namespace %s: spend report failed, retrying in %gs: %s", namespace, self.options.spend_interval_seconds, exc)
+            await asyncio.sleep(self.options.spend_interval_seconds)
+
+    def _redis(self) -> Any:
+        if self.redis is None:
+            from kubetoll_sidecar.budgets.redis_connect import connect_redis
+            from kubetoll_sidecar.config import BudgetStoreSettings
+
+            creds = spend.OperatorRedisCredentials(self.options.redis_username_file, self.options.redis_password_file, self.options.redis_password)
+            self.redis = connect_redis(
+                BudgetStoreSettings(url=self.options.redis_url),
+                "/nonexistent",  # the operator's credentials are its own (creds), never a namespace's files
+                io_timeout=self.options.redis_timeout_seconds,
+                credential_provider=creds if creds.configured else None,
+                client_name="kubetoll-operator",
+            )
+        return self.redis
+
+    async def report_spend(self, namespace: str) -> None:
+        """Read a namespace's spend from Redis once and write what changed."""
+        from kubetoll_sidecar.budgets.redis_keys import RETENTION_AFTER_PERIOD
+        from kubetoll_sidecar.ledger_redis import period_totals
+
+        config = self.configs.get(namespace)
+        if config is None or self.api is None:
+            return
+        objects = {(o.get("kind"), o["metadata"]["name"]): {**o, "metadata": {**o["metadata"], "namespace": namespace}} for o in self.resources(namespace)}
+        budgets = [b for b in config.budgets if ("TokenBudget", b.name) in objects]
+        policies = [p for p in config.cache_policies if ("CachePolicy", p.name) in objects]
+        client = self._redis()
+        now = time.time()
+        timeout = self.options.redis_timeout_seconds
+        self.spend_reports += 1
+
+        totals: dict[str, list[Any]] = {}
+        failure: Exception | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                for b in budgets:
+                    # Day windows of past days and idle buckets expire sooner than this: not fetched.
+                    totals[b.name] = await period_totals(client, namespace, b.name, min_expiry=now + RETENTION_AFTER_PERIOD["day"])
+        except (RedisError, OSError, TimeoutError, ValueError) as exc:
+            failure = exc
+        self._log_spend_transition(namespace, failure)
+
+        for b in budgets:
+            obj = objects[("TokenBudget", b.name)]
+            thresholds = list((obj.get("spec") or {}).get("alertThresholds", DEFAULT_THRESHOLDS))
+            if failure is not None:
+                await self._write_spend_status(obj, {}, [spend.spend_known(False, type(failure).__name__)])
+                continue
+            report = spend.budget_report(b, totals[b.name], thresholds, now, self.options.tenants_over_budget)
+            await self._write_spend_status(obj, report.status, [spend.spend_known(True), report.threshold])
+            for cap, threshold in report.alerts(thresholds):
+                await self._post_alert(namespace, obj, cap, threshold)
+        self.alert_marks = {k: end for k, end in self.alert_marks.items() if end > now}
+
+        if policies and failure is None:
+            await self._report_cache(namespace, config, [objects[("CachePolicy", p.name)] for p in policies], now)
+
+    def _log_spend_transition(self, namespace: str, failure: Exception | None) -> None:
+        ok = failure is None
+        if self.spend_ok.get(namespace) == ok:
+            return
+        self.spend_ok[namespace] = ok
+        if ok:
+            log.info("namespace %s: reading spend from Redis", namespace)
+        else:  # the URL carries no credentials (BudgetStoreSettings refuses them); the password is never in a message
+            log.warning("namespace %s: cannot read spend from Redis (%s: %s); statuses keep their last reading", namespace, type(failure).__name__, failure)
+
+    async def _write_spend_status(self, obj: dict[str, Any], fields: dict[str, Any], conditions: list[dict[str, Any]]) -> None:
+        async with self._lock(obj["metadata"]["namespace"]):
+            current = self._current_status(obj)
+            have = current.get("conditions") or []
+            # The compile's conditions first, then the reporter's in a fixed order; one not given keeps its last value.
+            given = {c["type"]: c for c in conditions}
+            kept = {c.get("type"): c for c in have if c.get("type") in spend.SPEND_CONDITIONS}
+            ours = [given.get(t) or kept[t] for t in spend.SPEND_CONDITIONS if t in given or t in kept]
+            desired = {k: v for k, v in fields.items() if v is not None}
+            desired["conditions"] = [c for c in have if c.get("type") not in spend.SPEND_CONDITIONS] + ours
+            cleared = {k: None for k, v in fields.items() if v is None and k in current}
+            if not cleared and not status_differs(desired, current):
+                return
+            await self._write_status(obj, {**desired, **cleared}, current)
+
+    async def _post_alert(self, namespace: str, obj: dict[str, Any], cap: spend.CapReading, threshold: int) -> None:
+        """One Event per threshold, meter and period, whichever replica or restart gets there first.
+
+        The mark is a Redis key set with SET NX (docs/redis-layout.md, `alert`): atomic
+        between two replicas, kept across restarts, named after the meter (which ends with
+        its period id, so a new period starts unmarked), expiring a day after the period.
+        """
+        from kubetoll_sidecar.budgets.redis_keys import RedisKeys
+
+        budget = obj["metadata"]["name"]
+        mark = (namespace, budget, cap.meter, threshold)
+        if mark in self.alert_marks:
+            return
+        client = self._redis()
+        key = RedisKeys(namespace).alert_posted(budget, cap.meter, threshold)
+        timeout = self.options.redis_timeout_seconds
+        try:
+            claimed = await asyncio.wait_for(client.set(key, f"{socket.gethostname()} {int(time.time())}", nx=True, exat=int(cap.period.end) + 86_400), timeout)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("namespace %s: TokenBudget %s: alert %d%% not marked in Redis, trying again next time: %s", namespace, budget, threshold, type(exc).__name__)
+            return
+        if claimed:
+            try:
+                await self._create_event(
+                    namespace, "TokenBudget", budget, obj["metadata"].get("uid"), spend.alert_event_type(threshold), "BudgetThresholdCrossed", cap.alert_message(threshold)
+                )
+            except BaseException:
+                # Not posted: drop the mark so this (or the other) replica posts it next time.
+                try:
+                    await asyncio.wait_for(client.delete(key), timeout)
+                except Exception:
+                    pass
+                raise
+            log.info("namespace %s: TokenBudget %s: %s", namespace, budget, cap.alert_message(threshold))
+        self.alert_marks[mark] = cap.period.end
+
+    async def _report_cache(self, namespace: str, config: Any, policies: list[dict[str, Any]], now: float) -> None:
+        from kubetoll_sidecar.ledger_redis import read_ledger_page
+
+        counter = self.cache_counters.setdefault(namespace, spend.CacheCounter())
+        counter.roll(now)
+        client = self._redis()
+        read = 0
+        try:
+            async with asyncio.timeout(self.options.redis_timeout_seconds):
+                while read < self.options.cache_ledger_records_per_tick:
+                    records, cursor, n = await read_ledger_page(client, namespace, counter.cursor, 1000)
+                    counter.add(records)  # page by page: a tick cut short keeps what it read
+                    counter.cursor = cursor
+                    read += n
+                    if n < 1000:
+                        break
+        except (RedisError, OSError, TimeoutError, ValueError) as exc:
+            log.debug("namespace %s: ledger read stopped after %d entries: %s", namespace, read, type(exc).__name__)
+        routes = spend.policy_routes(config)
+        for obj in policies:
+            await self._write_spend_status(obj, counter.status(routes.get(obj["metadata"]["name"], [])), [])
 
 
 # --------------------------------------------------------------------------- kopf wiring

@@ -531,7 +531,7 @@ class TokenBudgetSpec(SpecModel):
     alert_thresholds: list[int] = Field(
         default_factory=lambda: [50, 75, 90, 100],
         max_length=20,
-        description="Percentages of the cap at which a Warning Event is posted.",
+        description="Percentages of each namespace cap limit at which the operator posts an Event, once per threshold and period (Warning from 90, Normal below); needs a Redis budget store.",
         json_schema_extra={
             "items": {"type": "integer", "minimum": 1, "maximum": 100, "description": "Percent of the cap."},
             "x-kubernetes-list-type": "set",
@@ -632,7 +632,7 @@ class StatusModel(BaseModel):
 class Condition(StatusModel):
     """One aspect of the resource's state, Kubernetes style."""
 
-    type: str = Field(max_length=316, description="Condition type: Ready, ResolvedRefs, Enforced, TenancyAccepted.")
+    type: str = Field(max_length=316, description="Condition type: Ready and ResolvedRefs (every kind); TenancyAccepted, SpendKnown and ThresholdReached (TokenBudget).")
     status: ConditionStatus = Field(description="True, False or Unknown.")
     reason: str = Field(max_length=1024, description="CamelCase reason for the status.")
     message: str = Field("", max_length=32768, description="Human-readable detail naming the field.")
@@ -673,31 +673,69 @@ class ModelRouteStatus(StatusModel):
     backends: list[str] = Field(default_factory=list, description="Every backend the route may use, resolved.")
 
 
+class BudgetMeterStatus(StatusModel):
+    """One level of a budget in its current calendar period: the namespace cap, or a tier summed over its tenants."""
+
+    level: str = Field(description="cap (the namespace cap) or tier:<name> (that tier's tenants).")
+    unit: str = Field(description="USD or tokens.")
+    window: str = Field(description="day or month.")
+    period: str = Field(description="Period id in the budget's timezone: 2026-11-22 (day) or 2026-11 (month).")
+    period_start: str | None = Field(None, description="Start of the period (RFC 3339).", json_schema_extra={"format": "date-time"})
+    period_end: str | None = Field(None, description="End of the period (RFC 3339).", json_schema_extra={"format": "date-time"})
+    limit: float | None = Field(None, description="cap: the limit for the period; tier: each tenant's limit.")
+    spent: float | None = Field(None, description="Settled spend in the period (tier: all its tenants together).")
+    remaining: float | None = Field(None, description="cap only: limit minus spent, at least 0.")
+    percent: float | None = Field(None, description="cap only: percent of the limit spent.")
+    tenants: int | None = Field(None, description="tier only: tenants with spend in the period.")
+    tenants_over: int | None = Field(None, description="tier only: tenants at or over their limit.")
+    max_percent: float | None = Field(None, description="tier only: the highest percent any tenant has spent.")
+
+
 class TokenBudgetStatus(StatusModel):
-    """Observed state of a TokenBudget. Spend fields are filled in by the spend reporter."""
+    """Observed state of a TokenBudget.
+
+    The compile fills observedGeneration, routes and the Ready, ResolvedRefs and
+    TenancyAccepted conditions. With a Redis budget store the operator's spend
+    reporter reads the sidecars' totals every few seconds and fills the rest: the
+    headline (spent, limit, remaining, unit, percent, period) is the namespace cap of
+    the longest period set, USD before tokens; `meters` lists every level.
+    """
 
     observed_generation: int | None = Field(None, description="metadata.generation last compiled.")
-    conditions: list[Condition] = Field(default_factory=list, description="Ready, ResolvedRefs and TenancyAccepted.", json_schema_extra=_CONDITIONS_EXTRA)
-    spent: float | None = Field(None, description="Spent in the current period, in unit.")
-    limit: float | None = Field(None, description="The cap for the current period, in unit.")
-    remaining: float | None = Field(None, description="What remains of the cap, in unit.")
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Ready, ResolvedRefs, TenancyAccepted, SpendKnown and ThresholdReached.", json_schema_extra=_CONDITIONS_EXTRA
+    )
+    spent: float | None = Field(None, description="Spent in the current period of the headline cap (month before day, USD before tokens), in unit.")
+    limit: float | None = Field(None, description="The headline cap for the current period, in unit.")
+    remaining: float | None = Field(None, description="What remains of the headline cap, in unit (at least 0).")
     unit: str | None = Field(None, description="USD or tokens.")
-    percent: float | None = Field(None, description="Percent of the cap spent.")
-    period_start: str | None = Field(None, description="Start of the current period (RFC 3339).", json_schema_extra={"format": "date-time"})
-    period_end: str | None = Field(None, description="End of the current period (RFC 3339).", json_schema_extra={"format": "date-time"})
-    tenants_over_budget: list[str] = Field(default_factory=list, description="Tenants that have spent a tier limit in the current period.")
+    percent: float | None = Field(None, description="Percent of the headline cap spent.")
+    period_start: str | None = Field(None, description="Start of the headline cap's current period (RFC 3339).", json_schema_extra={"format": "date-time"})
+    period_end: str | None = Field(None, description="End of the headline cap's current period (RFC 3339).", json_schema_extra={"format": "date-time"})
+    tenants_over_budget: list[str] = Field(
+        default_factory=list, description="Tenants at or over a tier's USD limit in its current period, highest percent first (at most the operator's --tenants-over-budget)."
+    )
+    meters: list[BudgetMeterStatus] = Field(default_factory=list, description="Every level in its current period: each namespace cap limit, and each tier limit summed over its tenants.")
     routes: list[str] = Field(default_factory=list, description="Model names of the routes covered, resolved.")
 
 
 class CachePolicyStatus(StatusModel):
-    """Observed state of a CachePolicy. Counters are filled in once the sidecar caches."""
+    """Observed state of a CachePolicy.
+
+    With a Redis budget store the operator counts the policy's cache hits in the spend
+    ledger (records with a cache hit on the routes naming the policy) since the start of
+    the current UTC day (countersSince). savedTokens and entries stay empty: the ledger
+    does not record the tokens a hit avoided, and counting entries would mean scanning
+    the cache's keys.
+    """
 
     observed_generation: int | None = Field(None, description="metadata.generation last compiled.")
-    conditions: list[Condition] = Field(default_factory=list, description="Ready, ResolvedRefs and Enforced.", json_schema_extra=_CONDITIONS_EXTRA)
-    entries: int | None = Field(None, description="Entries stored.")
-    hits: int | None = Field(None, description="Requests answered from the cache.")
-    saved_tokens: int | None = Field(None, description="Tokens not sent upstream thanks to the cache.")
-    saved_usd: float | None = Field(None, alias="savedUSD", description="USD not spent thanks to the cache.")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready and ResolvedRefs.", json_schema_extra=_CONDITIONS_EXTRA)
+    entries: int | None = Field(None, description="Entries stored (not reported yet).")
+    hits: int | None = Field(None, description="Requests answered from the cache since countersSince.")
+    saved_tokens: int | None = Field(None, description="Tokens not sent upstream thanks to the cache (not reported yet: the ledger does not record them).")
+    saved_usd: float | None = Field(None, alias="savedUSD", description="USD not spent thanks to the cache since countersSince.")
+    counters_since: str | None = Field(None, description="Start of the window hits and savedUSD count (the current UTC day, RFC 3339).", json_schema_extra={"format": "date-time"})
     routes: list[str] = Field(default_factory=list, description="Routes naming this policy.")
 
 
@@ -763,8 +801,10 @@ TOKEN_BUDGET = KindInfo(
     printer_columns=(
         {"name": "Spent", "type": "number", "jsonPath": ".status.spent", "description": "Spent in the current period."},
         {"name": "Limit", "type": "number", "jsonPath": ".status.limit", "description": "Cap for the current period."},
+        {"name": "Unit", "type": "string", "jsonPath": ".status.unit", "description": "USD or tokens."},
         {"name": "Percent", "type": "number", "jsonPath": ".status.percent", "description": "Percent of the cap spent."},
-        {"name": "Period End", "type": "date", "jsonPath": ".status.periodEnd", "description": "When the current period resets."},
+        # string, not date: kubectl prints a date column as an age, and a time in the future as <invalid>.
+        {"name": "Period End", "type": "string", "jsonPath": ".status.periodEnd", "description": "When the current period resets."},
         _READY,
     ),
     description="TokenBudget limits spend on routes: a namespace-wide cap and per-tenant tiers.",
@@ -779,6 +819,8 @@ CACHE_POLICY = KindInfo(
     printer_columns=(
         {"name": "Exact", "type": "boolean", "jsonPath": ".spec.exact.enabled", "description": "Exact caching on."},
         {"name": "Semantic", "type": "boolean", "jsonPath": ".spec.semantic.enabled", "description": "Semantic caching on."},
+        {"name": "Hits", "type": "integer", "jsonPath": ".status.hits", "description": "Requests answered from the cache today (UTC)."},
+        {"name": "Saved USD", "type": "number", "jsonPath": ".status.savedUSD", "description": "USD the cache saved today (UTC)."},
         _READY,
         _AGE,
     ),

@@ -59,20 +59,34 @@ async def iter_ledger(
     client: Any, namespace: str, since: float = 0.0, until: float | None = None, page: int = 1000
 ) -> AsyncIterator[SpendRecord]:
     """Records of one namespace with `since <= time < until` (settlement time), oldest flush first."""
-    key = RedisKeys(namespace).ledger()
-    start = f"{max(int(since * 1000) - CLOCK_SKEW_MS, 0)}-0"
+    after = ledger_start_id(since)
     while True:
-        entries = await client.xrange(key, min=start, max="+", count=page)
-        if not entries:
-            return
-        for entry_id, fields in entries:
-            r = decode_record(fields)
+        records, last, n = await read_ledger_page(client, namespace, after, page)
+        for r in records:
             if r.time >= since and (until is None or r.time < until):
                 yield r
-        if len(entries) < page:
+        if n < page:
             return
-        ms, _, n = entries[-1][0].partition("-")
-        start = f"{ms}-{int(n) + 1}"
+        after = last
+
+
+def ledger_start_id(since: float) -> str:
+    """The entry id to read after (exclusive) so that no record settled at or after `since` is missed."""
+    ms = int(since * 1000) - CLOCK_SKEW_MS
+    return f"{ms - 1}-{2**64 - 1}" if ms > 0 else "0-0"
+
+
+async def read_ledger_page(client: Any, namespace: str, after: str, count: int = 1000) -> tuple[list[SpendRecord], str, int]:
+    """Up to `count` entries after entry id `after` (exclusive; "0-0" for the start of the stream; Redis 6.2+).
+
+    Returns the records, the id to pass as `after` next time (unchanged when nothing was
+    read) and how many entries were read. For readers that keep a cursor (the operator
+    counts cache hits of the day this way, reading each entry once).
+    """
+    entries = await client.xrange(RedisKeys(namespace).ledger(), min=f"({after}", max="+", count=count)
+    if not entries:
+        return [], after, 0
+    return [decode_record(fields) for _, fields in entries], entries[-1][0], len(entries)
 
 
 async def read_ledger(client: Any, namespace: str, since: float = 0.0, until: float | None = None) -> list[SpendRecord]:
@@ -115,8 +129,16 @@ class MeterTotal:
         return 100.0 * self.spent_units / self.limit_units if self.limit_units > 0 else 100.0
 
 
-async def period_totals(client: Any, namespace: str, budget: str | None = None, kind: str | None = "window") -> list[MeterTotal]:
-    """Every live meter of a budget (or of every budget of the namespace), as stored in Redis."""
+async def period_totals(
+    client: Any, namespace: str, budget: str | None = None, kind: str | None = "window", min_expiry: float | None = None
+) -> list[MeterTotal]:
+    """Every live meter of a budget (or of every budget of the namespace), as stored in Redis.
+
+    `min_expiry` (epoch seconds) skips meters whose keys expire before it (the meter
+    index's score): `now + RETENTION_AFTER_PERIOD["day"]` leaves out the day windows of
+    past days and idle buckets, so a reader of the current period does not fetch weeks
+    of history (month windows of the past year still come; filter on `period`).
+    """
     keys = RedisKeys(namespace)
     if budget is None:
         budgets = sorted(await client.smembers(keys.budgets_index()))
@@ -124,7 +146,10 @@ async def period_totals(client: Any, namespace: str, budget: str | None = None, 
         budgets = [check_name("budget", budget)]
     out: list[MeterTotal] = []
     for b in budgets:
-        suffixes = await client.zrange(keys.meter_index(b), 0, -1)
+        if min_expiry is None:
+            suffixes = await client.zrange(keys.meter_index(b), 0, -1)
+        else:
+            suffixes = await client.zrangebyscore(keys.meter_index(b), int(min_expiry * 1000), "+inf")
         if not suffixes:
             continue
         pipe = client.pipeline(transaction=False)

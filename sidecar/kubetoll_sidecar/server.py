@@ -164,6 +164,8 @@ class Sidecar:
                         new_state.config.server.metrics_port,
                     ):
                         log.warning("config changed the listen ports; they apply at the next restart")
+                    if old.config.budget_store != new_state.config.budget_store:
+                        log.warning("config changed budgetStore; the budget store in use stays until the next restart")
                 log.info(
                     "config applied: %s (revision %s, %d routes, %d backends, %d budgets)",
                     result.path, result.config.revision or result.digest[:12],

@@ -116,7 +116,7 @@ class BudgetMeters:
                 if limit is not None:
                     target.append(
                         Meter(
-                            key=f"{base}:cap:{unit}:{period.id}",
+                            key=f"{base}:{cap_meter_name(unit, period.id)}",
                             kind="window",
                             unit=unit,
                             limit=float(limit),
@@ -132,11 +132,10 @@ class BudgetMeters:
             if t is None:
                 continue
             lvl = f"tier:{tier}"
-            tkey = f"{base}:{lvl}:t:{tenant}"
             if t.requests_per_minute is not None:
                 ms.requests.append(
                     Meter(
-                        key=f"{tkey}:rpm",
+                        key=f"{base}:{tier_meter_name(tier, tenant, 'rpm')}",
                         kind="bucket",
                         unit="requests",
                         limit=float(t.requests_per_minute),
@@ -151,7 +150,7 @@ class BudgetMeters:
             if t.tokens_per_minute is not None:
                 ms.tokens.append(
                     Meter(
-                        key=f"{tkey}:tpm",
+                        key=f"{base}:{tier_meter_name(tier, tenant, 'tpm')}",
                         kind="bucket",
                         unit="tokens",
                         limit=float(t.tokens_per_minute),
@@ -167,7 +166,7 @@ class BudgetMeters:
                 if limit is not None:
                     ms.usd.append(
                         Meter(
-                            key=f"{tkey}:usd:{period.id}",
+                            key=f"{base}:{tier_meter_name(tier, tenant, f'usd:{period.id}')}",
                             kind="window",
                             unit="usd",
                             limit=float(limit),
@@ -180,6 +179,53 @@ class BudgetMeters:
                         )
                     )
         return ms
+
+
+# --------------------------------------------------------------------------- meter names
+#
+# A meter's key is "<budget>:<name>"; the name says the level, the tenant, what is
+# counted and (windows) the period id. The Redis store keeps it as is and the
+# operator reads it back (TokenBudget status): both sides use these functions.
+
+
+def cap_meter_name(unit: str, period_id: str) -> str:
+    """The namespace cap's window: "cap:usd:2026-11", "cap:tokens:2026-11-22"."""
+    return f"cap:{unit}:{period_id}"
+
+
+def tier_meter_name(tier: str, tenant: str, what: str) -> str:
+    """A tenant's meter in a tier; `what` is "rpm", "tpm" or "usd:<period id>"."""
+    return f"tier:{tier}:t:{tenant}:{what}"
+
+
+@dataclass(frozen=True, slots=True)
+class MeterName:
+    level: str  # "cap" or "tier:<name>"
+    tier: str  # "" for the cap
+    tenant: str  # "" for the cap
+    unit: str  # "usd", "tokens" (windows), "tpm", "rpm" (buckets)
+    period: str  # the period id of a window, "" for a bucket
+
+
+def parse_meter_name(name: str) -> MeterName | None:
+    """The parts of a meter name built above (None for anything else). Tenant ids may contain ":"."""
+    if name.startswith("cap:"):
+        unit, _, period = name[4:].partition(":")
+        return MeterName("cap", "", "", unit, period) if unit and period and ":" not in period else None
+    if not name.startswith("tier:"):
+        return None
+    tier, _, rest = name[5:].partition(":")
+    if not tier or not rest.startswith("t:"):
+        return None
+    rest = rest[2:]
+    if rest.endswith((":rpm", ":tpm")):
+        tenant, _, what = rest.rpartition(":")
+        return MeterName(f"tier:{tier}", tier, tenant, what, "")
+    parts = rest.rsplit(":", 2)
+    if len(parts) != 3:
+        return None
+    tenant, unit, period = parts
+    return MeterName(f"tier:{tier}", tier, tenant, unit, period)
 
 
 def _reason(m: Meter) -> str:

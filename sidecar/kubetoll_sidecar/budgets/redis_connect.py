@@ -90,26 +90,37 @@ def _truthy(v: str | None) -> bool:
 
 
 def connect_redis(
-    settings: BudgetStoreSettings, credentials_dir: str, *, io_timeout: float | None = None, decode_responses: bool = True
+    settings: BudgetStoreSettings,
+    credentials_dir: str,
+    *,
+    io_timeout: float | None = None,
+    decode_responses: bool = True,
+    credential_provider: CredentialProvider | None = None,
+    client_name: str = "kubetoll-sidecar",
 ) -> Redis | RedisCluster:
     """The redis-py asyncio client for the settings (no I/O happens here).
 
     Retries are off: the store decides what to do when Redis does not answer,
     and a retry inside redis-py would only stretch a request's wait. The cache
-    asks for `decode_responses=False` (it stores binary vectors).
+    asks for `decode_responses=False` (it stores binary vectors). The operator
+    passes its own `credential_provider` (its password comes from its own file or
+    environment, not from a namespace's credentials Secret).
     """
     if not settings.url:
         raise ValueError("budgetStore.url is not set")
     timeout = io_timeout if io_timeout is not None else max(0.5, 5 * settings.timeout_ms / 1000.0)
-    creds = FileCredentialProvider(credentials_dir, settings.username_file, settings.password_file)
+    creds: CredentialProvider | None = credential_provider
+    if creds is None:
+        files = FileCredentialProvider(credentials_dir, settings.username_file, settings.password_file)
+        creds = files if files.configured else None
     common: dict[str, Any] = dict(
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
         decode_responses=decode_responses,
-        client_name="kubetoll-sidecar",
+        client_name=client_name,
     )
-    if creds.configured:
+    if creds is not None:
         common["credential_provider"] = creds
     url = settings.url
     scheme = url.split("://", 1)[0]
@@ -127,7 +138,7 @@ def connect_redis(
         service = path[0]
         db = int(path[1]) if len(path) > 1 else 0
         sentinel_kwargs: dict[str, Any] = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
-        if _truthy(query.pop("sentinel_auth", None)) and creds.configured:
+        if _truthy(query.pop("sentinel_auth", None)) and creds is not None:
             sentinel_kwargs["credential_provider"] = creds
         if ssl:
             common["ssl"] = True

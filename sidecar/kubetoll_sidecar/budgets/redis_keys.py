@@ -52,14 +52,19 @@ def check_name(what: str, value: str) -> str:
     return value
 
 
+def period_kind(pid: str) -> str:
+    """"day" for a day id (2026-11-22), "month" for a month id (2026-11), "" for anything else."""
+    if _DAY_ID.match(pid):
+        return "day"
+    if _MONTH_ID.match(pid):
+        return "month"
+    return ""
+
+
 def period_of(meter: Meter) -> tuple[str, str]:
     """(period kind, period id) of a window meter: admission puts the period id last in its key."""
     pid = meter.key.rsplit(":", 1)[-1]
-    if _DAY_ID.match(pid):
-        return "day", pid
-    if _MONTH_ID.match(pid):
-        return "month", pid
-    return "", pid
+    return period_kind(pid), pid
 
 
 def window_expire_at(meter: Meter) -> float:
@@ -107,6 +112,16 @@ class RedisKeys:
     def meter_index(self, budget: str) -> str:
         """Sorted set: meter suffix -> expiry (ms). What the operator lists to find a budget's meters."""
         return self._k(self.budget_tag(budget), "meters")
+
+    def alert_posted(self, budget: str, meter: str, threshold: int) -> str:
+        """Present once the operator posted the Event for `threshold` percent of one window meter.
+
+        `meter` is the meter's name within the budget (it ends with its period id, so a new
+        period starts with no marks). The operator sets it with SET NX: of two replicas, one posts.
+        """
+        if not meter or any(c in meter for c in "{}\n\r "):
+            raise ValueError(f"meter name {meter!r} is not usable in a key")
+        return self._k(self.budget_tag(budget), "alert", meter, str(int(threshold)))
 
     def suspended(self, budget: str) -> str:
         """The kill switch: present (any value) means suspended."""
