@@ -62,3 +62,28 @@ async def r(redis_url):
 def ns():
     """A fresh namespace (key prefix) per test, so tests never see each other's keys."""
     return f"t{uuid.uuid4().hex[:10]}"
+
+
+# --------------------------------------------------------------------------- the operator on kmock
+
+
+@pytest.fixture
+async def kubectl(kmock):
+    """A client of kmock's Kubernetes emulator, with the project's resources registered."""
+    import aiohttp
+    from support.kopf_env import Kubectl, register_resources
+
+    register_resources(kmock)
+    async with aiohttp.ClientSession(base_url=str(kmock.url)) as session:
+        yield Kubectl(session)
+
+
+@pytest.fixture
+async def start_operator(kmock, tmp_path, monkeypatch):
+    """`await start_operator(**OperatorOptions)` runs the operator against kmock; all stop at teardown."""
+    from support.kopf_env import OperatorThreads, use_kmock_kubeconfig
+
+    use_kmock_kubeconfig(kmock, tmp_path, monkeypatch)
+    operators = OperatorThreads()
+    yield operators.start
+    await operators.stop_all()

@@ -4,7 +4,7 @@ Spend is written the way a sidecar writes it: `BudgetMeters` built from the
 RouterConfig the operator compiled (read back from its ConfigMap), a real
 `RedisBudgetStore` reserving and settling against those meters (ledger records
 riding on its flushes) and `close()` to flush. The operator runs against kmock's
-emulator (fixtures from test_operator_kopf.py) with a private redis-server and a
+emulator (fixtures from tests/conftest.py and support/kopf_env.py) with a private redis-server and a
 spend interval of 0.1 s. The arithmetic itself (`spend.budget_report`) is tested
 without a cluster at the end.
 """
@@ -28,7 +28,7 @@ from kubetoll_sidecar.config import Budget, BudgetStoreSettings, RouterConfig
 from kubetoll_sidecar.ledger import SpendRecord
 from kubetoll_sidecar.ledger_redis import MeterTotal
 from support.redis_server import RedisProcess
-from test_operator_kopf import NS, Kubectl, condition, eventually, kubectl, start_operator, stop_operator  # noqa: F401  (fixtures)
+from support.kopf_env import NS, Kubectl, condition, eventually, stop_operator
 
 INTERVAL = 0.1
 

@@ -13,88 +13,13 @@ import base64
 import glob
 import hashlib
 import json
-import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import kmock
-import kopf
-import pytest
 import yaml
-from kmock._internal.references import ResourceInfo, resource
-from kubetoll_operator import handlers
+from support.kopf_env import NS, PLURALS, Kubectl, condition, eventually
 
 ROOT = Path(__file__).resolve().parent.parent
-NS = "team-a"
-PLURALS = {"ModelBackend": "modelbackends", "ModelRoute": "modelroutes", "TokenBudget": "tokenbudgets", "CachePolicy": "cachepolicies"}
-CORE = {"ConfigMap": "configmaps", "Secret": "secrets", "Event": "events", "Namespace": "namespaces", "Pod": "pods"}
-
-
-def register_resources(emulator: Any) -> None:
-    verbs = ["get", "list", "watch", "create", "update", "patch", "delete"]
-    for kind, plural in PLURALS.items():
-        emulator.resources[resource("kubetoll.dev", "v1alpha1", plural)] = ResourceInfo(kind=kind, singular=kind.lower(), namespaced=True, verbs=verbs, subresources=["status"])
-    for kind, plural in CORE.items():
-        emulator.resources[resource("", "v1", plural)] = ResourceInfo(kind=kind, singular=kind.lower(), namespaced=kind != "Namespace", verbs=verbs)
-    emulator.resources[resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")] = ResourceInfo(kind="CustomResourceDefinition", namespaced=False, verbs=verbs)
-
-
-class Kubectl:
-    def __init__(self, session: aiohttp.ClientSession) -> None:
-        self.session = session
-
-    @staticmethod
-    def path(kind: str, namespace: str, name: str | None = None) -> str:
-        if kind in PLURALS:
-            base = f"/apis/kubetoll.dev/v1alpha1/namespaces/{namespace}/{PLURALS[kind]}"
-        else:
-            base = f"/api/v1/namespaces/{namespace}/{CORE[kind]}"
-        return f"{base}/{name}" if name else base
-
-    async def apply(self, obj: dict[str, Any], namespace: str = NS) -> None:
-        obj = json.loads(json.dumps(obj))
-        obj["metadata"]["namespace"] = namespace
-        async with self.session.post(self.path(obj["kind"], namespace), json=obj) as resp:
-            assert resp.status < 300, await resp.text()
-
-    async def patch(self, kind: str, name: str, patch: dict[str, Any], namespace: str = NS) -> None:
-        headers = {"Content-Type": "application/merge-patch+json"}
-        async with self.session.patch(self.path(kind, namespace, name), data=json.dumps(patch), headers=headers) as resp:
-            assert resp.status < 300, await resp.text()
-
-    async def delete(self, kind: str, name: str, namespace: str = NS) -> None:
-        async with self.session.delete(self.path(kind, namespace, name)) as resp:
-            assert resp.status < 300, await resp.text()
-
-    async def get(self, kind: str, name: str, namespace: str = NS) -> dict[str, Any] | None:
-        async with self.session.get(self.path(kind, namespace, name)) as resp:
-            if resp.status == 404:
-                return None
-            assert resp.status < 300, await resp.text()
-            return await resp.json()
-
-    async def list(self, kind: str, namespace: str = NS) -> list[dict[str, Any]]:
-        async with self.session.get(self.path(kind, namespace)) as resp:
-            assert resp.status < 300, await resp.text()
-            return (await resp.json())["items"]
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 10.0) -> Any:
-    """Poll `check` until it passes; its last error if the deadline passes.
-
-    KeyError and TypeError count as "not yet": a check that indexes an object the
-    operator has not written yet (`None["data"]`) must wait, not fail at once.
-    """
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        try:
-            return await check()
-        except (AssertionError, KeyError, TypeError):
-            if asyncio.get_running_loop().time() > deadline:
-                raise
-            await asyncio.sleep(0.05)
 
 
 def example_docs() -> list[dict[str, Any]]:
@@ -102,77 +27,6 @@ def example_docs() -> list[dict[str, Any]]:
     for path in sorted(glob.glob(str(ROOT / "examples" / "*.yaml"))):
         docs += [d for d in yaml.safe_load_all(Path(path).read_text()) if d]
     return docs
-
-
-@pytest.fixture
-async def kubectl(kmock: Any) -> AsyncIterator[Kubectl]:
-    register_resources(kmock)
-    async with aiohttp.ClientSession(base_url=str(kmock.url)) as session:
-        yield Kubectl(session)
-
-
-@pytest.fixture
-async def start_operator(kmock: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Callable[[], Awaitable[kopf.Memo]]]:
-    kubeconfig = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "kmock", "cluster": {"server": str(kmock.url).rstrip("/")}}],
-        "users": [{"name": "tester", "user": {"token": "test-token"}}],
-        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "tester"}}],
-        "current-context": "kmock",
-    }
-    (tmp_path / "kubeconfig").write_text(yaml.safe_dump(kubeconfig))
-    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
-    # kopf cancels every task created after it started when it stops, so it gets
-    # its own thread and event loop (as kopf.testing.KopfRunner does); the
-    # emulator keeps serving on the test's loop. Each start has its own stop flag:
-    # `await stop_operator(memo)` stops one (to test a restart); the rest stop at teardown.
-    running: list[tuple[threading.Event, threading.Thread]] = []
-    failures: list[BaseException] = []
-
-    async def start(**options: Any) -> kopf.Memo:
-        settings = kopf.OperatorSettings()
-        settings.watching.reconnect_backoff = 0.1
-        settings.queueing.idle_timeout = 0.5
-        memo = kopf.Memo(options=handlers.OperatorOptions(**{"debounce_seconds": 0.05, **options}))
-        ready = threading.Event()
-        stop = threading.Event()
-
-        def main() -> None:
-            try:
-                asyncio.run(kopf.operator(registry=handlers.registry, settings=settings, clusterwide=True, standalone=True, stop_flag=stop, ready_flag=ready, memo=memo))
-            except asyncio.CancelledError:
-                pass
-            except BaseException as exc:  # reported at teardown
-                failures.append(exc)
-
-        thread = threading.Thread(target=main, name="kopf-operator", daemon=True)
-        thread.start()
-        running.append((stop, thread))
-        memo.stop_flag, memo.operator_thread = stop, thread
-        assert await asyncio.to_thread(ready.wait, 10), "the operator did not start"
-        return memo
-
-    yield start
-    for stop, thread in running:
-        stop.set()
-        await asyncio.to_thread(thread.join, 15)
-        assert not thread.is_alive(), "the operator did not stop"
-    assert failures == []
-
-
-async def stop_operator(memo: kopf.Memo) -> None:
-    """Stop one operator started by `start_operator` and wait until its thread has ended."""
-    memo.stop_flag.set()
-    await asyncio.to_thread(memo.operator_thread.join, 15)
-    assert not memo.operator_thread.is_alive(), "the operator did not stop"
-
-
-def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
-    for c in (obj.get("status") or {}).get("conditions", []):
-        if c["type"] == type_:
-            return c
-    raise AssertionError(f"no {type_} condition in {obj.get('status')}")
 
 
 async def test_operator_compiles_updates_and_cleans_up(kubectl: Kubectl, start_operator: Any) -> None:

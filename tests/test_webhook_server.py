@@ -1,7 +1,7 @@
 """The operator's real webhook server (kopf's, over HTTPS) answering AdmissionReviews.
 
 kopf runs for real (`kopf.operator` with the project's registry, in its own thread
-and loop as in test_operator_kopf.py) against kmock's KubernetesEmulator, with the
+and loop, support/kopf_env.py) against kmock's KubernetesEmulator, with the
 webhook enabled the way the chart runs it: a certificate directory (tls.crt,
 tls.key, ca.crt, made here by trustme) on a fixed port. The test is the API
 server: it POSTs AdmissionReviews to the two webhook paths, verifying the server
@@ -15,22 +15,19 @@ import base64
 import json
 import socket
 import ssl
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import jsonpatch
-import kopf
 import pytest
 import trustme
-import yaml
 from kmock._internal.references import ResourceInfo, resource
-from kubetoll_operator import handlers
 from kubetoll_operator.injection import InjectionOptions, mutate_pod
 from kubetoll_operator.webhook import WebhookOptions
 from support.admission import admission_review
+from support.kopf_env import OperatorThreads, use_kmock_kubeconfig
 
 IMAGE = "registry.example/kubetoll-sidecar:1.2.3"
 VERBS = ["get", "list", "watch", "create", "update", "patch", "delete"]
@@ -77,46 +74,12 @@ async def cluster(kmock: Any) -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
-async def start_operator(kmock: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Callable[[WebhookOptions], Awaitable[None]]]:
-    kubeconfig = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "kmock", "cluster": {"server": str(kmock.url).rstrip("/")}}],
-        "users": [{"name": "tester", "user": {"token": "test-token"}}],
-        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "tester"}}],
-        "current-context": "kmock",
-    }
-    (tmp_path / "kubeconfig").write_text(yaml.safe_dump(kubeconfig))
-    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
-    stop = threading.Event()
-    threads: list[threading.Thread] = []
-    failures: list[BaseException] = []
-
-    async def start(webhook: WebhookOptions) -> None:
-        settings = kopf.OperatorSettings()
-        settings.watching.reconnect_backoff = 0.1
-        memo = kopf.Memo(options=handlers.OperatorOptions(debounce_seconds=0.05, webhook=webhook))
-        ready = threading.Event()
-
-        def main() -> None:
-            try:
-                asyncio.run(kopf.operator(registry=handlers.registry, settings=settings, clusterwide=True, standalone=True, stop_flag=stop, ready_flag=ready, memo=memo))
-            except asyncio.CancelledError:
-                pass
-            except BaseException as exc:  # reported at teardown
-                failures.append(exc)
-
-        thread = threading.Thread(target=main, name="kopf-operator", daemon=True)
-        thread.start()
-        threads.append(thread)
-        assert await asyncio.to_thread(ready.wait, 10), "the operator did not start"
-
-    yield start
-    stop.set()
-    for thread in threads:
-        await asyncio.to_thread(thread.join, 15)
-        assert not thread.is_alive(), "the operator did not stop"
-    assert failures == []
+async def start_operator(kmock: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Callable[[WebhookOptions], Awaitable[Any]]]:
+    """The operator with the given webhook options (support/kopf_env.py)."""
+    use_kmock_kubeconfig(kmock, tmp_path, monkeypatch)
+    operators = OperatorThreads()
+    yield lambda webhook: operators.start(idle_timeout=None, webhook=webhook)
+    await operators.stop_all()
 
 
 class ApiServer:
