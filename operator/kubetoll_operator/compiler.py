@@ -49,7 +49,6 @@ from kubetoll_sidecar.config import (
     Route,
     RouterConfig,
     ServerSettings,
-    Tenancy,
 )
 from kubetoll_sidecar.prices import PricingError, resolve_price
 from pydantic import ValidationError

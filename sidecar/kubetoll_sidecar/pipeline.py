@@ -38,8 +38,8 @@ from .budgets.periods import Clock
 from .budgets.store import BudgetStore, Hold, Reservation, StoreUnavailable, Suspended
 from .cache.replay import StreamAssembler
 from .cache.stage import CacheLookup, CacheStage
-from .errors import ApiError, bad_request, not_found_model
-from .forwarder import AllBackendsFailed, BackendRuntime, Forwarded, Forwarder, UpstreamRejected
+from .errors import ApiError, not_found_model
+from .forwarder import AllBackendsFailed, Forwarded, Forwarder, UpstreamRejected
 from .ledger import Ledger, SpendRecord
 from .metrics import Metrics
 from .providers.base import Endpoint, Usage
@@ -123,7 +123,7 @@ class Pipeline:
             raise
         finally:
             self.in_flight -= 1
-            self._record(state, out, endpoint)
+            self._record(out, endpoint)
 
     async def _run(self, request: web.Request, endpoint: str, state: RouterState, out: Outcome) -> web.StreamResponse:
         # 1 parse
@@ -503,7 +503,7 @@ class Pipeline:
             h["x-kubetoll-budget-remaining"] = f"{max(st.remaining, 0):.6f} {m.unit}; scope={m.label}; used={st.percent:.1f}%"
         return h
 
-    def _record(self, state: RouterState, out: Outcome, endpoint: str) -> None:
+    def _record(self, out: Outcome, endpoint: str) -> None:
         elapsed = time.perf_counter() - out.started
         added = out.extra.get("ttfb_added", max(elapsed - out.upstream_seconds, 0.0))
         m = self.metrics
