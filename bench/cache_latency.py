@@ -30,12 +30,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import numpy as np  # noqa: E402
 
+from kubetoll_core.router_config import RouterConfig  # noqa: E402
 from kubetoll_sidecar.cache import CacheStage  # noqa: E402
 from kubetoll_sidecar.cache.lru import ByteLRU  # noqa: E402
 from kubetoll_sidecar.cache.replay import Entry  # noqa: E402
 from kubetoll_sidecar.cache.semantic import SemanticIndex  # noqa: E402
 from kubetoll_sidecar.cache.verify import Signature, signature  # noqa: E402
-from kubetoll_sidecar.config import RouterConfig  # noqa: E402
 from kubetoll_sidecar.providers.base import Usage  # noqa: E402
 
 ANSWER_TEXT = "To cancel your order, open Orders, pick the order and choose Cancel. " * 8  # ~550 characters
@@ -43,8 +43,18 @@ ANSWER_TEXT = "To cancel your order, open Orders, pick the order and choose Canc
 
 def answer() -> dict[str, Any]:
     return {
-        "id": "chatcmpl-x", "object": "chat.completion", "created": 1700000000, "model": "gpt-4o-2024-08-06",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": ANSWER_TEXT, "refusal": None}, "logprobs": None, "finish_reason": "stop"}],
+        "id": "chatcmpl-x",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": "gpt-4o-2024-08-06",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": ANSWER_TEXT, "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
         "usage": {"prompt_tokens": 40, "completion_tokens": 120, "total_tokens": 160},
     }
 
@@ -52,13 +62,22 @@ def answer() -> dict[str, Any]:
 def config(semantic: bool, dim: int = 384) -> RouterConfig:
     pol: dict[str, Any] = {"name": "faq"}
     if semantic:
-        pol.update(exact={"enabled": False}, semantic={"enabled": True, "embeddingBackend": "emb", "threshold": 0.56, "maxEntries": 200_000})
+        pol.update(
+            exact={"enabled": False},
+            semantic={"enabled": True, "embeddingBackend": "emb", "threshold": 0.56, "maxEntries": 200_000},
+        )
     return RouterConfig.model_validate(
         {
             "namespace": "bench",
             "backends": [
                 {"name": "p", "provider": "openai", "model": "gpt-4o", "endpoint": "http://127.0.0.1:9/v1"},
-                {"name": "emb", "provider": "openai-compatible", "model": "e", "endpoint": "http://127.0.0.1:9/v1", "pricing": {"inputPerMTok": 0, "outputPerMTok": 0}},
+                {
+                    "name": "emb",
+                    "provider": "openai-compatible",
+                    "model": "e",
+                    "endpoint": "http://127.0.0.1:9/v1",
+                    "pricing": {"inputPerMTok": 0, "outputPerMTok": 0},
+                },
             ],
             "routes": [{"name": "chat", "rules": [{"backends": ["p"]}], "cachePolicy": "faq"}],
             "cachePolicies": [pol],
@@ -67,7 +86,14 @@ def config(semantic: bool, dim: int = 384) -> RouterConfig:
 
 
 def body(q: str) -> dict[str, Any]:
-    return {"model": "chat", "temperature": 0, "messages": [{"role": "system", "content": "You are the support assistant of Acme. Be brief."}, {"role": "user", "content": q}]}
+    return {
+        "model": "chat",
+        "temperature": 0,
+        "messages": [
+            {"role": "system", "content": "You are the support assistant of Acme. Be brief."},
+            {"role": "user", "content": q},
+        ],
+    }
 
 
 def fmt(samples_ns: list[int]) -> str:
@@ -180,11 +206,15 @@ async def semantic_figures() -> None:
             exp = time.time() + 3600
             for i in range(size):
                 index.add(f"e{i}", part, vecs[i], sig, exp)
-            miss = await timed(300, lambda i, s=stage: s.lookup("faq", "chat", "t", "chat", body("How do I cancel my order?")))
+            miss = await timed(
+                300, lambda i, s=stage: s.lookup("faq", "chat", "t", "chat", body("How do I cancel my order?"))
+            )
             # Now store the answer under the query's own vector: the same question becomes a hit.
             await stage.store(lk, answer(), Usage(40, 120), 0.0013)
             index.add(lk._key, part, stored, sig, exp)
-            hit = await timed(300, lambda i, s=stage: s.lookup("faq", "chat", "t", "chat", body("how can I cancel my order")))
+            hit = await timed(
+                300, lambda i, s=stage: s.lookup("faq", "chat", "t", "chat", body("how can I cancel my order"))
+            )
             ok = (await stage.lookup("faq", "chat", "t", "chat", body("how can I cancel my order"))).hit is not None
             print(f"  {dim:5d} dims {size:7,d} entries: miss {fmt(miss)} | hit {fmt(hit)}{'' if ok else ' (NO HIT?)'}")
             await stage.close()
@@ -207,8 +237,22 @@ def memory_figures() -> None:
             for i in range(10_000):
                 # 20 partitions, ids as the stage makes them (32 hex characters)
                 # a signature of its own per entry, as entries read from Redis have
-                sig = Signature(("order", str(chunk * 10_000 + i)), False, base.names, base.actions, base.objects, base.modifiers, "")
-                index.add(f"{chunk:02d}{i:06d}".ljust(32, "0"), f"part{i % 20:02d}".ljust(32, "0"), vecs[i], sig.to_json(), exp)
+                sig = Signature(
+                    ("order", str(chunk * 10_000 + i)),
+                    False,
+                    base.names,
+                    base.actions,
+                    base.objects,
+                    base.modifiers,
+                    "",
+                )
+                index.add(
+                    f"{chunk:02d}{i:06d}".ljust(32, "0"),
+                    f"part{i % 20:02d}".ljust(32, "0"),
+                    vecs[i],
+                    sig.to_json(),
+                    exp,
+                )
         used = tracemalloc.get_traced_memory()[0] - before
         tracemalloc.stop()
         print(

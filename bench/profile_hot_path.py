@@ -7,7 +7,7 @@ else the aiohttp load generator, in a subprocess) share the second core. After
 a warm-up, pyinstrument samples the event-loop thread while --concurrency
 clients send non-streaming chat completions for --duration seconds.
 
---profiler py-spy: the same load against `python -m kubetoll_sidecar.cli sidecar`
+--profiler py-spy: the same load against `python -m kubetoll_tools.cli sidecar`
 as a subprocess, sampled from outside by `py-spy record` (no hook in the
 sidecar, so call-heavy Python code is not inflated; needs ptrace permission).
 
@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import benchsupport as bs  # noqa: E402
+import benchsupport as bs
 
 AREAS = (
     # (area, substrings of the file path; first match wins)
@@ -44,7 +44,10 @@ AREAS = (
     ("logging (access log line)", ("/logging/",)),
     ("prometheus_client (metrics)", ("prometheus_client/",)),
     ("tiktoken (token estimate)", ("tiktoken/",)),
-    ("aiohttp client (upstream call)", ("aiohttp/client", "aiohttp/connector.py", "aiohttp/cookiejar.py", "aiohttp/tracing.py")),
+    (
+        "aiohttp client (upstream call)",
+        ("aiohttp/client", "aiohttp/connector.py", "aiohttp/cookiejar.py", "aiohttp/tracing.py"),
+    ),
     ("aiohttp server (API side)", ("aiohttp/web", "aiohttp/base_protocol.py")),
     ("aiohttp shared (http writer/parser, streams, helpers)", ("aiohttp/", "multidict/", "yarl/")),
     ("asyncio / event loop", ("asyncio/", "uvloop/")),
@@ -142,7 +145,16 @@ def analyse(records: list[tuple[list[Frame], float]], top: int, requests: int, b
         print(row(t, name(f)))
     print()
     print(f"Top {top} functions by cumulative time (time with the function on the stack):")
-    skip = ("asyncio/runners.py", "asyncio/base_events.py", "asyncio/events.py", "benchsupport", "profile_hot_path", "<frozen runpy>", "kubetoll_sidecar/cli.py", "kubetoll_sidecar/commands.py")
+    skip = (
+        "asyncio/runners.py",
+        "asyncio/base_events.py",
+        "asyncio/events.py",
+        "benchsupport",
+        "profile_hot_path",
+        "<frozen runpy>",
+        "kubetoll_sidecar/cli.py",
+        "kubetoll_sidecar/commands.py",
+    )
     shown = 0
     for f, t in cum_t.most_common():
         if any(s in f[1] for s in skip) or f[0] in ("run_sidecar",):
@@ -223,7 +235,8 @@ def run_pyinstrument(args, place, tool: str) -> None:
             config = bs.write_config(tmp, up_port, api_port, met_port)
             log_file = tmp / "sidecar.log"
             logging.basicConfig(
-                level=getattr(logging, args.log_level.upper(), logging.INFO), filename=str(log_file),
+                level=getattr(logging, args.log_level.upper(), logging.INFO),
+                filename=str(log_file),
                 format="%(asctime)s %(levelname)s %(name)s %(message)s",
             )
             bs.pin_self(place.sidecar_cpus)
@@ -234,12 +247,18 @@ def run_pyinstrument(args, place, tool: str) -> None:
             bs.stop(upstream)
 
     n, secs = result["requests"], result["seconds"]
-    print(f"throughput while profiled: {n / secs:,.0f} req/s ({n:,} requests in {secs:.1f} s, {result['errors']} errors); "
-          "pyinstrument's per-call hook slows the sidecar (and inflates call-heavy Python code), "
-          "so see bench/sidecar_latency.py for the unprofiled rate and --profiler py-spy for a low-overhead view")
-    analyse(pyinstrument_records(session), args.top, n,
-            f"sampled {session.duration:.2f} s of the event-loop thread ({session.sample_count:,} samples), idle included; "
-            "us/req = that time divided by the requests served while sampling")
+    print(
+        f"throughput while profiled: {n / secs:,.0f} req/s ({n:,} requests in {secs:.1f} s, {result['errors']} errors); "
+        "pyinstrument's per-call hook slows the sidecar (and inflates call-heavy Python code), "
+        "so see bench/sidecar_latency.py for the unprofiled rate and --profiler py-spy for a low-overhead view"
+    )
+    analyse(
+        pyinstrument_records(session),
+        args.top,
+        n,
+        f"sampled {session.duration:.2f} s of the event-loop thread ({session.sample_count:,} samples), idle included; "
+        "us/req = that time divided by the requests served while sampling",
+    )
     if args.save:
         session.save(args.save)
         print(f"\nsession saved to {args.save}")
@@ -267,9 +286,29 @@ def run_pyspy(args, place, tool: str) -> None:
             bs.run_load(api_port, body, headers, args.concurrency, args.warmup, place.other_cpus, tmp, tool)
             out = tmp / "pyspy.txt"
             seconds = max(1, round(args.duration))
-            cmd = [pyspy, "record", "-p", str(sidecar.pid), "-d", str(seconds), "-r", str(args.rate), "-f", "raw", "--full-filenames", "-o", str(out)] + (["--nonblocking"] if args.nonblocking else [])
-            spy = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   preexec_fn=(lambda: __import__("os").sched_setaffinity(0, place.other_cpus)) if place.other_cpus else None)
+            cmd = [
+                pyspy,
+                "record",
+                "-p",
+                str(sidecar.pid),
+                "-d",
+                str(seconds),
+                "-r",
+                str(args.rate),
+                "-f",
+                "raw",
+                "--full-filenames",
+                "-o",
+                str(out),
+            ] + (["--nonblocking"] if args.nonblocking else [])
+            spy = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                preexec_fn=(lambda: __import__("os").sched_setaffinity(0, place.other_cpus))
+                if place.other_cpus
+                else None,
+            )
             time.sleep(0.3)  # py-spy attaches
             cpu = bs.CpuMeter([sidecar.pid], place.sidecar_cpus)
             res = bs.run_load(api_port, body, headers, args.concurrency, seconds + 0.7, place.other_cpus, tmp, tool)
@@ -286,8 +325,10 @@ def run_pyspy(args, place, tool: str) -> None:
             bs.stop(sidecar)
             bs.stop(upstream)
     samples = re.search(r"Samples: (\d+) Errors: (\d+)", spy_out)
-    print(f"throughput while sampled: {res.rate:,.0f} req/s ({res.requests:,} requests in {res.seconds:.1f} s, {res.errors} errors); "
-          f"py-spy {samples.group(1) + ' samples, ' + samples.group(2) + ' errors' if samples else ''} at {args.rate} Hz from outside the process")
+    print(
+        f"throughput while sampled: {res.rate:,.0f} req/s ({res.requests:,} requests in {res.seconds:.1f} s, {res.errors} errors); "
+        f"py-spy {samples.group(1) + ' samples, ' + samples.group(2) + ' errors' if samples else ''} at {args.rate} Hz from outside the process"
+    )
     # py-spy leaves out idle samples (the loop waiting in epoll), so the shares are of the sidecar's busy
     # time; spread over its measured CPU time per request to put them in microseconds.
     records = pyspy_records(raw, args.rate)
@@ -295,24 +336,45 @@ def run_pyspy(args, place, tool: str) -> None:
     total = sum(t for _, t in records) or 1.0
     records = [(frames, t / total * per_req) for frames, t in records]
     print(f"sidecar CPU while sampled: {per_req * 1e6:.0f} us per request ({used / wall:.0%} of a core)")
-    analyse(records, args.top, 1,
-            "shares are of the sidecar's busy time (py-spy drops idle samples); us/req = share x its CPU time per request")
+    analyse(
+        records,
+        args.top,
+        1,
+        "shares are of the sidecar's busy time (py-spy drops idle samples); us/req = share x its CPU time per request",
+    )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profiler", choices=("pyinstrument", "py-spy"), default="pyinstrument",
-                    help="pyinstrument: the sidecar in this process (default); py-spy: sample `kubetoll sidecar` as a subprocess")
+    ap.add_argument(
+        "--profiler",
+        choices=("pyinstrument", "py-spy"),
+        default="pyinstrument",
+        help="pyinstrument: the sidecar in this process (default); py-spy: sample `kubetoll sidecar` as a subprocess",
+    )
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of profiled load (default 10)")
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds of load before profiling (default 2)")
     ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--interval", type=float, default=0.0005, help="pyinstrument sampling interval in seconds (default 0.0005)")
-    ap.add_argument("--rate", type=int, default=200, help="py-spy samples per second (default 200; each sample pauses the sidecar)")
-    ap.add_argument("--nonblocking", action="store_true", help="py-spy: do not pause the sidecar to sample (less overhead, some torn stacks)")
+    ap.add_argument(
+        "--interval", type=float, default=0.0005, help="pyinstrument sampling interval in seconds (default 0.0005)"
+    )
+    ap.add_argument(
+        "--rate", type=int, default=200, help="py-spy samples per second (default 200; each sample pauses the sidecar)"
+    )
+    ap.add_argument(
+        "--nonblocking",
+        action="store_true",
+        help="py-spy: do not pause the sidecar to sample (less overhead, some torn stacks)",
+    )
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--load-tool", choices=("auto", "wrk", "aiohttp"), default="auto")
-    ap.add_argument("--log-level", default="INFO", help="the sidecar's log level (default INFO: one access line a request)")
-    ap.add_argument("--save", help="also save the samples here (pyinstrument: a session for `pyinstrument --load FILE`; py-spy: collapsed stacks)")
+    ap.add_argument(
+        "--log-level", default="INFO", help="the sidecar's log level (default INFO: one access line a request)"
+    )
+    ap.add_argument(
+        "--save",
+        help="also save the samples here (pyinstrument: a session for `pyinstrument --load FILE`; py-spy: collapsed stacks)",
+    )
     ap.add_argument("--html", help="pyinstrument: also write the HTML report here")
     args = ap.parse_args()
 
@@ -328,16 +390,20 @@ def main() -> int:
             return 0
         what = f"pyinstrument {pyinstrument.__version__} (interval {args.interval * 1000:g} ms), the sidecar in this process"
     else:
-        what = f"py-spy at {args.rate} Hz on `python -m kubetoll_sidecar.cli sidecar` (a subprocess)"
+        what = f"py-spy at {args.rate} Hz on `python -m kubetoll_tools.cli sidecar` (a subprocess)"
     print(f"kubetoll sidecar hot-path profile: {what}")
     for line in bs.machine_lines():
         print(line)
     load = "wrk" if tool == "wrk" else "the aiohttp load generator"
-    print(f"load: {load}, {args.concurrency} connections, {args.warmup:g} s warm-up then {args.duration:g} s profiled "
-          "(in a subprocess when the sidecar is in-process)")
+    print(
+        f"load: {load}, {args.concurrency} connections, {args.warmup:g} s warm-up then {args.duration:g} s profiled "
+        "(in a subprocess when the sidecar is in-process)"
+    )
     print(f"placement: {place.describe()}")
-    print("request: non-streaming POST /v1/chat/completions (system + user message), budgets and metrics on, "
-          f"sidecar log level {args.log_level} to a file")
+    print(
+        "request: non-streaming POST /v1/chat/completions (system + user message), budgets and metrics on, "
+        f"sidecar log level {args.log_level} to a file"
+    )
     print()
     if args.profiler == "pyinstrument":
         run_pyinstrument(args, place, tool)

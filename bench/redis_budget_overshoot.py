@@ -29,21 +29,49 @@ import uuid
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "sidecar"))
 
+from kubetoll_core.enums import OnExhausted  # noqa: E402
+from kubetoll_core.router_config import BudgetStoreSettings
 from kubetoll_sidecar.budgets.memory import InMemoryBudgetStore  # noqa: E402
 from kubetoll_sidecar.budgets.redis_store import RedisBudgetStore  # noqa: E402
 from kubetoll_sidecar.budgets.store import Exhausted, Hold, Meter, StoreUnavailable  # noqa: E402
-from kubetoll_sidecar.config import BudgetStoreSettings, OnExhausted  # noqa: E402
 
 END = time.time() + 20 * 86400
 
 
 def meters(limit: float) -> list[Meter]:
-    cap = Meter(key="b:cap:usd:2026-11", kind="window", unit="usd", limit=limit, budget="b", level="cap",
-                label="b/cap/usd-month", on_exhausted=OnExhausted.reject, period_end=END)
-    tenant = Meter(key="b:tier:pro:t:acme:usd:2026-11-22", kind="window", unit="usd", limit=limit * 10, budget="b",
-                   level="tier:pro", label="b/tier:pro/usd-day", on_exhausted=OnExhausted.reject, period_end=END)
-    tpm = Meter(key="b:tier:pro:t:acme:tpm", kind="bucket", unit="tokens", limit=1e12, budget="b", level="tier:pro",
-                label="b/tier:pro/tokens-per-minute", on_exhausted=OnExhausted.reject, refill_per_second=1e12 / 60)
+    cap = Meter(
+        key="b:cap:usd:2026-11",
+        kind="window",
+        unit="usd",
+        limit=limit,
+        budget="b",
+        level="cap",
+        label="b/cap/usd-month",
+        on_exhausted=OnExhausted.reject,
+        period_end=END,
+    )
+    tenant = Meter(
+        key="b:tier:pro:t:acme:usd:2026-11-22",
+        kind="window",
+        unit="usd",
+        limit=limit * 10,
+        budget="b",
+        level="tier:pro",
+        label="b/tier:pro/usd-day",
+        on_exhausted=OnExhausted.reject,
+        period_end=END,
+    )
+    tpm = Meter(
+        key="b:tier:pro:t:acme:tpm",
+        kind="bucket",
+        unit="tokens",
+        limit=1e12,
+        budget="b",
+        level="tier:pro",
+        label="b/tier:pro/tokens-per-minute",
+        on_exhausted=OnExhausted.reject,
+        refill_per_second=1e12 / 60,
+    )
     return [cap, tenant, tpm]
 
 
@@ -90,8 +118,12 @@ def worker(url: str, ns: str, i: int, limit: float, hold: float, mode: str, star
         elapsed = time.monotonic() - t0
         await s.close()
         st = s.stats()
-        r.update(elapsed=elapsed, redis_calls=st["redis_calls"], degraded=st["degraded_decisions_total"],
-                 unavailable_total=st["unavailable_total"])
+        r.update(
+            elapsed=elapsed,
+            redis_calls=st["redis_calls"],
+            degraded=st["degraded_decisions_total"],
+            unavailable_total=st["unavailable_total"],
+        )
         out.put(r)
 
     asyncio.run(main())
@@ -101,7 +133,7 @@ async def totals(url: str, ns: str):
     from redis.asyncio import Redis
 
     sys.path.insert(0, ROOT)
-    from kubetoll_sidecar.ledger_redis import period_totals
+    from kubetoll_core.ledger_stream import period_totals
 
     r = Redis.from_url(url, decode_responses=True)
     try:
@@ -145,8 +177,23 @@ def start_redis() -> tuple[str, subprocess.Popen | None]:
     with socket.socket() as sk:
         sk.bind(("127.0.0.1", 0))
         port = sk.getsockname()[1]
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", tempfile.mkdtemp()], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            tempfile.mkdtemp(),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(200):
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
@@ -161,8 +208,12 @@ def main() -> None:
     ap.add_argument("--procs", type=int, default=20)
     ap.add_argument("--budget", type=float, default=20.0, help="USD limit of the shared cap")
     ap.add_argument("--hold", type=float, default=0.001, help="USD reserved per request")
-    ap.add_argument("--actual", choices=["random", "exact", "over"], default="random",
-                    help="settled amount: 0.5-1.0x the estimate (random), the estimate, or 0.8-1.1x (over)")
+    ap.add_argument(
+        "--actual",
+        choices=["random", "exact", "over"],
+        default="random",
+        help="settled amount: 0.5-1.0x the estimate (random), the estimate, or 0.8-1.1x (over)",
+    )
     ap.add_argument("--throughput-n", type=int, default=50_000)
     args = ap.parse_args()
 
@@ -171,8 +222,10 @@ def main() -> None:
         ns = f"bench{uuid.uuid4().hex[:8]}"
         ctx = mp.get_context("spawn")
         start, out = ctx.Event(), ctx.Queue()
-        ps = [ctx.Process(target=worker, args=(url, ns, i, args.budget, args.hold, args.actual, start, out))
-              for i in range(args.procs)]
+        ps = [
+            ctx.Process(target=worker, args=(url, ns, i, args.budget, args.hold, args.actual, start, out))
+            for i in range(args.procs)
+        ]
         for p in ps:
             p.start()
         time.sleep(1.0 + 0.1 * args.procs)  # every store started and connected
@@ -186,14 +239,20 @@ def main() -> None:
         admitted = sum(r["admitted"] for r in results)
         ops = admitted + sum(r["rejected"] + r["unavailable"] for r in results)
         calls = sum(r["redis_calls"] for r in results)
-        print(f"{args.procs} processes, one ${args.budget:g} budget, ${args.hold:g} per request, settled: {args.actual}")
+        print(
+            f"{args.procs} processes, one ${args.budget:g} budget, ${args.hold:g} per request, settled: {args.actual}"
+        )
         print(f"  spent            ${t.spent:.6f} of ${t.limit:g} ({100 * t.spent / t.limit:.3f}% used)")
         print(f"  overshoot        {max(t.spent - t.limit, 0) / t.limit * 100:.4f}% of the budget")
         print(f"  still leased     ${t.leased:.6f} (after every store closed)")
         print(f"  admitted         {admitted} requests ({admitted / wall:,.0f}/s across all processes, {wall:.2f}s)")
-        print(f"  rejected         {sum(r['rejected'] for r in results)}, unavailable {sum(r['unavailable'] for r in results)}"
-              f", degraded decisions {sum(r['degraded'] for r in results)}")
-        print(f"  Redis commands   {calls} = {calls / max(admitted, 1):.4f} per admitted request, {calls / max(ops, 1):.4f} per reserve call")
+        print(
+            f"  rejected         {sum(r['rejected'] for r in results)}, unavailable {sum(r['unavailable'] for r in results)}"
+            f", degraded decisions {sum(r['degraded'] for r in results)}"
+        )
+        print(
+            f"  Redis commands   {calls} = {calls / max(admitted, 1):.4f} per admitted request, {calls / max(ops, 1):.4f} per reserve call"
+        )
     finally:
         if proc is not None:
             proc.kill()
@@ -203,7 +262,9 @@ def main() -> None:
         mem, red, per_req = asyncio.run(throughput(url, args.throughput_n))
         print(f"one process, 3 meters per request, {args.throughput_n} reserve+settle, no contention:")
         print(f"  in-memory store  {mem:,.0f} requests/s")
-        print(f"  Redis store      {red:,.0f} requests/s ({100 * red / mem:.0f}% of in-memory), {per_req:.4f} Redis commands per request")
+        print(
+            f"  Redis store      {red:,.0f} requests/s ({100 * red / mem:.0f}% of in-memory), {per_req:.4f} Redis commands per request"
+        )
     finally:
         if proc is not None:
             proc.kill()

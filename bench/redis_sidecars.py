@@ -2,7 +2,7 @@
 
 Starts a private redis-server (or uses REDIS_URL), one simulated upstream (its own
 process) and two sets of --sidecars sidecar processes (`python -m
-kubetoll_sidecar.cli sidecar --config <temp>/router.json`, budgets and metrics on):
+kubetoll_tools.cli sidecar --config <temp>/router.json`, budgets and metrics on):
 one with `budgetStore.url` (the Redis store, one namespace), one without (the
 in-memory store), the same config otherwise. Then:
 
@@ -50,8 +50,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import benchsupport as bs  # noqa: E402
-from redis_budget_overshoot import start_redis  # noqa: E402  (private redis-server or REDIS_URL)
+import benchsupport as bs
+from redis_budget_overshoot import start_redis
 
 TARGET_RATIO = 0.8
 TARGET_CALLS = 0.1
@@ -125,7 +125,9 @@ class SidecarSet:
         return [s.api_port for s in self.sidecars]
 
 
-def sidecar_config(directory: Path, upstream_port: int, namespace: str, redis_url: str | None, args: argparse.Namespace) -> tuple[Path, int, int]:
+def sidecar_config(
+    directory: Path, upstream_port: int, namespace: str, redis_url: str | None, args: argparse.Namespace
+) -> tuple[Path, int, int]:
     """benchsupport's config (route `chat`, never-exhausted budgets), plus route `small` under one small budget."""
     api_port, metrics_port = listen_port(), listen_port()
     path = bs.write_config(directory, upstream_port, api_port, metrics_port)
@@ -133,7 +135,9 @@ def sidecar_config(directory: Path, upstream_port: int, namespace: str, redis_ur
     cfg["namespace"] = namespace
     if redis_url:
         cfg["budgetStore"] = {"url": redis_url, "timeoutMs": args.timeout_ms}
-    cfg["routes"].append({"name": SMALL_ROUTE, "rules": [{"name": "default", "backends": ["sim"]}], "maxOutputTokens": 512})
+    cfg["routes"].append(
+        {"name": SMALL_ROUTE, "rules": [{"name": "default", "backends": ["sim"]}], "maxOutputTokens": 512}
+    )
     cfg["budgets"].append(
         {
             "name": SMALL_BUDGET,
@@ -148,7 +152,9 @@ def sidecar_config(directory: Path, upstream_port: int, namespace: str, redis_ur
     return path, api_port, metrics_port
 
 
-def start_set(name: str, n: int, tmp: Path, upstream_port: int, namespace: str, redis_url: str | None, args: argparse.Namespace) -> SidecarSet:
+def start_set(
+    name: str, n: int, tmp: Path, upstream_port: int, namespace: str, redis_url: str | None, args: argparse.Namespace
+) -> SidecarSet:
     """n sidecars started at once (as benchsupport.start_sidecar does one), ready when each /readyz answers 200."""
     out = SidecarSet(name)
     logs = []
@@ -159,8 +165,19 @@ def start_set(name: str, n: int, tmp: Path, upstream_port: int, namespace: str, 
             path, api, met = sidecar_config(d, upstream_port, namespace, redis_url, args)
             log = d / "sidecar.log"
             proc = subprocess.Popen(
-                [sys.executable, "-m", "kubetoll_sidecar.cli", "sidecar", "--config", str(path), "--log-level", args.log_level],
-                env=bs.child_env(), stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "kubetoll_tools.cli",
+                    "sidecar",
+                    "--config",
+                    str(path),
+                    "--log-level",
+                    args.log_level,
+                ],
+                env=bs.child_env(),
+                stdout=log.open("wb"),
+                stderr=subprocess.STDOUT,
             )
             out.sidecars.append(Sidecar(proc, api, met))
             logs.append(log)
@@ -170,7 +187,9 @@ def start_set(name: str, n: int, tmp: Path, upstream_port: int, namespace: str, 
             for i in sorted(pending):
                 sc = out.sidecars[i]
                 if sc.proc.poll() is not None:
-                    raise RuntimeError(f"{name} sidecar {i} exited with status {sc.proc.returncode}\n{logs[i].read_text()[-2000:]}")
+                    raise RuntimeError(
+                        f"{name} sidecar {i} exited with status {sc.proc.returncode}\n{logs[i].read_text()[-2000:]}"
+                    )
                 try:
                     with urllib.request.urlopen(f"http://127.0.0.1:{sc.metrics_port}/readyz", timeout=2) as r:
                         if r.status == 200:
@@ -201,7 +220,9 @@ def scrape_all(s: SidecarSet) -> dict[str, float]:
     tot: dict[str, float] = {"ok": 0.0, "rejected": 0.0}
     for sc in s.sidecars:
         text = bs.scrape(sc.metrics_port)
-        tot["ok"] += sum(v for lbl, v in bs.metric_samples(text, "kubetoll_requests_total") if lbl.get("outcome") == "ok")
+        tot["ok"] += sum(
+            v for lbl, v in bs.metric_samples(text, "kubetoll_requests_total") if lbl.get("outcome") == "ok"
+        )
         tot["rejected"] += sum(v for _, v in bs.metric_samples(text, "kubetoll_rejections_total"))
         for lbl, v in bs.metric_samples(text, "kubetoll_budget_store"):
             tot[lbl["stat"]] = tot.get(lbl["stat"], 0.0) + v
@@ -241,7 +262,9 @@ class Load:
     errors: int
 
 
-def wrk_multi(ports: list[int], body: bytes, headers: dict[str, str], concurrency: int, duration: float, workdir: Path) -> Load:
+def wrk_multi(
+    ports: list[int], body: bytes, headers: dict[str, str], concurrency: int, duration: float, workdir: Path
+) -> Load:
     """One wrk process, one thread per sidecar (its `setup` gives each thread its own address)."""
     script = workdir / "multi.lua"
     hdrs = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in {"Content-Type": "application/json", **headers}.items())
@@ -254,8 +277,15 @@ def wrk_multi(ports: list[int], body: bytes, headers: dict[str, str], concurrenc
         "end\n"
         f'wrk.method = "POST"\nwrk.body = [==[{body.decode()}]==]\n{hdrs}'
     )
-    cmd = [bs.wrk_path() or "wrk", f"-t{len(ports)}", f"-c{len(ports) * concurrency}", f"-d{max(1, round(duration))}s",
-           "-s", str(script), f"http://127.0.0.1:{ports[0]}/v1/chat/completions"]
+    cmd = [
+        bs.wrk_path() or "wrk",
+        f"-t{len(ports)}",
+        f"-c{len(ports) * concurrency}",
+        f"-d{max(1, round(duration))}s",
+        "-s",
+        str(script),
+        f"http://127.0.0.1:{ports[0]}/v1/chat/completions",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, check=False).stdout
     total = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)", out)
     if not total:
@@ -278,12 +308,16 @@ def new_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
 
 
-async def _aiohttp_multi(ports: list[int], body: bytes, headers: dict[str, str], concurrency: int, duration: float) -> Load:
+async def _aiohttp_multi(
+    ports: list[int], body: bytes, headers: dict[str, str], concurrency: int, duration: float
+) -> Load:
     import aiohttp
 
     hdrs = {"Content-Type": "application/json", **headers}
     n = errors = 0
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), skip_auto_headers=("User-Agent",)) as session:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), skip_auto_headers=("User-Agent",)
+    ) as session:
         start = time.perf_counter()
         deadline = start + duration
 
@@ -319,7 +353,9 @@ class Exhaust:
     seconds: float = 0.0
 
 
-async def _exhaust(ports: list[int], body: bytes, headers: dict[str, str], concurrency: int, deadline_s: float) -> Exhaust:
+async def _exhaust(
+    ports: list[int], body: bytes, headers: dict[str, str], concurrency: int, deadline_s: float
+) -> Exhaust:
     """Load on every sidecar until each refuses (429 budget_exhausted, nothing admitted for QUIET s)."""
     import aiohttp
 
@@ -329,7 +365,9 @@ async def _exhaust(ports: list[int], body: bytes, headers: dict[str, str], concu
     last_ok = [time.monotonic()] * len(ports)
     stop = asyncio.Event()
     timeout = aiohttp.ClientTimeout(total=30)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), skip_auto_headers=("User-Agent",)) as session:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), skip_auto_headers=("User-Agent",)
+    ) as session:
 
         async def worker(i: int) -> None:
             url = f"http://127.0.0.1:{ports[i]}/v1/chat/completions"
@@ -378,7 +416,7 @@ def exhaust(ports: list[int], body: bytes, headers: dict[str, str], concurrency:
 async def _totals(redis_url: str, namespace: str, budget: str):
     from redis.asyncio import Redis
 
-    from kubetoll_sidecar.ledger_redis import period_totals
+    from kubetoll_core.ledger_stream import period_totals
 
     r = Redis.from_url(redis_url, decode_responses=True)
     try:
@@ -426,9 +464,16 @@ def segment(s: SidecarSet, load, redis_url: str | None, rpid: int | None, upid: 
     after = scrape_all(s)
     ev1 = evalsha_calls(redis_url) if redis_url else 0
     return Segment(
-        ok=after["ok"] - before["ok"], seconds=res.seconds, sidecar_cpu=used, redis_cpu=r1 - r0, upstream_cpu=u1 - u0,
-        redis_calls=after.get("redis_calls", 0.0) - before.get("redis_calls", 0.0), evalsha=ev1 - ev0, errors=res.errors,
-        window=time.monotonic() - t0, other_share=(other / wall) if other is not None and wall > 0 else None,
+        ok=after["ok"] - before["ok"],
+        seconds=res.seconds,
+        sidecar_cpu=used,
+        redis_cpu=r1 - r0,
+        upstream_cpu=u1 - u0,
+        redis_calls=after.get("redis_calls", 0.0) - before.get("redis_calls", 0.0),
+        evalsha=ev1 - ev0,
+        errors=res.errors,
+        window=time.monotonic() - t0,
+        other_share=(other / wall) if other is not None and wall > 0 else None,
     )
 
 
@@ -439,13 +484,38 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per (a) segment (default 5)")
     ap.add_argument("--rounds", type=int, default=2, help="(a) segments per store, alternating (default 2)")
     ap.add_argument("--warmup", type=float, default=1.0, help="unmeasured load per set before (a) (default 1 s)")
-    ap.add_argument("--budget", type=float, default=0.1, help="(b) the small budget, USD per day (default 0.1: about 5,000 requests)")
-    ap.add_argument("--max-tokens", type=int, default=64,
-                    help="max_tokens of each request: the output reservation; the simulator answers 16 tokens (default 64)")
-    ap.add_argument("--fail-mode", choices=("failOpen", "failClosed"), default="failOpen", help="(b) the budget's failMode (default failOpen, the config default)")
-    ap.add_argument("--timeout-ms", type=float, default=50.0, help="budgetStore.timeoutMs (default 50, the config default)")
-    ap.add_argument("--load-tool", choices=("auto", "wrk", "aiohttp"), default="auto", help="(a)'s load generator; auto: wrk when installed")
-    ap.add_argument("--log-level", default="INFO", help="the sidecars' log level (INFO, the default, writes one access line a request)")
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=0.1,
+        help="(b) the small budget, USD per day (default 0.1: about 5,000 requests)",
+    )
+    ap.add_argument(
+        "--max-tokens",
+        type=int,
+        default=64,
+        help="max_tokens of each request: the output reservation; the simulator answers 16 tokens (default 64)",
+    )
+    ap.add_argument(
+        "--fail-mode",
+        choices=("failOpen", "failClosed"),
+        default="failOpen",
+        help="(b) the budget's failMode (default failOpen, the config default)",
+    )
+    ap.add_argument(
+        "--timeout-ms", type=float, default=50.0, help="budgetStore.timeoutMs (default 50, the config default)"
+    )
+    ap.add_argument(
+        "--load-tool",
+        choices=("auto", "wrk", "aiohttp"),
+        default="auto",
+        help="(a)'s load generator; auto: wrk when installed",
+    )
+    ap.add_argument(
+        "--log-level",
+        default="INFO",
+        help="the sidecars' log level (INFO, the default, writes one access line a request)",
+    )
     args = ap.parse_args()
 
     tool = args.load_tool
@@ -460,8 +530,10 @@ def main() -> int:
     print(f"kubetoll: {n} sidecar processes sharing Redis-backed budgets")
     for line in bs.machine_lines():
         print(line)
-    print(f"placement: nothing pinned: {n} sidecars, the simulated upstream, redis-server and the load generator share "
-          f"{cores} cores; absolute rates are shared-core figures, the Redis / in-memory ratio is the meaningful one")
+    print(
+        f"placement: nothing pinned: {n} sidecars, the simulated upstream, redis-server and the load generator share "
+        f"{cores} cores; absolute rates are shared-core figures, the Redis / in-memory ratio is the meaningful one"
+    )
     headers = {"x-kubetoll-tenant": bs.TENANT}
     body_chat = bs.chat_body(bs.ROUTE, max_tokens=args.max_tokens)
     body_small = bs.chat_body(SMALL_ROUTE, max_tokens=args.max_tokens)
@@ -490,21 +562,31 @@ def main() -> int:
             mem = start_set("memory", n, tmp, up_port, namespace, None, args)
             sets.append(mem)
             rpid = redis_pid(redis_url) if redis_proc is not None else None
-            print(f"sidecars:  2 sets of {n} started in {time.monotonic() - t_start:.0f} s: `redis` (budgetStore.url, "
-                  f"timeoutMs {args.timeout_ms:g}, namespace {namespace}) and `memory` (no budgetStore.url); log level {args.log_level}")
-            print("upstream:  kubetoll_sidecar.upstream_simulator.run, one process (no added latency, recording off)")
-            print(f"request:   POST /v1/chat/completions, system + user message, max_tokens {args.max_tokens}, 16 completion tokens back")
+            print(
+                f"sidecars:  2 sets of {n} started in {time.monotonic() - t_start:.0f} s: `redis` (budgetStore.url, "
+                f"timeoutMs {args.timeout_ms:g}, namespace {namespace}) and `memory` (no budgetStore.url); log level {args.log_level}"
+            )
+            print("upstream:  kubetoll_tools.simulator.run, one process (no added latency, recording off)")
+            print(
+                f"request:   POST /v1/chat/completions, system + user message, max_tokens {args.max_tokens}, 16 completion tokens back"
+            )
             print()
 
             # (a) steady state
-            print(f"(a) steady state, route `{bs.ROUTE}` (6 meters a request: namespace cap and tenant tier, never exhausted); "
-                  f"{tool_desc}; {args.rounds} x {args.duration:g} s per store, alternating, after {args.warmup:g} s warm-up each")
+            print(
+                f"(a) steady state, route `{bs.ROUTE}` (6 meters a request: namespace cap and tenant tier, never exhausted); "
+                f"{tool_desc}; {args.rounds} x {args.duration:g} s per store, alternating, after {args.warmup:g} s warm-up each"
+            )
             for s in (mem, red):
                 load(s.ports, args.warmup)
             segs: dict[str, list[Segment]] = {"memory": [], "redis": []}
             for _ in range(args.rounds):
                 for s, url, pid in ((mem, None, None), (red, redis_url, rpid)):
-                    segs[s.name].append(segment(s, lambda ports: load(ports, args.duration), url, pid, upstream.pid, red.pids + mem.pids))
+                    segs[s.name].append(
+                        segment(
+                            s, lambda ports: load(ports, args.duration), url, pid, upstream.pid, red.pids + mem.pids
+                        )
+                    )
 
             def rate(name: str) -> float:
                 return sum(x.ok for x in segs[name]) / sum(x.seconds for x in segs[name])
@@ -513,35 +595,52 @@ def main() -> int:
                 return 1e6 * sum(getattr(x, attr) for x in segs[name]) / max(sum(x.ok for x in segs[name]), 1)
 
             for name, label in (("memory", "in-memory store"), ("redis", "Redis store")):
-                per = ", ".join(f"{x.ok / x.seconds:,.0f} ({1e6 * x.sidecar_cpu / max(x.ok, 1):,.0f} us)" for x in segs[name])
+                per = ", ".join(
+                    f"{x.ok / x.seconds:,.0f} ({1e6 * x.sidecar_cpu / max(x.ok, 1):,.0f} us)" for x in segs[name]
+                )
                 errs = sum(x.errors for x in segs[name])
                 extra = f"; redis-server {cpu_us(name, 'redis_cpu'):.1f} us" if name == "redis" and rpid else ""
-                print(f"    {label:16s} {rate(name):8,.0f} req/s through {n} sidecars (segments, with the sidecars' CPU a request: {per})"
-                      f"{f'  ({errs} non-2xx/errors)' if errs else ''}")
-                print(f"    {'':16s} CPU per request: sidecars {cpu_us(name, 'sidecar_cpu'):.0f} us, upstream "
-                      f"{cpu_us(name, 'upstream_cpu'):.0f} us{extra}")
+                print(
+                    f"    {label:16s} {rate(name):8,.0f} req/s through {n} sidecars (segments, with the sidecars' CPU a request: {per})"
+                    f"{f'  ({errs} non-2xx/errors)' if errs else ''}"
+                )
+                print(
+                    f"    {'':16s} CPU per request: sidecars {cpu_us(name, 'sidecar_cpu'):.0f} us, upstream "
+                    f"{cpu_us(name, 'upstream_cpu'):.0f} us{extra}"
+                )
             shares = {k: [x.other_share for x in v if x.other_share is not None] for k, v in segs.items()}
             if any(shares.values()):
                 worst = max(x for v in shares.values() for x in v)
                 note = " (NOISY: rerun on a quiet machine)" if worst > NOISY else ""
-                print("    other processes (not this benchmark's) used " + "; ".join(
-                    f"{k} segments {', '.join(f'{x:.0%}' for x in v)}" for k, v in shares.items()) + f" of a core{note}")
+                print(
+                    "    other processes (not this benchmark's) used "
+                    + "; ".join(f"{k} segments {', '.join(f'{x:.0%}' for x in v)}" for k, v in shares.items())
+                    + f" of a core{note}"
+                )
             ratio = rate("redis") / rate("memory")
             cpu_ratio = cpu_us("memory", "sidecar_cpu") / cpu_us("redis", "sidecar_cpu")
-            print(f"    ratio Redis / in-memory: {ratio:.2f} of the requests/s   target >= {TARGET_RATIO} ({verdict(ratio >= TARGET_RATIO)}); "
-                  f"by the sidecars' CPU per request: {cpu_ratio:.2f}")
+            print(
+                f"    ratio Redis / in-memory: {ratio:.2f} of the requests/s   target >= {TARGET_RATIO} ({verdict(ratio >= TARGET_RATIO)}); "
+                f"by the sidecars' CPU per request: {cpu_ratio:.2f}"
+            )
             ok_r = sum(x.ok for x in segs["redis"])
             calls = sum(x.redis_calls for x in segs["redis"])
             ev = sum(x.evalsha for x in segs["redis"])
             per_req = calls / max(ok_r, 1)
-            print(f"    Redis commands per request: {per_req:.4f} ({calls:,.0f} commands / {ok_r:,.0f} requests, the sidecars' "
-                  f"kubetoll_budget_store{{stat=\"redis_calls\"}} deltas)   target <= {TARGET_CALLS} ({verdict(per_req <= TARGET_CALLS)})")
-            print(f"    cross-check, Redis INFO commandstats: {ev:,} evalsha (sync scripts) = {ev / max(ok_r, 1):.4f} per request; "
-                  f"the rest is the kill-switch poll (one MGET a second per sidecar)")
+            print(
+                f"    Redis commands per request: {per_req:.4f} ({calls:,.0f} commands / {ok_r:,.0f} requests, the sidecars' "
+                f'kubetoll_budget_store{{stat="redis_calls"}} deltas)   target <= {TARGET_CALLS} ({verdict(per_req <= TARGET_CALLS)})'
+            )
+            print(
+                f"    cross-check, Redis INFO commandstats: {ev:,} evalsha (sync scripts) = {ev / max(ok_r, 1):.4f} per request; "
+                f"the rest is the kill-switch poll (one MGET a second per sidecar)"
+            )
             win = sum(x.window for x in segs["redis"])
-            print(f"    per sidecar: {ok_r / win / n:,.0f} req/s and {calls / win / n:.1f} Redis commands/s. A sidecar with traffic "
-                  f"syncs about every 0.1 s (flush_interval) to write its spend, plus lease top-ups, and polls the kill switch "
-                  f"once a second, so the commands per request fall as each sidecar's own rate rises (here {n} share {cores} cores)")
+            print(
+                f"    per sidecar: {ok_r / win / n:,.0f} req/s and {calls / win / n:.1f} Redis commands/s. A sidecar with traffic "
+                f"syncs about every 0.1 s (flush_interval) to write its spend, plus lease top-ups, and polls the kill switch "
+                f"once a second, so the commands per request fall as each sidecar's own rate rises (here {n} share {cores} cores)"
+            )
             print()
             stop_set(mem)
 
@@ -551,26 +650,43 @@ def main() -> int:
             after = scrape_all(red)
             stop_set(red)
             totals = asyncio.run(_totals(redis_url, namespace, SMALL_BUDGET))
-            print(f"(b) overshoot, route `{SMALL_ROUTE}`: one ${args.budget:g}/day budget (capOnExhausted reject, {args.fail_mode}), "
-                  f"aiohttp load on all {n} Redis-store sidecars ({conc} each) until every one answers 429 budget_exhausted, then SIGTERM")
+            print(
+                f"(b) overshoot, route `{SMALL_ROUTE}`: one ${args.budget:g}/day budget (capOnExhausted reject, {args.fail_mode}), "
+                f"aiohttp load on all {n} Redis-store sidecars ({conc} each) until every one answers 429 budget_exhausted, then SIGTERM"
+            )
             if not totals:
                 print("    no meter of the budget in Redis (nothing was admitted?)")
             for t in totals:
                 over = max(t.spent_units - t.limit_units, 0) / t.limit_units * 100
-                print(f"    spent            ${t.spent:.6f} of ${t.limit:g} ({t.percent:.3f}% used), {t.leased:g} still leased after shutdown")
-                print(f"    overshoot        {over:.4f}% of the budget   target <= {TARGET_OVERSHOOT_PCT:g}% ({verdict(over <= TARGET_OVERSHOOT_PCT)})")
+                print(
+                    f"    spent            ${t.spent:.6f} of ${t.limit:g} ({t.percent:.3f}% used), {t.leased:g} still leased after shutdown"
+                )
+                print(
+                    f"    overshoot        {over:.4f}% of the budget   target <= {TARGET_OVERSHOOT_PCT:g}% ({verdict(over <= TARGET_OVERSHOOT_PCT)})"
+                )
             state = "every sidecar refusing" if ex.all_refusing else "NOT every sidecar refusing at the deadline"
-            print(f"    requests         {ex.ok:,} admitted, {ex.exhausted:,} refused 429 budget_exhausted, {ex.unavailable} 503 "
-                  f"budget_store_unavailable, {ex.other} other, {ex.timeouts} timed out; {ex.seconds:.1f} s to {state}")
-            d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in ("degraded_decisions_total", "fail_open_allowance_used_total", "unavailable_total")}
-            print(f"    store counters   {d['degraded_decisions_total']:.0f} reserves decided locally (no lease within timeoutMs: "
-                  f"Redis slow on a loaded machine, or its grant taken by other requests first), "
-                  f"{d['fail_open_allowance_used_total']:.0f} failOpen allowance grants, {d['unavailable_total']:.0f} outages seen")
+            print(
+                f"    requests         {ex.ok:,} admitted, {ex.exhausted:,} refused 429 budget_exhausted, {ex.unavailable} 503 "
+                f"budget_store_unavailable, {ex.other} other, {ex.timeouts} timed out; {ex.seconds:.1f} s to {state}"
+            )
+            d = {
+                k: after.get(k, 0.0) - before.get(k, 0.0)
+                for k in ("degraded_decisions_total", "fail_open_allowance_used_total", "unavailable_total")
+            }
+            print(
+                f"    store counters   {d['degraded_decisions_total']:.0f} reserves decided locally (no lease within timeoutMs: "
+                f"Redis slow on a loaded machine, or its grant taken by other requests first), "
+                f"{d['fail_open_allowance_used_total']:.0f} failOpen allowance grants, {d['unavailable_total']:.0f} outages seen"
+            )
             print()
-            print(f"Targets (DESIGN.md \"Performance targets\"): Redis-backed >= {TARGET_RATIO:.0%} of in-memory throughput, Redis calls per "
-                  f"request <= {TARGET_CALLS}; overshoot with 20 sidecar processes on one budget <= {TARGET_OVERSHOOT_PCT:g}%.")
-            print(f"{n} sidecars share {cores} cores with the upstream, Redis and the load generator: read the ratio, not the absolute rates. "
-                  f"Run took {time.monotonic() - t_start:.0f} s.")
+            print(
+                f'Targets (DESIGN.md "Performance targets"): Redis-backed >= {TARGET_RATIO:.0%} of in-memory throughput, Redis calls per '
+                f"request <= {TARGET_CALLS}; overshoot with 20 sidecar processes on one budget <= {TARGET_OVERSHOOT_PCT:g}%."
+            )
+            print(
+                f"{n} sidecars share {cores} cores with the upstream, Redis and the load generator: read the ratio, not the absolute rates. "
+                f"Run took {time.monotonic() - t_start:.0f} s."
+            )
     finally:
         for s in sets:
             stop_set(s)

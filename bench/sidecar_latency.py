@@ -1,7 +1,7 @@
 """Added latency, throughput and added time to first token of the kubetoll sidecar.
 
 Starts the simulated upstream (its own process) and the sidecar (`python -m
-kubetoll_sidecar.cli sidecar --config <temp config>`, budgets and metrics on),
+kubetoll_tools.cli sidecar --config <temp config>`, budgets and metrics on),
 then measures in one run, each path side by side:
 
  (a) non-streaming, one client: p50/p99 direct to the upstream and via the
@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import benchsupport as bs  # noqa: E402
+import benchsupport as bs
 
 TARGET_ADDED_P50_MS = 0.3
 TARGET_ADDED_P99_MS = 1.0
@@ -98,13 +98,17 @@ def print_noise(m: tuple[float, float, float | None]) -> None:
     _, wall, other = m
     if other is not None and wall > 0:
         note = " (NOISY: rerun on a quiet machine)" if other / wall > NOISY else ""
-        print(f"    other processes (not this benchmark's) used {other / wall:.0%} of a core on the pinned cores meanwhile{note}")
+        print(
+            f"    other processes (not this benchmark's) used {other / wall:.0%} of a core on the pinned cores meanwhile{note}"
+        )
 
 
 def hist_delta(before: str, after: str, name: str) -> list[tuple[float, float]]:
     """Cumulative bucket counts (le, count) of a histogram between two scrapes."""
+
     def buckets(text: str) -> dict[float, float]:
         return {float(lbl["le"]): v for lbl, v in bs.metric_samples(text, name + "_bucket")}
+
     b, a = buckets(before), buckets(after)
     return sorted((le, a[le] - b.get(le, 0.0)) for le in a)
 
@@ -119,13 +123,29 @@ def describe_own_histogram(delta: list[tuple[float, float]]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--requests", type=int, default=2000, help="requests per path in (a) and (c), after the warm-up (default 2000)")
+    ap.add_argument(
+        "--requests", type=int, default=2000, help="requests per path in (a) and (c), after the warm-up (default 2000)"
+    )
     ap.add_argument("--warmup", type=int, default=500, help="warm-up requests per path (default 500)")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of load per path in (b) (default 10)")
     ap.add_argument("--concurrency", type=int, default=8, help="concurrent clients in (b) (default 8)")
-    ap.add_argument("--load-tool", choices=("auto", "wrk", "aiohttp"), default="auto", help="(b)'s load generator; auto: wrk when installed")
-    ap.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the bare aiohttp proxy (the framework floor) in (a) and (b)")
-    ap.add_argument("--log-level", default="INFO", help="the sidecar's log level (INFO, the default, writes one access line a request)")
+    ap.add_argument(
+        "--load-tool",
+        choices=("auto", "wrk", "aiohttp"),
+        default="auto",
+        help="(b)'s load generator; auto: wrk when installed",
+    )
+    ap.add_argument(
+        "--no-baseline",
+        dest="baseline",
+        action="store_false",
+        help="skip the bare aiohttp proxy (the framework floor) in (a) and (b)",
+    )
+    ap.add_argument(
+        "--log-level",
+        default="INFO",
+        help="the sidecar's log level (INFO, the default, writes one access line a request)",
+    )
     args = ap.parse_args()
 
     place = bs.placement()
@@ -143,7 +163,9 @@ def main() -> int:
     if tool == "wrk":
         out = subprocess.run([bs.wrk_path() or "wrk", "-v"], capture_output=True, text=True)
         m = re.search(r"wrk (?:\S*/)?(\d[\w.]*)", out.stdout + out.stderr)
-        tool_desc = f"wrk {m.group(1) if m else ''} with a Lua POST body, 1 thread, {args.concurrency} keep-alive connections".replace("  ", " ")
+        tool_desc = f"wrk {m.group(1) if m else ''} with a Lua POST body, 1 thread, {args.concurrency} keep-alive connections".replace(
+            "  ", " "
+        )
     else:
         tool_desc = f"aiohttp load generator (one ClientSession, {args.concurrency} keep-alive connections, Python: heavier than wrk)"
 
@@ -158,15 +180,19 @@ def main() -> int:
             if args.baseline:
                 bare = bs.start_bare_proxy(up_port, bare_port, place.sidecar_cpus, tmp / "bare.log")
             print(
-                f"sidecar:   python -m kubetoll_sidecar.cli sidecar --config router.json --log-level {args.log_level} "
+                f"sidecar:   python -m kubetoll_tools.cli sidecar --config router.json --log-level {args.log_level} "
                 "(log to a file); budgets on: namespace cap (USD/day, USD/month, tokens/day) and tier `standard` "
                 "(tokens/min, requests/min, USD/day), limits too high to reject; Prometheus metrics on"
             )
-            print("upstream:  kubetoll_sidecar.upstream_simulator.run (SimSettings: no added latency, recording off)")
+            print("upstream:  kubetoll_tools.simulator.run (SimSettings: no added latency, recording off)")
             if bare:
-                print("baseline:  a bare aiohttp pass-through proxy (aiohttp server + ClientSession on uvloop, nothing else; "
-                      "benchsupport/bare_proxy.py) on the sidecar's core: the framework floor")
-            print("request:   POST /v1/chat/completions, system + user message (61 prompt tokens), 16 completion tokens back")
+                print(
+                    "baseline:  a bare aiohttp pass-through proxy (aiohttp server + ClientSession on uvloop, nothing else; "
+                    "benchsupport/bare_proxy.py) on the sidecar's core: the framework floor"
+                )
+            print(
+                "request:   POST /v1/chat/completions, system + user message (61 prompt tokens), 16 completion tokens back"
+            )
             print()
 
             headers = {"x-kubetoll-tenant": bs.TENANT}
@@ -180,7 +206,10 @@ def main() -> int:
             plain = {k: plain[k] for k in ("direct", "via bare aiohttp proxy", "via sidecar") if k in plain}
             streams = {
                 "direct": (clients["direct"], clients["direct"].build("/v1/chat/completions", sbody_d, headers)),
-                "via sidecar": (clients["via sidecar"], clients["via sidecar"].build("/v1/chat/completions", sbody_v, headers)),
+                "via sidecar": (
+                    clients["via sidecar"],
+                    clients["via sidecar"].build("/v1/chat/completions", sbody_v, headers),
+                ),
             }
             for c, raw in list(plain.values()) + list(streams.values()):
                 warm(c, raw, args.warmup)
@@ -198,12 +227,18 @@ def main() -> int:
             print_paths(
                 f"(a) added latency, non-streaming, one client: {args.requests} requests per path after {args.warmup} warm-up, "
                 f"interleaved in blocks of {BLOCK} (raw-socket keep-alive client)",
-                res_a, TARGET_ADDED_P50_MS, TARGET_ADDED_P99_MS,
+                res_a,
+                TARGET_ADDED_P50_MS,
+                TARGET_ADDED_P99_MS,
             )
             own = hist_delta(before, after, "kubetoll_added_latency_seconds")
-            print(f"    the sidecar's own kubetoll_added_latency_seconds over (a) (excludes HTTP parsing/writing and the upstream call): "
-                  f"{describe_own_histogram(own)}")
-            print(f"    sidecar CPU time per request in (a): {sc_used / args.requests * 1e6:.0f} us (one request at a time)")
+            print(
+                f"    the sidecar's own kubetoll_added_latency_seconds over (a) (excludes HTTP parsing/writing and the upstream call): "
+                f"{describe_own_histogram(own)}"
+            )
+            print(
+                f"    sidecar CPU time per request in (a): {sc_used / args.requests * 1e6:.0f} us (one request at a time)"
+            )
             print_noise(noise_a)
             print()
 
@@ -224,36 +259,56 @@ def main() -> int:
             for name, port, body, proc in targets:
                 cpu = bs.CpuMeter([proc.pid], place.sidecar_cpus) if proc else None
                 r = bs.run_load(port, body, headers, args.concurrency, args.duration, place.other_cpus, tmp, tool)
-                lat = f"   latency under load p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms" if r.p50_ms is not None and r.p99_ms is not None else ""
+                lat = (
+                    f"   latency under load p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms"
+                    if r.p50_ms is not None and r.p99_ms is not None
+                    else ""
+                )
                 err = f"   ({r.errors} errors)" if r.errors else ""
-                tgt = f"   target >= {TARGET_RPS:,} req/s ({verdict(r.rate >= TARGET_RPS)})" if name == "via sidecar" else ""
+                tgt = (
+                    f"   target >= {TARGET_RPS:,} req/s ({verdict(r.rate >= TARGET_RPS)})"
+                    if name == "via sidecar"
+                    else ""
+                )
                 print(f"    {name:22s} {r.rate:9,.0f} req/s  ({r.requests:,} in {r.seconds:.1f} s){lat}{err}{tgt}")
                 if cpu and r.requests:
                     used, wall, other = cpu.stop()
                     per_req = used / r.requests
-                    line = (f"    {'':22s} CPU {per_req * 1e6:.0f} us per request ({used / wall:.0%} of its core)"
-                            f" -> {1 / per_req:,.0f} req/s per fully used core")
+                    line = (
+                        f"    {'':22s} CPU {per_req * 1e6:.0f} us per request ({used / wall:.0%} of its core)"
+                        f" -> {1 / per_req:,.0f} req/s per fully used core"
+                    )
                     if other is not None:
                         line += f"; other processes used {other / wall:.0%} of that core"
                         if other / wall > NOISY:
                             line += " (NOISY: rerun on a quiet machine)"
                     print(line)
             after = bs.scrape(met_port)
-            ok = sum(val for lbl, val in bs.metric_samples(after, "kubetoll_requests_total") if lbl.get("outcome") == "ok") - sum(
+            ok = sum(
+                val for lbl, val in bs.metric_samples(after, "kubetoll_requests_total") if lbl.get("outcome") == "ok"
+            ) - sum(
                 val for lbl, val in bs.metric_samples(before, "kubetoll_requests_total") if lbl.get("outcome") == "ok"
             )
             rejected = sum(val for _, val in bs.metric_samples(after, "kubetoll_rejections_total"))
-            print(f"    the sidecar counted {ok:,.0f} ok requests in (b); budget rejections in the whole run: {rejected:.0f}")
+            print(
+                f"    the sidecar counted {ok:,.0f} ok requests in (b); budget rejections in the whole run: {rejected:.0f}"
+            )
             print()
 
             print_paths(
                 f"(c) added time to first streamed token (stream=true; time to the first `data:` event): {args.requests} streams per path",
-                res_c, TARGET_TTFT_MS, None,
+                res_c,
+                TARGET_TTFT_MS,
+                None,
             )
             print_noise(noise_c)
             print()
-            print("Targets (DESIGN.md \"Performance targets\"): added p50 <= 0.3 ms / p99 <= 1 ms; >= 3,000 req/s on one core; added TTFT <= 0.5 ms.")
-            print("Added = the via-path percentile minus the direct one. The load generator shares the machine with the upstream (bench/README.md).")
+            print(
+                'Targets (DESIGN.md "Performance targets"): added p50 <= 0.3 ms / p99 <= 1 ms; >= 3,000 req/s on one core; added TTFT <= 0.5 ms.'
+            )
+            print(
+                "Added = the via-path percentile minus the direct one. The load generator shares the machine with the upstream (bench/README.md)."
+            )
         finally:
             bs.stop(bare)
             bs.stop(sidecar)

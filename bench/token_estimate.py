@@ -28,10 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import benchsupport as bs  # noqa: E402,F401  (puts the sidecar package on sys.path)
-import orjson  # noqa: E402
+import orjson
 
-from kubetoll_sidecar import tokens  # noqa: E402
+import benchsupport as bs
+from kubetoll_sidecar import tokens
 
 TARGET_2K_MS = 0.1
 
@@ -103,13 +103,22 @@ def timed(calls: list[list[dict]], model: str) -> list[float]:
 def fmt(values: list[float]) -> str:
     v = sorted(values)
     p90 = v[min(len(v) - 1, int(len(v) * 0.9))]
-    return f"median {statistics.median(v) * 1000:9.4f} ms   (min {v[0] * 1000:.4f}, p90 {p90 * 1000:.4f}, {len(v)} calls)"
+    return (
+        f"median {statistics.median(v) * 1000:9.4f} ms   (min {v[0] * 1000:.4f}, p90 {p90 * 1000:.4f}, {len(v)} calls)"
+    )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="gpt-4o-mini", help="model whose encoding counts (default gpt-4o-mini: o200k_base)")
-    ap.add_argument("--runs", type=int, default=300, help="calls per figure for the 2k prompt (the 100k prompt uses a tenth, at least 10)")
+    ap.add_argument(
+        "--model", default="gpt-4o-mini", help="model whose encoding counts (default gpt-4o-mini: o200k_base)"
+    )
+    ap.add_argument(
+        "--runs",
+        type=int,
+        default=300,
+        help="calls per figure for the 2k prompt (the 100k prompt uses a tenth, at least 10)",
+    )
     args = ap.parse_args()
 
     choice = tokens.encoding_for_model(args.model)
@@ -119,7 +128,9 @@ def main() -> int:
     print("kubetoll prompt token estimate: tokens.count_chat")
     for line in bs.machine_lines()[:2]:
         print(line)
-    print(f"model {args.model} -> encoding {choice.name}{' (approximate)' if choice.approximate else ''}; tiktoken {tiktoken.__version__}")
+    print(
+        f"model {args.model} -> encoding {choice.name}{' (approximate)' if choice.approximate else ''}; tiktoken {tiktoken.__version__}"
+    )
     print()
 
     results = {}
@@ -159,10 +170,16 @@ def main() -> int:
         if size == 2000:
             for name, vals in (("cold", cold), ("warm", warm), ("next turn", nxt)):
                 med = statistics.median(vals) * 1000
-                print(f"      target 2k estimate <= {TARGET_2K_MS} ms: {name} {med:.4f} ms ({'meets' if med <= TARGET_2K_MS else 'MISSES'})")
+                print(
+                    f"      target 2k estimate <= {TARGET_2K_MS} ms: {name} {med:.4f} ms ({'meets' if med <= TARGET_2K_MS else 'MISSES'})"
+                )
         print()
-    print("Cold is tiktoken's own encode (a new conversation, or a first request after a restart); warm and next turn are the")
-    print("memoised path multi-turn chats take (tokens._CountCache: counts keyed by (encoding, text), messages >= 64 characters).")
+    print(
+        "Cold is tiktoken's own encode (a new conversation, or a first request after a restart); warm and next turn are the"
+    )
+    print(
+        "memoised path multi-turn chats take (tokens._CountCache: counts keyed by (encoding, text), messages >= 64 characters)."
+    )
     return 0
 
 

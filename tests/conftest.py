@@ -6,7 +6,7 @@ import uuid
 import pytest
 from redis.asyncio import Redis
 
-from kubetoll_sidecar.upstream_simulator import SimSettings, SimulatedUpstream
+from kubetoll_tools.simulator import SimSettings, SimulatedUpstream
 from support.harness import RunningSidecar
 from support.redis_server import private_or_shared_redis
 
@@ -71,6 +71,7 @@ def ns():
 async def kubectl(kmock):
     """A client of kmock's Kubernetes emulator, with the project's resources registered."""
     import aiohttp
+
     from support.kopf_env import Kubectl, register_resources
 
     register_resources(kmock)

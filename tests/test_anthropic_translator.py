@@ -18,7 +18,8 @@ for _p in (_ROOT / "sidecar", _ROOT / "operator"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from kubetoll_sidecar.config import Backend, FailureClass  # noqa: E402
+from kubetoll_core.enums import FailureClass  # noqa: E402
+from kubetoll_core.router_config import Backend
 from kubetoll_sidecar.providers import anthropic as anthropic_mod  # noqa: E402
 from kubetoll_sidecar.providers.anthropic import (  # noqa: E402
     ANTHROPIC_VERSION,
@@ -43,7 +44,9 @@ def backend(endpoint: str = "https://api.anthropic.com", **kw: Any) -> Backend:
     return Backend(name="claude", provider="anthropic", model=MODEL, endpoint=endpoint, **kw)
 
 
-def build(body: dict[str, Any], *, be: Backend | None = None, stream: bool = False, tr: AnthropicTranslator | None = None) -> dict[str, Any]:
+def build(
+    body: dict[str, Any], *, be: Backend | None = None, stream: bool = False, tr: AnthropicTranslator | None = None
+) -> dict[str, Any]:
     tr = tr or AnthropicTranslator()
     req = tr.build_request(be or backend(), "chat", {"model": MODEL, **body}, API_KEY, stream)
     return orjson.loads(req.body)
@@ -107,13 +110,21 @@ class TestRequestEnvelope:
 
     def test_endpoint_ending_in_v1(self) -> None:
         req = AnthropicTranslator().build_request(
-            backend("https://gateway.internal:8443/anthropic/v1/"), "chat", {"model": MODEL, "messages": [user("x")]}, API_KEY, False
+            backend("https://gateway.internal:8443/anthropic/v1/"),
+            "chat",
+            {"model": MODEL, "messages": [user("x")]},
+            API_KEY,
+            False,
         )
         assert req.url == "https://gateway.internal:8443/anthropic/v1/messages"
 
     def test_endpoint_with_path_prefix(self) -> None:
         req = AnthropicTranslator().build_request(
-            backend("http://proxy.svc:8080/anthropic"), "chat", {"model": MODEL, "messages": [user("x")]}, API_KEY, False
+            backend("http://proxy.svc:8080/anthropic"),
+            "chat",
+            {"model": MODEL, "messages": [user("x")]},
+            API_KEY,
+            False,
         )
         assert req.url == "http://proxy.svc:8080/anthropic/v1/messages"
 
@@ -134,7 +145,9 @@ class TestRequestEnvelope:
     @pytest.mark.parametrize("endpoint", ["completions", "embeddings"])
     def test_unsupported_endpoints(self, endpoint: str) -> None:
         with pytest.raises(UnsupportedRequest, match="anthropic backends serve chat completions only"):
-            AnthropicTranslator().build_request(backend(), endpoint, {"model": MODEL, "input": "x", "prompt": "x"}, API_KEY, False)
+            AnthropicTranslator().build_request(
+                backend(), endpoint, {"model": MODEL, "input": "x", "prompt": "x"}, API_KEY, False
+            )
 
     def test_n_greater_than_one_unsupported(self) -> None:
         with pytest.raises(UnsupportedRequest, match="n must be 1"):
@@ -149,7 +162,9 @@ class TestRequestEnvelope:
 
     def test_audio_output_unsupported(self) -> None:
         with pytest.raises(UnsupportedRequest, match="audio"):
-            build({"messages": [user("x")], "modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}})
+            build(
+                {"messages": [user("x")], "modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}
+            )
 
     def test_ignored_fields_are_dropped(self) -> None:
         body = {
@@ -167,7 +182,14 @@ class TestRequestEnvelope:
             "reasoning_effort": "low",
         }
         assert set(body) - {"messages"} <= IGNORED_OPENAI_FIELDS
-        assert {"stream_options", "logprobs", "seed", "frequency_penalty", "presence_penalty", "logit_bias"} <= IGNORED_OPENAI_FIELDS
+        assert {
+            "stream_options",
+            "logprobs",
+            "seed",
+            "frequency_penalty",
+            "presence_penalty",
+            "logit_bias",
+        } <= IGNORED_OPENAI_FIELDS
         assert build(body, stream=True) == {
             "model": MODEL,
             "max_tokens": 4096,
@@ -194,7 +216,10 @@ class TestSamplingParameters:
         assert build({"messages": msgs, "max_completion_tokens": 300, "max_tokens": 100})["max_tokens"] == 300
         assert build({"messages": msgs, "max_tokens": 100})["max_tokens"] == 100
         assert build({"messages": msgs}, be=backend(limits={"maxOutputTokens": 64000}))["max_tokens"] == 64000
-        assert build({"messages": msgs, "max_tokens": 10}, be=backend(limits={"maxOutputTokens": 64000}))["max_tokens"] == 10
+        assert (
+            build({"messages": msgs, "max_tokens": 10}, be=backend(limits={"maxOutputTokens": 64000}))["max_tokens"]
+            == 10
+        )
         assert build({"messages": msgs})["max_tokens"] == 4096
         assert build({"messages": msgs, "max_tokens": None})["max_tokens"] == 4096
 
@@ -254,7 +279,14 @@ class TestMessages:
 
     def test_system_with_image_rejected(self) -> None:
         with pytest.raises(ValueError, match="only text"):
-            build({"messages": [{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}, user("x")]})
+            build(
+                {
+                    "messages": [
+                        {"role": "system", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]},
+                        user("x"),
+                    ]
+                }
+            )
 
     def test_consecutive_same_role_messages_merge(self) -> None:
         p = build(
@@ -295,8 +327,16 @@ class TestMessages:
                         "role": "assistant",
                         "content": None,
                         "tool_calls": [
-                            {"id": "toolu_01A", "type": "function", "function": {"name": "get_weather", "arguments": '{"location": "Paris"}'}},
-                            {"id": "toolu_01B", "type": "function", "function": {"name": "get_weather", "arguments": '{"location":"Rome"}'}},
+                            {
+                                "id": "toolu_01A",
+                                "type": "function",
+                                "function": {"name": "get_weather", "arguments": '{"location": "Paris"}'},
+                            },
+                            {
+                                "id": "toolu_01B",
+                                "type": "function",
+                                "function": {"name": "get_weather", "arguments": '{"location":"Rome"}'},
+                            },
                         ],
                     },
                     {"role": "tool", "tool_call_id": "toolu_01A", "content": "18C, cloudy"},
@@ -334,7 +374,9 @@ class TestMessages:
                     {
                         "role": "assistant",
                         "content": "Let me check.",
-                        "tool_calls": [{"id": "toolu_1", "type": "function", "function": {"name": "now", "arguments": ""}}],
+                        "tool_calls": [
+                            {"id": "toolu_1", "type": "function", "function": {"name": "now", "arguments": ""}}
+                        ],
                     },
                     {"role": "tool", "tool_call_id": "toolu_1", "content": "12:00"},
                 ]
@@ -344,7 +386,10 @@ class TestMessages:
             "role": "assistant",
             "content": [text("Let me check."), {"type": "tool_use", "id": "toolu_1", "name": "now", "input": {}}],
         }
-        assert p["messages"][2] == {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "12:00"}]}
+        assert p["messages"][2] == {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "12:00"}],
+        }
 
     def test_tool_results_first_in_merged_user_message(self) -> None:
         # A user message before the tool message (an unusual but valid-looking history):
@@ -353,7 +398,10 @@ class TestMessages:
             {
                 "messages": [
                     user("q"),
-                    {"role": "assistant", "tool_calls": [{"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                    {
+                        "role": "assistant",
+                        "tool_calls": [{"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+                    },
                     user("hurry"),
                     {"role": "tool", "tool_call_id": "t1", "content": "done"},
                 ]
@@ -371,7 +419,12 @@ class TestMessages:
                 {
                     "messages": [
                         user("q"),
-                        {"role": "assistant", "tool_calls": [{"id": "t1", "type": "function", "function": {"name": "f", "arguments": arguments}}]},
+                        {
+                            "role": "assistant",
+                            "tool_calls": [
+                                {"id": "t1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+                            ],
+                        },
                     ]
                 }
             )
@@ -383,16 +436,41 @@ class TestMessages:
                 {
                     "messages": [
                         user("q"),
-                        {"role": "assistant", "tool_calls": [{"id": "t1", "type": "function", "function": {"name": "f", "arguments": arguments}}]},
+                        {
+                            "role": "assistant",
+                            "tool_calls": [
+                                {"id": "t1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+                            ],
+                        },
                     ]
                 }
             )
 
     def test_tool_call_without_id_or_name(self) -> None:
         with pytest.raises(ValueError, match="needs an id"):
-            build({"messages": [user("q"), {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}]})
+            build(
+                {
+                    "messages": [
+                        user("q"),
+                        {
+                            "role": "assistant",
+                            "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}],
+                        },
+                    ]
+                }
+            )
         with pytest.raises(ValueError, match="function.name"):
-            build({"messages": [user("q"), {"role": "assistant", "tool_calls": [{"id": "t", "type": "function", "function": {"arguments": "{}"}}]}]})
+            build(
+                {
+                    "messages": [
+                        user("q"),
+                        {
+                            "role": "assistant",
+                            "tool_calls": [{"id": "t", "type": "function", "function": {"arguments": "{}"}}],
+                        },
+                    ]
+                }
+            )
 
     def test_tool_message_needs_tool_call_id(self) -> None:
         with pytest.raises(ValueError, match="tool_call_id"):
@@ -406,8 +484,19 @@ class TestMessages:
                         "role": "user",
                         "content": [
                             text("What is in these images?"),
-                            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUg==", "detail": "high"}},
-                            {"type": "image_url", "image_url": {"url": "https://upload.wikimedia.org/wikipedia/commons/a/a7/Camponotus_flavomarginatus_ant.jpg"}},
+                            {
+                                "type": "image_url",
+                                "image_url": {
+                                    "url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUg==",
+                                    "detail": "high",
+                                },
+                            },
+                            {
+                                "type": "image_url",
+                                "image_url": {
+                                    "url": "https://upload.wikimedia.org/wikipedia/commons/a/a7/Camponotus_flavomarginatus_ant.jpg"
+                                },
+                            },
                         ],
                     }
                 ]
@@ -418,10 +507,16 @@ class TestMessages:
                 "role": "user",
                 "content": [
                     text("What is in these images?"),
-                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgoAAAANSUhEUg=="}},
                     {
                         "type": "image",
-                        "source": {"type": "url", "url": "https://upload.wikimedia.org/wikipedia/commons/a/a7/Camponotus_flavomarginatus_ant.jpg"},
+                        "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgoAAAANSUhEUg=="},
+                    },
+                    {
+                        "type": "image",
+                        "source": {
+                            "type": "url",
+                            "url": "https://upload.wikimedia.org/wikipedia/commons/a/a7/Camponotus_flavomarginatus_ant.jpg",
+                        },
                     },
                 ],
             }
@@ -441,7 +536,10 @@ class TestMessages:
                     {
                         "role": "user",
                         "content": [
-                            {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBERi0xLjQ="}},
+                            {
+                                "type": "file",
+                                "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBERi0xLjQ="},
+                            },
                             text("Summarise."),
                         ],
                     }
@@ -457,7 +555,16 @@ class TestMessages:
         with pytest.raises(UnsupportedRequest, match="file"):
             build({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "file-abc"}}]}]})
         with pytest.raises(UnsupportedRequest, match="audio"):
-            build({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]})
+            build(
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}],
+                        }
+                    ]
+                }
+            )
 
     def test_unknown_content_part(self) -> None:
         with pytest.raises(ValueError, match="'video'"):
@@ -496,7 +603,10 @@ class TestTools:
             (None, {"type": "auto", "disable_parallel_tool_use": True}),
             ("auto", {"type": "auto", "disable_parallel_tool_use": True}),
             ("required", {"type": "any", "disable_parallel_tool_use": True}),
-            ({"type": "function", "function": {"name": "get_weather"}}, {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True}),
+            (
+                {"type": "function", "function": {"name": "get_weather"}},
+                {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
+            ),
             ("none", {"type": "none"}),
         ],
     )
@@ -534,7 +644,10 @@ class TestJsonResponseRequest:
         p = build(
             {
                 "messages": [user("Largest city in France?")],
-                "response_format": {"type": "json_schema", "json_schema": {"name": "city_info", "strict": True, "schema": CITY_SCHEMA}},
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "city_info", "strict": True, "schema": CITY_SCHEMA},
+                },
             },
             tr=tr,
         )
@@ -551,7 +664,13 @@ class TestJsonResponseRequest:
     def test_json_schema_description_and_unnamed(self) -> None:
         tr = AnthropicTranslator()
         p = build(
-            {"messages": [user("x")], "response_format": {"type": "json_schema", "json_schema": {"description": "A city.", "schema": CITY_SCHEMA}}},
+            {
+                "messages": [user("x")],
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"description": "A city.", "schema": CITY_SCHEMA},
+                },
+            },
             tr=tr,
         )
         assert p["tools"] == [{"name": "json_response", "description": "A city.", "input_schema": CITY_SCHEMA}]
@@ -575,7 +694,10 @@ class TestJsonResponseRequest:
             {
                 "messages": [user("x")],
                 "tools": [WEATHER_TOOL],
-                "response_format": {"type": "json_schema", "json_schema": {"name": "get_weather", "schema": CITY_SCHEMA}},
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "get_weather", "schema": CITY_SCHEMA},
+                },
             },
             tr=tr,
         )
@@ -585,7 +707,14 @@ class TestJsonResponseRequest:
         assert tr.json_response_tool == "json_response"
 
     def test_with_client_tools_and_tool_choice_none(self) -> None:
-        p = build({"messages": [user("x")], "tools": [WEATHER_TOOL], "tool_choice": "none", "response_format": {"type": "json_object"}})
+        p = build(
+            {
+                "messages": [user("x")],
+                "tools": [WEATHER_TOOL],
+                "tool_choice": "none",
+                "response_format": {"type": "json_object"},
+            }
+        )
         assert p["tool_choice"] == {"type": "tool", "name": "json_response", "disable_parallel_tool_use": True}
 
     def test_unknown_response_format(self) -> None:
@@ -602,7 +731,9 @@ class TestJsonResponseRequest:
 # =========================================================================== parse_response
 
 
-def anthropic_message(content: list[dict[str, Any]], stop_reason: str = "end_turn", usage: dict[str, Any] | None = None) -> bytes:
+def anthropic_message(
+    content: list[dict[str, Any]], stop_reason: str = "end_turn", usage: dict[str, Any] | None = None
+) -> bytes:
     return orjson.dumps(
         {
             "id": "msg_013Zva2CMHLNnXjNJJKqJ2EF",
@@ -665,17 +796,33 @@ class TestParseResponse:
 
     def test_null_cache_fields(self) -> None:
         body = anthropic_message(
-            [text("ok")], usage={"input_tokens": 10, "cache_creation_input_tokens": None, "cache_read_input_tokens": None, "output_tokens": 2}
+            [text("ok")],
+            usage={
+                "input_tokens": 10,
+                "cache_creation_input_tokens": None,
+                "cache_read_input_tokens": None,
+                "output_tokens": 2,
+            },
         )
         out, usage = AnthropicTranslator().parse_response("chat", body, "m")
         assert usage == Usage(prompt_tokens=10, completion_tokens=2)
-        assert out["usage"] == {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12, "prompt_tokens_details": {"cached_tokens": 0}}
+        assert out["usage"] == {
+            "prompt_tokens": 10,
+            "completion_tokens": 2,
+            "total_tokens": 12,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        }
 
     def test_tool_use(self) -> None:
         body = anthropic_message(
             [
                 {"type": "text", "text": "I'll check the weather in both cities."},
-                {"type": "tool_use", "id": "toolu_01A09q90qw90lq917835lq9", "name": "get_weather", "input": {"location": "San Francisco, CA"}},
+                {
+                    "type": "tool_use",
+                    "id": "toolu_01A09q90qw90lq917835lq9",
+                    "name": "get_weather",
+                    "input": {"location": "San Francisco, CA"},
+                },
                 {"type": "tool_use", "id": "toolu_01B", "name": "get_time", "input": {}},
             ],
             stop_reason="tool_use",
@@ -700,7 +847,9 @@ class TestParseResponse:
         }
 
     def test_tool_use_only_has_null_content(self) -> None:
-        body = anthropic_message([{"type": "tool_use", "id": "t", "name": "f", "input": {"a": [1, 2]}}], stop_reason="tool_use")
+        body = anthropic_message(
+            [{"type": "tool_use", "id": "t", "name": "f", "input": {"a": [1, 2]}}], stop_reason="tool_use"
+        )
         out, _ = AnthropicTranslator().parse_response("chat", body, "m")
         msg = out["choices"][0]["message"]
         assert msg["content"] is None
@@ -724,9 +873,22 @@ class TestParseResponse:
 
     def test_json_mode_response(self) -> None:
         tr = AnthropicTranslator()
-        build({"messages": [user("x")], "response_format": {"type": "json_schema", "json_schema": {"name": "city_info", "schema": CITY_SCHEMA}}}, tr=tr)
+        build(
+            {
+                "messages": [user("x")],
+                "response_format": {"type": "json_schema", "json_schema": {"name": "city_info", "schema": CITY_SCHEMA}},
+            },
+            tr=tr,
+        )
         body = anthropic_message(
-            [{"type": "tool_use", "id": "toolu_01", "name": "city_info", "input": {"city": "Paris", "population": 2102650}}],
+            [
+                {
+                    "type": "tool_use",
+                    "id": "toolu_01",
+                    "name": "city_info",
+                    "input": {"city": "Paris", "population": 2102650},
+                }
+            ],
             stop_reason="tool_use",
         )
         out, _ = tr.parse_response("chat", body, "m")
@@ -737,7 +899,10 @@ class TestParseResponse:
     def test_json_mode_client_tool_called_instead(self) -> None:
         tr = AnthropicTranslator()
         build({"messages": [user("x")], "tools": [WEATHER_TOOL], "response_format": {"type": "json_object"}}, tr=tr)
-        body = anthropic_message([{"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"location": "Paris"}}], stop_reason="tool_use")
+        body = anthropic_message(
+            [{"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"location": "Paris"}}],
+            stop_reason="tool_use",
+        )
         out, _ = tr.parse_response("chat", body, "m")
         assert out["choices"][0]["finish_reason"] == "tool_calls"
         assert out["choices"][0]["message"]["content"] is None
@@ -746,13 +911,17 @@ class TestParseResponse:
     def test_json_mode_cut_by_max_tokens(self) -> None:
         tr = AnthropicTranslator()
         build({"messages": [user("x")], "response_format": {"type": "json_object"}}, tr=tr)
-        body = anthropic_message([{"type": "tool_use", "id": "t1", "name": "json_response", "input": {}}], stop_reason="max_tokens")
+        body = anthropic_message(
+            [{"type": "tool_use", "id": "t1", "name": "json_response", "input": {}}], stop_reason="max_tokens"
+        )
         out, _ = tr.parse_response("chat", body, "m")
         assert out["choices"][0]["finish_reason"] == "length"
         assert out["choices"][0]["message"]["content"] == "{}"
 
     def test_without_json_mode_a_tool_named_json_response_is_a_tool_call(self) -> None:
-        body = anthropic_message([{"type": "tool_use", "id": "t1", "name": "json_response", "input": {}}], stop_reason="tool_use")
+        body = anthropic_message(
+            [{"type": "tool_use", "id": "t1", "name": "json_response", "input": {}}], stop_reason="tool_use"
+        )
         out, _ = AnthropicTranslator().parse_response("chat", body, "m")
         assert out["choices"][0]["finish_reason"] == "tool_calls"
 
@@ -767,7 +936,11 @@ class TestParseResponse:
     def test_openai_sdk_accepts_output(self) -> None:
         openai_types = pytest.importorskip("openai.types.chat")
         body = anthropic_message(
-            [text("Checking."), {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"location": "Paris"}}], stop_reason="tool_use"
+            [
+                text("Checking."),
+                {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"location": "Paris"}},
+            ],
+            stop_reason="tool_use",
         )
         out, _ = AnthropicTranslator().parse_response("chat", body, "m")
         parsed = openai_types.ChatCompletion.model_validate(out)
@@ -908,7 +1081,9 @@ data: {"type": "error", "error": {"type": "overloaded_error", "message": "Overlo
 SIZES = (1, 7, 3, 50, 13, 200, 2, 31)
 
 
-def run_stream(transcript: bytes, st: AnthropicStreamTranslator, sizes: tuple[int, ...] = SIZES) -> list[dict[str, Any]]:
+def run_stream(
+    transcript: bytes, st: AnthropicStreamTranslator, sizes: tuple[int, ...] = SIZES
+) -> list[dict[str, Any]]:
     """Feeds `transcript` through an SSEDecoder in irregular pieces, then the translator."""
     decoder = SSEDecoder()
     chunks: list[dict[str, Any]] = []
@@ -973,7 +1148,10 @@ class TestStream:
 
     def test_crlf_transcript(self) -> None:
         reference = run_stream(TEXT_STREAM, AnthropicTranslator().stream_translator("m", False))
-        assert run_stream(TEXT_STREAM.replace(b"\n", b"\r\n"), AnthropicTranslator().stream_translator("m", False)) == reference
+        assert (
+            run_stream(TEXT_STREAM.replace(b"\n", b"\r\n"), AnthropicTranslator().stream_translator("m", False))
+            == reference
+        )
 
     def test_text_stream_without_usage(self) -> None:
         st = AnthropicTranslator().stream_translator("support-bot", include_usage=False)
@@ -994,12 +1172,33 @@ class TestStream:
             chunk(cid, {"content": "Okay, let's check."}),
             chunk(
                 cid,
-                {"tool_calls": [{"index": 0, "id": "toolu_01T1x1fJ34qAmk2tNTrN7Up6", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]},
+                {
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": "toolu_01T1x1fJ34qAmk2tNTrN7Up6",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": ""},
+                        }
+                    ]
+                },
             ),
             chunk(cid, {"tool_calls": [{"index": 0, "function": {"arguments": '{"location":'}}]}),
             chunk(cid, {"tool_calls": [{"index": 0, "function": {"arguments": ' "San Fra'}}]}),
             chunk(cid, {"tool_calls": [{"index": 0, "function": {"arguments": 'ncisco, CA"}'}}]}),
-            chunk(cid, {"tool_calls": [{"index": 1, "id": "toolu_02", "type": "function", "function": {"name": "get_time", "arguments": ""}}]}),
+            chunk(
+                cid,
+                {
+                    "tool_calls": [
+                        {
+                            "index": 1,
+                            "id": "toolu_02",
+                            "type": "function",
+                            "function": {"name": "get_time", "arguments": ""},
+                        }
+                    ]
+                },
+            ),
             chunk(cid, {"tool_calls": [{"index": 1, "function": {"arguments": "{}"}}]}),
             chunk(cid, {}, "tool_calls"),
         ]
@@ -1015,7 +1214,13 @@ class TestStream:
 
     def test_json_mode_stream(self) -> None:
         tr = AnthropicTranslator()
-        build({"messages": [user("x")], "response_format": {"type": "json_schema", "json_schema": {"name": "city_info", "schema": CITY_SCHEMA}}}, tr=tr)
+        build(
+            {
+                "messages": [user("x")],
+                "response_format": {"type": "json_schema", "json_schema": {"name": "city_info", "schema": CITY_SCHEMA}},
+            },
+            tr=tr,
+        )
         st = tr.stream_translator("m", include_usage=False)
         assert st is not tr.stream_translator("m", include_usage=False)
         chunks = run_stream(JSON_STREAM, st)
@@ -1038,19 +1243,29 @@ class TestStream:
     def test_error_event(self) -> None:
         st = AnthropicTranslator().stream_translator("m", include_usage=True)
         chunks = run_stream(ERROR_STREAM, st)
-        assert [c["choices"][0]["delta"] for c in chunks] == [{"role": "assistant", "content": ""}, {"content": "Partial"}]
+        assert [c["choices"][0]["delta"] for c in chunks] == [
+            {"role": "assistant", "content": ""},
+            {"content": "Partial"},
+        ]
         assert st.done is False
         err = st.error()
         assert isinstance(err, UpstreamError)
         assert err.failure is FailureClass.server_error
         assert err.status == 529
-        assert err.openai_error == {"message": "Overloaded", "type": "server_error", "code": "overloaded_error", "param": None}
+        assert err.openai_error == {
+            "message": "Overloaded",
+            "type": "server_error",
+            "code": "overloaded_error",
+            "param": None,
+        }
         assert st.usage == Usage(prompt_tokens=300, completion_tokens=1)
         assert st.text_chars == len("Partial")
 
     def test_error_event_feed_returns_nothing(self) -> None:
         st = AnthropicStreamTranslator("m", include_usage=False)
-        assert st.feed("error", b'{"type":"error","error":{"type":"api_error","message":"Internal server error"}}') == []
+        assert (
+            st.feed("error", b'{"type":"error","error":{"type":"api_error","message":"Internal server error"}}') == []
+        )
         err = st.error()
         assert err is not None and err.failure is FailureClass.server_error and err.status == 500
 
@@ -1073,14 +1288,18 @@ class TestStream:
         cut = TEXT_STREAM[: TEXT_STREAM.index(b"event: content_block_stop")]
         st = AnthropicTranslator().stream_translator("m", include_usage=True)
         chunks = run_stream(cut, st)
-        assert [c["choices"][0]["delta"] for c in chunks] == [{"role": "assistant", "content": ""}, {"content": "Hello"}, {"content": ", wörld!"}]
+        assert [c["choices"][0]["delta"] for c in chunks] == [
+            {"role": "assistant", "content": ""},
+            {"content": "Hello"},
+            {"content": ", wörld!"},
+        ]
         assert st.done is False
         assert st.error() is None
         assert st.usage == Usage(prompt_tokens=2125, completion_tokens=1, cached_tokens=2000, cache_write_tokens=100)
         assert st.text_chars == 13
 
     def test_cut_mid_event_is_flushed_not_crashing(self) -> None:
-        cut = TOOL_STREAM[: TOOL_STREAM.index(b'ncisco, CA')]
+        cut = TOOL_STREAM[: TOOL_STREAM.index(b"ncisco, CA")]
         st = AnthropicTranslator().stream_translator("m", include_usage=False)
         run_stream(cut, st)
         # the half event is malformed JSON: reported as a server error, never raised
@@ -1097,18 +1316,32 @@ class TestStream:
 
     def test_message_delta_cumulative_input_tokens(self) -> None:
         st = AnthropicStreamTranslator("m", include_usage=False)
-        st.feed("message_start", b'{"type":"message_start","message":{"id":"msg_x","model":"claude-x","usage":{"input_tokens":10,"cache_read_input_tokens":5,"output_tokens":1}}}')
-        st.feed("message_delta", b'{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"input_tokens":12,"cache_read_input_tokens":null,"output_tokens":30}}')
+        st.feed(
+            "message_start",
+            b'{"type":"message_start","message":{"id":"msg_x","model":"claude-x","usage":{"input_tokens":10,"cache_read_input_tokens":5,"output_tokens":1}}}',
+        )
+        st.feed(
+            "message_delta",
+            b'{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"input_tokens":12,"cache_read_input_tokens":null,"output_tokens":30}}',
+        )
         assert st.usage == Usage(prompt_tokens=17, completion_tokens=30, cached_tokens=5)
 
     def test_events_after_stop_ignored(self) -> None:
         st = AnthropicTranslator().stream_translator("m", include_usage=False)
         run_stream(TEXT_STREAM, st)
-        assert st.feed("content_block_delta", b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"late"}}') == []
+        assert (
+            st.feed(
+                "content_block_delta",
+                b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"late"}}',
+            )
+            == []
+        )
 
     def test_model_alias_fallback_before_message_start(self) -> None:
         st = AnthropicStreamTranslator("support-bot", include_usage=False)
-        out = st.feed("content_block_delta", b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"x"}}')
+        out = st.feed(
+            "content_block_delta", b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"x"}}'
+        )
         assert out[0]["model"] == "support-bot"
         assert out[0]["id"].startswith("chatcmpl-")
 
@@ -1124,7 +1357,9 @@ class TestStream:
 
 
 def err_body(etype: str, message: str) -> bytes:
-    return orjson.dumps({"type": "error", "error": {"type": etype, "message": message}, "request_id": "req_011CSHoEeqs5C35K2UUqR7Fy"})
+    return orjson.dumps(
+        {"type": "error", "error": {"type": etype, "message": message}, "request_id": "req_011CSHoEeqs5C35K2UUqR7Fy"}
+    )
 
 
 class TestClassifyError:
@@ -1134,7 +1369,10 @@ class TestClassifyError:
     def test_rate_limited_with_retry_after(self) -> None:
         e = self.classify(
             429,
-            err_body("rate_limit_error", "This request would exceed the rate limit for your organization of 50 requests per minute."),
+            err_body(
+                "rate_limit_error",
+                "This request would exceed the rate limit for your organization of 50 requests per minute.",
+            ),
             {"retry-after": "17", "anthropic-ratelimit-requests-remaining": "0"},
         )
         assert e.status == 429
@@ -1151,7 +1389,9 @@ class TestClassifyError:
         assert self.classify(429, err_body("rate_limit_error", "slow down"), {"Retry-After": "1.5"}).retry_after == 1.5
 
     def test_retry_after_http_date(self) -> None:
-        e = self.classify(429, err_body("rate_limit_error", "slow down"), {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})
+        e = self.classify(
+            429, err_body("rate_limit_error", "slow down"), {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}
+        )
         assert e.retry_after == 0.0  # in the past
 
     def test_retry_after_garbage_ignored(self) -> None:
@@ -1168,7 +1408,12 @@ class TestClassifyError:
     def test_overloaded_529(self) -> None:
         e = self.classify(529, err_body("overloaded_error", "Overloaded"))
         assert e.failure is FailureClass.server_error
-        assert e.openai_error == {"message": "Overloaded", "type": "server_error", "code": "overloaded_error", "param": None}
+        assert e.openai_error == {
+            "message": "Overloaded",
+            "type": "server_error",
+            "code": "overloaded_error",
+            "param": None,
+        }
 
     @pytest.mark.parametrize(("status", "etype"), [(500, "api_error"), (504, "timeout_error"), (503, "api_error")])
     def test_server_errors(self, status: int, etype: str) -> None:
@@ -1239,7 +1484,9 @@ class TestClassifyError:
         assert e.message == f"anthropic HTTP {status} {etype}: {etype} happened"
 
     def test_plain_invalid_request_is_not_context(self) -> None:
-        e = self.classify(400, err_body("invalid_request_error", "messages: roles must alternate between \"user\" and \"assistant\""))
+        e = self.classify(
+            400, err_body("invalid_request_error", 'messages: roles must alternate between "user" and "assistant"')
+        )
         assert e.failure is None
 
     def test_non_json_body(self) -> None:
@@ -1271,7 +1518,11 @@ class TestClassifyError:
 
     def test_secrets_and_headers_not_in_messages(self) -> None:
         headers = {"retry-after": "2", "request-id": "req_SECRETISH", "x-api-key": API_KEY, "set-cookie": "session=abc"}
-        for status, body in [(429, err_body("rate_limit_error", "slow")), (500, b"oops"), (401, err_body("authentication_error", "invalid x-api-key"))]:
+        for status, body in [
+            (429, err_body("rate_limit_error", "slow")),
+            (500, b"oops"),
+            (401, err_body("authentication_error", "invalid x-api-key")),
+        ]:
             e = self.classify(status, body, headers)
             blob = e.message + orjson.dumps(e.openai_error).decode()
             for value in ("req_SECRETISH", API_KEY, "session=abc"):

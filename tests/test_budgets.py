@@ -8,19 +8,25 @@ import aiohttp
 import openai
 import pytest
 
-from kubetoll_sidecar.budgets.periods import FakeClock, compute_period
+from kubetoll_core.periods import FakeClock, compute_period
 from support.harness import base_config
 
 # 2026-11-22 10:00 UTC
-T0 = dt.datetime(2026, 11, 22, 10, 0, tzinfo=dt.timezone.utc).timestamp()
+T0 = dt.datetime(2026, 11, 22, 10, 0, tzinfo=dt.UTC).timestamp()
 
 
 def budget_config(sim, budget, tenancy=None, downgrade=None, gpu=True):
     cfg = base_config(sim.url)
     if gpu:
         cfg["backends"].append(
-            {"name": "gpu", "provider": "openai-compatible", "model": "llama-3.1-8b", "endpoint": sim.url + "/v1",
-             "credentials": {"env": "KT_TEST_OPENAI_KEY"}, "pricing": {"gpuHourlyUSD": 0.36, "tokensPerSecond": 1000}}
+            {
+                "name": "gpu",
+                "provider": "openai-compatible",
+                "model": "llama-3.1-8b",
+                "endpoint": sim.url + "/v1",
+                "credentials": {"env": "KT_TEST_OPENAI_KEY"},
+                "pricing": {"gpuHourlyUSD": 0.36, "tokensPerSecond": 1000},
+            }
         )
     route = {"name": "chat", "rules": [{"backends": ["primary"]}]}
     if downgrade:
@@ -80,7 +86,9 @@ async def test_tokens_per_minute_reservation_and_settlement(sim, start_sidecar):
     # Settled before the headers are written: the header shows actual use, not the reservation.
     assert rec.prompt_tokens + rec.completion_tokens < rec.prompt_tokens + 20
     assert remaining == pytest.approx(100 - (rec.prompt_tokens + rec.completion_tokens), abs=0.01)
-    state = sc.sidecar.store.snapshot(sc.sidecar.state.meters.for_request("chat", "anonymous", "default", clock.time()).tokens[0], clock.time())
+    state = sc.sidecar.store.snapshot(
+        sc.sidecar.state.meters.for_request("chat", "anonymous", "default", clock.time()).tokens[0], clock.time()
+    )
     assert state.used == pytest.approx(rec.prompt_tokens + rec.completion_tokens)
 
 
@@ -100,7 +108,7 @@ async def test_usd_cap_rejects_until_the_day_resets_in_its_timezone(sim, start_s
 
 
 async def test_month_period_resets(sim, start_sidecar):
-    clock = FakeClock(dt.datetime(2026, 11, 30, 23, 0, tzinfo=dt.timezone.utc).timestamp())
+    clock = FakeClock(dt.datetime(2026, 11, 30, 23, 0, tzinfo=dt.UTC).timestamp())
     budget = {"name": "b", "cap": {"tokensPerMonth": 60}}
     sc = await start_sidecar(budget_config(sim, budget, gpu=False), clock=clock)
     assert (await post(sc, max_tokens=16))[0] == 200
@@ -183,7 +191,7 @@ async def test_suspended_budget_is_403(sim, start_sidecar):
 
 
 async def test_failed_call_releases_its_reservation(sim, start_sidecar):
-    from kubetoll_sidecar.upstream_simulator import Fault
+    from kubetoll_tools.simulator import Fault
 
     clock = FakeClock(T0)
     sc = await start_sidecar(budget_config(sim, {"name": "b", "cap": {"tokensPerDay": 1000}}, gpu=False), clock=clock)
@@ -194,13 +202,16 @@ async def test_failed_call_releases_its_reservation(sim, start_sidecar):
 
 
 def test_dst_days_are_23_and_25_hours():
-    spring = dt.datetime(2026, 3, 29, 12, tzinfo=dt.timezone.utc).timestamp()  # Europe DST starts
+    spring = dt.datetime(2026, 3, 29, 12, tzinfo=dt.UTC).timestamp()  # Europe DST starts
     p = compute_period("day", "Europe/Berlin", spring)
     assert p.end - p.start == 23 * 3600 and p.id == "2026-03-29"
-    autumn = dt.datetime(2026, 10, 25, 12, tzinfo=dt.timezone.utc).timestamp()
-    assert compute_period("day", "Europe/Berlin", autumn).end - compute_period("day", "Europe/Berlin", autumn).start == 25 * 3600
-    m = compute_period("month", "UTC", dt.datetime(2026, 12, 31, 23, tzinfo=dt.timezone.utc).timestamp())
-    assert m.id == "2026-12" and dt.datetime.fromtimestamp(m.end, dt.timezone.utc) == dt.datetime(2027, 1, 1, tzinfo=dt.timezone.utc)
+    autumn = dt.datetime(2026, 10, 25, 12, tzinfo=dt.UTC).timestamp()
+    assert (
+        compute_period("day", "Europe/Berlin", autumn).end - compute_period("day", "Europe/Berlin", autumn).start
+        == 25 * 3600
+    )
+    m = compute_period("month", "UTC", dt.datetime(2026, 12, 31, 23, tzinfo=dt.UTC).timestamp())
+    assert m.id == "2026-12" and dt.datetime.fromtimestamp(m.end, dt.UTC) == dt.datetime(2027, 1, 1, tzinfo=dt.UTC)
 
 
 async def test_client_that_goes_away_is_billed_what_the_provider_did_and_no_more(sim, start_sidecar):
@@ -208,7 +219,7 @@ async def test_client_that_goes_away_is_billed_what_the_provider_did_and_no_more
     the reservation (prompt + max_tokens) does not linger, and the ledger has the record."""
     import asyncio
 
-    from kubetoll_sidecar.upstream_simulator import Fault
+    from kubetoll_tools.simulator import Fault
     from support.harness import wait_until
 
     clock = FakeClock(T0)

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from kubetoll_core.router_config import CachePolicy
 from kubetoll_sidecar.cache import keys
 from kubetoll_sidecar.cache.stage import policy_hash, uncacheable_reason
-from kubetoll_sidecar.config import CachePolicy
 
 
 def key(body, endpoint="chat", route="chat", scope="alice"):
@@ -20,7 +20,9 @@ BASE = {"model": "chat", "messages": [{"role": "user", "content": "Hi there"}], 
 
 def test_canonical_json_ignores_key_order_and_formatting():
     a = json.loads('{"model":"chat","temperature":0,"messages":[{"role":"user","content":"Hi there"}]}')
-    b = json.loads('{ "messages" : [ {"content": "Hi there", "role": "user"} ],\n "temperature": 0.0, "model": "chat" }')
+    b = json.loads(
+        '{ "messages" : [ {"content": "Hi there", "role": "user"} ],\n "temperature": 0.0, "model": "chat" }'
+    )
     assert key(a) == key(b)
 
 
@@ -78,49 +80,93 @@ def test_redis_keys_are_namespaced_with_a_cluster_hash_tag():
 
 def test_semantic_split_last_user_message():
     body = keys.normalize_request(
-        {"model": "m", "temperature": 0, "messages": [
-            {"role": "system", "content": "You are Acme's bot."},
-            {"role": "user", "content": [{"type": "text", "text": "Where is my order?"}]},
-        ]}
+        {
+            "model": "m",
+            "temperature": 0,
+            "messages": [
+                {"role": "system", "content": "You are Acme's bot."},
+                {"role": "user", "content": [{"type": "text", "text": "Where is my order?"}]},
+            ],
+        }
     )
     split = keys.semantic_split("chat", "chat", "alice", body, "lastUserMessage")
     assert split is not None and split.text == "Where is my order?"
     other_system = keys.normalize_request(
-        {"model": "m", "temperature": 0, "messages": [{"role": "system", "content": "You are Globex's bot."}, {"role": "user", "content": "Where is my order?"}]}
+        {
+            "model": "m",
+            "temperature": 0,
+            "messages": [
+                {"role": "system", "content": "You are Globex's bot."},
+                {"role": "user", "content": "Where is my order?"},
+            ],
+        }
     )
     assert keys.semantic_split("chat", "chat", "alice", other_system, "lastUserMessage").partition != split.partition
     same_question_other_wording = keys.normalize_request(
-        {"model": "m", "temperature": 0, "messages": [{"role": "system", "content": "You are Acme's bot."}, {"role": "user", "content": "Track my package"}]}
+        {
+            "model": "m",
+            "temperature": 0,
+            "messages": [
+                {"role": "system", "content": "You are Acme's bot."},
+                {"role": "user", "content": "Track my package"},
+            ],
+        }
     )
-    assert keys.semantic_split("chat", "chat", "alice", same_question_other_wording, "lastUserMessage").partition == split.partition
+    assert (
+        keys.semantic_split("chat", "chat", "alice", same_question_other_wording, "lastUserMessage").partition
+        == split.partition
+    )
 
 
 def test_semantic_split_needs_a_user_question_in_text():
-    tool_turn = keys.normalize_request({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [{"id": "1"}]}, {"role": "tool", "content": "{}", "tool_call_id": "1"}]})
+    tool_turn = keys.normalize_request(
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "tool_calls": [{"id": "1"}]},
+                {"role": "tool", "content": "{}", "tool_call_id": "1"},
+            ]
+        }
+    )
     assert keys.semantic_split("chat", "r", "s", tool_turn, "lastUserMessage") is None
-    image = keys.normalize_request({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
+    image = keys.normalize_request(
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
+    )
     assert keys.semantic_split("chat", "r", "s", image, "lastUserMessage") is None
-    assert keys.semantic_split("completions", "r", "s", keys.normalize_request({"prompt": "x"}), "lastUserMessage") is None
+    assert (
+        keys.semantic_split("completions", "r", "s", keys.normalize_request({"prompt": "x"}), "lastUserMessage") is None
+    )
 
 
 def test_all_user_messages_mode_embeds_every_user_turn():
-    body = keys.normalize_request({"messages": [
-        {"role": "system", "content": "sys"},
-        {"role": "user", "content": "I bought a Pro plan."},
-        {"role": "assistant", "content": "Great!"},
-        {"role": "user", "content": "How do I cancel it?"},
-    ]})
+    body = keys.normalize_request(
+        {
+            "messages": [
+                {"role": "system", "content": "sys"},
+                {"role": "user", "content": "I bought a Pro plan."},
+                {"role": "assistant", "content": "Great!"},
+                {"role": "user", "content": "How do I cancel it?"},
+            ]
+        }
+    )
     split = keys.semantic_split("chat", "r", "s", body, "allUserMessages")
     assert split.text == "I bought a Pro plan.\nHow do I cancel it?"
-    reworded_reply = keys.normalize_request({"messages": [
-        {"role": "system", "content": "sys"},
-        {"role": "user", "content": "I bought a Pro plan."},
-        {"role": "assistant", "content": "Nice choice!"},
-        {"role": "user", "content": "How do I cancel it?"},
-    ]})
+    reworded_reply = keys.normalize_request(
+        {
+            "messages": [
+                {"role": "system", "content": "sys"},
+                {"role": "user", "content": "I bought a Pro plan."},
+                {"role": "assistant", "content": "Nice choice!"},
+                {"role": "user", "content": "How do I cancel it?"},
+            ]
+        }
+    )
     assert keys.semantic_split("chat", "r", "s", reworded_reply, "allUserMessages").partition == split.partition
     # ...while in lastUserMessage mode the earlier turns must match exactly.
-    assert keys.semantic_split("chat", "r", "s", reworded_reply, "lastUserMessage").partition != keys.semantic_split("chat", "r", "s", body, "lastUserMessage").partition
+    assert (
+        keys.semantic_split("chat", "r", "s", reworded_reply, "lastUserMessage").partition
+        != keys.semantic_split("chat", "r", "s", body, "lastUserMessage").partition
+    )
 
 
 def test_uncacheable_reasons():

@@ -11,9 +11,9 @@ import aiohttp
 import orjson
 import pytest
 
-from kubetoll_sidecar.ledger import CACHE_EMBEDDING_OUTCOME
+from kubetoll_core.spend_record import CACHE_EMBEDDING_OUTCOME
+from kubetoll_tools.simulator import Fault
 from support.harness import base_config
-from kubetoll_sidecar.upstream_simulator import Fault
 
 pytestmark = pytest.mark.asyncio
 
@@ -36,7 +36,11 @@ def upstream_chats(sim) -> int:
 
 async def post(url: str, body: dict, headers: dict | None = None) -> tuple[int, dict, bytes]:
     async with aiohttp.ClientSession() as s:
-        async with s.post(url + "/v1/chat/completions", data=orjson.dumps(body), headers={"content-type": "application/json", **(headers or {})}) as r:
+        async with s.post(
+            url + "/v1/chat/completions",
+            data=orjson.dumps(body),
+            headers={"content-type": "application/json", **(headers or {})},
+        ) as r:
             return r.status, dict(r.headers), await r.read()
 
 
@@ -58,14 +62,20 @@ async def test_a_repeat_is_answered_from_cache_without_calling_upstream(sim, sta
     # Ledger: one billed call, one hit that cost nothing and says what it saved.
     records = list(sc.sidecar.ledger.records())
     assert [r.cache_hit for r in records] == ["", "exact"]
-    assert records[1].cost_usd == 0 and records[1].backend == "" and records[1].avoided_usd == pytest.approx(records[0].cost_usd)
+    assert (
+        records[1].cost_usd == 0
+        and records[1].backend == ""
+        and records[1].avoided_usd == pytest.approx(records[0].cost_usd)
+    )
 
 
 async def test_a_streamed_answer_is_stored_and_replayed_as_a_stream(sim, start_sidecar):
     sc = await start_sidecar(cached_config(sim.url))
     client = sc.openai()
     text = ""
-    async for chunk in await client.chat.completions.create(model="chat", messages=QUESTION, temperature=0, stream=True):
+    async for chunk in await client.chat.completions.create(
+        model="chat", messages=QUESTION, temperature=0, stream=True
+    ):
         if chunk.choices and chunk.choices[0].delta.content:
             text += chunk.choices[0].delta.content
     await sc.sidecar.cache.drain()
@@ -101,7 +111,9 @@ async def test_no_cache_header_bypasses_and_hot_temperature_is_not_cached(sim, s
     sc = await start_sidecar(cached_config(sim.url))
     await post(sc.url, {"model": "chat", "messages": QUESTION, "temperature": 0})
     await sc.sidecar.cache.drain()
-    _, headers, _ = await post(sc.url, {"model": "chat", "messages": QUESTION, "temperature": 0}, {"x-kubetoll-cache-control": "no-cache"})
+    _, headers, _ = await post(
+        sc.url, {"model": "chat", "messages": QUESTION, "temperature": 0}, {"x-kubetoll-cache-control": "no-cache"}
+    )
     assert headers["x-kubetoll-cache"] == "bypass"
     _, headers, _ = await post(sc.url, {"model": "chat", "messages": QUESTION, "temperature": 1.2})
     assert headers["x-kubetoll-cache"] == "uncacheable"
@@ -111,12 +123,20 @@ async def test_no_cache_header_bypasses_and_hot_temperature_is_not_cached(sim, s
 async def test_a_hit_still_counts_against_the_request_rate(sim, start_sidecar):
     cfg = cached_config(
         sim.url,
-        budgets=[{"name": "rate", "routes": ["chat"], "tiers": {"default": {"requestsPerMinute": 2, "onExhausted": "reject"}}}],
+        budgets=[
+            {
+                "name": "rate",
+                "routes": ["chat"],
+                "tiers": {"default": {"requestsPerMinute": 2, "onExhausted": "reject"}},
+            }
+        ],
     )
     sc = await start_sidecar(cfg)
     statuses = []
     for _ in range(3):
-        status, _, _ = await post(sc.url, {"model": "chat", "messages": QUESTION, "temperature": 0}, {"x-kubetoll-tenant": "t1"})
+        status, _, _ = await post(
+            sc.url, {"model": "chat", "messages": QUESTION, "temperature": 0}, {"x-kubetoll-tenant": "t1"}
+        )
         statuses.append(status)
         await sc.sidecar.cache.drain()
     assert statuses == [200, 200, 429]
@@ -126,9 +146,20 @@ async def test_a_hit_still_counts_against_the_request_rate(sim, start_sidecar):
 async def test_semantic_lookup_bills_its_embedding_call(sim, start_sidecar):
     cfg = cached_config(sim.url)
     cfg["backends"].append(
-        {"name": "embed", "provider": "openai", "model": "text-embedding-3-small", "endpoint": sim.url + "/v1", "credentials": {"env": "KT_TEST_OPENAI_KEY"}}
+        {
+            "name": "embed",
+            "provider": "openai",
+            "model": "text-embedding-3-small",
+            "endpoint": sim.url + "/v1",
+            "credentials": {"env": "KT_TEST_OPENAI_KEY"},
+        }
     )
-    cfg["cachePolicies"][0]["semantic"] = {"enabled": True, "embeddingBackend": "embed", "threshold": 0.99, "verify": True}
+    cfg["cachePolicies"][0]["semantic"] = {
+        "enabled": True,
+        "embeddingBackend": "embed",
+        "threshold": 0.99,
+        "verify": True,
+    }
     cfg["budgets"] = [{"name": "usd", "routes": ["chat"], "cap": {"usdPerDay": 100}}]
     sc = await start_sidecar(cfg)
     status, headers, _ = await post(sc.url, {"model": "chat", "messages": QUESTION, "temperature": 0})

@@ -19,43 +19,78 @@ from kubetoll_sidecar.sse import SSEDecoder
 LONG = "Open Settings, choose Billing, then Cancel subscription. " * 6
 
 TEXT_BODY: dict[str, Any] = {
-    "id": "chatcmpl-orig", "object": "chat.completion", "created": 1700000000, "model": "gpt-4o-2024-08-06",
+    "id": "chatcmpl-orig",
+    "object": "chat.completion",
+    "created": 1700000000,
+    "model": "gpt-4o-2024-08-06",
     "system_fingerprint": "fp_1",
     "choices": [
-        {"index": 0, "message": {"role": "assistant", "content": LONG, "refusal": None}, "logprobs": None, "finish_reason": "stop"},
-        {"index": 1, "message": {"role": "assistant", "content": "Second choice."}, "logprobs": None, "finish_reason": "length"},
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": LONG, "refusal": None},
+            "logprobs": None,
+            "finish_reason": "stop",
+        },
+        {
+            "index": 1,
+            "message": {"role": "assistant", "content": "Second choice."},
+            "logprobs": None,
+            "finish_reason": "length",
+        },
     ],
     "usage": {"prompt_tokens": 21, "completion_tokens": 80, "total_tokens": 101},
 }
 
 TOOL_BODY: dict[str, Any] = {
-    "id": "chatcmpl-tool", "object": "chat.completion", "created": 1700000000, "model": "gpt-4o",
+    "id": "chatcmpl-tool",
+    "object": "chat.completion",
+    "created": 1700000000,
+    "model": "gpt-4o",
     "choices": [
         {
             "index": 0,
             "message": {
-                "role": "assistant", "content": None,
+                "role": "assistant",
+                "content": None,
                 "tool_calls": [
-                    {"id": "call_1", "type": "function", "function": {"name": "lookup_order", "arguments": '{"order_id": "A-1234"}'}},
-                    {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "lookup_order", "arguments": '{"order_id": "A-1234"}'},
+                    },
+                    {
+                        "id": "call_2",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    },
                 ],
             },
-            "logprobs": None, "finish_reason": "tool_calls",
+            "logprobs": None,
+            "finish_reason": "tool_calls",
         }
     ],
     "usage": {"prompt_tokens": 50, "completion_tokens": 20, "total_tokens": 70},
 }
 
 COMPLETION_BODY: dict[str, Any] = {
-    "id": "cmpl-orig", "object": "text_completion", "created": 1700000000, "model": "gpt-3.5-turbo-instruct",
-    "choices": [{"text": "Paris is the capital of France. " * 5, "index": 0, "logprobs": None, "finish_reason": "stop"}],
+    "id": "cmpl-orig",
+    "object": "text_completion",
+    "created": 1700000000,
+    "model": "gpt-3.5-turbo-instruct",
+    "choices": [
+        {"text": "Paris is the capital of France. " * 5, "index": 0, "logprobs": None, "finish_reason": "stop"}
+    ],
     "usage": {"prompt_tokens": 5, "completion_tokens": 40, "total_tokens": 45},
 }
 
 
 def hit_of(body: dict[str, Any], endpoint: str = "chat", kind: str = "exact") -> CacheHit:
     u = body["usage"]
-    return CacheHit(kind, "faq", Entry(endpoint, copy.deepcopy(body), u["prompt_tokens"], u["completion_tokens"], 0, 0.0123, 1700000000.0))
+    return CacheHit(
+        kind,
+        "faq",
+        Entry(endpoint, copy.deepcopy(body), u["prompt_tokens"], u["completion_tokens"], 0, 0.0123, 1700000000.0),
+    )
 
 
 @pytest.fixture
@@ -93,7 +128,9 @@ async def serve():
 
 async def test_json_hit_parsed_by_the_sdk(serve):
     client = await serve(hit_of(TEXT_BODY))
-    raw = await client.chat.completions.with_raw_response.create(model="faq", messages=[{"role": "user", "content": "q"}])
+    raw = await client.chat.completions.with_raw_response.create(
+        model="faq", messages=[{"role": "user", "content": "q"}]
+    )
     c = raw.parse()
     assert c.id != "chatcmpl-orig" and c.created != 1700000000
     assert c.choices[0].message.content == LONG and c.choices[1].finish_reason == "length"
@@ -106,7 +143,9 @@ async def test_json_hit_parsed_by_the_sdk(serve):
 async def test_streamed_text_replay_parsed_by_the_sdk(serve, include_usage):
     client = await serve(hit_of(TEXT_BODY))
     kwargs: dict[str, Any] = {"stream_options": {"include_usage": True}} if include_usage else {}
-    stream = await client.chat.completions.create(model="faq", messages=[{"role": "user", "content": "q"}], stream=True, n=2, **kwargs)
+    stream = await client.chat.completions.create(
+        model="faq", messages=[{"role": "user", "content": "q"}], stream=True, n=2, **kwargs
+    )
     chunks = [c async for c in stream]
     texts: dict[int, str] = {0: "", 1: ""}
     finishes: dict[int, str] = {}
@@ -121,7 +160,9 @@ async def test_streamed_text_replay_parsed_by_the_sdk(serve, include_usage):
     assert texts == {0: LONG, 1: "Second choice."}
     assert finishes == {0: "stop", 1: "length"} and roles == {"assistant"}
     assert len({c.id for c in chunks}) == 1 and chunks[0].id != "chatcmpl-orig"
-    assert sum(1 for c in chunks if c.choices and c.choices[0].index == 0 and c.choices[0].delta.content) > 1, "long content comes in pieces"
+    assert sum(1 for c in chunks if c.choices and c.choices[0].index == 0 and c.choices[0].delta.content) > 1, (
+        "long content comes in pieces"
+    )
     if include_usage:
         assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 101
         assert all(c.usage is None for c in chunks[:-1])
@@ -160,7 +201,9 @@ async def test_the_sdk_stream_helper_accumulates_the_replay(serve):
 
 async def test_streamed_completions_replay_parsed_by_the_sdk(serve):
     client = await serve(hit_of(COMPLETION_BODY, endpoint="completions"))
-    stream = await client.completions.create(model="faq", prompt="capital?", stream=True, stream_options={"include_usage": True})
+    stream = await client.completions.create(
+        model="faq", prompt="capital?", stream=True, stream_options={"include_usage": True}
+    )
     chunks = [c async for c in stream]
     assert "".join(c.choices[0].text for c in chunks if c.choices) == COMPLETION_BODY["choices"][0]["text"]
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
@@ -205,7 +248,9 @@ def test_assembler_refuses_cut_and_failed_streams():
     assert failed.body() is None
     assert StreamAssembler("chat").body() is None
     filtered = StreamAssembler("chat")
-    filtered.feed({"id": "x", "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hi"}, "finish_reason": None}]})
+    filtered.feed(
+        {"id": "x", "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hi"}, "finish_reason": None}]}
+    )
     filtered.feed({"id": "x", "choices": [{"index": 0, "delta": {}, "finish_reason": "content_filter"}]})
     assert filtered.body() is None
 
@@ -217,7 +262,11 @@ async def test_assembling_a_real_upstream_stream_matches_its_non_streamed_answer
     async with aiohttp.ClientSession() as s:
         async with s.post(sim.url + "/v1/chat/completions", json=req, headers=headers) as r:
             whole = await r.json()
-        async with s.post(sim.url + "/v1/chat/completions", json={**req, "stream": True, "stream_options": {"include_usage": True}}, headers=headers) as r:
+        async with s.post(
+            sim.url + "/v1/chat/completions",
+            json={**req, "stream": True, "stream_options": {"include_usage": True}},
+            headers=headers,
+        ) as r:
             raw = await r.read()
     asm = StreamAssembler("chat")
     for _, data in SSEDecoder().feed(raw):

@@ -13,11 +13,11 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from kubetoll_sidecar.cache import CacheStage, flush_policy, http_embedder
-from kubetoll_sidecar.cache import commands as cache_commands
-from kubetoll_sidecar.cache import keys
+from kubetoll_core.router_config import RouterConfig
+from kubetoll_sidecar.cache import CacheStage, http_embedder, keys
+from kubetoll_tools import cache_commands
+from kubetoll_tools.cache_flush import flush_policy
 from kubetoll_sidecar.cache.embeddings import EmbeddingServer, HashedEmbedder
-from kubetoll_sidecar.config import RouterConfig
 from kubetoll_sidecar.providers.base import Usage
 from support.redis_server import RedisProcess
 
@@ -65,8 +65,13 @@ def make_config(ns: str, embed_url: str | None = None, **policy: Any) -> RouterC
     backends = [{"name": "primary", "provider": "openai", "model": "gpt-4o", "endpoint": "http://127.0.0.1:9/v1"}]
     if embed_url:
         backends.append(
-            {"name": "embedder", "provider": "openai-compatible", "model": "hashed", "endpoint": embed_url,
-             "pricing": {"inputPerMTok": 0.02, "outputPerMTok": 0}}
+            {
+                "name": "embedder",
+                "provider": "openai-compatible",
+                "model": "hashed",
+                "endpoint": embed_url,
+                "pricing": {"inputPerMTok": 0.02, "outputPerMTok": 0},
+            }
         )
     return RouterConfig.model_validate(
         {
@@ -81,13 +86,19 @@ def make_config(ns: str, embed_url: str | None = None, **policy: Any) -> RouterC
     )
 
 
-SEMANTIC = {"exact": {"enabled": False}, "semantic": {"enabled": True, "embeddingBackend": "embedder", "threshold": 0.5}}
+SEMANTIC = {
+    "exact": {"enabled": False},
+    "semantic": {"enabled": True, "embeddingBackend": "embedder", "threshold": 0.5},
+}
 
 
 def request(question: str = "How do I reset my password?", **fields: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": "chat",
-        "messages": [{"role": "system", "content": "You are the support bot of Acme."}, {"role": "user", "content": question}],
+        "messages": [
+            {"role": "system", "content": "You are the support bot of Acme."},
+            {"role": "user", "content": question},
+        ],
         "temperature": 0,
     }
     body.update(fields)
@@ -96,14 +107,28 @@ def request(question: str = "How do I reset my password?", **fields: Any) -> dic
 
 def answer(text: str = "Go to Settings, then Reset password.", finish: str | None = "stop") -> dict[str, Any]:
     return {
-        "id": "chatcmpl-original", "object": "chat.completion", "created": 1700000000, "model": "gpt-4o-2024-08-06",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}],
+        "id": "chatcmpl-original",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": "gpt-4o-2024-08-06",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
+        ],
         "usage": {"prompt_tokens": 30, "completion_tokens": 9, "total_tokens": 39},
     }
 
 
-async def ask(stage: CacheStage, body: dict[str, Any], *, tenant: str = "alice", route: str = "chat", endpoint: str = "chat",
-              headers: dict[str, str] | None = None, reply: str | None = None, cost: float = 0.0042):
+async def ask(
+    stage: CacheStage,
+    body: dict[str, Any],
+    *,
+    tenant: str = "alice",
+    route: str = "chat",
+    endpoint: str = "chat",
+    headers: dict[str, str] | None = None,
+    reply: str | None = None,
+    cost: float = 0.0042,
+):
     lk = await stage.lookup("faq", route, tenant, endpoint, body, headers)
     if lk.should_store and reply is not None:
         assert await stage.store(lk, answer(reply), Usage(30, 9), cost)
@@ -131,15 +156,28 @@ async def test_exact_miss_then_hit_with_new_id_and_savings(redis, ns, stages):
     assert hit.avoided_usd == pytest.approx(0.0042)
     assert hit.headers()["x-kubetoll-cache"] == "hit-exact"
     assert sample(stage, "kubetoll_cache_lookups_total", route="chat", policy="faq", result="hit_exact") == 1
-    assert sample(stage, "kubetoll_cache_avoided_usd_total", route="chat", policy="faq", kind="exact") == pytest.approx(0.0042)
+    assert sample(stage, "kubetoll_cache_avoided_usd_total", route="chat", policy="faq", kind="exact") == pytest.approx(
+        0.0042
+    )
     assert sample(stage, "kubetoll_cache_avoided_tokens_total", route="chat", policy="faq", type="output") == 9
     # The ledger record of a hit: no backend, nothing billed, the savings.
-    rec = CacheStage.spend_record(await ask(stage, request()), time_=1.0, namespace=ns, tenant="alice", tier="free", request_id="r1")
-    assert rec is not None and rec.backend == "" and rec.cost_usd == 0 and rec.cache_hit == "exact" and rec.avoided_usd == pytest.approx(0.0042)
+    rec = CacheStage.spend_record(
+        await ask(stage, request()), time_=1.0, namespace=ns, tenant="alice", tier="free", request_id="r1"
+    )
+    assert (
+        rec is not None
+        and rec.backend == ""
+        and rec.cost_usd == 0
+        and rec.cache_hit == "exact"
+        and rec.avoided_usd == pytest.approx(0.0042)
+    )
 
 
 def _mutations() -> list[tuple[str, Any]]:
-    tool = {"type": "function", "function": {"name": "lookup_order", "parameters": {"type": "object", "properties": {}}}}
+    tool = {
+        "type": "function",
+        "function": {"name": "lookup_order", "parameters": {"type": "object", "properties": {}}},
+    }
     return [
         ("question", lambda b: b["messages"][-1].update(content="How do I change my password?")),
         ("system prompt", lambda b: b["messages"][0].update(content="You are the support bot of Globex.")),
@@ -196,7 +234,9 @@ async def test_fields_that_do_not_change_the_answer_share_an_entry(redis, ns, st
 async def test_key_order_and_whitespace_outside_strings_do_not_matter(redis, ns, stages):
     stage = stages(ns, redis)
     stage.configure(make_config(ns))
-    raw_a = '{"model":"chat","temperature":0,"messages":[{"role":"user","content":"Where is my order?"}],"max_tokens":20}'
+    raw_a = (
+        '{"model":"chat","temperature":0,"messages":[{"role":"user","content":"Where is my order?"}],"max_tokens":20}'
+    )
     raw_b = """{
         "max_tokens" : 20,
         "messages" : [ { "content" : "Where is my order?", "role" : "user" } ],
@@ -309,7 +349,20 @@ def test_kubetoll_cache_flush_command(redis_url, ns):
     args = parser.parse_args(["cache", "flush", "--redis-url", redis_url, "--namespace", ns, "--policy", "faq"])
     assert args.handler(args) == 0
     assert asyncio.run(check()) == (1, 0)
-    bad = parser.parse_args(["cache", "flush", "--redis-url", "redis://127.0.0.1:1/0", "--namespace", ns, "--policy", "faq", "--timeout", "2"])
+    bad = parser.parse_args(
+        [
+            "cache",
+            "flush",
+            "--redis-url",
+            "redis://127.0.0.1:1/0",
+            "--namespace",
+            ns,
+            "--policy",
+            "faq",
+            "--timeout",
+            "2",
+        ]
+    )
     assert bad.handler(bad) == 1
 
 
@@ -341,7 +394,9 @@ async def test_what_is_cacheable(redis, ns, stages):
     assert (await ask(stage, request(temperature=0.7))).reason == "temperature"
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     assert (await ask(stage, request(tools=[tool]))).reason == "tools"
-    assert (await stage.lookup("faq", "chat", "a", "embeddings", {"model": "chat", "input": "x"})).status == "uncacheable"
+    assert (
+        await stage.lookup("faq", "chat", "a", "embeddings", {"model": "chat", "input": "x"})
+    ).status == "uncacheable"
     assert (await stage.lookup(None, "chat", "a", "chat", request())).status == "off"
     assert (await stage.lookup("no-such-policy", "chat", "a", "chat", request())).status == "off"
     stage.configure(make_config(ns, cacheable={"maxTemperature": 0.0, "allowTools": True}))
@@ -432,7 +487,10 @@ async def test_redis_down_is_a_miss_and_requests_never_wait_on_it(ns, stages):
 
 async def test_semantic_hit_for_a_paraphrase_and_the_embedding_is_billed(redis, ns, stages, embed_server, http):
     stage = stages(ns, redis)
-    stage.configure(make_config(ns, embed_server.url, **SEMANTIC), {"embedder": http_embedder(http, embed_server.url, "hashed", usd_per_mtok=0.02)})
+    stage.configure(
+        make_config(ns, embed_server.url, **SEMANTIC),
+        {"embedder": http_embedder(http, embed_server.url, "hashed", usd_per_mtok=0.02)},
+    )
     miss = await ask(stage, request("How do I cancel my order?"), reply="Orders can be cancelled from the Orders page.")
     assert miss.status == "miss" and miss.embedding is not None
     assert miss.embedding.backend == "embedder" and miss.embedding.usage.prompt_tokens == 6
@@ -463,7 +521,9 @@ HARD_NEGATIVES = [
 async def test_the_strict_check_turns_down_hard_negatives(redis, ns, stages, embed_server, http, stored, asked, why):
     stage = stages(ns, redis)
     low = {"exact": {"enabled": False}, "semantic": {"enabled": True, "embeddingBackend": "embedder", "threshold": 0.3}}
-    stage.configure(make_config(ns, embed_server.url, **low), {"embedder": http_embedder(http, embed_server.url, "hashed")})
+    stage.configure(
+        make_config(ns, embed_server.url, **low), {"embedder": http_embedder(http, embed_server.url, "hashed")}
+    )
     await ask(stage, request(stored), reply="the answer to the stored question")
     lk = await ask(stage, request(asked))
     assert lk.hit is None and lk.reason == why
@@ -472,7 +532,10 @@ async def test_the_strict_check_turns_down_hard_negatives(redis, ns, stages, emb
     loose = stages(ns + "v", redis)
     unverified = copy.deepcopy(low)
     unverified["semantic"]["verify"] = False
-    loose.configure(make_config(ns + "v", embed_server.url, **unverified), {"embedder": http_embedder(http, embed_server.url, "hashed")})
+    loose.configure(
+        make_config(ns + "v", embed_server.url, **unverified),
+        {"embedder": http_embedder(http, embed_server.url, "hashed")},
+    )
     await ask(loose, request(stored), reply="the answer to the stored question")
     assert (await ask(loose, request(asked))).hit is not None
 
@@ -482,7 +545,9 @@ async def test_semantic_hit_through_a_worker_thread_search(redis, ns, stages, em
 
     monkeypatch.setattr(semantic, "OFFLOAD_ELEMENTS", 0)  # every search goes to the thread pool
     stage = stages(ns, redis)
-    stage.configure(make_config(ns, embed_server.url, **SEMANTIC), {"embedder": http_embedder(http, embed_server.url, "hashed")})
+    stage.configure(
+        make_config(ns, embed_server.url, **SEMANTIC), {"embedder": http_embedder(http, embed_server.url, "hashed")}
+    )
     await ask(stage, request("How do I cancel my order?"), reply="answer")
     assert (await ask(stage, request("how can i cancel my order"))).hit is not None
     assert (await ask(stage, request("How do I cancel my subscription?"))).hit is None
@@ -490,7 +555,9 @@ async def test_semantic_hit_through_a_worker_thread_search(redis, ns, stages, em
 
 async def test_semantic_partition_never_crosses_a_system_prompt_or_tenant(redis, ns, stages, embed_server, http):
     stage = stages(ns, redis)
-    stage.configure(make_config(ns, embed_server.url, **SEMANTIC), {"embedder": http_embedder(http, embed_server.url, "hashed")})
+    stage.configure(
+        make_config(ns, embed_server.url, **SEMANTIC), {"embedder": http_embedder(http, embed_server.url, "hashed")}
+    )
     await ask(stage, request("How do I cancel my order?"), reply="Acme's answer")
     other_bot = request("How do I cancel my order?")
     other_bot["messages"][0]["content"] = "You are the support bot of Globex."
@@ -536,7 +603,9 @@ async def test_semantic_ttl_expires_entries_in_the_index(redis, ns, stages, embe
     stage = stages(ns, redis)
     short = copy.deepcopy(SEMANTIC)
     short["semantic"]["ttlSeconds"] = 1
-    stage.configure(make_config(ns, embed_server.url, **short), {"embedder": http_embedder(http, embed_server.url, "hashed")})
+    stage.configure(
+        make_config(ns, embed_server.url, **short), {"embedder": http_embedder(http, embed_server.url, "hashed")}
+    )
     await ask(stage, request("How do I reset my password?"), reply="Use the reset link.")
     assert (await ask(stage, request("how can I reset my password"))).hit is not None
     await asyncio.sleep(1.2)
@@ -546,7 +615,10 @@ async def test_semantic_ttl_expires_entries_in_the_index(redis, ns, stages, embe
 async def test_a_failing_embedding_backend_is_a_miss_not_an_error(redis, ns, stages, embed_server, http):
     stage = stages(ns, redis, embed_cooldown=0.0)
     both = {"semantic": {"enabled": True, "embeddingBackend": "embedder", "threshold": 0.5}}
-    stage.configure(make_config(ns, embed_server.url, **both), {"embedder": http_embedder(http, embed_server.url, "hashed", timeout=0.2)})
+    stage.configure(
+        make_config(ns, embed_server.url, **both),
+        {"embedder": http_embedder(http, embed_server.url, "hashed", timeout=0.2)},
+    )
     await ask(stage, request("How do I cancel my order?"), reply="answer")
     embed_server.fail = True
     lk = await ask(stage, request("how can i cancel my order"))
@@ -561,15 +633,20 @@ async def test_a_failing_embedding_backend_is_a_miss_not_an_error(redis, ns, sta
 
 
 async def test_embedder_for_backend_calls_the_simulator_and_prices_the_call(sim, http):
+    from kubetoll_core.prices import resolve_price
+    from kubetoll_core.router_config import Backend
     from kubetoll_sidecar.cache import embedder_for_backend
-    from kubetoll_sidecar.config import Backend
     from kubetoll_sidecar.credentials import CredentialStore
     from kubetoll_sidecar.forwarder import BackendRuntime
-    from kubetoll_sidecar.prices import resolve_price
 
     backend = Backend.model_validate(
-        {"name": "emb", "provider": "openai", "model": "text-embedding-3-small", "endpoint": sim.url + "/v1",
-         "credentials": {"env": "KT_TEST_OPENAI_KEY"}}
+        {
+            "name": "emb",
+            "provider": "openai",
+            "model": "text-embedding-3-small",
+            "endpoint": sim.url + "/v1",
+            "credentials": {"env": "KT_TEST_OPENAI_KEY"},
+        }
     )
     embed = embedder_for_backend(BackendRuntime(backend, resolve_price(backend), http), CredentialStore("/nonexistent"))
     vectors, usage, cost = await embed(["How do I reset my password?"])
@@ -580,4 +657,6 @@ async def test_embedder_for_backend_calls_the_simulator_and_prices_the_call(sim,
     from kubetoll_sidecar.cache import EmbeddingFailed
 
     with pytest.raises(EmbeddingFailed):
-        await embedder_for_backend(BackendRuntime(wrong, resolve_price(wrong), http), CredentialStore("/nonexistent"))(["x"])
+        await embedder_for_backend(BackendRuntime(wrong, resolve_price(wrong), http), CredentialStore("/nonexistent"))(
+            ["x"]
+        )

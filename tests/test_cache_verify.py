@@ -115,5 +115,7 @@ def test_the_check_on_the_labelled_pairs():
     same = [p for p in pairs if p["label"] == "same"]
     caught = sum(disagreement(signature(p["a"]), signature(p["b"])) is not None for p in different)
     passed = sum(disagreement(signature(p["a"]), signature(p["b"])) is None for p in same)
-    assert caught / len(different) >= 0.98, f"the check lets {len(different) - caught} of {len(different)} hard negatives through"
+    assert caught / len(different) >= 0.98, (
+        f"the check lets {len(different) - caught} of {len(different)} hard negatives through"
+    )
     assert passed / len(same) >= 0.55, f"the check passes only {passed} of {len(same)} paraphrases"

@@ -21,7 +21,7 @@ import json
 import re
 import socket
 import ssl
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
+
 from support.helm import helm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,21 +51,50 @@ CRD_KINDS = {
 VALUE_SETS: dict[str, list[str]] = {
     "defaults": [],
     "cert-manager": ["--set", "webhook.certManager.enabled=true"],
-    "cert-manager-cluster-issuer": ["--set", "webhook.certManager.enabled=true", "--set", "webhook.certManager.issuerRef.kind=ClusterIssuer", "--set", "webhook.certManager.issuerRef.name=internal-ca"],
+    "cert-manager-cluster-issuer": [
+        "--set",
+        "webhook.certManager.enabled=true",
+        "--set",
+        "webhook.certManager.issuerRef.kind=ClusterIssuer",
+        "--set",
+        "webhook.certManager.issuerRef.name=internal-ca",
+    ],
     "chart-redis": ["--set", "redis.deploy=true"],
     "external-redis": ["--set", "redis.url=rediss://redis.infra.svc:6380/2"],
     "monitoring": ["--set", "monitoring.enabled=true", "--set", "monitoring.labels.release=kube-prometheus-stack"],
-    "single-replica-fail-closed": ["--set", "operator.replicas=1", "--set", "webhook.failurePolicy=Fail", "--set", "webhook.nativeSidecars=false", "--set", "webhook.excludeNamespaces={batch,legacy}"],
+    "single-replica-fail-closed": [
+        "--set",
+        "operator.replicas=1",
+        "--set",
+        "webhook.failurePolicy=Fail",
+        "--set",
+        "webhook.nativeSidecars=false",
+        "--set",
+        "webhook.excludeNamespaces={batch,legacy}",
+    ],
     "webhook-off": ["--set", "webhook.enabled=false"],
     "everything": [
-        "--set", "webhook.certManager.enabled=true", "--set", "redis.deploy=true", "--set", "monitoring.enabled=true",
-        "--set", "operator.verbose=true", "--set", "sidecar.resources.limits.cpu=1", "--set", "sidecar.logLevel=DEBUG",
-        "--set", "imagePullSecrets[0].name=regcred", "--set", "operator.priorityClassName=system-cluster-critical",
+        "--set",
+        "webhook.certManager.enabled=true",
+        "--set",
+        "redis.deploy=true",
+        "--set",
+        "monitoring.enabled=true",
+        "--set",
+        "operator.verbose=true",
+        "--set",
+        "sidecar.resources.limits.cpu=1",
+        "--set",
+        "sidecar.logLevel=DEBUG",
+        "--set",
+        "imagePullSecrets[0].name=regcred",
+        "--set",
+        "operator.priorityClassName=system-cluster-critical",
     ],
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _render(args: tuple[str, ...]) -> str:
     return helm("template", RELEASE, str(CHART), "--namespace", NS, *args).stdout
 
@@ -111,7 +141,11 @@ def test_crds_render_and_validate() -> None:
     docs = [d for d in yaml.safe_load_all(_render(("--include-crds",))) if d]
     crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
     assert {c["metadata"]["name"] for c in crds} == {
-        "modelbackends.kubetoll.dev", "modelroutes.kubetoll.dev", "tokenbudgets.kubetoll.dev", "cachepolicies.kubetoll.dev", "clusterkopfpeerings.kopf.dev",
+        "modelbackends.kubetoll.dev",
+        "modelroutes.kubetoll.dev",
+        "tokenbudgets.kubetoll.dev",
+        "cachepolicies.kubetoll.dev",
+        "clusterkopfpeerings.kopf.dev",
     }
     for crd in crds:
         kubernetes_validate.validate(crd, latest_version(), strict=True)
@@ -123,9 +157,13 @@ def test_chart_crds_are_a_byte_for_byte_copy_of_crds_dir() -> None:
     """crds/ is generated from the models (test_operator_crds.py); the chart must ship the same bytes."""
     generated = {p.name: p.read_bytes() for p in (ROOT / "crds").glob("*.yaml")}
     shipped = {p.name: p.read_bytes() for p in (CHART / "crds").glob("*.yaml")}
-    assert sorted(shipped) == sorted(generated), "the chart's crds/ holds other files than crds/: cp crds/*.yaml charts/kubetoll/crds/"
+    assert sorted(shipped) == sorted(generated), (
+        "the chart's crds/ holds other files than crds/: cp crds/*.yaml charts/kubetoll/crds/"
+    )
     for name in generated:
-        assert shipped[name] == generated[name], f"charts/kubetoll/crds/{name} differs from crds/{name}: cp crds/*.yaml charts/kubetoll/crds/"
+        assert shipped[name] == generated[name], (
+            f"charts/kubetoll/crds/{name} differs from crds/{name}: cp crds/*.yaml charts/kubetoll/crds/"
+        )
 
 
 @pytest.mark.parametrize(
@@ -156,23 +194,55 @@ def test_mutating_webhook_configuration() -> None:
     service = one(docs, "Service", "kubetoll-webhook")
     hooks = {h["name"]: h for h in mwc["webhooks"]}
     assert set(hooks) == {"pod.sidecar-injector.kubetoll.dev", "namespace.sidecar-injector.kubetoll.dev"}
-    excluded = {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["kube-system", "kube-public", "kube-node-lease", NS]}
+    excluded = {
+        "key": "kubernetes.io/metadata.name",
+        "operator": "NotIn",
+        "values": ["kube-system", "kube-public", "kube-node-lease", NS],
+    }
 
     pod_hook = hooks["pod.sidecar-injector.kubetoll.dev"]
-    assert pod_hook["objectSelector"] == {"matchExpressions": [{"key": "kubetoll.dev/inject", "operator": "In", "values": ["true"]}]}
-    assert pod_hook["namespaceSelector"] == {"matchExpressions": [{"key": "kubetoll.dev/injection", "operator": "NotIn", "values": ["enabled", "disabled"]}, excluded]}
+    assert pod_hook["objectSelector"] == {
+        "matchExpressions": [{"key": "kubetoll.dev/inject", "operator": "In", "values": ["true"]}]
+    }
+    assert pod_hook["namespaceSelector"] == {
+        "matchExpressions": [
+            {"key": "kubetoll.dev/injection", "operator": "NotIn", "values": ["enabled", "disabled"]},
+            excluded,
+        ]
+    }
     assert pod_hook["clientConfig"]["service"]["path"] == f"/{WEBHOOK_ID}"
 
     ns_hook = hooks["namespace.sidecar-injector.kubetoll.dev"]
-    assert ns_hook["objectSelector"] == {"matchExpressions": [{"key": "kubetoll.dev/inject", "operator": "NotIn", "values": ["false"]}]}
-    assert ns_hook["namespaceSelector"] == {"matchExpressions": [{"key": "kubetoll.dev/injection", "operator": "In", "values": ["enabled"]}, excluded]}
+    assert ns_hook["objectSelector"] == {
+        "matchExpressions": [{"key": "kubetoll.dev/inject", "operator": "NotIn", "values": ["false"]}]
+    }
+    assert ns_hook["namespaceSelector"] == {
+        "matchExpressions": [{"key": "kubetoll.dev/injection", "operator": "In", "values": ["enabled"]}, excluded]
+    }
     assert ns_hook["clientConfig"]["service"]["path"] == f"/{NAMESPACE_WEBHOOK_ID}"
 
     for hook in hooks.values():
-        assert hook["rules"] == [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}]
-        assert hook["failurePolicy"] == "Ignore" and hook["sideEffects"] == "None" and hook["admissionReviewVersions"] == ["v1"]
+        assert hook["rules"] == [
+            {
+                "operations": ["CREATE"],
+                "apiGroups": [""],
+                "apiVersions": ["v1"],
+                "resources": ["pods"],
+                "scope": "Namespaced",
+            }
+        ]
+        assert (
+            hook["failurePolicy"] == "Ignore"
+            and hook["sideEffects"] == "None"
+            and hook["admissionReviewVersions"] == ["v1"]
+        )
         assert hook["timeoutSeconds"] <= 30 and hook["reinvocationPolicy"] == "Never"
-        assert hook["clientConfig"]["service"] | {"path": None} == {"name": service["metadata"]["name"], "namespace": NS, "port": 443, "path": None}
+        assert hook["clientConfig"]["service"] | {"path": None} == {
+            "name": service["metadata"]["name"],
+            "namespace": NS,
+            "port": 443,
+            "path": None,
+        }
     assert service["spec"]["ports"] == [{"name": "https", "port": 443, "targetPort": "webhook", "protocol": "TCP"}]
     assert service["spec"]["selector"] == one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
 
@@ -181,7 +251,14 @@ def test_webhook_values_reach_the_configuration() -> None:
     mwc = one(render(*VALUE_SETS["single-replica-fail-closed"]), "MutatingWebhookConfiguration")
     for hook in mwc["webhooks"]:
         assert hook["failurePolicy"] == "Fail"
-        assert hook["namespaceSelector"]["matchExpressions"][1]["values"] == ["kube-system", "kube-public", "kube-node-lease", NS, "batch", "legacy"]
+        assert hook["namespaceSelector"]["matchExpressions"][1]["values"] == [
+            "kube-system",
+            "kube-public",
+            "kube-node-lease",
+            NS,
+            "batch",
+            "legacy",
+        ]
     assert "MutatingWebhookConfiguration" not in kinds(render(*VALUE_SETS["webhook-off"]))
 
 
@@ -209,7 +286,9 @@ async def test_kopf_serves_the_charts_certificate(tmp_path: Path) -> None:
     secret = one(docs, "Secret", "kubetoll-webhook-tls")
     for key, value in secret["data"].items():
         (tmp_path / key).write_bytes(base64.b64decode(value))
-    ca_bundle = base64.b64decode(one(docs, "MutatingWebhookConfiguration")["webhooks"][0]["clientConfig"]["caBundle"]).decode()
+    ca_bundle = base64.b64decode(
+        one(docs, "MutatingWebhookConfiguration")["webhooks"][0]["clientConfig"]["caBundle"]
+    ).decode()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -218,7 +297,11 @@ async def test_kopf_serves_the_charts_certificate(tmp_path: Path) -> None:
 
     async def fn(request: dict[str, Any], **_: Any) -> dict[str, Any]:
         seen.append(request)
-        return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": {"uid": request["request"]["uid"], "allowed": True}}
+        return {
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "response": {"uid": request["request"]["uid"], "allowed": True},
+        }
 
     async def serve() -> None:
         async for _ in server(fn):
@@ -228,11 +311,20 @@ async def test_kopf_serves_the_charts_certificate(tmp_path: Path) -> None:
         task = asyncio.create_task(serve())
         try:
             context = ssl.create_default_context(cadata=ca_bundle)
-            body = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"uid": "u1", "namespace": "team-a", "object": {"metadata": {}}}}
+            body = {
+                "apiVersion": "admission.k8s.io/v1",
+                "kind": "AdmissionReview",
+                "request": {"uid": "u1", "namespace": "team-a", "object": {"metadata": {}}},
+            }
             async with aiohttp.ClientSession() as session:
                 for _ in range(100):
                     try:
-                        async with session.post(f"https://127.0.0.1:{port}/inject-sidecar", json=body, ssl=context, server_hostname="kubetoll-webhook.kubetoll-system.svc") as resp:
+                        async with session.post(
+                            f"https://127.0.0.1:{port}/inject-sidecar",
+                            json=body,
+                            ssl=context,
+                            server_hostname="kubetoll-webhook.kubetoll-system.svc",
+                        ) as resp:
                             answer = await resp.json()
                         break
                     except aiohttp.ClientConnectorError:
@@ -256,14 +348,24 @@ def test_cert_manager_variant() -> None:
     assert cert["metadata"]["name"] == "kubetoll-webhook" and cert["metadata"]["namespace"] == NS
     assert cert["spec"]["secretName"] == "kubetoll-webhook-tls"
     assert "kubetoll-webhook.kubetoll-system.svc" in cert["spec"]["dnsNames"]
-    assert cert["spec"]["issuerRef"] == {"kind": "Issuer", "name": issuer["metadata"]["name"], "group": "cert-manager.io"}
+    assert cert["spec"]["issuerRef"] == {
+        "kind": "Issuer",
+        "name": issuer["metadata"]["name"],
+        "group": "cert-manager.io",
+    }
     assert issuer["spec"] == {"selfSigned": {}}
     deployment = one(docs, "Deployment")
-    assert {"name": "webhook-tls", "secret": {"secretName": "kubetoll-webhook-tls"}} in deployment["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "webhook-tls", "secret": {"secretName": "kubetoll-webhook-tls"}} in deployment["spec"]["template"][
+        "spec"
+    ]["volumes"]
 
     docs = render(*VALUE_SETS["cert-manager-cluster-issuer"])
     assert "Issuer" not in kinds(docs)
-    assert one(docs, "Certificate")["spec"]["issuerRef"] == {"kind": "ClusterIssuer", "name": "internal-ca", "group": "cert-manager.io"}
+    assert one(docs, "Certificate")["spec"]["issuerRef"] == {
+        "kind": "ClusterIssuer",
+        "name": "internal-ca",
+        "group": "cert-manager.io",
+    }
 
 
 # --------------------------------------------------------------------------- RBAC
@@ -287,7 +389,11 @@ def test_rbac_is_exactly_what_the_operator_touches() -> None:
     for absent in ('"*"', "pods", "mutatingwebhookconfigurations", "nodes"):
         assert absent not in flat
     binding = one(docs, "ClusterRoleBinding")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": role["metadata"]["name"],
+    }
     sa = one(docs, "ServiceAccount")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": NS}]
     assert one(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
@@ -308,14 +414,17 @@ def test_rbac_covers_the_api_calls_in_the_operator_code() -> None:
 
 def operator_args(docs: list[dict[str, Any]]) -> list[str]:
     container = one(docs, "Deployment", "kubetoll-operator")["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"] == ["kubetoll", "operator"]
+    assert container["command"] == ["kubetoll-operator"]
     return container["args"]
 
 
 def parse_operator_args(args: list[str]) -> argparse.Namespace:
-    from kubetoll_sidecar.cli import build_parser
+    """The arguments as the image's entry point (`kubetoll-operator`) parses them."""
+    from kubetoll_operator.main import add_arguments
 
-    return build_parser().parse_args(["operator", *args])
+    parser = argparse.ArgumentParser(prog="kubetoll-operator")
+    add_arguments(parser)
+    return parser.parse_args(args)
 
 
 def test_operator_deployment(tmp_path: Path) -> None:
@@ -328,7 +437,12 @@ def test_operator_deployment(tmp_path: Path) -> None:
     container = pod_spec["containers"][0]
     assert container["image"] == "ghcr.io/kubetoll/kubetoll-operator:0.1.0"
     assert pod_spec["securityContext"]["runAsNonRoot"] is True and pod_spec["securityContext"]["runAsUser"] == 10001
-    assert container["securityContext"] == {"runAsNonRoot": True, "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    assert container["securityContext"] == {
+        "runAsNonRoot": True,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert container["readinessProbe"]["tcpSocket"] == {"port": "webhook"}
     assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
@@ -346,7 +460,12 @@ def test_operator_deployment(tmp_path: Path) -> None:
     assert options is not None and options.native_sidecars == "auto" and options.on_error == "allow"
     inj = options.injection
     assert inj.image == "ghcr.io/kubetoll/kubetoll-sidecar:0.1.0" and inj.port == 7400 and inj.metrics_port == 7401
-    assert (inj.resources.cpu_request, inj.resources.memory_request, inj.resources.cpu_limit, inj.resources.memory_limit) == ("100m", "192Mi", None, "512Mi")
+    assert (
+        inj.resources.cpu_request,
+        inj.resources.memory_request,
+        inj.resources.cpu_limit,
+        inj.resources.memory_limit,
+    ) == ("100m", "192Mi", None, "512Mi")
     assert NS in inj.excluded_namespaces
 
     # The replicas coordinate through the ClusterKopfPeering the chart creates.
@@ -369,7 +488,10 @@ def test_everything_on_parses_too() -> None:
     args = parse_operator_args(operator_args(docs))
     assert args.verbose and args.sidecar_cpu_limit == "1" and args.sidecar_log_level == "DEBUG"
     pod_spec = one(docs, "Deployment", "kubetoll-operator")["spec"]["template"]["spec"]
-    assert pod_spec["imagePullSecrets"] == [{"name": "regcred"}] and pod_spec["priorityClassName"] == "system-cluster-critical"
+    assert (
+        pod_spec["imagePullSecrets"] == [{"name": "regcred"}]
+        and pod_spec["priorityClassName"] == "system-cluster-critical"
+    )
     assert parse_operator_args(operator_args(render(*VALUE_SETS["webhook-off"]))).webhook is False
 
 
@@ -382,7 +504,7 @@ def redis_url_env(docs: list[dict[str, Any]]) -> str | None:
 
 
 def test_redis_wiring() -> None:
-    from kubetoll_sidecar.config import BudgetStoreSettings
+    from kubetoll_core.router_config import BudgetStoreSettings
 
     assert redis_url_env(render()) is None
     assert redis_url_env(render(*VALUE_SETS["external-redis"])) == "rediss://redis.infra.svc:6380/2"
@@ -395,7 +517,17 @@ def test_redis_wiring() -> None:
     args = parse_operator_args(operator_args(docs))
     assert (args.spend_interval, args.tenants_over_budget) == (15.0, 10)
     assert "--spend-interval" not in " ".join(operator_args(render()))
-    tuned = parse_operator_args(operator_args(render(*VALUE_SETS["external-redis"], "--set-json", "operator.spendStatus.intervalSeconds=2.5", "--set", "operator.spendStatus.tenantsOverBudget=3")))
+    tuned = parse_operator_args(
+        operator_args(
+            render(
+                *VALUE_SETS["external-redis"],
+                "--set-json",
+                "operator.spendStatus.intervalSeconds=2.5",
+                "--set",
+                "operator.spendStatus.tenantsOverBudget=3",
+            )
+        )
+    )
     assert (tuned.spend_interval, tuned.tenants_over_budget) == (2.5, 3)
     redis = one(docs, "Deployment", "kubetoll-redis")
     service = one(docs, "Service", "kubetoll-redis")
@@ -426,8 +558,14 @@ def test_monitoring_objects() -> None:
     assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
     assert set(alerts) == {
-        "KubetollBudgetWarning", "KubetollBudgetCritical", "KubetollHighFallbackRate", "KubetollHighRejectionRate",
-        "KubetollConfigRefused", "KubetollCircuitOpen", "KubetollRedisErrors", "KubetollWebhookFailedOpen",
+        "KubetollBudgetWarning",
+        "KubetollBudgetCritical",
+        "KubetollHighFallbackRate",
+        "KubetollHighRejectionRate",
+        "KubetollConfigRefused",
+        "KubetollCircuitOpen",
+        "KubetollRedisErrors",
+        "KubetollWebhookFailedOpen",
     }
     for alert in alerts.values():
         assert set(alert) <= {"alert", "expr", "for", "labels", "annotations"}
@@ -445,7 +583,9 @@ def test_monitoring_objects() -> None:
 
     dashboard_cm = one(docs, "ConfigMap", "kubetoll-dashboard")
     assert dashboard_cm["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert json.loads(dashboard_cm["data"]["kubetoll.json"]) == json.loads((CHART / "dashboards" / "kubetoll.json").read_text())
+    assert json.loads(dashboard_cm["data"]["kubetoll.json"]) == json.loads(
+        (CHART / "dashboards" / "kubetoll.json").read_text()
+    )
 
 
 def test_dashboard_panels() -> None:
@@ -462,8 +602,14 @@ def test_dashboard_panels() -> None:
         ("Fallbacks (per second)", "kubetoll_fallbacks_total", "reason"),
     ):
         assert metric in exprs[title] and by in exprs[title], title
-    assert "histogram_quantile(0.5, sum by (le) (rate(kubetoll_added_latency_seconds_bucket" in exprs["Added latency (router overhead)"]
-    assert "histogram_quantile(0.99, sum by (le) (rate(kubetoll_added_latency_seconds_bucket" in exprs["Added latency (router overhead)"]
+    assert (
+        "histogram_quantile(0.5, sum by (le) (rate(kubetoll_added_latency_seconds_bucket"
+        in exprs["Added latency (router overhead)"]
+    )
+    assert (
+        "histogram_quantile(0.99, sum by (le) (rate(kubetoll_added_latency_seconds_bucket"
+        in exprs["Added latency (router overhead)"]
+    )
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
     for p in panels.values():
@@ -517,7 +663,9 @@ def test_every_metric_the_chart_uses_exists_in_the_sidecar() -> None:
         if not names:
             continue  # the API server's own metrics (KubetollWebhookFailedOpen)
         for name in names:
-            assert name in known, f"{where}: {name} is not a metric the sidecar exports (sidecar/kubetoll_sidecar/metrics.py, cache/metrics.py)"
+            assert name in known, (
+                f"{where}: {name} is not a metric the sidecar exports (sidecar/kubetoll_sidecar/metrics.py, cache/metrics.py)"
+            )
         labels = set().union(*(known[n] for n in names)) | TARGET_LABELS
         for selector in re.findall(r"(?:kubetoll|gen_ai)_[a-z0-9_]+\{([^}]*)\}", expr):
             for key in re.findall(r"([a-z_]+)\s*(?:=~|!~|!=|=)", selector):

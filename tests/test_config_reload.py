@@ -15,7 +15,7 @@ import pytest
 
 from kubetoll_sidecar.config_loader import ConfigError, load_config
 from kubetoll_sidecar.server import Sidecar
-from kubetoll_sidecar.upstream_simulator import Fault
+from kubetoll_tools.simulator import Fault
 from support.harness import base_config, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +77,9 @@ async def test_kubelet_style_symlink_swap(sim, start_sidecar, tmp_path):
         json.dumps({"version": 2}),
         json.dumps({"routes": [{"name": "r", "rules": [{"backends": ["ghost"]}]}]}),
         json.dumps({"backends": [{"name": "x", "provider": "nope", "model": "m", "endpoint": "http://a"}]}),
-        json.dumps({"backends": [{"name": "x", "provider": "openai-compatible", "model": "m", "endpoint": "http://a"}]}),  # no price
+        json.dumps(
+            {"backends": [{"name": "x", "provider": "openai-compatible", "model": "m", "endpoint": "http://a"}]}
+        ),  # no price
     ],
 )
 async def test_broken_config_is_refused_and_the_last_good_one_serves(sim, start_sidecar, content):
@@ -126,13 +128,21 @@ def test_sidecar_started_with_an_invalid_config_exits_with_a_clear_message(tmp_p
     bad = tmp_path / "router.yaml"
     bad.write_text("routes:\n  - name: r\n    rules: [{backends: [missing]}]\n")
     p = subprocess.run(
-        [sys.executable, "-m", "kubetoll_sidecar.cli", "sidecar", "--config", str(bad)],
-        capture_output=True, text=True, timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": "sidecar:operator"},
+        [sys.executable, "-m", "kubetoll_tools.cli", "sidecar", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": "sidecar:operator"},
     )
     assert p.returncode == 2
     assert "cannot start" in p.stderr and "unknown backend 'missing'" in p.stderr
     missing = subprocess.run(
-        [sys.executable, "-m", "kubetoll_sidecar.cli", "sidecar", "--config", str(tmp_path / "nope.json")],
-        capture_output=True, text=True, timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": "sidecar:operator"},
+        [sys.executable, "-m", "kubetoll_tools.cli", "sidecar", "--config", str(tmp_path / "nope.json")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": "sidecar:operator"},
     )
     assert missing.returncode == 2 and "cannot read" in missing.stderr

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from kubetoll_sidecar.config import RouterConfig
-from kubetoll_sidecar.prices import resolve_price
-from kubetoll_sidecar.tools import report_html, traffic
-from kubetoll_sidecar.tools.spend import CACHE_BACKEND
-from kubetoll_sidecar.tools.demo import DemoOptions, adapt_config, choose_config, pick_route, run_demo
+from kubetoll_core.prices import resolve_price
+from kubetoll_core.router_config import RouterConfig
+from kubetoll_tools import report_html, traffic
+from kubetoll_tools.demo import DemoOptions, adapt_config, choose_config, pick_route, run_demo
+from kubetoll_tools.spend import CACHE_BACKEND
 
 
 def test_demo_headless_report_matches_ledger(tmp_path: Path) -> None:
@@ -53,12 +53,18 @@ def test_demo_headless_report_matches_ledger(tmp_path: Path) -> None:
     flagship = resolve_price(cfg.backend("flagship"))
     sav = s["savings"]
     assert data["meta"]["baseline_backend"] == "flagship"
-    assert sav["baseline_usd"] == pytest.approx(sum(flagship.estimate(r.prompt_tokens, r.completion_tokens) for r in records), rel=1e-12)
+    assert sav["baseline_usd"] == pytest.approx(
+        sum(flagship.estimate(r.prompt_tokens, r.completion_tokens) for r in records), rel=1e-12
+    )
     assert sav["actual_usd"] == pytest.approx(total, rel=1e-12)
     assert sav["cache_usd"] + sav["routing_usd"] + sav["downgrade_usd"] == pytest.approx(sav["saved_usd"], rel=1e-9)
     assert sav["cache_usd"] == pytest.approx(sum(r.avoided_usd for r in records if r.cache_hit))
     assert sav["downgrade_usd"] == pytest.approx(
-        sum(flagship.estimate(r.prompt_tokens, r.completion_tokens) - r.cost_usd for r in records if r.downgraded and not r.cache_hit)
+        sum(
+            flagship.estimate(r.prompt_tokens, r.completion_tokens) - r.cost_usd
+            for r in records
+            if r.downgraded and not r.cache_hit
+        )
     )
     # Tenants that sent traffic all show, with the ledger's numbers.
     tenants = {t["key"]: t for t in data["tenants"]}
@@ -123,20 +129,45 @@ def test_live_view_renders() -> None:
 
     from rich.console import Console
 
-    from kubetoll_sidecar.tools.live_view import BackendRow, Snapshot, TenantRow, render
+    from kubetoll_tools.live_view import BackendRow, Snapshot, TenantRow, render
 
     snap = Snapshot(
-        elapsed=12.5, duration=60, source="embedded demo config", route="support-bot", planned=446, sent=90, in_flight=4, done=86,
+        elapsed=12.5,
+        duration=60,
+        source="embedded demo config",
+        route="support-bot",
+        planned=446,
+        sent=90,
+        in_flight=4,
+        done=86,
         total_spend=0.1234,
-        tenants=[TenantRow("acme-corp", "premium", 30, 0, 0, 2, 0.09, 72.0), TenantRow("bulk-importer", "free", 20, 5, 0, 0, 0.01, 100.0)],
+        tenants=[
+            TenantRow("acme-corp", "premium", 30, 0, 0, 2, 0.09, 72.0),
+            TenantRow("bulk-importer", "free", 20, 5, 0, 0, 0.01, 100.0),
+        ],
         backends=[BackendRow("flagship", "gpt-4o", 31, 0.1, 3, True), BackendRow("cheap", "gpt-4o-mini", 40, 0.02)],
-        fallbacks=Counter({("flagship", "rateLimited"): 3}), rejections=Counter({("usd_tier",): 5}),
-        downgrades=Counter({("at_percent",): 2}), cache_configured=False, cache_hits=0, ledger_records=71, avoided_usd=0.0,
-        repeats=12, repeat_spend=0.02,
+        fallbacks=Counter({("flagship", "rateLimited"): 3}),
+        rejections=Counter({("usd_tier",): 5}),
+        downgrades=Counter({("at_percent",): 2}),
+        cache_configured=False,
+        cache_hits=0,
+        ledger_records=71,
+        avoided_usd=0.0,
+        repeats=12,
+        repeat_spend=0.02,
     )
     console = Console(record=True, width=120, color_system=None)
     console.print(render(snap))
     text = console.export_text()
-    for needle in ("acme-corp", "72.0%", "flagship rateLimited ×3", "usd_tier ×5", "at_percent ×2", "caching not configured", "open", "$0.1234"):
+    for needle in (
+        "acme-corp",
+        "72.0%",
+        "flagship rateLimited ×3",
+        "usd_tier ×5",
+        "at_percent ×2",
+        "caching not configured",
+        "open",
+        "$0.1234",
+    ):
         assert needle in text, needle
     assert len(text.splitlines()) <= 30  # fits a terminal

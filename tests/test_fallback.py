@@ -8,15 +8,21 @@ import aiohttp
 import openai
 import pytest
 
-from kubetoll_sidecar.upstream_simulator import Fault
+from kubetoll_tools.simulator import Fault
 from support.harness import base_config
 
 
 def two_backend_config(sim, sim2, **route):
     cfg = base_config(sim.url)
     cfg["backends"].append(
-        {"name": "secondary", "provider": "openai", "model": "gpt-4o-mini", "endpoint": sim2.url + "/v1",
-         "credentials": {"env": "KT_TEST_OPENAI_KEY"}, "timeouts": {"connect": 1, "firstToken": 2, "total": 5}}
+        {
+            "name": "secondary",
+            "provider": "openai",
+            "model": "gpt-4o-mini",
+            "endpoint": sim2.url + "/v1",
+            "credentials": {"env": "KT_TEST_OPENAI_KEY"},
+            "timeouts": {"connect": 1, "firstToken": 2, "total": 5},
+        }
     )
     cfg["routes"] = [{"name": "chat", "rules": [{"backends": ["primary", "secondary"]}], **route}]
     return cfg
@@ -42,8 +48,16 @@ async def chat(sc, **kw):
 )
 async def test_falls_back_on_each_listed_failure_class(sim, sim2, start_sidecar, fault, reason):
     cfg = two_backend_config(
-        sim, sim2,
-        fallbackOn=["rateLimited", "serverError", "timeout", "connectionError", "contextLengthExceeded", "budgetExhausted"],
+        sim,
+        sim2,
+        fallbackOn=[
+            "rateLimited",
+            "serverError",
+            "timeout",
+            "connectionError",
+            "contextLengthExceeded",
+            "budgetExhausted",
+        ],
     )
     sc = await start_sidecar(cfg)
     sim.enqueue_fault(fault)
@@ -88,7 +102,9 @@ async def test_every_backend_failed_lists_what_was_tried(sim, sim2, start_sideca
     sim.enqueue_fault(Fault(status=429, retry_after=7))
     sim2.enqueue_fault(Fault(status=500))
     async with aiohttp.ClientSession() as s:
-        async with s.post(sc.url + "/v1/chat/completions", json={"model": "chat", "messages": [{"role": "user", "content": "x"}]}) as r:
+        async with s.post(
+            sc.url + "/v1/chat/completions", json={"model": "chat", "messages": [{"role": "user", "content": "x"}]}
+        ) as r:
             body = await r.json()
             assert r.status == 503
             assert r.headers["Retry-After"] == "7"
@@ -181,8 +197,13 @@ async def test_stream_from_a_server_without_usage_is_counted(sim, start_sidecar)
 async def test_anthropic_backend_through_the_openai_sdk(sim, start_sidecar):
     cfg = base_config(sim.url)
     cfg["backends"] = [
-        {"name": "claude", "provider": "anthropic", "model": "claude-3-5-haiku-latest", "endpoint": sim.url,
-         "credentials": {"env": "KT_TEST_OPENAI_KEY"}}
+        {
+            "name": "claude",
+            "provider": "anthropic",
+            "model": "claude-3-5-haiku-latest",
+            "endpoint": sim.url,
+            "credentials": {"env": "KT_TEST_OPENAI_KEY"},
+        }
     ]
     cfg["routes"] = [{"name": "chat", "rules": [{"backends": ["claude"]}]}]
     sim.settings.cached_prompt_tokens = 3
@@ -195,13 +216,26 @@ async def test_anthropic_backend_through_the_openai_sdk(sim, start_sidecar):
     sent = sim.requests[-1]
     assert sent.path == "/v1/messages" and sent.body["system"] and sent.headers["x-api-key"]
     stream = await client.chat.completions.create(
-        model="chat", messages=[{"role": "user", "content": "hello"}], stream=True, stream_options={"include_usage": True}
+        model="chat",
+        messages=[{"role": "user", "content": "hello"}],
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = [c async for c in stream]
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chunks[-1].usage.completion_tokens > 0
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
-    r = await client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "weather?"}], tools=tools, tool_choice="required")
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    r = await client.chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": "weather?"}], tools=tools, tool_choice="required"
+    )
     assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
     # Anthropic has no embeddings: the backend is skipped with a reason, not called.
     with pytest.raises(openai.APIStatusError) as exc:
@@ -212,8 +246,14 @@ async def test_anthropic_backend_through_the_openai_sdk(sim, start_sidecar):
 async def test_azure_backend(sim, start_sidecar):
     cfg = base_config(sim.url)
     cfg["backends"] = [
-        {"name": "az", "provider": "azure-openai", "model": "gpt-4o", "endpoint": sim.url,
-         "azure": {"deployment": "prod-gpt4o", "apiVersion": "2024-10-21"}, "credentials": {"env": "KT_TEST_OPENAI_KEY"}}
+        {
+            "name": "az",
+            "provider": "azure-openai",
+            "model": "gpt-4o",
+            "endpoint": sim.url,
+            "azure": {"deployment": "prod-gpt4o", "apiVersion": "2024-10-21"},
+            "credentials": {"env": "KT_TEST_OPENAI_KEY"},
+        }
     ]
     cfg["routes"] = [{"name": "chat", "rules": [{"backends": ["az"]}]}]
     sc = await start_sidecar(cfg)

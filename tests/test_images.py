@@ -33,6 +33,13 @@ ENCODINGS = {
     "9b5ad71b2ce5302211f9c61530b329a4922fc6a4": "cl100k_base",
 }
 IMAGES = {"sidecar": "Dockerfile.sidecar", "operator": "Dockerfile.operator"}
+PACKAGE_DIRS = ("core", "sidecar", "operator", "tools")
+# What each image runs, and what it must not carry (docs/install.md, "Images").
+KEEPS = {"sidecar": ("kubetoll_core", "kubetoll_sidecar"), "operator": ("kubetoll_core", "kubetoll_operator")}
+MUST_NOT_IMPORT = {
+    "sidecar": ("kubetoll_operator", "kubetoll_tools", "kopf", "rich"),
+    "operator": ("kubetoll_sidecar", "kubetoll_tools", "tiktoken", "numpy", "rich"),
+}
 
 
 # --------------------------------------------------------------------------- Dockerfiles
@@ -116,31 +123,46 @@ def test_dockerfile_shape(which: str) -> None:
         assert image == "python:3.11-slim", f
     assert froms[0].endswith("AS builder") and froms[1].endswith("AS runtime")
 
-    runtime = steps[[i for i, (kw, _) in enumerate(steps) if kw == "FROM"][1]:]
+    runtime = steps[[i for i, (kw, _) in enumerate(steps) if kw == "FROM"][1] :]
     builder = steps[: [i for i, (kw, _) in enumerate(steps) if kw == "FROM"][1]]
     build_runs = " ".join(a for kw, a in builder if kw == "RUN")
     assert "pip wheel --no-deps --wheel-dir /dist ." in build_runs
-    extra = "[operator]" if which == "operator" else ""
-    assert f'pip install "$(ls /dist/kubetoll-*.whl){extra}"' in build_runs
+    assert f'pip install "$(ls /dist/kubetoll-*.whl)[{which}]"' in build_runs
+    assert prune_step(which), "the builder removes the packages this image does not run"
 
     users = [a for kw, a in runtime if kw == "USER"]
     assert users == ["10001:10001"], "a numeric, non-root user (runAsNonRoot can check it)"
     assert ("COPY", "--from=builder /opt/kubetoll /opt/kubetoll") in runtime
-    check = [a for kw, a in runtime if kw == "RUN" and "TIKTOKEN_CACHE_DIR" in a]
-    assert len(check) == 1 and check[0].startswith("--network=none [")
-    argv = json.loads(check[0].removeprefix("--network=none "))
-    assert argv[:3] == ["/usr/bin/env", "-u", "TIKTOKEN_CACHE_DIR"]
-    # The RUN step's check, run here the same way (the project's package, no cache dir set).
-    env = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_CACHE_DIR"} | {"PYTHONPATH": f"{ROOT / 'sidecar'}:{ROOT / 'operator'}"}
-    result = subprocess.run([sys.executable, *argv[4:]], env=env, capture_output=True, text=True, timeout=60)
+    checks = [a for kw, a in runtime if kw == "RUN" and a.startswith("--network=none [") and "--help" not in a]
+    assert len(checks) == 1, "one offline import check at build time"
+    argv = json.loads(checks[0].removeprefix("--network=none "))
+    if which == "sidecar":
+        assert argv[:3] == ["/usr/bin/env", "-u", "TIKTOKEN_CACHE_DIR"]
+        argv = argv[3:]
+    # The RUN step's check, run here the same way (the project's packages, no cache dir set).
+    env = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_CACHE_DIR"} | {
+        "PYTHONPATH": ":".join(str(ROOT / d) for d in PACKAGE_DIRS)
+    }
+    result = subprocess.run([sys.executable, *argv[1:]], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "tiktoken encodings load offline from" in result.stdout
+    assert (
+        "tiktoken encodings load offline from" if which == "sidecar" else "operator imports offline"
+    ) in result.stdout
 
     entrypoint = [json.loads(a) for kw, a in runtime if kw == "ENTRYPOINT"]
-    assert entrypoint == [["kubetoll", which]]
+    assert entrypoint == [[f"kubetoll-{which}"]]
     if which == "sidecar":
         assert [json.loads(a) for kw, a in runtime if kw == "CMD"] == [["--config", "/etc/kubetoll/router/router.json"]]
-    assert [a for kw, a in runtime if kw == "RUN" and "--help" in a] == [f'--network=none ["kubetoll", "{which}", "--help"]']
+    assert [a for kw, a in runtime if kw == "RUN" and "--help" in a] == [
+        f'--network=none ["kubetoll-{which}", "--help"]'
+    ]
+
+
+def prune_step(which: str) -> str:
+    """The builder's RUN step that removes the project's packages this image does not run."""
+    steps = [a for kw, a in instructions(ROOT / IMAGES[which]) if kw == "RUN" and "shutil.rmtree" in a]
+    assert len(steps) == 1, steps
+    return steps[0]
 
 
 @pytest.mark.parametrize("which", list(IMAGES))
@@ -156,11 +178,20 @@ def test_everything_copied_exists_and_is_in_the_context(which: str) -> None:
             assert not ignored(src, patterns), f"{IMAGES[which]}: COPY {src}: excluded by .dockerignore"
             files = [path] if path.is_file() else [p for p in path.rglob("*.py")]
             assert files and not any(ignored(p.relative_to(ROOT).as_posix(), patterns) for p in files), src
+    for d in PACKAGE_DIRS:
+        assert any(src.rstrip("/") == d for copy in copies for src in copy.split()[:-1]), f"COPY {d}/ missing"
     # The encodings must reach the build too.
     for name in ENCODINGS:
         assert not ignored(f"sidecar/kubetoll_sidecar/tiktoken_cache/{name}", patterns)
     # What the context leaves out.
-    for rel in (".git/config", ".venv/bin/python", "tests/test_images.py", "bench/README.md", "charts/kubetoll/Chart.yaml", "sidecar/kubetoll_sidecar/__pycache__/x.pyc"):
+    for rel in (
+        ".git/config",
+        ".venv/bin/python",
+        "tests/test_images.py",
+        "bench/README.md",
+        "charts/kubetoll/Chart.yaml",
+        "sidecar/kubetoll_sidecar/__pycache__/x.pyc",
+    ):
         assert ignored(rel, patterns), rel
 
 
@@ -173,7 +204,10 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(out), "."],
-        cwd=context, capture_output=True, text=True, timeout=300,
+        cwd=context,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     wheels = list(out.glob("kubetoll-*.whl"))
@@ -182,37 +216,69 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _site_packages(python: Path) -> str:
-    return subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
 
 
-@pytest.fixture(scope="session")
-def fresh_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A new venv with only the wheel installed; the dependencies come from the test venv.
+@pytest.fixture(scope="session", params=list(IMAGES))
+def image_venv(
+    request: pytest.FixtureRequest, wheel: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, Path]:
+    """A new venv built as the image's builder stage builds /opt/kubetoll, prune step included.
 
-    Installing them from PyPI would make the test slow and networked; they are
-    reached through a .pth line instead, which adds the test venv's
-    site-packages *after* the fresh venv's own, without running its .pth files
-    (so an editable install of the project there cannot shadow the wheel).
+    The wheel goes in with --no-deps; its dependencies come from the test venv
+    (installing them from PyPI would make the test slow and networked), reached
+    through a .pth line that adds the test venv's site-packages *after* the fresh
+    venv's own, without running its .pth files (so an editable install of the
+    project there cannot shadow the wheel).
     """
-    venv = tmp_path_factory.mktemp("fresh") / "venv"
+    which = request.param
+    venv = tmp_path_factory.mktemp(f"image-{which}") / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
-    result = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--disable-pip-version-check", str(wheel)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--disable-pip-version-check", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    # The Dockerfile's own prune step, with /opt/kubetoll pointing at this venv.
+    prune = prune_step(which).replace("/opt/kubetoll", str(venv))
+    result = subprocess.run(["bash", "-c", prune], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     borrowed = [p for p in sys.path if p.endswith("site-packages")]
     Path(_site_packages(python), "zz_test_dependencies.pth").write_text("\n".join(borrowed) + "\n")
-    return venv
+    return which, venv
 
 
 def offline_env() -> dict[str, str]:
     """No TIKTOKEN_CACHE_DIR, no project sources on the path, and any HTTP(S) download goes to a closed port."""
     env = {k: v for k, v in os.environ.items() if k not in ("TIKTOKEN_CACHE_DIR", "PYTHONPATH", "VIRTUAL_ENV")}
     closed = "http://127.0.0.1:9"
-    return env | {"HTTP_PROXY": closed, "HTTPS_PROXY": closed, "http_proxy": closed, "https_proxy": closed, "NO_PROXY": "", "no_proxy": ""}
+    return env | {
+        "HTTP_PROXY": closed,
+        "HTTPS_PROXY": closed,
+        "http_proxy": closed,
+        "https_proxy": closed,
+        "NO_PROXY": "",
+        "no_proxy": "",
+    }
 
 
 def run_in(venv: Path, *argv: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(venv / "bin" / argv[0]), *argv[1:]], cwd=cwd, env=offline_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [str(venv / "bin" / argv[0]), *argv[1:]],
+        cwd=cwd,
+        env=offline_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_wheel_contents(wheel: Path) -> None:
@@ -222,39 +288,99 @@ def test_wheel_contents(wheel: Path) -> None:
         metadata = next(z.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
     for name in ENCODINGS:
         assert f"kubetoll_sidecar/tiktoken_cache/{name}" in names
-    for module in ("kubetoll_sidecar/cli.py", "kubetoll_sidecar/server.py", "kubetoll_operator/handlers.py", "kubetoll_operator/webhook.py", "kubetoll_operator/injection.py"):
+    for module in (
+        "kubetoll_core/router_config.py",
+        "kubetoll_sidecar/server.py",
+        "kubetoll_sidecar/main.py",
+        "kubetoll_operator/handlers.py",
+        "kubetoll_operator/main.py",
+        "kubetoll_tools/cli.py",
+        "kubetoll_tools/simulator.py",
+        "kubetoll_tools/demo_router.yaml",
+    ):
         assert module in names
-    assert "kubetoll = kubetoll_sidecar.cli:main" in entry_points
-    assert 'Provides-Extra: operator' in metadata
+    for script in ("kubetoll = kubetoll_tools.cli:main", "kubetoll-sidecar = kubetoll_sidecar.main:main",
+                   "kubetoll-operator = kubetoll_operator.main:main"):  # fmt: skip
+        assert script in entry_points
+    requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    sidecar_deps = " ".join(r for r in requires if 'extra == "sidecar"' in r)
+    operator_deps = " ".join(r for r in requires if 'extra == "operator"' in r)
+    assert "tiktoken" in sidecar_deps and "kopf" not in sidecar_deps
+    assert "kopf" in operator_deps and "tiktoken" not in operator_deps and "numpy" not in operator_deps
     assert not any(n.startswith(("tests/", "charts/", "bench/")) for n in names)
 
 
-def test_installed_wheel_runs_offline(fresh_venv: Path, tmp_path: Path) -> None:
-    out = run_in(fresh_venv, "kubetoll", "--help", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    for command in ("sidecar", "operator", "crds", "validate", "run"):
-        assert command in out.stdout
-    out = run_in(fresh_venv, "kubetoll", "sidecar", "--help", cwd=tmp_path)
-    assert out.returncode == 0 and "--config" in out.stdout, out.stderr
-    out = run_in(fresh_venv, "kubetoll", "operator", "--help", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    for flag in ("--peering", "--webhook", "--webhook-cert-dir", "--native-sidecars", "--sidecar-image"):
-        assert flag in out.stdout
-
+def test_image_holds_only_its_packages(image_venv: tuple[str, Path], tmp_path: Path) -> None:
+    which, venv = image_venv
+    site = Path(_site_packages(venv / "bin" / "python"))
+    ours = {p.name for p in site.iterdir() if p.name.startswith("kubetoll_")}
+    assert ours == set(KEEPS[which])
+    scripts = {p.name for p in (venv / "bin").iterdir() if p.name.startswith("kubetoll")}
+    assert scripts == {f"kubetoll-{which}"}
+    # Importing everything the image runs pulls in nothing the image must not carry.
+    entry = (
+        "kubetoll_sidecar.server, kubetoll_sidecar.main"
+        if which == "sidecar"
+        else "kubetoll_operator.handlers, kubetoll_operator.main"
+    )
     probe = (
-        "import json, os, kubetoll_sidecar, kubetoll_operator.webhook\n"
+        f"import json, sys, {entry}\n"
+        f"bad = sorted({{m.split('.')[0] for m in sys.modules}} & set({list(MUST_NOT_IMPORT[which])!r}))\n"
+        "print(json.dumps(bad))\n"
+    )
+    out = run_in(venv, "python", "-c", probe, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == []
+
+
+def test_image_entry_point_runs_offline(image_venv: tuple[str, Path], tmp_path: Path) -> None:
+    which, venv = image_venv
+    out = run_in(venv, f"kubetoll-{which}", "--help", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    flags = (
+        ("--config", "--wait-for-config")
+        if which == "sidecar"
+        else ("--peering", "--webhook", "--webhook-cert-dir", "--native-sidecars", "--sidecar-image")
+    )
+    for flag in flags:
+        assert flag in out.stdout
+    if which != "sidecar":
+        return
+    probe = (
+        "import json, os, kubetoll_sidecar\n"
         "assert 'TIKTOKEN_CACHE_DIR' not in os.environ\n"
         "from kubetoll_sidecar import tokens\n"
         "sizes = {n: len(tokens.get_encoding(n).encode('Where is my order? It was due on Monday.')) for n in (tokens.O200K, tokens.CL100K)}\n"
         "print(json.dumps({'package': kubetoll_sidecar.__file__, 'cache': os.environ['TIKTOKEN_CACHE_DIR'], 'sizes': sizes}))\n"
     )
-    out = run_in(fresh_venv, "python", "-c", probe, cwd=tmp_path)
+    out = run_in(venv, "python", "-c", probe, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
-    site = _site_packages(fresh_venv / "bin" / "python")
+    site = _site_packages(venv / "bin" / "python")
     assert info["package"].startswith(site), "imported from somewhere other than the installed wheel"
     assert info["cache"] == str(Path(site) / "kubetoll_sidecar" / "tiktoken_cache")
     assert all(n > 5 for n in info["sizes"].values())
+
+
+def test_cli_wheel_runs_offline(wheel: Path, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """`pip install kubetoll[cli]`: the `kubetoll` command with every group of sub-commands."""
+    venv = tmp_path_factory.mktemp("cli") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    result = subprocess.run(
+        [str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--disable-pip-version-check", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    borrowed = [p for p in sys.path if p.endswith("site-packages")]
+    Path(_site_packages(python), "zz_test_dependencies.pth").write_text("\n".join(borrowed) + "\n")
+    out = run_in(venv, "kubetoll", "--help", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "unavailable command groups" not in out.stdout
+    for command in ("sidecar", "operator", "crds", "validate", "run", "demo", "report", "simulate-upstream"):
+        assert command in out.stdout
 
 
 def _free_port() -> int:
@@ -264,12 +390,25 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def sidecar_process(fresh_venv: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
+def sidecar_process(image_venv: tuple[str, Path], tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    _, venv = image_venv
     port, metrics_port = _free_port(), _free_port()
     env = offline_env() | {"SIM_OPENAI_KEY": "sk-test", "SIM_ANTHROPIC_KEY": "sk-test"}
     proc = subprocess.Popen(
-        [str(fresh_venv / "bin" / "kubetoll"), "sidecar", "--config", str(ROOT / "examples" / "sidecar" / "router.yaml"), "--port", str(port), "--metrics-port", str(metrics_port)],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            str(venv / "bin" / "kubetoll-sidecar"),
+            "--config",
+            str(ROOT / "examples" / "sidecar" / "router.yaml"),
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(metrics_port),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         yield proc, metrics_port
@@ -279,6 +418,7 @@ def sidecar_process(fresh_venv: Path, tmp_path: Path) -> Iterator[tuple[subproce
             proc.wait(10)
 
 
+@pytest.mark.parametrize("image_venv", ["sidecar"], indirect=True)
 def test_installed_sidecar_starts_and_stops(sidecar_process: tuple[subprocess.Popen[str], int]) -> None:
     """The image's command, from the installed wheel: ready on the probe port, exit 0 on SIGTERM."""
     proc, metrics_port = sidecar_process

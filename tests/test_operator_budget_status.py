@@ -18,17 +18,19 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+
+from kubetoll_core.ledger_stream import MeterTotal
+from kubetoll_core.meters import cap_meter_name, parse_meter_name, tier_meter_name
+from kubetoll_core.periods import compute_period
+from kubetoll_core.redis_keys import RedisKeys
+from kubetoll_core.router_config import Budget, BudgetStoreSettings, RouterConfig
+from kubetoll_core.spend_record import SpendRecord
 from kubetoll_operator import spend
-from kubetoll_sidecar.budgets.admission import BudgetMeters, cap_meter_name, parse_meter_name, tier_meter_name
-from kubetoll_sidecar.budgets.periods import compute_period
-from kubetoll_sidecar.budgets.redis_keys import RedisKeys
+from kubetoll_sidecar.budgets.admission import BudgetMeters
 from kubetoll_sidecar.budgets.redis_store import RedisBudgetStore
 from kubetoll_sidecar.budgets.store import Hold
-from kubetoll_sidecar.config import Budget, BudgetStoreSettings, RouterConfig
-from kubetoll_sidecar.ledger import SpendRecord
-from kubetoll_sidecar.ledger_redis import MeterTotal
-from support.redis_server import RedisProcess
 from support.kopf_env import NS, Kubectl, condition, eventually, stop_operator
+from support.redis_server import RedisProcess
 
 INTERVAL = 0.1
 
@@ -36,11 +38,31 @@ BACKEND = {
     "apiVersion": "kubetoll.dev/v1alpha1",
     "kind": "ModelBackend",
     "metadata": {"name": "local"},
-    "spec": {"provider": "openai-compatible", "model": "m", "endpoint": "http://llm:8000/v1", "pricing": {"inputPerMTok": 1, "outputPerMTok": 2}},
+    "spec": {
+        "provider": "openai-compatible",
+        "model": "m",
+        "endpoint": "http://llm:8000/v1",
+        "pricing": {"inputPerMTok": 1, "outputPerMTok": 2},
+    },
 }
-ROUTE = {"apiVersion": "kubetoll.dev/v1alpha1", "kind": "ModelRoute", "metadata": {"name": "chat"}, "spec": {"rules": [{"backends": ["local"]}], "cachePolicy": "faq"}}
-OTHER_ROUTE = {"apiVersion": "kubetoll.dev/v1alpha1", "kind": "ModelRoute", "metadata": {"name": "other"}, "spec": {"rules": [{"backends": ["local"]}]}}
-CACHE = {"apiVersion": "kubetoll.dev/v1alpha1", "kind": "CachePolicy", "metadata": {"name": "faq"}, "spec": {"exact": {"enabled": True}}}
+ROUTE = {
+    "apiVersion": "kubetoll.dev/v1alpha1",
+    "kind": "ModelRoute",
+    "metadata": {"name": "chat"},
+    "spec": {"rules": [{"backends": ["local"]}], "cachePolicy": "faq"},
+}
+OTHER_ROUTE = {
+    "apiVersion": "kubetoll.dev/v1alpha1",
+    "kind": "ModelRoute",
+    "metadata": {"name": "other"},
+    "spec": {"rules": [{"backends": ["local"]}]},
+}
+CACHE = {
+    "apiVersion": "kubetoll.dev/v1alpha1",
+    "kind": "CachePolicy",
+    "metadata": {"name": "faq"},
+    "spec": {"exact": {"enabled": True}},
+}
 BUDGET = {
     "apiVersion": "kubetoll.dev/v1alpha1",
     "kind": "TokenBudget",
@@ -79,7 +101,13 @@ async def compiled_config(kubectl: Kubectl) -> RouterConfig:
 
 
 async def spend_like_a_sidecar(
-    redis_url: str, config: RouterConfig, usd: float, *, tenant: str = "acme", tier: str = "free", records: list[SpendRecord] = ()
+    redis_url: str,
+    config: RouterConfig,
+    usd: float,
+    *,
+    tenant: str = "acme",
+    tier: str = "free",
+    records: list[SpendRecord] = (),
 ) -> None:
     """Reserve and settle `usd` on every USD meter of one request, as the sidecar's admit and settle stages do.
 
@@ -101,19 +129,35 @@ async def spend_like_a_sidecar(
 
 def record(route: str, cache_hit: str = "", avoided: float = 0.0, cost: float = 0.0) -> SpendRecord:
     return SpendRecord(
-        time=time.time(), namespace=NS, route=route, backend="" if cache_hit else "local", tenant="acme", tier="free",
-        prompt_tokens=0, completion_tokens=0, cached_tokens=0, cost_usd=cost, cache_hit=cache_hit, avoided_usd=avoided,
+        time=time.time(),
+        namespace=NS,
+        route=route,
+        backend="" if cache_hit else "local",
+        tenant="acme",
+        tier="free",
+        prompt_tokens=0,
+        completion_tokens=0,
+        cached_tokens=0,
+        cost_usd=cost,
+        cache_hit=cache_hit,
+        avoided_usd=avoided,
     )
 
 
 async def threshold_events(kubectl: Kubectl) -> list[dict[str, Any]]:
     return sorted(
-        (e for e in await kubectl.list("Event") if e["reason"] == "BudgetThresholdCrossed" and e["involvedObject"]["name"] == "team"),
+        (
+            e
+            for e in await kubectl.list("Event")
+            if e["reason"] == "BudgetThresholdCrossed" and e["involvedObject"]["name"] == "team"
+        ),
         key=lambda e: int(e["message"].split("reached the ")[1].split("%")[0]),
     )
 
 
-async def test_spend_written_by_a_sidecar_shows_in_the_budget_status(cluster: Kubectl, start_operator: Any, redis: RedisProcess) -> None:
+async def test_spend_written_by_a_sidecar_shows_in_the_budget_status(
+    cluster: Kubectl, start_operator: Any, redis: RedisProcess
+) -> None:
     await start_operator(redis_url=redis.url, spend_interval_seconds=INTERVAL)
     config = await compiled_config(cluster)
     assert config.budget_store.url == redis.url
@@ -142,7 +186,13 @@ async def test_spend_written_by_a_sidecar_shows_in_the_budget_status(cluster: Ku
         assert rows[("cap", "USD", "month")]["spent"] == 2.25 and rows[("cap", "USD", "month")]["period"] == month.id
         assert rows[("cap", "tokens", "day")]["spent"] == 0.0 and rows[("cap", "tokens", "day")]["limit"] == 1000000.0
         tier = rows[("tier:free", "USD", "day")]
-        assert (tier["limit"], tier["spent"], tier["tenants"], tier["tenantsOver"], tier["maxPercent"]) == (1.0, 2.25, 2, 1, 200.0)
+        assert (tier["limit"], tier["spent"], tier["tenants"], tier["tenantsOver"], tier["maxPercent"]) == (
+            1.0,
+            2.25,
+            2,
+            1,
+            200.0,
+        )
         assert condition(tb, "SpendKnown")["reason"] == "SpendRead"
         below = condition(tb, "ThresholdReached")
         assert below["status"] == "False" and below["reason"] == "BelowThresholds"
@@ -158,15 +208,26 @@ async def test_spend_written_by_a_sidecar_shows_in_the_budget_status(cluster: Ku
 
     async def both_kept() -> None:
         t = await cluster.get("TokenBudget", "team")
-        assert [c["type"] for c in t["status"]["conditions"]] == ["Ready", "ResolvedRefs", "TenancyAccepted", "SpendKnown", "ThresholdReached"]
+        assert [c["type"] for c in t["status"]["conditions"]] == [
+            "Ready",
+            "ResolvedRefs",
+            "TenancyAccepted",
+            "SpendKnown",
+            "ThresholdReached",
+        ]
         cm = json.loads((await cluster.get("ConfigMap", "kubetoll-router"))["data"]["router.json"])
         assert cm["budgets"][0]["failMode"] == "failClosed"
 
     await eventually(both_kept)
-    assert condition(await cluster.get("TokenBudget", "team"), "SpendKnown")["lastTransitionTime"] == condition(tb, "SpendKnown")["lastTransitionTime"]
+    assert (
+        condition(await cluster.get("TokenBudget", "team"), "SpendKnown")["lastTransitionTime"]
+        == condition(tb, "SpendKnown")["lastTransitionTime"]
+    )
 
 
-async def test_each_threshold_posts_one_event_per_period_across_restarts(cluster: Kubectl, start_operator: Any, redis: RedisProcess) -> None:
+async def test_each_threshold_posts_one_event_per_period_across_restarts(
+    cluster: Kubectl, start_operator: Any, redis: RedisProcess
+) -> None:
     memo = await start_operator(redis_url=redis.url, spend_interval_seconds=INTERVAL)
     config = await compiled_config(cluster)
 
@@ -176,7 +237,9 @@ async def test_each_threshold_posts_one_event_per_period_across_restarts(cluster
         events = await threshold_events(cluster)
         assert len(events) == 1
         e = events[0]
-        assert e["type"] == "Normal" and e["involvedObject"]["kind"] == "TokenBudget" and "uid" in e["involvedObject"]  # kmock assigns no uids
+        assert (
+            e["type"] == "Normal" and e["involvedObject"]["kind"] == "TokenBudget" and "uid" in e["involvedObject"]
+        )  # kmock assigns no uids
         assert "USD per month cap reached the 50% alert threshold: 5.5 of 10 USD spent (55%)" in e["message"]
         tb = await cluster.get("TokenBudget", "team")
         reached = condition(tb, "ThresholdReached")
@@ -225,7 +288,8 @@ async def test_each_threshold_posts_one_event_per_period_across_restarts(cluster
     await eventually(lambda: _more_reports(other, theirs))
     assert len(await threshold_events(cluster)) == 3
     assert await redis_keys_matching(redis, f"kt:{{{NS}:team}}:alert:*") == sorted(
-        f"kt:{{{NS}:team}}:alert:{cap_meter_name('usd', compute_period('month', 'UTC', time.time()).id)}:{t}" for t in (50, 75, 90)
+        f"kt:{{{NS}:team}}:alert:{cap_meter_name('usd', compute_period('month', 'UTC', time.time()).id)}:{t}"
+        for t in (50, 75, 90)
     )
 
 
@@ -243,7 +307,9 @@ async def redis_keys_matching(redis: RedisProcess, pattern: str) -> list[str]:
         await client.aclose()
 
 
-async def test_redis_down_sets_a_condition_and_keeps_the_last_reading(cluster: Kubectl, start_operator: Any, redis: RedisProcess) -> None:
+async def test_redis_down_sets_a_condition_and_keeps_the_last_reading(
+    cluster: Kubectl, start_operator: Any, redis: RedisProcess
+) -> None:
     memo = await start_operator(redis_url=redis.url, spend_interval_seconds=INTERVAL, redis_timeout_seconds=0.5)
     config = await compiled_config(cluster)
     await spend_like_a_sidecar(redis.url, config, 3.0)
@@ -287,7 +353,9 @@ async def test_redis_down_sets_a_condition_and_keeps_the_last_reading(cluster: K
     await eventually(back)
 
 
-async def test_cache_policy_counts_todays_hits_from_the_ledger(cluster: Kubectl, start_operator: Any, redis: RedisProcess) -> None:
+async def test_cache_policy_counts_todays_hits_from_the_ledger(
+    cluster: Kubectl, start_operator: Any, redis: RedisProcess
+) -> None:
     await start_operator(redis_url=redis.url, spend_interval_seconds=INTERVAL)
     config = await compiled_config(cluster)
     records = [
@@ -328,7 +396,11 @@ async def test_no_redis_url_no_reporter(cluster: Kubectl, start_operator: Any) -
     await eventually(compiled)
     await asyncio.sleep(3 * INTERVAL)
     tb = await cluster.get("TokenBudget", "team")
-    assert "spent" not in tb["status"] and {c["type"] for c in tb["status"]["conditions"]} == {"Ready", "ResolvedRefs", "TenancyAccepted"}
+    assert "spent" not in tb["status"] and {c["type"] for c in tb["status"]["conditions"]} == {
+        "Ready",
+        "ResolvedRefs",
+        "TenancyAccepted",
+    }
     assert memo.reconciler.reporters == {} and memo.reconciler.spend_reports == 0
 
 
@@ -342,8 +414,17 @@ def budget(**spec: Any) -> Budget:
 def total(meter: str, spent: float, limit: float, unit: str = "usd") -> MeterTotal:
     scale = 1_000_000_000 if unit == "usd" else 1000
     return MeterTotal(
-        budget="b", meter=meter, kind="window", unit=unit, label="", scale=scale, limit_units=round(limit * scale),
-        spent_units=round(spent * scale), leased_units=0, period=meter.rsplit(":", 1)[1], period_end=0.0,
+        budget="b",
+        meter=meter,
+        kind="window",
+        unit=unit,
+        label="",
+        scale=scale,
+        limit_units=round(limit * scale),
+        spent_units=round(spent * scale),
+        leased_units=0,
+        period=meter.rsplit(":", 1)[1],
+        period_end=0.0,
     )
 
 
@@ -356,7 +437,11 @@ def test_headline_is_the_longest_period_usd_before_tokens() -> None:
     b = budget(cap={"usdPerDay": 2, "tokensPerMonth": 5000, "usdPerMonth": 50})
     r = spend.budget_report(b, [total(cap_meter_name("usd", MONTH.id), 12.5, 50)], [50], NOW, 10)
     assert (r.status["spent"], r.status["limit"], r.status["unit"], r.status["percent"]) == (12.5, 50.0, "USD", 25.0)
-    assert [c.meter for c in r.caps] == [cap_meter_name("usd", MONTH.id), cap_meter_name("tokens", MONTH.id), cap_meter_name("usd", DAY.id)]
+    assert [c.meter for c in r.caps] == [
+        cap_meter_name("usd", MONTH.id),
+        cap_meter_name("tokens", MONTH.id),
+        cap_meter_name("usd", DAY.id),
+    ]
     only_tokens = spend.budget_report(budget(cap={"tokensPerDay": 100, "tokensPerMonth": 1000}), [], [50], NOW, 10)
     assert only_tokens.status["unit"] == "tokens" and only_tokens.status["limit"] == 1000.0
     assert only_tokens.status["periodEnd"] == spend.rfc3339(MONTH.end)
@@ -366,7 +451,9 @@ def test_headline_is_the_longest_period_usd_before_tokens() -> None:
 
 def test_period_times_are_in_the_budgets_timezone() -> None:
     r = spend.budget_report(budget(cap={"usdPerMonth": 5}, timezone="Europe/Berlin"), [], [50], NOW, 10)
-    assert r.status["periodStart"] == "2026-11-01T00:00:00+01:00" and r.status["periodEnd"] == "2026-12-01T00:00:00+01:00"
+    assert (
+        r.status["periodStart"] == "2026-11-01T00:00:00+01:00" and r.status["periodEnd"] == "2026-12-01T00:00:00+01:00"
+    )
 
 
 def test_thresholds_use_exact_amounts_and_a_new_period_starts_over() -> None:
@@ -408,14 +495,31 @@ def test_meter_names_round_trip() -> None:
     assert (n.tenant, n.unit, n.period) == ("a:b", "tpm", "")
     assert parse_meter_name("something:else") is None
     # The sidecar's meters are built from the same functions.
-    config = RouterConfig.model_validate({
-        "namespace": "team-a", "backends": [{"name": "x", "provider": "openai-compatible", "model": "m", "endpoint": "http://x/v1", "pricing": {"inputPerMTok": 1, "outputPerMTok": 1}}],
-        "routes": [{"name": "chat", "rules": [{"backends": ["x"]}]}],
-        "budgets": [{"name": "b", "cap": {"usdPerDay": 1}, "tiers": {"free": {"usdPerDay": 1, "tokensPerMinute": 5}}}],
-    })
+    config = RouterConfig.model_validate(
+        {
+            "namespace": "team-a",
+            "backends": [
+                {
+                    "name": "x",
+                    "provider": "openai-compatible",
+                    "model": "m",
+                    "endpoint": "http://x/v1",
+                    "pricing": {"inputPerMTok": 1, "outputPerMTok": 1},
+                }
+            ],
+            "routes": [{"name": "chat", "rules": [{"backends": ["x"]}]}],
+            "budgets": [
+                {"name": "b", "cap": {"usdPerDay": 1}, "tiers": {"free": {"usdPerDay": 1, "tokensPerMinute": 5}}}
+            ],
+        }
+    )
     ms = BudgetMeters(config).for_request("chat", "t:1", "free", NOW)
     assert sorted(m.key for m in ms.all()) == sorted(
-        ["b:" + cap_meter_name("usd", DAY.id), "b:" + tier_meter_name("free", "t:1", f"usd:{DAY.id}"), "b:" + tier_meter_name("free", "t:1", "tpm")]
+        [
+            "b:" + cap_meter_name("usd", DAY.id),
+            "b:" + tier_meter_name("free", "t:1", f"usd:{DAY.id}"),
+            "b:" + tier_meter_name("free", "t:1", "tpm"),
+        ]
     )
 
 
@@ -423,10 +527,38 @@ def test_cache_counter_window_and_policy_routes() -> None:
     c = spend.CacheCounter()
     c.roll(NOW)
     assert c.cursor == f"{int(DAY.start * 1000) - 300_000 - 1}-{2**64 - 1}"
-    c.add([
-        SpendRecord(time=NOW, namespace="n", route="chat", backend="", tenant="", tier="", prompt_tokens=0, completion_tokens=0, cached_tokens=0, cost_usd=0, cache_hit="exact", avoided_usd=0.1),
-        SpendRecord(time=DAY.start - 1, namespace="n", route="chat", backend="", tenant="", tier="", prompt_tokens=0, completion_tokens=0, cached_tokens=0, cost_usd=0, cache_hit="exact", avoided_usd=5),
-    ])
+    c.add(
+        [
+            SpendRecord(
+                time=NOW,
+                namespace="n",
+                route="chat",
+                backend="",
+                tenant="",
+                tier="",
+                prompt_tokens=0,
+                completion_tokens=0,
+                cached_tokens=0,
+                cost_usd=0,
+                cache_hit="exact",
+                avoided_usd=0.1,
+            ),
+            SpendRecord(
+                time=DAY.start - 1,
+                namespace="n",
+                route="chat",
+                backend="",
+                tenant="",
+                tier="",
+                prompt_tokens=0,
+                completion_tokens=0,
+                cached_tokens=0,
+                cost_usd=0,
+                cache_hit="exact",
+                avoided_usd=5,
+            ),
+        ]
+    )
     assert c.status(["chat", "x"]) == {"hits": 1, "savedUSD": 0.1, "countersSince": spend.rfc3339(DAY.start)}
     c.roll(DAY.end + 1)
     assert c.status(["chat"])["hits"] == 0
@@ -441,7 +573,9 @@ def test_operator_credentials_are_read_per_connection(tmp_path: Any) -> None:
     assert creds.get_credentials() == ("rotated",)
     assert spend.OperatorRedisCredentials(None, None, "from-env").get_credentials() == ("from-env",)
     assert not spend.OperatorRedisCredentials(None, None, None).configured
-    assert spend.credentials_from_env({"KUBETOLL_REDIS_PASSWORD": "x"}) == "x" and spend.credentials_from_env({}) is None
+    assert (
+        spend.credentials_from_env({"KUBETOLL_REDIS_PASSWORD": "x"}) == "x" and spend.credentials_from_env({}) is None
+    )
     from kubetoll_operator.handlers import OperatorOptions
 
     assert "from-env" not in repr(OperatorOptions(redis_password="from-env"))

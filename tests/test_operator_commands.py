@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from kubetoll_operator.commands import LocalRunner
-from kubetoll_sidecar.cli import main
-from kubetoll_sidecar.config import RouterConfig
+
+from kubetoll_core.router_config import RouterConfig
+from kubetoll_tools.operator_commands import LocalRunner
+from kubetoll_tools.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = [str(p) for p in sorted((ROOT / "examples").glob("*.yaml"))]
@@ -52,7 +53,9 @@ def test_compile_prints_the_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert f"config hash {hashlib.sha256(text.encode()).hexdigest()}" in err
 
 
-def test_local_runner_recompiles_on_change_and_keeps_the_last_good_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_local_runner_recompiles_on_change_and_keeps_the_last_good_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="kubetoll.run")
     src = tmp_path / "manifests"
     shutil.copytree(ROOT / "examples", src, ignore=shutil.ignore_patterns("sidecar", "*.md"))
@@ -85,7 +88,11 @@ def test_local_runner_recompiles_on_change_and_keeps_the_last_good_config(tmp_pa
 
         wait_for(lambda: json.loads((tmp_path / "router.json").read_text())["routes"][0]["name"] == "chat-v2")
         good = (tmp_path / "router.json").read_text()
-        route.write_text(route.read_text().replace("backends: [llama-vllm, gpt-4o-mini]\n  fallbackOn", "backends: [nope]\n  fallbackOn"))
+        route.write_text(
+            route.read_text().replace(
+                "backends: [llama-vllm, gpt-4o-mini]\n  fallbackOn", "backends: [nope]\n  fallbackOn"
+            )
+        )
         wait_for(lambda: "do not compile; keeping config" in caplog.text)
         assert "spec.rules[3].backends" in caplog.text
         assert (tmp_path / "router.json").read_text() == good

@@ -8,8 +8,8 @@ import json
 import random
 from typing import Any
 
+from kubetoll_core.router_config import RouterConfig
 from kubetoll_operator.compiler import compile_namespace, credential_env_name, credential_file_key
-from kubetoll_sidecar.config import RouterConfig
 
 API = "kubetoll.dev/v1alpha1"
 
@@ -19,7 +19,12 @@ def obj(kind: str, name: str, spec: Any, **meta: Any) -> dict[str, Any]:
 
 
 def backend(name: str, **spec: Any) -> dict[str, Any]:
-    base = {"provider": "openai", "model": "gpt-4o-mini", "endpoint": "https://api.openai.com/v1", "credentials": {"secretRef": {"name": "openai", "key": "api-key"}}}
+    base = {
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "endpoint": "https://api.openai.com/v1",
+        "credentials": {"secretRef": {"name": "openai", "key": "api-key"}},
+    }
     base.update(spec)
     return obj("ModelBackend", name, base)
 
@@ -64,7 +69,12 @@ GPU_BACKEND = obj(
 CATALOG_BACKEND = obj(
     "ModelBackend",
     "hosted-compat",
-    {"provider": "openai-compatible", "model": "x", "endpoint": "https://compat.example.com/v1", "pricing": {"catalogModel": "gpt-4o", "catalogProvider": "openai"}},
+    {
+        "provider": "openai-compatible",
+        "model": "x",
+        "endpoint": "https://compat.example.com/v1",
+        "pricing": {"catalogModel": "gpt-4o", "catalogProvider": "openai"},
+    },
 )
 FULL_ROUTE = obj(
     "ModelRoute",
@@ -104,9 +114,23 @@ FULL_BUDGET = obj(
         "timezone": "America/New_York",
         "failMode": "failClosed",
         "suspended": True,
-        "tenant": {"header": "x-user", "useUserField": False, "tierHeader": "x-plan", "defaultTier": "free", "required": True, "anonymousTenant": "nobody"},
+        "tenant": {
+            "header": "x-user",
+            "useUserField": False,
+            "tierHeader": "x-plan",
+            "defaultTier": "free",
+            "required": True,
+            "anonymousTenant": "nobody",
+        },
         "tiers": [
-            {"name": "free", "tokensPerMinute": 1000, "requestsPerMinute": 10, "usdPerDay": 0.5, "usdPerMonth": 5, "onExhausted": "reject"},
+            {
+                "name": "free",
+                "tokensPerMinute": 1000,
+                "requestsPerMinute": 10,
+                "usdPerDay": 0.5,
+                "usdPerMonth": 5,
+                "onExhausted": "reject",
+            },
             {"name": "premium", "tokensPerMinute": 100000, "onExhausted": "downgrade"},
         ],
         "alertThresholds": [80, 95],
@@ -115,7 +139,21 @@ FULL_BUDGET = obj(
 CACHE_POLICY = obj(
     "CachePolicy",
     "cache",
-    {"exact": {"enabled": True, "ttlSeconds": 60}, "semantic": {"enabled": True, "threshold": 0.97, "embeddingBackend": "full", "ttlSeconds": 600, "embed": "allUserMessages", "verify": False, "maxEntries": 500}, "scope": "namespace", "cacheable": {"maxTemperature": 0.5, "allowTools": True}, "localMaxBytes": 1048576},
+    {
+        "exact": {"enabled": True, "ttlSeconds": 60},
+        "semantic": {
+            "enabled": True,
+            "threshold": 0.97,
+            "embeddingBackend": "full",
+            "ttlSeconds": 600,
+            "embed": "allUserMessages",
+            "verify": False,
+            "maxEntries": 500,
+        },
+        "scope": "namespace",
+        "cacheable": {"maxTemperature": 0.5, "allowTools": True},
+        "localMaxBytes": 1048576,
+    },
 )
 FULL = [FULL_BACKEND, GPU_BACKEND, CATALOG_BACKEND, FULL_ROUTE, FULL_BUDGET, CACHE_POLICY]
 
@@ -162,7 +200,11 @@ def test_every_field_reaches_router_config() -> None:
                 },
                 "backends": ["full", "gpu"],
             },
-            {"name": "rest", "match": {"header": {"name": "x-exact", "value": "1"}, "keywords": [], "tenants": [], "tiers": []}, "backends": ["gpu"]},
+            {
+                "name": "rest",
+                "match": {"header": {"name": "x-exact", "value": "1"}, "keywords": [], "tenants": [], "tiers": []},
+                "backends": ["gpu"],
+            },
         ],
         "fallbackOn": ["rateLimited", "contextLengthExceeded", "budgetExhausted"],
         "maxOutputTokens": 1024,
@@ -179,18 +221,39 @@ def test_every_field_reaches_router_config() -> None:
         "failMode": "failClosed",
         "suspended": True,
         "tiers": {
-            "free": {"tokensPerMinute": 1000, "requestsPerMinute": 10, "usdPerDay": 0.5, "usdPerMonth": 5.0, "onExhausted": "reject"},
+            "free": {
+                "tokensPerMinute": 1000,
+                "requestsPerMinute": 10,
+                "usdPerDay": 0.5,
+                "usdPerMonth": 5.0,
+                "onExhausted": "reject",
+            },
             "premium": {"tokensPerMinute": 100000, "onExhausted": "downgrade"},
         },
     }
-    assert data["tenancy"] == {"header": "x-user", "useUserField": False, "tierHeader": "x-plan", "defaultTier": "free", "required": True, "anonymousTenant": "nobody"}
+    assert data["tenancy"] == {
+        "header": "x-user",
+        "useUserField": False,
+        "tierHeader": "x-plan",
+        "defaultTier": "free",
+        "required": True,
+        "anonymousTenant": "nobody",
+    }
     assert data["namespace"] == "team-a"
     assert data["cachePolicies"] == [
         {
             "name": "cache",
             "scope": "namespace",
             "exact": {"enabled": True, "ttlSeconds": 60},
-            "semantic": {"enabled": True, "threshold": 0.97, "embeddingBackend": "full", "ttlSeconds": 600, "embed": "allUserMessages", "verify": False, "maxEntries": 500},
+            "semantic": {
+                "enabled": True,
+                "threshold": 0.97,
+                "embeddingBackend": "full",
+                "ttlSeconds": 600,
+                "embed": "allUserMessages",
+                "verify": False,
+                "maxEntries": 500,
+            },
             "cacheable": {"maxTemperature": 0.5, "allowTools": True},
             "localMaxBytes": 1048576,
         }
@@ -199,7 +262,11 @@ def test_every_field_reaches_router_config() -> None:
     assert cache_outcome.included and cache_outcome.reason == "Compiled"
     assert result.credentials == {"openai_api-key": ("openai", "api-key")}
     # Statuses get what they show.
-    assert result.outcomes[("ModelRoute", "full-route")].details == {"modelName": "Support/Bot-1", "firstBackend": "full", "backends": ["full", "gpu"]}
+    assert result.outcomes[("ModelRoute", "full-route")].details == {
+        "modelName": "Support/Bot-1",
+        "firstBackend": "full",
+        "backends": ["full", "gpu"],
+    }
     assert result.outcomes[("CachePolicy", "cache")].details == {"routes": ["Support/Bot-1"]}
     prices = result.outcomes[("ModelBackend", "gpu")].details["prices"]
     assert prices["source"] == "gpu-shadow" and abs(prices["inputPerMTok"] - 1.0) < 1e-9
@@ -220,22 +287,54 @@ def test_defaults() -> None:
     assert r["rules"] == [{"name": "", "match": {"keywords": [], "tenants": [], "tiers": []}, "backends": ["b"]}]
     assert "downgrade" not in r and "maxOutputTokens" not in r
     (t,) = data["budgets"]
-    assert t["routes"] == [] and t["timezone"] == "UTC" and t["capOnExhausted"] == "reject" and t["failMode"] == "failOpen" and t["tiers"] == {}
-    assert data["tenancy"] == {"header": "x-kubetoll-tenant", "useUserField": True, "tierHeader": "x-kubetoll-tier", "defaultTier": "default", "required": False, "anonymousTenant": "anonymous"}
+    assert (
+        t["routes"] == []
+        and t["timezone"] == "UTC"
+        and t["capOnExhausted"] == "reject"
+        and t["failMode"] == "failOpen"
+        and t["tiers"] == {}
+    )
+    assert data["tenancy"] == {
+        "header": "x-kubetoll-tenant",
+        "useUserField": True,
+        "tierHeader": "x-kubetoll-tier",
+        "defaultTier": "default",
+        "required": False,
+        "anonymousTenant": "anonymous",
+    }
     RouterConfig.model_validate_json(result.config_json)
 
 
 def test_service_ref_defaults_and_cluster_domain() -> None:
-    gpu = obj("ModelBackend", "v", {"provider": "openai-compatible", "model": "m", "serviceRef": {"name": "vllm", "port": 8000}, "pricing": {"inputPerMTok": 0, "outputPerMTok": 0}})
-    assert json.loads(compile_namespace("ml", [gpu]).config_json)["backends"][0]["endpoint"] == "http://vllm.ml.svc.cluster.local:8000/v1"
-    assert json.loads(compile_namespace("ml", [gpu], cluster_domain="corp.internal").config_json)["backends"][0]["endpoint"] == "http://vllm.ml.svc.corp.internal:8000/v1"
+    gpu = obj(
+        "ModelBackend",
+        "v",
+        {
+            "provider": "openai-compatible",
+            "model": "m",
+            "serviceRef": {"name": "vllm", "port": 8000},
+            "pricing": {"inputPerMTok": 0, "outputPerMTok": 0},
+        },
+    )
+    assert (
+        json.loads(compile_namespace("ml", [gpu]).config_json)["backends"][0]["endpoint"]
+        == "http://vllm.ml.svc.cluster.local:8000/v1"
+    )
+    assert (
+        json.loads(compile_namespace("ml", [gpu], cluster_domain="corp.internal").config_json)["backends"][0][
+            "endpoint"
+        ]
+        == "http://vllm.ml.svc.corp.internal:8000/v1"
+    )
 
 
 # --------------------------------------------------------------------------- references
 
 
 def test_missing_backend_is_dropped_from_the_chain_with_a_warning() -> None:
-    result = compile_namespace("ns", [backend("a"), route("r", ["missing", "a"], downgrade={"atPercent": 50, "backends": ["gone"]})])
+    result = compile_namespace(
+        "ns", [backend("a"), route("r", ["missing", "a"], downgrade={"atPercent": 50, "backends": ["gone"]})]
+    )
     problems = by_reason(result)
     (p,) = problems["BackendNotFound"][:1]
     assert p.field == "spec.rules[0].backends[0]" and "missing" in p.message and p.severity == "warning"
@@ -264,12 +363,20 @@ def test_invalid_backend_counts_as_not_ready_for_routes() -> None:
 
 
 def test_budget_references() -> None:
-    resources = [backend("a"), route("r", ["a"]), obj("TokenBudget", "partial", {"routes": ["r", "nope"]}), obj("TokenBudget", "none", {"routes": ["nope"]})]
+    resources = [
+        backend("a"),
+        route("r", ["a"]),
+        obj("TokenBudget", "partial", {"routes": ["r", "nope"]}),
+        obj("TokenBudget", "none", {"routes": ["nope"]}),
+    ]
     result = compile_namespace("ns", resources)
     assert [b.name for b in result.config.budgets] == ["partial"]
     assert result.config.budgets[0].routes == ["r"]
     reasons = by_reason(result)
-    assert {(p.name, p.field) for p in reasons["RouteNotFound"]} == {("partial", "spec.routes[1]"), ("none", "spec.routes[0]")}
+    assert {(p.name, p.field) for p in reasons["RouteNotFound"]} == {
+        ("partial", "spec.routes[1]"),
+        ("none", "spec.routes[0]"),
+    }
     (p,) = reasons["NoRoutes"]
     assert p.name == "none" and "cover every route" in p.message
 
@@ -281,7 +388,9 @@ def test_budget_on_left_out_route_is_route_not_ready() -> None:
 
 
 def test_cache_policy_references() -> None:
-    anthropic = backend("claude", provider="anthropic", model="claude-sonnet-4-5", endpoint="https://api.anthropic.com/v1")
+    anthropic = backend(
+        "claude", provider="anthropic", model="claude-sonnet-4-5", endpoint="https://api.anthropic.com/v1"
+    )
     resources = [
         backend("a"),
         anthropic,
@@ -294,30 +403,49 @@ def test_cache_policy_references() -> None:
     ]
     result = compile_namespace("ns", resources)
     reasons = by_reason(result)
-    assert reasons["CachePolicyNotFound"][0].name == "r" and reasons["CachePolicyNotFound"][0].field == "spec.cachePolicy"
+    assert (
+        reasons["CachePolicyNotFound"][0].name == "r" and reasons["CachePolicyNotFound"][0].field == "spec.cachePolicy"
+    )
     assert reasons["CachePolicyNotReady"][0].name == "s"
     (p,) = reasons["BackendNotFound"]
     assert p.name == "lost" and p.field == "spec.semantic.embeddingBackend" and p.severity == "error"
     assert reasons["Unsupported"][0].name == "wrong"
     routes = {r.name: r for r in result.config.routes}
     assert set(routes) == {"r", "s", "t"}  # the routes stay, without the broken reference
-    assert routes["r"].cache_policy is None and routes["s"].cache_policy is None and routes["t"].cache_policy == "exact-only"
+    assert (
+        routes["r"].cache_policy is None
+        and routes["s"].cache_policy is None
+        and routes["t"].cache_policy == "exact-only"
+    )
     assert [p.name for p in result.config.cache_policies] == ["exact-only"]
     assert result.outcomes[("CachePolicy", "exact-only")].details["routes"] == ["t"]
 
 
 def test_secrets_checked_when_given() -> None:
-    resources = [backend("a"), backend("b", credentials={"secretRef": {"name": "other", "key": "k"}}), backend("c", credentials={"secretRef": {"name": "openai", "key": "nokey"}})]
+    resources = [
+        backend("a"),
+        backend("b", credentials={"secretRef": {"name": "other", "key": "k"}}),
+        backend("c", credentials={"secretRef": {"name": "openai", "key": "nokey"}}),
+    ]
     result = compile_namespace("ns", resources, secrets={"openai": {"api-key": b"x"}})
     reasons = by_reason(result)
-    assert reasons["SecretNotFound"][0].name == "b" and reasons["SecretNotFound"][0].field == "spec.credentials.secretRef.name"
-    assert reasons["SecretKeyNotFound"][0].name == "c" and reasons["SecretKeyNotFound"][0].field == "spec.credentials.secretRef.key"
+    assert (
+        reasons["SecretNotFound"][0].name == "b"
+        and reasons["SecretNotFound"][0].field == "spec.credentials.secretRef.name"
+    )
+    assert (
+        reasons["SecretKeyNotFound"][0].name == "c"
+        and reasons["SecretKeyNotFound"][0].field == "spec.credentials.secretRef.key"
+    )
     assert [b.name for b in result.config.backends] == ["a"]
     assert result.credentials == {"openai_api-key": ("openai", "api-key")}
 
 
 def test_credentials_in_env_mode() -> None:
-    resources = [backend("a", credentials={"secretRef": {"name": "openai-creds", "key": "api.key"}}), backend("b", credentials={"secretRef": {"name": "openai", "key": "creds-api.key"}})]
+    resources = [
+        backend("a", credentials={"secretRef": {"name": "openai-creds", "key": "api.key"}}),
+        backend("b", credentials={"secretRef": {"name": "openai", "key": "creds-api.key"}}),
+    ]
     result = compile_namespace("ns", resources, credential_mode="env")
     assert credential_env_name("openai-creds", "api.key") == "KUBETOLL_SECRET_OPENAI_CREDS_API_KEY"
     assert result.config.backends[0].credentials.env == "KUBETOLL_SECRET_OPENAI_CREDS_API_KEY"
@@ -328,14 +456,22 @@ def test_credentials_in_env_mode() -> None:
 
 
 def test_price_unknown_backend_is_left_out() -> None:
-    result = compile_namespace("ns", [obj("ModelBackend", "local", {"provider": "openai-compatible", "model": "m", "endpoint": "http://x:1/v1"}), backend("a")])
+    result = compile_namespace(
+        "ns",
+        [
+            obj("ModelBackend", "local", {"provider": "openai-compatible", "model": "m", "endpoint": "http://x:1/v1"}),
+            backend("a"),
+        ],
+    )
     (p,) = by_reason(result)["PriceUnknown"]
     assert p.name == "local" and p.field == "spec.pricing" and "price" in p.message
     assert [b.name for b in result.config.backends] == ["a"]
 
 
 def test_model_name_conflict_leaves_out_the_later_route() -> None:
-    result = compile_namespace("ns", [backend("a"), route("z-route", ["a"], modelName="chat"), route("a-route", ["a"], modelName="chat")])
+    result = compile_namespace(
+        "ns", [backend("a"), route("z-route", ["a"], modelName="chat"), route("a-route", ["a"], modelName="chat")]
+    )
     (p,) = by_reason(result)["ModelNameConflict"]
     assert p.name == "z-route" and "a-route" in p.message
     assert [r.name for r in result.config.routes] == ["chat"]
@@ -343,7 +479,9 @@ def test_model_name_conflict_leaves_out_the_later_route() -> None:
 
 def test_tenancy_conflict_is_reported_on_the_later_budget() -> None:
     t1 = obj("TokenBudget", "b-first", {"tenant": {"header": "x-user"}})
-    t2 = obj("TokenBudget", "c-second", {"tenant": {"header": "x-other"}, "tiers": [{"name": "free", "tokensPerMinute": 5}]})
+    t2 = obj(
+        "TokenBudget", "c-second", {"tenant": {"header": "x-other"}, "tiers": [{"name": "free", "tokensPerMinute": 5}]}
+    )
     t3 = obj("TokenBudget", "d-same", {"tenant": {"header": "x-user"}})
     t0 = obj("TokenBudget", "a-none", {})
     result = compile_namespace("ns", [t3, t2, t1, t0])

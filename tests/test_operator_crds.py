@@ -20,12 +20,15 @@ import jsonschema
 import pytest
 import yaml
 from celpy import celtypes
+
 from kubetoll_operator import crdgen
 from kubetoll_operator.compiler import compile_namespace
 from kubetoll_operator.resources import KINDS
 
 ROOT = Path(__file__).resolve().parent.parent
-CRDS = {crd["spec"]["names"]["kind"]: crd for crd in crdgen.all_crds().values() if crd["spec"]["group"] == "kubetoll.dev"}
+CRDS = {
+    crd["spec"]["names"]["kind"]: crd for crd in crdgen.all_crds().values() if crd["spec"]["group"] == "kubetoll.dev"
+}
 
 
 def schema_of(kind: str) -> dict[str, Any]:
@@ -77,7 +80,9 @@ def to_cel(value: Any, schema: dict[str, Any]) -> Any:
 
 
 def _json_type(v: Any) -> str:
-    return {dict: "object", list: "array", bool: "boolean", int: "integer", float: "number", str: "string"}.get(type(v), "string")
+    return {dict: "object", list: "array", bool: "boolean", int: "integer", float: "number", str: "string"}.get(
+        type(v), "string"
+    )
 
 
 _CEL = celpy.Environment()
@@ -129,7 +134,11 @@ def api_server_errors(obj: dict[str, Any]) -> list[str]:
 def model_errors(obj: dict[str, Any]) -> list[str]:
     """What `kubetoll validate` and the operator say: the pydantic models."""
     result = compile_namespace("ns", [obj])
-    return [f"{p.field}: {p.message}" for p in result.problems if p.severity == "error" and p.reason in ("InvalidSpec", "InvalidName", "InvalidMetadata")]
+    return [
+        f"{p.field}: {p.message}"
+        for p in result.problems
+        if p.severity == "error" and p.reason in ("InvalidSpec", "InvalidName", "InvalidMetadata")
+    ]
 
 
 def examples() -> list[dict[str, Any]]:
@@ -160,11 +169,21 @@ def test_every_kind_has_a_crd_with_names_columns_and_status() -> None:
     assert cols("TokenBudget")[:5] == ["Spent", "Limit", "Unit", "Percent", "Period End"]
     # Each TokenBudget and CachePolicy column reads a status field the spend reporter fills.
     paths = lambda kind: [c["jsonPath"] for c in CRDS[kind]["spec"]["versions"][0]["additionalPrinterColumns"]]  # noqa: E731
-    assert paths("TokenBudget")[:5] == [".status.spent", ".status.limit", ".status.unit", ".status.percent", ".status.periodEnd"]
-    assert [".status.hits", ".status.savedUSD"] == [p for p in paths("CachePolicy") if p.startswith(".status.") and "conditions" not in p]
+    assert paths("TokenBudget")[:5] == [
+        ".status.spent",
+        ".status.limit",
+        ".status.unit",
+        ".status.percent",
+        ".status.periodEnd",
+    ]
+    assert [".status.hits", ".status.savedUSD"] == [
+        p for p in paths("CachePolicy") if p.startswith(".status.") and "conditions" not in p
+    ]
     assert cols("ModelRoute")[:3] == ["Model Name", "First Backend", "Ready"]
     assert cols("ModelBackend")[:3] == ["Provider", "Model", "Ready"]
-    assert [CRDS[k]["spec"]["names"]["shortNames"] for k in ("ModelBackend", "ModelRoute", "TokenBudget", "CachePolicy")] == [["mb"], ["mr"], ["tb"], ["cp"]]
+    assert [
+        CRDS[k]["spec"]["names"]["shortNames"] for k in ("ModelBackend", "ModelRoute", "TokenBudget", "CachePolicy")
+    ] == [["mb"], ["mr"], ["tb"], ["cp"]]
     status = schema_of("TokenBudget")["properties"]["status"]["properties"]
     assert {"spent", "remaining", "percent", "periodStart", "periodEnd", "tenantsOverBudget", "meters"} <= set(status)
 
@@ -267,13 +286,23 @@ BACKEND = {
     "apiVersion": "kubetoll.dev/v1alpha1",
     "kind": "ModelBackend",
     "metadata": {"name": "b"},
-    "spec": {"provider": "openai", "model": "gpt-4o", "endpoint": "https://api.openai.com/v1", "credentials": {"secretRef": {"name": "s", "key": "k"}}},
+    "spec": {
+        "provider": "openai",
+        "model": "gpt-4o",
+        "endpoint": "https://api.openai.com/v1",
+        "credentials": {"secretRef": {"name": "s", "key": "k"}},
+    },
 }
 VLLM = {
     "apiVersion": "kubetoll.dev/v1alpha1",
     "kind": "ModelBackend",
     "metadata": {"name": "v"},
-    "spec": {"provider": "openai-compatible", "model": "m", "serviceRef": {"name": "vllm", "port": 8000}, "pricing": {"gpuHourlyUSD": 1, "tokensPerSecond": 100}},
+    "spec": {
+        "provider": "openai-compatible",
+        "model": "m",
+        "serviceRef": {"name": "vllm", "port": 8000},
+        "pricing": {"gpuHourlyUSD": 1, "tokensPerSecond": 100},
+    },
 }
 ROUTE = {
     "apiVersion": "kubetoll.dev/v1alpha1",
@@ -332,18 +361,34 @@ BAD = [
     ("cached-price-alone", _with(BACKEND, "spec.pricing", {"cachedInputPerMTok": 1}), "cachedInputPerMTok"),
     ("negative-price", _with(BACKEND, "spec.pricing", {"inputPerMTok": -1, "outputPerMTok": 1}), "inputPerMTok"),
     ("gpu-without-throughput", _with(VLLM, "spec.pricing", {"gpuHourlyUSD": 2}), "tokensPerSecond"),
-    ("token-and-gpu-pricing", _with(VLLM, "spec.pricing", {"gpuHourlyUSD": 2, "tokensPerSecond": 10, "inputPerMTok": 1, "outputPerMTok": 1}), "gpuHourlyUSD"),
+    (
+        "token-and-gpu-pricing",
+        _with(VLLM, "spec.pricing", {"gpuHourlyUSD": 2, "tokensPerSecond": 10, "inputPerMTok": 1, "outputPerMTok": 1}),
+        "gpuHourlyUSD",
+    ),
     ("zero-throughput", _with(VLLM, "spec.pricing.tokensPerSecond", 0), "tokensPerSecond"),
-    ("output-over-context", _with(BACKEND, "spec.limits", {"contextWindow": 1000, "maxOutputTokens": 2000}), "maxOutputTokens"),
+    (
+        "output-over-context",
+        _with(BACKEND, "spec.limits", {"contextWindow": 1000, "maxOutputTokens": 2000}),
+        "maxOutputTokens",
+    ),
     ("negative-timeout", _with(BACKEND, "spec.timeouts", {"connect": -1}), "connect"),
     ("breaker-zero", _with(BACKEND, "spec.circuitBreaker", {"failureThreshold": 0}), "failureThreshold"),
     ("credential-header", _with(BACKEND, "spec.headers", {"Authorization": "Bearer x"}), "headers"),
     ("backend-name-too-long", _with(BACKEND, "metadata.name", "b" * 64), "metadata.name"),
     ("no-rules", _with(ROUTE, "spec.rules", []), "rules"),
     ("rule-without-backends", _with(ROUTE, "spec.rules", [{"backends": []}]), "backends"),
-    ("min-over-max-prompt", _with(ROUTE, "spec.rules.0.match", {"minPromptTokens": 10, "maxPromptTokens": 5}), "minPromptTokens"),
+    (
+        "min-over-max-prompt",
+        _with(ROUTE, "spec.rules.0.match", {"minPromptTokens": 10, "maxPromptTokens": 5}),
+        "minPromptTokens",
+    ),
     ("negative-prompt-tokens", _with(ROUTE, "spec.rules.0.match", {"minPromptTokens": -1}), "minPromptTokens"),
-    ("header-value-and-regex", _with(ROUTE, "spec.rules.0.match", {"header": {"name": "x", "value": "a", "regex": "a"}}), "regex"),
+    (
+        "header-value-and-regex",
+        _with(ROUTE, "spec.rules.0.match", {"header": {"name": "x", "value": "a", "regex": "a"}}),
+        "regex",
+    ),
     ("unknown-fallback", _with(ROUTE, "spec.fallbackOn", ["always"]), "fallbackOn"),
     ("downgrade-zero", _with(ROUTE, "spec.downgrade", {"atPercent": 0, "backends": ["b"]}), "atPercent"),
     ("downgrade-over-100", _with(ROUTE, "spec.downgrade", {"atPercent": 150, "backends": ["b"]}), "atPercent"),
@@ -390,12 +435,14 @@ def test_every_cel_rule_was_seen_passing_and_failing() -> None:
         api_server_errors(obj)
     rules = set()
     for kind in KINDS:
+
         def walk(node: dict[str, Any]) -> None:
             rules.update(v["rule"] for v in node.get("x-kubernetes-validations", []))
             for sub in node.get("properties", {}).values():
                 walk(sub)
             if "items" in node:
                 walk(node["items"])
+
         walk(schema_of(kind))
     # "tier limits must be positive" duplicates the schema minimum, so the schema
     # rejects first and the rule is only seen passing; check it fails on its own.
@@ -406,7 +453,10 @@ def test_every_cel_rule_was_seen_passing_and_failing() -> None:
     route_rule = next(r for r in rules if "modelName" in r and "metadata" in r)
     route_schema = schema_of("ModelRoute")
     assert eval_rule(route_rule, {"metadata": {"name": "r" * 200}, "spec": {"rules": []}}, route_schema) is False
-    assert eval_rule(route_rule, {"metadata": {"name": "r" * 200}, "spec": {"modelName": "x", "rules": []}}, route_schema) is True
+    assert (
+        eval_rule(route_rule, {"metadata": {"name": "r" * 200}, "spec": {"modelName": "x", "rules": []}}, route_schema)
+        is True
+    )
     missing = {r: EVALUATED_RULES.get(r, set()) for r in rules if EVALUATED_RULES.get(r, set()) != {True, False}}
     assert missing == {}, "CEL rules not exercised both ways"
 

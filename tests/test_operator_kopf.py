@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from support.kopf_env import NS, PLURALS, Kubectl, condition, eventually
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +43,13 @@ async def test_operator_compiles_updates_and_cleans_up(kubectl: Kubectl, start_o
         assert cm["metadata"]["annotations"]["kubetoll.dev/config-hash"] == hashlib.sha256(text.encode()).hexdigest()
         assert cm["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kubetoll-operator"
         config = json.loads(text)
-        assert {b["name"] for b in config["backends"]} == {"gpt-4o", "gpt-4o-mini", "claude-sonnet", "llama-vllm", "embeddings"}
+        assert {b["name"] for b in config["backends"]} == {
+            "gpt-4o",
+            "gpt-4o-mini",
+            "claude-sonnet",
+            "llama-vllm",
+            "embeddings",
+        }
         assert [r["name"] for r in config["routes"]] == ["chat"] and config["namespace"] == NS
         return config
 
@@ -51,9 +58,14 @@ async def test_operator_compiles_updates_and_cleans_up(kubectl: Kubectl, start_o
 
     async def credentials_written() -> dict[str, Any]:
         secret = await kubectl.get("Secret", "kubetoll-credentials")
-        assert secret is not None and secret["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kubetoll-operator"
+        assert (
+            secret is not None and secret["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kubetoll-operator"
+        )
         data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
-        assert data == {"openai-credentials_api-key": "sk-REPLACE-ME", "anthropic-credentials_api-key": "sk-ant-REPLACE-ME"}
+        assert data == {
+            "openai-credentials_api-key": "sk-REPLACE-ME",
+            "anthropic-credentials_api-key": "sk-ant-REPLACE-ME",
+        }
         return secret
 
     await eventually(credentials_written)
@@ -86,7 +98,10 @@ async def test_operator_compiles_updates_and_cleans_up(kubectl: Kubectl, start_o
         cm = await kubectl.get("ConfigMap", "kubetoll-router")
         config = json.loads(cm["data"]["router.json"])
         assert {b["name"]: b for b in config["backends"]}["gpt-4o-mini"]["maxConnections"] == 9
-        assert cm["metadata"]["annotations"]["kubetoll.dev/config-hash"] != cm_before["metadata"]["annotations"]["kubetoll.dev/config-hash"]
+        assert (
+            cm["metadata"]["annotations"]["kubetoll.dev/config-hash"]
+            != cm_before["metadata"]["annotations"]["kubetoll.dev/config-hash"]
+        )
 
     await eventually(config_updated)
 
@@ -103,17 +118,28 @@ async def test_operator_compiles_updates_and_cleans_up(kubectl: Kubectl, start_o
     assert cm_after["data"] == cm_before["data"]
 
     # A broken reference: the route keeps working without it, says so, and an Event is posted.
-    await kubectl.patch("ModelRoute", "chat", {"spec": {"rules": [{"name": "default", "backends": ["no-such-backend", "gpt-4o-mini"]}]}})
+    await kubectl.patch(
+        "ModelRoute", "chat", {"spec": {"rules": [{"name": "default", "backends": ["no-such-backend", "gpt-4o-mini"]}]}}
+    )
 
     async def reference_reported() -> None:
         r = await kubectl.get("ModelRoute", "chat")
         refs = condition(r, "ResolvedRefs")
-        assert refs["status"] == "False" and refs["reason"] == "BackendNotFound" and "spec.rules[0].backends[0]" in refs["message"]
+        assert (
+            refs["status"] == "False"
+            and refs["reason"] == "BackendNotFound"
+            and "spec.rules[0].backends[0]" in refs["message"]
+        )
         assert condition(r, "Ready")["status"] == "True"
         events = [e for e in await kubectl.list("Event") if e["involvedObject"]["name"] == "chat"]
-        assert any(e["reason"] == "BackendNotFound" and e["type"] == "Warning" and "no-such-backend" in e["message"] for e in events)
+        assert any(
+            e["reason"] == "BackendNotFound" and e["type"] == "Warning" and "no-such-backend" in e["message"]
+            for e in events
+        )
         config = json.loads((await kubectl.get("ConfigMap", "kubetoll-router"))["data"]["router.json"])
-        assert config["routes"][0]["rules"] == [{"name": "default", "match": {"keywords": [], "tenants": [], "tiers": []}, "backends": ["gpt-4o-mini"]}]
+        assert config["routes"][0]["rules"] == [
+            {"name": "default", "match": {"keywords": [], "tenants": [], "tiers": []}, "backends": ["gpt-4o-mini"]}
+        ]
 
     await eventually(reference_reported)
 
@@ -143,18 +169,35 @@ async def test_operator_compiles_updates_and_cleans_up(kubectl: Kubectl, start_o
     await eventually(cleaned_up)
 
 
-async def test_namespaces_are_compiled_apart_and_stale_config_is_removed_at_start(kubectl: Kubectl, start_operator: Any) -> None:
+async def test_namespaces_are_compiled_apart_and_stale_config_is_removed_at_start(
+    kubectl: Kubectl, start_operator: Any
+) -> None:
     # Left behind by an earlier operator: managed config in a namespace with no resources.
-    stale = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "kubetoll-router", "labels": {"app.kubernetes.io/managed-by": "kubetoll-operator"}}, "data": {"router.json": "{}"}}
+    stale = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "kubetoll-router", "labels": {"app.kubernetes.io/managed-by": "kubetoll-operator"}},
+        "data": {"router.json": "{}"},
+    }
     await kubectl.apply(stale, namespace="old")
     # Created before the operator starts: picked up from the initial listing.
     backend = {
         "apiVersion": "kubetoll.dev/v1alpha1",
         "kind": "ModelBackend",
         "metadata": {"name": "local"},
-        "spec": {"provider": "openai-compatible", "model": "m", "serviceRef": {"name": "llm", "port": 80}, "pricing": {"gpuHourlyUSD": 1, "tokensPerSecond": 100}},
+        "spec": {
+            "provider": "openai-compatible",
+            "model": "m",
+            "serviceRef": {"name": "llm", "port": 80},
+            "pricing": {"gpuHourlyUSD": 1, "tokensPerSecond": 100},
+        },
     }
-    route = {"apiVersion": "kubetoll.dev/v1alpha1", "kind": "ModelRoute", "metadata": {"name": "chat"}, "spec": {"rules": [{"backends": ["local"]}]}}
+    route = {
+        "apiVersion": "kubetoll.dev/v1alpha1",
+        "kind": "ModelRoute",
+        "metadata": {"name": "chat"},
+        "spec": {"rules": [{"backends": ["local"]}]},
+    }
     await kubectl.apply(backend, namespace="ns-1")
     await kubectl.apply(route, namespace="ns-1")
     await kubectl.apply(backend, namespace="ns-2")
@@ -166,7 +209,9 @@ async def test_namespaces_are_compiled_apart_and_stale_config_is_removed_at_star
     async def compiled() -> None:
         assert await kubectl.get("ConfigMap", "kubetoll-router", namespace="old") is None
         one = json.loads((await kubectl.get("ConfigMap", "kubetoll-router", namespace="ns-1"))["data"]["router.json"])
-        assert one["namespace"] == "ns-1" and one["backends"][0]["endpoint"] == "http://llm.ns-1.svc.cluster.local:80/v1"
+        assert (
+            one["namespace"] == "ns-1" and one["backends"][0]["endpoint"] == "http://llm.ns-1.svc.cluster.local:80/v1"
+        )
         assert [r["name"] for r in one["routes"]] == ["chat"]
         two = json.loads((await kubectl.get("ConfigMap", "kubetoll-router", namespace="ns-2"))["data"]["router.json"])
         assert two["routes"] == []  # the broken route is left out of ns-2 only
@@ -198,7 +243,12 @@ async def test_managed_configmap_is_restored_after_manual_deletion(kubectl: Kube
         "apiVersion": "kubetoll.dev/v1alpha1",
         "kind": "ModelBackend",
         "metadata": {"name": "local"},
-        "spec": {"provider": "openai-compatible", "model": "m", "endpoint": "http://llm:8000/v1", "pricing": {"inputPerMTok": 0, "outputPerMTok": 0}},
+        "spec": {
+            "provider": "openai-compatible",
+            "model": "m",
+            "endpoint": "http://llm:8000/v1",
+            "pricing": {"inputPerMTok": 0, "outputPerMTok": 0},
+        },
     }
     await kubectl.apply(backend)
 

@@ -11,14 +11,17 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoPermissionError, ResponseError
 
-from kubetoll_sidecar.budgets.redis_connect import FileCredentialProvider, connect_redis
-from kubetoll_sidecar.cache import keys as cache_keys
-from kubetoll_sidecar.budgets.redis_keys import RedisKeys
-from kubetoll_sidecar.budgets.redis_store import RedisBudgetStore, set_suspended
+from kubetoll_core.enums import OnExhausted
+from kubetoll_core.kill_switch import set_suspended
+from kubetoll_core.ledger_stream import period_totals, read_ledger
+from kubetoll_core.redis_connect import FileCredentialProvider, connect_redis
+from kubetoll_core.redis_keys import RedisKeys
+from kubetoll_core.router_config import BudgetStoreSettings
+from kubetoll_core.spend_record import SpendRecord
+from kubetoll_sidecar.budgets.redis_store import RedisBudgetStore
 from kubetoll_sidecar.budgets.store import Exhausted, Hold, Meter, StoreUnavailable
-from kubetoll_sidecar.config import BudgetStoreSettings, OnExhausted
-from kubetoll_sidecar.ledger import SpendRecord
-from kubetoll_sidecar.ledger_redis import RedisLedger, period_totals, read_ledger
+from kubetoll_sidecar.cache import keys as cache_keys
+from kubetoll_sidecar.ledger_redis import RedisLedger
 from support.redis_server import ClusterRedis, RedisProcess, SentinelRedis, TlsRedis
 
 # These tests are not about timeouts: a generous one keeps a loaded machine from looking like
@@ -29,13 +32,33 @@ END = time.time() + 20 * 86400
 
 
 def meter(budget: str = "b", limit: float = 10.0, key: str = "cap:usd:2026-11", fail_open: bool = True) -> Meter:
-    return Meter(key=f"{budget}:{key}", kind="window", unit="usd", limit=limit, budget=budget, level="cap",
-                 label=budget, on_exhausted=OnExhausted.reject, period_end=END, fail_open=fail_open)
+    return Meter(
+        key=f"{budget}:{key}",
+        kind="window",
+        unit="usd",
+        limit=limit,
+        budget=budget,
+        level="cap",
+        label=budget,
+        on_exhausted=OnExhausted.reject,
+        period_end=END,
+        fail_open=fail_open,
+    )
 
 
 def rec(ns: str, cost: float) -> SpendRecord:
-    return SpendRecord(time=time.time(), namespace=ns, route="r", backend="x", tenant="t", tier="free",
-                       prompt_tokens=1, completion_tokens=1, cached_tokens=0, cost_usd=cost)
+    return SpendRecord(
+        time=time.time(),
+        namespace=ns,
+        route="r",
+        backend="x",
+        tenant="t",
+        tier="free",
+        prompt_tokens=1,
+        completion_tokens=1,
+        cached_tokens=0,
+        cost_usd=cost,
+    )
 
 
 async def round_trip(settings: BudgetStoreSettings, ns: str, creds: str = "/nonexistent") -> RedisBudgetStore:
@@ -64,7 +87,9 @@ async def check_totals(client, ns: str) -> None:
 async def test_namespaces_never_share_budget_state(redis_url):
     ns_a, ns_b = f"a{uuid.uuid4().hex[:8]}", f"b{uuid.uuid4().hex[:8]}"
     a = RedisBudgetStore(BudgetStoreSettings(url=redis_url, timeout_ms=SLOW_OK_MS), ns_a, "/x", sidecar_id="a")
-    b = RedisBudgetStore(BudgetStoreSettings(url=redis_url, timeout_ms=SLOW_OK_MS), ns_b, "/x", sidecar_id="a")  # same sidecar id on purpose
+    b = RedisBudgetStore(
+        BudgetStoreSettings(url=redis_url, timeout_ms=SLOW_OK_MS), ns_b, "/x", sidecar_id="a"
+    )  # same sidecar id on purpose
     await a.start()
     await b.start()
     m = meter()
@@ -93,7 +118,7 @@ async def test_namespaces_never_share_budget_state(redis_url):
 
 def test_keys_are_built_only_from_validated_names():
     k = RedisKeys("team-a")
-    assert k.meter(meter("support")).state == "kt:{team-a:support}:m:cap:usd:2026-11"
+    assert k.meter("support", meter("support").key).state == "kt:{team-a:support}:m:cap:usd:2026-11"
     assert k.suspended("support") == "kt:{team-a:support}:suspended"
     assert k.ledger() == "kt:{team-a}:ledger"
     for bad in ("Team", "a:b", "a}b", "a{b", "", "a*"):
@@ -102,10 +127,7 @@ def test_keys_are_built_only_from_validated_names():
         with pytest.raises(ValueError):
             k.suspended(bad)
     with pytest.raises(ValueError):  # a meter whose key does not belong to its budget
-        k.meter(Meter(key="other:cap:usd:2026-11", kind="window", unit="usd", limit=1, budget="support", level="cap",
-                      label="x", on_exhausted=OnExhausted.reject))
-    with pytest.raises(ValueError):
-        k.epoch("{other}")
+        k.meter("support", "other:cap:usd:2026-11")
 
 
 # ---------------------------------------------------------------------- credentials and ACL
@@ -127,12 +149,48 @@ def test_credentials_come_from_files_under_the_credentials_dir(tmp_path):
 def acl_line(ns: str, password: str) -> list[str]:
     """The ACL from docs/redis-layout.md, as ACL SETUSER arguments."""
     return [
-        f"kubetoll-{ns}", "reset", "on", f">{password}",
-        f"~kt:{{{ns}}}:*", f"~kt:{{{ns}:*", f"~kt:cache:{{{ns}}}:*", f"&kt:{{{ns}}}:*",
-        "+@connection", "-@dangerous", "+evalsha", "+eval", "+script|load", "+time",
-        "+hget", "+hmget", "+hset", "+hdel", "+hgetall", "+get", "+set", "+del", "+exists", "+mget",
-        "+expire", "+pexpire", "+pexpireat", "+zadd", "+zrem", "+zrange", "+zrangebyscore", "+zremrangebyscore",
-        "+zcard", "+zscore", "+xadd", "+xrange", "+xread", "+sadd", "+smembers", "+subscribe", "+unsubscribe", "+publish",
+        f"kubetoll-{ns}",
+        "reset",
+        "on",
+        f">{password}",
+        f"~kt:{{{ns}}}:*",
+        f"~kt:{{{ns}:*",
+        f"~kt:cache:{{{ns}}}:*",
+        f"&kt:{{{ns}}}:*",
+        "+@connection",
+        "-@dangerous",
+        "+evalsha",
+        "+eval",
+        "+script|load",
+        "+time",
+        "+hget",
+        "+hmget",
+        "+hset",
+        "+hdel",
+        "+hgetall",
+        "+get",
+        "+set",
+        "+del",
+        "+exists",
+        "+mget",
+        "+expire",
+        "+pexpire",
+        "+pexpireat",
+        "+zadd",
+        "+zrem",
+        "+zrange",
+        "+zrangebyscore",
+        "+zremrangebyscore",
+        "+zcard",
+        "+zscore",
+        "+xadd",
+        "+xrange",
+        "+xread",
+        "+sadd",
+        "+smembers",
+        "+subscribe",
+        "+unsubscribe",
+        "+publish",
     ]
 
 
@@ -143,7 +201,12 @@ async def test_acl_user_confined_to_its_namespace(tmp_path):
         await admin.execute_command("ACL", "SETUSER", *acl_line("team-a", "pw-a"))
         (tmp_path / "user").write_text("kubetoll-team-a\n")
         (tmp_path / "password").write_text("pw-a\n")
-        settings = BudgetStoreSettings(url=f"redis://127.0.0.1:{proc.port}/0", username_file="user", password_file="password", timeout_ms=SLOW_OK_MS)
+        settings = BudgetStoreSettings(
+            url=f"redis://127.0.0.1:{proc.port}/0",
+            username_file="user",
+            password_file="password",
+            timeout_ms=SLOW_OK_MS,
+        )
         await round_trip(settings, "team-a", str(tmp_path))
         await check_totals(admin, "team-a")
         # suspension and its message go through for its own namespace

@@ -13,12 +13,14 @@ import time
 import pytest
 from redis.asyncio import Redis
 
-from kubetoll_sidecar.budgets.redis_keys import RedisKeys
+from kubetoll_core.enums import OnExhausted
+from kubetoll_core.ledger_stream import period_totals, read_ledger
+from kubetoll_core.redis_keys import RedisKeys
+from kubetoll_core.router_config import BudgetStoreSettings
+from kubetoll_core.spend_record import SpendRecord
 from kubetoll_sidecar.budgets.redis_store import RedisBudgetStore
 from kubetoll_sidecar.budgets.store import Exhausted, Hold, Meter, StoreUnavailable
-from kubetoll_sidecar.config import BudgetStoreSettings, OnExhausted
-from kubetoll_sidecar.ledger import SpendRecord
-from kubetoll_sidecar.ledger_redis import RedisLedger, period_totals, read_ledger
+from kubetoll_sidecar.ledger_redis import RedisLedger
 from support.redis_server import PersistentRedis, RedisProcess
 
 TIMEOUT_MS = 50
@@ -27,8 +29,18 @@ END = time.time() + 20 * 86400
 
 
 def window(limit: float, key: str, fail_open: bool) -> Meter:
-    return Meter(key=key, kind="window", unit="usd", limit=limit, budget=key.split(":", 1)[0], level="cap", label=key,
-                 on_exhausted=OnExhausted.reject, period_end=END, fail_open=fail_open)
+    return Meter(
+        key=key,
+        kind="window",
+        unit="usd",
+        limit=limit,
+        budget=key.split(":", 1)[0],
+        level="cap",
+        label=key,
+        on_exhausted=OnExhausted.reject,
+        period_end=END,
+        fail_open=fail_open,
+    )
 
 
 OPEN = window(100.0, "open:cap:usd:2026-11", fail_open=True)
@@ -46,19 +58,32 @@ def redis_proc():
 
 def make(url: str, ns: str, sid: str = "a", **kw) -> RedisBudgetStore:
     kw.setdefault("io_timeout", 0.3)
-    return RedisBudgetStore(BudgetStoreSettings(url=url, timeout_ms=TIMEOUT_MS), ns, "/nonexistent", sidecar_id=sid, **kw)
+    return RedisBudgetStore(
+        BudgetStoreSettings(url=url, timeout_ms=TIMEOUT_MS), ns, "/nonexistent", sidecar_id=sid, **kw
+    )
 
 
 def record(ns: str, cost: float, i: int) -> SpendRecord:
-    return SpendRecord(time=time.time(), namespace=ns, route="r", backend="x", tenant="t", tier="free",
-                       prompt_tokens=1, completion_tokens=1, cached_tokens=0, cost_usd=cost, request_id=str(i))
+    return SpendRecord(
+        time=time.time(),
+        namespace=ns,
+        route="r",
+        backend="x",
+        tenant="t",
+        tier="free",
+        prompt_tokens=1,
+        completion_tokens=1,
+        cached_tokens=0,
+        cost_usd=cost,
+        request_id=str(i),
+    )
 
 
 async def timed(coro):
     t0 = time.monotonic()
     try:
         return await coro, time.monotonic() - t0
-    except Exception as exc:  # noqa: BLE001 - the caller inspects it
+    except Exception as exc:
         return exc, time.monotonic() - t0
 
 
@@ -106,8 +131,15 @@ async def exercise_outage(store: RedisBudgetStore, ledger: RedisLedger, ns: str)
         res, dt = await timed(store.reserve([Hold(CLOSED, 40.0)], time.time()))
         durations.append(dt)
         closed_errors.append(res)
-    return dict(lease_free=lease_free, allowance=allowance, admitted_units=admitted_units, settled=settled,
-                durations=durations, unavailable_open=unavailable_open, closed_errors=closed_errors)
+    return dict(
+        lease_free=lease_free,
+        allowance=allowance,
+        admitted_units=admitted_units,
+        settled=settled,
+        durations=durations,
+        unavailable_open=unavailable_open,
+        closed_errors=closed_errors,
+    )
 
 
 def check_outage(out: dict) -> None:
@@ -224,12 +256,12 @@ async def test_redis_restarted_empty_counts_lost_history_and_reregisters_leases(
     assert len(lost_lines) == 1
     r = Redis.from_url(redis_proc.url, decode_responses=True)
     try:
-        h = await r.hgetall(RedisKeys(ns).meter(OPEN).state)
+        h = await r.hgetall(RedisKeys(ns).meter(OPEN.budget, OPEN.key).state)
         # the reservation still in flight is leased again in the new Redis
         assert int(h["L:a"]) >= 3_000_000_000
         await store.settle(in_flight, {OPEN.key: 2.0}, time.time())
         await store.close()
-        h = await r.hgetall(RedisKeys(ns).meter(OPEN).state)
+        h = await r.hgetall(RedisKeys(ns).meter(OPEN.budget, OPEN.key).state)
         assert int(h["leased"]) == 0
         assert int(h["spent"]) >= 2_000_000_000
     finally:

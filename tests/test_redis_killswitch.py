@@ -7,10 +7,12 @@ import time
 
 import pytest
 
-from kubetoll_sidecar.budgets.redis_keys import RedisKeys
-from kubetoll_sidecar.budgets.redis_store import RedisBudgetStore, get_suspended, set_suspended
+from kubetoll_core.enums import OnExhausted
+from kubetoll_core.kill_switch import get_suspended, set_suspended
+from kubetoll_core.redis_keys import RedisKeys
+from kubetoll_core.router_config import BudgetStoreSettings
+from kubetoll_sidecar.budgets.redis_store import RedisBudgetStore
 from kubetoll_sidecar.budgets.store import Hold, Meter, Suspended
-from kubetoll_sidecar.config import BudgetStoreSettings, OnExhausted
 
 # These tests are not about timeouts: a generous one keeps a loaded machine from looking like
 # a Redis outage (tests/test_redis_faults.py uses the 50 ms default on purpose).
@@ -20,8 +22,17 @@ END = time.time() + 20 * 86400
 
 
 def meter(budget: str = "b") -> Meter:
-    return Meter(key=f"{budget}:cap:usd:2026-11", kind="window", unit="usd", limit=100.0, budget=budget, level="cap",
-                 label=budget, on_exhausted=OnExhausted.reject, period_end=END)
+    return Meter(
+        key=f"{budget}:cap:usd:2026-11",
+        kind="window",
+        unit="usd",
+        limit=100.0,
+        budget=budget,
+        level="cap",
+        label=budget,
+        on_exhausted=OnExhausted.reject,
+        period_end=END,
+    )
 
 
 async def until(pred, limit: float = 2.0) -> float:
@@ -41,8 +52,12 @@ async def use(store: RedisBudgetStore, m: Meter) -> None:
 @pytest.mark.parametrize("pubsub", [True, False], ids=["pubsub", "poll-only"])
 async def test_suspend_and_lift_seen_by_another_sidecar_within_2s(redis_url, ns, r, pubsub):
     m = meter()
-    a = RedisBudgetStore(BudgetStoreSettings(url=redis_url, timeout_ms=SLOW_OK_MS), ns, "/x", sidecar_id="a", pubsub=pubsub)
-    b = RedisBudgetStore(BudgetStoreSettings(url=redis_url, timeout_ms=SLOW_OK_MS), ns, "/x", sidecar_id="b", pubsub=pubsub)
+    a = RedisBudgetStore(
+        BudgetStoreSettings(url=redis_url, timeout_ms=SLOW_OK_MS), ns, "/x", sidecar_id="a", pubsub=pubsub
+    )
+    b = RedisBudgetStore(
+        BudgetStoreSettings(url=redis_url, timeout_ms=SLOW_OK_MS), ns, "/x", sidecar_id="b", pubsub=pubsub
+    )
     await a.start()
     await b.start()
     await use(a, m)
@@ -56,7 +71,7 @@ async def test_suspend_and_lift_seen_by_another_sidecar_within_2s(redis_url, ns,
     with pytest.raises(Suspended):
         await b.reserve([Hold(m, 1.0)], time.time())
     # outstanding leases go back to the pool
-    key = RedisKeys(ns).meter(m).state
+    key = RedisKeys(ns).meter(m.budget, m.key).state
 
     async def leased() -> int:
         return int((await r.hgetall(key)).get("leased", 0))
@@ -87,7 +102,9 @@ async def test_flag_set_by_hand_is_caught_by_the_poll(redis_url, ns, r):
 
 async def test_budget_suspended_before_the_sidecar_ever_saw_it(redis_url, ns, r):
     await set_suspended(r, ns, "fresh", True)
-    a = RedisBudgetStore(BudgetStoreSettings(url=redis_url, timeout_ms=SLOW_OK_MS), ns, "/x", sidecar_id="a", pubsub=False)
+    a = RedisBudgetStore(
+        BudgetStoreSettings(url=redis_url, timeout_ms=SLOW_OK_MS), ns, "/x", sidecar_id="a", pubsub=False
+    )
     await a.start()
     with pytest.raises(Suspended):
         await a.reserve([Hold(meter("fresh"), 1.0)], time.time())  # the lease script says so
@@ -99,7 +116,9 @@ async def test_budget_suspended_before_the_sidecar_ever_saw_it(redis_url, ns, r)
 
 async def test_watched_budget_is_known_suspended_before_any_request(redis_url, ns, r):
     await set_suspended(r, ns, "w", True)
-    a = RedisBudgetStore(BudgetStoreSettings(url=redis_url, timeout_ms=SLOW_OK_MS), ns, "/x", sidecar_id="a", pubsub=False)
+    a = RedisBudgetStore(
+        BudgetStoreSettings(url=redis_url, timeout_ms=SLOW_OK_MS), ns, "/x", sidecar_id="a", pubsub=False
+    )
     a.watch_budgets(["w"])
     await a.start()
     await until(lambda: a.is_suspended("w"))

@@ -13,12 +13,14 @@ import time
 
 import pytest
 
-from kubetoll_sidecar.budgets.redis_keys import RedisKeys
+from kubetoll_core.enums import OnExhausted
+from kubetoll_core.ledger_stream import period_totals, read_ledger
+from kubetoll_core.redis_keys import RedisKeys
+from kubetoll_core.router_config import BudgetStoreSettings
+from kubetoll_core.spend_record import SpendRecord
 from kubetoll_sidecar.budgets.redis_store import RedisBudgetStore
 from kubetoll_sidecar.budgets.store import Exhausted, Hold, Meter
-from kubetoll_sidecar.config import BudgetStoreSettings, OnExhausted
-from kubetoll_sidecar.ledger import SpendRecord
-from kubetoll_sidecar.ledger_redis import RedisLedger, period_totals, read_ledger
+from kubetoll_sidecar.ledger_redis import RedisLedger
 
 # These tests are not about timeouts: a generous one keeps a loaded machine from looking like
 # a Redis outage (tests/test_redis_faults.py uses the 50 ms default on purpose).
@@ -30,22 +32,47 @@ DAY_END = NOW + 6 * 3600
 MONTH_END = NOW + 20 * 86400
 
 
-def window(limit: float, key: str = "b:cap:usd:2026-11", end: float = MONTH_END, fail_open: bool = True, unit: str = "usd") -> Meter:
+def window(
+    limit: float, key: str = "b:cap:usd:2026-11", end: float = MONTH_END, fail_open: bool = True, unit: str = "usd"
+) -> Meter:
     budget = key.split(":", 1)[0]
-    return Meter(key=key, kind="window", unit=unit, limit=limit, budget=budget, level="cap", label=key,
-                 on_exhausted=OnExhausted.reject, period_end=end, fail_open=fail_open)
+    return Meter(
+        key=key,
+        kind="window",
+        unit=unit,
+        limit=limit,
+        budget=budget,
+        level="cap",
+        label=key,
+        on_exhausted=OnExhausted.reject,
+        period_end=end,
+        fail_open=fail_open,
+    )
 
 
 def tpm(limit: float, key: str = "b:tier:free:t:acme:tpm") -> Meter:
-    return Meter(key=key, kind="bucket", unit="tokens", limit=limit, budget="b", level="tier:free", label=key,
-                 on_exhausted=OnExhausted.reject, refill_per_second=limit / 60.0)
+    return Meter(
+        key=key,
+        kind="bucket",
+        unit="tokens",
+        limit=limit,
+        budget="b",
+        level="tier:free",
+        label=key,
+        on_exhausted=OnExhausted.reject,
+        refill_per_second=limit / 60.0,
+    )
 
 
 def make(url: str, ns: str, sid: str, **kw) -> RedisBudgetStore:
-    return RedisBudgetStore(BudgetStoreSettings(url=url, timeout_ms=SLOW_OK_MS), ns, "/nonexistent", sidecar_id=sid, **kw)
+    return RedisBudgetStore(
+        BudgetStoreSettings(url=url, timeout_ms=SLOW_OK_MS), ns, "/nonexistent", sidecar_id=sid, **kw
+    )
 
 
-async def spend_loop(store: RedisBudgetStore, holds: list[Hold], actual, stop_after_rejects: int = 30) -> tuple[int, int]:
+async def spend_loop(
+    store: RedisBudgetStore, holds: list[Hold], actual, stop_after_rejects: int = 30
+) -> tuple[int, int]:
     admitted = rejected = 0
     last_admit = time.monotonic()
     # Until refused for a while: a sliver another sidecar gives back may still fit.
@@ -126,7 +153,7 @@ async def test_lease_follows_own_rate_and_returns_when_idle(redis_url, ns, r):
     assert st.lease < 0.01 * st.limit
     await asyncio.sleep(2.5)  # idle for more than 2 x lease_seconds, plus a scan
     assert s._leases[m.key].lease == 0
-    h = await r.hgetall(RedisKeys(ns).meter(m).state)
+    h = await r.hgetall(RedisKeys(ns).meter(m.budget, m.key).state)
     assert int(h["leased"]) == 0
     await s.close()
 
@@ -153,7 +180,8 @@ CHILD = textwrap.dedent(
     sys.path[:0] = [{root!r} + "/sidecar"]
     from kubetoll_sidecar.budgets.redis_store import RedisBudgetStore
     from kubetoll_sidecar.budgets.store import Hold, Meter
-    from kubetoll_sidecar.config import BudgetStoreSettings, OnExhausted
+    from kubetoll_core.router_config import BudgetStoreSettings
+    from kubetoll_core.enums import OnExhausted
 
     async def main():
         m = Meter(key="b:cap:usd:2026-11", kind="window", unit="usd", limit=10.0, budget="b", level="cap",
@@ -179,7 +207,7 @@ async def test_killed_sidecar_loses_only_its_lease(redis_url, ns, r):
     try:
         line = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 20)
         assert line.startswith("ready"), line
-        keys = RedisKeys(ns).meter(m)
+        keys = RedisKeys(ns).meter(m.budget, m.key)
         h = await r.hgetall(keys.state)
         assert int(h["spent"]) == 750_000_000
         assert int(h["L:doomed"]) >= 2_000_000_000  # the reservation in flight is covered by its lease
@@ -192,10 +220,10 @@ async def test_killed_sidecar_loses_only_its_lease(redis_url, ns, r):
     s = make(redis_url, ns, "survivor")
     await s.start()
     await s.reserve([Hold(m, 9.25)], time.time())  # everything not spent is available again
-    h = await r.hgetall(RedisKeys(ns).meter(m).state)
+    h = await r.hgetall(RedisKeys(ns).meter(m.budget, m.key).state)
     assert "L:doomed" not in h
     assert int(h["spent"]) == 750_000_000
-    assert await r.zscore(RedisKeys(ns).meter(m).holders, "doomed") is None
+    assert await r.zscore(RedisKeys(ns).meter(m.budget, m.key).holders, "doomed") is None
     await s.close()
 
 
@@ -217,8 +245,21 @@ async def test_ledger_and_period_totals_agree_exactly(redis_url, ns, r):
         await asyncio.sleep(rnd.random() * 0.01)
         cost = rnd.uniform(0.0, 0.05)
         await s.settle(res, {cap.key: cost, day.key: cost, tier[t].key: cost}, time.time())
-        led.append(SpendRecord(time=time.time(), namespace=ns, route="chat", backend="gpt", tenant=t, tier="free",
-                               prompt_tokens=10, completion_tokens=5, cached_tokens=0, cost_usd=cost, request_id=str(i)))
+        led.append(
+            SpendRecord(
+                time=time.time(),
+                namespace=ns,
+                route="chat",
+                backend="gpt",
+                tenant=t,
+                tier="free",
+                prompt_tokens=10,
+                completion_tokens=5,
+                cached_tokens=0,
+                cost_usd=cost,
+                request_id=str(i),
+            )
+        )
 
     await asyncio.gather(*(request(i) for i in range(1500)))
     for s in stores:
@@ -233,7 +274,9 @@ async def test_ledger_and_period_totals_agree_exactly(redis_url, ns, r):
     assert totals["cap:usd:2026-11"].spent_units == ledger_total
     assert totals["cap:usd:2026-11-22"].spent_units == ledger_total
     for t in tenants:
-        assert totals[f"tier:free:t:{t}:usd:2026-11"].spent_units == sum(nusd(x.cost_usd) for x in records if x.tenant == t)
+        assert totals[f"tier:free:t:{t}:usd:2026-11"].spent_units == sum(
+            nusd(x.cost_usd) for x in records if x.tenant == t
+        )
     # the exact integers are in the stream too
     raw = await r.xrange(RedisKeys(ns).ledger(), count=1)
     assert int(raw[0][1]["cost_nusd"]) == nusd(float(raw[0][1]["cost_usd"]))
@@ -251,10 +294,10 @@ async def test_period_keys_expire_on_their_own(redis_url, ns, r):
     now_ms = time.time() * 1000
     for m, retention_days in ((day, 35), (month, 400)):
         expected = m.period_end * 1000 + retention_days * 86_400_000 - now_ms
-        for k in (keys.meter(m).state,):
+        for k in (keys.meter(m.budget, m.key).state,):
             assert await r.pttl(k) == pytest.approx(expected, abs=5000)
     # a bucket lives until it would be full again, plus a grace
-    assert 0 < await r.pttl(keys.meter(bucket).state) <= (60 / 10 + 2 * 10 + 60 + 5) * 1000
+    assert 0 < await r.pttl(keys.meter(bucket.budget, bucket.key).state) <= (60 / 10 + 2 * 10 + 60 + 5) * 1000
     assert await r.pttl(keys.meter_index("b")) > 400 * 86_400_000
     assert 0 < await r.pttl(keys.sidecar(keys.ns_tag, "a")) <= 7 * 86_400_000
     members = await r.zrange(keys.meter_index("b"), 0, -1)
@@ -266,10 +309,27 @@ async def test_ledger_trims_records_older_than_retention(redis_url, ns, r):
     old = int((time.time() - 3 * 86400) * 1000)
     for i in range(450):  # several stream nodes' worth, so approximate trimming can drop whole nodes
         await r.xadd(key, {"time": "0", "cost_usd": "0"}, id=f"{old}-{i + 1}")
-    s = RedisBudgetStore(BudgetStoreSettings(url=redis_url, ledger_retention_days=1, timeout_ms=SLOW_OK_MS), ns, "/nonexistent", sidecar_id="a")
+    s = RedisBudgetStore(
+        BudgetStoreSettings(url=redis_url, ledger_retention_days=1, timeout_ms=SLOW_OK_MS),
+        ns,
+        "/nonexistent",
+        sidecar_id="a",
+    )
     await s.start()
-    RedisLedger(s).append(SpendRecord(time=time.time(), namespace=ns, route="r", backend="x", tenant="t", tier="free",
-                                      prompt_tokens=1, completion_tokens=1, cached_tokens=0, cost_usd=0.001))
+    RedisLedger(s).append(
+        SpendRecord(
+            time=time.time(),
+            namespace=ns,
+            route="r",
+            backend="x",
+            tenant="t",
+            tier="free",
+            prompt_tokens=1,
+            completion_tokens=1,
+            cached_tokens=0,
+            cost_usd=0.001,
+        )
+    )
     await s.close()
     entries = await r.xrange(key)
     assert len(entries) < 451 - 100
@@ -286,8 +346,20 @@ async def test_redis_commands_per_request_stay_below_a_tenth(redis_url, ns):
     for i in range(n):
         res = await s.reserve([Hold(cap, 0.002), Hold(tenant_day, 0.002), Hold(tokens, 500.0)], time.time())
         await s.settle(res, {cap.key: 0.001, tenant_day.key: 0.001, tokens.key: 300.0}, time.time())
-        led.append(SpendRecord(time=time.time(), namespace=ns, route="r", backend="x", tenant="acme", tier="free",
-                               prompt_tokens=200, completion_tokens=100, cached_tokens=0, cost_usd=0.001))
+        led.append(
+            SpendRecord(
+                time=time.time(),
+                namespace=ns,
+                route="r",
+                backend="x",
+                tenant="acme",
+                tier="free",
+                prompt_tokens=200,
+                completion_tokens=100,
+                cached_tokens=0,
+                cost_usd=0.001,
+            )
+        )
         if i % 50 == 0:
             await asyncio.sleep(0.001)  # spread over time like real traffic, letting the flusher run
     per_request = (s.redis_calls - calls0) / n
@@ -313,4 +385,3 @@ async def test_thousands_of_tenant_meters_are_synced_in_bounded_calls(redis_url,
     assert len(totals) == 2500
     assert {t.spent_units for t in totals} == {50_000_000}
     assert {t.leased_units for t in totals} == {0}
-

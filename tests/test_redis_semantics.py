@@ -12,12 +12,13 @@ import uuid
 
 import pytest
 
+from kubetoll_core.enums import OnExhausted
+from kubetoll_core.ledger_stream import period_totals
+from kubetoll_core.router_config import BudgetStoreSettings
 from kubetoll_sidecar.budgets.admission import Rejected, reserve_with_policy
 from kubetoll_sidecar.budgets.memory import InMemoryBudgetStore
 from kubetoll_sidecar.budgets.redis_store import RedisBudgetStore
 from kubetoll_sidecar.budgets.store import Exhausted, Hold, Meter
-from kubetoll_sidecar.config import BudgetStoreSettings, OnExhausted
-from kubetoll_sidecar.ledger_redis import period_totals
 
 # These tests are not about timeouts: a generous one keeps a loaded machine from looking like
 # a Redis outage (tests/test_redis_faults.py uses the 50 ms default on purpose).
@@ -27,17 +28,33 @@ NOW = time.time()
 PERIOD_END = NOW + 3 * 86400
 
 
-def window(limit: float, name: str = "cap:usd:2026-11", budget: str = "b", on=OnExhausted.reject, unit: str = "usd") -> Meter:
+def window(
+    limit: float, name: str = "cap:usd:2026-11", budget: str = "b", on=OnExhausted.reject, unit: str = "usd"
+) -> Meter:
     return Meter(
-        key=f"{budget}:{name}", kind="window", unit=unit, limit=limit, budget=budget, level="cap",
-        label=f"{budget}/{name}", on_exhausted=on, period_end=PERIOD_END,
+        key=f"{budget}:{name}",
+        kind="window",
+        unit=unit,
+        limit=limit,
+        budget=budget,
+        level="cap",
+        label=f"{budget}/{name}",
+        on_exhausted=on,
+        period_end=PERIOD_END,
     )
 
 
 def bucket(limit: float, refill: float = 0.001, name: str = "tier:free:t:acme:tpm", budget: str = "b") -> Meter:
     return Meter(
-        key=f"{budget}:{name}", kind="bucket", unit="tokens", limit=limit, budget=budget, level="tier:free",
-        label=f"{budget}/{name}", on_exhausted=OnExhausted.reject, refill_per_second=refill,
+        key=f"{budget}:{name}",
+        kind="bucket",
+        unit="tokens",
+        limit=limit,
+        budget=budget,
+        level="tier:free",
+        label=f"{budget}/{name}",
+        on_exhausted=OnExhausted.reject,
+        refill_per_second=refill,
     )
 
 
@@ -46,7 +63,12 @@ async def store(request, redis_url):
     if request.param == "memory":
         yield InMemoryBudgetStore()
         return
-    s = RedisBudgetStore(BudgetStoreSettings(url=redis_url, timeout_ms=SLOW_OK_MS), f"t{uuid.uuid4().hex[:10]}", "/nonexistent", sidecar_id="sem")
+    s = RedisBudgetStore(
+        BudgetStoreSettings(url=redis_url, timeout_ms=SLOW_OK_MS),
+        f"t{uuid.uuid4().hex[:10]}",
+        "/nonexistent",
+        sidecar_id="sem",
+    )
     await s.start()
     yield s
     await s.close()

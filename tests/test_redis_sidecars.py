@@ -1,6 +1,6 @@
 """Ten sidecar processes on one Redis-backed USD budget, driven until every one refuses.
 
-Real parts end to end: `python -m kubetoll_sidecar.cli sidecar` OS processes, a
+Real parts end to end: `python -m kubetoll_tools.cli sidecar` OS processes, a
 private redis-server, one simulated OpenAI upstream (in this process) and
 concurrent HTTP clients. Every sidecar has the same namespace, the same
 `budgetStore.url` and one small `usdPerDay` cap on the one route, so they
@@ -46,9 +46,9 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
+from kubetoll_core.ledger_stream import period_totals, read_ledger
+from kubetoll_core.meters import scale_of, to_units
 from kubetoll_sidecar import tokens
-from kubetoll_sidecar.budgets.redis_keys import scale_of, to_units
-from kubetoll_sidecar.ledger_redis import period_totals, read_ledger
 from support.harness import base_config
 from support.redis_server import RedisProcess
 
@@ -167,7 +167,9 @@ def sidecar_config(sim_url: str, redis_url: str, zone: str, ports: set[int]) -> 
     return cfg
 
 
-async def wait_ready(session: aiohttp.ClientSession, procs: list[subprocess.Popen], cfgs: list[dict], logs: list[Path]) -> None:
+async def wait_ready(
+    session: aiohttp.ClientSession, procs: list[subprocess.Popen], cfgs: list[dict], logs: list[Path]
+) -> None:
     deadline = time.monotonic() + 90
     pending = set(range(len(cfgs)))
     while pending:
@@ -266,8 +268,20 @@ async def test_ten_sidecars_share_one_budget_to_its_end(sim, redis_server, tmp_p
             with log.open("wb") as err:
                 procs.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "kubetoll_sidecar.cli", "sidecar", "--config", str(path), "--log-level", "WARNING"],
-                        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                        [
+                            sys.executable,
+                            "-m",
+                            "kubetoll_tools.cli",
+                            "sidecar",
+                            "--config",
+                            str(path),
+                            "--log-level",
+                            "WARNING",
+                        ],
+                        cwd=ROOT,
+                        env=env,
+                        stdout=subprocess.DEVNULL,
+                        stderr=err,
                     )
                 )
             cfgs.append(cfg)
@@ -283,8 +297,8 @@ async def test_ten_sidecars_share_one_budget_to_its_end(sim, redis_server, tmp_p
         # (d) no request hung: every one answered within its client timeout.
         assert sum(t.timeouts for t in tallies) == 0, [t.timeouts for t in tallies]
         assert all(t.started == t.finished for t in tallies)
-        assert all_refusing, (
-            "not every sidecar came to refuse: " + ", ".join(f"#{i} ok={t.ok} 429={t.exhausted} streak={t.streak}" for i, t in enumerate(tallies))
+        assert all_refusing, "not every sidecar came to refuse: " + ", ".join(
+            f"#{i} ok={t.ok} 429={t.exhausted} streak={t.streak}" for i, t in enumerate(tallies)
         )
         assert all(t.exhausted > 0 for t in tallies)
 
@@ -332,7 +346,11 @@ async def test_ten_sidecars_share_one_budget_to_its_end(sim, redis_server, tmp_p
         )
         # The budget was really used up, not refused for some other reason: when every sidecar
         # refuses, what no one spent is less than one reservation per sidecar plus one in Redis.
-        assert limit_units - meter.spent_units < (N_SIDECARS + 1) * est_units, (meter.spent_units, limit_units, est_units)
+        assert limit_units - meter.spent_units < (N_SIDECARS + 1) * est_units, (
+            meter.spent_units,
+            limit_units,
+            est_units,
+        )
 
         print(
             f"\n{N_SIDECARS} sidecars: {sum(t.ok for t in tallies)} admitted, {sum(t.exhausted for t in tallies)} refused "

@@ -8,14 +8,15 @@ import csv
 import io
 import json
 from collections import defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import aiohttp
 import pytest
 
-from kubetoll_sidecar.ledger import SpendRecord
-from kubetoll_sidecar.tools import commands, report, spend
-from kubetoll_sidecar.tools.estimate import catalog_price
+from kubetoll_core.spend_record import SpendRecord
+from kubetoll_tools import report, spend
+from kubetoll_tools import tool_commands as commands
+from kubetoll_tools.estimate import catalog_price
 from support.harness import base_config
 
 
@@ -37,7 +38,10 @@ def _config(sim_url: str) -> dict:
     cfg = base_config(sim_url)
     cfg["backends"].append(cheap)
     cfg["routes"] = [
-        {"name": "chat", "rules": [{"match": {"tiers": ["premium"]}, "backends": ["primary"]}, {"backends": ["cheap"]}]},
+        {
+            "name": "chat",
+            "rules": [{"match": {"tiers": ["premium"]}, "backends": ["primary"]}, {"backends": ["cheap"]}],
+        },
         {"name": "summaries", "rules": [{"backends": ["primary"]}]},
     ]
     cfg["budgets"] = [{"name": "b", "tiers": {"free": {"usdPerDay": 100}, "premium": {"usdPerDay": 100}}}]
@@ -52,7 +56,13 @@ REQUESTS = [
     ("acme", "premium", "summaries", "Summarize: the parcel arrived late and damaged.", False),
     ("bob", "free", "chat", "How do I reset my password?", False),
     ("bob", "free", "chat", "How do I reset my password?", False),
-    ("carol", "free", "summaries", "Summarize: customer asks for a refund of shipping costs on a very long order history.", False),
+    (
+        "carol",
+        "free",
+        "summaries",
+        "Summarize: customer asks for a refund of shipping costs on a very long order history.",
+        False,
+    ),
     ("carol", "free", "chat", "Do you ship to Canada?", True),
 ]
 
@@ -85,7 +95,7 @@ async def test_report_totals_equal_what_requests_cost(sim, start_sidecar) -> Non
     sc = await start_sidecar(_config(sim.url))
     by_tenant, by_route, by_backend = await _send_all(sc.url)
     args = _args("--sidecar", sc.url, "--since", "1h", "--format", "json")
-    rep = await report.build_report(args, datetime.now(timezone.utc).timestamp())
+    rep = await report.build_report(args, datetime.now(UTC).timestamp())
     s = rep["summary"]
     assert rep["namespace"] == "test"
     assert s["totals"]["requests"] == len(REQUESTS)
@@ -111,12 +121,17 @@ async def test_report_totals_equal_what_requests_cost(sim, start_sidecar) -> Non
     assert sav["baseline_usd"] > sav["actual_usd"]
 
     # A window that ends before the requests holds none of them.
-    rep = await report.build_report(_args("--sidecar", sc.url, "--since", "2h", "--until", "1h"), datetime.now(timezone.utc).timestamp())
+    rep = await report.build_report(
+        _args("--sidecar", sc.url, "--since", "2h", "--until", "1h"), datetime.now(UTC).timestamp()
+    )
     assert rep["summary"]["totals"]["requests"] == 0
 
     # The command itself: table, JSON and CSV.
     out, err = io.StringIO(), io.StringIO()
-    assert await asyncio.to_thread(report.run, _args("--sidecar", sc.url, "--since", "today", "--format", "csv"), out, err) == 0, err.getvalue()
+    assert (
+        await asyncio.to_thread(report.run, _args("--sidecar", sc.url, "--since", "today", "--format", "csv"), out, err)
+        == 0
+    ), err.getvalue()
     rows = list(csv.DictReader(io.StringIO(out.getvalue())))
     tenants = {r["key"]: float(r["cost_usd"]) for r in rows if r["dimension"] == "tenant"}
     assert tenants == pytest.approx(dict(by_tenant), abs=tol)
@@ -127,7 +142,12 @@ async def test_report_totals_equal_what_requests_cost(sim, start_sidecar) -> Non
     text = out.getvalue()
     assert "Top spenders (2 of 3 tenants)" in text and "acme" in text and "By route" in text and "By tier" in text
     out = io.StringIO()
-    assert await asyncio.to_thread(report.run, _args("--sidecar", sc.url, "--format", "json", "--baseline", "none"), out, io.StringIO()) == 0
+    assert (
+        await asyncio.to_thread(
+            report.run, _args("--sidecar", sc.url, "--format", "json", "--baseline", "none"), out, io.StringIO()
+        )
+        == 0
+    )
     assert json.loads(out.getvalue())["summary"]["savings"] is None
 
 
@@ -151,8 +171,8 @@ async def test_report_from_the_redis_ledger(tmp_path, sim, redis_url) -> None:
 
     from aiohttp import web
 
+    from kubetoll_core.router_config import BudgetStoreSettings
     from kubetoll_sidecar.budgets.redis_store import RedisBudgetStore
-    from kubetoll_sidecar.config import BudgetStoreSettings
     from kubetoll_sidecar.config_loader import load_config
     from kubetoll_sidecar.ledger_redis import RedisLedger
     from kubetoll_sidecar.server import Sidecar
@@ -175,7 +195,7 @@ async def test_report_from_the_redis_ledger(tmp_path, sim, redis_url) -> None:
         await runner.cleanup()
         await sidecar.close()  # flushes the buffered records to the stream
     args = _args("--redis-url", redis_url, "--namespace", ns, "--since", "1h", "--format", "json")
-    rep = await report.build_report(args, datetime.now(timezone.utc).timestamp())
+    rep = await report.build_report(args, datetime.now(UTC).timestamp())
     s = rep["summary"]
     tol = len(REQUESTS) * 1e-9
     assert rep["source"].startswith("Redis ledger")
@@ -183,7 +203,9 @@ async def test_report_from_the_redis_ledger(tmp_path, sim, redis_url) -> None:
     assert {g["key"]: g["cost_usd"] for g in s["by_tenant"]} == pytest.approx(dict(by_tenant), abs=tol)
     assert {g["key"]: g["cost_usd"] for g in s["by_route"]} == pytest.approx(dict(by_route), abs=tol)
     # Another namespace's stream is another ledger.
-    rep = await report.build_report(_args("--redis-url", redis_url, "--namespace", ns + "x", "--since", "1h"), datetime.now(timezone.utc).timestamp())
+    rep = await report.build_report(
+        _args("--redis-url", redis_url, "--namespace", ns + "x", "--since", "1h"), datetime.now(UTC).timestamp()
+    )
     assert rep["summary"]["totals"]["requests"] == 0
 
 
@@ -200,15 +222,20 @@ def test_redis_arguments_and_unreachable_redis() -> None:
     assert report.run(_args("--redis-url", "redis://127.0.0.1:9/0", "--namespace", "demo"), io.StringIO(), err) == 2
     assert "cannot read the ledger from Redis" in err.getvalue()
     err = io.StringIO()
-    assert report.run(_args("--redis-url", "redis://user:pw@127.0.0.1:9/0", "--namespace", "demo"), io.StringIO(), err) == 2
+    assert (
+        report.run(_args("--redis-url", "redis://user:pw@127.0.0.1:9/0", "--namespace", "demo"), io.StringIO(), err)
+        == 2
+    )
     assert "credentials" in err.getvalue()
     err = io.StringIO()
-    assert report.run(_args("--redis-url", "redis://127.0.0.1:9/0", "--namespace", "Not_A_Name"), io.StringIO(), err) == 2
+    assert (
+        report.run(_args("--redis-url", "redis://127.0.0.1:9/0", "--namespace", "Not_A_Name"), io.StringIO(), err) == 2
+    )
     assert "namespace" in err.getvalue()
 
 
 def test_parse_when() -> None:
-    tz = timezone.utc
+    tz = UTC
     now = datetime(2026, 11, 22, 15, 30, tzinfo=tz).timestamp()
     assert report.parse_when("today", now, tz) == datetime(2026, 11, 22, tzinfo=tz).timestamp()
     assert report.parse_when("yesterday", now, tz) == datetime(2026, 11, 21, tzinfo=tz).timestamp()
@@ -236,7 +263,9 @@ def test_savings_split_adds_up() -> None:
     assert s.baseline_usd == pytest.approx(4 * base)
     assert s.cache_usd == pytest.approx(0.00004)
     assert s.downgrade_usd == pytest.approx(base - 0.00002)
-    assert s.routing_usd == pytest.approx((base - 0.00004) + (base - 0.00004))  # cheap, and the cache hit's routing share
+    assert s.routing_usd == pytest.approx(
+        (base - 0.00004) + (base - 0.00004)
+    )  # cheap, and the cache hit's routing share
     assert s.cache_usd + s.routing_usd + s.downgrade_usd == pytest.approx(s.saved_usd)
     groups = {g.key: g for g in spend.group_by(recs, "backend")}
     assert groups[spend.CACHE_BACKEND].cache_hits == 1

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
-from kubetoll_sidecar.upstream_simulator import Fault
+from kubetoll_tools.simulator import Fault
 from support.harness import base_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,9 +35,16 @@ async def test_sigterm_drains_in_flight_requests_and_exits_zero(sim, tmp_path):
     path = tmp_path / "router.json"
     path.write_text(json.dumps(cfg))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "kubetoll_sidecar.cli", "sidecar", "--config", str(path),
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": "sidecar:operator"},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "kubetoll_tools.cli",
+        "sidecar",
+        "--config",
+        str(path),
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": "sidecar:operator"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     url = f"http://127.0.0.1:{cfg['server']['port']}"
     try:
@@ -73,10 +80,21 @@ async def test_wait_for_config_serves_503_until_the_file_appears_then_starts(sim
     path = tmp_path / "router" / "router.json"
     api, ops = cfg["server"]["port"], cfg["server"]["metricsPort"]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "kubetoll_sidecar.cli", "sidecar", "--config", str(path), "--wait-for-config",
-        "--port", str(api), "--metrics-port", str(ops),
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": "sidecar:operator"},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "kubetoll_tools.cli",
+        "sidecar",
+        "--config",
+        str(path),
+        "--wait-for-config",
+        "--port",
+        str(api),
+        "--metrics-port",
+        str(ops),
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": "sidecar:operator"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
     try:
@@ -103,9 +121,16 @@ async def test_wait_for_config_serves_503_until_the_file_appears_then_starts(sim
 
 async def test_without_wait_for_config_a_missing_file_exits_2(tmp_path):
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "kubetoll_sidecar.cli", "sidecar", "--config", str(tmp_path / "missing.json"),
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": "sidecar:operator"},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "kubetoll_tools.cli",
+        "sidecar",
+        "--config",
+        str(tmp_path / "missing.json"),
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": "sidecar:operator"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     assert await asyncio.wait_for(proc.wait(), 15) == 2
     assert "cannot start" in (await proc.stderr.read()).decode()

@@ -83,7 +83,10 @@ async def test_tools_response_format_and_n(sim, start_sidecar):
         messages=[{"role": "user", "content": "give me a user"}],
         response_format={
             "type": "json_schema",
-            "json_schema": {"name": "user", "schema": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}},
+            "json_schema": {
+                "name": "user",
+                "schema": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]},
+            },
         },
     )
     assert "name" in json.loads(r.choices[0].message.content)
@@ -96,8 +99,13 @@ async def test_completions_embeddings_and_models(sim, start_sidecar):
     cfg = base_config(sim.url)
     cfg["routes"].append({"name": "embed", "rules": [{"backends": ["embedder"]}]})
     cfg["backends"].append(
-        {"name": "embedder", "provider": "openai", "model": "text-embedding-3-small", "endpoint": sim.url + "/v1",
-         "credentials": {"env": "KT_TEST_OPENAI_KEY"}}
+        {
+            "name": "embedder",
+            "provider": "openai",
+            "model": "text-embedding-3-small",
+            "endpoint": sim.url + "/v1",
+            "credentials": {"env": "KT_TEST_OPENAI_KEY"},
+        }
     )
     sc = await start_sidecar(cfg)
     client = sc.openai()
@@ -130,16 +138,30 @@ async def test_route_cap_is_enforced_upstream(sim, start_sidecar):
         (json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), 400, "model"),
         (json.dumps({"model": "chat"}).encode(), 400, "messages"),
         (json.dumps({"model": "chat", "messages": []}).encode(), 400, "messages"),
-        (json.dumps({"model": "chat", "messages": [{"role": "robot", "content": "x"}]}).encode(), 400, "messages[0].role"),
-        (json.dumps({"model": "chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}).encode(), 400, "max_tokens"),
-        (json.dumps({"model": "chat", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}).encode(), 400, "stream"),
+        (
+            json.dumps({"model": "chat", "messages": [{"role": "robot", "content": "x"}]}).encode(),
+            400,
+            "messages[0].role",
+        ),
+        (
+            json.dumps({"model": "chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}).encode(),
+            400,
+            "max_tokens",
+        ),
+        (
+            json.dumps({"model": "chat", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}).encode(),
+            400,
+            "stream",
+        ),
         (json.dumps({"model": "nope", "messages": [{"role": "user", "content": "x"}]}).encode(), 404, "model"),
     ],
 )
 async def test_bad_requests_get_openai_errors(sim, start_sidecar, body, status, param):
     sc = await start_sidecar(base_config(sim.url))
     async with aiohttp.ClientSession() as s:
-        async with s.post(sc.url + "/v1/chat/completions", data=body, headers={"content-type": "application/json"}) as r:
+        async with s.post(
+            sc.url + "/v1/chat/completions", data=body, headers={"content-type": "application/json"}
+        ) as r:
             assert r.status == status
             err = (await r.json())["error"]
             assert set(err) == {"message", "type", "param", "code"}

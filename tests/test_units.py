@@ -7,12 +7,12 @@ import tiktoken
 from genai_prices import Usage as CatalogUsage
 from genai_prices import calc_price
 
+from kubetoll_core.prices import PricingError, resolve_price
+from kubetoll_core.router_config import Backend, RouterConfig
 from kubetoll_sidecar import tokens
 from kubetoll_sidecar.circuit import CircuitBreaker
-from kubetoll_sidecar.config import Backend, RouterConfig
-from kubetoll_sidecar.prices import PricingError, resolve_price
 from kubetoll_sidecar.providers.base import Usage
-from kubetoll_sidecar.routing import Router, RouteContext
+from kubetoll_sidecar.routing import RouteContext, Router
 from kubetoll_sidecar.sse import SSEDecoder
 
 
@@ -35,11 +35,18 @@ def test_catalogue_prices_agree_with_genai_prices(provider, model, usage):
     ours = resolve_price(backend(provider=provider, model=model, endpoint="https://x.example/v1")).cost(usage)
     uncached = usage.prompt_tokens - usage.cached_tokens - usage.cache_write_tokens
     if provider == "anthropic":
-        ref_usage = CatalogUsage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
-                                 cache_read_tokens=usage.cached_tokens, cache_write_tokens=usage.cache_write_tokens)
+        ref_usage = CatalogUsage(
+            input_tokens=usage.prompt_tokens,
+            output_tokens=usage.completion_tokens,
+            cache_read_tokens=usage.cached_tokens,
+            cache_write_tokens=usage.cache_write_tokens,
+        )
     else:
-        ref_usage = CatalogUsage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
-                                 cache_read_tokens=usage.cached_tokens)
+        ref_usage = CatalogUsage(
+            input_tokens=usage.prompt_tokens,
+            output_tokens=usage.completion_tokens,
+            cache_read_tokens=usage.cached_tokens,
+        )
     ref = float(calc_price(ref_usage, model_ref=model, provider_id=provider).total_price)
     assert uncached >= 0
     assert ours == pytest.approx(ref, abs=1e-6)
@@ -48,7 +55,9 @@ def test_catalogue_prices_agree_with_genai_prices(provider, model, usage):
 def test_overrides_and_gpu_shadow_price():
     p = resolve_price(backend(pricing={"inputPerMTok": 1.0, "outputPerMTok": 4.0, "cachedInputPerMTok": 0.1}))
     assert p.cost(Usage(1_000_000, 1_000_000, cached_tokens=500_000)) == pytest.approx(0.5 + 0.05 + 4.0)
-    gpu = resolve_price(backend(provider="openai-compatible", model="llama", pricing={"gpuHourlyUSD": 3.6, "tokensPerSecond": 1000}))
+    gpu = resolve_price(
+        backend(provider="openai-compatible", model="llama", pricing={"gpuHourlyUSD": 3.6, "tokensPerSecond": 1000})
+    )
     # $3.60/h over 3.6M tokens/h = $1 per million tokens, input and output alike.
     assert gpu.cost(Usage(600_000, 400_000)) == pytest.approx(1.0)
     with pytest.raises(PricingError, match="no price catalogue"):
@@ -66,7 +75,14 @@ def test_token_counts_match_tiktoken():
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": text}]
     enc = tiktoken.get_encoding("o200k_base")
     # OpenAI's formula: 3 per message, the role and the content encoded, 3 for the reply priming.
-    expected = 3 + 2 * 3 + len(enc.encode("system")) + len(enc.encode("user")) + len(enc.encode("be brief")) + len(enc.encode(text))
+    expected = (
+        3
+        + 2 * 3
+        + len(enc.encode("system"))
+        + len(enc.encode("user"))
+        + len(enc.encode("be brief"))
+        + len(enc.encode(text))
+    )
     assert tokens.count_chat(msgs, "gpt-4o") == expected
     # Memoised: the same long message again gives the same count.
     assert tokens.count_chat(msgs, "gpt-4o") == expected

@@ -23,7 +23,7 @@ try:  # not in the test extras of every checkout; its tests skip without it
 except ImportError:  # pragma: no cover
     anthropic = None
 
-from kubetoll_sidecar.upstream_simulator import (
+from kubetoll_tools.simulator import (
     Fault,
     RateLimitBurst,
     SimSettings,
@@ -111,8 +111,9 @@ async def raw_sse(http, url: str, body: dict, headers: dict) -> tuple[list[str],
 
 
 def test_answer_pieces_have_exact_token_counts():
-    import kubetoll_sidecar
     import tiktoken
+
+    import kubetoll_sidecar
 
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(kubetoll_sidecar.__file__).with_name("tiktoken_cache")))
 
@@ -586,7 +587,7 @@ async def test_anthropic_errors(sim, claude, http):
 def test_run_serves_until_sigterm():
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "sidecar"), str(root / "operator")])}
-    code = "from kubetoll_sidecar.upstream_simulator import run, SimSettings; run('127.0.0.1', 0, SimSettings())"
+    code = "from kubetoll_tools.simulator import run, SimSettings; run('127.0.0.1', 0, SimSettings())"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()

@@ -18,8 +18,8 @@ from typing import Any
 import jsonpatch
 import kubernetes_validate
 import pytest
+
 from kubetoll_operator import webhook
-from support.admission import admission_review
 from kubetoll_operator.injection import (
     InjectionError,
     InjectionOptions,
@@ -30,20 +30,34 @@ from kubetoll_operator.injection import (
     parse_quantity,
     plan_injection,
 )
+from support.admission import admission_review
 
 NS = "team-a"
 ENABLED = {"kubetoll.dev/injection": "enabled", "kubernetes.io/metadata.name": NS}
 PLAIN = InjectionOptions(image="registry.example/kubetoll-sidecar:1.2.3", native_sidecars=False)
 NATIVE = replace(PLAIN, native_sidecars=True)
-BASE_URL_ENV = [{"name": "OPENAI_BASE_URL", "value": "http://127.0.0.1:7400/v1"}, {"name": "OPENAI_API_BASE", "value": "http://127.0.0.1:7400/v1"}]
+BASE_URL_ENV = [
+    {"name": "OPENAI_BASE_URL", "value": "http://127.0.0.1:7400/v1"},
+    {"name": "OPENAI_API_BASE", "value": "http://127.0.0.1:7400/v1"},
+]
 
 # The sidecar the default options inject, written out in full: a change to it shows here.
 EXPECTED_SIDECAR: dict[str, Any] = {
     "name": "kubetoll-sidecar",
     "image": "registry.example/kubetoll-sidecar:1.2.3",
     "imagePullPolicy": "IfNotPresent",
-    "command": ["kubetoll", "sidecar"],
-    "args": ["--config", "/etc/kubetoll/router/router.json", "--port", "7400", "--metrics-port", "7401", "--log-level", "INFO", "--wait-for-config"],
+    "command": ["kubetoll-sidecar"],
+    "args": [
+        "--config",
+        "/etc/kubetoll/router/router.json",
+        "--port",
+        "7400",
+        "--metrics-port",
+        "7401",
+        "--log-level",
+        "INFO",
+        "--wait-for-config",
+    ],
     "ports": [{"name": "kt-metrics", "containerPort": 7401, "protocol": "TCP"}],
     "env": [
         {"name": "KUBETOLL_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -51,7 +65,12 @@ EXPECTED_SIDECAR: dict[str, Any] = {
     ],
     "resources": {"requests": {"cpu": "100m", "memory": "192Mi"}, "limits": {"memory": "512Mi"}},
     "readinessProbe": {"httpGet": {"path": "/readyz", "port": 7401}, "periodSeconds": 5, "failureThreshold": 3},
-    "livenessProbe": {"httpGet": {"path": "/healthz", "port": 7401}, "initialDelaySeconds": 5, "periodSeconds": 10, "failureThreshold": 3},
+    "livenessProbe": {
+        "httpGet": {"path": "/healthz", "port": 7401},
+        "initialDelaySeconds": 5,
+        "periodSeconds": 10,
+        "failureThreshold": 3,
+    },
     "securityContext": {
         "runAsNonRoot": True,
         "runAsUser": 10001,
@@ -72,7 +91,10 @@ EXPECTED_SIDECAR: dict[str, Any] = {
 EXPECTED_VOLUMES: list[dict[str, Any]] = [
     {"name": "kubetoll-router", "configMap": {"name": "kubetoll-router", "optional": True}},
     {"name": "kubetoll-credentials", "secret": {"secretName": "kubetoll-credentials", "optional": True}},
-    {"name": "kubetoll-podinfo", "downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}},
+    {
+        "name": "kubetoll-podinfo",
+        "downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]},
+    },
     {"name": "kubetoll-tmp", "emptyDir": {"sizeLimit": "16Mi"}},
 ]
 
@@ -88,7 +110,10 @@ def pod(
     **spec: Any,
 ) -> dict[str, Any]:
     """A pod as the ReplicaSet controller sends it: generateName, no name, no uid yet."""
-    meta: dict[str, Any] = {"generateName": "chat-api-7d9c6b5f4-", "labels": {"app": "chat-api", "pod-template-hash": "7d9c6b5f4", **(labels or {})}}
+    meta: dict[str, Any] = {
+        "generateName": "chat-api-7d9c6b5f4-",
+        "labels": {"app": "chat-api", "pod-template-hash": "7d9c6b5f4", **(labels or {})},
+    }
     if namespace:
         meta["namespace"] = namespace
     if annotations is not None:
@@ -98,7 +123,11 @@ def pod(
         "kind": "Pod",
         "metadata": meta,
         "spec": {
-            "containers": containers if containers is not None else [{"name": "app", "image": "example/chat-api:2.0", "ports": [{"containerPort": 8080, "protocol": "TCP"}]}],
+            "containers": containers
+            if containers is not None
+            else [
+                {"name": "app", "image": "example/chat-api:2.0", "ports": [{"containerPort": 8080, "protocol": "TCP"}]}
+            ],
             "restartPolicy": "Always",
             "serviceAccountName": "default",
             **spec,
@@ -115,7 +144,9 @@ def review(obj: dict[str, Any], *, operation: str = "CREATE", namespace: str = N
     return admission_review(obj, namespace=namespace, operation=operation)
 
 
-def admit(obj: dict[str, Any], namespace_labels: dict[str, str], options: InjectionOptions, **kw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+def admit(
+    obj: dict[str, Any], namespace_labels: dict[str, str], options: InjectionOptions, **kw: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(response, the pod after the response's patch)."""
     req = review(obj, **kw)
     resp = admission_response(req, namespace_labels, options)
@@ -176,7 +207,10 @@ def test_native_sidecar_goes_first_among_init_containers() -> None:
 
     expected = injected(original)
     expected["spec"]["containers"][0]["env"] = BASE_URL_ENV
-    expected["spec"]["initContainers"] = [{**EXPECTED_SIDECAR, "restartPolicy": "Always"}, *inits]  # init containers get no env
+    expected["spec"]["initContainers"] = [
+        {**EXPECTED_SIDECAR, "restartPolicy": "Always"},
+        *inits,
+    ]  # init containers get no env
     expected["spec"]["volumes"] = EXPECTED_VOLUMES
     assert patched == expected
     assert [c["name"] for c in patched["spec"]["containers"]] == ["app"]
@@ -195,8 +229,19 @@ def test_several_containers_and_existing_env() -> None:
     containers = [
         {"name": "web", "image": "example/web:1", "env": [{"name": "LOG_LEVEL", "value": "debug"}]},
         # Its own endpoint for the new SDK: kept; the old SDK's variable still points at the sidecar.
-        {"name": "worker", "image": "example/worker:1", "env": [{"name": "OPENAI_BASE_URL", "value": "https://api.openai.com/v1"}]},
-        {"name": "legacy", "image": "example/legacy:1", "env": [{"name": "OPENAI_API_BASE", "value": "http://proxy:8000"}, {"name": "OPENAI_BASE_URL", "value": "http://proxy:8000"}]},
+        {
+            "name": "worker",
+            "image": "example/worker:1",
+            "env": [{"name": "OPENAI_BASE_URL", "value": "https://api.openai.com/v1"}],
+        },
+        {
+            "name": "legacy",
+            "image": "example/legacy:1",
+            "env": [
+                {"name": "OPENAI_API_BASE", "value": "http://proxy:8000"},
+                {"name": "OPENAI_BASE_URL", "value": "http://proxy:8000"},
+            ],
+        },
         {"name": "plain", "image": "example/plain:1"},
     ]
     original = pod(labels={"kubetoll.dev/inject": "true"}, containers=containers)
@@ -208,7 +253,13 @@ def test_several_containers_and_existing_env() -> None:
         "legacy": containers[2]["env"],
         "plain": BASE_URL_ENV,
     }
-    assert [c["name"] for c in patched["spec"]["containers"]] == ["web", "worker", "legacy", "plain", "kubetoll-sidecar"]
+    assert [c["name"] for c in patched["spec"]["containers"]] == [
+        "web",
+        "worker",
+        "legacy",
+        "plain",
+        "kubetoll-sidecar",
+    ]
     # The provider credentials reach the sidecar only: no app container mounts them.
     for c in patched["spec"]["containers"][:-1]:
         assert "volumeMounts" not in c
@@ -222,13 +273,35 @@ def test_volume_name_clash_picks_free_names() -> None:
         {"name": "kubetoll-router-1", "emptyDir": {}},
         {"name": "kubetoll-tmp", "configMap": {"name": "something"}},
     ]
-    containers = [{"name": "app", "image": "example/app:1", "volumeMounts": [{"name": "kubetoll-router", "mountPath": "/data"}, {"name": "kubetoll-tmp", "mountPath": "/cfg"}]}]
+    containers = [
+        {
+            "name": "app",
+            "image": "example/app:1",
+            "volumeMounts": [
+                {"name": "kubetoll-router", "mountPath": "/data"},
+                {"name": "kubetoll-tmp", "mountPath": "/cfg"},
+            ],
+        }
+    ]
     original = pod(labels={"kubetoll.dev/inject": "true"}, volumes=volumes, containers=containers)
     _, patched = admit(original, {}, NATIVE)
     names = [v["name"] for v in patched["spec"]["volumes"]]
-    assert names == ["kubetoll-router", "kubetoll-router-1", "kubetoll-tmp", "kubetoll-router-2", "kubetoll-credentials", "kubetoll-podinfo", "kubetoll-tmp-1"]
+    assert names == [
+        "kubetoll-router",
+        "kubetoll-router-1",
+        "kubetoll-tmp",
+        "kubetoll-router-2",
+        "kubetoll-credentials",
+        "kubetoll-podinfo",
+        "kubetoll-tmp-1",
+    ]
     sidecar = patched["spec"]["initContainers"][0]
-    assert [m["name"] for m in sidecar["volumeMounts"]] == ["kubetoll-router-2", "kubetoll-credentials", "kubetoll-podinfo", "kubetoll-tmp-1"]
+    assert [m["name"] for m in sidecar["volumeMounts"]] == [
+        "kubetoll-router-2",
+        "kubetoll-credentials",
+        "kubetoll-podinfo",
+        "kubetoll-tmp-1",
+    ]
     assert patched["spec"]["volumes"][3]["configMap"] == {"name": "kubetoll-router", "optional": True}
     # The app's own volumes and mounts are untouched.
     assert patched["spec"]["volumes"][:3] == volumes
@@ -263,12 +336,19 @@ def test_request_namespace_fills_a_pod_without_one() -> None:
         ({"kubetoll.dev/inject": "false"}, None, ENABLED, "opts out (label"),
         ({}, {"kubetoll.dev/inject": "false"}, ENABLED, "opts out (annotation"),
         ({}, None, {}, "neither the pod nor its namespace"),
-        ({"kubetoll.dev/inject": "yes"}, None, {}, "neither the pod nor its namespace"),  # only "true" opts in, as the objectSelector
+        (
+            {"kubetoll.dev/inject": "yes"},
+            None,
+            {},
+            "neither the pod nor its namespace",
+        ),  # only "true" opts in, as the objectSelector
         ({}, {"kubetoll.dev/inject": "true"}, {}, "opts in (annotation"),  # listed for the reason; injected, see below
         ({"kubetoll.dev/inject": "true"}, None, {"kubetoll.dev/injection": "disabled"}, "disabled"),
     ],
 )
-def test_who_is_injected(labels: dict[str, str], annotations: dict[str, str] | None, namespace_labels: dict[str, str], reason: str) -> None:
+def test_who_is_injected(
+    labels: dict[str, str], annotations: dict[str, str] | None, namespace_labels: dict[str, str], reason: str
+) -> None:
     plan = plan_injection(pod(labels=labels, annotations=annotations), namespace_labels, PLAIN)
     assert reason in plan.reason
     assert plan.inject == ("opts in" in reason)
@@ -276,9 +356,13 @@ def test_who_is_injected(labels: dict[str, str], annotations: dict[str, str] | N
 
 
 def test_labels_win_over_annotations() -> None:
-    plan = plan_injection(pod(labels={"kubetoll.dev/inject": "true"}, annotations={"kubetoll.dev/inject": "false"}), {}, PLAIN)
+    plan = plan_injection(
+        pod(labels={"kubetoll.dev/inject": "true"}, annotations={"kubetoll.dev/inject": "false"}), {}, PLAIN
+    )
     assert plan.inject and "label" in plan.reason
-    plan = plan_injection(pod(labels={"kubetoll.dev/inject": "false"}, annotations={"kubetoll.dev/inject": "true"}), ENABLED, PLAIN)
+    plan = plan_injection(
+        pod(labels={"kubetoll.dev/inject": "false"}, annotations={"kubetoll.dev/inject": "true"}), ENABLED, PLAIN
+    )
     assert not plan.inject
 
 
@@ -340,24 +424,44 @@ def test_annotations_override_image_port_resources_and_log_level() -> None:
     _, patched = admit(original, {}, PLAIN)
     sidecar = patched["spec"]["containers"][-1]
     assert sidecar["image"] == "mirror.internal/kubetoll-sidecar:1.2.3-debug"
-    assert sidecar["args"] == ["--config", "/etc/kubetoll/router/router.json", "--port", "17400", "--metrics-port", "17401", "--log-level", "DEBUG", "--wait-for-config"]
+    assert sidecar["args"] == [
+        "--config",
+        "/etc/kubetoll/router/router.json",
+        "--port",
+        "17400",
+        "--metrics-port",
+        "17401",
+        "--log-level",
+        "DEBUG",
+        "--wait-for-config",
+    ]
     assert sidecar["resources"] == {"requests": {"cpu": "250m", "memory": "1Gi"}, "limits": {"memory": "1Gi"}}
     assert sidecar["readinessProbe"]["httpGet"]["port"] == 17401 and sidecar["ports"][0]["containerPort"] == 17401
-    assert patched["spec"]["containers"][0]["env"] == [{"name": n, "value": "http://127.0.0.1:17400/v1"} for n in ("OPENAI_BASE_URL", "OPENAI_API_BASE")]
+    assert patched["spec"]["containers"][0]["env"] == [
+        {"name": n, "value": "http://127.0.0.1:17400/v1"} for n in ("OPENAI_BASE_URL", "OPENAI_API_BASE")
+    ]
     assert patched["metadata"]["annotations"] == {**annotations, "kubetoll.dev/injected": "true"}
     assert_valid_pod(patched, "1.35")
 
 
 def test_native_sidecar_annotation_per_pod() -> None:
-    _, patched = admit(pod(labels={"kubetoll.dev/inject": "true"}, annotations={"kubetoll.dev/native-sidecar": "false"}), {}, NATIVE)
+    _, patched = admit(
+        pod(labels={"kubetoll.dev/inject": "true"}, annotations={"kubetoll.dev/native-sidecar": "false"}), {}, NATIVE
+    )
     assert "initContainers" not in patched["spec"] and patched["spec"]["containers"][-1]["name"] == "kubetoll-sidecar"
-    _, patched = admit(pod(labels={"kubetoll.dev/inject": "true"}, annotations={"kubetoll.dev/native-sidecar": "true"}), {}, PLAIN)
+    _, patched = admit(
+        pod(labels={"kubetoll.dev/inject": "true"}, annotations={"kubetoll.dev/native-sidecar": "true"}), {}, PLAIN
+    )
     assert patched["spec"]["initContainers"][0]["restartPolicy"] == "Always"
 
 
 def test_limits_from_options_and_cpu_limit() -> None:
-    options = replace(PLAIN, resources=Resources(cpu_request="50m", memory_request=None, cpu_limit="1", memory_limit=None))
-    _, patched = admit(pod(labels={"kubetoll.dev/inject": "true"}, annotations={"kubetoll.dev/sidecar-cpu-limit": "500m"}), {}, options)
+    options = replace(
+        PLAIN, resources=Resources(cpu_request="50m", memory_request=None, cpu_limit="1", memory_limit=None)
+    )
+    _, patched = admit(
+        pod(labels={"kubetoll.dev/inject": "true"}, annotations={"kubetoll.dev/sidecar-cpu-limit": "500m"}), {}, options
+    )
     assert patched["spec"]["containers"][-1]["resources"] == {"requests": {"cpu": "50m"}, "limits": {"cpu": "500m"}}
     assert_valid_pod(patched, "1.35")
 
@@ -367,7 +471,10 @@ def test_limits_from_options_and_cpu_limit() -> None:
     [
         ({"kubetoll.dev/sidecar-cpu": "2 cores"}, "kubetoll.dev/sidecar-cpu: '2 cores' is not a Kubernetes quantity"),
         ({"kubetoll.dev/sidecar-memory": "-1Gi"}, "kubetoll.dev/sidecar-memory: '-1Gi' is not a Kubernetes quantity"),
-        ({"kubetoll.dev/sidecar-memory": "2Gi", "kubetoll.dev/sidecar-memory-limit": "1Gi"}, "memory request 2Gi is above its limit 1Gi"),
+        (
+            {"kubetoll.dev/sidecar-memory": "2Gi", "kubetoll.dev/sidecar-memory-limit": "1Gi"},
+            "memory request 2Gi is above its limit 1Gi",
+        ),
         ({"kubetoll.dev/log-level": "verbose"}, "kubetoll.dev/log-level: 'verbose' is not one of DEBUG, INFO"),
         ({"kubetoll.dev/sidecar-port": "70000"}, "kubetoll.dev/sidecar-port: '70000' is not a port number"),
         ({"kubetoll.dev/sidecar-port": "7401"}, "API port and metrics port are both 7401"),
@@ -387,14 +494,18 @@ def test_port_clash_with_an_app_container_is_denied() -> None:
     resp, _ = admit(pod(labels={"kubetoll.dev/inject": "true"}, containers=containers), {}, PLAIN)
     assert not resp["allowed"] and "container app uses port 7400" in resp["status"]["message"]
     # Moving the sidecar away solves it.
-    annotated = pod(labels={"kubetoll.dev/inject": "true"}, containers=containers, annotations={"kubetoll.dev/sidecar-port": "7410"})
+    annotated = pod(
+        labels={"kubetoll.dev/inject": "true"}, containers=containers, annotations={"kubetoll.dev/sidecar-port": "7410"}
+    )
     resp, patched = admit(annotated, {}, PLAIN)
     assert resp["allowed"] and patched["spec"]["containers"][0]["env"][0]["value"] == "http://127.0.0.1:7410/v1"
 
 
 def test_injection_error_from_mutate_pod() -> None:
     with pytest.raises(InjectionError):
-        mutate_pod(pod(labels={"kubetoll.dev/inject": "true"}, annotations={"kubetoll.dev/sidecar-cpu": "lots"}), {}, PLAIN)
+        mutate_pod(
+            pod(labels={"kubetoll.dev/inject": "true"}, annotations={"kubetoll.dev/sidecar-cpu": "lots"}), {}, PLAIN
+        )
 
 
 # --------------------------------------------------------------------------- helpers
@@ -402,7 +513,16 @@ def test_injection_error_from_mutate_pod() -> None:
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("100m", Decimal("0.1")), ("1", Decimal(1)), ("1.5", Decimal("1.5")), ("256Mi", Decimal(256 * 2**20)), ("1Gi", Decimal(2**30)), ("1k", Decimal(1000)), ("1e3", Decimal(1000)), ("0.5G", Decimal(500_000_000))],
+    [
+        ("100m", Decimal("0.1")),
+        ("1", Decimal(1)),
+        ("1.5", Decimal("1.5")),
+        ("256Mi", Decimal(256 * 2**20)),
+        ("1Gi", Decimal(2**30)),
+        ("1k", Decimal(1000)),
+        ("1e3", Decimal(1000)),
+        ("0.5G", Decimal(500_000_000)),
+    ],
 )
 def test_parse_quantity(text: str, value: Decimal) -> None:
     assert parse_quantity(text) == value
@@ -430,15 +550,32 @@ def test_native_sidecars_from_the_server_version(version: dict[str, str], native
 
 
 def test_operator_flags_build_the_webhook_options() -> None:
-    from kubetoll_operator.commands import register
+    from kubetoll_tools.operator_commands import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args([
-        "operator", "--priority", "random", "--webhook", "--webhook-port", "10443", "--native-sidecars", "false",
-        "--sidecar-image", "reg/sidecar:9", "--sidecar-memory", "256Mi", "--sidecar-cpu-limit", "2",
-        "--webhook-exclude-namespace", "kubetoll-system", "--sidecar-log-level", "warning",
-    ])
+    args = parser.parse_args(
+        [
+            "operator",
+            "--priority",
+            "random",
+            "--webhook",
+            "--webhook-port",
+            "10443",
+            "--native-sidecars",
+            "false",
+            "--sidecar-image",
+            "reg/sidecar:9",
+            "--sidecar-memory",
+            "256Mi",
+            "--sidecar-cpu-limit",
+            "2",
+            "--webhook-exclude-namespace",
+            "kubetoll-system",
+            "--sidecar-log-level",
+            "warning",
+        ]
+    )
     assert 1 <= args.priority < 2**31
     options = webhook.options_from_args(args)
     assert options is not None and options.enabled and options.port == 10443 and options.native_sidecars == "false"

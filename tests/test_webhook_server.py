@@ -24,6 +24,7 @@ import jsonpatch
 import pytest
 import trustme
 from kmock._internal.references import ResourceInfo, resource
+
 from kubetoll_operator.injection import InjectionOptions, mutate_pod
 from kubetoll_operator.webhook import WebhookOptions
 from support.admission import admission_review
@@ -59,22 +60,45 @@ def cert_dir(ca: trustme.CA, tmp_path: Path) -> Path:
 @pytest.fixture
 async def cluster(kmock: Any) -> AsyncIterator[aiohttp.ClientSession]:
     """The emulator with the kinds the operator's handlers watch, and two namespaces."""
-    for kind, plural in (("ModelBackend", "modelbackends"), ("ModelRoute", "modelroutes"), ("TokenBudget", "tokenbudgets"), ("CachePolicy", "cachepolicies")):
-        kmock.resources[resource("kubetoll.dev", "v1alpha1", plural)] = ResourceInfo(kind=kind, singular=kind.lower(), namespaced=True, verbs=VERBS, subresources=["status"])
-    for kind, plural in (("ConfigMap", "configmaps"), ("Secret", "secrets"), ("Event", "events"), ("Namespace", "namespaces"), ("Pod", "pods")):
-        kmock.resources[resource("", "v1", plural)] = ResourceInfo(kind=kind, singular=kind.lower(), namespaced=kind != "Namespace", verbs=VERBS)
-    kmock.resources[resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")] = ResourceInfo(kind="CustomResourceDefinition", namespaced=False, verbs=VERBS)
+    for kind, plural in (
+        ("ModelBackend", "modelbackends"),
+        ("ModelRoute", "modelroutes"),
+        ("TokenBudget", "tokenbudgets"),
+        ("CachePolicy", "cachepolicies"),
+    ):
+        kmock.resources[resource("kubetoll.dev", "v1alpha1", plural)] = ResourceInfo(
+            kind=kind, singular=kind.lower(), namespaced=True, verbs=VERBS, subresources=["status"]
+        )
+    for kind, plural in (
+        ("ConfigMap", "configmaps"),
+        ("Secret", "secrets"),
+        ("Event", "events"),
+        ("Namespace", "namespaces"),
+        ("Pod", "pods"),
+    ):
+        kmock.resources[resource("", "v1", plural)] = ResourceInfo(
+            kind=kind, singular=kind.lower(), namespaced=kind != "Namespace", verbs=VERBS
+        )
+    kmock.resources[resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")] = ResourceInfo(
+        kind="CustomResourceDefinition", namespaced=False, verbs=VERBS
+    )
     # kmock 0.8 cannot store cluster-scoped namespaces (its path parser reads
     # /api/v1/namespaces/NAME as a namespace, not an object), so the two
     # namespaces the webhook reads are canned GET answers.
     for name, labels in (("team-a", {}), ("team-b", {"kubetoll.dev/injection": "enabled"})):
-        kmock[f"get /api/v1/namespaces/{name}"] << {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name, **labels}}}
+        kmock[f"get /api/v1/namespaces/{name}"] << {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name, **labels}},
+        }
     async with aiohttp.ClientSession(base_url=str(kmock.url)) as session:
         yield session
 
 
 @pytest.fixture
-async def start_operator(kmock: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Callable[[WebhookOptions], Awaitable[Any]]]:
+async def start_operator(
+    kmock: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Callable[[WebhookOptions], Awaitable[Any]]]:
     """The operator with the given webhook options (support/kopf_env.py)."""
     use_kmock_kubeconfig(kmock, tmp_path, monkeypatch)
     operators = OperatorThreads()
@@ -93,7 +117,15 @@ class ApiServer:
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             try:
-                await self.review("/inject-sidecar", {"apiVersion": "v1", "kind": "Pod", "metadata": {"namespace": "team-a", "name": "probe"}, "spec": {"containers": []}})
+                await self.review(
+                    "/inject-sidecar",
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Pod",
+                        "metadata": {"namespace": "team-a", "name": "probe"},
+                        "spec": {"containers": []},
+                    },
+                )
                 return
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, AssertionError):
                 # Refused until kopf has scanned the API's resources; 404 while pods are unknown to it.
@@ -112,15 +144,24 @@ class ApiServer:
         return answer["response"]
 
 
-def app_pod(labels: dict[str, str] | None = None, annotations: dict[str, str] | None = None, namespace: str | None = "team-a") -> dict[str, Any]:
-    meta: dict[str, Any] = {"generateName": "chat-api-5f7d-", "labels": {"app": "chat-api", **(labels or {})}, "annotations": annotations or {}}
+def app_pod(
+    labels: dict[str, str] | None = None, annotations: dict[str, str] | None = None, namespace: str | None = "team-a"
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "generateName": "chat-api-5f7d-",
+        "labels": {"app": "chat-api", **(labels or {})},
+        "annotations": annotations or {},
+    }
     if namespace:
         meta["namespace"] = namespace
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": meta,
-        "spec": {"containers": [{"name": "app", "image": "example/chat-api:2", "env": [{"name": "MODE", "value": "prod"}]}], "volumes": [{"name": "data", "emptyDir": {}}]},
+        "spec": {
+            "containers": [{"name": "app", "image": "example/chat-api:2", "env": [{"name": "MODE", "value": "prod"}]}],
+            "volumes": [{"name": "data", "emptyDir": {}}],
+        },
     }
 
 
@@ -132,9 +173,18 @@ def patched(original: dict[str, Any], response: dict[str, Any]) -> dict[str, Any
     return jsonpatch.apply_patch(original, json.loads(base64.b64decode(response["patch"])))
 
 
-async def test_kopf_serves_the_injection_webhook_over_https(kmock: Any, cluster: Any, start_operator: Any, cert_dir: Path, ca: trustme.CA) -> None:
+async def test_kopf_serves_the_injection_webhook_over_https(
+    kmock: Any, cluster: Any, start_operator: Any, cert_dir: Path, ca: trustme.CA
+) -> None:
     port = free_port()
-    options = WebhookOptions(enabled=True, addr="127.0.0.1", port=port, cert_dir=str(cert_dir), native_sidecars="auto", injection=InjectionOptions(image=IMAGE))
+    options = WebhookOptions(
+        enabled=True,
+        addr="127.0.0.1",
+        port=port,
+        cert_dir=str(cert_dir),
+        native_sidecars="auto",
+        injection=InjectionOptions(image=IMAGE),
+    )
     await start_operator(options)
     api = ApiServer(port, ca)
     await api.wait_listening()
@@ -142,9 +192,13 @@ async def test_kopf_serves_the_injection_webhook_over_https(kmock: Any, cluster:
     # Opted in by label. The emulator reports Kubernetes 1.26, so auto means a plain container.
     pod = app_pod(labels={"kubetoll.dev/inject": "true"})
     result = patched(pod, await api.review("/inject-sidecar", pod))
-    assert result == jsonpatch.apply_patch(pod, mutate_pod(pod, {}, InjectionOptions(image=IMAGE, native_sidecars=False)))
+    assert result == jsonpatch.apply_patch(
+        pod, mutate_pod(pod, {}, InjectionOptions(image=IMAGE, native_sidecars=False))
+    )
     assert [c["name"] for c in result["spec"]["containers"]] == ["app", "kubetoll-sidecar"]
-    assert result["spec"]["containers"][0]["env"][1:] == [{"name": n, "value": "http://127.0.0.1:7400/v1"} for n in ("OPENAI_BASE_URL", "OPENAI_API_BASE")]
+    assert result["spec"]["containers"][0]["env"][1:] == [
+        {"name": n, "value": "http://127.0.0.1:7400/v1"} for n in ("OPENAI_BASE_URL", "OPENAI_API_BASE")
+    ]
     assert result["metadata"]["annotations"]["kubetoll.dev/injected"] == "true"
 
     # Reinvocation: the injected pod comes back unchanged.
@@ -158,10 +212,17 @@ async def test_kopf_serves_the_injection_webhook_over_https(kmock: Any, cluster:
     # ... and does not take the API server's word blindly: team-a is not enabled.
     assert "patch" not in await api.review("/inject-sidecar-namespace", app_pod(), namespace="team-a")
     # Opted out in an enabled namespace (an annotation: the label would not even reach us).
-    assert "patch" not in await api.review("/inject-sidecar-namespace", app_pod(annotations={"kubetoll.dev/inject": "false"}, namespace="team-b"), namespace="team-b")
+    assert "patch" not in await api.review(
+        "/inject-sidecar-namespace",
+        app_pod(annotations={"kubetoll.dev/inject": "false"}, namespace="team-b"),
+        namespace="team-b",
+    )
 
     # A bad override is denied with its reason, for the ReplicaSet's events.
-    response = await api.review("/inject-sidecar", app_pod(labels={"kubetoll.dev/inject": "true"}, annotations={"kubetoll.dev/sidecar-memory": "lots"}))
+    response = await api.review(
+        "/inject-sidecar",
+        app_pod(labels={"kubetoll.dev/inject": "true"}, annotations={"kubetoll.dev/sidecar-memory": "lots"}),
+    )
     assert response["allowed"] is False
     assert "kubetoll.dev/sidecar-memory: 'lots' is not a Kubernetes quantity" in response["status"]["message"]
 
@@ -177,9 +238,21 @@ async def test_kopf_serves_the_injection_webhook_over_https(kmock: Any, cluster:
     assert "the webhook failed (TypeError)" in response["warnings"][0]
 
 
-async def test_webhook_errors_deny_when_asked(cluster: Any, start_operator: Any, cert_dir: Path, ca: trustme.CA) -> None:
+async def test_webhook_errors_deny_when_asked(
+    cluster: Any, start_operator: Any, cert_dir: Path, ca: trustme.CA
+) -> None:
     port = free_port()
-    await start_operator(WebhookOptions(enabled=True, addr="127.0.0.1", port=port, cert_dir=str(cert_dir), native_sidecars="false", on_error="deny", injection=InjectionOptions(image=IMAGE)))
+    await start_operator(
+        WebhookOptions(
+            enabled=True,
+            addr="127.0.0.1",
+            port=port,
+            cert_dir=str(cert_dir),
+            native_sidecars="false",
+            on_error="deny",
+            injection=InjectionOptions(image=IMAGE),
+        )
+    )
     api = ApiServer(port, ca)
     await api.wait_listening()
     broken = app_pod(labels={"kubetoll.dev/inject": "true"})
@@ -189,10 +262,16 @@ async def test_webhook_errors_deny_when_asked(cluster: Any, start_operator: Any,
     assert "kubetoll sidecar injection failed: TypeError" in response["status"]["message"]
 
 
-async def test_auto_native_sidecars_follow_the_server_version(kmock: Any, cluster: Any, start_operator: Any, cert_dir: Path, ca: trustme.CA) -> None:
+async def test_auto_native_sidecars_follow_the_server_version(
+    kmock: Any, cluster: Any, start_operator: Any, cert_dir: Path, ca: trustme.CA
+) -> None:
     kmock["get /version"] << {"major": "1", "minor": "31", "gitVersion": "v1.31.4", "platform": "linux/amd64"}
     port = free_port()
-    await start_operator(WebhookOptions(enabled=True, addr="127.0.0.1", port=port, cert_dir=str(cert_dir), injection=InjectionOptions(image=IMAGE)))
+    await start_operator(
+        WebhookOptions(
+            enabled=True, addr="127.0.0.1", port=port, cert_dir=str(cert_dir), injection=InjectionOptions(image=IMAGE)
+        )
+    )
     api = ApiServer(port, ca)
     await api.wait_listening()
     pod = app_pod(labels={"kubetoll.dev/inject": "true"})

@@ -157,11 +157,14 @@ def child_env() -> dict[str, str]:
 def start_upstream(port: int, cpus: set[int] | None, log: Path) -> subprocess.Popen:
     """The simulated OpenAI server (`upstream_simulator.run`), no latency, request recording off."""
     code = (
-        "from kubetoll_sidecar.upstream_simulator import SimSettings, run\n"
+        "from kubetoll_tools.simulator import SimSettings, run\n"
         f"run('127.0.0.1', {port}, SimSettings(max_recorded_requests=0))\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", code], env=child_env(), stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        [sys.executable, "-c", code],
+        env=child_env(),
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
         preexec_fn=_pinner(cpus),
     )
     wait_port(port, proc, "simulated upstream", log)
@@ -205,11 +208,16 @@ def write_config(directory: Path, upstream_port: int, api_port: int, metrics_por
     return path
 
 
-def start_sidecar(config: Path, metrics_port: int, cpus: set[int] | None, log: Path, log_level: str = "INFO") -> subprocess.Popen:
-    """`kubetoll sidecar --config ...` as `python -m kubetoll_sidecar.cli`, its log (one access line a request) to a file."""
+def start_sidecar(
+    config: Path, metrics_port: int, cpus: set[int] | None, log: Path, log_level: str = "INFO"
+) -> subprocess.Popen:
+    """`kubetoll sidecar --config ...` as `python -m kubetoll_tools.cli`, its log (one access line a request) to a file."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kubetoll_sidecar.cli", "sidecar", "--config", str(config), "--log-level", log_level],
-        env=child_env(), stdout=log.open("wb"), stderr=subprocess.STDOUT, preexec_fn=_pinner(cpus),
+        [sys.executable, "-m", "kubetoll_tools.cli", "sidecar", "--config", str(config), "--log-level", log_level],
+        env=child_env(),
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        preexec_fn=_pinner(cpus),
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -227,7 +235,10 @@ def start_bare_proxy(upstream_port: int, port: int, cpus: set[int] | None, log: 
     """The framework floor: aiohttp server + ClientSession pass-through, nothing else (benchsupport/bare_proxy.py)."""
     proc = subprocess.Popen(
         [sys.executable, str(Path(__file__).with_name("bare_proxy.py")), str(upstream_port), str(port)],
-        env=child_env(), stdout=log.open("wb"), stderr=subprocess.STDOUT, preexec_fn=_pinner(cpus),
+        env=child_env(),
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        preexec_fn=_pinner(cpus),
     )
     wait_port(port, proc, "bare aiohttp proxy", log)
     return proc
@@ -335,7 +346,12 @@ class RawHTTPClient:
         self.sock.close()
 
     def build(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
-        lines = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{self.port}", "Content-Type: application/json", f"Content-Length: {len(body)}"]
+        lines = [
+            f"POST {path} HTTP/1.1",
+            f"Host: 127.0.0.1:{self.port}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+        ]
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
         return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
@@ -412,12 +428,28 @@ def _wrk_time_ms(value: str, unit: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
-def run_wrk(port: int, body: bytes, headers: dict[str, str], concurrency: int, duration: float, cpus: set[int] | None, workdir: Path) -> LoadResult:
+def run_wrk(
+    port: int,
+    body: bytes,
+    headers: dict[str, str],
+    concurrency: int,
+    duration: float,
+    cpus: set[int] | None,
+    workdir: Path,
+) -> LoadResult:
     script = workdir / f"post-{port}.lua"
     hdrs = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in {"Content-Type": "application/json", **headers}.items())
     script.write_text(f'wrk.method = "POST"\nwrk.body = [==[{body.decode()}]==]\n{hdrs}')
-    cmd = [wrk_path() or "wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--latency", "-s", str(script),
-           f"http://127.0.0.1:{port}/v1/chat/completions"]
+    cmd = [
+        wrk_path() or "wrk",
+        "-t1",
+        f"-c{concurrency}",
+        f"-d{max(1, round(duration))}s",
+        "--latency",
+        "-s",
+        str(script),
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_pinner(cpus), timeout=duration + 30).stdout
     total = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)", out)
     if not total:
@@ -429,15 +461,19 @@ def run_wrk(port: int, body: bytes, headers: dict[str, str], concurrency: int, d
     if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
         errors += sum(int(x) for x in m.groups())
     lat = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.M))
+
     def ms(key: str) -> float | None:
         if key not in lat:
             return None
         mm = re.match(r"([\d.]+)(us|ms|s|m)$", lat[key])
         return _wrk_time_ms(mm.group(1), mm.group(2)) if mm else None
+
     return LoadResult("wrk", n, secs, errors, ms("50"), ms("99"))
 
 
-async def _aiohttp_load(port: int, body: bytes, headers: dict[str, str], concurrency: int, duration: float) -> LoadResult:
+async def _aiohttp_load(
+    port: int, body: bytes, headers: dict[str, str], concurrency: int, duration: float
+) -> LoadResult:
     import aiohttp
 
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
@@ -469,7 +505,9 @@ async def _aiohttp_load(port: int, body: bytes, headers: dict[str, str], concurr
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
     latencies.sort()
-    return LoadResult("aiohttp", len(latencies), elapsed, errors, percentile(latencies, 50) * 1000, percentile(latencies, 99) * 1000)
+    return LoadResult(
+        "aiohttp", len(latencies), elapsed, errors, percentile(latencies, 50) * 1000, percentile(latencies, 99) * 1000
+    )
 
 
 def run_aiohttp_load(port: int, body: bytes, headers: dict[str, str], concurrency: int, duration: float) -> LoadResult:
@@ -486,13 +524,31 @@ def run_aiohttp_load(port: int, body: bytes, headers: dict[str, str], concurrenc
         return runner.run(_aiohttp_load(port, body, headers, concurrency, duration))
 
 
-def run_load(port: int, body: bytes, headers: dict[str, str], concurrency: int, duration: float, cpus: set[int] | None, workdir: Path, tool: str = "auto") -> LoadResult:
+def run_load(
+    port: int,
+    body: bytes,
+    headers: dict[str, str],
+    concurrency: int,
+    duration: float,
+    cpus: set[int] | None,
+    workdir: Path,
+    tool: str = "auto",
+) -> LoadResult:
     if tool == "wrk" or (tool == "auto" and wrk_path()):
         return run_wrk(port, body, headers, concurrency, duration, cpus, workdir)
     return run_aiohttp_load(port, body, headers, concurrency, duration)
 
 
-def load_in_subprocess(port: int, body: bytes, headers: dict[str, str], concurrency: int, duration: float, cpus: set[int] | None, workdir: Path, tool: str = "auto") -> subprocess.Popen:
+def load_in_subprocess(
+    port: int,
+    body: bytes,
+    headers: dict[str, str],
+    concurrency: int,
+    duration: float,
+    cpus: set[int] | None,
+    workdir: Path,
+    tool: str = "auto",
+) -> subprocess.Popen:
     """Drive load from another process (for the in-process profile); prints a JSON LoadResult on stdout."""
     code = (
         "import json, sys\n"
@@ -501,4 +557,6 @@ def load_in_subprocess(port: int, body: bytes, headers: dict[str, str], concurre
         f"r = run_load({port}, {body!r}, {headers!r}, {concurrency}, {duration}, None, __import__('pathlib').Path({str(workdir)!r}), {tool!r})\n"
         "print(json.dumps(r.__dict__))\n"
     )
-    return subprocess.Popen([sys.executable, "-c", code], env=child_env(), stdout=subprocess.PIPE, preexec_fn=_pinner(cpus))
+    return subprocess.Popen(
+        [sys.executable, "-c", code], env=child_env(), stdout=subprocess.PIPE, preexec_fn=_pinner(cpus)
+    )

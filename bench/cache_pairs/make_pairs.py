@@ -19,56 +19,249 @@ OUT = Path(__file__).with_name("pairs.jsonl")
 # lower case, and different wordings of the same request.
 
 GROUPS: list[list[str]] = [
-    ["How do I cancel my order?", "I need to cancel an order I just placed.", "Can I still cancel my order?", "What's the process for cancelling an order?", "cancel my order please"],
-    ["How do I cancel my subscription?", "I want to end my subscription, how do I do that?", "How can I cancel my membership?", "Where do I go to cancel my plan?"],
-    ["Can I pause my subscription for a few months?", "Is it possible to put my subscription on hold?", "How do I temporarily suspend my membership?"],
-    ["How do I reset my password?", "I forgot my password, what should I do?", "How can I change my password if I can't remember it?", "Password reset steps?", "reset password"],
-    ["Where is my order?", "How can I track my package?", "Can you tell me the status of my order?", "I'd like to know where my parcel is.", "track my order"],
-    ["How long does it take to get a refund?", "When will I receive my refund?", "How many days until my refund shows up?", "What's the refund processing time?"],
-    ["What is your return policy?", "How do returns work?", "What's the policy on returning products?", "Can you explain your returns policy?"],
-    ["How do I change the shipping address on my order?", "Can I update the delivery address for my order?", "I entered the wrong address, can I change it?", "I need to edit the shipping address of an order."],
-    ["How do I update my payment method?", "How can I change my card details?", "Where do I update my billing info?", "I want to change the credit card on my account."],
-    ["How do I contact customer support?", "How can I talk to a human?", "How do I get in touch with your support team?", "I want to speak to an agent."],
-    ["How do I delete my account?", "How can I close my account?", "I want to permanently delete my account.", "Please remove my account and all my data."],
-    ["Do you ship to Canada?", "Can I get my order delivered to Canada?", "Is shipping available to Canada?", "Do you deliver to Canada?"],
-    ["How much does the Pro plan cost?", "What's the price of Pro?", "Pro plan pricing?", "How much is the Pro subscription per month?"],
-    ["How do I upgrade to Premium?", "I'd like to upgrade my plan to Premium.", "Can I switch to the Premium plan?", "How can I move up to Premium?"],
+    [
+        "How do I cancel my order?",
+        "I need to cancel an order I just placed.",
+        "Can I still cancel my order?",
+        "What's the process for cancelling an order?",
+        "cancel my order please",
+    ],
+    [
+        "How do I cancel my subscription?",
+        "I want to end my subscription, how do I do that?",
+        "How can I cancel my membership?",
+        "Where do I go to cancel my plan?",
+    ],
+    [
+        "Can I pause my subscription for a few months?",
+        "Is it possible to put my subscription on hold?",
+        "How do I temporarily suspend my membership?",
+    ],
+    [
+        "How do I reset my password?",
+        "I forgot my password, what should I do?",
+        "How can I change my password if I can't remember it?",
+        "Password reset steps?",
+        "reset password",
+    ],
+    [
+        "Where is my order?",
+        "How can I track my package?",
+        "Can you tell me the status of my order?",
+        "I'd like to know where my parcel is.",
+        "track my order",
+    ],
+    [
+        "How long does it take to get a refund?",
+        "When will I receive my refund?",
+        "How many days until my refund shows up?",
+        "What's the refund processing time?",
+    ],
+    [
+        "What is your return policy?",
+        "How do returns work?",
+        "What's the policy on returning products?",
+        "Can you explain your returns policy?",
+    ],
+    [
+        "How do I change the shipping address on my order?",
+        "Can I update the delivery address for my order?",
+        "I entered the wrong address, can I change it?",
+        "I need to edit the shipping address of an order.",
+    ],
+    [
+        "How do I update my payment method?",
+        "How can I change my card details?",
+        "Where do I update my billing info?",
+        "I want to change the credit card on my account.",
+    ],
+    [
+        "How do I contact customer support?",
+        "How can I talk to a human?",
+        "How do I get in touch with your support team?",
+        "I want to speak to an agent.",
+    ],
+    [
+        "How do I delete my account?",
+        "How can I close my account?",
+        "I want to permanently delete my account.",
+        "Please remove my account and all my data.",
+    ],
+    [
+        "Do you ship to Canada?",
+        "Can I get my order delivered to Canada?",
+        "Is shipping available to Canada?",
+        "Do you deliver to Canada?",
+    ],
+    [
+        "How much does the Pro plan cost?",
+        "What's the price of Pro?",
+        "Pro plan pricing?",
+        "How much is the Pro subscription per month?",
+    ],
+    [
+        "How do I upgrade to Premium?",
+        "I'd like to upgrade my plan to Premium.",
+        "Can I switch to the Premium plan?",
+        "How can I move up to Premium?",
+    ],
     ["How long is the free trial?", "How many days is the free trial?", "What's the length of the trial period?"],
-    ["I was charged twice for the same order.", "There's a duplicate charge on my card for my order.", "Why did I get billed two times for one order?", "My card was charged twice for one purchase."],
-    ["How do I turn on two-factor authentication?", "How can I enable 2FA on my account?", "Where do I set up two-factor authentication?", "How to activate two factor auth?"],
-    ["Can I pay with a gift card?", "Do you accept gift cards as payment?", "Can I use a gift card to pay for my order?"],
-    ["How do I use a promo code?", "Where do I enter a discount code?", "How can I apply a coupon to my order?", "Where do I put my voucher code at checkout?"],
-    ["My order hasn't arrived yet.", "I still haven't received my package.", "My package never showed up.", "It's been a while and my order still hasn't come."],
-    ["My item arrived damaged, what can I do?", "The product I received is broken.", "What should I do if my order arrives broken?", "I got a damaged package, can I get a replacement?"],
-    ["I received the wrong item.", "You sent me the wrong product.", "Got the wrong thing in my order.", "The item in my package isn't what I ordered."],
-    ["I can't log in to my account.", "I'm unable to sign in.", "Login isn't working for me.", "Why can't I access my account?"],
-    ["Where can I download my invoices?", "How do I download past invoices?", "How do I get a copy of my invoice?", "Can I download a receipt for my purchase?"],
-    ["What are your opening hours?", "When are you open?", "What time does the store open?", "What are your business hours?"],
-    ["How much is international shipping?", "What does it cost to ship internationally?", "What are your shipping fees for overseas orders?"],
-    ["How do I change my email address?", "Can I update the email on my account?", "I need to use a different email for my account."],
-    ["How do I add a user to my team?", "How can I invite a teammate to my workspace?", "Can I add more members to my team account?"],
+    [
+        "I was charged twice for the same order.",
+        "There's a duplicate charge on my card for my order.",
+        "Why did I get billed two times for one order?",
+        "My card was charged twice for one purchase.",
+    ],
+    [
+        "How do I turn on two-factor authentication?",
+        "How can I enable 2FA on my account?",
+        "Where do I set up two-factor authentication?",
+        "How to activate two factor auth?",
+    ],
+    [
+        "Can I pay with a gift card?",
+        "Do you accept gift cards as payment?",
+        "Can I use a gift card to pay for my order?",
+    ],
+    [
+        "How do I use a promo code?",
+        "Where do I enter a discount code?",
+        "How can I apply a coupon to my order?",
+        "Where do I put my voucher code at checkout?",
+    ],
+    [
+        "My order hasn't arrived yet.",
+        "I still haven't received my package.",
+        "My package never showed up.",
+        "It's been a while and my order still hasn't come.",
+    ],
+    [
+        "My item arrived damaged, what can I do?",
+        "The product I received is broken.",
+        "What should I do if my order arrives broken?",
+        "I got a damaged package, can I get a replacement?",
+    ],
+    [
+        "I received the wrong item.",
+        "You sent me the wrong product.",
+        "Got the wrong thing in my order.",
+        "The item in my package isn't what I ordered.",
+    ],
+    [
+        "I can't log in to my account.",
+        "I'm unable to sign in.",
+        "Login isn't working for me.",
+        "Why can't I access my account?",
+    ],
+    [
+        "Where can I download my invoices?",
+        "How do I download past invoices?",
+        "How do I get a copy of my invoice?",
+        "Can I download a receipt for my purchase?",
+    ],
+    [
+        "What are your opening hours?",
+        "When are you open?",
+        "What time does the store open?",
+        "What are your business hours?",
+    ],
+    [
+        "How much is international shipping?",
+        "What does it cost to ship internationally?",
+        "What are your shipping fees for overseas orders?",
+    ],
+    [
+        "How do I change my email address?",
+        "Can I update the email on my account?",
+        "I need to use a different email for my account.",
+    ],
+    [
+        "How do I add a user to my team?",
+        "How can I invite a teammate to my workspace?",
+        "Can I add more members to my team account?",
+    ],
     ["Do you offer a student discount?", "Is there a discount for students?", "Can students get a cheaper price?"],
-    ["If I cancel now, will I get a refund?", "Do I get my money back if I cancel?", "Will I be refunded if I cancel my subscription?"],
-    ["How do I turn off auto-renewal?", "How can I stop my subscription from renewing automatically?", "I don't want my plan to renew automatically."],
-    ["Can I exchange my shoes for a different size?", "How do I exchange an item for another size?", "The shoes are too small, can I swap them for a bigger size?"],
-    ["Can I place an order without creating an account?", "Do I need an account to buy something?", "Is guest checkout available?"],
+    [
+        "If I cancel now, will I get a refund?",
+        "Do I get my money back if I cancel?",
+        "Will I be refunded if I cancel my subscription?",
+    ],
+    [
+        "How do I turn off auto-renewal?",
+        "How can I stop my subscription from renewing automatically?",
+        "I don't want my plan to renew automatically.",
+    ],
+    [
+        "Can I exchange my shoes for a different size?",
+        "How do I exchange an item for another size?",
+        "The shoes are too small, can I swap them for a bigger size?",
+    ],
+    [
+        "Can I place an order without creating an account?",
+        "Do I need an account to buy something?",
+        "Is guest checkout available?",
+    ],
     ["What payment methods do you accept?", "Which payment options are available?", "How can I pay for my order?"],
-    ["How long does standard shipping take?", "How many days does standard delivery take?", "When will my order arrive with standard shipping?"],
-    ["The app keeps crashing on my iPhone.", "Your app crashes every time I open it on iPhone.", "The iPhone app won't stay open."],
+    [
+        "How long does standard shipping take?",
+        "How many days does standard delivery take?",
+        "When will my order arrive with standard shipping?",
+    ],
+    [
+        "The app keeps crashing on my iPhone.",
+        "Your app crashes every time I open it on iPhone.",
+        "The iPhone app won't stay open.",
+    ],
     ["How do I export my data?", "Can I download all my data?", "Is there a way to get a copy of my data?"],
-    ["Can I add an item to an order I already placed?", "Is it possible to add something to my existing order?", "I forgot to add a product to my order, can I still add it?"],
-    ["Does my plan work abroad?", "Can I use my phone plan when travelling internationally?", "Will my plan cover roaming overseas?"],
-    ["I lost my debit card, what should I do?", "What do I do if I lose my bank card?", "My card is missing, how do I block it?"],
-    ["How long is the warranty on your products?", "What warranty do your products come with?", "How many years of warranty do I get?"],
-    ["How do I unsubscribe from your newsletter?", "How can I opt out of promotional emails?", "Please stop sending me marketing emails."],
-    ["Can I switch from monthly to annual billing?", "How do I change my billing from monthly to yearly?", "I want to move my subscription from monthly to annual payments."],
-    ["How do I cancel my flight booking?", "I need to cancel my flight reservation.", "Can I cancel a flight I booked?"],
+    [
+        "Can I add an item to an order I already placed?",
+        "Is it possible to add something to my existing order?",
+        "I forgot to add a product to my order, can I still add it?",
+    ],
+    [
+        "Does my plan work abroad?",
+        "Can I use my phone plan when travelling internationally?",
+        "Will my plan cover roaming overseas?",
+    ],
+    [
+        "I lost my debit card, what should I do?",
+        "What do I do if I lose my bank card?",
+        "My card is missing, how do I block it?",
+    ],
+    [
+        "How long is the warranty on your products?",
+        "What warranty do your products come with?",
+        "How many years of warranty do I get?",
+    ],
+    [
+        "How do I unsubscribe from your newsletter?",
+        "How can I opt out of promotional emails?",
+        "Please stop sending me marketing emails.",
+    ],
+    [
+        "Can I switch from monthly to annual billing?",
+        "How do I change my billing from monthly to yearly?",
+        "I want to move my subscription from monthly to annual payments.",
+    ],
+    [
+        "How do I cancel my flight booking?",
+        "I need to cancel my flight reservation.",
+        "Can I cancel a flight I booked?",
+    ],
     ["What is the baggage allowance?", "How much luggage can I bring?", "How many bags am I allowed to check?"],
     ["How do I change my username?", "Can I pick a new username?", "Is it possible to edit my user name?"],
     ["Why was my card declined?", "My card keeps getting declined, why?", "Why is my payment being rejected?"],
-    ["How do I return an item?", "What are the steps to send an item back?", "I want to return something I bought, how?"],
+    [
+        "How do I return an item?",
+        "What are the steps to send an item back?",
+        "I want to return something I bought, how?",
+    ],
     ["Do you price match?", "Will you match a competitor's price?", "Do you offer price matching?"],
-    ["Can I change my delivery date?", "Is it possible to reschedule my delivery?", "How do I pick a different delivery day?"],
+    [
+        "Can I change my delivery date?",
+        "Is it possible to reschedule my delivery?",
+        "How do I pick a different delivery day?",
+    ],
 ]
 
 # --------------------------------------------------------------------------- hard negatives, hand-written
@@ -90,7 +283,11 @@ HARD: list[tuple[str, str, str]] = [
     ("How do I download the app?", "How do I uninstall the app?", "action"),
     ("How do I subscribe to the newsletter?", "How do I unsubscribe from the newsletter?", "action"),
     ("How do I link my bank account?", "How do I unlink my bank account?", "action"),
-    ("Can I transfer my subscription to another account?", "Can I share my subscription with another account?", "action"),
+    (
+        "Can I transfer my subscription to another account?",
+        "Can I share my subscription with another account?",
+        "action",
+    ),
     ("How do I book an appointment?", "How do I reschedule an appointment?", "action"),
     ("How do I book an appointment?", "How do I cancel an appointment?", "action"),
     ("How do I buy a gift card?", "How do I redeem a gift card?", "action"),
@@ -182,7 +379,11 @@ HARD: list[tuple[str, str, str]] = [
     ("My package was delivered.", "My package was not delivered.", "negation"),
     ("I have a tracking number.", "I don't have a tracking number.", "negation"),
     ("My subscription renewed.", "My subscription didn't renew.", "negation"),
-    ("I want my subscription to renew automatically.", "I don't want my subscription to renew automatically.", "negation"),
+    (
+        "I want my subscription to renew automatically.",
+        "I don't want my subscription to renew automatically.",
+        "negation",
+    ),
     ("The discount was applied to my order.", "The discount wasn't applied to my order.", "negation"),
     ("My account is verified.", "My account isn't verified.", "negation"),
     ("I received my refund.", "I never received my refund.", "negation"),
@@ -237,7 +438,11 @@ HARD: list[tuple[str, str, str]] = [
     ("Can I return sale items?", "Can I return full-price items?", "qualifier"),
     ("Can I cancel all my orders?", "Can I cancel just one of my orders?", "qualifier"),
     ("My order arrived late.", "My order arrived early.", "qualifier"),
-    ("Is the refund sent to my original payment method automatically?", "Is the refund sent to my original payment method manually?", "qualifier"),
+    (
+        "Is the refund sent to my original payment method automatically?",
+        "Is the refund sent to my original payment method manually?",
+        "qualifier",
+    ),
     ("Can I upgrade to a cheaper plan?", "Can I upgrade to a faster plan?", "qualifier"),
     ("Can I order online and pick up in store?", "Can I order in store and get it delivered?", "qualifier"),
     ("My account was hacked.", "My account was locked.", "qualifier"),
@@ -350,12 +555,28 @@ NUMBER_TEMPLATES = [
 ]
 PARAPHRASE_TEMPLATES = [
     # (question shapes that mean the same, slot values)
-    (["How do I {a} my {o}?", "How can I {a} my {o}?", "What do I need to do to {a} my {o}?", "Can you help me {a} my {o}?"],
-     [("cancel", "subscription"), ("track", "order"), ("delete", "account"), ("verify", "email address"), ("freeze", "card"), ("renew", "membership")]),
+    (
+        [
+            "How do I {a} my {o}?",
+            "How can I {a} my {o}?",
+            "What do I need to do to {a} my {o}?",
+            "Can you help me {a} my {o}?",
+        ],
+        [
+            ("cancel", "subscription"),
+            ("track", "order"),
+            ("delete", "account"),
+            ("verify", "email address"),
+            ("freeze", "card"),
+            ("renew", "membership"),
+        ],
+    ),
 ]
 
 
-def _pairs_from_slots(templates: list[str], fill: dict[str, list[str]], slot: str, fixed: dict[str, str], rng: random.Random, k: int) -> list[tuple[str, str]]:
+def _pairs_from_slots(
+    templates: list[str], fill: dict[str, list[str]], slot: str, fixed: dict[str, str], rng: random.Random, k: int
+) -> list[tuple[str, str]]:
     vals = fill[slot]
     combos = list(itertools.combinations(vals, 2))
     rng.shuffle(combos)

@@ -39,9 +39,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from kubetoll_sidecar.config import (
-    NAME_PATTERN,
-    ROUTE_NAME_PATTERN,
+from pydantic import ValidationError
+
+from kubetoll_core.names import NAME_PATTERN, ROUTE_NAME_PATTERN
+from kubetoll_core.prices import PricingError, resolve_price
+from kubetoll_core.router_config import (
     Backend,
     Budget,
     BudgetStoreSettings,
@@ -50,8 +52,6 @@ from kubetoll_sidecar.config import (
     RouterConfig,
     ServerSettings,
 )
-from kubetoll_sidecar.prices import PricingError, resolve_price
-from pydantic import ValidationError
 
 from .resources import (
     API_VERSION,
@@ -157,7 +157,9 @@ def _pydantic_problems(kind: str, name: str, exc: ValidationError, prefix: str, 
         for part in msg[len("Value error, ") :].split("; "):
             m = re.match(r"^([A-Za-z][A-Za-z0-9.]*): (.*)$", part)
             if m:
-                problems.append(Problem(kind, name, reason, m.group(2), f"{where}.{m.group(1)}" if where else m.group(1)))
+                problems.append(
+                    Problem(kind, name, reason, m.group(2), f"{where}.{m.group(1)}" if where else m.group(1))
+                )
             else:
                 problems.append(Problem(kind, name, reason, part, where))
     return problems
@@ -186,7 +188,9 @@ class _Compilation:
 
     # ----------------------------------------------------------------- helpers
 
-    def problem(self, kind: str, name: str, reason: str, message: str, field: str = "", severity: Severity = "error") -> None:
+    def problem(
+        self, kind: str, name: str, reason: str, message: str, field: str = "", severity: Severity = "error"
+    ) -> None:
         self.problems.append(Problem(kind, name, reason, message, field, severity))
         outcome = self.outcomes.get((kind, name))
         if outcome is None:
@@ -215,18 +219,42 @@ class _Compilation:
             meta = obj.get("metadata") or {}
             name = str(meta.get("name") or "")
             if kind not in KINDS:
-                self.problems.append(Problem(kind or "<no kind>", name or "<unnamed>", "UnknownKind", f"{api_version} has no kind {kind!r}", "kind"))
+                self.problems.append(
+                    Problem(
+                        kind or "<no kind>",
+                        name or "<unnamed>",
+                        "UnknownKind",
+                        f"{api_version} has no kind {kind!r}",
+                        "kind",
+                    )
+                )
                 continue
             if not name:
-                self.problems.append(Problem(kind, "<unnamed>", "InvalidMetadata", "metadata.name is required", "metadata.name"))
+                self.problems.append(
+                    Problem(kind, "<unnamed>", "InvalidMetadata", "metadata.name is required", "metadata.name")
+                )
                 continue
             if (kind, name) in self.outcomes:
-                self.problems.append(Problem(kind, name, "Duplicate", f"a second {kind} named {name!r}; the first one is used", "metadata.name"))
+                self.problems.append(
+                    Problem(
+                        kind,
+                        name,
+                        "Duplicate",
+                        f"a second {kind} named {name!r}; the first one is used",
+                        "metadata.name",
+                    )
+                )
                 continue
             generation = meta.get("generation")
             self.outcomes[(kind, name)] = Outcome(kind, name, generation if isinstance(generation, int) else None)
             if api_version != API_VERSION:
-                self.leave_out(kind, name, "UnsupportedVersion", f"apiVersion {api_version!r} is not served; use {API_VERSION}", "apiVersion")
+                self.leave_out(
+                    kind,
+                    name,
+                    "UnsupportedVersion",
+                    f"apiVersion {api_version!r} is not served; use {API_VERSION}",
+                    "apiVersion",
+                )
                 continue
             spec = obj.get("spec")
             if not isinstance(spec, Mapping):
@@ -250,14 +278,22 @@ class _Compilation:
             spec = specs[name]
             kind = "ModelBackend"
             if not re.match(NAME_PATTERN, name):
-                self.leave_out(kind, name, "InvalidName", "name must be at most 63 characters of a-z, 0-9, '.', '-' (it names the backend in metrics)", "metadata.name")
+                self.leave_out(
+                    kind,
+                    name,
+                    "InvalidName",
+                    "name must be at most 63 characters of a-z, 0-9, '.', '-' (it names the backend in metrics)",
+                    "metadata.name",
+                )
                 continue
             if spec.endpoint is not None:
                 endpoint = spec.endpoint
             else:
                 ref = spec.service_ref
                 assert ref is not None  # the model guarantees one of the two
-                endpoint = service_endpoint(self.namespace, ref.name, ref.port, ref.scheme.value, ref.path, self.cluster_domain)
+                endpoint = service_endpoint(
+                    self.namespace, ref.name, ref.port, ref.scheme.value, ref.path, self.cluster_domain
+                )
             data: dict[str, Any] = {
                 "name": name,
                 "provider": spec.provider.value,
@@ -277,22 +313,46 @@ class _Compilation:
                 field_path = "spec.credentials.secretRef"
                 if self.secrets is not None:
                     if secret not in self.secrets:
-                        self.leave_out(kind, name, "SecretNotFound", f"Secret {secret!r} not found in namespace {self.namespace!r}", field_path + ".name")
+                        self.leave_out(
+                            kind,
+                            name,
+                            "SecretNotFound",
+                            f"Secret {secret!r} not found in namespace {self.namespace!r}",
+                            field_path + ".name",
+                        )
                         continue
                     if key not in self.secrets[secret]:
-                        self.leave_out(kind, name, "SecretKeyNotFound", f"Secret {secret!r} has no key {key!r}", field_path + ".key")
+                        self.leave_out(
+                            kind,
+                            name,
+                            "SecretKeyNotFound",
+                            f"Secret {secret!r} has no key {key!r}",
+                            field_path + ".key",
+                        )
                         continue
                 if self.credential_mode == "file":
                     cred_key = credential_file_key(secret, key)
                     if len(cred_key) > MAX_SECRET_KEY_LENGTH:
-                        self.leave_out(kind, name, "InvalidSecretRef", f"Secret name plus key is longer than {MAX_SECRET_KEY_LENGTH - 1} characters", field_path)
+                        self.leave_out(
+                            kind,
+                            name,
+                            "InvalidSecretRef",
+                            f"Secret name plus key is longer than {MAX_SECRET_KEY_LENGTH - 1} characters",
+                            field_path,
+                        )
                         continue
                     data["credentials"] = {"file": cred_key}
                 else:
                     cred_key = credential_env_name(secret, key)
                     owner = env_owner.setdefault(cred_key, (secret, key))
                     if owner != (secret, key):
-                        self.leave_out(kind, name, "CredentialConflict", f"Secret {secret!r} key {key!r} maps to the same environment variable {cred_key} as Secret {owner[0]!r} key {owner[1]!r}", field_path)
+                        self.leave_out(
+                            kind,
+                            name,
+                            "CredentialConflict",
+                            f"Secret {secret!r} key {key!r} maps to the same environment variable {cred_key} as Secret {owner[0]!r} key {owner[1]!r}",
+                            field_path,
+                        )
                         continue
                     data["credentials"] = {"env": cred_key}
                 self.credentials[cred_key] = (secret, key)
@@ -312,7 +372,10 @@ class _Compilation:
             out[name] = backend.model_dump(mode="json", by_alias=True, exclude_none=True)
             prices: dict[str, Any] = {"source": price.source, **price.per_mtok()}
             if price.tiers:
-                prices["note"] = "prompt-size tiers apply: " + ", ".join(f"over {start} input tokens: input ${r.input * 1e6:g}, output ${r.output * 1e6:g} per MTok" for start, r in price.tiers)
+                prices["note"] = "prompt-size tiers apply: " + ", ".join(
+                    f"over {start} input tokens: input ${r.input * 1e6:g}, output ${r.output * 1e6:g} per MTok"
+                    for start, r in price.tiers
+                )
             self.outcomes[(kind, name)].details = {"endpoint": endpoint, "prices": prices}
         # A credential only a left-out backend used is not needed.
         used = {b["credentials"].get("file") or b["credentials"].get("env") for b in out.values() if "credentials" in b}
@@ -321,13 +384,21 @@ class _Compilation:
 
     # ----------------------------------------------------------------- cache policies
 
-    def cache_policies(self, specs: dict[str, CachePolicySpec], backends: dict[str, dict[str, Any]], all_backends: set[str]) -> dict[str, dict[str, Any]]:
+    def cache_policies(
+        self, specs: dict[str, CachePolicySpec], backends: dict[str, dict[str, Any]], all_backends: set[str]
+    ) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         kind = "CachePolicy"
         for name in sorted(specs):
             spec = specs[name]
             if not re.match(NAME_PATTERN, name):
-                self.leave_out(kind, name, "InvalidName", "name must be at most 63 characters of a-z, 0-9, '.', '-'", "metadata.name")
+                self.leave_out(
+                    kind,
+                    name,
+                    "InvalidName",
+                    "name must be at most 63 characters of a-z, 0-9, '.', '-'",
+                    "metadata.name",
+                )
                 continue
             ref = spec.semantic.embedding_backend
             field_path = "spec.semantic.embeddingBackend"
@@ -337,7 +408,13 @@ class _Compilation:
                 self.leave_out(kind, name, reason, f"ModelBackend {ref!r} {what}", field_path)
                 continue
             if ref is not None and backends[ref]["provider"] == Provider.anthropic.value:
-                self.leave_out(kind, name, "Unsupported", f"ModelBackend {ref!r} is an anthropic backend, which serves no /v1/embeddings", field_path)
+                self.leave_out(
+                    kind,
+                    name,
+                    "Unsupported",
+                    f"ModelBackend {ref!r} is an anthropic backend, which serves no /v1/embeddings",
+                    field_path,
+                )
                 continue
             data = {"name": name, **spec.model_dump(mode="json", by_alias=True, exclude_none=True)}
             try:
@@ -351,7 +428,9 @@ class _Compilation:
 
     # ----------------------------------------------------------------- routes
 
-    def _resolve_backends(self, name: str, refs: list[str], field_prefix: str, backends: dict[str, dict[str, Any]], all_backends: set[str]) -> list[str]:
+    def _resolve_backends(
+        self, name: str, refs: list[str], field_prefix: str, backends: dict[str, dict[str, Any]], all_backends: set[str]
+    ) -> list[str]:
         kept = []
         for j, ref in enumerate(refs):
             if ref in backends:
@@ -359,9 +438,23 @@ class _Compilation:
                     kept.append(ref)
                 continue
             if ref in all_backends:
-                self.problem("ModelRoute", name, "BackendNotReady", f"ModelBackend {ref!r} is not ready; dropped from the chain", f"{field_prefix}[{j}]", "warning")
+                self.problem(
+                    "ModelRoute",
+                    name,
+                    "BackendNotReady",
+                    f"ModelBackend {ref!r} is not ready; dropped from the chain",
+                    f"{field_prefix}[{j}]",
+                    "warning",
+                )
             else:
-                self.problem("ModelRoute", name, "BackendNotFound", f"ModelBackend {ref!r} not found; dropped from the chain", f"{field_prefix}[{j}]", "warning")
+                self.problem(
+                    "ModelRoute",
+                    name,
+                    "BackendNotFound",
+                    f"ModelBackend {ref!r} not found; dropped from the chain",
+                    f"{field_prefix}[{j}]",
+                    "warning",
+                )
         return kept
 
     def routes(
@@ -381,10 +474,22 @@ class _Compilation:
             kind = "ModelRoute"
             model_name = spec.model_name or name
             if not re.match(ROUTE_NAME_PATTERN, model_name):
-                self.leave_out(kind, name, "InvalidName", f"model name {model_name!r} must match {ROUTE_NAME_PATTERN}; set spec.modelName", "spec.modelName")
+                self.leave_out(
+                    kind,
+                    name,
+                    "InvalidName",
+                    f"model name {model_name!r} must match {ROUTE_NAME_PATTERN}; set spec.modelName",
+                    "spec.modelName",
+                )
                 continue
             if model_name in model_names:
-                self.leave_out(kind, name, "ModelNameConflict", f"model name {model_name!r} is already served by ModelRoute {model_names[model_name]!r}", "spec.modelName")
+                self.leave_out(
+                    kind,
+                    name,
+                    "ModelNameConflict",
+                    f"model name {model_name!r} is already served by ModelRoute {model_names[model_name]!r}",
+                    "spec.modelName",
+                )
                 continue
             rules = []
             empty_rule = None
@@ -401,7 +506,13 @@ class _Compilation:
                     }
                 )
             if empty_rule is not None:
-                self.leave_out(kind, name, "NoBackends", f"rule {spec.rules[empty_rule].name or empty_rule!r} has no backend that resolves", f"spec.rules[{empty_rule}].backends")
+                self.leave_out(
+                    kind,
+                    name,
+                    "NoBackends",
+                    f"rule {spec.rules[empty_rule].name or empty_rule!r} has no backend that resolves",
+                    f"spec.rules[{empty_rule}].backends",
+                )
                 continue
             data: dict[str, Any] = {
                 "name": model_name,
@@ -413,19 +524,42 @@ class _Compilation:
             if spec.pod_selector is not None and spec.pod_selector.match_labels:
                 data["podSelector"] = dict(spec.pod_selector.match_labels)
             if spec.downgrade is not None:
-                kept = self._resolve_backends(name, spec.downgrade.backends, "spec.downgrade.backends", backends, all_backends)
+                kept = self._resolve_backends(
+                    name, spec.downgrade.backends, "spec.downgrade.backends", backends, all_backends
+                )
                 if kept:
                     data["downgrade"] = {"atPercent": spec.downgrade.at_percent, "backends": kept}
                 else:
-                    self.problem(kind, name, "DowngradeDropped", "no downgrade backend resolves; the downgrade is dropped", "spec.downgrade.backends", "warning")
+                    self.problem(
+                        kind,
+                        name,
+                        "DowngradeDropped",
+                        "no downgrade backend resolves; the downgrade is dropped",
+                        "spec.downgrade.backends",
+                        "warning",
+                    )
             if spec.cache_policy is not None:
                 if spec.cache_policy in policies:
                     policy_users.setdefault(spec.cache_policy, []).append(model_name)
                     data["cachePolicy"] = spec.cache_policy
                 elif spec.cache_policy in all_policies:
-                    self.problem(kind, name, "CachePolicyNotReady", f"CachePolicy {spec.cache_policy!r} is not ready; the reference is dropped", "spec.cachePolicy", "warning")
+                    self.problem(
+                        kind,
+                        name,
+                        "CachePolicyNotReady",
+                        f"CachePolicy {spec.cache_policy!r} is not ready; the reference is dropped",
+                        "spec.cachePolicy",
+                        "warning",
+                    )
                 else:
-                    self.problem(kind, name, "CachePolicyNotFound", f"CachePolicy {spec.cache_policy!r} not found; the reference is dropped", "spec.cachePolicy", "warning")
+                    self.problem(
+                        kind,
+                        name,
+                        "CachePolicyNotFound",
+                        f"CachePolicy {spec.cache_policy!r} not found; the reference is dropped",
+                        "spec.cachePolicy",
+                        "warning",
+                    )
             try:
                 route = Route.model_validate(data)
             except ValidationError as exc:
@@ -453,7 +587,9 @@ class _Compilation:
 
     # ----------------------------------------------------------------- budgets
 
-    def budgets(self, specs: dict[str, TokenBudgetSpec], routes: dict[str, dict[str, Any]], all_routes: set[str]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    def budgets(
+        self, specs: dict[str, TokenBudgetSpec], routes: dict[str, dict[str, Any]], all_routes: set[str]
+    ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         out: list[dict[str, Any]] = []
         tenancy: dict[str, Any] | None = None
         tenancy_from = ""
@@ -461,18 +597,44 @@ class _Compilation:
             spec = specs[name]
             kind = "TokenBudget"
             if not re.match(NAME_PATTERN, name):
-                self.leave_out(kind, name, "InvalidName", "name must be at most 63 characters of a-z, 0-9, '.', '-' (it names the budget in Redis keys)", "metadata.name")
+                self.leave_out(
+                    kind,
+                    name,
+                    "InvalidName",
+                    "name must be at most 63 characters of a-z, 0-9, '.', '-' (it names the budget in Redis keys)",
+                    "metadata.name",
+                )
                 continue
             covered = []
             for j, ref in enumerate(spec.routes):
                 if ref in routes:
                     covered.append(routes[ref]["name"])
                 elif ref in all_routes:
-                    self.problem(kind, name, "RouteNotReady", f"ModelRoute {ref!r} is not ready; not covered", f"spec.routes[{j}]", "warning")
+                    self.problem(
+                        kind,
+                        name,
+                        "RouteNotReady",
+                        f"ModelRoute {ref!r} is not ready; not covered",
+                        f"spec.routes[{j}]",
+                        "warning",
+                    )
                 else:
-                    self.problem(kind, name, "RouteNotFound", f"ModelRoute {ref!r} not found; not covered", f"spec.routes[{j}]", "warning")
+                    self.problem(
+                        kind,
+                        name,
+                        "RouteNotFound",
+                        f"ModelRoute {ref!r} not found; not covered",
+                        f"spec.routes[{j}]",
+                        "warning",
+                    )
             if spec.routes and not covered:
-                self.leave_out(kind, name, "NoRoutes", "none of the routes in spec.routes resolves; an empty list would cover every route, so the budget is left out", "spec.routes")
+                self.leave_out(
+                    kind,
+                    name,
+                    "NoRoutes",
+                    "none of the routes in spec.routes resolves; an empty list would cover every route, so the budget is left out",
+                    "spec.routes",
+                )
                 continue
             data = {
                 "name": name,
@@ -499,7 +661,14 @@ class _Compilation:
                     self.outcomes[(kind, name)].details["tenancy"] = "accepted"
                 elif tenant != tenancy:
                     diff = sorted(k for k in tenant if tenant[k] != tenancy[k])
-                    self.problem(kind, name, "TenancyConflict", f"spec.tenant differs from TokenBudget {tenancy_from!r} in {', '.join(diff)}; that one is used", "spec.tenant", "warning")
+                    self.problem(
+                        kind,
+                        name,
+                        "TenancyConflict",
+                        f"spec.tenant differs from TokenBudget {tenancy_from!r} in {', '.join(diff)}; that one is used",
+                        "spec.tenant",
+                        "warning",
+                    )
                     self.outcomes[(kind, name)].details["tenancy"] = "conflict"
                 else:
                     self.outcomes[(kind, name)].details["tenancy"] = "accepted"

@@ -31,16 +31,28 @@ _DROP = {"title", "$defs"}
 # which must be short enough for metric labels and Redis keys.
 ROOT_RULES: dict[str, list[dict[str, str]]] = {
     "ModelBackend": [
-        {"rule": "size(self.metadata.name) <= 63", "message": "metadata.name must be at most 63 characters (it names the backend in metrics and logs)"}
+        {
+            "rule": "size(self.metadata.name) <= 63",
+            "message": "metadata.name must be at most 63 characters (it names the backend in metrics and logs)",
+        }
     ],
     "TokenBudget": [
-        {"rule": "size(self.metadata.name) <= 63", "message": "metadata.name must be at most 63 characters (it names the budget in Redis keys and metrics)"}
+        {
+            "rule": "size(self.metadata.name) <= 63",
+            "message": "metadata.name must be at most 63 characters (it names the budget in Redis keys and metrics)",
+        }
     ],
     "CachePolicy": [
-        {"rule": "size(self.metadata.name) <= 63", "message": "metadata.name must be at most 63 characters (it names the policy in metrics)"}
+        {
+            "rule": "size(self.metadata.name) <= 63",
+            "message": "metadata.name must be at most 63 characters (it names the policy in metrics)",
+        }
     ],
     "ModelRoute": [
-        {"rule": "has(self.spec.modelName) || size(self.metadata.name) <= 128", "message": "metadata.name longer than 128 characters needs spec.modelName"}
+        {
+            "rule": "has(self.spec.modelName) || size(self.metadata.name) <= 128",
+            "message": "metadata.name longer than 128 characters needs spec.modelName",
+        }
     ],
 }
 
@@ -138,8 +150,14 @@ def crd_for(info: KindInfo) -> dict[str, Any]:
         "type": "object",
         "description": info.description,
         "properties": {
-            "apiVersion": {"type": "string", "description": "APIVersion defines the versioned schema of this representation of an object."},
-            "kind": {"type": "string", "description": "Kind is a string value representing the REST resource this object represents."},
+            "apiVersion": {
+                "type": "string",
+                "description": "APIVersion defines the versioned schema of this representation of an object.",
+            },
+            "kind": {
+                "type": "string",
+                "description": "Kind is a string value representing the REST resource this object represents.",
+            },
             "metadata": {"type": "object"},
             "spec": spec_schema,
             "status": status_schema,

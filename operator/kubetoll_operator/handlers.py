@@ -91,7 +91,9 @@ def _snapshot(body: Any) -> dict[str, Any]:
     return {
         "apiVersion": body.get("apiVersion"),
         "kind": body.get("kind"),
-        "metadata": {k: copy.deepcopy(meta.get(k)) for k in ("name", "namespace", "uid", "generation") if meta.get(k) is not None},
+        "metadata": {
+            k: copy.deepcopy(meta.get(k)) for k in ("name", "namespace", "uid", "generation") if meta.get(k) is not None
+        },
         "spec": copy.deepcopy(dict(body.get("spec") or {})),
         "status": copy.deepcopy(dict(body.get("status") or {})),
     }
@@ -124,9 +126,13 @@ class Reconciler:
     # the spend reporter
     configs: dict[str, Any] = field(default_factory=dict)  # ns → the RouterConfig last compiled
     reporters: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-    written: dict[tuple[str, str, str], tuple[str | None, dict[str, Any]]] = field(default_factory=dict)  # (kind, ns, name) → (uid, status we wrote)
+    written: dict[tuple[str, str, str], tuple[str | None, dict[str, Any]]] = field(
+        default_factory=dict
+    )  # (kind, ns, name) → (uid, status we wrote)
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)  # ns → held while a status is read, merged and written
-    alert_marks: dict[tuple[str, str, str, int], float] = field(default_factory=dict)  # (ns, budget, meter, threshold) → period end
+    alert_marks: dict[tuple[str, str, str, int], float] = field(
+        default_factory=dict
+    )  # (ns, budget, meter, threshold) → period end
     cache_counters: dict[str, spend.CacheCounter] = field(default_factory=dict)
     spend_ok: dict[str, bool] = field(default_factory=dict)  # ns → last reading succeeded (logs transitions only)
     spend_reports: int = 0
@@ -168,7 +174,12 @@ class Reconciler:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    log.error("namespace %s: recompile failed, retrying in %.0fs (the last written config stays): %s", namespace, backoff, exc)
+                    log.error(
+                        "namespace %s: recompile failed, retrying in %.0fs (the last written config stays): %s",
+                        namespace,
+                        backoff,
+                        exc,
+                    )
                     self.pending.add(namespace)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, self.options.max_backoff_seconds)
@@ -218,7 +229,10 @@ class Reconciler:
             removed = []
             for what, path in (("configmap", cm_path), ("secret", secret_path)):
                 current = await api.get(path)
-                if current is not None and (current.get("metadata", {}).get("labels") or {}).get(MANAGED_BY_LABEL) == MANAGED_BY:
+                if (
+                    current is not None
+                    and (current.get("metadata", {}).get("labels") or {}).get(MANAGED_BY_LABEL) == MANAGED_BY
+                ):
                     await api.delete(path)
                     removed.append(what)
             self.applied.pop(namespace, None)
@@ -236,18 +250,25 @@ class Reconciler:
                 sources[name] = _secret_keys(secret)
         store = None
         if self.options.redis_url:
-            from kubetoll_sidecar.config import BudgetStoreSettings
+            from kubetoll_core.router_config import BudgetStoreSettings
 
             store = BudgetStoreSettings(url=self.options.redis_url)
         compile_started = time.perf_counter()
-        result = compile_namespace(namespace, resources, secrets=sources, budget_store=store, cluster_domain=self.options.cluster_domain)
+        result = compile_namespace(
+            namespace, resources, secrets=sources, budget_store=store, cluster_domain=self.options.cluster_domain
+        )
         compile_ms = (time.perf_counter() - compile_started) * 1000
         self.compiles += 1
-        self.last_compile = datetime.datetime.now(datetime.timezone.utc).isoformat()
+        self.last_compile = datetime.datetime.now(datetime.UTC).isoformat()
 
         changed: list[str] = []
         if result.config is None:
-            log.error("namespace %s: compile failed (%s); keeping config %s", namespace, "; ".join(map(str, result.problems)), self.applied.get(namespace, "none")[:12])
+            log.error(
+                "namespace %s: compile failed (%s); keeping config %s",
+                namespace,
+                "; ".join(map(str, result.problems)),
+                self.applied.get(namespace, "none")[:12],
+            )
         else:
             data = {key: sources[secret][k] for key, (secret, k) in result.credentials.items()}
             if await self._apply_secret(namespace, secret_path, data):
@@ -256,7 +277,9 @@ class Reconciler:
                 changed.append("config")
             self.applied[namespace] = result.content_hash
             self.configs[namespace] = result.config
-            self._set_reporter(namespace, bool(self.options.redis_url and (result.config.budgets or result.config.cache_policies)))
+            self._set_reporter(
+                namespace, bool(self.options.redis_url and (result.config.budgets or result.config.cache_policies))
+            )
         statuses = await self._apply_statuses(namespace, result)
         events = await self._post_events(namespace, result)
         errors = sum(1 for p in result.problems if p.severity == "error")
@@ -285,12 +308,19 @@ class Reconciler:
         if current is None:
             await self.api.create(
                 f"/api/v1/namespaces/{namespace}/configmaps",
-                {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": CONFIGMAP_NAME, "namespace": namespace, **meta}, "data": data},
+                {
+                    "apiVersion": "v1",
+                    "kind": "ConfigMap",
+                    "metadata": {"name": CONFIGMAP_NAME, "namespace": namespace, **meta},
+                    "data": data,
+                },
             )
             return True
         labels = current.get("metadata", {}).get("labels") or {}
         if labels.get(MANAGED_BY_LABEL) != MANAGED_BY:
-            raise RuntimeError(f"ConfigMap {namespace}/{CONFIGMAP_NAME} exists and is not managed by {MANAGED_BY}; not overwriting it")
+            raise RuntimeError(
+                f"ConfigMap {namespace}/{CONFIGMAP_NAME} exists and is not managed by {MANAGED_BY}; not overwriting it"
+            )
         annotations = current.get("metadata", {}).get("annotations") or {}
         if (current.get("data") or {}) == data and annotations.get(HASH_ANNOTATION) == result.content_hash:
             return False
@@ -305,12 +335,20 @@ class Reconciler:
         if current is None:
             await self.api.create(
                 f"/api/v1/namespaces/{namespace}/secrets",
-                {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": {"name": CREDENTIALS_SECRET, "namespace": namespace, **meta}, "data": data},
+                {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "type": "Opaque",
+                    "metadata": {"name": CREDENTIALS_SECRET, "namespace": namespace, **meta},
+                    "data": data,
+                },
             )
             return True
         labels = current.get("metadata", {}).get("labels") or {}
         if labels.get(MANAGED_BY_LABEL) != MANAGED_BY:
-            raise RuntimeError(f"Secret {namespace}/{CREDENTIALS_SECRET} exists and is not managed by {MANAGED_BY}; not overwriting it")
+            raise RuntimeError(
+                f"Secret {namespace}/{CREDENTIALS_SECRET} exists and is not managed by {MANAGED_BY}; not overwriting it"
+            )
         have = _secret_keys(current)
         if have == data:
             return False
@@ -378,7 +416,9 @@ class Reconciler:
                 current = self._current_status(obj)
                 desired = desired_status(result, outcome)
                 # The spend reporter's conditions stay as it wrote them.
-                desired["conditions"] += [c for c in current.get("conditions") or [] if c.get("type") in spend.SPEND_CONDITIONS]
+                desired["conditions"] += [
+                    c for c in current.get("conditions") or [] if c.get("type") in spend.SPEND_CONDITIONS
+                ]
                 if not status_differs(desired, current):
                     continue
                 status = dict(desired)
@@ -399,19 +439,35 @@ class Reconciler:
             key = (p.kind, p.name, p.reason, p.field, p.message)
             if key in before or (p.kind, p.name) not in uids:
                 continue
-            await self._create_event(namespace, p.kind, p.name, uids[(p.kind, p.name)], "Warning", p.reason, (f"{p.field}: " if p.field else "") + p.message)
+            await self._create_event(
+                namespace,
+                p.kind,
+                p.name,
+                uids[(p.kind, p.name)],
+                "Warning",
+                p.reason,
+                (f"{p.field}: " if p.field else "") + p.message,
+            )
             posted += 1
         self.reported[namespace] = current
         return posted
 
-    async def _create_event(self, namespace: str, kind: str, name: str, uid: str | None, type_: str, reason: str, message: str) -> None:
+    async def _create_event(
+        self, namespace: str, kind: str, name: str, uid: str | None, type_: str, reason: str, message: str
+    ) -> None:
         assert self.api is not None
-        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         event = {
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {"name": f"{name}.{uuid.uuid4().hex[:16]}", "namespace": namespace},
-            "involvedObject": {"apiVersion": API_VERSION, "kind": kind, "name": name, "namespace": namespace, "uid": uid},
+            "involvedObject": {
+                "apiVersion": API_VERSION,
+                "kind": kind,
+                "name": name,
+                "namespace": namespace,
+                "uid": uid,
+            },
             "type": type_,
             "reason": reason,
             "message": message,
@@ -435,7 +491,9 @@ class Reconciler:
     def _set_reporter(self, namespace: str, wanted: bool) -> None:
         task = self.reporters.get(namespace)
         if wanted and task is None:
-            self.reporters[namespace] = asyncio.create_task(self._spend_loop(namespace), name=f"kubetoll-spend-{namespace}")
+            self.reporters[namespace] = asyncio.create_task(
+                self._spend_loop(namespace), name=f"kubetoll-spend-{namespace}"
+            )
         elif not wanted and task is not None:
             task.cancel()
             del self.reporters[namespace]
@@ -449,15 +507,22 @@ class Reconciler:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a Kubernetes write failed, or a bug: try again next tick
-                log.error("namespace %s: spend report failed, retrying in %gs: %s", namespace, self.options.spend_interval_seconds, exc)
+                log.error(
+                    "namespace %s: spend report failed, retrying in %gs: %s",
+                    namespace,
+                    self.options.spend_interval_seconds,
+                    exc,
+                )
             await asyncio.sleep(self.options.spend_interval_seconds)
 
     def _redis(self) -> Any:
         if self.redis is None:
-            from kubetoll_sidecar.budgets.redis_connect import connect_redis
-            from kubetoll_sidecar.config import BudgetStoreSettings
+            from kubetoll_core.redis_connect import connect_redis
+            from kubetoll_core.router_config import BudgetStoreSettings
 
-            creds = spend.OperatorRedisCredentials(self.options.redis_username_file, self.options.redis_password_file, self.options.redis_password)
+            creds = spend.OperatorRedisCredentials(
+                self.options.redis_username_file, self.options.redis_password_file, self.options.redis_password
+            )
             self.redis = connect_redis(
                 BudgetStoreSettings(url=self.options.redis_url),
                 "/nonexistent",  # the operator's credentials are its own (creds), never a namespace's files
@@ -469,13 +534,16 @@ class Reconciler:
 
     async def report_spend(self, namespace: str) -> None:
         """Read a namespace's spend from Redis once and write what changed."""
-        from kubetoll_sidecar.budgets.redis_keys import RETENTION_AFTER_PERIOD
-        from kubetoll_sidecar.ledger_redis import period_totals
+        from kubetoll_core.ledger_stream import period_totals
+        from kubetoll_core.redis_keys import RETENTION_AFTER_PERIOD
 
         config = self.configs.get(namespace)
         if config is None or self.api is None:
             return
-        objects = {(o.get("kind"), o["metadata"]["name"]): {**o, "metadata": {**o["metadata"], "namespace": namespace}} for o in self.resources(namespace)}
+        objects = {
+            (o.get("kind"), o["metadata"]["name"]): {**o, "metadata": {**o["metadata"], "namespace": namespace}}
+            for o in self.resources(namespace)
+        }
         budgets = [b for b in config.budgets if ("TokenBudget", b.name) in objects]
         policies = [p for p in config.cache_policies if ("CachePolicy", p.name) in objects]
         client = self._redis()
@@ -489,7 +557,9 @@ class Reconciler:
             async with asyncio.timeout(timeout):
                 for b in budgets:
                     # Day windows of past days and idle buckets expire sooner than this: not fetched.
-                    totals[b.name] = await period_totals(client, namespace, b.name, min_expiry=now + RETENTION_AFTER_PERIOD["day"])
+                    totals[b.name] = await period_totals(
+                        client, namespace, b.name, min_expiry=now + RETENTION_AFTER_PERIOD["day"]
+                    )
         except (RedisError, OSError, TimeoutError, ValueError) as exc:
             failure = exc
         self._log_spend_transition(namespace, failure)
@@ -517,9 +587,16 @@ class Reconciler:
         if ok:
             log.info("namespace %s: reading spend from Redis", namespace)
         else:  # the URL carries no credentials (BudgetStoreSettings refuses them); the password is never in a message
-            log.warning("namespace %s: cannot read spend from Redis (%s: %s); statuses keep their last reading", namespace, type(failure).__name__, failure)
+            log.warning(
+                "namespace %s: cannot read spend from Redis (%s: %s); statuses keep their last reading",
+                namespace,
+                type(failure).__name__,
+                failure,
+            )
 
-    async def _write_spend_status(self, obj: dict[str, Any], fields: dict[str, Any], conditions: list[dict[str, Any]]) -> None:
+    async def _write_spend_status(
+        self, obj: dict[str, Any], fields: dict[str, Any], conditions: list[dict[str, Any]]
+    ) -> None:
         async with self._lock(obj["metadata"]["namespace"]):
             current = self._current_status(obj)
             have = current.get("conditions") or []
@@ -541,7 +618,7 @@ class Reconciler:
         between two replicas, kept across restarts, named after the meter (which ends with
         its period id, so a new period starts unmarked), expiring a day after the period.
         """
-        from kubetoll_sidecar.budgets.redis_keys import RedisKeys
+        from kubetoll_core.redis_keys import RedisKeys
 
         budget = obj["metadata"]["name"]
         mark = (namespace, budget, cap.meter, threshold)
@@ -551,14 +628,31 @@ class Reconciler:
         key = RedisKeys(namespace).alert_posted(budget, cap.meter, threshold)
         timeout = self.options.redis_timeout_seconds
         try:
-            claimed = await asyncio.wait_for(client.set(key, f"{socket.gethostname()} {int(time.time())}", nx=True, exat=int(cap.period.end) + 86_400), timeout)
+            claimed = await asyncio.wait_for(
+                client.set(
+                    key, f"{socket.gethostname()} {int(time.time())}", nx=True, exat=int(cap.period.end) + 86_400
+                ),
+                timeout,
+            )
         except (RedisError, OSError, TimeoutError) as exc:
-            log.warning("namespace %s: TokenBudget %s: alert %d%% not marked in Redis, trying again next time: %s", namespace, budget, threshold, type(exc).__name__)
+            log.warning(
+                "namespace %s: TokenBudget %s: alert %d%% not marked in Redis, trying again next time: %s",
+                namespace,
+                budget,
+                threshold,
+                type(exc).__name__,
+            )
             return
         if claimed:
             try:
                 await self._create_event(
-                    namespace, "TokenBudget", budget, obj["metadata"].get("uid"), spend.alert_event_type(threshold), "BudgetThresholdCrossed", cap.alert_message(threshold)
+                    namespace,
+                    "TokenBudget",
+                    budget,
+                    obj["metadata"].get("uid"),
+                    spend.alert_event_type(threshold),
+                    "BudgetThresholdCrossed",
+                    cap.alert_message(threshold),
                 )
             except BaseException:
                 # Not posted: drop the mark so this (or the other) replica posts it next time.
@@ -571,7 +665,7 @@ class Reconciler:
         self.alert_marks[mark] = cap.period.end
 
     async def _report_cache(self, namespace: str, config: Any, policies: list[dict[str, Any]], now: float) -> None:
-        from kubetoll_sidecar.ledger_redis import read_ledger_page
+        from kubetoll_core.ledger_stream import read_ledger_page
 
         counter = self.cache_counters.setdefault(namespace, spend.CacheCounter())
         counter.roll(now)
@@ -650,7 +744,11 @@ def _register_kind(plural: str, kind: str) -> None:
         meta = body.get("metadata", {})
         deleted = type == "DELETED"
         # Status writes (ours) come back as events too: only a spec, generation or deletion change counts.
-        fp = None if deleted else _fingerprint((dict(body.get("spec") or {}), meta.get("generation"), meta.get("deletionTimestamp")))
+        fp = (
+            None
+            if deleted
+            else _fingerprint((dict(body.get("spec") or {}), meta.get("generation"), meta.get("deletionTimestamp")))
+        )
         if r.changed(kind, namespace, name, fp):
             r.request(namespace, f"{kind}/{name} {type or 'listed'}")
 
@@ -679,7 +777,9 @@ async def _on_secret(type: str | None, body: Any, namespace: str, name: str, mem
         r.request(namespace, f"Secret {name} {type or 'listed'}")
 
 
-@kopf.on.event("v1", "configmaps", id="recompile_on_configmaps", labels={MANAGED_BY_LABEL: MANAGED_BY}, registry=registry)
+@kopf.on.event(
+    "v1", "configmaps", id="recompile_on_configmaps", labels={MANAGED_BY_LABEL: MANAGED_BY}, registry=registry
+)
 async def _on_configmap(type: str | None, body: Any, namespace: str, name: str, memo: Any, **kwargs: Any) -> None:
     if name != CONFIGMAP_NAME:
         return

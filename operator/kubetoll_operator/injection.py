@@ -20,7 +20,7 @@ is enabled, but cannot opt one in.
 
 What is injected:
 
-* the container `kubetoll-sidecar` running `kubetoll sidecar --config
+* the container `kubetoll-sidecar` running `kubetoll-sidecar --config
   /etc/kubetoll/router/router.json`, as a native sidecar (an init container with
   `restartPolicy: Always`, first among the init containers, so it starts before
   the app and stops after it) when the cluster has them, else as the last plain
@@ -114,7 +114,9 @@ class Plan:
 # --------------------------------------------------------------------------- who
 
 
-def injection_requested(pod: Mapping[str, Any], namespace_labels: Mapping[str, str], options: InjectionOptions) -> tuple[bool, str]:
+def injection_requested(
+    pod: Mapping[str, Any], namespace_labels: Mapping[str, str], options: InjectionOptions
+) -> tuple[bool, str]:
     """(inject?, why). Says nothing about whether the pod is already injected."""
     meta = pod.get("metadata") or {}
     namespace = meta.get("namespace") or ""
@@ -143,14 +145,27 @@ def already_injected(pod: Mapping[str, Any]) -> bool:
     if (meta.get("annotations") or {}).get(INJECTED_KEY) == "true":
         return True
     spec = pod.get("spec") or {}
-    return any(c.get("name") == SIDECAR_NAME for c in (spec.get("containers") or []) + (spec.get("initContainers") or []))
+    return any(
+        c.get("name") == SIDECAR_NAME for c in (spec.get("containers") or []) + (spec.get("initContainers") or [])
+    )
 
 
 # --------------------------------------------------------------------------- quantities
 
-_QUANTITY = re.compile(r"^(?P<num>[0-9]+(\.[0-9]*)?|\.[0-9]+)(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?$")
+_QUANTITY = re.compile(
+    r"^(?P<num>[0-9]+(\.[0-9]*)?|\.[0-9]+)(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?$"
+)
 _BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
-_DECIMAL = {"m": Decimal("0.001"), "": Decimal(1), "k": Decimal(10) ** 3, "M": Decimal(10) ** 6, "G": Decimal(10) ** 9, "T": Decimal(10) ** 12, "P": Decimal(10) ** 15, "E": Decimal(10) ** 18}
+_DECIMAL = {
+    "m": Decimal("0.001"),
+    "": Decimal(1),
+    "k": Decimal(10) ** 3,
+    "M": Decimal(10) ** 6,
+    "G": Decimal(10) ** 9,
+    "T": Decimal(10) ** 12,
+    "P": Decimal(10) ** 15,
+    "E": Decimal(10) ** 18,
+}
 
 
 def parse_quantity(text: str) -> Decimal:
@@ -190,16 +205,20 @@ def effective_options(pod: Mapping[str, Any], options: InjectionOptions) -> Inje
         raise InjectionError(f"annotation {ANNOTATION_IMAGE}: {image!r} is not an image reference")
     log_level = annotations.get(ANNOTATION_LOG_LEVEL, options.log_level).upper()
     if log_level not in LOG_LEVELS:
-        raise InjectionError(f"annotation {ANNOTATION_LOG_LEVEL}: {annotations.get(ANNOTATION_LOG_LEVEL)!r} is not one of {', '.join(LOG_LEVELS)}")
+        raise InjectionError(
+            f"annotation {ANNOTATION_LOG_LEVEL}: {annotations.get(ANNOTATION_LOG_LEVEL)!r} is not one of {', '.join(LOG_LEVELS)}"
+        )
     port = _port(annotations, ANNOTATION_PORT, options.port)
     metrics_port = _port(annotations, ANNOTATION_METRICS_PORT, options.metrics_port)
     if port == metrics_port:
-        raise InjectionError(f"the sidecar's API port and metrics port are both {port}: set {ANNOTATION_PORT} or {ANNOTATION_METRICS_PORT}")
+        raise InjectionError(
+            f"the sidecar's API port and metrics port are both {port}: set {ANNOTATION_PORT} or {ANNOTATION_METRICS_PORT}"
+        )
     native = options.native_sidecars
     if ANNOTATION_NATIVE in annotations:
         value = annotations[ANNOTATION_NATIVE]
         if value not in ("true", "false"):
-            raise InjectionError(f"annotation {ANNOTATION_NATIVE}: {value!r} is not \"true\" or \"false\"")
+            raise InjectionError(f'annotation {ANNOTATION_NATIVE}: {value!r} is not "true" or "false"')
         native = value == "true"
     return replace(
         options,
@@ -215,7 +234,12 @@ def effective_options(pod: Mapping[str, Any], options: InjectionOptions) -> Inje
 def _resources(annotations: Mapping[str, str], defaults: Resources) -> Resources:
     values: dict[str, str | None] = {}
     from_annotation: set[str] = set()
-    for attr, key in (("cpu_request", ANNOTATION_CPU), ("memory_request", ANNOTATION_MEMORY), ("cpu_limit", ANNOTATION_CPU_LIMIT), ("memory_limit", ANNOTATION_MEMORY_LIMIT)):
+    for attr, key in (
+        ("cpu_request", ANNOTATION_CPU),
+        ("memory_request", ANNOTATION_MEMORY),
+        ("cpu_limit", ANNOTATION_CPU_LIMIT),
+        ("memory_limit", ANNOTATION_MEMORY_LIMIT),
+    ):
         if key in annotations:
             try:
                 parse_quantity(annotations[key])
@@ -260,12 +284,16 @@ def sidecar_container(options: InjectionOptions, volume_names: Mapping[str, str]
         "name": SIDECAR_NAME,
         "image": options.image,
         "imagePullPolicy": options.image_pull_policy,
-        "command": ["kubetoll", "sidecar"],
+        "command": ["kubetoll-sidecar"],
         "args": [
-            "--config", CONFIG_PATH,
-            "--port", str(options.port),
-            "--metrics-port", str(options.metrics_port),
-            "--log-level", options.log_level,
+            "--config",
+            CONFIG_PATH,
+            "--port",
+            str(options.port),
+            "--metrics-port",
+            str(options.metrics_port),
+            "--log-level",
+            options.log_level,
             "--wait-for-config",  # the ConfigMap is optional: start before the operator has compiled
         ],
         "ports": [{"name": METRICS_PORT_NAME, "containerPort": options.metrics_port, "protocol": "TCP"}],
@@ -313,7 +341,10 @@ def sidecar_volumes(volume_names: Mapping[str, str]) -> list[dict[str, Any]]:
         # Whole-directory mounts (no subPath), so the kubelet's updates reach the sidecar.
         {"name": volume_names["router"], "configMap": {"name": ROUTER_CONFIGMAP, "optional": True}},
         {"name": volume_names["credentials"], "secret": {"secretName": CREDENTIALS_SECRET, "optional": True}},
-        {"name": volume_names["podinfo"], "downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}},
+        {
+            "name": volume_names["podinfo"],
+            "downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]},
+        },
         {"name": volume_names["tmp"], "emptyDir": {"sizeLimit": "16Mi"}},
     ]
 
@@ -327,14 +358,22 @@ def plan_injection(pod: Mapping[str, Any], namespace_labels: Mapping[str, str], 
         return Plan(False, "already injected")
     spec = pod.get("spec") or {}
     if spec.get("hostNetwork"):
-        return Plan(False, "host-network pod: the sidecar's 127.0.0.1 port would clash with every other such pod on the node",
-                    warnings=[f"kubetoll: {SIDECAR_NAME} not injected: the pod uses hostNetwork"])
+        return Plan(
+            False,
+            "host-network pod: the sidecar's 127.0.0.1 port would clash with every other such pod on the node",
+            warnings=[f"kubetoll: {SIDECAR_NAME} not injected: the pod uses hostNetwork"],
+        )
     opts = effective_options(pod, options)
     restart_policy = spec.get("restartPolicy", "Always")
     if not opts.native_sidecars and restart_policy != "Always":
         # A plain sidecar container never exits, so a Job's pod would never complete.
-        return Plan(False, f"restartPolicy {restart_policy} needs a native sidecar, which this cluster or pod does not use",
-                    warnings=[f"kubetoll: {SIDECAR_NAME} not injected: restartPolicy {restart_policy} pods get it only as a native sidecar (Kubernetes >= 1.29)"])
+        return Plan(
+            False,
+            f"restartPolicy {restart_policy} needs a native sidecar, which this cluster or pod does not use",
+            warnings=[
+                f"kubetoll: {SIDECAR_NAME} not injected: restartPolicy {restart_policy} pods get it only as a native sidecar (Kubernetes >= 1.29)"
+            ],
+        )
 
     containers = list(spec.get("containers") or [])
     for c in containers + list(spec.get("initContainers") or []):
@@ -387,7 +426,9 @@ def plan_injection(pod: Mapping[str, Any], namespace_labels: Mapping[str, str], 
     return Plan(True, reason, ops, native=opts.native_sidecars)
 
 
-def mutate_pod(pod: Mapping[str, Any], namespace_labels: Mapping[str, str], options: InjectionOptions) -> list[dict[str, Any]]:
+def mutate_pod(
+    pod: Mapping[str, Any], namespace_labels: Mapping[str, str], options: InjectionOptions
+) -> list[dict[str, Any]]:
     """The JSONPatch ops that inject the sidecar into `pod` (empty: leave it as it is). Raises InjectionError."""
     return plan_injection(pod, namespace_labels, options).ops
 
@@ -404,11 +445,17 @@ def pod_from_request(request: Mapping[str, Any]) -> dict[str, Any]:
     return pod
 
 
-def admission_response(review: Mapping[str, Any], namespace_labels: Mapping[str, str], options: InjectionOptions) -> dict[str, Any]:
+def admission_response(
+    review: Mapping[str, Any], namespace_labels: Mapping[str, str], options: InjectionOptions
+) -> dict[str, Any]:
     """An AdmissionReview request in, its response out (admission.k8s.io/v1)."""
     request = review.get("request") or {}
     response: dict[str, Any] = {"uid": request.get("uid", ""), "allowed": True}
-    out = {"apiVersion": review.get("apiVersion", "admission.k8s.io/v1"), "kind": "AdmissionReview", "response": response}
+    out = {
+        "apiVersion": review.get("apiVersion", "admission.k8s.io/v1"),
+        "kind": "AdmissionReview",
+        "response": response,
+    }
     kind = (request.get("kind") or {}).get("kind")
     if kind != "Pod" or request.get("operation") != "CREATE" or request.get("subResource"):
         return out

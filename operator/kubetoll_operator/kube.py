@@ -64,10 +64,14 @@ class KubeApi:
             headers["Authorization"] = "Basic " + base64.b64encode(raw).decode()
         return headers
 
-    async def request(self, method: str, path: str, body: Any = None, content_type: str | None = None) -> dict[str, Any] | None:
+    async def request(
+        self, method: str, path: str, body: Any = None, content_type: str | None = None
+    ) -> dict[str, Any] | None:
         """JSON in, JSON out. None for 404 on GET and DELETE."""
         session = await self._ensure()
-        async with session.request(method, path.lstrip("/"), json=body, headers=self._headers(content_type if body is not None else None)) as resp:
+        async with session.request(
+            method, path.lstrip("/"), json=body, headers=self._headers(content_type if body is not None else None)
+        ) as resp:
             text = await resp.text()
             if resp.status == 404 and method in ("GET", "DELETE"):
                 return None

@@ -56,7 +56,13 @@ def manifest_files(paths: Iterable[str]) -> list[Path]:
     for p in paths:
         path = Path(p)
         if path.is_dir():
-            files += sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in SUFFIXES and not any(part.startswith(".") for part in f.relative_to(path).parts))
+            files += sorted(
+                f
+                for f in path.rglob("*")
+                if f.is_file()
+                and f.suffix in SUFFIXES
+                and not any(part.startswith(".") for part in f.relative_to(path).parts)
+            )
         else:
             files.append(path)
     return files

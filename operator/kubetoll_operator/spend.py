@@ -29,20 +29,30 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from kubetoll_sidecar.budgets.admission import cap_meter_name, parse_meter_name
-from kubetoll_sidecar.budgets.periods import Period, compute_period
-from kubetoll_sidecar.budgets.redis_keys import scale_of, to_units
-from kubetoll_sidecar.config import Budget, RouterConfig
-from kubetoll_sidecar.ledger import SpendRecord
-from kubetoll_sidecar.ledger_redis import MeterTotal, ledger_start_id
 from redis.credentials import CredentialProvider
+
+from kubetoll_core.ledger_stream import MeterTotal, ledger_start_id
+from kubetoll_core.meters import cap_meter_name, parse_meter_name, scale_of, to_units
+from kubetoll_core.periods import Period, compute_period
+from kubetoll_core.router_config import Budget, RouterConfig
+from kubetoll_core.spend_record import SpendRecord
 
 # Conditions the spend reporter owns; the compile owns the others. Each writer keeps the other's.
 SPEND_KNOWN = "SpendKnown"
 THRESHOLD_REACHED = "ThresholdReached"
 SPEND_CONDITIONS = (SPEND_KNOWN, THRESHOLD_REACHED)
 # Status fields the reporter writes (and clears when a budget no longer has a cap).
-BUDGET_FIELDS = ("spent", "limit", "remaining", "unit", "percent", "periodStart", "periodEnd", "tenantsOverBudget", "meters")
+BUDGET_FIELDS = (
+    "spent",
+    "limit",
+    "remaining",
+    "unit",
+    "percent",
+    "periodStart",
+    "periodEnd",
+    "tenantsOverBudget",
+    "meters",
+)
 CACHE_FIELDS = ("hits", "savedUSD", "countersSince")
 
 HEADLINE_ORDER = (("month", "usd"), ("month", "tokens"), ("day", "usd"), ("day", "tokens"))
@@ -144,12 +154,16 @@ def spend_known(ok: bool, detail: str = "") -> dict[str, Any]:
     if ok:
         return condition(SPEND_KNOWN, True, "SpendRead", "spend read from the budget store (Redis)")
     return condition(
-        SPEND_KNOWN, False, "RedisUnavailable",
+        SPEND_KNOWN,
+        False,
+        "RedisUnavailable",
         f"cannot read spend from the budget store (Redis): {detail}; the spend fields show the last reading",
     )
 
 
-def budget_report(budget: Budget, totals: Sequence[MeterTotal], thresholds: Sequence[int], now: float, top_n: int) -> BudgetReport:
+def budget_report(
+    budget: Budget, totals: Sequence[MeterTotal], thresholds: Sequence[int], now: float, top_n: int
+) -> BudgetReport:
     """Status fields for one budget from its window meters as Redis holds them."""
     by_name = {t.meter: t for t in totals if t.budget == budget.name and t.kind == "window"}
     tz = budget.timezone
@@ -196,40 +210,46 @@ def budget_report(budget: Budget, totals: Sequence[MeterTotal], thresholds: Sequ
                 if t.limit_units > 0 and t.spent_units >= t.limit_units:
                     n_over += 1
                     over[n.tenant] = max(over.get(n.tenant, 0.0), pct)
-            rows.append({
-                "level": f"tier:{tier_name}",
-                "unit": "USD",
-                "window": window,
-                "period": period.id,
-                "periodStart": rfc3339(period.start, tz),
-                "periodEnd": rfc3339(period.end, tz),
-                "limit": round(float(limit), 6),
-                "spent": _amount(spent, USD_SCALE, "usd"),
-                "tenants": tenants,
-                "tenantsOver": n_over,
-                "maxPercent": round(worst, 2),
-            })
+            rows.append(
+                {
+                    "level": f"tier:{tier_name}",
+                    "unit": "USD",
+                    "window": window,
+                    "period": period.id,
+                    "periodStart": rfc3339(period.start, tz),
+                    "periodEnd": rfc3339(period.end, tz),
+                    "limit": round(float(limit), 6),
+                    "spent": _amount(spent, USD_SCALE, "usd"),
+                    "tenants": tenants,
+                    "tenantsOver": n_over,
+                    "maxPercent": round(worst, 2),
+                }
+            )
 
     status: dict[str, Any] = {
         "tenantsOverBudget": [name for name, _ in sorted(over.items(), key=lambda kv: (-kv[1], kv[0]))[:top_n]],
         "meters": rows,
     }
     head = caps[0] if caps else None
-    status.update({
-        "spent": head.spent if head else None,
-        "limit": head.limit if head else None,
-        "remaining": head.remaining if head else None,
-        "unit": UNIT_NAMES[head.unit] if head else None,
-        "percent": head.percent if head else None,
-        "periodStart": rfc3339(head.period.start, tz) if head else None,
-        "periodEnd": rfc3339(head.period.end, tz) if head else None,
-    })
+    status.update(
+        {
+            "spent": head.spent if head else None,
+            "limit": head.limit if head else None,
+            "remaining": head.remaining if head else None,
+            "unit": UNIT_NAMES[head.unit] if head else None,
+            "percent": head.percent if head else None,
+            "periodStart": rfc3339(head.period.start, tz) if head else None,
+            "periodEnd": rfc3339(head.period.end, tz) if head else None,
+        }
+    )
     return BudgetReport(caps, status, threshold_condition(caps, thresholds))
 
 
 def threshold_condition(caps: Sequence[CapReading], thresholds: Sequence[int]) -> dict[str, Any]:
     if not caps:
-        return condition(THRESHOLD_REACHED, False, "NoCap", "alert thresholds apply to the namespace cap; this budget sets none")
+        return condition(
+            THRESHOLD_REACHED, False, "NoCap", "alert thresholds apply to the namespace cap; this budget sets none"
+        )
     if not thresholds:
         return condition(THRESHOLD_REACHED, False, "NoThresholds", "spec.alertThresholds is empty")
     best: tuple[int, CapReading] | None = None
@@ -239,7 +259,12 @@ def threshold_condition(caps: Sequence[CapReading], thresholds: Sequence[int]) -
             best = (crossed[-1], cap)
     if best is None:
         listed = ", ".join(f"{t}%" for t in sorted(set(thresholds)))
-        return condition(THRESHOLD_REACHED, False, "BelowThresholds", f"no cap has reached an alert threshold ({listed}) in its current period")
+        return condition(
+            THRESHOLD_REACHED,
+            False,
+            "BelowThresholds",
+            f"no cap has reached an alert threshold ({listed}) in its current period",
+        )
     t, cap = best
     return condition(THRESHOLD_REACHED, True, "ThresholdCrossed", cap.alert_message(t))
 

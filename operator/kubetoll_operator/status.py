@@ -23,7 +23,7 @@ REF_REASONS = {
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _condition(type_: str, ok: bool, reason: str, message: str, generation: int | None) -> dict[str, Any]:
@@ -50,7 +50,13 @@ def desired_status(result: CompileResult, outcome: Outcome) -> dict[str, Any]:
             message += "; " + _describe(warn)
         ready = _condition("Ready", True, "Compiled", message, gen)
     else:
-        ready = _condition("Ready", False, outcome.reason, _describe([p for p in problems if p.severity == "error"]) or outcome.message, gen)
+        ready = _condition(
+            "Ready",
+            False,
+            outcome.reason,
+            _describe([p for p in problems if p.severity == "error"]) or outcome.message,
+            gen,
+        )
     if ref_problems:
         refs = _condition("ResolvedRefs", False, ref_problems[0].reason, _describe(ref_problems), gen)
     else:
@@ -72,7 +78,9 @@ def desired_status(result: CompileResult, outcome: Outcome) -> dict[str, Any]:
             conflict = [p for p in problems if p.reason == "TenancyConflict"]
             conditions.append(_condition("TenancyAccepted", False, "TenancyConflict", _describe(conflict), gen))
         elif tenancy == "accepted":
-            conditions.append(_condition("TenancyAccepted", True, "TenancyAccepted", "spec.tenant is the namespace's tenancy", gen))
+            conditions.append(
+                _condition("TenancyAccepted", True, "TenancyAccepted", "spec.tenant is the namespace's tenancy", gen)
+            )
     elif outcome.kind == "CachePolicy":
         status["routes"] = d.get("routes", [])
     return {k: v for k, v in status.items() if v is not None}
@@ -86,7 +94,11 @@ def merge_transition_times(desired: dict[str, Any], current: dict[str, Any] | No
     conds = []
     for c in desired.get("conditions", []):
         prev = old.get(c["type"])
-        t = prev.get("lastTransitionTime") if prev and prev.get("status") == c["status"] and prev.get("lastTransitionTime") else now
+        t = (
+            prev.get("lastTransitionTime")
+            if prev and prev.get("status") == c["status"] and prev.get("lastTransitionTime")
+            else now
+        )
         conds.append({**c, "lastTransitionTime": t})
     out["conditions"] = conds
     return out
@@ -99,7 +111,9 @@ def status_differs(desired: dict[str, Any], current: dict[str, Any] | None) -> b
 
     def strip(s: dict[str, Any]) -> dict[str, Any]:
         s = {k: v for k, v in s.items() if k in desired}
-        s["conditions"] = [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in s.get("conditions", []) or []]
+        s["conditions"] = [
+            {k: v for k, v in c.items() if k != "lastTransitionTime"} for c in s.get("conditions", []) or []
+        ]
         return s
 
     return strip(dict(current)) != strip(dict(desired))

@@ -91,20 +91,70 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--webhook", action="store_true", help="serve the sidecar-injection admission webhook (HTTPS)")
     g.add_argument("--webhook-addr", default="0.0.0.0", metavar="ADDR", help="listen address (default: 0.0.0.0)")
     g.add_argument("--webhook-port", type=int, default=9443, metavar="PORT", help="listen port (default: 9443)")
-    g.add_argument("--webhook-cert-dir", metavar="DIR", help="directory with tls.crt and tls.key, re-read when they change (default: a self-signed certificate, needs certbuilder)")
+    g.add_argument(
+        "--webhook-cert-dir",
+        metavar="DIR",
+        help="directory with tls.crt and tls.key, re-read when they change (default: a self-signed certificate, needs certbuilder)",
+    )
     g.add_argument("--webhook-host", metavar="HOST", help="hostname for the self-signed certificate")
-    g.add_argument("--webhook-exclude-namespace", action="append", default=[], metavar="NS", help=f"never inject pods in this namespace (repeatable; always: {', '.join(sorted(ALWAYS_EXCLUDED))})")
-    g.add_argument("--webhook-on-error", choices=("allow", "deny"), default="allow", help="when the webhook itself fails on a pod: allow it without the sidecar (as failurePolicy Ignore does for an unreachable webhook) or deny it (as Fail does); default: allow")
-    g.add_argument("--native-sidecars", choices=("auto", "true", "false"), default="auto", help="inject the sidecar as a native sidecar (init container, restartPolicy Always); auto: when the API server is 1.29 or later")
-    g.add_argument("--sidecar-image", default=os.environ.get("KUBETOLL_SIDECAR_IMAGE", DEFAULT_SIDECAR_IMAGE), metavar="IMAGE", help=f"sidecar image (default: env KUBETOLL_SIDECAR_IMAGE, else {DEFAULT_SIDECAR_IMAGE})")
+    g.add_argument(
+        "--webhook-exclude-namespace",
+        action="append",
+        default=[],
+        metavar="NS",
+        help=f"never inject pods in this namespace (repeatable; always: {', '.join(sorted(ALWAYS_EXCLUDED))})",
+    )
+    g.add_argument(
+        "--webhook-on-error",
+        choices=("allow", "deny"),
+        default="allow",
+        help="when the webhook itself fails on a pod: allow it without the sidecar (as failurePolicy Ignore does for an unreachable webhook) or deny it (as Fail does); default: allow",
+    )
+    g.add_argument(
+        "--native-sidecars",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="inject the sidecar as a native sidecar (init container, restartPolicy Always); auto: when the API server is 1.29 or later",
+    )
+    g.add_argument(
+        "--sidecar-image",
+        default=os.environ.get("KUBETOLL_SIDECAR_IMAGE", DEFAULT_SIDECAR_IMAGE),
+        metavar="IMAGE",
+        help=f"sidecar image (default: env KUBETOLL_SIDECAR_IMAGE, else {DEFAULT_SIDECAR_IMAGE})",
+    )
     g.add_argument("--sidecar-image-pull-policy", choices=("Always", "IfNotPresent", "Never"), default="IfNotPresent")
-    g.add_argument("--sidecar-port", type=int, default=7400, metavar="PORT", help="sidecar API port on 127.0.0.1 (default: 7400)")
-    g.add_argument("--sidecar-metrics-port", type=int, default=7401, metavar="PORT", help="sidecar metrics and probes port (default: 7401)")
+    g.add_argument(
+        "--sidecar-port", type=int, default=7400, metavar="PORT", help="sidecar API port on 127.0.0.1 (default: 7400)"
+    )
+    g.add_argument(
+        "--sidecar-metrics-port",
+        type=int,
+        default=7401,
+        metavar="PORT",
+        help="sidecar metrics and probes port (default: 7401)",
+    )
     defaults = Resources()
-    g.add_argument("--sidecar-cpu", default=defaults.cpu_request, metavar="QTY", help=f"CPU request (default: {defaults.cpu_request}; empty: none)")
-    g.add_argument("--sidecar-memory", default=defaults.memory_request, metavar="QTY", help=f"memory request (default: {defaults.memory_request}; empty: none)")
-    g.add_argument("--sidecar-cpu-limit", default=defaults.cpu_limit or "", metavar="QTY", help="CPU limit (default: none)")
-    g.add_argument("--sidecar-memory-limit", default=defaults.memory_limit, metavar="QTY", help=f"memory limit (default: {defaults.memory_limit}; empty: none)")
+    g.add_argument(
+        "--sidecar-cpu",
+        default=defaults.cpu_request,
+        metavar="QTY",
+        help=f"CPU request (default: {defaults.cpu_request}; empty: none)",
+    )
+    g.add_argument(
+        "--sidecar-memory",
+        default=defaults.memory_request,
+        metavar="QTY",
+        help=f"memory request (default: {defaults.memory_request}; empty: none)",
+    )
+    g.add_argument(
+        "--sidecar-cpu-limit", default=defaults.cpu_limit or "", metavar="QTY", help="CPU limit (default: none)"
+    )
+    g.add_argument(
+        "--sidecar-memory-limit",
+        default=defaults.memory_limit,
+        metavar="QTY",
+        help=f"memory limit (default: {defaults.memory_limit}; empty: none)",
+    )
     g.add_argument("--sidecar-log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
 
 
@@ -181,12 +231,18 @@ class InjectorState:
                 log.info(
                     "API server %s: injecting the sidecar as a %s",
                     (version or {}).get("gitVersion", "?"),
-                    "native sidecar (init container, restartPolicy Always)" if self._native else "plain container (native sidecars need 1.29)",
+                    "native sidecar (init container, restartPolicy Always)"
+                    if self._native
+                    else "plain container (native sidecars need 1.29)",
                 )
                 return self._native
             except Exception as exc:
                 self._native_retry_at = time.monotonic() + VERSION_RETRY_SECONDS
-                log.warning("cannot read the API server version (%s); injecting plain containers, retrying in %.0fs", exc, VERSION_RETRY_SECONDS)
+                log.warning(
+                    "cannot read the API server version (%s); injecting plain containers, retrying in %.0fs",
+                    exc,
+                    VERSION_RETRY_SECONDS,
+                )
                 return False
 
     async def namespace_labels(self, api: Any, namespace: str, *, matched_by_namespace: bool) -> dict[str, str]:
@@ -201,7 +257,12 @@ class InjectorState:
         except Exception as exc:
             # What the API server's namespaceSelector matched stands in for the labels.
             fallback = {NAMESPACE_LABEL: "enabled"} if matched_by_namespace else {}
-            log.warning("cannot read namespace %s (%s); going by the webhook that was called: %s", namespace, exc, fallback or "no namespace label")
+            log.warning(
+                "cannot read namespace %s (%s); going by the webhook that was called: %s",
+                namespace,
+                exc,
+                fallback or "no namespace label",
+            )
             return fallback
         labels = dict(((obj or {}).get("metadata") or {}).get("labels") or {})
         self._namespaces[namespace] = (now + NAMESPACE_CACHE_SECONDS, labels)
@@ -296,8 +357,12 @@ def register(registry: Any) -> None:
         settings.admission.server = build_server(options)
         log.info(
             "sidecar injection webhook on https://%s:%d/{%s,%s} (certificate: %s; native sidecars: %s)",
-            options.addr, options.port, WEBHOOK_ID, NAMESPACE_WEBHOOK_ID,
-            options.cert_dir or "self-signed", options.native_sidecars,
+            options.addr,
+            options.port,
+            WEBHOOK_ID,
+            NAMESPACE_WEBHOOK_ID,
+            options.cert_dir or "self-signed",
+            options.native_sidecars,
         )
 
     async def inject(body: Any, patch: Any, warnings: list[str], memo: Any, param: Any, **_: Any) -> None:
@@ -322,21 +387,31 @@ def register(registry: Any) -> None:
         except Exception as exc:  # a bug: answer as the failure policy would for an unreachable webhook
             log.exception("pod %s: injection failed", who)
             if state.options.on_error == "deny":
-                raise kopf.AdmissionError(f"kubetoll sidecar injection failed: {type(exc).__name__}: {exc}", code=500) from None
-            warnings.append(f"kubetoll: {SIDECAR_NAME} not injected: the webhook failed ({type(exc).__name__}); see the operator's log")
+                raise kopf.AdmissionError(
+                    f"kubetoll sidecar injection failed: {type(exc).__name__}: {exc}", code=500
+                ) from None
+            warnings.append(
+                f"kubetoll: {SIDECAR_NAME} not injected: the webhook failed ({type(exc).__name__}); see the operator's log"
+            )
             return
         warnings.extend(plan.warnings)
         if plan.ops:
             state.injected += 1
             patch.fns.append(functools.partial(_apply_ops, plan.ops))
-            log.info("pod %s: injected the sidecar as a %s (%s)", who, "native sidecar" if plan.native else "container", plan.reason)
+            log.info(
+                "pod %s: injected the sidecar as a %s (%s)",
+                who,
+                "native sidecar" if plan.native else "container",
+                plan.reason,
+            )
         else:
             state.skipped += 1
             log.debug("pod %s: not injected: %s", who, plan.reason)
 
     for handler_id, param in ((WEBHOOK_ID, "pod"), (NAMESPACE_WEBHOOK_ID, "namespace")):
         kopf.on.mutate(
-            "v1", "pods",
+            "v1",
+            "pods",
             id=handler_id,
             param=param,
             operations=["CREATE"],

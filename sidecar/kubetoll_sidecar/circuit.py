@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from .config import Backend
+from kubetoll_core.router_config import Backend
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 

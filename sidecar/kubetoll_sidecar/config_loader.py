@@ -21,7 +21,7 @@ import orjson
 import yaml
 from pydantic import ValidationError
 
-from .config import RouterConfig
+from kubetoll_core.router_config import RouterConfig
 
 log = logging.getLogger("kubetoll.config")
 

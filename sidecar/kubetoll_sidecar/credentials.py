@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from .config import Credential
+from kubetoll_core.router_config import Credential
 
 
 class MissingCredential(Exception):
@@ -47,7 +47,9 @@ class CredentialStore:
                 return cached[2]
             value = path.read_text().strip()
         except OSError as exc:
-            raise MissingCredential(f"credentials file {cred.file} is not readable in {self._dir}: {exc.strerror}") from None
+            raise MissingCredential(
+                f"credentials file {cred.file} is not readable in {self._dir}: {exc.strerror}"
+            ) from None
         if not value:
             raise MissingCredential(f"credentials file {cred.file} in {self._dir} is empty")
         self._files[cred.file] = (now, mtime, value)

@@ -22,10 +22,12 @@ from typing import Any
 
 import aiohttp
 
+from kubetoll_core.enums import FailureClass, Provider
+from kubetoll_core.prices import ResolvedPrice
+from kubetoll_core.router_config import Backend
+
 from .circuit import BreakerRegistry
-from .config import Backend, FailureClass, Provider
 from .credentials import CredentialStore, MissingCredential
-from .prices import ResolvedPrice
 from .providers.base import Translator, UnsupportedRequest, UpstreamError, Usage
 from .sse import SSEDecoder
 
@@ -151,7 +153,15 @@ class Forwarder:
             b = rt.config
             breaker = self.breakers.get(b)
             if not breaker.allow():
-                attempts.append(Attempt(b.name, "circuit_open", 0, f"circuit open for {breaker.retry_in():.1f}s ({breaker.reason})", breaker.retry_in()))
+                attempts.append(
+                    Attempt(
+                        b.name,
+                        "circuit_open",
+                        0,
+                        f"circuit open for {breaker.retry_in():.1f}s ({breaker.reason})",
+                        breaker.retry_in(),
+                    )
+                )
                 if on_fallback:
                     on_fallback(b.name, "circuit_open")
                 continue
@@ -171,7 +181,18 @@ class Forwarder:
                 breaker.release_probe()
                 attempts.append(Attempt(b.name, "upstream_error", 400, str(exc)))
                 raise UpstreamRejected(
-                    UpstreamError(400, None, str(exc), None, {"message": str(exc), "type": "invalid_request_error", "param": None, "code": "invalid_request"}),
+                    UpstreamError(
+                        400,
+                        None,
+                        str(exc),
+                        None,
+                        {
+                            "message": str(exc),
+                            "type": "invalid_request_error",
+                            "param": None,
+                            "code": "invalid_request",
+                        },
+                    ),
                     attempts,
                 ) from None
             except MissingCredential as exc:
@@ -185,9 +206,16 @@ class Forwarder:
             timeout = aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.first_token)
             failure: FailureClass
             try:
-                resp = await rt.session.request(req.method, req.url, data=req.body, headers=req.headers, timeout=timeout)
-            except asyncio.TimeoutError:
-                failure, status, message, retry = FailureClass.timeout, 0, f"no response within {t.first_token:g}s", None
+                resp = await rt.session.request(
+                    req.method, req.url, data=req.body, headers=req.headers, timeout=timeout
+                )
+            except TimeoutError:
+                failure, status, message, retry = (
+                    FailureClass.timeout,
+                    0,
+                    f"no response within {t.first_token:g}s",
+                    None,
+                )
             except (aiohttp.ClientError, OSError) as exc:
                 failure, status, message, retry = FailureClass.connection_error, 0, _connection_message(exc), None
             else:
@@ -218,16 +246,31 @@ class Forwarder:
                             attempts.append(Attempt(b.name, "ok", resp.status))
                             return Forwarded(rt, attempts, opened.first_chunk_at - started, stream=opened)
                         resp.close()
-                        failure, status, message, retry = opened.failure or FailureClass.server_error, opened.status, opened.message, opened.retry_after
-                except asyncio.TimeoutError:
+                        failure, status, message, retry = (
+                            opened.failure or FailureClass.server_error,
+                            opened.status,
+                            opened.message,
+                            opened.retry_after,
+                        )
+                except TimeoutError:
                     resp.close()
-                    failure, status, message, retry = FailureClass.timeout, 0, f"no data within {t.first_token:g}s", None
+                    failure, status, message, retry = (
+                        FailureClass.timeout,
+                        0,
+                        f"no data within {t.first_token:g}s",
+                        None,
+                    )
                 except (aiohttp.ClientError, OSError) as exc:
                     resp.close()
                     failure, status, message, retry = FailureClass.connection_error, 0, _connection_message(exc), None
                 except ValueError as exc:  # a 200 whose body is not what the API promises
                     resp.close()
-                    failure, status, message, retry = FailureClass.server_error, resp.status, f"malformed response: {exc}", None
+                    failure, status, message, retry = (
+                        FailureClass.server_error,
+                        resp.status,
+                        f"malformed response: {exc}",
+                        None,
+                    )
                 except asyncio.CancelledError:
                     resp.close()
                     breaker.release_probe()
@@ -241,7 +284,12 @@ class Forwarder:
         raise AllBackendsFailed(attempts)
 
     async def _open_stream(
-        self, resp: aiohttp.ClientResponse, translator: Translator, model_alias: str, include_usage: bool, started: float
+        self,
+        resp: aiohttp.ClientResponse,
+        translator: Translator,
+        model_alias: str,
+        include_usage: bool,
+        started: float,
     ) -> OpenStream | UpstreamError:
         """Read until there is something to send; an upstream that fails before that can be fallen back from."""
         decoder = SSEDecoder()

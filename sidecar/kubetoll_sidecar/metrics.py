@@ -23,64 +23,103 @@ class Metrics:
         r = self.registry = registry or CollectorRegistry()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.requests = Counter(
-            "kubetoll_requests", "Requests handled, by route, backend, tier and outcome.",
-            ["route", "backend", "tier", "outcome"], registry=r,
+            "kubetoll_requests",
+            "Requests handled, by route, backend, tier and outcome.",
+            ["route", "backend", "tier", "outcome"],
+            registry=r,
         )
         self.tokens = Counter(
-            "kubetoll_tokens", "Tokens billed, by route, backend and type (input, output, cached_input).",
-            ["route", "backend", "type"], registry=r,
+            "kubetoll_tokens",
+            "Tokens billed, by route, backend and type (input, output, cached_input).",
+            ["route", "backend", "type"],
+            registry=r,
         )
         self.token_usage = Histogram(
-            "gen_ai_client_token_usage", "Tokens per call (OTel GenAI), by type.",
-            ["gen_ai_operation_name", "gen_ai_request_model", "gen_ai_token_type"], buckets=_TOKEN_BUCKETS, registry=r,
+            "gen_ai_client_token_usage",
+            "Tokens per call (OTel GenAI), by type.",
+            ["gen_ai_operation_name", "gen_ai_request_model", "gen_ai_token_type"],
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
         )
         self.cost = Counter(
-            "kubetoll_cost_usd", "USD spent (list or shadow price), by route, backend and tier.",
-            ["route", "backend", "tier"], registry=r,
+            "kubetoll_cost_usd",
+            "USD spent (list or shadow price), by route, backend and tier.",
+            ["route", "backend", "tier"],
+            registry=r,
         )
         self.fallbacks = Counter(
-            "kubetoll_fallbacks", "Attempts that moved on to the next backend, by the backend left and why.",
-            ["route", "backend", "reason"], registry=r,
+            "kubetoll_fallbacks",
+            "Attempts that moved on to the next backend, by the backend left and why.",
+            ["route", "backend", "reason"],
+            registry=r,
         )
         self.rejections = Counter(
-            "kubetoll_rejections", "Requests refused before reaching a backend, by reason.",
-            ["route", "reason"], registry=r,
+            "kubetoll_rejections",
+            "Requests refused before reaching a backend, by reason.",
+            ["route", "reason"],
+            registry=r,
         )
         self.downgrades = Counter(
-            "kubetoll_downgrades", "Requests served from a route's downgrade backends, by why.",
-            ["route", "reason"], registry=r,
+            "kubetoll_downgrades",
+            "Requests served from a route's downgrade backends, by why.",
+            ["route", "reason"],
+            registry=r,
         )
         self.upstream_latency = Histogram(
-            "gen_ai_client_operation_duration_seconds", "Upstream call duration (OTel GenAI), by backend.",
-            ["backend", "gen_ai_operation_name"], buckets=_LATENCY_BUCKETS, registry=r,
+            "gen_ai_client_operation_duration_seconds",
+            "Upstream call duration (OTel GenAI), by backend.",
+            ["backend", "gen_ai_operation_name"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.ttft = Histogram(
-            "gen_ai_server_time_to_first_token_seconds", "Time to the first streamed chunk, as the sidecar sees it.",
-            ["backend"], buckets=_LATENCY_BUCKETS, registry=r,
+            "gen_ai_server_time_to_first_token_seconds",
+            "Time to the first streamed chunk, as the sidecar sees it.",
+            ["backend"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.added_latency = Histogram(
-            "kubetoll_added_latency_seconds", "Time the sidecar itself adds to a request (all but the upstream call).",
-            ["route"], buckets=_ADDED_BUCKETS, registry=r,
+            "kubetoll_added_latency_seconds",
+            "Time the sidecar itself adds to a request (all but the upstream call).",
+            ["route"],
+            buckets=_ADDED_BUCKETS,
+            registry=r,
         )
         self.budget_remaining = Gauge(
-            "kubetoll_budget_remaining", "What is left of a namespace-cap budget level in its period.",
-            ["budget", "level", "unit", "period"], registry=r,
+            "kubetoll_budget_remaining",
+            "What is left of a namespace-cap budget level in its period.",
+            ["budget", "level", "unit", "period"],
+            registry=r,
         )
         self.budget_percent = Gauge(
-            "kubetoll_budget_used_percent", "Percent used of a namespace-cap budget level in its period.",
-            ["budget", "level", "unit", "period"], registry=r,
+            "kubetoll_budget_used_percent",
+            "Percent used of a namespace-cap budget level in its period.",
+            ["budget", "level", "unit", "period"],
+            registry=r,
         )
         self.circuit_open = Gauge(
-            "kubetoll_circuit_open", "1 while a backend's circuit breaker is open.", ["backend"], registry=r,
+            "kubetoll_circuit_open",
+            "1 while a backend's circuit breaker is open.",
+            ["backend"],
+            registry=r,
         )
         self.config_reloads = Counter(
-            "kubetoll_config_reloads", "Config loads, by result (applied, refused, unchanged).", ["result"], registry=r,
+            "kubetoll_config_reloads",
+            "Config loads, by result (applied, refused, unchanged).",
+            ["result"],
+            registry=r,
         )
         self.config_refused = Gauge(
-            "kubetoll_config_refused", "1 while the config file on disk is refused and an older one serves.", registry=r,
+            "kubetoll_config_refused",
+            "1 while the config file on disk is refused and an older one serves.",
+            registry=r,
         )
         self.config_info = Gauge(
-            "kubetoll_config_info", "The config being served.", ["revision", "namespace"], registry=r,
+            "kubetoll_config_info",
+            "The config being served.",
+            ["revision", "namespace"],
+            registry=r,
         )
         self.in_flight = Gauge("kubetoll_requests_in_flight", "Requests being served now.", registry=r)
         self.budget_store = Gauge(
@@ -88,7 +127,8 @@ class Metrics:
             "The shared (Redis) budget store, read at scrape time: available (1/0), buffered_records, "
             "dropped_records, dropped_spend_batches, leases_active, redis_calls, redis_errors, unavailable_total, "
             "degraded_decisions_total, fail_open_allowance_used_total and more (docs/redis-layout.md).",
-            ["stat"], registry=r,
+            ["stat"],
+            registry=r,
         )
 
     def child(self, metric: Any, *labels: str) -> Any:

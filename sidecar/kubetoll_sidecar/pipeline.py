@@ -32,15 +32,25 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from kubetoll_core.periods import Clock
+from kubetoll_core.spend_record import SpendRecord
+
 from . import tokens
-from .budgets.admission import Admitted, MeterSet, NoDowngradeBackends, Rejected, percent_used, reserve_with_policy, tightest
-from .budgets.periods import Clock
+from .budgets.admission import (
+    Admitted,
+    MeterSet,
+    NoDowngradeBackends,
+    Rejected,
+    percent_used,
+    reserve_with_policy,
+    tightest,
+)
 from .budgets.store import BudgetStore, Hold, Reservation, StoreUnavailable, Suspended
 from .cache.replay import StreamAssembler
 from .cache.stage import CacheLookup, CacheStage
 from .errors import ApiError, not_found_model
 from .forwarder import AllBackendsFailed, Forwarded, Forwarder, UpstreamRejected
-from .ledger import Ledger, SpendRecord
+from .ledger import Ledger
 from .metrics import Metrics
 from .providers.base import Endpoint, Usage
 from .request_parsing import ParsedRequest, parse_request
@@ -110,7 +120,10 @@ class Pipeline:
 
     async def handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
         state: RouterState = self.get_state()  # this request's config, to the end
-        out = Outcome(request_id=request.headers.get("x-request-id") or f"{_ID_PREFIX}{next(_ids):010x}", started=time.perf_counter())
+        out = Outcome(
+            request_id=request.headers.get("x-request-id") or f"{_ID_PREFIX}{next(_ids):010x}",
+            started=time.perf_counter(),
+        )
         self.in_flight += 1
         try:
             return await self._run(request, endpoint, state, out)
@@ -143,17 +156,31 @@ class Pipeline:
         else:
             prompt_tokens = self._estimate_prompt(req, state, route)
         rule = route.select(
-            RouteContext(prompt_tokens, ident.tenant, ident.tier, request.headers, lambda: tokens.last_user_text(req.messages))
+            RouteContext(
+                prompt_tokens, ident.tenant, ident.tier, request.headers, lambda: tokens.last_user_text(req.messages)
+            )
         )
         if rule is None:
             out.outcome = "no_rule"
-            raise ApiError(404, f"no rule of route `{route.name}` matches this request", "invalid_request_error", "no_matching_rule", "model")
+            raise ApiError(
+                404,
+                f"no rule of route `{route.name}` matches this request",
+                "invalid_request_error",
+                "no_matching_rule",
+                "model",
+            )
         output_tokens = self._output_reservation(req, route, state, rule.backends)
         now = self.clock.time()
         meters = state.meters.for_request(route.name, ident.tenant, ident.tier, now)
         self._check_suspended(state, route, out)
         # 5 request rate
-        rate_res = await self._admit(meters.requests and [Hold(m, 1.0) for m in meters.requests], now, route, out, can_downgrade=bool(route.downgrade_chain))
+        rate_res = await self._admit(
+            meters.requests and [Hold(m, 1.0) for m in meters.requests],
+            now,
+            route,
+            out,
+            can_downgrade=bool(route.downgrade_chain),
+        )
         downgrade = bool(rate_res and rate_res.downgrade)
         if rate_res is not None:
             # The request is counted once admitted (a cache hit counts too): settle at once,
@@ -172,7 +199,11 @@ class Pipeline:
         chain_names = route.downgrade_chain if downgrade else rule.backends
         # 7 admit
         admitted = await self._admit(
-            self._holds(meters, state, chain_names, prompt_tokens, output_tokens), now, route, out, can_downgrade=bool(route.downgrade_chain)
+            self._holds(meters, state, chain_names, prompt_tokens, output_tokens),
+            now,
+            route,
+            out,
+            can_downgrade=bool(route.downgrade_chain),
         )
         if admitted and admitted.downgrade and not downgrade:
             downgrade = True
@@ -219,9 +250,15 @@ class Pipeline:
             raise
         out.backend, out.fallbacks, out.upstream_seconds = fwd.backend.config.name, fwd.fallbacks, fwd.upstream_seconds
         if fwd.stream is not None:
-            return await self._stream_response(request, req, state, route, meters, reservation, fwd, prompt_tokens, out, now)
+            return await self._stream_response(
+                request, req, state, route, meters, reservation, fwd, prompt_tokens, out, now
+            )
         # 9 settle
-        usage = fwd.usage if fwd.usage and fwd.usage.reported else Usage(prompt_tokens, _count_body_output(fwd.body, fwd.backend.config.model), reported=False)
+        usage = (
+            fwd.usage
+            if fwd.usage and fwd.usage.reported
+            else Usage(prompt_tokens, _count_body_output(fwd.body, fwd.backend.config.model), reported=False)
+        )
         cost = fwd.backend.price.cost(usage)
         out.usage, out.cost = usage, cost
         await self._settle(reservation, meters, usage, cost, self.clock.time(), record=self._spend_record(state, out))
@@ -246,7 +283,9 @@ class Pipeline:
             return tokens.count_prompt(req.body.get("prompt"), model)
         return tokens.count_embedding_input(req.body.get("input"), model)
 
-    def _output_reservation(self, req: ParsedRequest, route: CompiledRoute, state: RouterState, chain: tuple[str, ...]) -> int:
+    def _output_reservation(
+        self, req: ParsedRequest, route: CompiledRoute, state: RouterState, chain: tuple[str, ...]
+    ) -> int:
         if req.endpoint == Endpoint.embeddings:
             return 0
         asked = req.max_tokens
@@ -267,7 +306,9 @@ class Pipeline:
                 self.metrics.rejections.labels(route.name, "budget_suspended").inc()
                 raise ApiError(403, str(Suspended(b.name)), "permission_denied", "budget_suspended")
 
-    def _holds(self, meters: MeterSet, state: RouterState, chain: tuple[str, ...], prompt: int, output: int) -> list[Hold]:
+    def _holds(
+        self, meters: MeterSet, state: RouterState, chain: tuple[str, ...], prompt: int, output: int
+    ) -> list[Hold]:
         if not meters.tokens and not meters.usd:
             return []
         est_tokens = float(prompt + output)
@@ -275,7 +316,9 @@ class Pipeline:
         est_usd = max(state.backends[n].price.estimate(prompt, output) for n in chain)
         return [Hold(m, est_tokens) for m in meters.tokens] + [Hold(m, est_usd) for m in meters.usd]
 
-    async def _admit(self, holds: list[Hold] | None, now: float, route: CompiledRoute, out: Outcome, can_downgrade: bool) -> Admitted | None:
+    async def _admit(
+        self, holds: list[Hold] | None, now: float, route: CompiledRoute, out: Outcome, can_downgrade: bool
+    ) -> Admitted | None:
         if not holds:
             return None
         try:
@@ -293,11 +336,19 @@ class Pipeline:
         except NoDowngradeBackends as exc:
             out.outcome, out.reason = "rejected", "no_downgrade_backends"
             self.metrics.rejections.labels(route.name, "no_downgrade_backends").inc()
-            raise ApiError(429, str(exc), "insufficient_quota", "budget_exhausted", retry_after=exc.exhausted.retry_after or 60.0) from None
+            raise ApiError(
+                429, str(exc), "insufficient_quota", "budget_exhausted", retry_after=exc.exhausted.retry_after or 60.0
+            ) from None
         except StoreUnavailable as exc:
             out.outcome, out.reason = "rejected", "store_unavailable"
             self.metrics.rejections.labels(route.name, "store_unavailable").inc()
-            raise ApiError(503, f"budget store unavailable: {exc}", "service_unavailable", "budget_store_unavailable", retry_after=1.0) from None
+            raise ApiError(
+                503,
+                f"budget store unavailable: {exc}",
+                "service_unavailable",
+                "budget_store_unavailable",
+                retry_after=1.0,
+            ) from None
         except Suspended as exc:
             out.outcome = "suspended"
             self.metrics.rejections.labels(route.name, "budget_suspended").inc()
@@ -331,7 +382,9 @@ class Pipeline:
                 actual.update({m.key: cost for m in meters.usd})
         await asyncio.shield(self._settle_and_record(reservation, actual, now, record))
 
-    async def _settle_and_record(self, reservation: Reservation | None, actual: dict[str, float], now: float, record: SpendRecord | None) -> None:
+    async def _settle_and_record(
+        self, reservation: Reservation | None, actual: dict[str, float], now: float, record: SpendRecord | None
+    ) -> None:
         if reservation is not None:
             await self.store.settle(reservation, actual, now)
         if record is not None:
@@ -342,26 +395,50 @@ class Pipeline:
         if u is None or not out.backend:
             return None
         return SpendRecord(
-            time=self.clock.time(), namespace=state.config.namespace, route=out.route or "-", backend=out.backend,
-            tenant=out.tenant, tier=out.tier, prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-            cached_tokens=u.cached_tokens, cost_usd=out.cost, downgraded=out.downgraded, fallbacks=out.fallbacks,
-            outcome=out.outcome, request_id=out.request_id,
+            time=self.clock.time(),
+            namespace=state.config.namespace,
+            route=out.route or "-",
+            backend=out.backend,
+            tenant=out.tenant,
+            tier=out.tier,
+            prompt_tokens=u.prompt_tokens,
+            completion_tokens=u.completion_tokens,
+            cached_tokens=u.cached_tokens,
+            cost_usd=out.cost,
+            downgraded=out.downgraded,
+            fallbacks=out.fallbacks,
+            outcome=out.outcome,
+            request_id=out.request_id,
         )
 
     # ------------------------------------------------------------------ cache (stage 6)
 
     async def _cache_lookup(
-        self, request: web.Request, req: ParsedRequest, state: RouterState, route: CompiledRoute, meters: MeterSet, endpoint: str, out: Outcome
+        self,
+        request: web.Request,
+        req: ParsedRequest,
+        state: RouterState,
+        route: CompiledRoute,
+        meters: MeterSet,
+        endpoint: str,
+        out: Outcome,
     ) -> CacheLookup:
         assert self.cache is not None
-        lookup = await self.cache.lookup(route.cache_policy, route.name, out.tenant, endpoint, req.upstream_body, request.headers)
+        lookup = await self.cache.lookup(
+            route.cache_policy, route.name, out.tenant, endpoint, req.upstream_body, request.headers
+        )
         out.cache = lookup
         charge = lookup.embedding
         if charge is not None:
             # The semantic lookup's embedding call is spend like any other: counted against
             # this request's budgets (never refused: it already happened) and in the ledger.
             record = CacheStage.embedding_record(
-                lookup, time_=self.clock.time(), namespace=state.config.namespace, tenant=out.tenant, tier=out.tier, request_id=out.request_id
+                lookup,
+                time_=self.clock.time(),
+                namespace=state.config.namespace,
+                tenant=out.tenant,
+                tier=out.tier,
+                request_id=out.request_id,
             )
             holds = [Hold(m, float(charge.usage.total_tokens), enforce=False) for m in meters.tokens]
             holds += [Hold(m, charge.cost_usd, enforce=False) for m in meters.usd]
@@ -375,12 +452,19 @@ class Pipeline:
             await self._settle(reservation, meters, charge.usage, charge.cost_usd, self.clock.time(), record=record)
         return lookup
 
-    async def _cache_response(self, request: web.Request, req: ParsedRequest, state: RouterState, lookup: CacheLookup, out: Outcome) -> web.StreamResponse:
+    async def _cache_response(
+        self, request: web.Request, req: ParsedRequest, state: RouterState, lookup: CacheLookup, out: Outcome
+    ) -> web.StreamResponse:
         hit = lookup.hit
         assert hit is not None
         out.outcome = f"cache_hit_{hit.kind}"
         record = CacheStage.spend_record(
-            lookup, time_=self.clock.time(), namespace=state.config.namespace, tenant=out.tenant, tier=out.tier, request_id=out.request_id
+            lookup,
+            time_=self.clock.time(),
+            namespace=state.config.namespace,
+            tenant=out.tenant,
+            tier=out.tier,
+            request_id=out.request_id,
         )
         if record is not None:
             self.ledger.append(record)
@@ -442,16 +526,38 @@ class Pipeline:
             if err is not None or not translator.done:
                 outcome = "cut_stream"
                 msg = err.message if err else "the upstream stream ended early"
-                await resp.write(encode_event({"error": {"message": f"{out.backend}: {msg}", "type": "server_error", "param": None, "code": "upstream_stream_cut"}}))
+                await resp.write(
+                    encode_event(
+                        {
+                            "error": {
+                                "message": f"{out.backend}: {msg}",
+                                "type": "server_error",
+                                "param": None,
+                                "code": "upstream_stream_cut",
+                            }
+                        }
+                    )
+                )
         except (ConnectionResetError, asyncio.CancelledError) as exc:
             outcome = "client_disconnected"
             if isinstance(exc, asyncio.CancelledError):
                 await self._finish_stream(st, req, state, fwd, prompt_tokens, reservation, meters, out, outcome)
                 raise
-        except (asyncio.TimeoutError, OSError, Exception) as exc:  # upstream read failed mid-stream
+        except (TimeoutError, OSError, Exception) as exc:  # upstream read failed mid-stream
             outcome = "cut_stream"
             try:
-                await resp.write(encode_event({"error": {"message": f"{out.backend}: upstream stream failed: {type(exc).__name__}", "type": "server_error", "param": None, "code": "upstream_stream_cut"}}))
+                await resp.write(
+                    encode_event(
+                        {
+                            "error": {
+                                "message": f"{out.backend}: upstream stream failed: {type(exc).__name__}",
+                                "type": "server_error",
+                                "param": None,
+                                "code": "upstream_stream_cut",
+                            }
+                        }
+                    )
+                )
             except (ConnectionResetError, RuntimeError):
                 outcome = "client_disconnected"
         cost = await self._finish_stream(st, req, state, fwd, prompt_tokens, reservation, meters, out, outcome)
@@ -469,7 +575,18 @@ class Pipeline:
                 out.outcome = "client_disconnected"
         return resp
 
-    async def _finish_stream(self, st: Any, req: ParsedRequest, state: RouterState, fwd: Forwarded, prompt_tokens: int, reservation: Reservation | None, meters: MeterSet, out: Outcome, outcome: str) -> float:
+    async def _finish_stream(
+        self,
+        st: Any,
+        req: ParsedRequest,
+        state: RouterState,
+        fwd: Forwarded,
+        prompt_tokens: int,
+        reservation: Reservation | None,
+        meters: MeterSet,
+        out: Outcome,
+        outcome: str,
+    ) -> float:
         if out.extra.get("stream_settled"):
             return out.cost
         out.extra["stream_settled"] = True
@@ -490,7 +607,11 @@ class Pipeline:
     # ------------------------------------------------------------------ record
 
     def _headers(self, state: RouterState, meters: MeterSet, out: Outcome, cost: float | None) -> dict[str, str]:
-        h = {"x-request-id": out.request_id, "x-kubetoll-backend": out.backend, "x-kubetoll-fallbacks": str(out.fallbacks)}
+        h = {
+            "x-request-id": out.request_id,
+            "x-kubetoll-backend": out.backend,
+            "x-kubetoll-fallbacks": str(out.fallbacks),
+        }
         if cost is not None:
             h["x-kubetoll-cost-usd"] = f"{cost:.9f}"
         if out.downgraded:
@@ -500,7 +621,9 @@ class Pipeline:
         t = tightest(self.store, meters.all(), self.clock.time())
         if t is not None:
             m, st = t
-            h["x-kubetoll-budget-remaining"] = f"{max(st.remaining, 0):.6f} {m.unit}; scope={m.label}; used={st.percent:.1f}%"
+            h["x-kubetoll-budget-remaining"] = (
+                f"{max(st.remaining, 0):.6f} {m.unit}; scope={m.label}; used={st.percent:.1f}%"
+            )
         return h
 
     def _record(self, out: Outcome, endpoint: str) -> None:
@@ -525,12 +648,22 @@ class Pipeline:
             access_log.info(
                 orjson.dumps(
                     {
-                        "request_id": out.request_id, "endpoint": endpoint, "route": out.route, "backend": out.backend,
-                        "tier": out.tier, "status": out.status, "outcome": out.outcome, "reason": out.reason or None,
-                        "prompt_tokens": u.prompt_tokens if u else 0, "completion_tokens": u.completion_tokens if u else 0,
-                        "usage_reported": u.reported if u else None, "cost_usd": round(out.cost, 9),
-                        "fallbacks": out.fallbacks, "downgraded": out.downgraded,
-                        "added_ms": round(added * 1000, 3), "upstream_ms": round(out.upstream_seconds * 1000, 1),
+                        "request_id": out.request_id,
+                        "endpoint": endpoint,
+                        "route": out.route,
+                        "backend": out.backend,
+                        "tier": out.tier,
+                        "status": out.status,
+                        "outcome": out.outcome,
+                        "reason": out.reason or None,
+                        "prompt_tokens": u.prompt_tokens if u else 0,
+                        "completion_tokens": u.completion_tokens if u else 0,
+                        "usage_reported": u.reported if u else None,
+                        "cost_usd": round(out.cost, 9),
+                        "fallbacks": out.fallbacks,
+                        "downgraded": out.downgraded,
+                        "added_ms": round(added * 1000, 3),
+                        "upstream_ms": round(out.upstream_seconds * 1000, 1),
                     }
                 ).decode()
             )

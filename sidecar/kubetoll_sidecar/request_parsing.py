@@ -42,13 +42,20 @@ class ParsedRequest:
 
 async def read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, f"request body is {request.content_length} bytes; the limit is {limit}", "invalid_request_error", "request_too_large")
+        raise ApiError(
+            413,
+            f"request body is {request.content_length} bytes; the limit is {limit}",
+            "invalid_request_error",
+            "request_too_large",
+        )
     chunks = []
     size = 0
     async for chunk in request.content.iter_chunked(65536):
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, f"request body exceeds the limit of {limit} bytes", "invalid_request_error", "request_too_large")
+            raise ApiError(
+                413, f"request body exceeds the limit of {limit} bytes", "invalid_request_error", "request_too_large"
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -112,7 +119,9 @@ def validate_body(body: Any, endpoint: str) -> ParsedRequest:
                 raise bad_request(f"messages[{i}].role must be one of {sorted(_ROLES)}", param=f"messages[{i}].role")
             content = m.get("content")
             if content is not None and not isinstance(content, (str, list)):
-                raise bad_request(f"messages[{i}].content must be a string or an array of parts", param=f"messages[{i}].content")
+                raise bad_request(
+                    f"messages[{i}].content must be a string or an array of parts", param=f"messages[{i}].content"
+                )
             if content is None and role in ("user", "system", "developer"):
                 raise bad_request(f"messages[{i}].content is required for role {role}", param=f"messages[{i}].content")
         tools = body.get("tools")

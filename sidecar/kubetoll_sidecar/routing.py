@@ -12,7 +12,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import FailureClass, Route, RouterConfig, RuleMatch
+from kubetoll_core.enums import FailureClass
+from kubetoll_core.parts import RuleMatch
+from kubetoll_core.router_config import Route, RouterConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +27,19 @@ class RouteContext:
 
 
 class CompiledRule:
-    __slots__ = ("name", "backends", "_min", "_max", "_tiers", "_tenants", "_header", "_hvalue", "_hregex", "_kw", "_re")
+    __slots__ = (
+        "name",
+        "backends",
+        "_min",
+        "_max",
+        "_tiers",
+        "_tenants",
+        "_header",
+        "_hvalue",
+        "_hregex",
+        "_kw",
+        "_re",
+    )
 
     def __init__(self, name: str, match: RuleMatch, backends: list[str]) -> None:
         self.name = name

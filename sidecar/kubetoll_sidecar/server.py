@@ -22,13 +22,14 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from kubetoll_core.periods import Clock, SystemClock
+from kubetoll_core.router_config import RouterConfig, ServerSettings
+
 from .budgets.memory import InMemoryBudgetStore
-from .budgets.periods import Clock, SystemClock
 from .budgets.store import BudgetStore
 from .cache.embeddings import embedder_for_backend
 from .cache.stage import CacheStage
 from .circuit import BreakerRegistry
-from .config import RouterConfig, ServerSettings
 from .config_loader import ConfigError, ConfigWatcher, LoadedConfig, load_config
 from .credentials import CredentialStore
 from .errors import ApiError
@@ -87,7 +88,8 @@ class Sidecar:
         cfg = self.state.config
         redis_cache_client = None
         if cfg.budget_store.url and not self._store_given:
-            from .budgets.redis_connect import connect_redis
+            from kubetoll_core.redis_connect import connect_redis
+
             from .budgets.redis_store import RedisBudgetStore
             from .ledger_redis import RedisLedger
 
@@ -113,7 +115,9 @@ class Sidecar:
         self._warm_encodings(self.state)
         self._publish_config_metrics()
         if self._watch:
-            self._watcher = ConfigWatcher(self.config_path, self._on_config_change, self._watch_interval, self._loaded.digest)
+            self._watcher = ConfigWatcher(
+                self.config_path, self._on_config_change, self._watch_interval, self._loaded.digest
+            )
             self._watcher.start()
 
     @staticmethod
@@ -132,7 +136,9 @@ class Sidecar:
             watch([b.name for b in state.config.budgets])
         if self.cache is not None:
             embedders = {
-                p.semantic.embedding_backend: embedder_for_backend(state.backends[p.semantic.embedding_backend], self.credentials)
+                p.semantic.embedding_backend: embedder_for_backend(
+                    state.backends[p.semantic.embedding_backend], self.credentials
+                )
                 for p in state.config.cache_policies
                 if p.semantic.enabled and p.semantic.embedding_backend in state.backends
             }
@@ -168,8 +174,11 @@ class Sidecar:
                         log.warning("config changed budgetStore; the budget store in use stays until the next restart")
                 log.info(
                     "config applied: %s (revision %s, %d routes, %d backends, %d budgets)",
-                    result.path, result.config.revision or result.digest[:12],
-                    len(result.config.routes), len(result.config.backends), len(result.config.budgets),
+                    result.path,
+                    result.config.revision or result.digest[:12],
+                    len(result.config.routes),
+                    len(result.config.backends),
+                    len(result.config.budgets),
                 )
                 return
         self.refused = str(result)
@@ -227,12 +236,24 @@ class Sidecar:
         except ApiError as exc:
             return exc.response()
         except web.HTTPNotFound:
-            return ApiError(404, f"unknown path {request.path}; this router serves the OpenAI API under /v1", "invalid_request_error", "unknown_url").response()
+            return ApiError(
+                404,
+                f"unknown path {request.path}; this router serves the OpenAI API under /v1",
+                "invalid_request_error",
+                "unknown_url",
+            ).response()
         except web.HTTPMethodNotAllowed as exc:
-            return ApiError(405, f"{request.method} is not allowed on {request.path} (allowed: {', '.join(sorted(exc.allowed_methods))})", "invalid_request_error", "method_not_allowed").response()
+            return ApiError(
+                405,
+                f"{request.method} is not allowed on {request.path} (allowed: {', '.join(sorted(exc.allowed_methods))})",
+                "invalid_request_error",
+                "method_not_allowed",
+            ).response()
         except Exception:
             log.exception("internal error on %s", request.path)
-            return ApiError(500, "internal error in the kubetoll sidecar (see its log)", "server_error", "internal_error").response()
+            return ApiError(
+                500, "internal error in the kubetoll sidecar (see its log)", "server_error", "internal_error"
+            ).response()
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, Endpoint.chat)
@@ -271,19 +292,34 @@ class Sidecar:
             since = float(request.query.get("since", 0))
             until = float(request.query["until"]) if "until" in request.query else None
         except ValueError:
-            raise ApiError(400, "since and until must be epoch seconds", "invalid_request_error", None, "since") from None
+            raise ApiError(
+                400, "since and until must be epoch seconds", "invalid_request_error", None, "since"
+            ) from None
         read = getattr(self.ledger, "read", None)  # a shared ledger: every sidecar's records
         if read is not None:
             try:
                 found = await asyncio.wait_for(read(since, until), 10.0)
                 scope = "namespace"
             except Exception as exc:
-                raise ApiError(503, f"the spend ledger in Redis cannot be read: {type(exc).__name__}", "service_unavailable", "ledger_unavailable", retry_after=1.0) from None
+                raise ApiError(
+                    503,
+                    f"the spend ledger in Redis cannot be read: {type(exc).__name__}",
+                    "service_unavailable",
+                    "ledger_unavailable",
+                    retry_after=1.0,
+                ) from None
         else:
             found, scope = list(self.ledger.records(since, until)), "sidecar"
         records = [r.to_dict() for r in found]
         return web.Response(
-            body=orjson.dumps({"namespace": self.config.namespace, "scope": scope, "records": records, "dropped": getattr(self.ledger, "dropped", 0)}),
+            body=orjson.dumps(
+                {
+                    "namespace": self.config.namespace,
+                    "scope": scope,
+                    "records": records,
+                    "dropped": getattr(self.ledger, "dropped", 0),
+                }
+            ),
             content_type="application/json",
         )
 
@@ -350,7 +386,13 @@ def _stop_on_signals(stop: asyncio.Event | None) -> None:
             pass
 
 
-async def serve(sidecar: Sidecar, host: str | None = None, port: int | None = None, metrics_port: int | None = None, stop: asyncio.Event | None = None) -> None:
+async def serve(
+    sidecar: Sidecar,
+    host: str | None = None,
+    port: int | None = None,
+    metrics_port: int | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
     """Serve until `stop` is set (or SIGTERM/SIGINT), then drain and close."""
     await sidecar.start()
     cfg = sidecar.config.server
@@ -365,7 +407,11 @@ async def serve(sidecar: Sidecar, host: str | None = None, port: int | None = No
     await web.TCPSite(ops, cfg.metrics_host, metrics_port or cfg.metrics_port, reuse_address=True).start()
     log.info(
         "kubetoll sidecar serving the OpenAI API on http://%s:%d/v1 (metrics and probes on %s:%d), config %s",
-        api_host, port or cfg.port, cfg.metrics_host, metrics_port or cfg.metrics_port, sidecar.config_path,
+        api_host,
+        port or cfg.port,
+        cfg.metrics_host,
+        metrics_port or cfg.metrics_port,
+        sidecar.config_path,
     )
     stop = stop or asyncio.Event()
     _stop_on_signals(stop)
@@ -382,10 +428,16 @@ async def serve(sidecar: Sidecar, host: str | None = None, port: int | None = No
 def configure_logging(level: str = "INFO") -> None:
     # Plain synchronous stderr. A QueueHandler thread and a loop-timed batched writer
     # were both measured (docs/performance.md): neither paid off reliably on one core.
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
 
 
-async def wait_for_config_file(path: str, host: str, port: int, metrics_host: str, metrics_port: int, poll: float = 0.5) -> bool:
+async def wait_for_config_file(
+    path: str, host: str, port: int, metrics_host: str, metrics_port: int, poll: float = 0.5
+) -> bool:
     """Serve "not ready yet" until `path` exists. False if told to stop first.
 
     In a pod the router ConfigMap is mounted `optional`: a pod created before the
@@ -410,7 +462,10 @@ async def wait_for_config_file(path: str, host: str, port: int, metrics_host: st
     api.router.add_route("*", "/{tail:.*}", pending)
     ops.router.add_get("/healthz", healthz)
     ops.router.add_get("/readyz", readyz)
-    runners = [web.AppRunner(api, access_log=None, handle_signals=False), web.AppRunner(ops, access_log=None, handle_signals=False)]
+    runners = [
+        web.AppRunner(api, access_log=None, handle_signals=False),
+        web.AppRunner(ops, access_log=None, handle_signals=False),
+    ]
     stop = asyncio.Event()
     _stop_on_signals(stop)
     try:
@@ -422,7 +477,7 @@ async def wait_for_config_file(path: str, host: str, port: int, metrics_host: st
             try:
                 await asyncio.wait_for(stop.wait(), poll)
                 return False
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
         log.info("router config %s appeared: starting", path)
         return True
@@ -457,7 +512,13 @@ def run_sidecar(
         defaults = ServerSettings()
         try:
             if not asyncio.run(
-                wait_for_config_file(config_path, host or defaults.host, port or defaults.port, defaults.metrics_host, metrics_port or defaults.metrics_port)
+                wait_for_config_file(
+                    config_path,
+                    host or defaults.host,
+                    port or defaults.port,
+                    defaults.metrics_host,
+                    metrics_port or defaults.metrics_port,
+                )
             ):
                 return 0
         except OSError as exc:

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from kubetoll_core.prices import PricingError, resolve_price
+from kubetoll_core.router_config import Backend, RouterConfig
+
 from .budgets.admission import BudgetMeters
-from .config import Backend, RouterConfig
 from .config_loader import ConfigError
 from .forwarder import BackendRuntime
-from .prices import PricingError, resolve_price
 from .routing import Router
 from .tenancy import TenantResolver
 
@@ -61,7 +62,9 @@ class SessionPool:
                 limit=b.max_connections, limit_per_host=b.max_connections, keepalive_timeout=60, ttl_dns_cache=30
             )
             # auto_decompress off is not wanted: providers gzip large bodies. Cookies are never wanted.
-            s = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",))
+            s = aiohttp.ClientSession(
+                connector=connector, cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",)
+            )
             self._sessions[key] = s
         return s
 

@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .config import RouterConfig
+from kubetoll_core.router_config import RouterConfig
+
 from .errors import bad_request
 
 MAX_TENANT_LEN = 128

@@ -19,7 +19,11 @@ def admission_review(obj: dict[str, Any], *, namespace: str, operation: str = "C
             "requestResource": {"group": "", "version": "v1", "resource": "pods"},
             "namespace": namespace,
             "operation": operation,
-            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller", "uid": "4a1e", "groups": ["system:serviceaccounts", "system:authenticated"]},
+            "userInfo": {
+                "username": "system:serviceaccount:kube-system:replicaset-controller",
+                "uid": "4a1e",
+                "groups": ["system:serviceaccounts", "system:authenticated"],
+            },
             "object": obj,
             "oldObject": None,
             "dryRun": False,

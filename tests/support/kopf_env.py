@@ -21,20 +21,32 @@ import kopf
 import pytest
 import yaml
 from kmock._internal.references import ResourceInfo, resource
+
 from kubetoll_operator import handlers
 
 NS = "team-a"
-PLURALS = {"ModelBackend": "modelbackends", "ModelRoute": "modelroutes", "TokenBudget": "tokenbudgets", "CachePolicy": "cachepolicies"}
+PLURALS = {
+    "ModelBackend": "modelbackends",
+    "ModelRoute": "modelroutes",
+    "TokenBudget": "tokenbudgets",
+    "CachePolicy": "cachepolicies",
+}
 CORE = {"ConfigMap": "configmaps", "Secret": "secrets", "Event": "events", "Namespace": "namespaces", "Pod": "pods"}
 
 
 def register_resources(emulator: Any) -> None:
     verbs = ["get", "list", "watch", "create", "update", "patch", "delete"]
     for kind, plural in PLURALS.items():
-        emulator.resources[resource("kubetoll.dev", "v1alpha1", plural)] = ResourceInfo(kind=kind, singular=kind.lower(), namespaced=True, verbs=verbs, subresources=["status"])
+        emulator.resources[resource("kubetoll.dev", "v1alpha1", plural)] = ResourceInfo(
+            kind=kind, singular=kind.lower(), namespaced=True, verbs=verbs, subresources=["status"]
+        )
     for kind, plural in CORE.items():
-        emulator.resources[resource("", "v1", plural)] = ResourceInfo(kind=kind, singular=kind.lower(), namespaced=kind != "Namespace", verbs=verbs)
-    emulator.resources[resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")] = ResourceInfo(kind="CustomResourceDefinition", namespaced=False, verbs=verbs)
+        emulator.resources[resource("", "v1", plural)] = ResourceInfo(
+            kind=kind, singular=kind.lower(), namespaced=kind != "Namespace", verbs=verbs
+        )
+    emulator.resources[resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")] = ResourceInfo(
+        kind="CustomResourceDefinition", namespaced=False, verbs=verbs
+    )
 
 
 class Kubectl:
@@ -57,7 +69,9 @@ class Kubectl:
 
     async def patch(self, kind: str, name: str, patch: dict[str, Any], namespace: str = NS) -> None:
         headers = {"Content-Type": "application/merge-patch+json"}
-        async with self.session.patch(self.path(kind, namespace, name), data=json.dumps(patch), headers=headers) as resp:
+        async with self.session.patch(
+            self.path(kind, namespace, name), data=json.dumps(patch), headers=headers
+        ) as resp:
             assert resp.status < 300, await resp.text()
 
     async def delete(self, kind: str, name: str, namespace: str = NS) -> None:
@@ -125,7 +139,17 @@ class OperatorThreads:
 
         def main() -> None:
             try:
-                asyncio.run(kopf.operator(registry=handlers.registry, settings=settings, clusterwide=True, standalone=True, stop_flag=stop, ready_flag=ready, memo=memo))
+                asyncio.run(
+                    kopf.operator(
+                        registry=handlers.registry,
+                        settings=settings,
+                        clusterwide=True,
+                        standalone=True,
+                        stop_flag=stop,
+                        ready_flag=ready,
+                        memo=memo,
+                    )
+                )
             except asyncio.CancelledError:
                 pass
             except BaseException as exc:  # reported at teardown

@@ -42,8 +42,20 @@ class RedisProcess:
             )
         self._dir = tempfile.mkdtemp(prefix="kt-redis-")
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self._dir, *self.args],
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self._dir,
+                *self.args,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -92,7 +104,9 @@ def redis_server_exe() -> str:
     return exe
 
 
-def _wait_ping(port: int, proc: subprocess.Popen, *, tls: tuple[str, str, str] | None = None, password: str | None = None) -> None:
+def _wait_ping(
+    port: int, proc: subprocess.Popen, *, tls: tuple[str, str, str] | None = None, password: str | None = None
+) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -125,9 +139,24 @@ class PersistentRedis(RedisProcess):
         if not getattr(self, "_dir", None):
             self._dir = tempfile.mkdtemp(prefix="kt-redis-aof-")
         self.proc = subprocess.Popen(
-            [redis_server_exe(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-             "--appendfsync", "always", "--dir", self._dir, *self.args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                redis_server_exe(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                self._dir,
+                *self.args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         _wait_ping(self.port, self.proc)
         return self
@@ -166,16 +195,38 @@ class ClusterRedis(RedisProcess):
     def start(self) -> ClusterRedis:
         self._dir = tempfile.mkdtemp(prefix="kt-redis-cluster-")
         self.proc = subprocess.Popen(
-            [redis_server_exe(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--cluster-enabled", "yes", "--cluster-config-file", os.path.join(self._dir, "nodes.conf"),
-             "--dir", self._dir, *self.args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                redis_server_exe(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                os.path.join(self._dir, "nodes.conf"),
+                "--dir",
+                self._dir,
+                *self.args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         _wait_ping(self.port, self.proc)
-        subprocess.run(["redis-cli", "-p", str(self.port), "CLUSTER", "ADDSLOTSRANGE", "0", "16383"], check=True, capture_output=True)
+        subprocess.run(
+            ["redis-cli", "-p", str(self.port), "CLUSTER", "ADDSLOTSRANGE", "0", "16383"],
+            check=True,
+            capture_output=True,
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            out = subprocess.run(["redis-cli", "-p", str(self.port), "CLUSTER", "INFO"], capture_output=True, text=True).stdout
+            out = subprocess.run(
+                ["redis-cli", "-p", str(self.port), "CLUSTER", "INFO"], capture_output=True, text=True
+            ).stdout
             if "cluster_state:ok" in out:
                 return self
             time.sleep(0.05)
@@ -204,7 +255,9 @@ class SentinelRedis:
                 f"sentinel monitor mymaster 127.0.0.1 {self.master.port} 1\n"
                 "sentinel down-after-milliseconds mymaster 5000\n"
             )
-        self.proc = subprocess.Popen([redis_server_exe(), conf, "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [redis_server_exe(), conf, "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         _wait_ping(self.port, self.proc)
         return self
 
@@ -230,20 +283,74 @@ class TlsRedis(RedisProcess):
             raise RuntimeError("openssl is not on PATH")
         d = tempfile.mkdtemp(prefix="kt-redis-tls-")
         self._dir = d
-        ca_key, ca, key, csr, crt = (os.path.join(d, n) for n in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt"))
+        ca_key, ca, key, csr, crt = (
+            os.path.join(d, n) for n in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt")
+        )
         ext = os.path.join(d, "ext.cnf")
         with open(ext, "w") as f:
             f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
         run = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True)  # noqa: E731
-        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "2", "-subj", "/CN=kt-test-ca")
+        run(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            ca_key,
+            "-out",
+            ca,
+            "-days",
+            "2",
+            "-subj",
+            "/CN=kt-test-ca",
+        )
         run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=localhost")
-        run("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", crt, "-days", "2", "-extfile", ext)
+        run(
+            "x509",
+            "-req",
+            "-in",
+            csr,
+            "-CA",
+            ca,
+            "-CAkey",
+            ca_key,
+            "-CAcreateserial",
+            "-out",
+            crt,
+            "-days",
+            "2",
+            "-extfile",
+            ext,
+        )
         self.ca = ca
         self.proc = subprocess.Popen(
-            [redis_server_exe(), "--port", "0", "--tls-port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", d, "--tls-cert-file", crt, "--tls-key-file", key, "--tls-ca-cert-file", ca,
-             "--tls-auth-clients", "no", *self.args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                redis_server_exe(),
+                "--port",
+                "0",
+                "--tls-port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                d,
+                "--tls-cert-file",
+                crt,
+                "--tls-key-file",
+                key,
+                "--tls-ca-cert-file",
+                ca,
+                "--tls-auth-clients",
+                "no",
+                *self.args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         _wait_ping(self.port, self.proc, tls=(ca, crt, key))
         return self

@@ -16,8 +16,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..config import Budget, FailMode, OnExhausted, RouterConfig
-from .periods import PeriodCalculator
+from kubetoll_core.enums import FailMode, OnExhausted
+from kubetoll_core.meters import cap_meter_name, tier_meter_name
+from kubetoll_core.periods import PeriodCalculator
+from kubetoll_core.router_config import Budget, RouterConfig
+
 from .store import BudgetStore, Exhausted, Hold, Meter, MeterState, Reservation
 
 
@@ -181,62 +184,13 @@ class BudgetMeters:
         return ms
 
 
-# --------------------------------------------------------------------------- meter names
-#
-# A meter's key is "<budget>:<name>"; the name says the level, the tenant, what is
-# counted and (windows) the period id. The Redis store keeps it as is and the
-# operator reads it back (TokenBudget status): both sides use these functions.
-
-
-def cap_meter_name(unit: str, period_id: str) -> str:
-    """The namespace cap's window: "cap:usd:2026-11", "cap:tokens:2026-11-22"."""
-    return f"cap:{unit}:{period_id}"
-
-
-def tier_meter_name(tier: str, tenant: str, what: str) -> str:
-    """A tenant's meter in a tier; `what` is "rpm", "tpm" or "usd:<period id>"."""
-    return f"tier:{tier}:t:{tenant}:{what}"
-
-
-@dataclass(frozen=True, slots=True)
-class MeterName:
-    level: str  # "cap" or "tier:<name>"
-    tier: str  # "" for the cap
-    tenant: str  # "" for the cap
-    unit: str  # "usd", "tokens" (windows), "tpm", "rpm" (buckets)
-    period: str  # the period id of a window, "" for a bucket
-
-
-def parse_meter_name(name: str) -> MeterName | None:
-    """The parts of a meter name built above (None for anything else). Tenant ids may contain ":"."""
-    if name.startswith("cap:"):
-        unit, _, period = name[4:].partition(":")
-        return MeterName("cap", "", "", unit, period) if unit and period and ":" not in period else None
-    if not name.startswith("tier:"):
-        return None
-    tier, _, rest = name[5:].partition(":")
-    if not tier or not rest.startswith("t:"):
-        return None
-    rest = rest[2:]
-    if rest.endswith((":rpm", ":tpm")):
-        tenant, _, what = rest.rpartition(":")
-        return MeterName(f"tier:{tier}", tier, tenant, what, "")
-    parts = rest.rsplit(":", 2)
-    if len(parts) != 3:
-        return None
-    tenant, unit, period = parts
-    return MeterName(f"tier:{tier}", tier, tenant, unit, period)
-
-
 def _reason(m: Meter) -> str:
     if m.kind == "bucket":
         return "requests_per_minute" if m.unit == "requests" else "tokens_per_minute"
     return f"{m.unit}_{'cap' if m.level == 'cap' else 'tier'}"
 
 
-async def reserve_with_policy(
-    store: BudgetStore, holds: Sequence[Hold], now: float, can_downgrade: bool
-) -> Admitted:
+async def reserve_with_policy(store: BudgetStore, holds: Sequence[Hold], now: float, can_downgrade: bool) -> Admitted:
     """Reserve all holds; an exhausted level applies its onExhausted and we try again.
 
     At most one retry per hold: each pass turns one more hold into an unenforced one.

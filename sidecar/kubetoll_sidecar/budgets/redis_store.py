@@ -46,11 +46,10 @@ from typing import Any
 import orjson
 from redis.exceptions import NoScriptError, RedisError
 
-from ..config import BudgetStoreSettings
-from ..ledger import SpendRecord
-from .periods import Clock, SystemClock
-from .redis_connect import connect_redis, default_sidecar_id, is_cluster
-from .redis_keys import (
+from kubetoll_core.meters import scale_of, to_units
+from kubetoll_core.periods import Clock, SystemClock
+from kubetoll_core.redis_connect import connect_redis, default_sidecar_id, is_cluster
+from kubetoll_core.redis_keys import (
     BUCKET_IDLE_GRACE_MS,
     INDEX_TTL_S,
     MeterKeys,
@@ -58,10 +57,11 @@ from .redis_keys import (
     check_name,
     check_sidecar_id,
     period_of,
-    scale_of,
-    to_units,
     window_expire_at,
 )
+from kubetoll_core.router_config import BudgetStoreSettings
+from kubetoll_core.spend_record import SpendRecord, encode_record
+
 from .redis_scripts import SYNC
 from .store import Exhausted, Hold, Meter, MeterState, Reservation, StoreUnavailable, Suspended
 
@@ -184,7 +184,9 @@ class RedisBudgetStore:
         self._timeout = settings.timeout_ms / 1000.0
         self._io_timeout = io_timeout if io_timeout is not None else max(0.5, 5 * self._timeout)
         self._own_client = client is None
-        self._client = client if client is not None else connect_redis(settings, credentials_dir, io_timeout=self._io_timeout)
+        self._client = (
+            client if client is not None else connect_redis(settings, credentials_dir, io_timeout=self._io_timeout)
+        )
         self._cluster = is_cluster(self._client)
         self._ledger_retention_ms = settings.ledger_retention_days * 86_400_000
         self.lease_ttl = lease_ttl
@@ -276,7 +278,7 @@ class RedisBudgetStore:
                     raise r
             if not ok:
                 raise ConnectionError("the first sync failed")
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, RedisError, OSError) as exc:
             self._mark_unavailable(f"at start: {type(exc).__name__}: {exc}")
         self._start_tasks()
 
@@ -443,7 +445,10 @@ class RedisBudgetStore:
     def add_record(self, record: SpendRecord) -> None:
         """Queue a ledger record; it is written with the next flush (RedisLedger.append lands here)."""
         self._recent.append(record)
-        if self._closed or len(self._open_records) + (len(self._frozen.records) if self._frozen else 0) >= self.max_buffered_records:
+        if (
+            self._closed
+            or len(self._open_records) + (len(self._frozen.records) if self._frozen else 0) >= self.max_buffered_records
+        ):
             self.dropped_records += 1
             return
         self._open_records.append(encode_record(record, self.sidecar_id))
@@ -491,7 +496,15 @@ class RedisBudgetStore:
         st = self._leases.get(m.key)
         if st is None:
             scale = scale_of(m.unit)
-            st = _Lease(m, self.keys.meter(m), scale, to_units(m.limit, scale), m.kind == "bucket", rate_at=mono, last_used=mono)
+            st = _Lease(
+                m,
+                self.keys.meter(m.budget, m.key),
+                scale,
+                to_units(m.limit, scale),
+                m.kind == "bucket",
+                rate_at=mono,
+                last_used=mono,
+            )
             self._leases[m.key] = st
             if m.budget not in self._budgets:
                 self._add_budget(m.budget)
@@ -549,7 +562,9 @@ class RedisBudgetStore:
                         self._wake.set()
         return Reservation(id=str(next(self._ids)), holds=list(holds), extra={"units": amts, "states": sts})
 
-    def _reserve_degraded(self, holds: Sequence[Hold], sts: list[_Lease], amts: list[int], now: float, mono: float) -> Reservation:
+    def _reserve_degraded(
+        self, holds: Sequence[Hold], sts: list[_Lease], amts: list[int], now: float, mono: float
+    ) -> Reservation:
         """Redis is not answering: serve from leases, then from the failOpen allowance."""
         self.degraded_decisions_total += 1
         grants: list[tuple[_Lease, int]] = []
@@ -694,11 +709,18 @@ class RedisBudgetStore:
         wall = self._clock.time()
         for key, st in list(self._leases.items()):
             idle = st.reserved == 0 and st.unflushed == 0 and st.extra == 0
-            if st.lease == 0 and idle and mono - st.last_used > 600 and (st.allowance_used == 0 or (not st.bucket and st.meter.period_end < wall)):
+            if (
+                st.lease == 0
+                and idle
+                and mono - st.last_used > 600
+                and (st.allowance_used == 0 or (not st.bucket and st.meter.period_end < wall))
+            ):
                 del self._leases[key]
                 self._dirty.discard(key)
                 continue
-            if st.lease > 0 and (mono - st.last_used > 2 * self.lease_seconds or (not st.bucket and st.meter.period_end <= wall)):
+            if st.lease > 0 and (
+                mono - st.last_used > 2 * self.lease_seconds or (not st.bucket and st.meter.period_end <= wall)
+            ):
                 self._dirty.add(key)
                 want = True
         return want
@@ -711,7 +733,13 @@ class RedisBudgetStore:
         renew = mono >= self._next_renew
         if self._reregister or final or renew:
             for k, st in self._leases.items():
-                if st.lease or st.reserved or st.unflushed or st.extra or (renew and st.deadline - mono < self.lease_ttl / 2):
+                if (
+                    st.lease
+                    or st.reserved
+                    or st.unflushed
+                    or st.extra
+                    or (renew and st.deadline - mono < self.lease_ttl / 2)
+                ):
                     keys.add(k)
         # Bounded work per script (Redis runs it alone): the frozen batch's meters first (their
         # spend must go with it), then meters requests wait on, then the rest; the rest of the
@@ -808,9 +836,20 @@ class RedisBudgetStore:
             if m.budget not in c.budgets:
                 c.budgets.append(m.budget)
             entry: dict[str, Any] = {
-                "h": c.key(st.keys.state), "x": c.key(st.keys.holders), "ix": c.key(self.keys.meter_index(m.budget)),
-                "kind": m.kind, "unit": m.unit, "label": m.label, "b": m.budget, "k": st.keys.suffix,
-                "scale": st.scale, "limit": st.limit, "d": d, "floor": floor, "need": need, "nmin": nmin,
+                "h": c.key(st.keys.state),
+                "x": c.key(st.keys.holders),
+                "ix": c.key(self.keys.meter_index(m.budget)),
+                "kind": m.kind,
+                "unit": m.unit,
+                "label": m.label,
+                "b": m.budget,
+                "k": st.keys.suffix,
+                "scale": st.scale,
+                "limit": st.limit,
+                "d": d,
+                "floor": floor,
+                "need": need,
+                "nmin": nmin,
                 "want": max(want, need),
             }
             if st.bucket:
@@ -818,8 +857,8 @@ class RedisBudgetStore:
             else:
                 entry["refill"] = 0
                 entry["pend"] = int(m.period_end * 1000)
-                entry["period"] = period_of(m)[1]
-                entry["exp"] = int(window_expire_at(m) * 1000)
+                entry["period"] = period_of(m.key)[1]
+                entry["exp"] = int(window_expire_at(m.key, m.period_end) * 1000)
             c.meters.append(entry)
             c.leases.append((st, d))
         if self._unindexed or not calls:
@@ -832,7 +871,9 @@ class RedisBudgetStore:
         seq = next(self._seq)
         sent = time.monotonic()
         try:
-            results = await asyncio.gather(*(self._call(c, seq, timeout) for c in calls.values()), return_exceptions=True)
+            results = await asyncio.gather(
+                *(self._call(c, seq, timeout) for c in calls.values()), return_exceptions=True
+            )
         except BaseException:
             for f in waiters:
                 if not f.done():
@@ -858,7 +899,9 @@ class RedisBudgetStore:
                 self._wake.set()
         if all_ok:
             self._mark_available()
-            self._next_renew = min((s.deadline - self.lease_ttl / 2 for s in self._leases.values() if s.lease > 0), default=_INF)
+            self._next_renew = min(
+                (s.deadline - self.lease_ttl / 2 for s in self._leases.values() if s.lease > 0), default=_INF
+            )
         else:
             self._mark_unavailable("a sync call failed")
         for f in waiters:
@@ -868,11 +911,22 @@ class RedisBudgetStore:
 
     async def _call(self, c: _Call, seq: int, timeout: float) -> list:
         payload: dict[str, Any] = {
-            "sid": self.sidecar_id, "seq": seq, "batch": c.batch, "sk": 1, "ek": 2,
-            "sk_ttl": _SIDECAR_KEY_TTL_MS, "epoch_new": f"{int(time.time() * 1000)}-{os.urandom(4).hex()}",
-            "budgets": c.budget_entries, "meters": c.meters,
-            "ttl": int(self.lease_ttl * 1000), "frac": self.lease_fraction, "ix_ttl": INDEX_TTL_S * 1000,
-            "grace": BUCKET_IDLE_GRACE_MS, "lk": 0, "recs": [], "keep_ms": self._ledger_retention_ms,
+            "sid": self.sidecar_id,
+            "seq": seq,
+            "batch": c.batch,
+            "sk": 1,
+            "ek": 2,
+            "sk_ttl": _SIDECAR_KEY_TTL_MS,
+            "epoch_new": f"{int(time.time() * 1000)}-{os.urandom(4).hex()}",
+            "budgets": c.budget_entries,
+            "meters": c.meters,
+            "ttl": int(self.lease_ttl * 1000),
+            "frac": self.lease_fraction,
+            "ix_ttl": INDEX_TTL_S * 1000,
+            "grace": BUCKET_IDLE_GRACE_MS,
+            "lk": 0,
+            "recs": [],
+            "keep_ms": self._ledger_retention_ms,
         }
         if c.records and c.batch:
             payload["lk"] = c.key(self.keys.ledger())
@@ -905,7 +959,11 @@ class RedisBudgetStore:
         if status == "dup":
             self.duplicate_batches_total += 1
         if status == "stale":
-            log.error("budget sync for %s was refused as stale: is another process using sidecar id %s?", c.home, self.sidecar_id)
+            log.error(
+                "budget sync for %s was refused as stale: is another process using sidecar id %s?",
+                c.home,
+                self.sidecar_id,
+            )
             return
         known = self._epochs.get(c.home)
         if known is None:
@@ -916,7 +974,9 @@ class RedisBudgetStore:
             self._reregister = True
             log.warning(
                 "Redis lost the budget history of %s (epoch %s -> %s, e.g. restarted empty): totals restart from zero; re-registering this sidecar's leases",
-                c.home, known, epoch,
+                c.home,
+                known,
+                epoch,
             )
         for (b, *_), flag in zip(c.budget_entries, susp):
             self._set_suspended_local(b, bool(int(flag)))
@@ -959,7 +1019,7 @@ class RedisBudgetStore:
         while not self._closing and not _cancelling():
             try:
                 await self._poll_once()
-            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, RedisError, OSError) as exc:
                 log.debug("suspension poll failed: %r", exc)
             except Exception:
                 log.exception("suspension poll failed unexpectedly")
@@ -1028,59 +1088,3 @@ def _cancelling() -> bool:
 async def _bounded(aw: Any, timeout: float) -> Any:
     async with asyncio.timeout(timeout):
         return await aw
-
-
-# ---------------------------------------------------------------------- helpers for the operator and CLI
-
-
-async def set_suspended(client: Any, namespace: str, budget: str, on: bool) -> None:
-    """Turn a budget's kill switch on or off; every sidecar of the namespace sees it within 2 s."""
-    keys = RedisKeys(namespace)
-    k = keys.suspended(budget)
-    if on:
-        await client.set(k, str(int(time.time())))
-    else:
-        await client.delete(k)
-    await client.publish(keys.channel(), orjson.dumps({"budget": budget, "suspended": bool(on)}))
-
-
-async def get_suspended(client: Any, namespace: str, budget: str) -> bool:
-    return bool(await client.exists(RedisKeys(namespace).suspended(budget)))
-
-
-_RECORD_FIELDS = (
-    "time", "namespace", "route", "backend", "tenant", "tier", "prompt_tokens", "completion_tokens", "cached_tokens",
-    "cost_usd", "cache_hit", "avoided_usd", "downgraded", "fallbacks", "outcome", "request_id",
-)
-
-
-def encode_record(r: SpendRecord, sidecar_id: str) -> list[str]:
-    """Stream entry fields of a spend record: its own fields, exact nano-USD, and the writer."""
-    out: list[str] = []
-    for name in _RECORD_FIELDS:
-        v = getattr(r, name)
-        out.append(name)
-        out.append(("1" if v else "0") if isinstance(v, bool) else repr(v) if isinstance(v, float) else str(v))
-    out += ["cost_nusd", str(to_units(r.cost_usd, scale_of("usd"))), "sidecar", sidecar_id]
-    return out
-
-
-def decode_record(fields: Mapping[str, str]) -> SpendRecord:
-    def f(name: str, conv: Any, default: Any) -> Any:
-        v = fields.get(name)
-        if v is None:
-            return default
-        try:
-            return conv(v)
-        except ValueError:
-            return default
-
-    return SpendRecord(
-        time=f("time", float, 0.0), namespace=fields.get("namespace", ""), route=fields.get("route", ""),
-        backend=fields.get("backend", ""), tenant=fields.get("tenant", ""), tier=fields.get("tier", ""),
-        prompt_tokens=f("prompt_tokens", int, 0), completion_tokens=f("completion_tokens", int, 0),
-        cached_tokens=f("cached_tokens", int, 0), cost_usd=f("cost_usd", float, 0.0),
-        cache_hit=fields.get("cache_hit", ""), avoided_usd=f("avoided_usd", float, 0.0),
-        downgraded=fields.get("downgraded") == "1", fallbacks=f("fallbacks", int, 0),
-        outcome=fields.get("outcome", "ok"), request_id=fields.get("request_id", ""),
-    )

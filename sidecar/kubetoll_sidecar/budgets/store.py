@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..config import OnExhausted
+from kubetoll_core.enums import OnExhausted
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,8 +5,7 @@ The pipeline uses `CacheStage` (stage 6, lookup; stage 10, store); see
 strict check behind a semantic hit, and docs/caching.md for the whole story.
 """
 
-from .admin import FlushResult, flush_policy
-from .embeddings import EmbedFn, EmbeddingFailed, embedder_for_backend, http_embedder
+from .embeddings import EmbeddingFailed, EmbedFn, embedder_for_backend, http_embedder
 from .replay import CacheHit, StreamAssembler
 from .stage import CACHE_CONTROL_HEADER, CacheLookup, CacheStage, EmbeddingCharge, uncacheable_reason
 
@@ -18,10 +17,8 @@ __all__ = [
     "EmbedFn",
     "EmbeddingCharge",
     "EmbeddingFailed",
-    "FlushResult",
     "StreamAssembler",
     "embedder_for_backend",
-    "flush_policy",
     "http_embedder",
     "uncacheable_reason",
 ]

@@ -53,7 +53,9 @@ def embedder_for_backend(runtime: Any, credentials: Any, timeout: float = 2.0) -
     async def embed(texts: list[str]) -> EmbedResult:
         try:
             key = credentials.get(backend.credentials)
-            req = translator.build_request(backend, Endpoint.embeddings, {"model": backend.model, "input": texts}, key, False)
+            req = translator.build_request(
+                backend, Endpoint.embeddings, {"model": backend.model, "input": texts}, key, False
+            )
             async with runtime.session.request(
                 req.method, req.url, data=req.body, headers=req.headers, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as resp:
@@ -73,7 +75,14 @@ def embedder_for_backend(runtime: Any, credentials: Any, timeout: float = 2.0) -
     return embed
 
 
-def http_embedder(session: aiohttp.ClientSession, base_url: str, model: str, api_key: str | None = None, usd_per_mtok: float = 0.0, timeout: float = 2.0) -> EmbedFn:
+def http_embedder(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    model: str,
+    api_key: str | None = None,
+    usd_per_mtok: float = 0.0,
+    timeout: float = 2.0,
+) -> EmbedFn:
     """A plain OpenAI-compatible `/v1/embeddings` client (tests, benchmarks, tools)."""
     url = base_url.rstrip("/") + "/embeddings"
     headers = {"content-type": "application/json"}
@@ -82,14 +91,19 @@ def http_embedder(session: aiohttp.ClientSession, base_url: str, model: str, api
 
     async def embed(texts: list[str]) -> EmbedResult:
         try:
-            async with session.post(url, data=orjson.dumps({"model": model, "input": texts}), headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            async with session.post(
+                url,
+                data=orjson.dumps({"model": model, "input": texts}),
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:
                     raise EmbeddingFailed(f"HTTP {resp.status}")
             data = orjson.loads(raw)
         except EmbeddingFailed:
             raise
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             raise EmbeddingFailed(f"{type(exc).__name__}: {exc}") from None
         u = data.get("usage") or {}
         usage = Usage(prompt_tokens=int(u.get("prompt_tokens") or 0), completion_tokens=0, reported=bool(u))
@@ -163,7 +177,9 @@ class EmbeddingServer:
     `fail` makes it answer 500 (or hang for `hang` seconds) to test failure paths.
     """
 
-    def __init__(self, encode: Callable[[list[str]], Sequence[Sequence[float]]], model: str = "hashed-embedder", port: int = 0) -> None:
+    def __init__(
+        self, encode: Callable[[list[str]], Sequence[Sequence[float]]], model: str = "hashed-embedder", port: int = 0
+    ) -> None:
         self.encode = encode
         self.model = model
         self.port = port
@@ -187,19 +203,35 @@ class EmbeddingServer:
         if self.hang:
             await asyncio.sleep(self.hang)
         if self.fail:
-            return web.json_response({"error": {"message": "simulated failure", "type": "server_error", "param": None, "code": None}}, status=500)
+            return web.json_response(
+                {"error": {"message": "simulated failure", "type": "server_error", "param": None, "code": None}},
+                status=500,
+            )
         body = await request.json()
         inp = body.get("input")
         texts = [inp] if isinstance(inp, str) else list(inp or [])
         if not texts or not all(isinstance(t, str) and t for t in texts):
-            return web.json_response({"error": {"message": "'$.input' is invalid", "type": "invalid_request_error", "param": "input", "code": None}}, status=400)
+            return web.json_response(
+                {
+                    "error": {
+                        "message": "'$.input' is invalid",
+                        "type": "invalid_request_error",
+                        "param": "input",
+                        "code": None,
+                    }
+                },
+                status=400,
+            )
         self.inputs.extend(texts)
         vectors = self.encode(texts)
         tokens = sum(count_words(t) for t in texts)
         return web.json_response(
             {
                 "object": "list",
-                "data": [{"object": "embedding", "index": i, "embedding": [float(x) for x in v]} for i, v in enumerate(vectors)],
+                "data": [
+                    {"object": "embedding", "index": i, "embedding": [float(x) for x in v]}
+                    for i, v in enumerate(vectors)
+                ],
                 "model": body.get("model") or self.model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             },

@@ -31,7 +31,8 @@ from typing import Any
 
 import orjson
 
-from ..config import CachePolicy, CacheScope
+from kubetoll_core.enums import CacheScope
+from kubetoll_core.router_config import CachePolicy
 
 # Bump when the stored entry format or the strict check changes: it is part of
 # every generation, so entries written by an older sidecar are never read.
@@ -174,8 +175,13 @@ def semantic_split(
         return None
     rest = {k: v for k, v in normalized.items() if k != "messages"}
     part = {
-        "endpoint": endpoint, "route": route, "scope": scope, "mode": mode,
-        "context": context, "last": {k: v for k, v in last.items() if k not in ("content",)}, "request": rest,
+        "endpoint": endpoint,
+        "route": route,
+        "scope": scope,
+        "mode": mode,
+        "context": context,
+        "last": {k: v for k, v in last.items() if k not in ("content",)},
+        "request": rest,
     }
     return SemanticSplit(text, digest(canonical_json(part)))
 

@@ -14,53 +14,80 @@ class CacheMetrics:
         self.lookups = Counter(
             "kubetoll_cache_lookups",
             "Cache lookups by result: hit_exact, hit_semantic, miss, bypass (no-cache header), uncacheable.",
-            ["route", "policy", "result"], registry=r,
+            ["route", "policy", "result"],
+            registry=r,
         )
         self.avoided_tokens = Counter(
-            "kubetoll_cache_avoided_tokens", "Tokens not sent to a model because the cache answered, by type (input, output).",
-            ["route", "policy", "type"], registry=r,
+            "kubetoll_cache_avoided_tokens",
+            "Tokens not sent to a model because the cache answered, by type (input, output).",
+            ["route", "policy", "type"],
+            registry=r,
         )
         self.avoided_usd = Counter(
-            "kubetoll_cache_avoided_usd", "USD not spent because the cache answered (the original answer's cost).",
-            ["route", "policy", "kind"], registry=r,
+            "kubetoll_cache_avoided_usd",
+            "USD not spent because the cache answered (the original answer's cost).",
+            ["route", "policy", "kind"],
+            registry=r,
         )
         self.stores = Counter(
-            "kubetoll_cache_stores", "Answers offered to the cache, by result: stored, incomplete, no_store, redis_unavailable.",
-            ["route", "policy", "result"], registry=r,
+            "kubetoll_cache_stores",
+            "Answers offered to the cache, by result: stored, incomplete, no_store, redis_unavailable.",
+            ["route", "policy", "result"],
+            registry=r,
         )
         self.semantic_rejections = Counter(
             "kubetoll_cache_semantic_rejections",
             "Semantic candidates above the threshold turned down by the strict check, by what differed.",
-            ["route", "policy", "reason"], registry=r,
+            ["route", "policy", "reason"],
+            registry=r,
         )
         self.semantic_similarity = Histogram(
-            "kubetoll_cache_semantic_hit_similarity", "Cosine similarity of the questions of served semantic hits.",
-            ["policy"], buckets=_SIMILARITY_BUCKETS, registry=r,
+            "kubetoll_cache_semantic_hit_similarity",
+            "Cosine similarity of the questions of served semantic hits.",
+            ["policy"],
+            buckets=_SIMILARITY_BUCKETS,
+            registry=r,
         )
         self.embedding_calls = Counter(
-            "kubetoll_cache_embedding_calls", "Embedding calls made for semantic lookups, by result (ok, failed, skipped).",
-            ["policy", "result"], registry=r,
+            "kubetoll_cache_embedding_calls",
+            "Embedding calls made for semantic lookups, by result (ok, failed, skipped).",
+            ["policy", "result"],
+            registry=r,
         )
         self.embedding_usd = Counter(
-            "kubetoll_cache_embedding_usd", "USD spent on embedding calls for semantic lookups.", ["policy"], registry=r,
+            "kubetoll_cache_embedding_usd",
+            "USD spent on embedding calls for semantic lookups.",
+            ["policy"],
+            registry=r,
         )
         self.redis_errors = Counter(
-            "kubetoll_cache_redis_errors", "Redis calls that failed or timed out (the cache then runs without Redis for a while).",
-            ["op", "reason"], registry=r,
+            "kubetoll_cache_redis_errors",
+            "Redis calls that failed or timed out (the cache then runs without Redis for a while).",
+            ["op", "reason"],
+            registry=r,
         )
         self.lookup_seconds = Histogram(
-            "kubetoll_cache_lookup_seconds", "Time a cache lookup adds, by result (embedding call included).",
-            ["policy", "result"], buckets=_LOOKUP_BUCKETS, registry=r,
+            "kubetoll_cache_lookup_seconds",
+            "Time a cache lookup adds, by result (embedding call included).",
+            ["policy", "result"],
+            buckets=_LOOKUP_BUCKETS,
+            registry=r,
         )
         self.local_entries = Gauge(
-            "kubetoll_cache_local_entries", "Entries held in this sidecar, by tier (lru, semantic_index).",
-            ["policy", "tier"], registry=r,
+            "kubetoll_cache_local_entries",
+            "Entries held in this sidecar, by tier (lru, semantic_index).",
+            ["policy", "tier"],
+            registry=r,
         )
         self.local_bytes = Gauge(
-            "kubetoll_cache_local_bytes", "Bytes held in this sidecar, by tier (lru, semantic_index).",
-            ["policy", "tier"], registry=r,
+            "kubetoll_cache_local_bytes",
+            "Bytes held in this sidecar, by tier (lru, semantic_index).",
+            ["policy", "tier"],
+            registry=r,
         )
         self.flushes = Counter(
-            "kubetoll_cache_invalidations", "Local cache state dropped, by why (policy_changed, epoch_bumped).",
-            ["policy", "reason"], registry=r,
+            "kubetoll_cache_invalidations",
+            "Local cache state dropped, by why (policy_changed, epoch_bumped).",
+            ["policy", "reason"],
+            registry=r,
         )

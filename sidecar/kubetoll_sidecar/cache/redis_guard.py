@@ -50,7 +50,7 @@ class RedisGuard:
             return await asyncio.wait_for(fn(self.client), timeout or self.timeout)
         except asyncio.CancelledError:
             raise
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             self._mark_down(op, "timeout")
             raise RedisUnavailable(f"{op}: no answer within {(timeout or self.timeout) * 1000:.0f} ms") from None
         except Exception as exc:  # redis.ConnectionError, ResponseError, OSError...
@@ -59,7 +59,9 @@ class RedisGuard:
 
     def _mark_down(self, op: str, reason: str) -> None:
         if time.monotonic() >= self._down_until:
-            log.warning("cache: Redis %s failed (%s); serving without the shared cache for %.1fs", op, reason, self.cooldown)
+            log.warning(
+                "cache: Redis %s failed (%s); serving without the shared cache for %.1fs", op, reason, self.cooldown
+            )
         self._down_until = time.monotonic() + self.cooldown
         self.last_error = f"{op}: {reason}"
         if self._on_error:

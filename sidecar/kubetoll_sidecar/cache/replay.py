@@ -41,9 +41,12 @@ class Entry:
     def dumps(self) -> bytes:
         raw = orjson.dumps(
             {
-                "v": 1, "ep": self.endpoint, "body": self.body,
+                "v": 1,
+                "ep": self.endpoint,
+                "body": self.body,
                 "u": [self.prompt_tokens, self.completion_tokens, self.cached_tokens],
-                "c": self.cost_usd, "t": self.created,
+                "c": self.cost_usd,
+                "t": self.created,
             }
         )
         # orjson's bytes keep their whole working buffer (64 KiB behind a 5 KiB answer,
@@ -142,7 +145,12 @@ class CacheHit:
         e = self.entry
         usage = body.get("usage") or usage_dict(e.prompt_tokens, e.completion_tokens, e.cached_tokens)
         if e.endpoint == "chat":
-            base: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.get("model", "")}
+            base: dict[str, Any] = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": body.get("model", ""),
+            }
             if body.get("system_fingerprint"):
                 base["system_fingerprint"] = body["system_fingerprint"]
             per_choice = [_chat_choice_deltas(c) for c in body.get("choices") or ()]
@@ -190,22 +198,34 @@ def _chat_choice_deltas(c: dict[str, Any]) -> list[dict[str, Any]]:
     tool_calls = msg.get("tool_calls") or []
     logprobs = c.get("logprobs")
     out: list[dict[str, Any]] = []
-    first: dict[str, Any] = {"role": msg.get("role") or "assistant", "content": "" if content is not None or not tool_calls else None}
+    first: dict[str, Any] = {
+        "role": msg.get("role") or "assistant",
+        "content": "" if content is not None or not tool_calls else None,
+    }
     out.append({"index": i, "delta": first, "logprobs": None, "finish_reason": None})
     if isinstance(content, str) and content:
         if logprobs:
             # Logprobs belong with the tokens they describe: send the content whole with them.
             out.append({"index": i, "delta": {"content": content}, "logprobs": logprobs, "finish_reason": None})
         else:
-            out.extend({"index": i, "delta": {"content": p}, "logprobs": None, "finish_reason": None} for p in _pieces(content))
+            out.extend(
+                {"index": i, "delta": {"content": p}, "logprobs": None, "finish_reason": None} for p in _pieces(content)
+            )
     if msg.get("refusal"):
         out.append({"index": i, "delta": {"refusal": msg["refusal"]}, "logprobs": None, "finish_reason": None})
     for j, tc in enumerate(tool_calls):
         fn = tc.get("function") or {}
-        call = {"index": j, "id": tc.get("id"), "type": tc.get("type") or "function", "function": {"name": fn.get("name"), "arguments": fn.get("arguments") or ""}}
+        call = {
+            "index": j,
+            "id": tc.get("id"),
+            "type": tc.get("type") or "function",
+            "function": {"name": fn.get("name"), "arguments": fn.get("arguments") or ""},
+        }
         out.append({"index": i, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None})
     if msg.get("function_call"):
-        out.append({"index": i, "delta": {"function_call": msg["function_call"]}, "logprobs": None, "finish_reason": None})
+        out.append(
+            {"index": i, "delta": {"function_call": msg["function_call"]}, "logprobs": None, "finish_reason": None}
+        )
     out.append({"index": i, "delta": {}, "logprobs": None, "finish_reason": c.get("finish_reason")})
     return out
 
@@ -255,7 +275,10 @@ class StreamAssembler:
             if not isinstance(c, dict):
                 continue
             idx = c.get("index", 0)
-            st = self._choices.setdefault(idx, {"content": [], "refusal": [], "tools": {}, "role": None, "finish": None, "logprobs": [], "fn": None})
+            st = self._choices.setdefault(
+                idx,
+                {"content": [], "refusal": [], "tools": {}, "role": None, "finish": None, "logprobs": [], "fn": None},
+            )
             if self.endpoint == "completions":
                 if isinstance(c.get("text"), str):
                     st["content"].append(c["text"])
@@ -268,7 +291,9 @@ class StreamAssembler:
                 if isinstance(d.get("refusal"), str):
                     st["refusal"].append(d["refusal"])
                 for tc in d.get("tool_calls") or ():
-                    t = st["tools"].setdefault(tc.get("index", 0), {"id": None, "type": "function", "name": [], "args": []})
+                    t = st["tools"].setdefault(
+                        tc.get("index", 0), {"id": None, "type": "function", "name": [], "args": []}
+                    )
                     if tc.get("id"):
                         t["id"] = tc["id"]
                     if tc.get("type"):
@@ -299,19 +324,33 @@ class StreamAssembler:
             if st["finish"] not in COMPLETE_FINISH_REASONS:
                 return None
             if self.endpoint == "completions":
-                choices.append({"text": "".join(st["content"]), "index": idx, "logprobs": None, "finish_reason": st["finish"]})
+                choices.append(
+                    {"text": "".join(st["content"]), "index": idx, "logprobs": None, "finish_reason": st["finish"]}
+                )
                 continue
-            msg: dict[str, Any] = {"role": st["role"] or "assistant", "content": "".join(st["content"]) if st["content"] or not st["tools"] else None}
+            msg: dict[str, Any] = {
+                "role": st["role"] or "assistant",
+                "content": "".join(st["content"]) if st["content"] or not st["tools"] else None,
+            }
             if st["refusal"]:
                 msg["refusal"] = "".join(st["refusal"])
             if st["tools"]:
                 msg["tool_calls"] = [
-                    {"id": t["id"], "type": t["type"], "function": {"name": "".join(t["name"]), "arguments": "".join(t["args"])}}
+                    {
+                        "id": t["id"],
+                        "type": t["type"],
+                        "function": {"name": "".join(t["name"]), "arguments": "".join(t["args"])},
+                    }
                     for _, t in sorted(st["tools"].items())
                 ]
             if st["fn"]:
                 msg["function_call"] = st["fn"]
-            choice: dict[str, Any] = {"index": idx, "message": msg, "logprobs": {"content": st["logprobs"]} if st["logprobs"] else None, "finish_reason": st["finish"]}
+            choice: dict[str, Any] = {
+                "index": idx,
+                "message": msg,
+                "logprobs": {"content": st["logprobs"]} if st["logprobs"] else None,
+                "finish_reason": st["finish"],
+            }
             choices.append(choice)
         body: dict[str, Any] = {
             "id": self._meta.get("id", ""),

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from .verify import Signature  # noqa: E402
+from .verify import Signature
 
 # Per entry, besides the vector: id and partition strings, the signature as JSON
 # bytes, the expiry, list and dict slots (measured by bench/cache_latency.py).
@@ -182,7 +182,9 @@ class SemanticIndex:
             return None
         return part.mat, part.expires, part.n
 
-    def rescore(self, partition: str, rows: list[int], query: np.ndarray, threshold: float, now: float) -> list[Candidate]:
+    def rescore(
+        self, partition: str, rows: list[int], query: np.ndarray, threshold: float, now: float
+    ) -> list[Candidate]:
         """Candidates for rows found by a worker thread, scored again against the index as it
         is now: an entry added, moved or removed meanwhile cannot be served under another's id."""
         part = self._parts.get(partition)
@@ -196,7 +198,9 @@ class SemanticIndex:
         return self._candidates(part, [live[i] for i in order], query, threshold, [float(sims[i]) for i in order])
 
     @staticmethod
-    def _candidates(part: _Partition, rows: object, query: np.ndarray, threshold: float, sims: list[float] | None = None) -> list[Candidate]:
+    def _candidates(
+        part: _Partition, rows: object, query: np.ndarray, threshold: float, sims: list[float] | None = None
+    ) -> list[Candidate]:
         out = []
         for j, row in enumerate(rows):  # type: ignore[arg-type]
             s = sims[j] if sims is not None else float(part.mat[row] @ query)

@@ -45,8 +45,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from ..config import CachePolicy, RouterConfig
-from ..ledger import CACHE_EMBEDDING_OUTCOME, SpendRecord
+from kubetoll_core.router_config import CachePolicy, RouterConfig
+from kubetoll_core.spend_record import CACHE_EMBEDDING_OUTCOME, SpendRecord
+
 from ..providers.base import Usage
 from . import keys
 from .embeddings import EmbedFn
@@ -164,7 +165,9 @@ class _PolicyRuntime:
 
 
 def policy_hash(policy: CachePolicy) -> str:
-    return keys.digest(keys.canonical_json({"settings": keys.policy_settings_hash(policy), "verify": VERIFY_VERSION}), 6)
+    return keys.digest(
+        keys.canonical_json({"settings": keys.policy_settings_hash(policy), "verify": VERIFY_VERSION}), 6
+    )
 
 
 def _header(headers: Mapping[str, str] | None, name: str) -> str:
@@ -216,7 +219,12 @@ class CacheStage:
             raise ValueError("CacheStage needs a Redis client with decode_responses=False (it stores binary vectors)")
         self.namespace = namespace
         self.metrics = metrics or CacheMetrics(registry)
-        self.guard = RedisGuard(redis, redis_timeout, redis_cooldown, on_error=lambda op, why: self.metrics.redis_errors.labels(op, why).inc())
+        self.guard = RedisGuard(
+            redis,
+            redis_timeout,
+            redis_cooldown,
+            on_error=lambda op, why: self.metrics.redis_errors.labels(op, why).inc(),
+        )
         self.background_timeout = background_timeout
         self.sync_interval = sync_interval
         self.epoch_interval = epoch_interval
@@ -235,14 +243,27 @@ class CacheStage:
         """Apply a config load. A policy whose settings are unchanged keeps its local
         entries; a changed one starts empty under a new generation."""
         if config.namespace != self.namespace:
-            log.warning("cache: config namespace %s differs from the stage's %s; keys stay in %s", config.namespace, self.namespace, self.namespace)
+            log.warning(
+                "cache: config namespace %s differs from the stage's %s; keys stay in %s",
+                config.namespace,
+                self.namespace,
+                self.namespace,
+            )
         embedders = embedders or {}
         new: dict[str, _PolicyRuntime] = {}
         for p in config.cache_policies:
             h = policy_hash(p)
-            embed = embedders.get(p.semantic.embedding_backend) if p.semantic.enabled and p.semantic.embedding_backend else None
+            embed = (
+                embedders.get(p.semantic.embedding_backend)
+                if p.semantic.enabled and p.semantic.embedding_backend
+                else None
+            )
             if p.semantic.enabled and embed is None:
-                log.warning("cache policy %s: no embedder for backend %s; its semantic tier will miss", p.name, p.semantic.embedding_backend)
+                log.warning(
+                    "cache policy %s: no embedder for backend %s; its semantic tier will miss",
+                    p.name,
+                    p.semantic.embedding_backend,
+                )
             old = self._policies.get(p.name)
             if old is not None and old.settings_hash == h:
                 old.policy = p
@@ -317,7 +338,9 @@ class CacheStage:
         normalized = keys.normalize_request(body)
         scope = keys.scope_value(rt.policy, tenant)
         h = keys.exact_key(endpoint, route, scope, normalized)
-        lk = CacheLookup("miss", _rt=rt, _route=route, _endpoint=endpoint, _key=h, _gen=rt.gen, _storable="no-store" not in control)
+        lk = CacheLookup(
+            "miss", _rt=rt, _route=route, _endpoint=endpoint, _key=h, _gen=rt.gen, _storable="no-store" not in control
+        )
         now = time.time()
         p = rt.policy
         if p.exact.enabled:
@@ -375,7 +398,9 @@ class CacheStage:
             return None
         return entry
 
-    async def _semantic(self, rt: _PolicyRuntime, lk: CacheLookup, split: keys.SemanticSplit, now: float) -> CacheHit | None:
+    async def _semantic(
+        self, rt: _PolicyRuntime, lk: CacheLookup, split: keys.SemanticSplit, now: float
+    ) -> CacheHit | None:
         vec = await self._embed(rt, lk, split.text)
         if vec is None:
             return None
@@ -430,11 +455,19 @@ class CacheStage:
         except Exception as exc:  # the backend's failure is a miss, whatever it is
             rt.embed_down_until = time.monotonic() + self.embed_cooldown
             m.embedding_calls.labels(rt.name, "failed").inc()
-            log.warning("cache policy %s: embedding failed (%s: %s); semantic lookups miss for %.0fs", rt.name, type(exc).__name__, exc, self.embed_cooldown)
+            log.warning(
+                "cache policy %s: embedding failed (%s: %s); semantic lookups miss for %.0fs",
+                rt.name,
+                type(exc).__name__,
+                exc,
+                self.embed_cooldown,
+            )
             return None
         m.embedding_calls.labels(rt.name, "ok").inc()
         m.embedding_usd.labels(rt.name).inc(cost)
-        lk.embedding = EmbeddingCharge(rt.policy.semantic.embedding_backend or "", usage, float(cost), time.perf_counter() - t0)
+        lk.embedding = EmbeddingCharge(
+            rt.policy.semantic.embedding_backend or "", usage, float(cost), time.perf_counter() - t0
+        )
         return vec
 
     async def _ensure_epoch(self, rt: _PolicyRuntime) -> None:
@@ -478,16 +511,35 @@ class CacheStage:
             log.exception("cache policy %s: store failed", rt.name)
             return False
 
-    async def _store(self, rt: _PolicyRuntime, lookup: CacheLookup, response_body: dict[str, Any], usage: Usage | None, cost_usd: float) -> bool:
+    async def _store(
+        self,
+        rt: _PolicyRuntime,
+        lookup: CacheLookup,
+        response_body: dict[str, Any],
+        usage: Usage | None,
+        cost_usd: float,
+    ) -> bool:
         m = self.metrics
         now = time.time()
         body = dict(response_body)
         if usage is None:
             u = body.get("usage") or {}
-            usage = Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0), int((u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0))
+            usage = Usage(
+                int(u.get("prompt_tokens") or 0),
+                int(u.get("completion_tokens") or 0),
+                int((u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0),
+            )
         elif not body.get("usage"):
             body["usage"] = usage_dict(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
-        entry = Entry(lookup._endpoint, body, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, float(cost_usd), now)
+        entry = Entry(
+            lookup._endpoint,
+            body,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.cached_tokens,
+            float(cost_usd),
+            now,
+        )
         raw = entry.dumps()
         ttl = rt.entry_ttl
         h = lookup._key
@@ -498,7 +550,9 @@ class CacheStage:
         if semantic:
             rt.ensure_index().add(h, lookup._partition, lookup._vector, lookup._signature, sem_expires)
         if rt.epoch is None or not self.guard.available:
-            m.stores.labels(lookup._route, rt.name, "redis_unavailable" if self.guard.client is not None else "stored").inc()
+            m.stores.labels(
+                lookup._route, rt.name, "redis_unavailable" if self.guard.client is not None else "stored"
+            ).inc()
             return True
         ek = keys.entry_key(self.namespace, rt.name, rt.gen, h)
         lk = keys.log_key(self.namespace, rt.name, rt.gen)
@@ -508,8 +562,11 @@ class CacheStage:
             pipe.set(ek, raw, ex=ttl)
             if semantic:
                 fields = {
-                    "h": h, "p": lookup._partition, "v": lookup._vector.tobytes(),
-                    "s": lookup._signature.to_json(), "x": repr(sem_expires),
+                    "h": h,
+                    "p": lookup._partition,
+                    "v": lookup._vector.tobytes(),
+                    "s": lookup._signature.to_json(),
+                    "x": repr(sem_expires),
                 }
                 pipe.xadd(lk, fields, maxlen=p.semantic.max_entries, approximate=True)
                 pipe.expire(lk, p.semantic.ttl_seconds + 60)
@@ -566,7 +623,9 @@ class CacheStage:
         cursors = {k: rt.cursor for k, rt in streams.items()}
         batch = 1000
         try:
-            res = await self.guard.call("sync", lambda c: c.xread(cursors, count=batch), timeout=self.background_timeout)
+            res = await self.guard.call(
+                "sync", lambda c: c.xread(cursors, count=batch), timeout=self.background_timeout
+            )
         except RedisUnavailable:
             return False
         more = False
@@ -618,25 +677,49 @@ class CacheStage:
     # ------------------------------------------------------------------ ledger
 
     @staticmethod
-    def spend_record(lookup: CacheLookup, *, time_: float, namespace: str, tenant: str, tier: str, request_id: str) -> SpendRecord | None:
+    def spend_record(
+        lookup: CacheLookup, *, time_: float, namespace: str, tenant: str, tier: str, request_id: str
+    ) -> SpendRecord | None:
         """The ledger record of a cache hit: no backend, no tokens billed, zero cost, the savings."""
         hit = lookup.hit
         if hit is None:
             return None
         return SpendRecord(
-            time=time_, namespace=namespace, route=lookup._route, backend="", tenant=tenant, tier=tier,
-            prompt_tokens=0, completion_tokens=0, cached_tokens=0, cost_usd=0.0,
-            cache_hit=hit.kind, avoided_usd=hit.avoided_usd, outcome="ok", request_id=request_id,
+            time=time_,
+            namespace=namespace,
+            route=lookup._route,
+            backend="",
+            tenant=tenant,
+            tier=tier,
+            prompt_tokens=0,
+            completion_tokens=0,
+            cached_tokens=0,
+            cost_usd=0.0,
+            cache_hit=hit.kind,
+            avoided_usd=hit.avoided_usd,
+            outcome="ok",
+            request_id=request_id,
         )
 
     @staticmethod
-    def embedding_record(lookup: CacheLookup, *, time_: float, namespace: str, tenant: str, tier: str, request_id: str) -> SpendRecord | None:
+    def embedding_record(
+        lookup: CacheLookup, *, time_: float, namespace: str, tenant: str, tier: str, request_id: str
+    ) -> SpendRecord | None:
         """The ledger record of the embedding call a semantic lookup made (hit or miss)."""
         e = lookup.embedding
         if e is None:
             return None
         return SpendRecord(
-            time=time_, namespace=namespace, route=lookup._route, backend=e.backend, tenant=tenant, tier=tier,
-            prompt_tokens=e.usage.prompt_tokens, completion_tokens=0, cached_tokens=0, cost_usd=e.cost_usd,
-            outcome=CACHE_EMBEDDING_OUTCOME, request_id=request_id,
+            time=time_,
+            namespace=namespace,
+            route=lookup._route,
+            backend=e.backend,
+            tenant=tenant,
+            tier=tier,
+            prompt_tokens=e.usage.prompt_tokens,
+            completion_tokens=0,
+            cached_tokens=0,
+            cost_usd=e.cost_usd,
+            outcome=CACHE_EMBEDDING_OUTCOME,
+            request_id=request_id,
         )

@@ -53,11 +53,28 @@ _ACTIONS: dict[str, tuple[str, ...]] = {
     "downgrade": ("downgrade",),
     "renew": ("renew", "renewal", "autorenew", "auto-renew", "auto renew", "auto-renewal", "autorenewal"),
     "refund": ("refund", "reimburse", "reimbursement", "money back", "get my money"),
-    "return": ("return", "send back", "send it back", "ship back", "send them back", "send an item back", "send the item back"),
+    "return": (
+        "return",
+        "send back",
+        "send it back",
+        "ship back",
+        "send them back",
+        "send an item back",
+        "send the item back",
+    ),
     "exchange": ("exchange", "swap", "replace", "replacement"),
     "track": ("track", "tracking", "where is", "where my", "status of", "tracking number"),
     "change": ("change", "update", "edit", "modify", "switch", "correct", "amend", "alter"),
-    "reset": ("reset", "forgot my", "forgot the", "forgot password", "forgotten password", "forgot your", "recover", "recovery"),
+    "reset": (
+        "reset",
+        "forgot my",
+        "forgot the",
+        "forgot password",
+        "forgotten password",
+        "forgot your",
+        "recover",
+        "recovery",
+    ),
     "delete": ("delete", "deletion", "remove", "erase", "close my", "close an", "close the", "get rid of"),
     "deactivate": ("deactivate", "deactivation"),
     "enable": ("enable", "activate", "activation", "turn on", "switch on"),
@@ -65,7 +82,17 @@ _ACTIONS: dict[str, tuple[str, ...]] = {
     "add": ("add", "attach", "include", "invite"),
     "connect": ("connect", "link", "sync", "integrate", "pair"),
     "disconnect": ("disconnect", "unlink", "unpair"),
-    "signup": ("sign up", "signup", "register", "registration", "create an account", "open an account", "make an account", "enroll", "join"),
+    "signup": (
+        "sign up",
+        "signup",
+        "register",
+        "registration",
+        "create an account",
+        "open an account",
+        "make an account",
+        "enroll",
+        "join",
+    ),
     "login": ("log in", "login", "log into", "sign in", "signin", "sign into", "access"),
     "logout": ("log out", "logout", "sign out", "signout"),
     "pay": ("pay", "paid", "paying"),
@@ -75,7 +102,17 @@ _ACTIONS: dict[str, tuple[str, ...]] = {
     "download": ("download", "export", "copy of"),
     "install": ("install", "installation", "set up", "setup"),
     "uninstall": ("uninstall",),
-    "contact": ("contact", "talk to", "speak to", "speak with", "talk with", "get in touch", "reach", "call", "chat with"),
+    "contact": (
+        "contact",
+        "talk to",
+        "speak to",
+        "speak with",
+        "talk with",
+        "get in touch",
+        "reach",
+        "call",
+        "chat with",
+    ),
     "transfer": ("transfer", "move", "migrate", "wire"),
     "verify": ("verify", "verification", "confirm", "confirmation"),
     "unsubscribe": ("unsubscribe", "opt out", "opt-out", "stop sending", "stop emailing"),
@@ -93,7 +130,18 @@ _ACTIONS: dict[str, tuple[str, ...]] = {
 }
 
 _OBJECTS: dict[str, tuple[str, ...]] = {
-    "order": ("order", "package", "parcel", "shipment", "my purchase", "the purchase", "a purchase", "this purchase", "your purchase", "delivery box"),
+    "order": (
+        "order",
+        "package",
+        "parcel",
+        "shipment",
+        "my purchase",
+        "the purchase",
+        "a purchase",
+        "this purchase",
+        "your purchase",
+        "delivery box",
+    ),
     "item": ("item", "product", "goods"),
     "subscription": ("subscription", "membership", "plan", "phone plan", "mobile plan"),
     "account": ("account", "profile"),
@@ -101,7 +149,14 @@ _OBJECTS: dict[str, tuple[str, ...]] = {
     "pin": ("pin",),
     "username": ("username", "user name", "user id", "login name"),
     "email": ("email", "e-mail", "email address", "e-mail address"),
-    "newsletter": ("newsletter", "marketing email", "promotional email", "marketing emails", "promotional emails", "mailing list"),
+    "newsletter": (
+        "newsletter",
+        "marketing email",
+        "promotional email",
+        "marketing emails",
+        "promotional emails",
+        "mailing list",
+    ),
     "notification": ("notification", "alert", "push notification"),
     "phone": ("phone number", "mobile number", "cell number", "phone"),
     "address": ("address",),
@@ -113,11 +168,31 @@ _OBJECTS: dict[str, tuple[str, ...]] = {
     "invoice": ("invoice", "receipt", "bill"),
     "statement": ("statement", "bank statement"),
     "trial": ("trial", "free trial"),
-    "coupon": ("coupon", "promo code", "discount code", "promotional code", "voucher", "voucher code", "coupon code", "discount", "promo"),
+    "coupon": (
+        "coupon",
+        "promo code",
+        "discount code",
+        "promotional code",
+        "voucher",
+        "voucher code",
+        "coupon code",
+        "discount",
+        "promo",
+    ),
     "warranty": ("warranty", "guarantee"),
     "app": ("app", "application", "mobile app"),
     "website": ("website", "site", "web site", "webpage"),
-    "2fa": ("2fa", "two-factor", "two factor", "mfa", "2-step", "two-step", "authenticator", "two factor authentication", "two-factor authentication"),
+    "2fa": (
+        "2fa",
+        "two-factor",
+        "two factor",
+        "mfa",
+        "2-step",
+        "two-step",
+        "authenticator",
+        "two factor authentication",
+        "two-factor authentication",
+    ),
     "cart": ("cart", "basket", "checkout"),
     "wishlist": ("wishlist", "wish list"),
     "review": ("review", "rating"),
@@ -177,7 +252,14 @@ _MODIFIERS: dict[str, tuple[str, ...]] = {
     "tonight": ("tonight",),
     "weekend": ("weekend",),
     "immediately": ("immediately", "right away", "right now", "instantly"),
-    "end_of_period": ("end of the month", "end of the billing period", "end of my billing period", "end of the period", "end of the cycle", "end of the year"),
+    "end_of_period": (
+        "end of the month",
+        "end of the billing period",
+        "end of my billing period",
+        "end of the period",
+        "end of the cycle",
+        "end of the year",
+    ),
     "monthly": ("monthly", "per month", "a month", "month-to-month"),
     "annual": ("annual", "annually", "yearly", "per year", "a year"),
     "weekly": ("weekly", "per week"),
@@ -239,38 +321,135 @@ _MODIFIERS: dict[str, tuple[str, ...]] = {
 # Named things known in lower case (users do not always capitalise).
 _KNOWN_NAMES: dict[str, tuple[str, ...]] = {
     # plans and tiers
-    "pro": ("pro",), "premium": ("premium",), "basic": ("basic",), "plus": ("plus",), "free": ("free", "for free", "free of charge", "no charge", "at no cost"),
-    "enterprise": ("enterprise",), "business": ("business",), "family": ("family",), "student": ("student", "students"),
-    "starter": ("starter",), "standard": ("standard",), "individual": ("individual",), "personal": ("personal",),
-    "ultimate": ("ultimate",), "lite": ("lite",), "gold": ("gold",), "silver": ("silver",), "platinum": ("platinum",),
-    "teacher": ("teacher", "teachers", "educator"), "military": ("military", "veteran", "veterans"), "senior": ("senior", "seniors"),
+    "pro": ("pro",),
+    "premium": ("premium",),
+    "basic": ("basic",),
+    "plus": ("plus",),
+    "free": ("free", "for free", "free of charge", "no charge", "at no cost"),
+    "enterprise": ("enterprise",),
+    "business": ("business",),
+    "family": ("family",),
+    "student": ("student", "students"),
+    "starter": ("starter",),
+    "standard": ("standard",),
+    "individual": ("individual",),
+    "personal": ("personal",),
+    "ultimate": ("ultimate",),
+    "lite": ("lite",),
+    "gold": ("gold",),
+    "silver": ("silver",),
+    "platinum": ("platinum",),
+    "teacher": ("teacher", "teachers", "educator"),
+    "military": ("military", "veteran", "veterans"),
+    "senior": ("senior", "seniors"),
     "nonprofit": ("nonprofit", "non-profit", "charity"),
     # platforms, payment and shipping brands
-    "ios": ("ios",), "android": ("android",), "iphone": ("iphone",), "ipad": ("ipad",), "mac": ("mac", "macbook", "macos"),
-    "windows": ("windows",), "linux": ("linux",), "chrome": ("chrome",), "firefox": ("firefox",), "safari": ("safari",),
-    "paypal": ("paypal",), "apple pay": ("apple pay", "applepay"), "google pay": ("google pay", "gpay"), "visa": ("visa",),
-    "mastercard": ("mastercard",), "amex": ("amex", "american express"), "venmo": ("venmo",), "klarna": ("klarna",),
-    "afterpay": ("afterpay",), "bitcoin": ("bitcoin", "crypto", "cryptocurrency"), "ups": ("ups",), "fedex": ("fedex",),
-    "dhl": ("dhl",), "usps": ("usps",), "royal mail": ("royal mail",), "amazon": ("amazon",), "alexa": ("alexa",),
-    "roku": ("roku",), "xbox": ("xbox",), "playstation": ("playstation", "ps5", "ps4"), "slack": ("slack",), "zoom": ("zoom",),
-    "google": ("google",), "outlook": ("outlook",), "gmail": ("gmail",), "facebook": ("facebook",), "apple": ("apple",),
-    "microsoft": ("microsoft",), "sso": ("sso", "single sign-on", "single sign on"), "api": ("api",), "vpn": ("vpn",),
-    "bank account": ("bank account",), "cash": ("cash",), "check": ("cheque",), "wire": (),
+    "ios": ("ios",),
+    "android": ("android",),
+    "iphone": ("iphone",),
+    "ipad": ("ipad",),
+    "mac": ("mac", "macbook", "macos"),
+    "windows": ("windows",),
+    "linux": ("linux",),
+    "chrome": ("chrome",),
+    "firefox": ("firefox",),
+    "safari": ("safari",),
+    "paypal": ("paypal",),
+    "apple pay": ("apple pay", "applepay"),
+    "google pay": ("google pay", "gpay"),
+    "visa": ("visa",),
+    "mastercard": ("mastercard",),
+    "amex": ("amex", "american express"),
+    "venmo": ("venmo",),
+    "klarna": ("klarna",),
+    "afterpay": ("afterpay",),
+    "bitcoin": ("bitcoin", "crypto", "cryptocurrency"),
+    "ups": ("ups",),
+    "fedex": ("fedex",),
+    "dhl": ("dhl",),
+    "usps": ("usps",),
+    "royal mail": ("royal mail",),
+    "amazon": ("amazon",),
+    "alexa": ("alexa",),
+    "roku": ("roku",),
+    "xbox": ("xbox",),
+    "playstation": ("playstation", "ps5", "ps4"),
+    "slack": ("slack",),
+    "zoom": ("zoom",),
+    "google": ("google",),
+    "outlook": ("outlook",),
+    "gmail": ("gmail",),
+    "facebook": ("facebook",),
+    "apple": ("apple",),
+    "microsoft": ("microsoft",),
+    "sso": ("sso", "single sign-on", "single sign on"),
+    "api": ("api",),
+    "vpn": ("vpn",),
+    "bank account": ("bank account",),
+    "cash": ("cash",),
+    "check": ("cheque",),
+    "wire": (),
     # places
-    "canada": ("canada",), "usa": ("usa", "united states", "the us", "america"), "uk": ("uk", "united kingdom", "britain", "england"),
-    "mexico": ("mexico",), "germany": ("germany",), "france": ("france",), "spain": ("spain",), "italy": ("italy",),
-    "ireland": ("ireland",), "australia": ("australia",), "new zealand": ("new zealand",), "japan": ("japan",),
-    "china": ("china",), "india": ("india",), "brazil": ("brazil",), "netherlands": ("netherlands", "holland"),
-    "sweden": ("sweden",), "norway": ("norway",), "switzerland": ("switzerland",), "poland": ("poland",),
-    "eu": ("eu", "europe", "european union"), "alaska": ("alaska",), "hawaii": ("hawaii",), "puerto rico": ("puerto rico",),
-    "london": ("london",), "paris": ("paris",), "berlin": ("berlin",), "new york": ("new york", "nyc"), "chicago": ("chicago",),
-    "toronto": ("toronto",), "sydney": ("sydney",), "tokyo": ("tokyo",), "madrid": ("madrid",), "dublin": ("dublin",),
-    "boston": ("boston",), "seattle": ("seattle",), "texas": ("texas",), "california": ("california",), "florida": ("florida",),
+    "canada": ("canada",),
+    "usa": ("usa", "united states", "the us", "america"),
+    "uk": ("uk", "united kingdom", "britain", "england"),
+    "mexico": ("mexico",),
+    "germany": ("germany",),
+    "france": ("france",),
+    "spain": ("spain",),
+    "italy": ("italy",),
+    "ireland": ("ireland",),
+    "australia": ("australia",),
+    "new zealand": ("new zealand",),
+    "japan": ("japan",),
+    "china": ("china",),
+    "india": ("india",),
+    "brazil": ("brazil",),
+    "netherlands": ("netherlands", "holland"),
+    "sweden": ("sweden",),
+    "norway": ("norway",),
+    "switzerland": ("switzerland",),
+    "poland": ("poland",),
+    "eu": ("eu", "europe", "european union"),
+    "alaska": ("alaska",),
+    "hawaii": ("hawaii",),
+    "puerto rico": ("puerto rico",),
+    "london": ("london",),
+    "paris": ("paris",),
+    "berlin": ("berlin",),
+    "new york": ("new york", "nyc"),
+    "chicago": ("chicago",),
+    "toronto": ("toronto",),
+    "sydney": ("sydney",),
+    "tokyo": ("tokyo",),
+    "madrid": ("madrid",),
+    "dublin": ("dublin",),
+    "boston": ("boston",),
+    "seattle": ("seattle",),
+    "texas": ("texas",),
+    "california": ("california",),
+    "florida": ("florida",),
     # months and days
-    "january": ("january",), "february": ("february",), "march": (), "april": ("april",), "june": ("june",), "july": ("july",),
-    "august": ("august",), "september": ("september",), "october": ("october",), "november": ("november",), "december": ("december",),
-    "monday": ("monday",), "tuesday": ("tuesday",), "wednesday": ("wednesday",), "thursday": ("thursday",), "friday": ("friday",),
-    "saturday": ("saturday",), "sunday": ("sunday",), "christmas": ("christmas", "xmas"), "black friday": ("black friday",),
+    "january": ("january",),
+    "february": ("february",),
+    "march": (),
+    "april": ("april",),
+    "june": ("june",),
+    "july": ("july",),
+    "august": ("august",),
+    "september": ("september",),
+    "october": ("october",),
+    "november": ("november",),
+    "december": ("december",),
+    "monday": ("monday",),
+    "tuesday": ("tuesday",),
+    "wednesday": ("wednesday",),
+    "thursday": ("thursday",),
+    "friday": ("friday",),
+    "saturday": ("saturday",),
+    "sunday": ("sunday",),
+    "christmas": ("christmas", "xmas"),
+    "black friday": ("black friday",),
 }
 
 _QUESTION: dict[str, tuple[str, ...]] = {
@@ -282,36 +461,185 @@ _QUESTION: dict[str, tuple[str, ...]] = {
 
 # Removed before anything else: phrases whose words would read as something they are not.
 _NOISE_PHRASES = (
-    "not sure", "no idea", "whether or not", "or not", "no problem", "no worries", "not only", "thank you", "thanks",
-    "no rush", "how do i", "how can i", "is it possible", "is there a way", "i would like", "i want to", "i need to",
-    "i'd like", "please", "quick question", "for some reason", "at all", "in advance", "as soon as possible",
-    "every time", "each time", "all the time", "bought", "booked", "purchased", "ordered",
+    "not sure",
+    "no idea",
+    "whether or not",
+    "or not",
+    "no problem",
+    "no worries",
+    "not only",
+    "thank you",
+    "thanks",
+    "no rush",
+    "how do i",
+    "how can i",
+    "is it possible",
+    "is there a way",
+    "i would like",
+    "i want to",
+    "i need to",
+    "i'd like",
+    "please",
+    "quick question",
+    "for some reason",
+    "at all",
+    "in advance",
+    "as soon as possible",
+    "every time",
+    "each time",
+    "all the time",
+    "bought",
+    "booked",
+    "purchased",
+    "ordered",
 )
 
 _NEGATIONS = frozenset(
     {
-        "not", "no", "never", "none", "nothing", "nobody", "nowhere", "neither", "nor", "without", "cannot", "unable",
-        "dont", "didnt", "doesnt", "cant", "wont", "isnt", "havent", "hasnt", "wasnt", "werent", "arent", "shouldnt",
-        "couldnt", "wouldnt", "aint", "no longer",
+        "not",
+        "no",
+        "never",
+        "none",
+        "nothing",
+        "nobody",
+        "nowhere",
+        "neither",
+        "nor",
+        "without",
+        "cannot",
+        "unable",
+        "dont",
+        "didnt",
+        "doesnt",
+        "cant",
+        "wont",
+        "isnt",
+        "havent",
+        "hasnt",
+        "wasnt",
+        "werent",
+        "arent",
+        "shouldnt",
+        "couldnt",
+        "wouldnt",
+        "aint",
+        "no longer",
     }
 )
 
 _NUMBER_WORDS = {
-    "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
-    "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15, "sixteen": 16,
-    "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20, "thirty": 30, "forty": 40, "fifty": 50,
-    "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90, "hundred": 100, "thousand": 1000, "dozen": 12,
-    "half": 0.5, "single": 1, "couple": 2,
+    "zero": 0,
+    "one": 1,
+    "two": 2,
+    "three": 3,
+    "four": 4,
+    "five": 5,
+    "six": 6,
+    "seven": 7,
+    "eight": 8,
+    "nine": 9,
+    "ten": 10,
+    "eleven": 11,
+    "twelve": 12,
+    "thirteen": 13,
+    "fourteen": 14,
+    "fifteen": 15,
+    "sixteen": 16,
+    "seventeen": 17,
+    "eighteen": 18,
+    "nineteen": 19,
+    "twenty": 20,
+    "thirty": 30,
+    "forty": 40,
+    "fifty": 50,
+    "sixty": 60,
+    "seventy": 70,
+    "eighty": 80,
+    "ninety": 90,
+    "hundred": 100,
+    "thousand": 1000,
+    "dozen": 12,
+    "half": 0.5,
+    "single": 1,
+    "couple": 2,
 }
 _ORDINALS = {
-    "first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth": 6, "seventh": 7, "eighth": 8,
-    "ninth": 9, "tenth": 10,
+    "first": 1,
+    "second": 2,
+    "third": 3,
+    "fourth": 4,
+    "fifth": 5,
+    "sixth": 6,
+    "seventh": 7,
+    "eighth": 8,
+    "ninth": 9,
+    "tenth": 10,
 }
 # "one" is a number unless a determiner makes it a pronoun ("this one", "which one").
-_ONE_PRONOUN_BEFORE = frozenset({"this", "that", "which", "the", "any", "every", "each", "another", "other", "no", "some", "a", "an", "new", "old", "right", "wrong"})
+_ONE_PRONOUN_BEFORE = frozenset(
+    {
+        "this",
+        "that",
+        "which",
+        "the",
+        "any",
+        "every",
+        "each",
+        "another",
+        "other",
+        "no",
+        "some",
+        "a",
+        "an",
+        "new",
+        "old",
+        "right",
+        "wrong",
+    }
+)
 
-_ASKING = frozenset({"know", "tell", "wondering", "wonder", "ask", "asking", "me", "idea", "sure", "out", "say", "explain", "and", "but", "so"})
-_PRICE_FOLLOWERS = frozenset({"is", "are", "was", "does", "do", "did", "will", "would", "should", "can", "could", "to", "for", "it", "money", "extra", "more", "less", "am"})
+_ASKING = frozenset(
+    {
+        "know",
+        "tell",
+        "wondering",
+        "wonder",
+        "ask",
+        "asking",
+        "me",
+        "idea",
+        "sure",
+        "out",
+        "say",
+        "explain",
+        "and",
+        "but",
+        "so",
+    }
+)
+_PRICE_FOLLOWERS = frozenset(
+    {
+        "is",
+        "are",
+        "was",
+        "does",
+        "do",
+        "did",
+        "will",
+        "would",
+        "should",
+        "can",
+        "could",
+        "to",
+        "for",
+        "it",
+        "money",
+        "extra",
+        "more",
+        "less",
+        "am",
+    }
+)
 _PLAN_WORDS = frozenset({"plan", "plans", "tier", "tiers", "membership", "subscription", "package"})
 _DETERMINERS = frozenset({"the", "a", "an", "my", "our", "your", "their", "his", "her", "this", "that", "its"})
 _DIRECTION = frozenset({"from", "to", "into"})
@@ -339,9 +667,7 @@ _COMMON = frozenset(
     """.split()
 )
 
-_WORD_RE = re.compile(
-    r"[$€£%]|#?[A-Za-z0-9][A-Za-z0-9]*(?:[-'’./:,/][A-Za-z0-9]+)*|[.!?;:\n\"()]"
-)
+_WORD_RE = re.compile(r"[$€£%]|#?[A-Za-z0-9][A-Za-z0-9]*(?:[-'’./:,/][A-Za-z0-9]+)*|[.!?;:\n\"()]")
 _HAS_DIGIT = re.compile(r"\d")
 _PURE_NUMBER = re.compile(r"^\d{1,3}(?:,\d{3})+(?:\.\d+)?$|^\d+(?:\.\d+)?$")
 _ORDINAL_RE = re.compile(r"^(\d+)(?:st|nd|rd|th)$")
@@ -409,20 +735,36 @@ class Signature:
 
     def to_json(self) -> bytes:
         raw = orjson.dumps(
-            [list(self.numbers), self.negated, sorted(self.names), sorted(self.actions), sorted(self.objects), sorted(self.modifiers), self.question, sorted(self.rest)]
+            [
+                list(self.numbers),
+                self.negated,
+                sorted(self.names),
+                sorted(self.actions),
+                sorted(self.objects),
+                sorted(self.modifiers),
+                self.question,
+                sorted(self.rest),
+            ]
         )
         return bytes(memoryview(raw))  # right-sized: orjson's bytes keep a 4 KiB buffer, and the index keeps these
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Signature:
         n, neg, names, acts, objs, mods, q, rest = orjson.loads(raw)
-        return cls(tuple(n), bool(neg), frozenset(names), frozenset(acts), frozenset(objs), frozenset(mods), q, frozenset(rest))
+        return cls(
+            tuple(n), bool(neg), frozenset(names), frozenset(acts), frozenset(objs), frozenset(mods), q, frozenset(rest)
+        )
 
     def describe(self) -> dict[str, object]:
         return {
-            "numbers": list(self.numbers), "negated": self.negated, "names": sorted(self.names),
-            "actions": sorted(self.actions), "objects": sorted(self.objects), "modifiers": sorted(self.modifiers),
-            "question": self.question, "rest": sorted(self.rest),
+            "numbers": list(self.numbers),
+            "negated": self.negated,
+            "names": sorted(self.names),
+            "actions": sorted(self.actions),
+            "objects": sorted(self.objects),
+            "modifiers": sorted(self.modifiers),
+            "question": self.question,
+            "rest": sorted(self.rest),
         }
 
 
@@ -479,7 +821,20 @@ def _expand(word: str) -> list[str]:
             base = "shall"
         return [base, "not"]
     head, _, tail = w.rpartition("'")
-    if tail.lower() == "s" and head.lower() in {"what", "where", "who", "how", "it", "that", "there", "here", "when", "why", "he", "she"}:
+    if tail.lower() == "s" and head.lower() in {
+        "what",
+        "where",
+        "who",
+        "how",
+        "it",
+        "that",
+        "there",
+        "here",
+        "when",
+        "why",
+        "he",
+        "she",
+    }:
         return [head, "is"]
     if tail.lower() in {"s", "re", "ve", "ll", "d", "m", ""}:
         return [head]
@@ -618,7 +973,9 @@ def signature(text: str) -> Signature:
             numbers.append((direction(i), num if num is not None else "code:" + low.lstrip("#")))
             i += 1
             continue
-        if low in _NUMBER_WORDS and not (low == "one" and ((i and lows[i - 1] in _ONE_PRONOUN_BEFORE) or (i + 1 < n and lows[i + 1] == "of"))):
+        if low in _NUMBER_WORDS and not (
+            low == "one" and ((i and lows[i - 1] in _ONE_PRONOUN_BEFORE) or (i + 1 < n and lows[i + 1] == "of"))
+        ):
             if not (low == "couple" and i + 1 < n and lows[i + 1] != "of"):
                 v = _NUMBER_WORDS[low]
                 numbers.append((direction(i), str(int(v)) if v == int(v) else repr(v)))
@@ -640,7 +997,11 @@ def signature(text: str) -> Signature:
         o = tok.orig
         if o[:1].isupper() and low not in ("i",) and not title_case:
             is_acronym = len(o) >= 2 and o.isupper() and o.isalpha()
-            if is_acronym or (not tok.start and low not in _COMMON) or (tok.start and low not in _COMMON and not _looks_like_verb(low)):
+            if (
+                is_acronym
+                or (not tok.start and low not in _COMMON)
+                or (tok.start and low not in _COMMON and not _looks_like_verb(low))
+            ):
                 names.append((direction(i), low))
                 i += 1
                 continue
@@ -659,7 +1020,16 @@ def signature(text: str) -> Signature:
     name_set = frozenset((f"{d}:{v}" if d and has_from else v) for d, v in names)
     if "pause" in actions:
         modifiers.discard("temporary")  # a pause is temporary; saying so changes nothing
-    return Signature(num_seq, negations % 2 == 1, name_set, frozenset(actions), frozenset(objects), frozenset(modifiers), question, frozenset(rest))
+    return Signature(
+        num_seq,
+        negations % 2 == 1,
+        name_set,
+        frozenset(actions),
+        frozenset(objects),
+        frozenset(modifiers),
+        question,
+        frozenset(rest),
+    )
 
 
 def _mostly_capitalised(toks: list[_Tok]) -> bool:

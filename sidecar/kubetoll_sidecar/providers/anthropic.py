@@ -63,13 +63,15 @@ import math
 import re
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import orjson
 
-from ..config import Backend, FailureClass
+from kubetoll_core.enums import FailureClass
+from kubetoll_core.router_config import Backend
+
 from .base import Endpoint, UnsupportedRequest, UpstreamError, UpstreamRequest, Usage
 
 __all__ = [
@@ -696,7 +698,12 @@ def _assistant_blocks(msg: dict[str, Any], where: str) -> list[dict[str, Any]]:
         if not isinstance(call.get("id"), str) or not call["id"]:
             raise ValueError(f"{cw} needs an id")
         blocks.append(
-            {"type": "tool_use", "id": call["id"], "name": fn["name"], "input": _parse_arguments(fn.get("arguments"), cw)}
+            {
+                "type": "tool_use",
+                "id": call["id"],
+                "name": fn["name"],
+                "input": _parse_arguments(fn.get("arguments"), cw),
+            }
         )
     return blocks
 
@@ -952,8 +959,8 @@ def _retry_after(headers: Any) -> float | None:
         except (TypeError, ValueError, IndexError):
             return None
         if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        seconds = (when - datetime.now(timezone.utc)).total_seconds()
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
         return max(seconds, 0.0)
     if not math.isfinite(seconds) or seconds < 0:
         return None

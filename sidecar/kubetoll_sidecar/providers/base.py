@@ -11,32 +11,30 @@ same way: one translator per provider).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Protocol
 
-from ..config import Backend, FailureClass
+from kubetoll_core.enums import FailureClass
+from kubetoll_core.router_config import Backend
+from kubetoll_core.usage import Usage
+
+__all__ = [
+    "Endpoint",
+    "StreamTranslator",
+    "Translator",
+    "UnsupportedRequest",
+    "UpstreamError",
+    "UpstreamRequest",
+    "Usage",
+]
 
 
-class Endpoint:
-    """The OpenAI API the client called."""
+class Endpoint(StrEnum):
+    """The API the client called."""
 
     chat = "chat"
     completions = "completions"
     embeddings = "embeddings"
-
-
-@dataclass(slots=True)
-class Usage:
-    """Token usage as the provider reported it (or as counted, when it did not)."""
-
-    prompt_tokens: int = 0  # all input tokens, cached ones included
-    completion_tokens: int = 0
-    cached_tokens: int = 0  # input tokens read from the provider's prompt cache
-    cache_write_tokens: int = 0  # input tokens written to the provider's prompt cache (Anthropic)
-    reported: bool = True  # False when counted by the sidecar because the provider sent none
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
 
 
 @dataclass(slots=True)

@@ -13,7 +13,9 @@ from typing import Any
 
 import orjson
 
-from ..config import Backend, FailureClass
+from kubetoll_core.enums import FailureClass
+from kubetoll_core.router_config import Backend
+
 from .base import Endpoint, UpstreamError, UpstreamRequest, Usage
 
 _PATHS = {Endpoint.chat: "/chat/completions", Endpoint.completions: "/completions", Endpoint.embeddings: "/embeddings"}
@@ -66,7 +68,12 @@ def openai_error_object(body: bytes, status: int) -> dict[str, Any]:
     if isinstance(err, str):  # some servers (TGI, older vLLM) send {"error": "text"}
         return {"message": err, "type": "upstream_error", "param": None, "code": None}
     snippet = body[:200].decode("utf-8", "replace")
-    return {"message": f"upstream returned HTTP {status}: {snippet}", "type": "upstream_error", "param": None, "code": None}
+    return {
+        "message": f"upstream returned HTTP {status}: {snippet}",
+        "type": "upstream_error",
+        "param": None,
+        "code": None,
+    }
 
 
 def classify_openai_error(status: int, headers: Any, body: bytes) -> UpstreamError:

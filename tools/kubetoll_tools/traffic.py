@@ -39,26 +39,70 @@ SYSTEM_PROMPT = (
 # Intents: the first phrasing is the common one (asked word for word again and
 # again); the others are paraphrases a semantic cache could match.
 QUESTIONS: tuple[tuple[str, ...], ...] = (
-    ("How do I reset my password?", "I forgot my password, how can I get back into my account?", "password reset link not arriving, what do I do"),
-    ("Where is my parcel?", "How can I track my shipment?", "my package hasn't arrived yet, how do I check where it is?"),
+    (
+        "How do I reset my password?",
+        "I forgot my password, how can I get back into my account?",
+        "password reset link not arriving, what do I do",
+    ),
+    (
+        "Where is my parcel?",
+        "How can I track my shipment?",
+        "my package hasn't arrived yet, how do I check where it is?",
+    ),
     ("How do I cancel my subscription?", "I want to stop my monthly plan, how?", "cancel plan please"),
-    ("How long does international delivery take?", "What are the delivery times for shipping abroad?", "how many days to ship to Canada?"),
+    (
+        "How long does international delivery take?",
+        "What are the delivery times for shipping abroad?",
+        "how many days to ship to Canada?",
+    ),
     ("Which payment methods do you accept?", "Can I pay with PayPal?", "do you take credit cards and bank transfer?"),
     ("How do I download my invoices?", "Where can I find my invoices?", "I need a PDF of last month's invoice"),
-    ("How do I change my shipping address?", "Can I update the delivery address of an order?", "wrong address on my label, how to fix"),
+    (
+        "How do I change my shipping address?",
+        "Can I update the delivery address of an order?",
+        "wrong address on my label, how to fix",
+    ),
     ("How do I get a return label?", "How can my customer return a parcel?", "create a return shipping label"),
-    ("How do I enable two-factor authentication?", "Can I turn on 2FA for my account?", "set up an authenticator app for login"),
-    ("What happens if a parcel arrives damaged?", "My parcel was damaged in transit, what now?", "box arrived crushed, can I claim insurance?"),
-    ("How do I add a team member?", "Can I invite a colleague to my account?", "give my employee access to the dashboard"),
-    ("How do I upgrade to the Business plan?", "What does the Business plan include and how do I switch?", "upgrade my plan"),
-    ("Do you offer discounts for high volumes?", "Is there a cheaper rate if I ship more than 500 parcels a month?", "volume pricing?"),
+    (
+        "How do I enable two-factor authentication?",
+        "Can I turn on 2FA for my account?",
+        "set up an authenticator app for login",
+    ),
+    (
+        "What happens if a parcel arrives damaged?",
+        "My parcel was damaged in transit, what now?",
+        "box arrived crushed, can I claim insurance?",
+    ),
+    (
+        "How do I add a team member?",
+        "Can I invite a colleague to my account?",
+        "give my employee access to the dashboard",
+    ),
+    (
+        "How do I upgrade to the Business plan?",
+        "What does the Business plan include and how do I switch?",
+        "upgrade my plan",
+    ),
+    (
+        "Do you offer discounts for high volumes?",
+        "Is there a cheaper rate if I ship more than 500 parcels a month?",
+        "volume pricing?",
+    ),
     ("How do I connect my Shopify store?", "Is there a Shopify integration?", "sync orders from shopify"),
     ("What are the size and weight limits for a parcel?", "How big can a package be?", "max weight per parcel"),
     ("How do I delete my account?", "I want to close my account and remove my data.", "delete account and all data"),
     ("Why was my card declined?", "My payment failed, why?", "card declined at checkout"),
-    ("Can I schedule a pickup?", "How do I book a courier to collect parcels from my shop?", "arrange pickup tomorrow morning"),
+    (
+        "Can I schedule a pickup?",
+        "How do I book a courier to collect parcels from my shop?",
+        "arrange pickup tomorrow morning",
+    ),
     ("How do I export my shipment history?", "Can I download all my shipments as CSV?", "export data to excel"),
-    ("What are your API rate limits?", "How many API calls can I make per minute?", "API returns 429, what is the limit?"),
+    (
+        "What are your API rate limits?",
+        "How many API calls can I make per minute?",
+        "API returns 429, what is the limit?",
+    ),
 )
 
 UNIQUE_TEMPLATES = (
@@ -135,11 +179,15 @@ def _long_log(rng: random.Random, lines: int) -> str:
     for _ in range(lines):
         svc = rng.choice(_LOG_SERVICES)
         ev = rng.choice(_LOG_EVENTS).format(b=rng.randint(10_000, 99_999), ms=rng.randint(20, 9_000))
-        out.append(f"2026-11-{rng.randint(1, 28):02d}T{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d}Z {svc} {ev}")
+        out.append(
+            f"2026-11-{rng.randint(1, 28):02d}T{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d}Z {svc} {ev}"
+        )
     return "\n".join(out)
 
 
-def plan(seed: int, duration: float, rate: float, tenants: tuple[TenantProfile, ...] = DEFAULT_TENANTS) -> list[PlannedRequest]:
+def plan(
+    seed: int, duration: float, rate: float, tenants: tuple[TenantProfile, ...] = DEFAULT_TENANTS
+) -> list[PlannedRequest]:
     """Every request of a run, in order of arrival. Same seed, same plan."""
     rng = random.Random(seed)
     weights = _zipf_weights(len(QUESTIONS))
@@ -155,7 +203,10 @@ def plan(seed: int, duration: float, rate: float, tenants: tuple[TenantProfile, 
             roll = trng.random()
             if roll < prof.long_share:
                 doc = _long_log(trng, trng.randint(95, 130))
-                q = "Here is today's log from our shipping integration. What is going wrong, and what should we fix first?\n\n" + doc
+                q = (
+                    "Here is today's log from our shipping integration. What is going wrong, and what should we fix first?\n\n"
+                    + doc
+                )
                 kind, intent = "long", -1
             elif roll < prof.long_share + prof.unique_share:
                 q = trng.choice(UNIQUE_TEMPLATES).format(n=trng.randint(100_000, 999_999), d=trng.randint(2, 28))
@@ -233,7 +284,9 @@ def _parse_stream_cost(text: str) -> tuple[float | None, str]:
         return None, ""
 
 
-async def send_one(session: aiohttp.ClientSession, base_url: str, route: str, tenancy: tuple[str, str], req: PlannedRequest) -> Result:
+async def send_one(
+    session: aiohttp.ClientSession, base_url: str, route: str, tenancy: tuple[str, str], req: PlannedRequest
+) -> Result:
     tenant_header, tier_header = tenancy
     headers = {tenant_header: req.tenant, tier_header: req.tier, "x-request-id": req.request_id}
     res = Result(req, sent_at=time.time())
@@ -260,7 +313,7 @@ async def send_one(session: aiohttp.ClientSession, base_url: str, route: str, te
                 cost, backend = _parse_stream_cost(raw.decode("utf-8", "replace"))
                 res.cost_usd = cost
                 res.backend = backend or res.backend
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         res.status, res.error_code = 0, type(exc).__name__
     res.latency_s = time.perf_counter() - t0
     return res
@@ -308,7 +361,7 @@ async def run_traffic(
             if delay > 0:
                 try:
                     await asyncio.wait_for(stop.wait(), delay)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             if stop.is_set():
                 stats.interrupted = True

@@ -28,7 +28,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.credentials import CredentialProvider
 
-from ..config import BudgetStoreSettings
+from .router_config import BudgetStoreSettings
 
 
 class FileCredentialProvider(CredentialProvider):
@@ -134,10 +134,14 @@ def connect_redis(
     if scheme == "redis+sentinel":
         path = [unquote(p) for p in parts.path.split("/") if p]
         if not path:
-            raise ValueError("redis+sentinel:// URL needs a service name: redis+sentinel://host:port,host:port/<service>/<db>")
+            raise ValueError(
+                "redis+sentinel:// URL needs a service name: redis+sentinel://host:port,host:port/<service>/<db>"
+            )
         service = path[0]
         db = int(path[1]) if len(path) > 1 else 0
-        sentinel_kwargs: dict[str, Any] = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
+        sentinel_kwargs: dict[str, Any] = dict(
+            socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0)
+        )
         if _truthy(query.pop("sentinel_auth", None)) and creds is not None:
             sentinel_kwargs["credential_provider"] = creds
         if ssl:

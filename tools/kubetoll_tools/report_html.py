@@ -19,8 +19,9 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ..ledger import SpendRecord
-from ..prices import ResolvedPrice
+from kubetoll_core.prices import ResolvedPrice
+from kubetoll_core.spend_record import SpendRecord
+
 from . import spend
 from .spend import fmt_usd
 
@@ -132,7 +133,9 @@ def stacked_area_svg(tl: dict[str, Any], colors: dict[str, str], width: int = 10
         x = x_of(i)
         parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top + ph}" y2="{top + ph + 5}" stroke="#9ca3af"/>')
         parts.append(f'<text x="{x:.1f}" y="{top + ph + 20}" text-anchor="middle" class="tick">{int(i * bs)}s</text>')
-    parts.append(f'<text x="{left + pw / 2:.1f}" y="{height - 4}" text-anchor="middle" class="axis">seconds into the run (spend per {bs:g}-second bucket)</text>')
+    parts.append(
+        f'<text x="{left + pw / 2:.1f}" y="{height - 4}" text-anchor="middle" class="axis">seconds into the run (spend per {bs:g}-second bucket)</text>'
+    )
     # stacked areas: each bucket is a step of its width, so areas read as spend per bucket
     base = [0.0] * n
     for name, values in series.items():
@@ -144,7 +147,9 @@ def stacked_area_svg(tl: dict[str, Any], colors: dict[str, str], width: int = 10
             pts_bot += [(x_of(i), y_of(base[i])), (x_of(i + 1), y_of(base[i]))]
         poly = pts_top + list(reversed(pts_bot))
         d = " ".join(f"{x:.1f},{y:.1f}" for x, y in poly)
-        parts.append(f'<polygon points="{d}" fill="{colors[name]}" fill-opacity="0.85" stroke="{colors[name]}" stroke-width="0.5"><title>{_e(name)}: {_e(fmt_usd(sum(values)))}</title></polygon>')
+        parts.append(
+            f'<polygon points="{d}" fill="{colors[name]}" fill-opacity="0.85" stroke="{colors[name]}" stroke-width="0.5"><title>{_e(name)}: {_e(fmt_usd(sum(values)))}</title></polygon>'
+        )
         base = upper
     parts.append(f'<line x1="{left}" x2="{width - right}" y1="{top + ph}" y2="{top + ph}" stroke="#6b7280"/>')
     parts.append(f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + ph}" stroke="#6b7280"/>')
@@ -170,16 +175,22 @@ def tenant_bars_svg(rows: list[dict[str, Any]], width: int = 1000) -> str:
         y = top + i * row_h
         w = max(pw * r["cost_usd"] / vmax, 1.5)
         color = TIER_COLORS.get(r.get("tier", ""), "#9c755f")
-        parts.append(f'<text x="{left - 10}" y="{y + row_h / 2 + 5:.1f}" text-anchor="end" class="label">{_e(r["key"])}</text>')
-        parts.append(f'<rect x="{left}" y="{y + 6}" width="{w:.1f}" height="{row_h - 12}" rx="3" fill="{color}"><title>{_e(r["key"])}: {_e(fmt_usd(r["cost_usd"]))}</title></rect>')
-        bits = [fmt_usd(r["cost_usd"]), f'{r["requests"]} served']
+        parts.append(
+            f'<text x="{left - 10}" y="{y + row_h / 2 + 5:.1f}" text-anchor="end" class="label">{_e(r["key"])}</text>'
+        )
+        parts.append(
+            f'<rect x="{left}" y="{y + 6}" width="{w:.1f}" height="{row_h - 12}" rx="3" fill="{color}"><title>{_e(r["key"])}: {_e(fmt_usd(r["cost_usd"]))}</title></rect>'
+        )
+        bits = [fmt_usd(r["cost_usd"]), f"{r['requests']} served"]
         if r.get("rejected"):
-            bits.append(f'{r["rejected"]} rejected')
+            bits.append(f"{r['rejected']} rejected")
         if r.get("downgraded"):
-            bits.append(f'{r["downgraded"]} downgraded')
+            bits.append(f"{r['downgraded']} downgraded")
         if r.get("budget_percent") is not None:
-            bits.append(f'budget {r["budget_percent"]:.0f}%')
-        parts.append(f'<text x="{left + w + 8:.1f}" y="{y + row_h / 2 + 5:.1f}" class="value">{_e(" · ".join(bits))}</text>')
+            bits.append(f"budget {r['budget_percent']:.0f}%")
+        parts.append(
+            f'<text x="{left + w + 8:.1f}" y="{y + row_h / 2 + 5:.1f}" class="value">{_e(" · ".join(bits))}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -229,10 +240,14 @@ def waterfall_svg(s: dict[str, Any], width: int = 1000, height: int = 300) -> st
         else:
             text = ("−" if shown > 0 else "+") + fmt_usd(abs(shown))
         parts.append(f'<text x="{x + w / 2:.1f}" y="{y1 - 6:.1f}" text-anchor="middle" class="value">{_e(text)}</text>')
-        parts.append(f'<text x="{x + w / 2:.1f}" y="{top + ph + 20}" text-anchor="middle" class="label">{_e(label)}</text>')
+        parts.append(
+            f'<text x="{x + w / 2:.1f}" y="{top + ph + 20}" text-anchor="middle" class="label">{_e(label)}</text>'
+        )
         if i + 1 < len(bars):
             nxt = y_of(after)
-            parts.append(f'<line x1="{x + w:.1f}" x2="{x + slot:.1f}" y1="{nxt:.1f}" y2="{nxt:.1f}" stroke="#9ca3af" stroke-dasharray="3,3"/>')
+            parts.append(
+                f'<line x1="{x + w:.1f}" x2="{x + slot:.1f}" y1="{nxt:.1f}" y2="{nxt:.1f}" stroke="#9ca3af" stroke-dasharray="3,3"/>'
+            )
     parts.append(f'<line x1="{left}" x2="{width - right}" y1="{top + ph}" y2="{top + ph}" stroke="#6b7280"/>')
     parts.append("</svg>")
     return "".join(parts)
@@ -268,7 +283,10 @@ code{font-size:12px;background:#f3f4f6;padding:1px 4px;border-radius:3px}
 
 def _table(headers: list[str], rows: list[list[Any]], left_cols: int = 1) -> str:
     th = "".join(f'<th class="{"l" if i < left_cols else ""}">{_e(h)}</th>' for i, h in enumerate(headers))
-    body = "".join("<tr>" + "".join(f'<td class="{"l" if i < left_cols else ""}">{_e(c)}</td>' for i, c in enumerate(r)) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f'<td class="{"l" if i < left_cols else ""}">{_e(c)}</td>' for i, c in enumerate(r)) + "</tr>"
+        for r in rows
+    )
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -286,13 +304,29 @@ def render_html(data: dict[str, Any]) -> str:
     fallbacks = sum(int(v) for v in ev.get("fallbacks", {}).values())
 
     cards = [
-        ("spent", fmt_usd(tot["cost_usd"]), f'{tot["requests"]} requests billed · {fmt_usd(tot["cost_per_request_usd"])}/request', ""),
+        (
+            "spent",
+            fmt_usd(tot["cost_usd"]),
+            f"{tot['requests']} requests billed · {fmt_usd(tot['cost_per_request_usd'])}/request",
+            "",
+        ),
         (f"baseline: all on {sav['baseline']}", fmt_usd(sav["baseline_usd"]), "same tokens, no cache, no routing", ""),
-        ("saved", f'{fmt_usd(sav["saved_usd"])} ({sav["saved_percent"]:.0f}%)', f'cache {fmt_usd(sav["cache_usd"])} · routing {fmt_usd(sav["routing_usd"])} · downgrade {fmt_usd(sav["downgrade_usd"])}', "good" if sav["saved_usd"] >= 0 else "bad"),
-        ("rejected · fallbacks · downgraded", f'{rejected} · {fallbacks} · {tot["downgraded"]}', "budget rejections · moved down a chain · served by cheaper backends", ""),
+        (
+            "saved",
+            f"{fmt_usd(sav['saved_usd'])} ({sav['saved_percent']:.0f}%)",
+            f"cache {fmt_usd(sav['cache_usd'])} · routing {fmt_usd(sav['routing_usd'])} · downgrade {fmt_usd(sav['downgrade_usd'])}",
+            "good" if sav["saved_usd"] >= 0 else "bad",
+        ),
+        (
+            "rejected · fallbacks · downgraded",
+            f"{rejected} · {fallbacks} · {tot['downgraded']}",
+            "budget rejections · moved down a chain · served by cheaper backends",
+            "",
+        ),
     ]
     cards_html = "".join(
-        f'<div class="card"><div class="k">{_e(k)}</div><div class="v {cls}">{_e(v)}</div><div class="n">{_e(n)}</div></div>' for k, v, n, cls in cards
+        f'<div class="card"><div class="k">{_e(k)}</div><div class="v {cls}">{_e(v)}</div><div class="n">{_e(n)}</div></div>'
+        for k, v, n, cls in cards
     )
 
     tenants = data["tenants"]
@@ -306,22 +340,42 @@ def render_html(data: dict[str, Any]) -> str:
                 g["key"],
                 backend_info.get(g["key"], {}).get("model", ""),
                 backend_info.get(g["key"], {}).get("price", ""),
-                g["requests"], f'{g["prompt_tokens"]:,}', f'{g["completion_tokens"]:,}',
-                fmt_usd(g["cost_usd"]), fmt_usd(g["cost_per_request_usd"]),
-                f'{100 * g["cost_usd"] / tot["cost_usd"]:.1f}%' if tot["cost_usd"] else "–",
+                g["requests"],
+                f"{g['prompt_tokens']:,}",
+                f"{g['completion_tokens']:,}",
+                fmt_usd(g["cost_usd"]),
+                fmt_usd(g["cost_per_request_usd"]),
+                f"{100 * g['cost_usd'] / tot['cost_usd']:.1f}%" if tot["cost_usd"] else "–",
             ]
             for g in summ["by_backend"]
         ],
         left_cols=3,
     )
     tenant_table = _table(
-        ["tenant", "tier", "served", "rejected", "downgraded", "input tokens", "output tokens", "spend", "per request", "budget used"],
+        [
+            "tenant",
+            "tier",
+            "served",
+            "rejected",
+            "downgraded",
+            "input tokens",
+            "output tokens",
+            "spend",
+            "per request",
+            "budget used",
+        ],
         [
             [
-                r["key"], r.get("tier", ""), r["requests"], r.get("rejected", 0), r["downgraded"],
-                f'{r["prompt_tokens"]:,}', f'{r["completion_tokens"]:,}', fmt_usd(r["cost_usd"]),
+                r["key"],
+                r.get("tier", ""),
+                r["requests"],
+                r.get("rejected", 0),
+                r["downgraded"],
+                f"{r['prompt_tokens']:,}",
+                f"{r['completion_tokens']:,}",
+                fmt_usd(r["cost_usd"]),
                 fmt_usd(r["cost_per_request_usd"]),
-                f'{r["budget_percent"]:.0f}%' if r.get("budget_percent") is not None else "–",
+                f"{r['budget_percent']:.0f}%" if r.get("budget_percent") is not None else "–",
             ]
             for r in tenant_rows
         ],
@@ -337,7 +391,7 @@ def render_html(data: dict[str, Any]) -> str:
     events_table = _table(["event", "where and why", "count"], events_rows or [["none", "", 0]], left_cols=2)
 
     if cache.get("hits"):
-        cache_text = f'{cache["hits"]} requests were answered from cache ({100 * cache["hit_rate"]:.1f}%), avoiding {fmt_usd(cache["avoided_usd"])}.'
+        cache_text = f"{cache['hits']} requests were answered from cache ({100 * cache['hit_rate']:.1f}%), avoiding {fmt_usd(cache['avoided_usd'])}."
     elif cache.get("configured"):
         cache_text = "A cache policy is configured, but no request was answered from cache in this run."
     else:
@@ -345,16 +399,16 @@ def render_html(data: dict[str, Any]) -> str:
     waste = ""
     if cache.get("exact_repeats"):
         waste = (
-            f' {cache["exact_repeats"]} requests repeated, word for word, a question the same tenant had already been answered; '
-            f'they cost {fmt_usd(cache["exact_repeat_usd"])} — what an exact cache would have saved. '
-            f'{cache.get("paraphrases", 0)} more rephrased an earlier question ({fmt_usd(cache.get("paraphrase_usd", 0.0))}): the candidates for a semantic cache.'
+            f" {cache['exact_repeats']} requests repeated, word for word, a question the same tenant had already been answered; "
+            f"they cost {fmt_usd(cache['exact_repeat_usd'])} — what an exact cache would have saved. "
+            f"{cache.get('paraphrases', 0)} more rephrased an earlier question ({fmt_usd(cache.get('paraphrase_usd', 0.0))}): the candidates for a semantic cache."
         )
 
     stopped = " Stopped early (interrupted); the report covers what ran." if meta.get("interrupted") else ""
     notes = "".join(f" · {n}" for n in meta.get("notes", []))
     sub = (
-        f'{_e(meta.get("generated_at", ""))} · {meta.get("duration_s", 0):.0f} s of traffic · seed {_e(meta.get("seed"))} · '
-        f'{_e(meta.get("requests_sent", 0))} requests sent to route <code>{_e(meta.get("route", ""))}</code> · config: {_e(meta.get("config_source", ""))}{_e(notes)}{_e(stopped)}'
+        f"{_e(meta.get('generated_at', ''))} · {meta.get('duration_s', 0):.0f} s of traffic · seed {_e(meta.get('seed'))} · "
+        f"{_e(meta.get('requests_sent', 0))} requests sent to route <code>{_e(meta.get('route', ''))}</code> · config: {_e(meta.get('config_source', ''))}{_e(notes)}{_e(stopped)}"
     )
     payload = json.dumps(data, sort_keys=True).replace("</", "<\\/")
     return f"""<!doctype html>
@@ -376,7 +430,7 @@ def render_html(data: dict[str, Any]) -> str:
 
 <h2>Spend per tenant</h2>
 <div class="panel">{tenant_bars_svg(tenant_rows)}
-<p class="note"><span class="swatch" style="background:{TIER_COLORS['premium']}"></span> premium &nbsp; <span class="swatch" style="background:{TIER_COLORS['free']}"></span> free.
+<p class="note"><span class="swatch" style="background:{TIER_COLORS["premium"]}"></span> premium &nbsp; <span class="swatch" style="background:{TIER_COLORS["free"]}"></span> free.
 Budget used: the fullest of the tenant's tier USD budgets, as the sidecar's budget store saw it at the end.</p></div>
 
 <h2>Backends</h2>

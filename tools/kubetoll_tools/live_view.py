@@ -93,7 +93,17 @@ class Snapshot:
         return self.cache_hits / self.ledger_records if self.ledger_records else 0.0
 
 
-def take_snapshot(sidecar: Any, stats: Any, *, route: str, source: str, started: float, duration: float, tiers: dict[str, str], stopping: bool = False) -> Snapshot:
+def take_snapshot(
+    sidecar: Any,
+    stats: Any,
+    *,
+    route: str,
+    source: str,
+    started: float,
+    duration: float,
+    tiers: dict[str, str],
+    stopping: bool = False,
+) -> Snapshot:
     records = list(sidecar.ledger.records())
     state = sidecar.state
     now = sidecar.clock.time()
@@ -111,7 +121,9 @@ def take_snapshot(sidecar: Any, stats: Any, *, route: str, source: str, started:
     tenants = []
     for name, tier in tiers.items():
         c = stats.status_by_tenant.get(name, Counter())
-        row = TenantRow(name, tier, c["ok"], c["rejected"], c["failed"], c["downgraded"], spend_by_tenant.get(name, 0.0))
+        row = TenantRow(
+            name, tier, c["ok"], c["rejected"], c["failed"], c["downgraded"], spend_by_tenant.get(name, 0.0)
+        )
         if state is not None:
             ms = state.meters.for_request(route, name, tier, now)
             pcts = [sidecar.store.snapshot(m, now).percent for m in ms.windows() if m.level != "cap"]
@@ -215,24 +227,46 @@ def render(s: Snapshot) -> Any:
         head.append("  finishing requests in flight…", style="dim")
 
     tenants = Table(box=box.SIMPLE_HEAD, expand=True, pad_edge=False, show_edge=False)
-    for col, kw in (("tenant", {}), ("tier", {}), ("ok", {"justify": "right"}), ("rejected", {"justify": "right"}),
-                    ("downgraded", {"justify": "right"}), ("spend", {"justify": "right"}), ("budget used (tier, USD/day)", {})):
+    for col, kw in (
+        ("tenant", {}),
+        ("tier", {}),
+        ("ok", {"justify": "right"}),
+        ("rejected", {"justify": "right"}),
+        ("downgraded", {"justify": "right"}),
+        ("spend", {"justify": "right"}),
+        ("budget used (tier, USD/day)", {}),
+    ):
         tenants.add_column(col, **kw)
     for t in sorted(s.tenants, key=lambda t: -t.spend):
         tenants.add_row(
-            t.name, t.tier, str(t.ok),
+            t.name,
+            t.tier,
+            str(t.ok),
             Text(str(t.rejected), style="red" if t.rejected else ""),
             Text(str(t.downgraded), style="yellow" if t.downgraded else ""),
-            fmt_usd(t.spend), _bar(t.budget_percent),
+            fmt_usd(t.spend),
+            _bar(t.budget_percent),
         )
 
     backends = Table(box=box.SIMPLE_HEAD, expand=True, pad_edge=False, show_edge=False)
-    for col, kw in (("backend", {}), ("model", {}), ("requests", {"justify": "right"}), ("spend", {"justify": "right"}),
-                    ("fell back from", {"justify": "right"}), ("circuit", {})):
+    for col, kw in (
+        ("backend", {}),
+        ("model", {}),
+        ("requests", {"justify": "right"}),
+        ("spend", {"justify": "right"}),
+        ("fell back from", {"justify": "right"}),
+        ("circuit", {}),
+    ):
         backends.add_column(col, **kw)
     for b in s.backends:
-        backends.add_row(b.name, b.model, str(b.requests), fmt_usd(b.spend), str(b.fallbacks_from),
-                         Text("open", style="red") if b.circuit_open else Text("closed", style="dim"))
+        backends.add_row(
+            b.name,
+            b.model,
+            str(b.requests),
+            fmt_usd(b.spend),
+            str(b.fallbacks_from),
+            Text("open", style="red") if b.circuit_open else Text("closed", style="dim"),
+        )
 
     ev = Table(box=None, show_header=False, pad_edge=False, expand=True)
     ev.add_column(style="bold", no_wrap=True)

@@ -25,8 +25,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..ledger import CACHE_EMBEDDING_OUTCOME, SpendRecord
-from ..prices import ResolvedPrice
+from kubetoll_core.prices import ResolvedPrice
+from kubetoll_core.spend_record import CACHE_EMBEDDING_OUTCOME, SpendRecord
 
 CACHE_BACKEND = "(cache)"  # the group key of records no backend served
 _RECORD_FIELDS = {f.name for f in fields(SpendRecord)}

@@ -32,10 +32,13 @@ from typing import Any
 
 import yaml
 
-from .. import tokens
-from ..config import Backend, Pricing, Provider
-from ..prices import PricingError, ResolvedPrice, resolve_price
-from ..providers.base import Usage
+from kubetoll_core.enums import Provider
+from kubetoll_core.parts import Pricing
+from kubetoll_core.prices import PricingError, ResolvedPrice, resolve_price
+from kubetoll_core.router_config import Backend
+from kubetoll_sidecar import tokens
+from kubetoll_sidecar.providers.base import Usage
+
 from .spend import fmt_usd
 
 DAYS_PER_MONTH = 30.4
@@ -73,18 +76,20 @@ def conversation(value: Any, where: str) -> Sample:
     """A Sample from one conversation: {"messages": [...]} or a bare list of messages."""
     if isinstance(value, dict):
         if "messages" not in value:
-            raise EstimateError(f"{where}: expected an object with \"messages\" or a list of messages")
+            raise EstimateError(f'{where}: expected an object with "messages" or a list of messages')
         messages = value["messages"]
     else:
         messages = value
     if not isinstance(messages, list) or not messages:
-        raise EstimateError(f"{where}: \"messages\" must be a non-empty list")
+        raise EstimateError(f'{where}: "messages" must be a non-empty list')
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise EstimateError(f"{where}: message {i + 1} is not an object")
         role = m.get("role")
         if role not in ROLES:
-            raise EstimateError(f"{where}: message {i + 1} has role {role!r}; expected one of {', '.join(sorted(ROLES))}")
+            raise EstimateError(
+                f"{where}: message {i + 1} has role {role!r}; expected one of {', '.join(sorted(ROLES))}"
+            )
         if not _content_ok(m.get("content")):
             raise EstimateError(f"{where}: message {i + 1}: content must be a string or a list of parts")
         if role == "user" and m.get("content") in (None, "", []):
@@ -130,7 +135,9 @@ def _yaml_items(path: Path) -> list[tuple[int, Any]]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None
-        raise EstimateError(f"{_where(path, line)}: not valid YAML/JSON: {getattr(exc, 'problem', None) or exc}") from None
+        raise EstimateError(
+            f"{_where(path, line)}: not valid YAML/JSON: {getattr(exc, 'problem', None) or exc}"
+        ) from None
     if data is None:
         return []
     if isinstance(data, dict):
@@ -187,7 +194,9 @@ def load_template(template: str | Path, vars_path: str | Path | None) -> list[Sa
             body: Any = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
-            raise EstimateError(f"{_where(t, mark.line + 1 if mark else None)}: not valid YAML/JSON: {getattr(exc, 'problem', None) or exc}") from None
+            raise EstimateError(
+                f"{_where(t, mark.line + 1 if mark else None)}: not valid YAML/JSON: {getattr(exc, 'problem', None) or exc}"
+            ) from None
         conversation(body, str(t))  # validates the shape before any substitution
     else:
         body = {"messages": [{"role": "user", "content": text}]}
@@ -253,7 +262,9 @@ def catalog_price(model: str) -> ResolvedPrice:
     try:
         return resolve_price(backend)
     except PricingError as exc:
-        raise EstimateError(f"--models {model}: {exc}; name it as provider/model (e.g. anthropic/claude-3-5-haiku-latest)") from None
+        raise EstimateError(
+            f"--models {model}: {exc}; name it as provider/model (e.g. anthropic/claude-3-5-haiku-latest)"
+        ) from None
 
 
 def targets_from_models(spec: str) -> list[Target]:
@@ -268,7 +279,7 @@ def targets_from_models(spec: str) -> list[Target]:
 
 
 def targets_from_config(path: str, route: str | None) -> list[Target]:
-    from ..config_loader import ConfigError, load_config
+    from kubetoll_sidecar.config_loader import ConfigError, load_config
 
     try:
         config = load_config(path).config
@@ -344,17 +355,25 @@ def estimate(samples: list[Sample], targets: list[Target], output_tokens: int | 
     if output_tokens is None:
         missing = next((s for s in samples if s.expected_output is None), None)
         if missing is not None:
-            raise EstimateError(f"{missing.source}: the sample does not end with an assistant reply; give --output-tokens N")
+            raise EstimateError(
+                f"{missing.source}: the sample does not end with an assistant reply; give --output-tokens N"
+            )
     out = []
     for t in targets:
         rows = []
         for s in samples:
             inp = tokens.count_chat(s.prompt, t.model)
-            outp = tokens.count_text(s.expected_output, t.model) if s.expected_output is not None else int(output_tokens or 0)
+            outp = (
+                tokens.count_text(s.expected_output, t.model)
+                if s.expected_output is not None
+                else int(output_tokens or 0)
+            )
             rows.append((inp, outp, t.price.cost(Usage(inp, outp))))
         n = len(rows)
         out.append(
-            TargetEstimate(t, sum(r[0] for r in rows) / n, sum(r[1] for r in rows) / n, sum(r[2] for r in rows) / n, rows)
+            TargetEstimate(
+                t, sum(r[0] for r in rows) / n, sum(r[1] for r in rows) / n, sum(r[2] for r in rows) / n, rows
+            )
         )
     return out
 
@@ -367,7 +386,9 @@ def requests_per_day(rpd: float | None, mau: float | None, per_user: float | Non
             raise EstimateError("--requests-per-day must not be negative")
         return float(rpd), f"{rpd:g} requests/day"
     if mau is None or per_user is None:
-        raise EstimateError("give the volume: --requests-per-day N, or --mau N with --requests-per-user M (per user per month)")
+        raise EstimateError(
+            "give the volume: --requests-per-day N, or --mau N with --requests-per-user M (per user per month)"
+        )
     if mau < 0 or per_user < 0:
         raise EstimateError("--mau and --requests-per-user must not be negative")
     v = mau * per_user / DAYS_PER_MONTH
@@ -454,21 +475,41 @@ def format_table(result: dict[str, Any]) -> str:
         approx = "≈" if r["approximate_tokens"] else ""
         rows.append(
             [
-                r["name"], r["price_source"],
-                f"{approx}{r['input_tokens_per_request']:,.1f}", f"{approx}{r['output_tokens_per_request']:,.1f}",
-                fmt_usd(r["cost_per_request_usd"]), fmt_usd(r["cost_per_day_usd"]), fmt_usd(r["cost_per_month_usd"]),
+                r["name"],
+                r["price_source"],
+                f"{approx}{r['input_tokens_per_request']:,.1f}",
+                f"{approx}{r['output_tokens_per_request']:,.1f}",
+                fmt_usd(r["cost_per_request_usd"]),
+                fmt_usd(r["cost_per_day_usd"]),
+                fmt_usd(r["cost_per_month_usd"]),
             ]
         )
     b = result["blended"]
     rows.append(["", "", "", "", "", "", ""])
     rows.append(
-        ["blended", "", f"{b['input_tokens_per_request']:,.1f}", f"{b['output_tokens_per_request']:,.1f}",
-         fmt_usd(b["cost_per_request_usd"]), fmt_usd(b["cost_per_day_usd"]), fmt_usd(b["cost_per_month_usd"])]
+        [
+            "blended",
+            "",
+            f"{b['input_tokens_per_request']:,.1f}",
+            f"{b['output_tokens_per_request']:,.1f}",
+            fmt_usd(b["cost_per_request_usd"]),
+            fmt_usd(b["cost_per_day_usd"]),
+            fmt_usd(b["cost_per_month_usd"]),
+        ]
     )
     head = f"{result['samples']} samples from {result['source']}; {result['volume']}; month = {DAYS_PER_MONTH} days"
-    table = text_table(["model/backend", "price", "in tok/req", "out tok/req", "$/request", "$/day", "$/month"], rows, {2, 3, 4, 5, 6})
+    table = text_table(
+        ["model/backend", "price", "in tok/req", "out tok/req", "$/request", "$/day", "$/month"], rows, {2, 3, 4, 5, 6}
+    )
     split = ", ".join(f"{k} {100 * v:.0f}%" for k, v in b["split"].items())
-    notes = [f"blended: requests split {split}" + (f"; {100 * b['cache_hit_rate']:.0f}% answered from cache (free upstream)" if b["cache_hit_rate"] else "; no cache")]
+    notes = [
+        f"blended: requests split {split}"
+        + (
+            f"; {100 * b['cache_hit_rate']:.0f}% answered from cache (free upstream)"
+            if b["cache_hit_rate"]
+            else "; no cache"
+        )
+    ]
     if any(r["approximate_tokens"] for r in result["targets"]):
         notes.append("≈ tokens counted with cl100k_base: the model's own tokenizer is not in tiktoken")
     if b["cache_hit_rate"]:
@@ -479,13 +520,44 @@ def format_table(result: dict[str, Any]) -> str:
 def format_csv(result: dict[str, Any]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["name", "model", "price_source", "input_tokens_per_request", "output_tokens_per_request", "cost_per_request_usd", "cost_per_day_usd", "cost_per_month_usd"])
+    w.writerow(
+        [
+            "name",
+            "model",
+            "price_source",
+            "input_tokens_per_request",
+            "output_tokens_per_request",
+            "cost_per_request_usd",
+            "cost_per_day_usd",
+            "cost_per_month_usd",
+        ]
+    )
     for r in result["targets"]:
-        w.writerow([r["name"], r["model"], r["price_source"], f"{r['input_tokens_per_request']:.2f}", f"{r['output_tokens_per_request']:.2f}",
-                    f"{r['cost_per_request_usd']:.9f}", f"{r['cost_per_day_usd']:.6f}", f"{r['cost_per_month_usd']:.6f}"])
+        w.writerow(
+            [
+                r["name"],
+                r["model"],
+                r["price_source"],
+                f"{r['input_tokens_per_request']:.2f}",
+                f"{r['output_tokens_per_request']:.2f}",
+                f"{r['cost_per_request_usd']:.9f}",
+                f"{r['cost_per_day_usd']:.6f}",
+                f"{r['cost_per_month_usd']:.6f}",
+            ]
+        )
     b = result["blended"]
-    w.writerow(["blended", "", "", f"{b['input_tokens_per_request']:.2f}", f"{b['output_tokens_per_request']:.2f}",
-                f"{b['cost_per_request_usd']:.9f}", f"{b['cost_per_day_usd']:.6f}", f"{b['cost_per_month_usd']:.6f}"])
+    w.writerow(
+        [
+            "blended",
+            "",
+            "",
+            f"{b['input_tokens_per_request']:.2f}",
+            f"{b['output_tokens_per_request']:.2f}",
+            f"{b['cost_per_request_usd']:.9f}",
+            f"{b['cost_per_day_usd']:.6f}",
+            f"{b['cost_per_month_usd']:.6f}",
+        ]
+    )
     return buf.getvalue()
 
 
@@ -517,8 +589,14 @@ def run(args: Any, out: Any = None, err: Any = None) -> int:
         targets = targets_from_models(args.models) if args.models else targets_from_config(args.config, args.route)
         split = parse_split(args.split, targets)
         result = build_result(
-            samples, targets, output_tokens=args.output_tokens, rpd=rpd, volume_text=volume,
-            split=split, cache_hit_rate=args.cache_hit_rate, source=source,
+            samples,
+            targets,
+            output_tokens=args.output_tokens,
+            rpd=rpd,
+            volume_text=volume,
+            split=split,
+            cache_hit_rate=args.cache_hit_rate,
+            source=source,
         )
     except EstimateError as exc:
         print(f"kubetoll estimate: {exc}", file=err)
@@ -530,4 +608,3 @@ def run(args: Any, out: Any = None, err: Any = None) -> int:
     else:
         out.write(format_table(result) + "\n")
     return 0
-

@@ -7,7 +7,7 @@ script may touch all of them.
 
 Nothing outside this module builds a key, and nothing here takes a raw key:
 callers pass a namespace (fixed when a `RedisKeys` is built) and a budget or a
-`Meter`, both validated, so a store configured for one namespace cannot name a
+meter key, both validated, so a store configured for one namespace cannot name a
 key of another.
 """
 
@@ -16,16 +16,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..config import NAME_PATTERN
-from .store import Meter
+from .meters import DEFAULT_SCALE, SCALE, scale_of, to_units  # noqa: F401 (re-exported for the readers)
+from .names import NAME_PATTERN
 
 _NAME = re.compile(NAME_PATTERN)
 
 PREFIX = "kt"
-
-# Amounts are stored as integers: exact sums, HINCRBY-able, no float drift across sidecars.
-SCALE = {"usd": 1_000_000_000, "tokens": 1000, "requests": 1000}  # nano-USD, milli-tokens, milli-requests
-DEFAULT_SCALE = 1000
 
 DAY = 86_400
 # How long a window meter's keys outlive the end of their period (reports and the
@@ -38,14 +34,6 @@ _DAY_ID = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _MONTH_ID = re.compile(r"^\d{4}-\d{2}$")
 
 
-def scale_of(unit: str) -> int:
-    return SCALE.get(unit, DEFAULT_SCALE)
-
-
-def to_units(amount: float, scale: int) -> int:
-    return int(round(amount * scale))
-
-
 def check_name(what: str, value: str) -> str:
     if not isinstance(value, str) or not _NAME.match(value):
         raise ValueError(f"{what} {value!r} must match {NAME_PATTERN}")
@@ -53,7 +41,7 @@ def check_name(what: str, value: str) -> str:
 
 
 def period_kind(pid: str) -> str:
-    """"day" for a day id (2026-11-22), "month" for a month id (2026-11), "" for anything else."""
+    """ "day" for a day id (2026-11-22), "month" for a month id (2026-11), "" for anything else."""
     if _DAY_ID.match(pid):
         return "day"
     if _MONTH_ID.match(pid):
@@ -61,16 +49,16 @@ def period_kind(pid: str) -> str:
     return ""
 
 
-def period_of(meter: Meter) -> tuple[str, str]:
+def period_of(meter_key: str) -> tuple[str, str]:
     """(period kind, period id) of a window meter: admission puts the period id last in its key."""
-    pid = meter.key.rsplit(":", 1)[-1]
+    pid = meter_key.rsplit(":", 1)[-1]
     return period_kind(pid), pid
 
 
-def window_expire_at(meter: Meter) -> float:
+def window_expire_at(meter_key: str, period_end: float) -> float:
     """Epoch seconds when a window meter's keys expire: period end plus the retention for its kind."""
-    kind, _ = period_of(meter)
-    return meter.period_end + RETENTION_AFTER_PERIOD.get(kind, RETENTION_AFTER_PERIOD["month"])
+    kind, _ = period_of(meter_key)
+    return period_end + RETENTION_AFTER_PERIOD.get(kind, RETENTION_AFTER_PERIOD["month"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,11 +86,12 @@ class RedisKeys:
 
     # -- per budget (slot {ns:budget})
 
-    def meter(self, meter: Meter) -> MeterKeys:
-        budget = check_name("budget", meter.budget)
-        if not meter.key.startswith(budget + ":") or len(meter.key) == len(budget) + 1:
-            raise ValueError(f"meter key {meter.key!r} must start with its budget name {budget!r} and a colon")
-        return self.meter_named(budget, meter.key[len(budget) + 1 :])
+    def meter(self, budget: str, meter_key: str) -> MeterKeys:
+        """The keys of a meter by its full key ("<budget>:<name>")."""
+        budget = check_name("budget", budget)
+        if not meter_key.startswith(budget + ":") or len(meter_key) == len(budget) + 1:
+            raise ValueError(f"meter key {meter_key!r} must start with its budget name {budget!r} and a colon")
+        return self.meter_named(budget, meter_key[len(budget) + 1 :])
 
     def meter_named(self, budget: str, suffix: str) -> MeterKeys:
         """A meter by its name within the budget (what the budget's meter index lists)."""

@@ -92,7 +92,9 @@ def parse_when(text: str, now: float, tz: tzinfo, option: str = "--since") -> fl
 # --------------------------------------------------------------------------- sources
 
 
-async def fetch_from_sidecar(url: str, since: float, until: float | None, timeout: float = 10.0) -> tuple[str, list[dict[str, Any]], int]:
+async def fetch_from_sidecar(
+    url: str, since: float, until: float | None, timeout: float = 10.0
+) -> tuple[str, list[dict[str, Any]], int]:
     """(namespace, records, dropped) from a sidecar's /kubetoll/v1/spend."""
     import aiohttp
 
@@ -127,8 +129,13 @@ def redis_reader() -> Any | None:
 
 
 async def fetch_from_redis(
-    url: str, namespace: str, since: float, until: float | None,
-    password_file: str | None = None, username_file: str | None = None, timeout: float = 10.0,
+    url: str,
+    namespace: str,
+    since: float,
+    until: float | None,
+    password_file: str | None = None,
+    username_file: str | None = None,
+    timeout: float = 10.0,
 ) -> list[Any]:
     """The namespace's records from the shared ledger (a Redis stream), with the ledger's own reader."""
     reader = redis_reader()
@@ -141,9 +148,9 @@ async def fetch_from_redis(
 
     from redis.exceptions import RedisError
 
-    from ..budgets.redis_connect import connect_redis
-    from ..budgets.redis_keys import check_name
-    from ..config import BudgetStoreSettings
+    from kubetoll_core.redis_connect import connect_redis
+    from kubetoll_core.redis_keys import check_name
+    from kubetoll_core.router_config import BudgetStoreSettings
 
     files = [f for f in (password_file, username_file) if f]
     dirs = {str(Path(f).resolve().parent) for f in files}
@@ -179,16 +186,32 @@ def _fmt_time(ts: float | None, tz: tzinfo) -> str:
 def _group_rows(groups: list[dict[str, Any]], total: float) -> list[list[str]]:
     return [
         [
-            g["key"] or "(none)", str(g["requests"]), f"{g['prompt_tokens']:,}", f"{g['completion_tokens']:,}",
-            fmt_usd(g["cost_usd"]), fmt_usd(g["cost_per_request_usd"]),
+            g["key"] or "(none)",
+            str(g["requests"]),
+            f"{g['prompt_tokens']:,}",
+            f"{g['completion_tokens']:,}",
+            fmt_usd(g["cost_usd"]),
+            fmt_usd(g["cost_per_request_usd"]),
             f"{100 * g['cost_usd'] / total:.1f}%" if total else "–",
-            str(g["cache_hits"]), fmt_usd(g["avoided_usd"]), str(g["downgraded"]),
+            str(g["cache_hits"]),
+            fmt_usd(g["avoided_usd"]),
+            str(g["downgraded"]),
         ]
         for g in groups
     ]
 
 
-_HEADERS = ["requests", "input tok", "output tok", "spend", "per request", "share", "cache hits", "avoided", "downgraded"]
+_HEADERS = [
+    "requests",
+    "input tok",
+    "output tok",
+    "spend",
+    "per request",
+    "share",
+    "cache hits",
+    "avoided",
+    "downgraded",
+]
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -200,7 +223,9 @@ def format_table(report: dict[str, Any]) -> str:
         f"{t['prompt_tokens']:,} input + {t['completion_tokens']:,} output tokens",
     ]
     if report.get("dropped"):
-        lines.append(f"warning: the sidecar's in-memory ledger dropped {report['dropped']} older records; totals miss them")
+        lines.append(
+            f"warning: the sidecar's in-memory ledger dropped {report['dropped']} older records; totals miss them"
+        )
     sav = s["savings"]
     if sav:
         lines.append(
@@ -219,7 +244,19 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_CSV_FIELDS = ["requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd", "cost_per_request_usd", "cache_hits", "avoided_usd", "downgraded", "downgraded_cost_usd", "fallbacks"]
+_CSV_FIELDS = [
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cost_usd",
+    "cost_per_request_usd",
+    "cache_hits",
+    "avoided_usd",
+    "downgraded",
+    "downgraded_cost_usd",
+    "fallbacks",
+]
 
 
 def format_csv(report: dict[str, Any]) -> str:
@@ -233,7 +270,9 @@ def format_csv(report: dict[str, Any]) -> str:
             w.writerow([dim, g["key"], *(g[f] for f in _CSV_FIELDS)])
     if s["savings"]:
         for part in ("baseline_usd", "saved_usd", "cache_usd", "routing_usd", "downgrade_usd"):
-            w.writerow(["savings", part.removesuffix("_usd"), "", "", "", "", s["savings"][part], "", "", "", "", "", ""])
+            w.writerow(
+                ["savings", part.removesuffix("_usd"), "", "", "", "", s["savings"][part], "", "", "", "", "", ""]
+            )
     return buf.getvalue()
 
 
@@ -295,4 +334,3 @@ def run(args: Any, out: Any = None, err: Any = None) -> int:
     else:
         out.write(format_table(report) + "\n")
     return 0
-

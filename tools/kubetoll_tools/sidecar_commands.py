@@ -1,4 +1,4 @@
-"""The sidecar's `kubetoll` sub-commands: `sidecar`, `simulate-upstream`, `check-config`."""
+"""The data-plane `kubetoll` sub-commands: `sidecar`, `check-config` and `simulate-upstream`."""
 
 from __future__ import annotations
 
@@ -7,16 +7,10 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from kubetoll_sidecar.main import add_arguments as add_sidecar_arguments
+
     p = sub.add_parser("sidecar", help="serve the OpenAI-compatible router from a RouterConfig file")
-    p.add_argument("--config", required=True, help="RouterConfig JSON or YAML (reloaded when it changes)")
-    p.add_argument("--host", help="API listen address (default from config: 127.0.0.1)")
-    p.add_argument("--port", type=int, help="API port (default from config)")
-    p.add_argument("--metrics-port", type=int, help="metrics/probes port (default from config)")
-    p.add_argument("--log-level", default="INFO")
-    p.add_argument(
-        "--wait-for-config", action="store_true",
-        help="if the config file does not exist yet, wait for it (API answers 503 config_pending, /readyz 503) instead of exiting; the injected sidecar uses this",
-    )
+    add_sidecar_arguments(p)
     p.set_defaults(handler=_sidecar)
 
     p = sub.add_parser("check-config", help="validate a RouterConfig file and resolve its prices")
@@ -34,23 +28,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _sidecar(args: argparse.Namespace) -> int:
-    from .server import run_sidecar
+    from kubetoll_sidecar.main import run
 
-    return run_sidecar(
-        args.config, host=args.host, port=args.port, metrics_port=args.metrics_port, log_level=args.log_level, wait_for_config=args.wait_for_config
-    )
+    return run(args)
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .config_loader import ConfigError, load_config
-    from .prices import PricingError, resolve_price
+    from kubetoll_core.prices import PricingError, resolve_price
+    from kubetoll_sidecar.config_loader import ConfigError, load_config
 
     try:
         loaded = load_config(args.config)
         for b in loaded.config.backends:
             price = resolve_price(b)
             rates = price.per_mtok()
-            print(f"backend {b.name}: {b.provider.value} {b.model} ({price.source}) in ${rates['inputPerMTok']}/MTok out ${rates['outputPerMTok']}/MTok")
+            print(
+                f"backend {b.name}: {b.provider.value} {b.model} ({price.source}) in ${rates['inputPerMTok']}/MTok out ${rates['outputPerMTok']}/MTok"
+            )
     except (ConfigError, PricingError) as exc:
         print(f"invalid: {exc}", file=sys.stderr)
         return 1
@@ -60,7 +54,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from .upstream_simulator import SimSettings, run
+    from .simulator import SimSettings, run
 
     settings = SimSettings(
         latency_ms=args.latency_ms,

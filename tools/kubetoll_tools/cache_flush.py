@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from . import keys
+from kubetoll_sidecar.cache import keys
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""The operator's `kubetoll` sub-commands: crds, validate, compile, run, operator.
+"""The control-plane `kubetoll` sub-commands: crds, validate, compile, run, operator.
 
 `kubetoll_sidecar.cli` calls `register(subparsers)`. Nothing heavy is imported at
 module level (kopf is an optional dependency), so `kubetoll --help` stays fast
@@ -25,11 +25,17 @@ POLL_SECONDS = 0.5
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("crds", help="write (or check) the CustomResourceDefinitions generated from the resource models")
-    p.add_argument("--out", metavar="DIR", help="directory to write one YAML file per CRD into (default: print to stdout)")
-    p.add_argument("--check", action="store_true", help="exit 1 if the files in --out (default crds/) differ from the models")
+    p.add_argument(
+        "--out", metavar="DIR", help="directory to write one YAML file per CRD into (default: print to stdout)"
+    )
+    p.add_argument(
+        "--check", action="store_true", help="exit 1 if the files in --out (default crds/) differ from the models"
+    )
     p.set_defaults(handler=cmd_crds)
 
-    p = sub.add_parser("validate", help="check ModelBackend/ModelRoute/TokenBudget/CachePolicy manifests: schema and references")
+    p = sub.add_parser(
+        "validate", help="check ModelBackend/ModelRoute/TokenBudget/CachePolicy manifests: schema and references"
+    )
     _add_files(p)
     p.add_argument("--namespace", default="default", help="namespace for manifests that name none (default: default)")
     p.add_argument("--strict", action="store_true", help="fail on warnings too (e.g. a dropped reference)")
@@ -37,12 +43,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("compile", help="print the RouterConfig JSON that one namespace's manifests compile to")
     _add_files(p)
-    p.add_argument("--namespace", default="default", help="namespace to compile (manifests that name none belong to it)")
-    p.add_argument("--credentials", choices=("file", "env"), default="file", help="credentials as kubetoll-credentials file names (the operator's) or environment variables (kubetoll run's)")
-    p.add_argument("--canonical", action="store_true", help="print the canonical compact JSON whose sha256 is the config hash")
+    p.add_argument(
+        "--namespace", default="default", help="namespace to compile (manifests that name none belong to it)"
+    )
+    p.add_argument(
+        "--credentials",
+        choices=("file", "env"),
+        default="file",
+        help="credentials as kubetoll-credentials file names (the operator's) or environment variables (kubetoll run's)",
+    )
+    p.add_argument(
+        "--canonical", action="store_true", help="print the canonical compact JSON whose sha256 is the config hash"
+    )
     p.set_defaults(handler=cmd_compile)
 
-    p = sub.add_parser("run", help="run the sidecar on manifests from disk, recompiling when they change (no cluster needed)")
+    p = sub.add_parser(
+        "run", help="run the sidecar on manifests from disk, recompiling when they change (no cluster needed)"
+    )
     _add_files(p)
     p.add_argument("--namespace", default="default", help="namespace to serve (manifests that name none belong to it)")
     p.add_argument("--host", help="API listen address (default 127.0.0.1)")
@@ -52,49 +69,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(handler=cmd_run)
 
-    p = sub.add_parser("operator", help="run the Kubernetes operator (kopf) that compiles custom resources into each namespace's router config")
-    p.add_argument("--standalone", action="store_true", help="no peering: run as the only replica")
-    p.add_argument("--peering", default="kubetoll", metavar="NAME", help="ClusterKopfPeering name shared by the replicas; one is active (default: kubetoll)")
-    p.add_argument("--priority", type=_priority, default=0, metavar="N|random", help="peering priority of this replica (highest wins; replicas with equal priorities all pause); random: a random one, for the replicas of one Deployment")
-    p.add_argument("-n", "--namespace", action="append", default=[], metavar="NS", help="watch only this namespace (repeatable; globs allowed); default: all namespaces")
-    p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", metavar="URL", help="liveness endpoint (default: http://0.0.0.0:8080/healthz; empty to disable)")
-    p.add_argument("--redis-url", default=os.environ.get("KUBETOLL_REDIS_URL"), help="Redis URL written into every namespace's config (budgets shared across sidecars); env KUBETOLL_REDIS_URL")
-    p.add_argument("--cluster-domain", default=os.environ.get("KUBETOLL_CLUSTER_DOMAIN", "cluster.local"), help="cluster DNS domain for serviceRef endpoints (default: cluster.local)")
-    p.add_argument("--redis-username-file", default=os.environ.get("KUBETOLL_REDIS_USERNAME_FILE"), metavar="PATH", help="file holding the operator's Redis ACL user, read at each connection; env KUBETOLL_REDIS_USERNAME_FILE")
-    p.add_argument("--redis-password-file", default=os.environ.get("KUBETOLL_REDIS_PASSWORD_FILE"), metavar="PATH", help="file holding the operator's Redis password, read at each connection; env KUBETOLL_REDIS_PASSWORD_FILE (or the password itself in KUBETOLL_REDIS_PASSWORD)")
-    p.add_argument("--spend-interval", type=_positive_float, default=_positive_float(os.environ.get("KUBETOLL_SPEND_INTERVAL", "15")), metavar="SECONDS", help="with --redis-url: how often each namespace's spend is read into TokenBudget and CachePolicy status (default 15); env KUBETOLL_SPEND_INTERVAL")
-    p.add_argument("--tenants-over-budget", type=int, default=10, metavar="N", help="TokenBudget status lists at most N tenants over a tier limit (default 10)")
-    p.add_argument("--verbose", action="store_true")
-    from .webhook import add_arguments as add_webhook_arguments
+    from kubetoll_operator.main import add_arguments as add_operator_arguments
 
-    add_webhook_arguments(p)
+    p = sub.add_parser(
+        "operator",
+        help="run the Kubernetes operator (kopf) that compiles custom resources into each namespace's router config",
+    )
+    add_operator_arguments(p)
     p.set_defaults(handler=cmd_operator)
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
-
-
-def _priority(text: str) -> int:
-    if text == "random":
-        import random
-
-        return random.SystemRandom().randint(1, 2**31 - 1)
-    return int(text)
-
-
 def _add_files(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-f", "--filename", dest="files", action="append", required=True, metavar="DIR|FILE", help="manifest file or directory (repeatable)")
+    p.add_argument(
+        "-f",
+        "--filename",
+        dest="files",
+        action="append",
+        required=True,
+        metavar="DIR|FILE",
+        help="manifest file or directory (repeatable)",
+    )
 
 
 # --------------------------------------------------------------------------- crds
 
 
 def cmd_crds(args: argparse.Namespace) -> int:
-    from . import crdgen
+    from kubetoll_operator import crdgen
 
     if args.check:
         problems = crdgen.check(Path(args.out or "crds"))
@@ -117,7 +118,7 @@ def cmd_crds(args: argparse.Namespace) -> int:
 
 
 def _by_namespace(docs: list[Any], default_ns: str) -> dict[str, list[Any]]:
-    from .resources import GROUP
+    from kubetoll_operator.resources import GROUP
 
     groups: dict[str, list[Any]] = defaultdict(list)
     for d in docs:
@@ -143,8 +144,8 @@ def _report(problem: Any, where: dict[tuple[str, str], list[Any]], namespace: st
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .compiler import compile_namespace
-    from .manifests import load
+    from kubetoll_operator.compiler import compile_namespace
+    from kubetoll_operator.manifests import load
 
     docs, load_errors = load(args.files)
     errors = warnings = 0
@@ -172,8 +173,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     import json
 
-    from .compiler import compile_namespace
-    from .manifests import load
+    from kubetoll_operator.compiler import compile_namespace
+    from kubetoll_operator.manifests import load
 
     docs, load_errors = load(args.files)
     for e in load_errors:
@@ -232,7 +233,7 @@ class LocalRunner:
         self._env_from_manifests: set[str] = set()
 
     def fingerprint(self) -> tuple[Any, ...]:
-        from .manifests import manifest_files
+        from kubetoll_operator.manifests import manifest_files
 
         out = []
         for f in manifest_files(self.files):
@@ -245,10 +246,9 @@ class LocalRunner:
 
     def compile(self) -> tuple[Any, list[str]]:
         """(result or None, messages). None means: do not apply."""
-        from kubetoll_sidecar.config import BudgetStoreSettings
-
-        from .compiler import compile_namespace
-        from .manifests import load, secret_values
+        from kubetoll_core.router_config import BudgetStoreSettings
+        from kubetoll_operator.compiler import compile_namespace
+        from kubetoll_operator.manifests import load, secret_values
 
         # Taken before reading, so a change made while compiling is seen by watch().
         self.compiled_fingerprint = self.fingerprint()
@@ -268,11 +268,15 @@ class LocalRunner:
             value = secrets.get(secret, {}).get(key)
             if value:
                 if os.environ.get(env) != value:
-                    messages.append(f"credential {env}: from the Secret manifest {secret}/{key} (set {env} to override)")
+                    messages.append(
+                        f"credential {env}: from the Secret manifest {secret}/{key} (set {env} to override)"
+                    )
                 os.environ[env] = value
                 self._env_from_manifests.add(env)
             elif env not in os.environ:
-                messages.append(f"warning: credential {env} is not set: export it with the value of Secret {secret} key {key}")
+                messages.append(
+                    f"warning: credential {env} is not set: export it with the value of Secret {secret} key {key}"
+                )
         return result, messages
 
     def apply(self, result: Any) -> bool:
@@ -327,7 +331,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         watcher = threading.Thread(target=runner.watch, args=(stop,), name="kubetoll-manifest-watch", daemon=True)
         watcher.start()
         try:
-            return run_sidecar(str(runner.config_path), host=args.host, port=args.port, metrics_port=args.metrics_port, log_level=args.log_level)
+            return run_sidecar(
+                str(runner.config_path),
+                host=args.host,
+                port=args.port,
+                metrics_port=args.metrics_port,
+                log_level=args.log_level,
+            )
         finally:
             stop.set()
             watcher.join(timeout=2)
@@ -339,28 +349,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
-    from .handlers import OperatorOptions, run_operator
-    from .webhook import options_from_args as webhook_options
+    from kubetoll_operator.main import run
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    from .spend import credentials_from_env
-
-    options = OperatorOptions(
-        redis_url=args.redis_url or None,
-        cluster_domain=args.cluster_domain,
-        webhook=webhook_options(args),
-        spend_interval_seconds=args.spend_interval,
-        tenants_over_budget=max(args.tenants_over_budget, 0),
-        redis_username_file=args.redis_username_file or None,
-        redis_password_file=args.redis_password_file or None,
-        redis_password=credentials_from_env(),
-    )
-    run_operator(
-        options,
-        standalone=args.standalone,
-        peering_name=args.peering,
-        priority=args.priority,
-        namespaces=args.namespace,
-        liveness_endpoint=args.liveness or None,
-    )
-    return 0
+    return run(args)

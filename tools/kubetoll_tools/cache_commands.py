@@ -20,7 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="cache_action", metavar="ACTION")
     p.set_defaults(handler=lambda args: (p.print_help(), 2)[1])
     f = actions.add_parser("flush", help="invalidate every cached answer of one cache policy, in every sidecar")
-    f.add_argument("--redis-url", default=os.environ.get("KUBETOLL_REDIS_URL"), help="redis:// or rediss:// URL (default: $KUBETOLL_REDIS_URL)")
+    f.add_argument(
+        "--redis-url",
+        default=os.environ.get("KUBETOLL_REDIS_URL"),
+        help="redis:// or rediss:// URL (default: $KUBETOLL_REDIS_URL)",
+    )
     f.add_argument("--namespace", required=True, help="Kubernetes namespace of the policy")
     f.add_argument("--policy", required=True, help="CachePolicy name")
     f.add_argument("--username-file", help="file holding the Redis ACL user")
@@ -49,19 +53,23 @@ def _flush(args: argparse.Namespace) -> int:
     return asyncio.run(_flush_async(args.redis_url, args.namespace, args.policy, username, password, args.timeout))
 
 
-async def _flush_async(url: str, namespace: str, policy: str, username: str | None, password: str | None, timeout: float) -> int:
+async def _flush_async(
+    url: str, namespace: str, policy: str, username: str | None, password: str | None, timeout: float
+) -> int:
     import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 
-    from .admin import flush_policy
+    from .cache_flush import flush_policy
 
     client = aioredis.from_url(url, username=username, password=password, socket_connect_timeout=min(timeout, 5.0))
     try:
         result = await asyncio.wait_for(flush_policy(client, namespace, policy), timeout)
-    except (RedisError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, RedisError, OSError) as exc:
         print(f"kubetoll cache flush: cannot flush {namespace}/{policy}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     finally:
         await client.aclose()
-    print(f"flushed cache policy {namespace}/{policy}: epoch is now {result.epoch}, {result.deleted} keys deleted; sidecars stop serving old entries within about a second")
+    print(
+        f"flushed cache policy {namespace}/{policy}: epoch is now {result.epoch}, {result.deleted} keys deleted; sidecars stop serving old entries within about a second"
+    )
     return 0

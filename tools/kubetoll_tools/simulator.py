@@ -47,7 +47,6 @@ import contextlib
 import functools
 import hashlib
 import math
-import os
 import random
 import signal
 import struct
@@ -56,7 +55,6 @@ from array import array
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -210,20 +208,8 @@ class RecordedRequest:
 
 @functools.cache
 def _text_counter() -> Callable[[str, str], int]:
-    """`kubetoll_sidecar.tokens.count_text` when present, else tiktoken o200k_base from the bundled cache."""
-    try:
-        from . import tokens  # type: ignore[attr-defined]
-
-        count_text = tokens.count_text
-        count_text("hello", "gpt-4o")
-    except Exception:
-        os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(__file__).with_name("tiktoken_cache")))
-        import tiktoken
-
-        encoding = tiktoken.get_encoding("o200k_base")
-
-        def count_text(text: str, model: str) -> int:
-            return len(encoding.encode_ordinary(text))
+    """The sidecar's own counter, memoised: the simulator reports the usage a provider would."""
+    from kubetoll_sidecar.tokens import count_text
 
     return functools.lru_cache(maxsize=8192)(count_text)
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from .config import Backend, Provider
-from .providers.base import Usage
+from .enums import Provider
+from .router_config import Backend
+from .usage import Usage
 
 PER_MTOK = 1_000_000
 
@@ -102,7 +103,9 @@ def resolve_price(backend: Backend) -> ResolvedPrice:
         cached = _per_token(p.cached_input_per_mtok)
         write = _per_token(p.cache_write_per_mtok)
         return ResolvedPrice(
-            Rates(inp, p.output_per_mtok / PER_MTOK, inp if cached is None else cached, inp if write is None else write),
+            Rates(
+                inp, p.output_per_mtok / PER_MTOK, inp if cached is None else cached, inp if write is None else write
+            ),
             source="override",
         )
     return _from_catalog(backend)
@@ -160,7 +163,12 @@ def _from_catalog(backend: Backend) -> ResolvedPrice:
         tiers.append(
             (
                 start,
-                Rates(at(inp_t, base.input), at(out_t, base.output), at(cr_t, base.cached_input), at(cw_t, base.cache_write)),
+                Rates(
+                    at(inp_t, base.input),
+                    at(out_t, base.output),
+                    at(cr_t, base.cached_input),
+                    at(cw_t, base.cache_write),
+                ),
             )
         )
     return ResolvedPrice(base, tuple(tiers), source=f"catalog:{found.provider.id}/{found.model.id}")

@@ -1,9 +1,10 @@
 """The `kubetoll` command.
 
-Sub-commands live with the part they drive: this module registers the sidecar's
-own and asks every other part (the operator package, when installed) to add
-theirs through a `register(subparsers)` function, so there is one command and
-no part imports another's internals.
+One command for everything a person runs: each group of sub-commands is a
+module of this package with a `register(subparsers)` function. The sidecar and
+the operator have entry points of their own (`kubetoll-sidecar`,
+`kubetoll-operator`: what their images run); `kubetoll sidecar` and `kubetoll
+operator` take the same arguments through those packages' `add_arguments`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from collections.abc import Callable
 # Modules that contribute sub-commands. Each has `register(subparsers)`; a module
 # whose optional dependencies are missing is skipped with a note in --help.
 COMMAND_MODULES = (
-    "kubetoll_sidecar.commands",
-    "kubetoll_sidecar.cache.commands",
-    "kubetoll_sidecar.tools.commands",
-    "kubetoll_operator.commands",
+    "kubetoll_tools.sidecar_commands",
+    "kubetoll_tools.cache_commands",
+    "kubetoll_tools.tool_commands",
+    "kubetoll_tools.operator_commands",
 )
 
 

@@ -39,13 +39,14 @@ from typing import Any
 import aiohttp
 import yaml
 
-from ..config import Backend, RouterConfig
-from ..config_loader import load_config
-from ..ledger import SpendRecord
-from ..prices import PricingError, ResolvedPrice, resolve_price
-from ..routing import CompiledRoute, RouteContext
-from ..server import Sidecar, serve
-from ..upstream_simulator import RateLimitBurst, SimSettings, SimulatedUpstream
+from kubetoll_core.prices import PricingError, ResolvedPrice, resolve_price
+from kubetoll_core.router_config import Backend, RouterConfig
+from kubetoll_core.spend_record import SpendRecord
+from kubetoll_sidecar.config_loader import load_config
+from kubetoll_sidecar.routing import CompiledRoute, RouteContext
+from kubetoll_sidecar.server import Sidecar, serve
+from kubetoll_tools.simulator import RateLimitBurst, SimSettings, SimulatedUpstream
+
 from . import live_view, report_html, spend, traffic
 
 EMBEDDED_CONFIG = Path(__file__).with_name("demo_router.yaml")
@@ -171,13 +172,20 @@ def _scale_usd(d: dict[str, Any], scale: float) -> None:
             d[k] = d[k] * scale
 
 
-def adapt_config(data: dict[str, Any], endpoints: dict[str, str], port: int, metrics_port: int, scale: float, workdir: Path) -> dict[str, Any]:
+def adapt_config(
+    data: dict[str, Any], endpoints: dict[str, str], port: int, metrics_port: int, scale: float, workdir: Path
+) -> dict[str, Any]:
     """The config as the demo serves it: every backend on its simulator, free local ports, memory budgets."""
     cfg = copy.deepcopy(data)
     server = dict(cfg.get("server") or {})
     server.update(
-        host="127.0.0.1", port=port, metricsHost="127.0.0.1", metricsPort=metrics_port, drainSeconds=5,
-        credentialsDir=str(workdir), podLabelsFile=str(workdir / "no-pod-labels"),
+        host="127.0.0.1",
+        port=port,
+        metricsHost="127.0.0.1",
+        metricsPort=metrics_port,
+        drainSeconds=5,
+        credentialsDir=str(workdir),
+        podLabelsFile=str(workdir / "no-pod-labels"),
     )
     cfg["server"] = server
     cfg.pop("budgetStore", None)  # in memory: no Redis in the demo
@@ -209,17 +217,29 @@ def sim_profile(backend: Backend, price: ResolvedPrice, seed: int) -> tuple[str,
     elif out_per_mtok >= 8:
         kind = "hosted flagship"
         s = SimSettings(
-            latency_ms=350, first_token_ms=250, chunk_interval_ms=30, completion_tokens=220, seed=seed,
-            rate_limit_burst=RateLimitBurst(every_s=17 + 3 * (seed % 3), duration_s=2.5), error_rate=0.005,
+            latency_ms=350,
+            first_token_ms=250,
+            chunk_interval_ms=30,
+            completion_tokens=220,
+            seed=seed,
+            rate_limit_burst=RateLimitBurst(every_s=17 + 3 * (seed % 3), duration_s=2.5),
+            error_rate=0.005,
         )
     elif out_per_mtok >= 2:
         kind = "hosted"
-        s = SimSettings(latency_ms=400, first_token_ms=300, chunk_interval_ms=20, completion_tokens=240, seed=seed, error_rate=0.01)
+        s = SimSettings(
+            latency_ms=400, first_token_ms=300, chunk_interval_ms=20, completion_tokens=240, seed=seed, error_rate=0.01
+        )
     else:
         kind = "hosted, cheap"
         s = SimSettings(
-            latency_ms=220, first_token_ms=150, chunk_interval_ms=12, completion_tokens=180, seed=seed,
-            rate_limit_burst=RateLimitBurst(every_s=23, duration_s=2.0), error_rate=0.01,
+            latency_ms=220,
+            first_token_ms=150,
+            chunk_interval_ms=12,
+            completion_tokens=180,
+            seed=seed,
+            rate_limit_burst=RateLimitBurst(every_s=23, duration_s=2.0),
+            error_rate=0.01,
         )
     s.tokens_per_chunk = 4
     return kind, s
@@ -282,7 +302,7 @@ async def _wait_ready(ops_url: str, serve_task: asyncio.Task[None], timeout: flo
                 async with session.get(ops_url + "/readyz", timeout=aiohttp.ClientTimeout(total=1)) as r:
                     if r.status == 200:
                         return
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            except (TimeoutError, aiohttp.ClientError, OSError):
                 pass
             await asyncio.sleep(0.05)
     raise DemoError(f"the sidecar did not become ready within {timeout:g}s")
@@ -310,7 +330,11 @@ async def _run_demo(opts: DemoOptions, console: Any, out: Any) -> DemoResult:
     if opts.rate <= 0 or opts.concurrency < 1:
         raise DemoError("--rate must be positive and --concurrency at least 1")
     choice = choose_config(opts)
-    scale = opts.budget_scale if opts.budget_scale is not None else (EXAMPLES_BUDGET_SCALE if choice.source == "examples" else 1.0)
+    scale = (
+        opts.budget_scale
+        if opts.budget_scale is not None
+        else (EXAMPLES_BUDGET_SCALE if choice.source == "examples" else 1.0)
+    )
     if scale != 1.0:
         choice.notes.append(f"USD budgets scaled ×{scale:g} so a day's story fits in the run")
     try:
@@ -378,23 +402,38 @@ async def _run_demo(opts: DemoOptions, console: Any, out: Any) -> DemoResult:
             + "; ".join(f"{name}: {kind} sim" for name, (kind, _) in sims.items()),
             file=out,
         )
-        print(f"  {len(plan)} requests planned over {opts.duration:g}s to route {route} (seed {opts.seed}); Ctrl-C stops early", file=out)
+        print(
+            f"  {len(plan)} requests planned over {opts.duration:g}s to route {route} (seed {opts.seed}); Ctrl-C stops early",
+            file=out,
+        )
         out.flush()
 
         started = time.monotonic()
         t0 = time.time()
         traffic_task = asyncio.create_task(
             traffic.run_traffic(
-                f"http://127.0.0.1:{port}", route, tenancy, plan, stats, traffic_stop,
-                concurrency=opts.concurrency, drain_seconds=opts.drain_seconds,
+                f"http://127.0.0.1:{port}",
+                route,
+                tenancy,
+                plan,
+                stats,
+                traffic_stop,
+                concurrency=opts.concurrency,
+                drain_seconds=opts.drain_seconds,
             )
         )
 
         def snap() -> live_view.Snapshot:
             assert sidecar is not None
             return live_view.take_snapshot(
-                sidecar, stats, route=route, source=choice.label, started=started, duration=opts.duration,
-                tiers=tiers, stopping=traffic_stop.is_set(),
+                sidecar,
+                stats,
+                route=route,
+                source=choice.label,
+                started=started,
+                duration=opts.duration,
+                tiers=tiers,
+                stopping=traffic_stop.is_set(),
             )
 
         if opts.live:
@@ -435,8 +474,14 @@ async def _run_demo(opts: DemoOptions, console: Any, out: Any) -> DemoResult:
     records = sorted(sidecar.ledger.records(), key=lambda r: r.time)
     interrupted = stats.interrupted or interrupts > 0
     backends_info = [
-        {"name": b.name, "model": b.model, "provider": b.provider.value, "price": price_text(b, prices[b.name]),
-         "price_source": prices[b.name].source, "simulated_as": sims[b.name][0]}
+        {
+            "name": b.name,
+            "model": b.model,
+            "provider": b.provider.value,
+            "price": price_text(b, prices[b.name]),
+            "price_source": prices[b.name].source,
+            "simulated_as": sims[b.name][0],
+        }
         for b in config.backends
     ]
     by_tenant = {g.key: g for g in spend.group_by(records, "tenant")}
@@ -483,8 +528,16 @@ async def _run_demo(opts: DemoOptions, console: Any, out: Any) -> DemoResult:
         "run_ended": t1,
     }
     data = report_html.build_report_data(
-        records, baseline=bprice, baseline_label=blabel, t0=t0, t1=t1,
-        meta=meta, backends=backends_info, tenants=tenants_info, events=events, cache=cache,
+        records,
+        baseline=bprice,
+        baseline_label=blabel,
+        t0=t0,
+        t1=t1,
+        meta=meta,
+        backends=backends_info,
+        tenants=tenants_info,
+        events=events,
+        cache=cache,
     )
     report_path = Path(opts.report).expanduser().resolve()
     report_path.parent.mkdir(parents=True, exist_ok=True)
@@ -517,7 +570,9 @@ def summary_text(data: dict[str, Any], stats: traffic.TrafficStats, report_path:
         + f" · downgraded {tot['downgraded']} requests",
     ]
     if cache["hits"]:
-        lines.append(f"  cache      {cache['hits']} hits ({100 * cache['hit_rate']:.1f}%), avoided {fmt(cache['avoided_usd'])}")
+        lines.append(
+            f"  cache      {cache['hits']} hits ({100 * cache['hit_rate']:.1f}%), avoided {fmt(cache['avoided_usd'])}"
+        )
     else:
         lines.append(
             f"  cache      {'no hits' if cache['configured'] else 'not configured'}; {cache['exact_repeats']} exact repeats cost {fmt(cache['exact_repeat_usd'])}, "

@@ -1,0 +1,395 @@
+"""Sub-models shared by the custom resources and the RouterConfig.
+
+A ModelBackend's `pricing`, `limits`, `timeouts` and `circuitBreaker`, a
+ModelRoute's rules and downgrade, a TokenBudget's cap, tiers and tenancy, and a
+CachePolicy's settings are the same objects in the resource and in the
+RouterConfig the operator compiles it into. They are defined once, here, with
+the CRD's descriptions and rules, so a new field is one edit (plus, where the
+operator must translate it, one line of the compiler).
+"""
+
+from __future__ import annotations
+
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, field_validator
+
+from .enums import CacheScope, EmbedInput, OnExhausted
+from .model_base import CelRule, ContractModel, regex_compiles
+from .names import HEADER_NAME_PATTERN, TIER_NAME_PATTERN
+
+# --------------------------------------------------------------------------- backends
+
+
+class AzureSettings(ContractModel):
+    """Azure OpenAI deployment settings (provider azure-openai only)."""
+
+    deployment: str = Field(min_length=1, max_length=256, description="Azure OpenAI deployment name.")
+    api_version: str = Field(
+        "2024-10-21",
+        min_length=1,
+        max_length=64,
+        description="Azure OpenAI REST API version (api-version query parameter).",
+    )
+
+
+class Pricing(ContractModel):
+    """USD prices. Leave empty to use the price catalogue for the backend's model; per-million-token prices override it; gpuHourlyUSD with tokensPerSecond gives an in-cluster GPU server a shadow price."""  # noqa: E501 (the CRD's description)
+
+    input_per_mtok: float | None = Field(
+        None, ge=0, alias="inputPerMTok", description="USD per million input (prompt) tokens."
+    )
+    output_per_mtok: float | None = Field(
+        None, ge=0, alias="outputPerMTok", description="USD per million output (completion) tokens."
+    )
+    cached_input_per_mtok: float | None = Field(
+        None,
+        ge=0,
+        alias="cachedInputPerMTok",
+        description="USD per million input tokens read from the provider's prompt cache (default: the input price).",
+    )
+    cache_write_per_mtok: float | None = Field(
+        None,
+        ge=0,
+        alias="cacheWritePerMTok",
+        description="USD per million input tokens written to the provider's prompt cache (Anthropic; default: the input price).",  # noqa: E501
+    )
+    gpu_hourly_usd: float | None = Field(
+        None, ge=0, alias="gpuHourlyUSD", description="What the GPU server costs per hour, in USD."
+    )
+    tokens_per_second: float | None = Field(
+        None,
+        gt=0,
+        alias="tokensPerSecond",
+        description="Sustained throughput of the GPU server (input and output tokens).",
+    )
+    catalog_model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        alias="catalogModel",
+        description="Look this model id up in the price catalogue instead of spec.model.",
+    )
+    catalog_provider: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        alias="catalogProvider",
+        description="Price catalogue provider id (e.g. openai, anthropic, azure).",
+    )
+
+    __cel_rules__ = (
+        CelRule(
+            "has(self.inputPerMTok) == has(self.outputPerMTok)",
+            "inputPerMTok and outputPerMTok come in pairs: set both or neither",
+            lambda p: (p.input_per_mtok is None) == (p.output_per_mtok is None),
+        ),
+        CelRule(
+            "(!has(self.cachedInputPerMTok) && !has(self.cacheWritePerMTok)) || has(self.inputPerMTok)",
+            "cachedInputPerMTok and cacheWritePerMTok need inputPerMTok and outputPerMTok",
+            lambda p: (
+                (p.cached_input_per_mtok is None and p.cache_write_per_mtok is None) or p.input_per_mtok is not None
+            ),
+        ),
+        CelRule(
+            "has(self.gpuHourlyUSD) == has(self.tokensPerSecond)",
+            "gpuHourlyUSD and tokensPerSecond come in pairs: set both or neither",
+            lambda p: (p.gpu_hourly_usd is None) == (p.tokens_per_second is None),
+        ),
+        CelRule(
+            "!(has(self.gpuHourlyUSD) || has(self.tokensPerSecond)) || !(has(self.inputPerMTok) || has(self.outputPerMTok) || has(self.cachedInputPerMTok) || has(self.cacheWritePerMTok))",  # noqa: E501
+            "use per-million-token prices or gpuHourlyUSD with tokensPerSecond, not both",
+            lambda p: (
+                not (p.gpu_hourly_usd is not None or p.tokens_per_second is not None)
+                or not any(
+                    v is not None
+                    for v in (p.input_per_mtok, p.output_per_mtok, p.cached_input_per_mtok, p.cache_write_per_mtok)
+                )
+            ),
+        ),
+    )
+
+    @property
+    def is_override(self) -> bool:
+        return self.input_per_mtok is not None or self.gpu_hourly_usd is not None
+
+
+class BackendLimits(ContractModel):
+    """The provider's limits for this model."""
+
+    context_window: int | None = Field(None, gt=0, description="Prompt plus output tokens the model accepts.")
+    max_output_tokens: int | None = Field(
+        None, gt=0, description="Most output tokens the model produces in one response."
+    )
+
+    __cel_rules__ = (
+        CelRule(
+            "!has(self.contextWindow) || !has(self.maxOutputTokens) || self.maxOutputTokens <= self.contextWindow",
+            "maxOutputTokens must not exceed contextWindow",
+            lambda m: (
+                m.context_window is None or m.max_output_tokens is None or m.max_output_tokens <= m.context_window
+            ),
+            ".maxOutputTokens",
+        ),
+    )
+
+
+class Timeouts(ContractModel):
+    """Per-attempt timeouts, in seconds."""
+
+    connect: float = Field(3.0, gt=0, le=3600, description="Seconds to open a connection.")
+    first_token: float = Field(
+        30.0, gt=0, le=3600, description="Seconds until the response headers or the first streamed byte."
+    )
+    total: float = Field(300.0, gt=0, le=86400, description="Seconds for the whole attempt.")
+
+
+class CircuitBreaker(ContractModel):
+    """Stop sending to a backend that keeps failing, for a while."""
+
+    failure_threshold: int = Field(5, ge=1, le=10000, description="Consecutive failures that open the circuit.")
+    cooldown_seconds: float = Field(
+        30.0, gt=0, le=86400, description="How long an open circuit stays open before one probe request."
+    )
+
+
+# --------------------------------------------------------------------------- routes
+
+
+class HeaderMatch(ContractModel):
+    """A request header condition. With neither value nor regex, the header only has to be present."""
+
+    name: str = Field(
+        min_length=1, max_length=256, pattern=HEADER_NAME_PATTERN, description="Header name (case-insensitive)."
+    )
+    value: str | None = Field(None, max_length=1024, description="Exact value the header must have.")
+    regex: str | None = Field(None, max_length=1024, description="Regular expression searched in the header value.")
+
+    __cel_rules__ = (
+        CelRule(
+            "!(has(self.value) && has(self.regex))",
+            "set at most one of value or regex",
+            lambda h: h.value is None or h.regex is None,
+        ),
+    )
+
+    @field_validator("regex")
+    @classmethod
+    def _regex_compiles(cls, v: str | None) -> str | None:
+        return regex_compiles(v)
+
+
+class RuleMatch(ContractModel):
+    """Conditions on a request; all given ones must hold. An empty match matches every request."""
+
+    min_prompt_tokens: int | None = Field(None, ge=0, description="The prompt has at least this many tokens.")
+    max_prompt_tokens: int | None = Field(None, ge=0, description="The prompt has at most this many tokens.")
+    tiers: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="The tenant's tier is one of these.",
+        json_schema_extra={"items": {"type": "string", "maxLength": 63, "description": "A tier name."}},
+    )
+    tenants: list[str] = Field(
+        default_factory=list,
+        max_length=256,
+        description="The tenant id is one of these.",
+        json_schema_extra={"items": {"type": "string", "maxLength": 256, "description": "A tenant id."}},
+    )
+    header: HeaderMatch | None = Field(None, description="A request header condition.")
+    keywords: list[str] = Field(
+        default_factory=list,
+        max_length=256,
+        description="Any of these words appears in the last user message (case-insensitive).",
+        json_schema_extra={"items": {"type": "string", "maxLength": 256, "minLength": 1, "description": "A keyword."}},
+    )
+    regex: str | None = Field(
+        None, max_length=1024, description="Regular expression searched in the last user message."
+    )
+
+    __cel_rules__ = (
+        CelRule(
+            "!has(self.minPromptTokens) || !has(self.maxPromptTokens) || self.minPromptTokens <= self.maxPromptTokens",
+            "minPromptTokens must not be greater than maxPromptTokens",
+            lambda m: (
+                m.min_prompt_tokens is None or m.max_prompt_tokens is None or m.min_prompt_tokens <= m.max_prompt_tokens
+            ),
+            ".minPromptTokens",
+        ),
+    )
+
+    @field_validator("regex")
+    @classmethod
+    def _regex_compiles(cls, v: str | None) -> str | None:
+        return regex_compiles(v)
+
+
+class Rule(ContractModel):
+    """A routing rule: when `match` holds, try `backends` in order."""
+
+    name: str = Field("", max_length=63, description="Rule name, shown in logs and metrics.")
+    match: RuleMatch = Field(
+        default_factory=RuleMatch, description="When this rule applies; empty matches every request."
+    )
+    backends: list[str] = Field(
+        min_length=1,
+        max_length=16,
+        description="ModelBackend names: the fallback chain, in order.",
+        json_schema_extra={
+            "items": {"type": "string", "maxLength": 253, "description": "Name of a ModelBackend in this namespace."}
+        },
+    )
+
+
+class Downgrade(ContractModel):
+    """Budget-aware downgrade: past a share of the budget, serve from cheaper backends."""
+
+    at_percent: float = Field(
+        ge=1, le=100, description="Budget use, in percent, from which the downgrade backends serve this route."
+    )
+    backends: list[str] = Field(
+        min_length=1,
+        max_length=16,
+        description="ModelBackend names used once the budget use reaches atPercent, in order.",
+        json_schema_extra={
+            "items": {"type": "string", "maxLength": 253, "description": "Name of a ModelBackend in this namespace."}
+        },
+    )
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+class Cap(ContractModel):
+    """A namespace-wide cap across every tenant; days and months reset on the calendar in the budget's timezone."""
+
+    usd_per_day: float | None = Field(None, gt=0, alias="usdPerDay", description="USD per calendar day.")
+    usd_per_month: float | None = Field(None, gt=0, alias="usdPerMonth", description="USD per calendar month.")
+    tokens_per_day: int | None = Field(None, gt=0, description="Tokens (input plus output) per calendar day.")
+    tokens_per_month: int | None = Field(None, gt=0, description="Tokens (input plus output) per calendar month.")
+
+
+class TierLimits(ContractModel):
+    """Limits for each tenant of one tier."""
+
+    tokens_per_minute: int | None = Field(None, gt=0, description="Token bucket: tokens per minute per tenant.")
+    requests_per_minute: int | None = Field(None, gt=0, description="Requests per minute per tenant.")
+    usd_per_day: float | None = Field(None, gt=0, alias="usdPerDay", description="USD per calendar day per tenant.")
+    usd_per_month: float | None = Field(
+        None, gt=0, alias="usdPerMonth", description="USD per calendar month per tenant."
+    )
+    on_exhausted: OnExhausted = Field(OnExhausted.reject, description="What happens once a tenant has spent a limit.")
+
+    __cel_rules__ = (
+        CelRule(
+            "(!has(self.tokensPerMinute) || self.tokensPerMinute > 0) && (!has(self.requestsPerMinute) || self.requestsPerMinute > 0) && (!has(self.usdPerDay) || self.usdPerDay > 0.0) && (!has(self.usdPerMonth) || self.usdPerMonth > 0.0)",  # noqa: E501
+            "tier limits must be positive",
+            lambda t: all(
+                v is None or v > 0 for v in (t.tokens_per_minute, t.requests_per_minute, t.usd_per_day, t.usd_per_month)
+            ),
+        ),
+    )
+
+
+class Tenancy(ContractModel):
+    """How the sidecar names the end user (tenant) and their tier. Every budget in a namespace that sets this must agree."""  # noqa: E501 (the CRD's description)
+
+    header: str = Field(
+        "x-kubetoll-tenant",
+        max_length=256,
+        pattern=HEADER_NAME_PATTERN,
+        description="Request header carrying the tenant id.",
+    )
+    use_user_field: bool = Field(True, description="Fall back to the OpenAI `user` field when the header is absent.")
+    tier_header: str = Field(
+        "x-kubetoll-tier",
+        max_length=256,
+        pattern=HEADER_NAME_PATTERN,
+        description="Request header carrying the tier name.",
+    )
+    default_tier: str = Field(
+        "default", max_length=63, pattern=TIER_NAME_PATTERN, description="Tier of a tenant whose request names none."
+    )
+    required: bool = Field(False, description="Reject (400) requests that name no tenant.")
+    anonymous_tenant: str = Field(
+        "anonymous",
+        min_length=1,
+        max_length=256,
+        description="Tenant id used when a request names none and a tenant is not required.",
+    )
+
+
+def valid_timezone(v: str) -> str:
+    """A field validator: an IANA timezone name this machine's zone database knows."""
+    try:
+        ZoneInfo(v)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown timezone {v!r} (use an IANA name such as UTC or Europe/Berlin)") from exc
+    return v
+
+
+# --------------------------------------------------------------------------- caching
+
+
+class ExactCache(ContractModel):
+    """Serve a stored answer to the same normalised request."""
+
+    enabled: bool = Field(True, description="Turn exact caching on.")
+    ttl_seconds: int = Field(3600, ge=1, le=2592000, description="How long an entry lives, in seconds.")
+
+
+class SemanticCache(ContractModel):
+    """Serve a stored answer to a near-identical question that passes a strict agreement check."""
+
+    enabled: bool = Field(False, description="Turn semantic caching on.")
+    threshold: float = Field(
+        0.7,
+        gt=0,
+        le=1,
+        description="Cosine similarity (model-specific; see docs/caching.md) at or above which a stored question is a candidate (a hit also needs the strict agreement check when verify is on).",  # noqa: E501
+    )
+    embedding_backend: str | None = Field(
+        None,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+        description="Name of a ModelBackend in this namespace that serves /v1/embeddings.",
+    )
+    ttl_seconds: int = Field(3600, ge=1, le=2592000, description="How long an entry lives, in seconds.")
+    embed: EmbedInput = Field(
+        EmbedInput.last_user_message, description="What is embedded: the last user message or all user messages."
+    )
+    verify: bool = Field(
+        True,
+        description="Also require the two questions to agree on numbers, negation, named things and the action asked for.",  # noqa: E501
+    )
+    max_entries: int = Field(20000, ge=1, le=100000000, description="Entries in each sidecar's local semantic index.")
+
+    __cel_rules__ = (
+        CelRule(
+            "!self.enabled || has(self.embeddingBackend)",
+            "semantic caching needs embeddingBackend",
+            lambda s: not s.enabled or s.embedding_backend is not None,
+            ".embeddingBackend",
+        ),
+    )
+
+
+class Cacheable(ContractModel):
+    """Which requests may be cached."""
+
+    max_temperature: float = Field(0.0, ge=0, le=2, description="Requests with a higher temperature are not cached.")
+    allow_tools: bool = Field(False, description="Cache requests that offer tools.")
+
+
+class CacheSettings(ContractModel):
+    """Exact and semantic response caching for the routes that name this policy."""
+
+    exact: ExactCache = Field(default_factory=ExactCache, description="Exact-match caching.")
+    semantic: SemanticCache = Field(default_factory=SemanticCache, description="Semantic caching.")
+    scope: CacheScope = Field(
+        CacheScope.tenant, description="Who shares entries: tenant (each tenant their own) or namespace."
+    )
+    cacheable: Cacheable = Field(default_factory=Cacheable, description="Which requests may be cached.")
+    local_max_bytes: int = Field(
+        64 * 1024 * 1024, ge=1, description="Bound of each sidecar's in-process LRU, in bytes."
+    )

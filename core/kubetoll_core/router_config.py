@@ -1,0 +1,278 @@
+"""RouterConfig: the contract between the operator (or `kubetoll run`) and the sidecar.
+
+Plain data, no Kubernetes (the model is Envoy AI Gateway's `filterapi`). The
+operator compiles a namespace's custom resources into one of these and writes it
+as JSON into the `kubetoll-router` ConfigMap; the sidecar reads the mounted file.
+Field names are camelCase in JSON (as in the CRDs) and snake_case in Python.
+
+Only resolved facts live here: backends with endpoint, provider, model, prices,
+limits and timeouts; routes with ordered rules; budgets with tiers; cache
+policies. Credentials never do: a backend names a file under the mounted
+credentials Secret, or (for `kubetoll run`) an environment variable.
+
+The parts a custom resource shares with its compiled form (pricing, timeouts,
+rules, caps, tiers, tenancy, cache settings) are the models of `parts`; only
+what exists on one side alone is defined here.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from .enums import DEFAULT_FALLBACK_ON, FailMode, FailureClass, OnExhausted, Provider
+from .model_base import ContractModel
+from .names import CREDENTIAL_HEADERS, NAME_PATTERN, ROUTE_NAME_PATTERN
+from .parts import (
+    AzureSettings,
+    BackendLimits,
+    CacheSettings,
+    Cap,
+    CircuitBreaker,
+    Downgrade,
+    Pricing,
+    Rule,
+    Tenancy,
+    TierLimits,
+    Timeouts,
+    valid_timezone,
+)
+
+CONFIG_VERSION = 1
+
+# --------------------------------------------------------------------------- server
+
+
+class ServerSettings(ContractModel):
+    host: str = Field(
+        "127.0.0.1", description="API listen address. Keep 127.0.0.1: the API carries no auth of its own."
+    )
+    port: int = Field(7400, ge=1, le=65535)
+    metrics_host: str = Field("0.0.0.0", description="Address for /metrics, /healthz, /readyz (may be the pod IP).")
+    metrics_port: int = Field(7401, ge=1, le=65535)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Requests over this size get 413.")
+    drain_seconds: float = Field(25.0, ge=0, description="On SIGTERM, how long requests in flight may take to finish.")
+    credentials_dir: str = Field(
+        "/var/run/kubetoll/credentials", description="Where the kubetoll-credentials Secret is mounted."
+    )
+    log_prompts: bool = Field(False, description="Debug only: include prompts and completions in logs.")
+    pod_labels_file: str = Field(
+        "/etc/kubetoll/podinfo/labels",
+        description="Downward-API file with the pod's labels, for routes with a podSelector.",
+    )
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> ServerSettings:
+        if self.port == self.metrics_port:
+            raise ValueError("server.port and server.metricsPort must differ")
+        return self
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class Credential(ContractModel):
+    """Where a backend's API key comes from. Exactly one of file or env."""
+
+    file: str | None = Field(None, description="File name under server.credentialsDir (a key of kubetoll-credentials).")
+    env: str | None = Field(None, description="Environment variable (kubetoll run on a laptop).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Credential:
+        if (self.file is None) == (self.env is None):
+            raise ValueError("credentials: set exactly one of file or env")
+        if self.file is not None and ("/" in self.file or self.file.startswith(".")):
+            raise ValueError("credentials.file must be a plain file name inside credentialsDir")
+        return self
+
+
+class Backend(ContractModel):
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    provider: Provider
+    model: str = Field(min_length=1, description="The model id sent upstream.")
+    endpoint: str = Field(description="Base URL, e.g. https://api.openai.com/v1 or http://vllm.models.svc:8000/v1.")
+    credentials: Credential | None = None
+    headers: dict[str, str] = Field(default_factory=dict, description="Extra non-secret request headers.")
+    azure: AzureSettings | None = None
+    pricing: Pricing = Field(default_factory=Pricing)
+    limits: BackendLimits = Field(default_factory=BackendLimits)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)
+    max_connections: int = Field(100, ge=1, description="Size of this backend's keep-alive pool.")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("endpoint must be an http:// or https:// URL")
+        return v.rstrip("/")
+
+    @field_validator("headers")
+    @classmethod
+    def _no_secret_headers(cls, v: dict[str, str]) -> dict[str, str]:
+        for h in v:
+            if h.lower() in CREDENTIAL_HEADERS:
+                raise ValueError(f"header {h!r} carries a credential; use credentials instead")
+        return v
+
+    @model_validator(mode="after")
+    def _provider_fields(self) -> Backend:
+        if self.provider is Provider.azure_openai and self.azure is None:
+            raise ValueError("provider azure-openai needs azure.deployment")
+        if self.provider is not Provider.azure_openai and self.azure is not None:
+            raise ValueError("azure settings are only for provider azure-openai")
+        return self
+
+
+# --------------------------------------------------------------------------- routes
+
+
+class Route(ContractModel):
+    name: Annotated[str, Field(pattern=ROUTE_NAME_PATTERN)]
+    rules: list[Rule] = Field(min_length=1)
+    fallback_on: list[FailureClass] = Field(default_factory=lambda: list(DEFAULT_FALLBACK_ON))
+    max_output_tokens: int | None = Field(
+        None, gt=0, description="Cap on max_tokens; also the output reservation when the request gives none."
+    )
+    downgrade: Downgrade | None = None
+    pod_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Serve this route only in pods whose labels include all of these (empty: every pod).",
+    )
+    cache_policy: str | None = Field(None, description="Name of the cache policy answering this route from cache.")
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+class Budget(ContractModel):
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    routes: list[str] = Field(default_factory=list, description="Routes this budget covers; empty means all.")
+    cap: Cap = Field(default_factory=Cap, description="Namespace-wide cap across every tenant.")
+    cap_on_exhausted: OnExhausted = OnExhausted.reject
+    timezone: str = "UTC"
+    tiers: dict[str, TierLimits] = Field(default_factory=dict)
+    fail_mode: FailMode = FailMode.fail_open
+    suspended: bool = Field(False, description="Kill switch: admit nothing under this budget (403).")
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        return valid_timezone(v)
+
+    @field_validator("tiers")
+    @classmethod
+    def _tier_names(cls, v: dict[str, TierLimits]) -> dict[str, TierLimits]:
+        for name in v:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"tier name {name!r} must match {NAME_PATTERN}")
+        return v
+
+    def covers(self, route: str) -> bool:
+        return not self.routes or route in self.routes
+
+
+# --------------------------------------------------------------------------- caching
+
+
+class CachePolicy(CacheSettings):
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class BudgetStoreSettings(ContractModel):
+    """Where budget state lives. No URL: in process memory (one sidecar, `kubetoll run`, the demo)."""
+
+    url: str | None = Field(
+        None,
+        description="redis://, rediss:// (TLS), redis+sentinel:// or redis+cluster:// URL, without credentials.",
+    )
+    username_file: str | None = Field(None, description="File under credentialsDir holding the Redis ACL user.")
+    password_file: str | None = Field(None, description="File under credentialsDir holding the Redis password.")
+    timeout_ms: float = Field(50.0, gt=0, description="No request waits on Redis longer than this.")
+    ledger_retention_days: int = Field(35, ge=1, description="Spend ledger records older than this are trimmed.")
+
+    @field_validator("url")
+    @classmethod
+    def _no_inline_credentials(cls, v: str | None) -> str | None:
+        if v is not None:
+            if not re.match(r"^(redis|rediss|redis\+sentinel|redis\+cluster|unix)://", v):
+                raise ValueError(
+                    "budgetStore.url must be a redis://, rediss://, redis+sentinel://, redis+cluster:// or unix:// URL"
+                )
+            if re.match(r"^[a-z+]+://[^/@]*@", v):
+                raise ValueError("budgetStore.url must not carry credentials; use usernameFile/passwordFile")
+        return v
+
+
+# --------------------------------------------------------------------------- the whole
+
+
+def _duplicates(names: list[str]) -> list[str]:
+    seen: set[str] = set()
+    dup: set[str] = set()
+    for n in names:
+        (dup if n in seen else seen).add(n)
+    return sorted(dup)
+
+
+class RouterConfig(ContractModel):
+    version: Literal[1] = CONFIG_VERSION
+    namespace: str = Field("default", pattern=NAME_PATTERN)
+    revision: str = Field("", description="Content hash written by the operator; informational.")
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    tenancy: Tenancy = Field(default_factory=Tenancy)
+    budget_store: BudgetStoreSettings = Field(default_factory=BudgetStoreSettings)
+    backends: list[Backend] = Field(default_factory=list)
+    routes: list[Route] = Field(default_factory=list)
+    budgets: list[Budget] = Field(default_factory=list)
+    cache_policies: list[CachePolicy] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _references(self) -> RouterConfig:
+        # Linear in the size of the config: a namespace may hold thousands of routes.
+        names = [b.name for b in self.backends]
+        dup = _duplicates(names)
+        if dup:
+            raise ValueError(f"duplicate backend names: {dup}")
+        known = set(names)
+        routes = [r.name for r in self.routes]
+        dup = _duplicates(routes)
+        if dup:
+            raise ValueError(f"duplicate route names: {dup}")
+        for route in self.routes:
+            for i, rule in enumerate(route.rules):
+                for b in rule.backends:
+                    if b not in known:
+                        raise ValueError(f"routes[{route.name}].rules[{i}].backends: unknown backend {b!r}")
+            if route.downgrade:
+                for b in route.downgrade.backends:
+                    if b not in known:
+                        raise ValueError(f"routes[{route.name}].downgrade.backends: unknown backend {b!r}")
+        policies = {p.name: p for p in self.cache_policies}
+        if len(policies) != len(self.cache_policies):
+            raise ValueError("duplicate cache policy names")
+        for route in self.routes:
+            if route.cache_policy is not None and route.cache_policy not in policies:
+                raise ValueError(f"routes[{route.name}].cachePolicy: unknown cache policy {route.cache_policy!r}")
+        for p in self.cache_policies:
+            if p.semantic.embedding_backend is not None and p.semantic.embedding_backend not in known:
+                raise ValueError(
+                    f"cachePolicies[{p.name}].semantic.embeddingBackend: unknown backend {p.semantic.embedding_backend!r}"
+                )
+        dup = _duplicates([b.name for b in self.budgets])
+        if dup:
+            raise ValueError(f"duplicate budget names: {dup}")
+        route_set = set(routes)
+        for budget in self.budgets:
+            for r in budget.routes:
+                if r not in route_set:
+                    raise ValueError(f"budgets[{budget.name}].routes: unknown route {r!r}")
+        return self
+
+    def backend(self, name: str) -> Backend:
+        for b in self.backends:
+            if b.name == name:
+                return b
+        raise KeyError(name)

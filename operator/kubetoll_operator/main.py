@@ -1,0 +1,145 @@
+"""`kubetoll-operator` (and `kubetoll operator`): run the kopf operator and its webhooks.
+
+The operator image runs this entry point; it holds the core and operator
+packages only, so nothing here imports the tools or the sidecar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _priority(text: str) -> int:
+    if text == "random":
+        import random
+
+        return random.SystemRandom().randint(1, 2**31 - 1)
+    return int(text)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    p.add_argument("--standalone", action="store_true", help="no peering: run as the only replica")
+    p.add_argument(
+        "--peering",
+        default="kubetoll",
+        metavar="NAME",
+        help="ClusterKopfPeering name shared by the replicas; one is active (default: kubetoll)",
+    )
+    p.add_argument(
+        "--priority",
+        type=_priority,
+        default=0,
+        metavar="N|random",
+        help="peering priority of this replica (highest wins; replicas with equal priorities all pause); "
+        "random: a random one, for the replicas of one Deployment",
+    )
+    p.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        metavar="NS",
+        help="watch only this namespace (repeatable; globs allowed); default: all namespaces",
+    )
+    p.add_argument(
+        "--liveness",
+        default="http://0.0.0.0:8080/healthz",
+        metavar="URL",
+        help="liveness endpoint (default: http://0.0.0.0:8080/healthz; empty to disable)",
+    )
+    p.add_argument(
+        "--redis-url",
+        default=env("KUBETOLL_REDIS_URL"),
+        help="Redis URL written into every namespace's config (budgets shared across sidecars); env KUBETOLL_REDIS_URL",
+    )
+    p.add_argument(
+        "--cluster-domain",
+        default=env("KUBETOLL_CLUSTER_DOMAIN", "cluster.local"),
+        help="cluster DNS domain for serviceRef endpoints (default: cluster.local)",
+    )
+    p.add_argument(
+        "--redis-username-file",
+        default=env("KUBETOLL_REDIS_USERNAME_FILE"),
+        metavar="PATH",
+        help="file holding the operator's Redis ACL user, read at each connection; env KUBETOLL_REDIS_USERNAME_FILE",
+    )
+    p.add_argument(
+        "--redis-password-file",
+        default=env("KUBETOLL_REDIS_PASSWORD_FILE"),
+        metavar="PATH",
+        help="file holding the operator's Redis password, read at each connection; env KUBETOLL_REDIS_PASSWORD_FILE "
+        "(or the password itself in KUBETOLL_REDIS_PASSWORD)",
+    )
+    p.add_argument(
+        "--spend-interval",
+        type=_positive_float,
+        default=_positive_float(env("KUBETOLL_SPEND_INTERVAL", "15")),
+        metavar="SECONDS",
+        help="with --redis-url: how often each namespace's spend is read into TokenBudget and CachePolicy status "
+        "(default 15); env KUBETOLL_SPEND_INTERVAL",
+    )
+    p.add_argument(
+        "--tenants-over-budget",
+        type=int,
+        default=10,
+        metavar="N",
+        help="TokenBudget status lists at most N tenants over a tier limit (default 10)",
+    )
+    p.add_argument("--verbose", action="store_true")
+    from .webhook import add_arguments as add_webhook_arguments
+
+    add_webhook_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .handlers import OperatorOptions, run_operator
+    from .spend import credentials_from_env
+    from .webhook import options_from_args as webhook_options
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    options = OperatorOptions(
+        redis_url=args.redis_url or None,
+        cluster_domain=args.cluster_domain,
+        webhook=webhook_options(args),
+        spend_interval_seconds=args.spend_interval,
+        tenants_over_budget=max(args.tenants_over_budget, 0),
+        redis_username_file=args.redis_username_file or None,
+        redis_password_file=args.redis_password_file or None,
+        redis_password=credentials_from_env(),
+    )
+    run_operator(
+        options,
+        standalone=args.standalone,
+        peering_name=args.peering,
+        priority=args.priority,
+        namespaces=args.namespace,
+        liveness_endpoint=args.liveness or None,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kubetoll-operator",
+        description="Run the Kubetoll operator: compiles custom resources into each namespace's router config "
+        "and serves the sidecar-injection webhook.",
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
