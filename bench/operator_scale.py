@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "sidecar"), str(ROOT / "operator"), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / d) for d in ("core", "sidecar", "operator", "tools", "tests")]
 
 import aiohttp  # noqa: E402
 import yaml  # noqa: E402
@@ -237,20 +237,25 @@ def bench_compile(resources: list[dict[str, Any]], runs: int, redis_url: str) ->
     errors = [p for p in result.problems if p.severity == "error"]
     raw = result.config_json.encode()
     print(
-        f"(a) compile_namespace: {counts['ModelRoute']} routes, {counts['ModelBackend']} backends, {counts['TokenBudget']} budgets, {counts['CachePolicy']} cache policies"
+        f"(a) compile_namespace: {counts['ModelRoute']} routes, {counts['ModelBackend']} backends, "
+        f"{counts['TokenBudget']} budgets, {counts['CachePolicy']} cache policies"
     )
     print(
-        f"    problems: {len(errors)} errors, {len(result.problems) - len(errors)} warnings{' (' + '; '.join(map(str, errors[:3])) + ')' if errors else ''}"
+        f"    problems: {len(errors)} errors, {len(result.problems) - len(errors)} "
+        f"warnings{' (' + '; '.join(map(str, errors[:3])) + ')' if errors else ''}"
     )
     c = result.config
     print(
-        f"    in the config: {len(c.routes)} routes, {len(c.backends)} backends, {len(c.budgets)} budgets, {len(c.cache_policies)} cache policies"
+        f"    in the config: {len(c.routes)} routes, {len(c.backends)} backends, {len(c.budgets)} budgets, "
+        f"{len(c.cache_policies)} cache policies"
     )
     print(
-        f"    compile time over {runs} runs: median {statistics.median(times) * 1000:.1f} ms, p95 {pct(times, 95) * 1000:.1f} ms, min {min(times) * 1000:.1f} ms"
+        f"    compile time over {runs} runs: median {statistics.median(times) * 1000:.1f} ms, p95 "
+        f"{pct(times, 95) * 1000:.1f} ms, min {min(times) * 1000:.1f} ms"
     )
     print(
-        f"    RouterConfig JSON: {len(raw) / 1024:.1f} KiB canonical ({len(gzip.compress(raw)) / 1024:.1f} KiB gzipped); ConfigMap limit 1024 KiB"
+        f"    RouterConfig JSON: {len(raw) / 1024:.1f} KiB canonical "
+        f"({len(gzip.compress(raw)) / 1024:.1f} KiB gzipped); ConfigMap limit 1024 KiB"
     )
 
 
@@ -289,8 +294,6 @@ def path_of(kind: str, name: str | None = None) -> str:
 
 
 async def bench_reaction(resources: list[dict[str, Any]], changes: int, debounce: float) -> None:
-    import subprocess
-
     import kmock
     from kmock._internal import apps
 
@@ -351,24 +354,22 @@ async def bench_reaction(resources: list[dict[str, Any]], changes: int, debounce
             env = {
                 **os.environ,
                 "KUBECONFIG": str(tmp / "kubeconfig"),
-                "PYTHONPATH": os.pathsep.join([str(ROOT / "sidecar"), str(ROOT / "operator")]),
+                "PYTHONPATH": os.pathsep.join(str(ROOT / d) for d in ("core", "sidecar", "operator", "tools")),
             }
             log_path = tmp / "operator.log"
             t_start = time.perf_counter()
-            with open(log_path, "w") as log_file:
-                proc = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-c",
-                        "import sys; from kubetoll_tools.cli import main; sys.exit(main())",
-                        "operator",
-                        "--standalone",
-                        "--liveness",
-                        "",
-                    ],
+            with await asyncio.to_thread(log_path.open, "w") as log_file:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-c",
+                    "import sys; from kubetoll_tools.cli import main; sys.exit(main())",
+                    "operator",
+                    "--standalone",
+                    "--liveness",
+                    "",
                     env=env,
                     stdout=log_file,
-                    stderr=subprocess.STDOUT,
+                    stderr=asyncio.subprocess.STDOUT,
                 )
             try:
                 first = await wait_for(
@@ -414,10 +415,11 @@ async def bench_reaction(resources: list[dict[str, Any]], changes: int, debounce
                     calls.append(len(emulator._requests) - before - 1)
                 med = statistics.median(times)
                 print(
-                    f"    change -> ConfigMap written, {changes} route patches: median {med * 1000:.0f} ms, p95 {pct(times, 95) * 1000:.0f} ms, "
-                    f"min {min(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms"
+                    f"    change -> ConfigMap written, {changes} route patches: median {med * 1000:.0f} ms, p95 "
+                    f"{pct(times, 95) * 1000:.0f} ms, min {min(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms"
                 )
-                # The operator's own figures: its log line per compile says how long the compile and the whole reconcile took.
+                # The operator's own figures: its log line per compile says how long the compile and the whole
+                # reconcile took.
                 import re
 
                 logged = [
@@ -429,28 +431,32 @@ async def bench_reaction(resources: list[dict[str, Any]], changes: int, debounce
                 logged = logged[-changes:]
                 n_calls = statistics.median(calls)
                 print(
-                    f"    of which: the debounce ({debounce * 1000:.0f} ms), the compile, and {n_calls:.0f} API requests a change "
-                    f"(reads of the referenced Secrets, the credentials Secret and the ConfigMap; the ConfigMap patch), "
-                    f"each {per_request * 1000:.0f} ms on this emulator holding {len(resources) + len(SECRETS)} objects (kmock scans them all per request)"
+                    f"    of which: the debounce ({debounce * 1000:.0f} ms), the compile, and {n_calls:.0f} API "
+                    "requests a change (reads of the referenced Secrets, the credentials Secret and the ConfigMap; the "
+                    f"ConfigMap patch), each {per_request * 1000:.0f} ms on this emulator holding "
+                    f"{len(resources) + len(SECRETS)} objects (kmock scans them all per request)"
                 )
                 if logged:
                     compile_med = statistics.median(c for c, _ in logged)
                     print(
                         f"    inside the operator (its log line per compile): compile median {compile_med:.0f} ms, "
-                        f"reconcile with its API calls median {statistics.median(r for _, r in logged):.0f} ms; the rest is the debounce "
-                        "and the watch events (the patch reaching kopf, the ConfigMap reaching this watch)"
+                        f"reconcile with its API calls median {statistics.median(r for _, r in logged):.0f} ms; the "
+                        "rest is the debounce and the watch events (the patch reaching kopf, the ConfigMap reaching "
+                        "this watch)"
                     )
                     print(
-                        f"    estimate on a real API server (~5 ms a request): {debounce * 1000:.0f} + {compile_med:.0f} + {n_calls:.0f} x 5 "
-                        f"= ~{debounce * 1000 + compile_med + n_calls * 5:.0f} ms from a change to the ConfigMap"
+                        f"    estimate on a real API server (~5 ms a request): {debounce * 1000:.0f} + "
+                        f"{compile_med:.0f} + {n_calls:.0f} x 5 = ~{debounce * 1000 + compile_med + n_calls * 5:.0f} "
+                        "ms from a change to the ConfigMap"
                     )
             finally:
                 watcher.cancel()
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                if proc.returncode is None:  # (asyncio's terminate() raises once the process is gone)
+                    proc.terminate()
+                    try:
+                        await asyncio.wait_for(proc.wait(), 30)  # the emulator on this loop keeps answering meanwhile
+                    except TimeoutError:
+                        proc.kill()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -472,7 +478,7 @@ async def bench_spend(resources: list[dict[str, Any]], redis_url: str, tenants: 
     assert config is not None
     meters = BudgetMeters(config)
     first_route = {b.name: b.routes[0] for b in config.budgets}
-    store = RedisBudgetStore(BudgetStoreSettings(url=redis_url, timeout_ms=1000), NS, "/nonexistent")
+    store = RedisBudgetStore.connect(BudgetStoreSettings(url=redis_url, timeout_ms=1000), NS, "/nonexistent")
     await store.start()
     t0 = time.perf_counter()
     now = time.time()
@@ -501,8 +507,9 @@ async def bench_spend(resources: list[dict[str, Any]], redis_url: str, tenants: 
     finally:
         await client.aclose()
     print(
-        f"(c) spend reading, {len(config.budgets)} budgets x {tenants} tenants ({write_s:.1f} s to write through a RedisBudgetStore): "
-        f"{n_meters} window meters read; median {statistics.median(readings) * 1000:.1f} ms, p95 {pct(readings, 95) * 1000:.1f} ms per reading of the namespace "
+        f"(c) spend reading, {len(config.budgets)} budgets x {tenants} tenants ({write_s:.1f} s to write through a "
+        f"RedisBudgetStore): {n_meters} window meters read; median {statistics.median(readings) * 1000:.1f} ms, p95 "
+        f"{pct(readings, 95) * 1000:.1f} ms per reading of the namespace "
         f"({statistics.median(readings) / max(n_meters, 1) * 1e6:.0f} µs a meter)"
     )
 

@@ -189,10 +189,10 @@ async def drive(args, place, tmp: Path, api_port: int, loaded, tool: str):
             _, w = await asyncio.open_connection("127.0.0.1", api_port)
             w.close()
             break
-        except OSError:
+        except OSError as exc:
             if server.done() or time.monotonic() > deadline:
                 server.result()
-                raise RuntimeError("the in-process sidecar did not start")
+                raise RuntimeError("the in-process sidecar did not start") from exc
             await asyncio.sleep(0.05)
 
     body = bs.chat_body(bs.ROUTE)
@@ -202,8 +202,7 @@ async def drive(args, place, tmp: Path, api_port: int, loaded, tool: str):
         proc = bs.load_in_subprocess(api_port, body, headers, args.concurrency, seconds, place.other_cpus, tmp, tool)
         if profiler is not None:
             profiler.start()  # after the fork, so the profile holds the sidecar's work only
-        while proc.poll() is None:
-            await asyncio.sleep(0.1)
+        await asyncio.to_thread(proc.wait)  # the loop keeps serving the load meanwhile
         out = proc.stdout.read() if proc.stdout else b""
         if proc.returncode != 0:
             raise RuntimeError(f"load generator failed with status {proc.returncode}")
@@ -248,9 +247,9 @@ def run_pyinstrument(args, place, tool: str) -> None:
 
     n, secs = result["requests"], result["seconds"]
     print(
-        f"throughput while profiled: {n / secs:,.0f} req/s ({n:,} requests in {secs:.1f} s, {result['errors']} errors); "
-        "pyinstrument's per-call hook slows the sidecar (and inflates call-heavy Python code), "
-        "so see bench/sidecar_latency.py for the unprofiled rate and --profiler py-spy for a low-overhead view"
+        f"throughput while profiled: {n / secs:,.0f} req/s ({n:,} requests in {secs:.1f} s, {result['errors']} "
+        "errors); pyinstrument's per-call hook slows the sidecar (and inflates call-heavy Python code), so see "
+        "bench/sidecar_latency.py for the unprofiled rate and --profiler py-spy for a low-overhead view"
     )
     analyse(
         pyinstrument_records(session),
@@ -326,8 +325,10 @@ def run_pyspy(args, place, tool: str) -> None:
             bs.stop(upstream)
     samples = re.search(r"Samples: (\d+) Errors: (\d+)", spy_out)
     print(
-        f"throughput while sampled: {res.rate:,.0f} req/s ({res.requests:,} requests in {res.seconds:.1f} s, {res.errors} errors); "
-        f"py-spy {samples.group(1) + ' samples, ' + samples.group(2) + ' errors' if samples else ''} at {args.rate} Hz from outside the process"
+        f"throughput while sampled: {res.rate:,.0f} req/s ({res.requests:,} requests in {res.seconds:.1f} s, "
+        f"{res.errors} errors); py-spy "
+        f"{samples.group(1) + ' samples, ' + samples.group(2) + ' errors' if samples else ''} at {args.rate} Hz from "
+        "outside the process"
     )
     # py-spy leaves out idle samples (the loop waiting in epoll), so the shares are of the sidecar's busy
     # time; spread over its measured CPU time per request to put them in microseconds.
@@ -373,7 +374,10 @@ def main() -> int:
     )
     ap.add_argument(
         "--save",
-        help="also save the samples here (pyinstrument: a session for `pyinstrument --load FILE`; py-spy: collapsed stacks)",
+        help=(
+            "also save the samples here "
+            "(pyinstrument: a session for `pyinstrument --load FILE`; py-spy: collapsed stacks)"
+        ),
     )
     ap.add_argument("--html", help="pyinstrument: also write the HTML report here")
     args = ap.parse_args()
@@ -388,7 +392,10 @@ def main() -> int:
         except ImportError:
             print("pyinstrument is not installed: .venv/bin/pip install pyinstrument  (skipping the profile)")
             return 0
-        what = f"pyinstrument {pyinstrument.__version__} (interval {args.interval * 1000:g} ms), the sidecar in this process"
+        what = (
+            f"pyinstrument {pyinstrument.__version__} (interval {args.interval * 1000:g} ms), "
+            "the sidecar in this process"
+        )
     else:
         what = f"py-spy at {args.rate} Hz on `python -m kubetoll_tools.cli sidecar` (a subprocess)"
     print(f"kubetoll sidecar hot-path profile: {what}")

@@ -27,10 +27,10 @@ import time
 import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "sidecar"))
+sys.path[:0] = [os.path.join(ROOT, d) for d in ("core", "sidecar", "operator", "tools")]
 
 from kubetoll_core.enums import OnExhausted  # noqa: E402
-from kubetoll_core.router_config import BudgetStoreSettings
+from kubetoll_core.router_config import BudgetStoreSettings  # noqa: E402
 from kubetoll_sidecar.budgets.memory import InMemoryBudgetStore  # noqa: E402
 from kubetoll_sidecar.budgets.redis_store import RedisBudgetStore  # noqa: E402
 from kubetoll_sidecar.budgets.store import Exhausted, Hold, Meter, StoreUnavailable  # noqa: E402
@@ -110,7 +110,7 @@ async def loop(store, ms: list[Meter], hold: float, actual, stop_after: int, dea
 
 def worker(url: str, ns: str, i: int, limit: float, hold: float, mode: str, start: mp.Event, out: mp.Queue) -> None:
     async def main():
-        s = RedisBudgetStore(BudgetStoreSettings(url=url, timeout_ms=50), ns, "/nonexistent", sidecar_id=f"bench-{i}")
+        s = RedisBudgetStore.connect(BudgetStoreSettings(url=url, timeout_ms=50), ns, "/nonexistent", sidecar_id=f"bench-{i}")
         await s.start()
         start.wait()
         t0 = time.monotonic()
@@ -132,7 +132,6 @@ def worker(url: str, ns: str, i: int, limit: float, hold: float, mode: str, star
 async def totals(url: str, ns: str):
     from redis.asyncio import Redis
 
-    sys.path.insert(0, ROOT)
     from kubetoll_core.ledger_stream import period_totals
 
     r = Redis.from_url(url, decode_responses=True)
@@ -158,12 +157,12 @@ async def throughput(url: str, n: int) -> tuple[float, float, float]:
         return n / (time.perf_counter() - t0)
 
     mem = await run(InMemoryBudgetStore())
-    s = RedisBudgetStore(BudgetStoreSettings(url=url), f"tp{uuid.uuid4().hex[:8]}", "/nonexistent", sidecar_id="tp")
+    s = RedisBudgetStore.connect(BudgetStoreSettings(url=url), f"tp{uuid.uuid4().hex[:8]}", "/nonexistent", sidecar_id="tp")
     await s.start()
     await run(s)  # warm up leases and rates
-    calls0 = s.redis_calls
+    calls0 = s.counters.redis_calls
     red = await run(s)
-    per_req = (s.redis_calls - calls0) / n
+    per_req = (s.counters.redis_calls - calls0) / n
     await s.close()
     return mem, red, per_req
 
@@ -247,11 +246,12 @@ def main() -> None:
         print(f"  still leased     ${t.leased:.6f} (after every store closed)")
         print(f"  admitted         {admitted} requests ({admitted / wall:,.0f}/s across all processes, {wall:.2f}s)")
         print(
-            f"  rejected         {sum(r['rejected'] for r in results)}, unavailable {sum(r['unavailable'] for r in results)}"
-            f", degraded decisions {sum(r['degraded'] for r in results)}"
+            f"  rejected         {sum(r['rejected'] for r in results)}, unavailable "
+            f"{sum(r['unavailable'] for r in results)}, degraded decisions {sum(r['degraded'] for r in results)}"
         )
         print(
-            f"  Redis commands   {calls} = {calls / max(admitted, 1):.4f} per admitted request, {calls / max(ops, 1):.4f} per reserve call"
+            f"  Redis commands   {calls} = {calls / max(admitted, 1):.4f} per admitted request, "
+            f"{calls / max(ops, 1):.4f} per reserve call"
         )
     finally:
         if proc is not None:
@@ -263,7 +263,8 @@ def main() -> None:
         print(f"one process, 3 meters per request, {args.throughput_n} reserve+settle, no contention:")
         print(f"  in-memory store  {mem:,.0f} requests/s")
         print(
-            f"  Redis store      {red:,.0f} requests/s ({100 * red / mem:.0f}% of in-memory), {per_req:.4f} Redis commands per request"
+            f"  Redis store      {red:,.0f} requests/s ({100 * red / mem:.0f}% of in-memory), "
+            f"{per_req:.4f} Redis commands per request"
         )
     finally:
         if proc is not None:

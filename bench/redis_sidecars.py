@@ -564,18 +564,21 @@ def main() -> int:
             rpid = redis_pid(redis_url) if redis_proc is not None else None
             print(
                 f"sidecars:  2 sets of {n} started in {time.monotonic() - t_start:.0f} s: `redis` (budgetStore.url, "
-                f"timeoutMs {args.timeout_ms:g}, namespace {namespace}) and `memory` (no budgetStore.url); log level {args.log_level}"
+                f"timeoutMs {args.timeout_ms:g}, namespace {namespace}) and `memory` (no budgetStore.url); "
+                f"log level {args.log_level}"
             )
             print("upstream:  kubetoll_tools.simulator.run, one process (no added latency, recording off)")
             print(
-                f"request:   POST /v1/chat/completions, system + user message, max_tokens {args.max_tokens}, 16 completion tokens back"
+                f"request:   POST /v1/chat/completions, system + user message, max_tokens {args.max_tokens}, "
+                "16 completion tokens back"
             )
             print()
 
             # (a) steady state
             print(
-                f"(a) steady state, route `{bs.ROUTE}` (6 meters a request: namespace cap and tenant tier, never exhausted); "
-                f"{tool_desc}; {args.rounds} x {args.duration:g} s per store, alternating, after {args.warmup:g} s warm-up each"
+                f"(a) steady state, route `{bs.ROUTE}` (6 meters a request: namespace cap and tenant tier, never "
+                f"exhausted); {tool_desc}; {args.rounds} x {args.duration:g} s per store, alternating, after "
+                f"{args.warmup:g} s warm-up each"
             )
             for s in (mem, red):
                 load(s.ports, args.warmup)
@@ -601,8 +604,8 @@ def main() -> int:
                 errs = sum(x.errors for x in segs[name])
                 extra = f"; redis-server {cpu_us(name, 'redis_cpu'):.1f} us" if name == "redis" and rpid else ""
                 print(
-                    f"    {label:16s} {rate(name):8,.0f} req/s through {n} sidecars (segments, with the sidecars' CPU a request: {per})"
-                    f"{f'  ({errs} non-2xx/errors)' if errs else ''}"
+                    f"    {label:16s} {rate(name):8,.0f} req/s through {n} sidecars (segments, with the sidecars' CPU "
+                    f"a request: {per}){f'  ({errs} non-2xx/errors)' if errs else ''}"
                 )
                 print(
                     f"    {'':16s} CPU per request: sidecars {cpu_us(name, 'sidecar_cpu'):.0f} us, upstream "
@@ -620,26 +623,28 @@ def main() -> int:
             ratio = rate("redis") / rate("memory")
             cpu_ratio = cpu_us("memory", "sidecar_cpu") / cpu_us("redis", "sidecar_cpu")
             print(
-                f"    ratio Redis / in-memory: {ratio:.2f} of the requests/s   target >= {TARGET_RATIO} ({verdict(ratio >= TARGET_RATIO)}); "
-                f"by the sidecars' CPU per request: {cpu_ratio:.2f}"
+                f"    ratio Redis / in-memory: {ratio:.2f} of the requests/s   target >= {TARGET_RATIO} "
+                f"({verdict(ratio >= TARGET_RATIO)}); by the sidecars' CPU per request: {cpu_ratio:.2f}"
             )
             ok_r = sum(x.ok for x in segs["redis"])
             calls = sum(x.redis_calls for x in segs["redis"])
             ev = sum(x.evalsha for x in segs["redis"])
             per_req = calls / max(ok_r, 1)
             print(
-                f"    Redis commands per request: {per_req:.4f} ({calls:,.0f} commands / {ok_r:,.0f} requests, the sidecars' "
-                f'kubetoll_budget_store{{stat="redis_calls"}} deltas)   target <= {TARGET_CALLS} ({verdict(per_req <= TARGET_CALLS)})'
+                f"    Redis commands per request: {per_req:.4f} ({calls:,.0f} commands / {ok_r:,.0f} requests, "
+                'the sidecars\' kubetoll_budget_store{stat="redis_calls"} deltas)   '
+                f"target <= {TARGET_CALLS} ({verdict(per_req <= TARGET_CALLS)})"
             )
             print(
-                f"    cross-check, Redis INFO commandstats: {ev:,} evalsha (sync scripts) = {ev / max(ok_r, 1):.4f} per request; "
-                f"the rest is the kill-switch poll (one MGET a second per sidecar)"
+                f"    cross-check, Redis INFO commandstats: {ev:,} evalsha (sync scripts) = {ev / max(ok_r, 1):.4f} "
+                "per request; the rest is the kill-switch poll (one MGET a second per sidecar)"
             )
             win = sum(x.window for x in segs["redis"])
             print(
-                f"    per sidecar: {ok_r / win / n:,.0f} req/s and {calls / win / n:.1f} Redis commands/s. A sidecar with traffic "
-                f"syncs about every 0.1 s (flush_interval) to write its spend, plus lease top-ups, and polls the kill switch "
-                f"once a second, so the commands per request fall as each sidecar's own rate rises (here {n} share {cores} cores)"
+                f"    per sidecar: {ok_r / win / n:,.0f} req/s and {calls / win / n:.1f} Redis commands/s. A sidecar "
+                "with traffic syncs about every 0.1 s (flush_interval) to write its spend, plus lease top-ups, and "
+                "polls the kill switch once a second, so the commands per request fall as each sidecar's own rate "
+                f"rises (here {n} share {cores} cores)"
             )
             print()
             stop_set(mem)
@@ -651,41 +656,47 @@ def main() -> int:
             stop_set(red)
             totals = asyncio.run(_totals(redis_url, namespace, SMALL_BUDGET))
             print(
-                f"(b) overshoot, route `{SMALL_ROUTE}`: one ${args.budget:g}/day budget (capOnExhausted reject, {args.fail_mode}), "
-                f"aiohttp load on all {n} Redis-store sidecars ({conc} each) until every one answers 429 budget_exhausted, then SIGTERM"
+                f"(b) overshoot, route `{SMALL_ROUTE}`: one ${args.budget:g}/day budget (capOnExhausted reject, "
+                f"{args.fail_mode}), aiohttp load on all {n} Redis-store sidecars ({conc} each) until every one "
+                "answers 429 budget_exhausted, then SIGTERM"
             )
             if not totals:
                 print("    no meter of the budget in Redis (nothing was admitted?)")
             for t in totals:
                 over = max(t.spent_units - t.limit_units, 0) / t.limit_units * 100
                 print(
-                    f"    spent            ${t.spent:.6f} of ${t.limit:g} ({t.percent:.3f}% used), {t.leased:g} still leased after shutdown"
+                    f"    spent            ${t.spent:.6f} of ${t.limit:g} ({t.percent:.3f}% used), "
+                    f"{t.leased:g} still leased after shutdown"
                 )
                 print(
-                    f"    overshoot        {over:.4f}% of the budget   target <= {TARGET_OVERSHOOT_PCT:g}% ({verdict(over <= TARGET_OVERSHOOT_PCT)})"
+                    f"    overshoot        {over:.4f}% of the budget   target <= {TARGET_OVERSHOOT_PCT:g}% "
+                    f"({verdict(over <= TARGET_OVERSHOOT_PCT)})"
                 )
             state = "every sidecar refusing" if ex.all_refusing else "NOT every sidecar refusing at the deadline"
             print(
-                f"    requests         {ex.ok:,} admitted, {ex.exhausted:,} refused 429 budget_exhausted, {ex.unavailable} 503 "
-                f"budget_store_unavailable, {ex.other} other, {ex.timeouts} timed out; {ex.seconds:.1f} s to {state}"
+                f"    requests         {ex.ok:,} admitted, {ex.exhausted:,} refused 429 budget_exhausted, "
+                f"{ex.unavailable} 503 budget_store_unavailable, {ex.other} other, {ex.timeouts} timed out; "
+                f"{ex.seconds:.1f} s to {state}"
             )
             d = {
                 k: after.get(k, 0.0) - before.get(k, 0.0)
                 for k in ("degraded_decisions_total", "fail_open_allowance_used_total", "unavailable_total")
             }
             print(
-                f"    store counters   {d['degraded_decisions_total']:.0f} reserves decided locally (no lease within timeoutMs: "
-                f"Redis slow on a loaded machine, or its grant taken by other requests first), "
-                f"{d['fail_open_allowance_used_total']:.0f} failOpen allowance grants, {d['unavailable_total']:.0f} outages seen"
+                f"    store counters   {d['degraded_decisions_total']:.0f} reserves decided locally (no lease within "
+                "timeoutMs: Redis slow on a loaded machine, or its grant taken by other requests first), "
+                f"{d['fail_open_allowance_used_total']:.0f} failOpen allowance grants, "
+                f"{d['unavailable_total']:.0f} outages seen"
             )
             print()
             print(
-                f'Targets (DESIGN.md "Performance targets"): Redis-backed >= {TARGET_RATIO:.0%} of in-memory throughput, Redis calls per '
-                f"request <= {TARGET_CALLS}; overshoot with 20 sidecar processes on one budget <= {TARGET_OVERSHOOT_PCT:g}%."
+                f'Targets (DESIGN.md "Performance targets"): Redis-backed >= {TARGET_RATIO:.0%} '
+                f"of in-memory throughput, Redis calls per request <= {TARGET_CALLS}; "
+                f"overshoot with 20 sidecar processes on one budget <= {TARGET_OVERSHOOT_PCT:g}%."
             )
             print(
-                f"{n} sidecars share {cores} cores with the upstream, Redis and the load generator: read the ratio, not the absolute rates. "
-                f"Run took {time.monotonic() - t_start:.0f} s."
+                f"{n} sidecars share {cores} cores with the upstream, Redis and the load generator: read the ratio, "
+                f"not the absolute rates. Run took {time.monotonic() - t_start:.0f} s."
             )
     finally:
         for s in sets:

@@ -90,7 +90,10 @@ def print_paths(title: str, res: dict[str, list[float]], t50: float, t99: float 
             if t99 is None:
                 target = f"   target p50 <= {t50} ms ({verdict(a50 * 1000 <= t50)})"
             else:
-                target = f"   target p50 <= {t50} ms / p99 <= {t99} ms ({verdict(a50 * 1000 <= t50)} / {verdict(a99 * 1000 <= t99)})"
+                target = (
+                    f"   target p50 <= {t50} ms / p99 <= {t99} ms ({verdict(a50 * 1000 <= t50)} / "
+                    f"{verdict(a99 * 1000 <= t99)})"
+                )
         print(f"    {'added, ' + name.replace('via ', ''):22s} {ms(a50)}  {ms(a99)}{target}")
 
 
@@ -99,7 +102,8 @@ def print_noise(m: tuple[float, float, float | None]) -> None:
     if other is not None and wall > 0:
         note = " (NOISY: rerun on a quiet machine)" if other / wall > NOISY else ""
         print(
-            f"    other processes (not this benchmark's) used {other / wall:.0%} of a core on the pinned cores meanwhile{note}"
+            f"    other processes (not this benchmark's) used {other / wall:.0%} of a core on the pinned cores "
+            f"meanwhile{note}"
         )
 
 
@@ -163,11 +167,14 @@ def main() -> int:
     if tool == "wrk":
         out = subprocess.run([bs.wrk_path() or "wrk", "-v"], capture_output=True, text=True)
         m = re.search(r"wrk (?:\S*/)?(\d[\w.]*)", out.stdout + out.stderr)
-        tool_desc = f"wrk {m.group(1) if m else ''} with a Lua POST body, 1 thread, {args.concurrency} keep-alive connections".replace(
-            "  ", " "
-        )
+        tool_desc = (
+            f"wrk {m.group(1) if m else ''} with a Lua POST body, 1 thread, {args.concurrency} keep-alive connections"
+        ).replace("  ", " ")
     else:
-        tool_desc = f"aiohttp load generator (one ClientSession, {args.concurrency} keep-alive connections, Python: heavier than wrk)"
+        tool_desc = (
+            f"aiohttp load generator (one ClientSession, {args.concurrency} keep-alive connections, "
+            "Python: heavier than wrk)"
+        )
 
     bs.pin_self(place.other_cpus)
     upstream = sidecar = bare = None
@@ -187,11 +194,12 @@ def main() -> int:
             print("upstream:  kubetoll_tools.simulator.run (SimSettings: no added latency, recording off)")
             if bare:
                 print(
-                    "baseline:  a bare aiohttp pass-through proxy (aiohttp server + ClientSession on uvloop, nothing else; "
-                    "benchsupport/bare_proxy.py) on the sidecar's core: the framework floor"
+                    "baseline:  a bare aiohttp pass-through proxy (aiohttp server + ClientSession on uvloop, nothing "
+                    "else; benchsupport/bare_proxy.py) on the sidecar's core: the framework floor"
                 )
             print(
-                "request:   POST /v1/chat/completions, system + user message (61 prompt tokens), 16 completion tokens back"
+                "request:   POST /v1/chat/completions, system + user message (61 prompt tokens), "
+                "16 completion tokens back"
             )
             print()
 
@@ -225,19 +233,20 @@ def main() -> int:
             sc_used = bs.process_cpu_seconds(sidecar.pid) - sc_before
             after = bs.scrape(met_port)
             print_paths(
-                f"(a) added latency, non-streaming, one client: {args.requests} requests per path after {args.warmup} warm-up, "
-                f"interleaved in blocks of {BLOCK} (raw-socket keep-alive client)",
+                f"(a) added latency, non-streaming, one client: {args.requests} requests per path after {args.warmup} "
+                f"warm-up, interleaved in blocks of {BLOCK} (raw-socket keep-alive client)",
                 res_a,
                 TARGET_ADDED_P50_MS,
                 TARGET_ADDED_P99_MS,
             )
             own = hist_delta(before, after, "kubetoll_added_latency_seconds")
             print(
-                f"    the sidecar's own kubetoll_added_latency_seconds over (a) (excludes HTTP parsing/writing and the upstream call): "
-                f"{describe_own_histogram(own)}"
+                "    the sidecar's own kubetoll_added_latency_seconds over (a) (excludes HTTP parsing/writing and the "
+                f"upstream call): {describe_own_histogram(own)}"
             )
             print(
-                f"    sidecar CPU time per request in (a): {sc_used / args.requests * 1e6:.0f} us (one request at a time)"
+                f"    sidecar CPU time per request in (a): "
+                f"{sc_used / args.requests * 1e6:.0f} us (one request at a time)"
             )
             print_noise(noise_a)
             print()
@@ -291,12 +300,14 @@ def main() -> int:
             )
             rejected = sum(val for _, val in bs.metric_samples(after, "kubetoll_rejections_total"))
             print(
-                f"    the sidecar counted {ok:,.0f} ok requests in (b); budget rejections in the whole run: {rejected:.0f}"
+                f"    the sidecar counted {ok:,.0f} ok requests in (b); budget rejections in the whole run: "
+                f"{rejected:.0f}"
             )
             print()
 
             print_paths(
-                f"(c) added time to first streamed token (stream=true; time to the first `data:` event): {args.requests} streams per path",
+                "(c) added time to first streamed token (stream=true; time to the first `data:` event): "
+                f"{args.requests} streams per path",
                 res_c,
                 TARGET_TTFT_MS,
                 None,
@@ -304,10 +315,12 @@ def main() -> int:
             print_noise(noise_c)
             print()
             print(
-                'Targets (DESIGN.md "Performance targets"): added p50 <= 0.3 ms / p99 <= 1 ms; >= 3,000 req/s on one core; added TTFT <= 0.5 ms.'
+                'Targets (DESIGN.md "Performance targets"): added p50 <= 0.3 ms / p99 <= 1 ms; '
+                ">= 3,000 req/s on one core; added TTFT <= 0.5 ms."
             )
             print(
-                "Added = the via-path percentile minus the direct one. The load generator shares the machine with the upstream (bench/README.md)."
+                "Added = the via-path percentile minus the direct one. "
+                "The load generator shares the machine with the upstream (bench/README.md)."
             )
         finally:
             bs.stop(bare)

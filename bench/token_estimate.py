@@ -129,7 +129,8 @@ def main() -> int:
     for line in bs.machine_lines()[:2]:
         print(line)
     print(
-        f"model {args.model} -> encoding {choice.name}{' (approximate)' if choice.approximate else ''}; tiktoken {tiktoken.__version__}"
+        f"model {args.model} -> encoding {choice.name}{' (approximate)' if choice.approximate else ''}; "
+        f"tiktoken {tiktoken.__version__}"
     )
     print()
 
@@ -171,14 +172,17 @@ def main() -> int:
             for name, vals in (("cold", cold), ("warm", warm), ("next turn", nxt)):
                 med = statistics.median(vals) * 1000
                 print(
-                    f"      target 2k estimate <= {TARGET_2K_MS} ms: {name} {med:.4f} ms ({'meets' if med <= TARGET_2K_MS else 'MISSES'})"
+                    f"      target 2k estimate <= {TARGET_2K_MS} ms: {name} {med:.4f} ms "
+                    f"({'meets' if med <= TARGET_2K_MS else 'MISSES'})"
                 )
         print()
     print(
-        "Cold is tiktoken's own encode (a new conversation, or a first request after a restart); warm and next turn are the"
+        "Cold is tiktoken's own encode (a new conversation, or a first request after a restart); "
+        "warm and next turn are the"
     )
     print(
-        "memoised path multi-turn chats take (tokens._CountCache: counts keyed by (encoding, text), messages >= 64 characters)."
+        "memoised path multi-turn chats take "
+        "(tokens._CountCache: counts keyed by (encoding, text), messages >= 64 characters)."
     )
     return 0
 

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SRC_PATHS = [str(ROOT / "sidecar"), str(ROOT / "operator")]
+# The four package folders (docs/architecture.md): the scripts run from the venv whether or not the
+# package is installed into it, and child processes get the same path.
+SRC_PATHS = [str(ROOT / d) for d in ("core", "sidecar", "operator", "tools")]
 for _p in reversed(SRC_PATHS):
     if _p not in sys.path:
         sys.path.insert(0, _p)
@@ -211,7 +213,7 @@ def write_config(directory: Path, upstream_port: int, api_port: int, metrics_por
 def start_sidecar(
     config: Path, metrics_port: int, cpus: set[int] | None, log: Path, log_level: str = "INFO"
 ) -> subprocess.Popen:
-    """`kubetoll sidecar --config ...` as `python -m kubetoll_tools.cli`, its log (one access line a request) to a file."""
+    """`kubetoll sidecar --config ...` as `python -m kubetoll_tools.cli`, its access log (a line a request) to `log`."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "kubetoll_tools.cli", "sidecar", "--config", str(config), "--log-level", log_level],
         env=child_env(),
@@ -362,7 +364,7 @@ class RawHTTPClient:
         self.buf += data
 
     def request(self, raw: bytes) -> tuple[int, float, float, bytes]:
-        """Send one request; returns (status, seconds to the first SSE `data:` or the body, seconds to the end, body)."""
+        """Send one request: (status, seconds to the first SSE `data:` or the body, seconds to the end, body)."""
         t0 = time.perf_counter()
         self.sock.sendall(raw)
         while b"\r\n\r\n" not in self.buf:
@@ -554,7 +556,8 @@ def load_in_subprocess(
         "import json, sys\n"
         f"sys.path.insert(0, {str(ROOT / 'bench')!r})\n"
         "from benchsupport import run_load\n"
-        f"r = run_load({port}, {body!r}, {headers!r}, {concurrency}, {duration}, None, __import__('pathlib').Path({str(workdir)!r}), {tool!r})\n"
+        f"r = run_load({port}, {body!r}, {headers!r}, {concurrency}, {duration}, None, "
+        f"__import__('pathlib').Path({str(workdir)!r}), {tool!r})\n"
         "print(json.dumps(r.__dict__))\n"
     )
     return subprocess.Popen(

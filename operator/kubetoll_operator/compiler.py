@@ -350,7 +350,8 @@ class _Compilation:
                             kind,
                             name,
                             "CredentialConflict",
-                            f"Secret {secret!r} key {key!r} maps to the same environment variable {cred_key} as Secret {owner[0]!r} key {owner[1]!r}",
+                            f"Secret {secret!r} key {key!r} maps to the same environment variable {cred_key} "
+                            f"as Secret {owner[0]!r} key {owner[1]!r}",
                             field_path,
                         )
                         continue
@@ -491,7 +492,7 @@ class _Compilation:
                     "spec.modelName",
                 )
                 continue
-            rules = []
+            rules: list[dict[str, Any]] = []
             empty_rule = None
             for i, rule in enumerate(spec.rules):
                 kept = self._resolve_backends(name, rule.backends, f"spec.rules[{i}].backends", backends, all_backends)
@@ -632,7 +633,8 @@ class _Compilation:
                     kind,
                     name,
                     "NoRoutes",
-                    "none of the routes in spec.routes resolves; an empty list would cover every route, so the budget is left out",
+                    "none of the routes in spec.routes resolves; an empty list would cover every route, "
+                    "so the budget is left out",
                     "spec.routes",
                 )
                 continue

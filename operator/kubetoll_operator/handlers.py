@@ -62,7 +62,7 @@ COMPONENT = "kubetoll-operator"
 registry = kopf.OperatorRegistry()
 
 
-DEFAULT_THRESHOLDS = TokenBudgetSpec.model_fields["alert_thresholds"].default_factory()  # type: ignore[misc]
+DEFAULT_THRESHOLDS: list[int] = TokenBudgetSpec.model_fields["alert_thresholds"].get_default(call_default_factory=True)
 
 
 @dataclass
@@ -120,7 +120,9 @@ class Reconciler:
     pending: set[str] = field(default_factory=set)
     seen: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (kind, ns, name) → fingerprint
     applied: dict[str, str] = field(default_factory=dict)  # ns → config hash written
-    reported: dict[str, set[tuple[str, ...]]] = field(default_factory=dict)  # ns → problems already posted as Events
+    reported: dict[str, set[tuple[str, str, str, str, str]]] = field(
+        default_factory=dict
+    )  # ns → problems already posted as Events, as (kind, name, reason, field, message)
     last_compile: str | None = None
     compiles: int = 0
     # the spend reporter
@@ -284,7 +286,8 @@ class Reconciler:
         events = await self._post_events(namespace, result)
         errors = sum(1 for p in result.problems if p.severity == "error")
         log.info(
-            "namespace %s: compiled %d resources in %.0f ms (%.0f ms with the API calls): config %s, %s; %d errors, %d warnings; %d statuses and %d events written",
+            "namespace %s: compiled %d resources in %.0f ms (%.0f ms with the API calls): config %s, %s; "
+            "%d errors, %d warnings; %d statuses and %d events written",
             namespace,
             len(resources),
             compile_ms,
@@ -379,7 +382,10 @@ class Reconciler:
         return dict(obj.get("status") or {})
 
     async def _write_status(self, obj: dict[str, Any], patch: dict[str, Any], current: dict[str, Any]) -> bool:
-        """Merge-patch `status` (with lastTransitionTime kept where a condition did not change). False: the object is gone."""
+        """Merge-patch `status` (with lastTransitionTime kept where a condition did not change).
+
+        False: the object is gone.
+        """
         assert self.api is not None
         meta = obj["metadata"]
         kind, namespace, name = obj["kind"], meta.get("namespace", ""), meta["name"]
@@ -404,8 +410,8 @@ class Reconciler:
         objects = self.resources(namespace)
         current_by_key = {(o.get("kind"), o["metadata"]["name"]): o for o in objects}
         live = {(o.get("kind"), namespace, o["metadata"]["name"]) for o in objects}
-        for key in [k for k in self.written if k[1] == namespace and k not in live]:
-            del self.written[key]
+        for stale in [k for k in self.written if k[1] == namespace and k not in live]:
+            del self.written[stale]
         written = 0
         async with self._lock(namespace):
             for key, outcome in sorted(result.outcomes.items()):
@@ -732,15 +738,18 @@ def _probe(memo: Any, **_: Any) -> dict[str, Any]:
 def _register_kind(plural: str, kind: str) -> None:
     index_name = _index_name(plural)
 
-    def index(body: Any, namespace: str, **_: Any) -> dict[str, Any]:
+    def index(*, body: Any, namespace: str | None, **_: Any) -> dict[str | None, Any]:
         return {namespace: _snapshot(body)}
 
     index.__name__ = index_name
     kopf.index(GROUP, VERSION, plural, id=index_name, registry=registry)(index)
 
-    async def on_event(type: str | None, body: Any, namespace: str, name: str, memo: Any, **kwargs: Any) -> None:
+    async def on_event(
+        *, type: str | None, body: Any, namespace: str | None, name: str, memo: Any, **kwargs: Any
+    ) -> None:
         r = _reconciler(memo)
         r.bind(kwargs)
+        assert namespace is not None, "the four kinds are namespaced"
         meta = body.get("metadata", {})
         deleted = type == "DELETED"
         # Status writes (ours) come back as events too: only a spec, generation or deletion change counts.
@@ -761,9 +770,12 @@ for _info in KINDS.values():
 
 
 @kopf.on.event("v1", "secrets", id="recompile_on_secrets", registry=registry)
-async def _on_secret(type: str | None, body: Any, namespace: str, name: str, memo: Any, **kwargs: Any) -> None:
+async def _on_secret(
+    *, type: str | None, body: Any, namespace: str | None, name: str, memo: Any, **kwargs: Any
+) -> None:
     r = _reconciler(memo)
     r.bind(kwargs)
+    assert namespace is not None, "Secrets are namespaced"
     labels = body.get("metadata", {}).get("labels") or {}
     if name == CREDENTIALS_SECRET and labels.get(MANAGED_BY_LABEL) == MANAGED_BY:
         # Ours: restore it if someone edits or deletes it (a no-op compile otherwise).
@@ -780,11 +792,14 @@ async def _on_secret(type: str | None, body: Any, namespace: str, name: str, mem
 @kopf.on.event(
     "v1", "configmaps", id="recompile_on_configmaps", labels={MANAGED_BY_LABEL: MANAGED_BY}, registry=registry
 )
-async def _on_configmap(type: str | None, body: Any, namespace: str, name: str, memo: Any, **kwargs: Any) -> None:
+async def _on_configmap(
+    *, type: str | None, body: Any, namespace: str | None, name: str, memo: Any, **kwargs: Any
+) -> None:
     if name != CONFIGMAP_NAME:
         return
     r = _reconciler(memo)
     r.bind(kwargs)
+    assert namespace is not None, "ConfigMaps are namespaced"
     annotations = body.get("metadata", {}).get("annotations") or {}
     # At startup this finds namespaces whose resources were all deleted while no
     # operator ran; later, it restores a ConfigMap someone edited or deleted.

@@ -206,13 +206,15 @@ def effective_options(pod: Mapping[str, Any], options: InjectionOptions) -> Inje
     log_level = annotations.get(ANNOTATION_LOG_LEVEL, options.log_level).upper()
     if log_level not in LOG_LEVELS:
         raise InjectionError(
-            f"annotation {ANNOTATION_LOG_LEVEL}: {annotations.get(ANNOTATION_LOG_LEVEL)!r} is not one of {', '.join(LOG_LEVELS)}"
+            f"annotation {ANNOTATION_LOG_LEVEL}: {annotations.get(ANNOTATION_LOG_LEVEL)!r} "
+            f"is not one of {', '.join(LOG_LEVELS)}"
         )
     port = _port(annotations, ANNOTATION_PORT, options.port)
     metrics_port = _port(annotations, ANNOTATION_METRICS_PORT, options.metrics_port)
     if port == metrics_port:
         raise InjectionError(
-            f"the sidecar's API port and metrics port are both {port}: set {ANNOTATION_PORT} or {ANNOTATION_METRICS_PORT}"
+            f"the sidecar's API port and metrics port are both {port}: "
+            f"set {ANNOTATION_PORT} or {ANNOTATION_METRICS_PORT}"
         )
     native = options.native_sidecars
     if ANNOTATION_NATIVE in annotations:
@@ -257,7 +259,7 @@ def _resources(annotations: Mapping[str, str], defaults: Resources) -> Resources
             raise InjectionError(f"the sidecar's {what} request {request} is above its limit {limit}")
         # Only the request was raised for this pod: the default limit follows it.
         values[f"{what}_limit"] = request
-    return Resources(**values)  # type: ignore[arg-type]
+    return Resources(**values)
 
 
 # --------------------------------------------------------------------------- what
@@ -371,7 +373,8 @@ def plan_injection(pod: Mapping[str, Any], namespace_labels: Mapping[str, str], 
             False,
             f"restartPolicy {restart_policy} needs a native sidecar, which this cluster or pod does not use",
             warnings=[
-                f"kubetoll: {SIDECAR_NAME} not injected: restartPolicy {restart_policy} pods get it only as a native sidecar (Kubernetes >= 1.29)"
+                f"kubetoll: {SIDECAR_NAME} not injected: restartPolicy {restart_policy} pods get it only "
+                "as a native sidecar (Kubernetes >= 1.29)"
             ],
         )
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict
 
 from kubetoll_core.enums import DEFAULT_FALLBACK_ON as _DEFAULT_FALLBACK_ON
 from kubetoll_core.enums import HOSTED_PROVIDERS, FailMode, FailureClass, OnExhausted, Provider
@@ -94,7 +95,10 @@ class SecretKeyRef(SpecModel):
 
 
 class BackendCredentials(SpecModel):
-    """Where the API key comes from. The operator copies the key into the kubetoll-credentials Secret that only the sidecar mounts."""
+    """Where the API key comes from.
+
+    The operator copies the key into the kubetoll-credentials Secret that only the sidecar mounts.
+    """
 
     secret_ref: SecretKeyRef = Field(description="The Secret and key holding the provider API key.")
 
@@ -103,7 +107,9 @@ class ModelBackendSpec(SpecModel):
     """One model at one endpoint."""
 
     provider: Provider = Field(
-        description="Wire protocol: openai, azure-openai, anthropic or openai-compatible (vLLM, TGI, Ollama, llama.cpp, ...)."
+        description=(
+            "Wire protocol: openai, azure-openai, anthropic or openai-compatible (vLLM, TGI, Ollama, llama.cpp, ...)."
+        )
     )
     model: str = Field(
         min_length=1,
@@ -166,8 +172,10 @@ class ModelBackendSpec(SpecModel):
             ".credentials",
         ),
         CelRule(
-            "!has(self.headers) || self.headers.all(h, !h.matches('(?i)^(authorization|api-key|x-api-key|proxy-authorization)$'))",
-            "headers must not carry credentials (Authorization, api-key, x-api-key, Proxy-Authorization); use credentials.secretRef",
+            "!has(self.headers) || "
+            "self.headers.all(h, !h.matches('(?i)^(authorization|api-key|x-api-key|proxy-authorization)$'))",
+            "headers must not carry credentials (Authorization, api-key, x-api-key, Proxy-Authorization); "
+            "use credentials.secretRef",
             lambda s: all(h.lower() not in CREDENTIAL_HEADERS for h in s.headers),
             ".headers",
         ),
@@ -215,7 +223,7 @@ class ModelRouteSpec(SpecModel):
         default_factory=lambda: [FailureClass(v) for v in DEFAULT_FALLBACK_ON],
         max_length=6,
         description="Failures that move on to the next backend in the chain.",
-        json_schema_extra={"x-kubernetes-list-type": "set", "default": DEFAULT_FALLBACK_ON},
+        json_schema_extra={"x-kubernetes-list-type": "set", "default": list(DEFAULT_FALLBACK_ON)},
     )
     max_output_tokens: int | None = Field(
         None, gt=0, description="Cap on max_tokens; also the output reservation when a request gives none."
@@ -275,7 +283,10 @@ class TokenBudgetSpec(SpecModel):
     alert_thresholds: list[int] = Field(
         default_factory=lambda: [50, 75, 90, 100],
         max_length=20,
-        description="Percentages of each namespace cap limit at which the operator posts an Event, once per threshold and period (Warning from 90, Normal below); needs a Redis budget store.",
+        description=(
+            "Percentages of each namespace cap limit at which the operator posts an Event, "
+            "once per threshold and period (Warning from 90, Normal below); needs a Redis budget store."
+        ),
         json_schema_extra={
             "items": {"type": "integer", "minimum": 1, "maximum": 100, "description": "Percent of the cap."},
             "x-kubernetes-list-type": "set",
@@ -335,7 +346,10 @@ class Condition(StatusModel):
 
     type: str = Field(
         max_length=316,
-        description="Condition type: Ready and ResolvedRefs (every kind); TenancyAccepted, SpendKnown and ThresholdReached (TokenBudget).",
+        description=(
+            "Condition type: Ready and ResolvedRefs (every kind); "
+            "TenancyAccepted, SpendKnown and ThresholdReached (TokenBudget)."
+        ),
     )
     status: ConditionStatus = Field(description="True, False or Unknown.")
     reason: str = Field(max_length=1024, description="CamelCase reason for the status.")
@@ -348,7 +362,7 @@ class Condition(StatusModel):
     )
 
 
-_CONDITIONS_EXTRA = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
+_CONDITIONS_EXTRA: JsonDict = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
 
 
 class ResolvedPrices(StatusModel):
@@ -447,11 +461,16 @@ class TokenBudgetStatus(StatusModel):
     )
     tenants_over_budget: list[str] = Field(
         default_factory=list,
-        description="Tenants at or over a tier's USD limit in its current period, highest percent first (at most the operator's --tenants-over-budget).",
+        description=(
+            "Tenants at or over a tier's USD limit in its current period, highest percent first "
+            "(at most the operator's --tenants-over-budget)."
+        ),
     )
     meters: list[BudgetMeterStatus] = Field(
         default_factory=list,
-        description="Every level in its current period: each namespace cap limit, and each tier limit summed over its tenants.",
+        description=(
+            "Every level in its current period: each namespace cap limit, and each tier limit summed over its tenants."
+        ),
     )
     routes: list[str] = Field(default_factory=list, description="Model names of the routes covered, resolved.")
 
@@ -552,7 +571,9 @@ MODEL_ROUTE = KindInfo(
         _READY,
         _AGE,
     ),
-    description="ModelRoute maps the model name apps ask for to ordered rules, each with a fallback chain of ModelBackends.",
+    description=(
+        "ModelRoute maps the model name apps ask for to ordered rules, each with a fallback chain of ModelBackends."
+    ),
 )
 TOKEN_BUDGET = KindInfo(
     kind="TokenBudget",

@@ -109,7 +109,10 @@ class CapReading:
         return f"{UNIT_NAMES[self.unit]} per {self.window} cap"
 
     def crossed(self, thresholds: Iterable[int]) -> list[int]:
-        """The thresholds spend has reached, lowest first (integer arithmetic: 50% of 10 USD is reached at exactly 5)."""
+        """The thresholds spend has reached, lowest first.
+
+        Integer arithmetic: 50% of 10 USD is reached at exactly 5.
+        """
         if self.limit_units <= 0:
             return []
         return sorted(t for t in set(thresholds) if self.spent_units * 100 >= t * self.limit_units)

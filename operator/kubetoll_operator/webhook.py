@@ -94,7 +94,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--webhook-cert-dir",
         metavar="DIR",
-        help="directory with tls.crt and tls.key, re-read when they change (default: a self-signed certificate, needs certbuilder)",
+        help=(
+            "directory with tls.crt and tls.key, re-read when they change "
+            "(default: a self-signed certificate, needs certbuilder)"
+        ),
     )
     g.add_argument("--webhook-host", metavar="HOST", help="hostname for the self-signed certificate")
     g.add_argument(
@@ -108,13 +111,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--webhook-on-error",
         choices=("allow", "deny"),
         default="allow",
-        help="when the webhook itself fails on a pod: allow it without the sidecar (as failurePolicy Ignore does for an unreachable webhook) or deny it (as Fail does); default: allow",
+        help=(
+            "when the webhook itself fails on a pod: allow it without the sidecar "
+            "(as failurePolicy Ignore does for an unreachable webhook) or deny it (as Fail does); default: allow"
+        ),
     )
     g.add_argument(
         "--native-sidecars",
         choices=("auto", "true", "false"),
         default="auto",
-        help="inject the sidecar as a native sidecar (init container, restartPolicy Always); auto: when the API server is 1.29 or later",
+        help=(
+            "inject the sidecar as a native sidecar (init container, restartPolicy Always); "
+            "auto: when the API server is 1.29 or later"
+        ),
     )
     g.add_argument(
         "--sidecar-image",
@@ -365,7 +374,9 @@ def register(registry: Any) -> None:
             options.native_sidecars,
         )
 
-    async def inject(body: Any, patch: Any, warnings: list[str], memo: Any, param: Any, **_: Any) -> None:
+    # Keyword-only, as kopf calls handlers, to match kopf.WebhookFn. `param` is "pod" or
+    # "namespace", as registered below; kopf always passes it (its protocol gives it a default).
+    async def inject(*, body: Any, patch: Any, warnings: list[str], memo: Any, param: Any = None, **_: Any) -> None:
         state = _state(memo)
         if state is None:
             return
@@ -391,7 +402,8 @@ def register(registry: Any) -> None:
                     f"kubetoll sidecar injection failed: {type(exc).__name__}: {exc}", code=500
                 ) from None
             warnings.append(
-                f"kubetoll: {SIDECAR_NAME} not injected: the webhook failed ({type(exc).__name__}); see the operator's log"
+                f"kubetoll: {SIDECAR_NAME} not injected: the webhook failed ({type(exc).__name__}); "
+                "see the operator's log"
             )
             return
         warnings.extend(plan.warnings)

@@ -70,6 +70,7 @@ async def _flush_async(
     finally:
         await client.aclose()
     print(
-        f"flushed cache policy {namespace}/{policy}: epoch is now {result.epoch}, {result.deleted} keys deleted; sidecars stop serving old entries within about a second"
+        f"flushed cache policy {namespace}/{policy}: epoch is now {result.epoch}, {result.deleted} keys deleted; "
+        "sidecars stop serving old entries within about a second"
     )
     return 0

@@ -347,7 +347,7 @@ async def _run_demo(opts: DemoOptions, console: Any, out: Any) -> DemoResult:
     sims: dict[str, tuple[str, SimulatedUpstream]] = {}
     workdir = Path(tempfile.mkdtemp(prefix="kubetoll-demo-"))
     loop = asyncio.get_running_loop()
-    installed_signals: list[int] = []
+    installed_signals: list[signal.Signals] = []
     sidecar: Sidecar | None = None
     serve_task: asyncio.Task[None] | None = None
     stop_sidecar = asyncio.Event()
@@ -403,7 +403,8 @@ async def _run_demo(opts: DemoOptions, console: Any, out: Any) -> DemoResult:
             file=out,
         )
         print(
-            f"  {len(plan)} requests planned over {opts.duration:g}s to route {route} (seed {opts.seed}); Ctrl-C stops early",
+            f"  {len(plan)} requests planned over {opts.duration:g}s to route {route} (seed {opts.seed}); "
+            "Ctrl-C stops early",
             file=out,
         )
         out.flush()
@@ -539,13 +540,19 @@ async def _run_demo(opts: DemoOptions, console: Any, out: Any) -> DemoResult:
         events=events,
         cache=cache,
     )
-    report_path = Path(opts.report).expanduser().resolve()
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(report_html.render_html(data), encoding="utf-8")
+    report_path = await asyncio.to_thread(write_report, opts.report, data)
     text = summary_text(data, stats, report_path)
     print(text, file=out)
     out.flush()
     return DemoResult(records, report_path, data, choice, stats, interrupted, text)
+
+
+def write_report(path: str, data: dict[str, Any]) -> Path:
+    """Render the report page and write it to `path` (its directory made if need be); returns the resolved path."""
+    report_path = Path(path).expanduser().resolve()
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(report_html.render_html(data), encoding="utf-8")
+    return report_path
 
 
 def summary_text(data: dict[str, Any], stats: traffic.TrafficStats, report_path: Path) -> str:
@@ -558,13 +565,16 @@ def summary_text(data: dict[str, Any], stats: traffic.TrafficStats, report_path:
     rej = sum(codes.values())
     fb = ev["fallbacks"]
     lines = [
-        f"kubetoll demo: {'stopped early after' if meta['interrupted'] else 'done after'} {meta['duration_s']:.1f}s of traffic (config: {meta['config_kind']}, seed {meta['seed']})",
+        f"kubetoll demo: {'stopped early after' if meta['interrupted'] else 'done after'} {meta['duration_s']:.1f}s "
+        f"of traffic (config: {meta['config_kind']}, seed {meta['seed']})",
         f"  requests   {meta['requests_sent']} sent · {served} served · {rej} rejected"
         + (f" ({', '.join(f'{k} {v}' for k, v in codes.most_common())})" if codes else "")
         + f" · {failed} failed",
-        f"  spend      {fmt(tot['cost_usd'])} over {tot['requests']} billed requests ({fmt(tot['cost_per_request_usd'])}/request)",
+        f"  spend      {fmt(tot['cost_usd'])} over {tot['requests']} billed requests "
+        f"({fmt(tot['cost_per_request_usd'])}/request)",
         f"  baseline   {fmt(sav['baseline_usd'])} had every request gone to {sav['baseline']}",
-        f"  saved      {fmt(sav['saved_usd'])} ({sav['saved_percent']:.1f}%): routing {fmt(sav['routing_usd'])} · downgrade {fmt(sav['downgrade_usd'])} · cache {fmt(sav['cache_usd'])}",
+        f"  saved      {fmt(sav['saved_usd'])} ({sav['saved_percent']:.1f}%): routing {fmt(sav['routing_usd'])} · "
+        f"downgrade {fmt(sav['downgrade_usd'])} · cache {fmt(sav['cache_usd'])}",
         f"  fallbacks  {int(sum(fb.values()))}"
         + (f" ({', '.join(f'{k} ×{int(v)}' for k, v in sorted(fb.items(), key=lambda kv: -kv[1])[:4])})" if fb else "")
         + f" · downgraded {tot['downgraded']} requests",
@@ -575,7 +585,8 @@ def summary_text(data: dict[str, Any], stats: traffic.TrafficStats, report_path:
         )
     else:
         lines.append(
-            f"  cache      {'no hits' if cache['configured'] else 'not configured'}; {cache['exact_repeats']} exact repeats cost {fmt(cache['exact_repeat_usd'])}, "
+            f"  cache      {'no hits' if cache['configured'] else 'not configured'}; {cache['exact_repeats']} exact "
+            f"repeats cost {fmt(cache['exact_repeat_usd'])}, "
             f"{cache['paraphrases']} paraphrases {fmt(cache['paraphrase_usd'])}"
         )
     top = summ["top_spenders"][:3]

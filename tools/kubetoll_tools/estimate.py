@@ -138,7 +138,7 @@ def _yaml_items(path: Path) -> list[tuple[int, Any]]:
         raise EstimateError(
             f"{_where(path, line)}: not valid YAML/JSON: {getattr(exc, 'problem', None) or exc}"
         ) from None
-    if data is None:
+    if data is None or node is None:  # (no node means no document, so no data either)
         return []
     if isinstance(data, dict):
         for key in ("conversations", "samples"):
@@ -195,7 +195,8 @@ def load_template(template: str | Path, vars_path: str | Path | None) -> list[Sa
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             raise EstimateError(
-                f"{_where(t, mark.line + 1 if mark else None)}: not valid YAML/JSON: {getattr(exc, 'problem', None) or exc}"
+                f"{_where(t, mark.line + 1 if mark else None)}: not valid YAML/JSON: "
+                f"{getattr(exc, 'problem', None) or exc}"
             ) from None
         conversation(body, str(t))  # validates the shape before any substitution
     else:
@@ -407,7 +408,7 @@ def build_result(
     source: str,
 ) -> dict[str, Any]:
     ests = estimate(samples, targets, output_tokens)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for e in ests:
         per_day = e.cost_per_request * rpd
         rows.append(

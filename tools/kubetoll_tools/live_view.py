@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
 from .spend import fmt_usd
 from .traffic import repeat_analysis
+
+if TYPE_CHECKING:
+    from rich.console import JustifyMethod
 
 
 def counter_values(registry: CollectorRegistry, name: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -32,13 +36,19 @@ def counter_values(registry: CollectorRegistry, name: str) -> dict[tuple[tuple[s
     return out
 
 
-def counter_by(registry: CollectorRegistry, name: str, *labels: str) -> Counter[tuple[str, ...]]:
+def counter_by(registry: CollectorRegistry, name: str, *labels: str) -> dict[tuple[str, ...], float]:
     """Sums a counter over every label but `labels`."""
-    c: Counter[tuple[str, ...]] = Counter()
+    c: dict[tuple[str, ...], float] = {}
     for key, value in counter_values(registry, name).items():
         d = dict(key)
-        c[tuple(d.get(lb, "") for lb in labels)] += value
+        k = tuple(d.get(lb, "") for lb in labels)
+        c[k] = c.get(k, 0) + value
     return c
+
+
+def most_common(counts: Mapping[tuple[str, ...], float]) -> list[tuple[tuple[str, ...], float]]:
+    """The counts, highest first (ties in insertion order), as `Counter.most_common()` orders them."""
+    return sorted(counts.items(), key=lambda kv: kv[1], reverse=True)
 
 
 @dataclass
@@ -76,9 +86,10 @@ class Snapshot:
     total_spend: float
     tenants: list[TenantRow]
     backends: list[BackendRow]
-    fallbacks: Counter[tuple[str, ...]]  # (backend, reason)
-    rejections: Counter[tuple[str, ...]]  # (reason,)
-    downgrades: Counter[tuple[str, ...]]  # (reason,)
+    # Prometheus counter values (floats) summed per label tuple
+    fallbacks: Mapping[tuple[str, ...], float]  # (backend, reason)
+    rejections: Mapping[tuple[str, ...], float]  # (reason,)
+    downgrades: Mapping[tuple[str, ...], float]  # (reason,)
     cache_configured: bool
     cache_hits: int
     ledger_records: int
@@ -227,16 +238,17 @@ def render(s: Snapshot) -> Any:
         head.append("  finishing requests in flight…", style="dim")
 
     tenants = Table(box=box.SIMPLE_HEAD, expand=True, pad_edge=False, show_edge=False)
-    for col, kw in (
-        ("tenant", {}),
-        ("tier", {}),
-        ("ok", {"justify": "right"}),
-        ("rejected", {"justify": "right"}),
-        ("downgraded", {"justify": "right"}),
-        ("spend", {"justify": "right"}),
-        ("budget used (tier, USD/day)", {}),
-    ):
-        tenants.add_column(col, **kw)
+    tenant_columns: list[tuple[str, JustifyMethod]] = [
+        ("tenant", "left"),
+        ("tier", "left"),
+        ("ok", "right"),
+        ("rejected", "right"),
+        ("downgraded", "right"),
+        ("spend", "right"),
+        ("budget used (tier, USD/day)", "left"),
+    ]
+    for col, justify in tenant_columns:
+        tenants.add_column(col, justify=justify)
     for t in sorted(s.tenants, key=lambda t: -t.spend):
         tenants.add_row(
             t.name,
@@ -249,15 +261,16 @@ def render(s: Snapshot) -> Any:
         )
 
     backends = Table(box=box.SIMPLE_HEAD, expand=True, pad_edge=False, show_edge=False)
-    for col, kw in (
-        ("backend", {}),
-        ("model", {}),
-        ("requests", {"justify": "right"}),
-        ("spend", {"justify": "right"}),
-        ("fell back from", {"justify": "right"}),
-        ("circuit", {}),
-    ):
-        backends.add_column(col, **kw)
+    backend_columns: list[tuple[str, JustifyMethod]] = [
+        ("backend", "left"),
+        ("model", "left"),
+        ("requests", "right"),
+        ("spend", "right"),
+        ("fell back from", "right"),
+        ("circuit", "left"),
+    ]
+    for col, justify in backend_columns:
+        backends.add_column(col, justify=justify)
     for b in s.backends:
         backends.add_row(
             b.name,
@@ -271,8 +284,8 @@ def render(s: Snapshot) -> Any:
     ev = Table(box=None, show_header=False, pad_edge=False, expand=True)
     ev.add_column(style="bold", no_wrap=True)
     ev.add_column()
-    ev.add_row("fallbacks", ", ".join(f"{b} {r} ×{int(v)}" for (b, r), v in s.fallbacks.most_common()) or "none")
-    ev.add_row("rejections", ", ".join(f"{r} ×{int(v)}" for (r,), v in s.rejections.most_common()) or "none")
-    ev.add_row("downgrades", ", ".join(f"{r} ×{int(v)}" for (r,), v in s.downgrades.most_common()) or "none")
+    ev.add_row("fallbacks", ", ".join(f"{b} {r} ×{int(v)}" for (b, r), v in most_common(s.fallbacks)) or "none")
+    ev.add_row("rejections", ", ".join(f"{r} ×{int(v)}" for (r,), v in most_common(s.rejections)) or "none")
+    ev.add_row("downgrades", ", ".join(f"{r} ×{int(v)}" for (r,), v in most_common(s.downgrades)) or "none")
     ev.add_row("cache", cache_line(s))
     return RGroup(head, tenants, backends, ev)

@@ -50,7 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--credentials",
         choices=("file", "env"),
         default="file",
-        help="credentials as kubetoll-credentials file names (the operator's) or environment variables (kubetoll run's)",
+        help=(
+            "credentials as kubetoll-credentials file names (the operator's) or environment variables (kubetoll run's)"
+        ),
     )
     p.add_argument(
         "--canonical", action="store_true", help="print the canonical compact JSON whose sha256 is the config hash"
@@ -235,7 +237,7 @@ class LocalRunner:
     def fingerprint(self) -> tuple[Any, ...]:
         from kubetoll_operator.manifests import manifest_files
 
-        out = []
+        out: list[tuple[str, int | None, int | None]] = []  # (path, mtime, size); None: unreadable
         for f in manifest_files(self.files):
             try:
                 st = f.stat()
@@ -323,8 +325,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         runner.apply(result)
         config = result.config
         print(
-            f"kubetoll run: namespace {args.namespace}: {len(config.routes)} routes ({', '.join(r.name for r in config.routes)}), "
-            f"{len(config.backends)} backends, {len(config.budgets)} budgets; config {result.content_hash[:12]} at {runner.config_path}",
+            f"kubetoll run: namespace {args.namespace}: "
+            f"{len(config.routes)} routes ({', '.join(r.name for r in config.routes)}), "
+            f"{len(config.backends)} backends, {len(config.budgets)} budgets; "
+            f"config {result.content_hash[:12]} at {runner.config_path}",
             file=sys.stderr,
         )
         stop = threading.Event()

@@ -128,6 +128,13 @@ def redis_reader() -> Any | None:
     return getattr(module, "read_ledger", None)
 
 
+def _parent_dirs(files: list[str]) -> set[str]:
+    """The directories the given files are in, symlinks resolved (the filesystem is read: run it off the loop)."""
+    from pathlib import Path
+
+    return {str(Path(f).resolve().parent) for f in files}
+
+
 async def fetch_from_redis(
     url: str,
     namespace: str,
@@ -144,6 +151,7 @@ async def fetch_from_redis(
             "reading the shared ledger from Redis is not available in this build (no Redis ledger reader); "
             "use --sidecar URL to read a running sidecar's ledger"
         )
+    import asyncio
     from pathlib import Path
 
     from redis.exceptions import RedisError
@@ -153,7 +161,7 @@ async def fetch_from_redis(
     from kubetoll_core.router_config import BudgetStoreSettings
 
     files = [f for f in (password_file, username_file) if f]
-    dirs = {str(Path(f).resolve().parent) for f in files}
+    dirs = await asyncio.to_thread(_parent_dirs, files)
     if len(dirs) > 1:
         raise ReportError("--redis-password-file and --redis-username-file must be in the same directory")
     try:
@@ -218,7 +226,8 @@ def format_table(report: dict[str, Any]) -> str:
     s = report["summary"]
     t = s["totals"]
     lines = [
-        f"Spend in namespace {report['namespace'] or '?'} from {report['since_text']} to {report['until_text']} ({report['source']})",
+        f"Spend in namespace {report['namespace'] or '?'} from {report['since_text']} to {report['until_text']} "
+        f"({report['source']})",
         f"{t['requests']} requests · {fmt_usd(t['cost_usd'])} · {fmt_usd(t['cost_per_request_usd'])} per request · "
         f"{t['prompt_tokens']:,} input + {t['completion_tokens']:,} output tokens",
     ]
@@ -229,9 +238,12 @@ def format_table(report: dict[str, Any]) -> str:
     sav = s["savings"]
     if sav:
         lines.append(
-            f"Savings against {sav['baseline']} for every request (no cache, no routing: {fmt_usd(sav['baseline_usd'])}): "
-            f"{fmt_usd(sav['saved_usd'])} ({sav['saved_percent']:.1f}%) — cache {fmt_usd(sav['cache_usd'])} ({t['cache_hits']} hits), "
-            f"routing {fmt_usd(sav['routing_usd'])}, downgrade {fmt_usd(sav['downgrade_usd'])} ({t['downgraded']} downgraded requests)"
+            f"Savings against {sav['baseline']} for every request "
+            f"(no cache, no routing: {fmt_usd(sav['baseline_usd'])}): "
+            f"{fmt_usd(sav['saved_usd'])} ({sav['saved_percent']:.1f}%) — "
+            f"cache {fmt_usd(sav['cache_usd'])} ({t['cache_hits']} hits), "
+            f"routing {fmt_usd(sav['routing_usd'])}, "
+            f"downgrade {fmt_usd(sav['downgrade_usd'])} ({t['downgraded']} downgraded requests)"
         )
     for dim in DIMENSIONS:
         groups = s[f"by_{dim}"]

@@ -134,7 +134,8 @@ def stacked_area_svg(tl: dict[str, Any], colors: dict[str, str], width: int = 10
         parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top + ph}" y2="{top + ph + 5}" stroke="#9ca3af"/>')
         parts.append(f'<text x="{x:.1f}" y="{top + ph + 20}" text-anchor="middle" class="tick">{int(i * bs)}s</text>')
     parts.append(
-        f'<text x="{left + pw / 2:.1f}" y="{height - 4}" text-anchor="middle" class="axis">seconds into the run (spend per {bs:g}-second bucket)</text>'
+        f'<text x="{left + pw / 2:.1f}" y="{height - 4}" text-anchor="middle" class="axis">seconds into the run '
+        f"(spend per {bs:g}-second bucket)</text>"
     )
     # stacked areas: each bucket is a step of its width, so areas read as spend per bucket
     base = [0.0] * n
@@ -148,7 +149,8 @@ def stacked_area_svg(tl: dict[str, Any], colors: dict[str, str], width: int = 10
         poly = pts_top + list(reversed(pts_bot))
         d = " ".join(f"{x:.1f},{y:.1f}" for x, y in poly)
         parts.append(
-            f'<polygon points="{d}" fill="{colors[name]}" fill-opacity="0.85" stroke="{colors[name]}" stroke-width="0.5"><title>{_e(name)}: {_e(fmt_usd(sum(values)))}</title></polygon>'
+            f'<polygon points="{d}" fill="{colors[name]}" fill-opacity="0.85" stroke="{colors[name]}" '
+            f'stroke-width="0.5"><title>{_e(name)}: {_e(fmt_usd(sum(values)))}</title></polygon>'
         )
         base = upper
     parts.append(f'<line x1="{left}" x2="{width - right}" y1="{top + ph}" y2="{top + ph}" stroke="#6b7280"/>')
@@ -159,7 +161,8 @@ def stacked_area_svg(tl: dict[str, Any], colors: dict[str, str], width: int = 10
 
 def legend_html(colors: dict[str, str], totals: dict[str, float]) -> str:
     items = "".join(
-        f'<span class="legend-item"><span class="swatch" style="background:{c}"></span>{_e(k)} <b>{_e(fmt_usd(totals.get(k, 0.0)))}</b></span>'
+        f'<span class="legend-item"><span class="swatch" style="background:{c}"></span>{_e(k)} '
+        f"<b>{_e(fmt_usd(totals.get(k, 0.0)))}</b></span>"
         for k, c in colors.items()
     )
     return f'<div class="legend">{items}</div>'
@@ -179,7 +182,8 @@ def tenant_bars_svg(rows: list[dict[str, Any]], width: int = 1000) -> str:
             f'<text x="{left - 10}" y="{y + row_h / 2 + 5:.1f}" text-anchor="end" class="label">{_e(r["key"])}</text>'
         )
         parts.append(
-            f'<rect x="{left}" y="{y + 6}" width="{w:.1f}" height="{row_h - 12}" rx="3" fill="{color}"><title>{_e(r["key"])}: {_e(fmt_usd(r["cost_usd"]))}</title></rect>'
+            f'<rect x="{left}" y="{y + 6}" width="{w:.1f}" height="{row_h - 12}" rx="3" '
+            f'fill="{color}"><title>{_e(r["key"])}: {_e(fmt_usd(r["cost_usd"]))}</title></rect>'
         )
         bits = [fmt_usd(r["cost_usd"]), f"{r['requests']} served"]
         if r.get("rejected"):
@@ -246,7 +250,8 @@ def waterfall_svg(s: dict[str, Any], width: int = 1000, height: int = 300) -> st
         if i + 1 < len(bars):
             nxt = y_of(after)
             parts.append(
-                f'<line x1="{x + w:.1f}" x2="{x + slot:.1f}" y1="{nxt:.1f}" y2="{nxt:.1f}" stroke="#9ca3af" stroke-dasharray="3,3"/>'
+                f'<line x1="{x + w:.1f}" x2="{x + slot:.1f}" y1="{nxt:.1f}" y2="{nxt:.1f}" stroke="#9ca3af" '
+                'stroke-dasharray="3,3"/>'
             )
     parts.append(f'<line x1="{left}" x2="{width - right}" y1="{top + ph}" y2="{top + ph}" stroke="#6b7280"/>')
     parts.append("</svg>")
@@ -256,8 +261,10 @@ def waterfall_svg(s: dict[str, Any], width: int = 1000, height: int = 300) -> st
 # --------------------------------------------------------------------------- page
 
 
+# A backslash ending a line joins it to the next one: the CSS has no line break there.
 _CSS = """
-body{font-family:-apple-system,BlinkMacSystemFont,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;color:#111827;background:#f9fafb;margin:0}
+body{font-family:-apple-system,BlinkMacSystemFont,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;\
+color:#111827;background:#f9fafb;margin:0}
 main{max-width:1100px;margin:0 auto;padding:28px 32px 48px}
 h1{font-size:26px;margin:0 0 4px}h2{font-size:18px;margin:34px 0 10px}
 .sub{color:#6b7280;font-size:14px;margin:0 0 22px}
@@ -314,7 +321,8 @@ def render_html(data: dict[str, Any]) -> str:
         (
             "saved",
             f"{fmt_usd(sav['saved_usd'])} ({sav['saved_percent']:.0f}%)",
-            f"cache {fmt_usd(sav['cache_usd'])} · routing {fmt_usd(sav['routing_usd'])} · downgrade {fmt_usd(sav['downgrade_usd'])}",
+            f"cache {fmt_usd(sav['cache_usd'])} · routing {fmt_usd(sav['routing_usd'])} · "
+            f"downgrade {fmt_usd(sav['downgrade_usd'])}",
             "good" if sav["saved_usd"] >= 0 else "bad",
         ),
         (
@@ -325,7 +333,8 @@ def render_html(data: dict[str, Any]) -> str:
         ),
     ]
     cards_html = "".join(
-        f'<div class="card"><div class="k">{_e(k)}</div><div class="v {cls}">{_e(v)}</div><div class="n">{_e(n)}</div></div>'
+        f'<div class="card"><div class="k">{_e(k)}</div><div class="v {cls}">{_e(v)}</div>'
+        f'<div class="n">{_e(n)}</div></div>'
         for k, v, n, cls in cards
     )
 
@@ -391,7 +400,10 @@ def render_html(data: dict[str, Any]) -> str:
     events_table = _table(["event", "where and why", "count"], events_rows or [["none", "", 0]], left_cols=2)
 
     if cache.get("hits"):
-        cache_text = f"{cache['hits']} requests were answered from cache ({100 * cache['hit_rate']:.1f}%), avoiding {fmt_usd(cache['avoided_usd'])}."
+        cache_text = (
+            f"{cache['hits']} requests were answered from cache ({100 * cache['hit_rate']:.1f}%), avoiding "
+            f"{fmt_usd(cache['avoided_usd'])}."
+        )
     elif cache.get("configured"):
         cache_text = "A cache policy is configured, but no request was answered from cache in this run."
     else:
@@ -399,18 +411,23 @@ def render_html(data: dict[str, Any]) -> str:
     waste = ""
     if cache.get("exact_repeats"):
         waste = (
-            f" {cache['exact_repeats']} requests repeated, word for word, a question the same tenant had already been answered; "
+            f" {cache['exact_repeats']} requests repeated, word for word, "
+            "a question the same tenant had already been answered; "
             f"they cost {fmt_usd(cache['exact_repeat_usd'])} — what an exact cache would have saved. "
-            f"{cache.get('paraphrases', 0)} more rephrased an earlier question ({fmt_usd(cache.get('paraphrase_usd', 0.0))}): the candidates for a semantic cache."
+            f"{cache.get('paraphrases', 0)} more rephrased an earlier question "
+            f"({fmt_usd(cache.get('paraphrase_usd', 0.0))}): the candidates for a semantic cache."
         )
 
     stopped = " Stopped early (interrupted); the report covers what ran." if meta.get("interrupted") else ""
     notes = "".join(f" · {n}" for n in meta.get("notes", []))
     sub = (
-        f"{_e(meta.get('generated_at', ''))} · {meta.get('duration_s', 0):.0f} s of traffic · seed {_e(meta.get('seed'))} · "
-        f"{_e(meta.get('requests_sent', 0))} requests sent to route <code>{_e(meta.get('route', ''))}</code> · config: {_e(meta.get('config_source', ''))}{_e(notes)}{_e(stopped)}"
+        f"{_e(meta.get('generated_at', ''))} · {meta.get('duration_s', 0):.0f} s of traffic · "
+        f"seed {_e(meta.get('seed'))} · "
+        f"{_e(meta.get('requests_sent', 0))} requests sent to route <code>{_e(meta.get('route', ''))}</code> · "
+        f"config: {_e(meta.get('config_source', ''))}{_e(notes)}{_e(stopped)}"
     )
     payload = json.dumps(data, sort_keys=True).replace("</", "<\\/")
+    # A backslash ending a line below joins it to the next one: the page has no line break there.
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>Kubetoll demo report</title><style>{_CSS}</style></head>
@@ -424,13 +441,17 @@ def render_html(data: dict[str, Any]) -> str:
 
 <h2>Savings against sending everything to {_e(sav["baseline"])}</h2>
 <div class="panel">{waterfall_svg(sav)}
-<p class="note">The baseline prices every billed request's tokens at {_e(sav["baseline"])}'s list prices ({_e(meta.get("baseline_price", ""))}), with no cache and no routing.
-<b>Routing</b> is what requests saved by being served, without a downgrade, on a cheaper backend (negative when a fallback went to a dearer one);
-<b>downgrade</b> is what downgraded requests saved; <b>cache</b> is what cache hits avoided. {_e(cache_text)}{_e(waste)}</p></div>
+<p class="note">The baseline prices every billed request's tokens at {_e(sav["baseline"])}'s list prices \
+({_e(meta.get("baseline_price", ""))}), with no cache and no routing.
+<b>Routing</b> is what requests saved by being served, without a downgrade, on a cheaper backend (negative when a \
+fallback went to a dearer one);
+<b>downgrade</b> is what downgraded requests saved; <b>cache</b> is what cache hits avoided. \
+{_e(cache_text)}{_e(waste)}</p></div>
 
 <h2>Spend per tenant</h2>
 <div class="panel">{tenant_bars_svg(tenant_rows)}
-<p class="note"><span class="swatch" style="background:{TIER_COLORS["premium"]}"></span> premium &nbsp; <span class="swatch" style="background:{TIER_COLORS["free"]}"></span> free.
+<p class="note"><span class="swatch" style="background:{TIER_COLORS["premium"]}"></span> premium &nbsp; \
+<span class="swatch" style="background:{TIER_COLORS["free"]}"></span> free.
 Budget used: the fullest of the tenant's tier USD budgets, as the sidecar's budget store saw it at the end.</p></div>
 
 <h2>Backends</h2>
@@ -441,8 +462,11 @@ Budget used: the fullest of the tenant's tier USD budgets, as the sidecar's budg
 
 <h2>Rejections, fallbacks and downgrades</h2>
 {events_table}
-<p class="note">Counts from the sidecar's Prometheus metrics (<code>kubetoll_rejections</code>, <code>kubetoll_fallbacks</code>, <code>kubetoll_downgrades</code>); spend and tokens from its ledger ({tot["requests"]} records).
-A downgrade is counted when it is decided, so the metric also counts downgraded requests that a budget then rejected; the ledger's {tot["downgraded"]} are the ones served.</p>
+<p class="note">Counts from the sidecar's Prometheus metrics (<code>kubetoll_rejections</code>, \
+<code>kubetoll_fallbacks</code>, <code>kubetoll_downgrades</code>); spend and tokens from its ledger \
+({tot["requests"]} records).
+A downgrade is counted when it is decided, so the metric also counts downgraded requests that a budget then rejected; \
+the ledger's {tot["downgraded"]} are the ones served.</p>
 <script type="application/json" id="{DATA_ID}">{payload}</script>
 </main></body></html>
 """

@@ -43,7 +43,8 @@ def _check(args: argparse.Namespace) -> int:
             price = resolve_price(b)
             rates = price.per_mtok()
             print(
-                f"backend {b.name}: {b.provider.value} {b.model} ({price.source}) in ${rates['inputPerMTok']}/MTok out ${rates['outputPerMTok']}/MTok"
+                f"backend {b.name}: {b.provider.value} {b.model} ({price.source}) in ${rates['inputPerMTok']}/MTok "
+                f"out ${rates['outputPerMTok']}/MTok"
             )
     except (ConfigError, PricingError) as exc:
         print(f"invalid: {exc}", file=sys.stderr)

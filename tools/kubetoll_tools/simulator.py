@@ -411,10 +411,10 @@ def sample_from_schema(schema: Any, name: str = "", root: Any = None, depth: int
             value = max(value, math.ceil(schema["minimum"]))
         return min(value, math.floor(schema["maximum"])) if "maximum" in schema else value
     if kind == "number":
-        value = 21.5
+        number = 21.5
         if "minimum" in schema:
-            value = max(value, float(schema["minimum"]))
-        return min(value, float(schema["maximum"])) if "maximum" in schema else value
+            number = max(number, float(schema["minimum"]))
+        return min(number, float(schema["maximum"])) if "maximum" in schema else number
     if kind == "boolean":
         return True
     if kind == "null":
@@ -1049,7 +1049,8 @@ class SimulatedUpstream:
                     ctx,
                     401,
                     openai_error_body(
-                        "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+                        "You didn't provide an API key. You need to provide your API key in an Authorization header "
+                        "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
                         "invalid_request_error",
                     ),
                 )
@@ -1060,7 +1061,8 @@ class SimulatedUpstream:
                 return self._invalid(ctx, "There was an error parsing the body of your request.", None)
             return self._invalid(
                 ctx,
-                "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly.)",
+                "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
+                "HTTP library correctly.)",
                 None,
             )
         return None
@@ -1098,11 +1100,13 @@ class SimulatedUpstream:
             if ctx.provider == ANTHROPIC:
                 return self._invalid(
                     ctx,
-                    "Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits.",
+                    "Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to "
+                    "upgrade or purchase credits.",
                     None,
                 )
             body = openai_error_body(
-                "You exceeded your current quota, please check your plan and billing details. For more information on this error, read the docs: https://platform.openai.com/docs/guides/error-codes/api-errors.",
+                "You exceeded your current quota, please check your plan and billing details. For more information on "
+                "this error, read the docs: https://platform.openai.com/docs/guides/error-codes/api-errors.",
                 "insufficient_quota",
                 None,
                 "insufficient_quota",
@@ -1175,7 +1179,10 @@ class SimulatedUpstream:
             status, ("server_error" if status >= 500 else "invalid_request_error", None, f"Error {status}")
         )
         if status == 429 and ctx.model:
-            message = f"Rate limit reached for {ctx.model} in organization org-kubetoll-sim on requests per min (RPM): Limit 10000, Used 10000, Requested 1."
+            message = (
+                f"Rate limit reached for {ctx.model} in organization org-kubetoll-sim on requests per min "
+                "(RPM): Limit 10000, Used 10000, Requested 1."
+            )
         if ctx.provider == AZURE and (status in (401, 404, 429) or status >= 500):
             return self._error(ctx, status, azure_error_body(status, message, ctx.api_version), retry_after)
         return self._error(ctx, status, openai_error_body(message, type_, None, code), retry_after)
@@ -1292,7 +1299,8 @@ class SimulatedUpstream:
         if not messages:
             return self._invalid(
                 ctx,
-                "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array instead.",
+                "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array "
+                "instead.",
                 "messages",
                 "empty_array",
             )
@@ -1302,7 +1310,8 @@ class SimulatedUpstream:
                 role = msg.get("role") if isinstance(msg, dict) else None
                 return self._invalid(
                     ctx,
-                    f"Invalid value: {role!r}. Supported values are: 'system', 'assistant', 'user', 'function', 'tool', and 'developer'.",
+                    f"Invalid value: {role!r}. Supported values are: 'system', 'assistant', 'user', 'function', "
+                    "'tool', and 'developer'.",
                     f"messages[{i}].role",
                     "invalid_value",
                 )
@@ -1508,7 +1517,9 @@ class SimulatedUpstream:
                 ),
             )
         if ctx.provider == ANTHROPIC:
-            items = [{"type": "model", "id": m, "display_name": m, "created_at": "2025-01-01T00:00:00Z"} for m in ids]
+            items: list[dict[str, Any]] = [
+                {"type": "model", "id": m, "display_name": m, "created_at": "2025-01-01T00:00:00Z"} for m in ids
+            ]
             payload: Any = (
                 items[0]
                 if wanted
@@ -1546,7 +1557,8 @@ class SimulatedUpstream:
             if role == "system":
                 return self._invalid(
                     ctx,
-                    'messages: Unexpected role "system". The Messages API accepts a top-level `system` parameter, not "system" as an input message role.',
+                    'messages: Unexpected role "system". The Messages API accepts a top-level `system` parameter, not '
+                    '"system" as an input message role.',
                     None,
                 )
             if role not in ("user", "assistant"):

@@ -13,9 +13,15 @@ import sys
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="run the whole story offline: simulated providers, the sidecar, tenants on free and premium tiers, a spend report",
-        description="Runs simulated providers, the sidecar and seeded support-bot traffic on this machine (no network, no cluster), "
-        "shows what the router does live, and writes an HTML spend report at the end. Ctrl-C stops early and still writes the report.",
+        help=(
+            "run the whole story offline: simulated providers, the sidecar, tenants on free and premium tiers, "
+            "a spend report"
+        ),
+        description=(
+            "Runs simulated providers, the sidecar and seeded support-bot traffic on this machine "
+            "(no network, no cluster), shows what the router does live, and writes an HTML spend report at the end. "
+            "Ctrl-C stops early and still writes the report."
+        ),
     )
     p.add_argument(
         "--duration", type=float, default=60.0, metavar="SECONDS", help="how long traffic is sent (default 60)"
@@ -70,7 +76,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "estimate",
         help="forecast the cost of a workload from sample conversations or a prompt template",
-        description="Counts tokens in sample conversations with tiktoken and prices them per model (catalogue) or per backend of a route (RouterConfig).",
+        description=(
+            "Counts tokens in sample conversations with tiktoken and prices them "
+            "per model (catalogue) or per backend of a route (RouterConfig)."
+        ),
     )
     _estimate_arguments(p)
     p.set_defaults(handler=_estimate)

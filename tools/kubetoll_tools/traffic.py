@@ -180,7 +180,8 @@ def _long_log(rng: random.Random, lines: int) -> str:
         svc = rng.choice(_LOG_SERVICES)
         ev = rng.choice(_LOG_EVENTS).format(b=rng.randint(10_000, 99_999), ms=rng.randint(20, 9_000))
         out.append(
-            f"2026-11-{rng.randint(1, 28):02d}T{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d}Z {svc} {ev}"
+            f"2026-11-{rng.randint(1, 28):02d}"
+            f"T{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d}Z {svc} {ev}"
         )
     return "\n".join(out)
 
@@ -204,8 +205,8 @@ def plan(
             if roll < prof.long_share:
                 doc = _long_log(trng, trng.randint(95, 130))
                 q = (
-                    "Here is today's log from our shipping integration. What is going wrong, and what should we fix first?\n\n"
-                    + doc
+                    "Here is today's log from our shipping integration. "
+                    "What is going wrong, and what should we fix first?\n\n" + doc
                 )
                 kind, intent = "long", -1
             elif roll < prof.long_share + prof.unique_share:
