@@ -1112,6 +1112,17 @@ def chunk(id_: str, delta: dict[str, Any], finish: str | None = None, *, usage_f
     return c
 
 
+def emitted(chunks: list[dict[str, Any]]) -> str:
+    """The content and tool-call arguments the chunks carry to the client, in order."""
+    pieces = []
+    for c in chunks:
+        for choice in c["choices"]:
+            delta = choice["delta"]
+            pieces.append(delta.get("content") or "")
+            pieces.extend(tc["function"].get("arguments") or "" for tc in delta.get("tool_calls") or ())
+    return "".join(pieces)
+
+
 class TestStream:
     def test_text_stream_with_usage(self) -> None:
         st = AnthropicTranslator().stream_translator("support-bot", include_usage=True)
@@ -1139,6 +1150,7 @@ class TestStream:
         assert st.done is True
         assert st.error() is None
         assert st.text_chars == len("Hello") + len(", wörld!")
+        assert st.text == ["Hello", ", wörld!"]
         assert st.usage == Usage(prompt_tokens=2125, completion_tokens=15, cached_tokens=2000, cache_write_tokens=100)
 
     @pytest.mark.parametrize("sizes", [(1,), (4096,), (5, 1, 17), (64, 3)])
@@ -1209,6 +1221,9 @@ class TestStream:
         )
         assert orjson.loads(args) == {"location": "San Francisco, CA"}
         assert st.text_chars == len("Okay, let's check.") + len('{"location": "San Francisco, CA"}') + len("{}")
+        # What a cut stream is billed by: the content and the tool arguments, in order (not the tool names).
+        assert st.text == ["Okay, let's check.", '{"location":', ' "San Fra', 'ncisco, CA"}', "{}"]
+        assert "".join(st.text) == emitted(chunks)
         assert st.usage == Usage(prompt_tokens=472, completion_tokens=89)
         assert st.done
 
@@ -1234,6 +1249,7 @@ class TestStream:
         content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
         assert orjson.loads(content) == {"city": "Paris", "population": 2102650}
         assert st.text_chars == len(content)
+        assert "".join(st.text) == content == emitted(chunks)
 
     def test_json_stream_without_json_mode_is_a_tool_call(self) -> None:
         chunks = run_stream(JSON_STREAM, AnthropicTranslator().stream_translator("m", False))
@@ -1260,6 +1276,7 @@ class TestStream:
         }
         assert st.usage == Usage(prompt_tokens=300, completion_tokens=1)
         assert st.text_chars == len("Partial")
+        assert st.text == ["Partial"]
 
     def test_error_event_feed_returns_nothing(self) -> None:
         st = AnthropicStreamTranslator("m", include_usage=False)
@@ -1297,6 +1314,8 @@ class TestStream:
         assert st.error() is None
         assert st.usage == Usage(prompt_tokens=2125, completion_tokens=1, cached_tokens=2000, cache_write_tokens=100)
         assert st.text_chars == 13
+        # The output of a cut stream is counted from this.
+        assert "".join(st.text) == "Hello, wörld!" == emitted(chunks)
 
     def test_cut_mid_event_is_flushed_not_crashing(self) -> None:
         cut = TOOL_STREAM[: TOOL_STREAM.index(b"ncisco, CA")]

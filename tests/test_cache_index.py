@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from kubetoll_sidecar.cache import semantic
-from kubetoll_sidecar.cache.semantic import SemanticIndex, _top_rows
+from kubetoll_sidecar.cache.semantic import SemanticIndex
 from kubetoll_sidecar.cache.verify import signature
 
 SIG = signature("How do I cancel my order?")
@@ -68,8 +68,9 @@ def test_a_worker_thread_search_rescored_after_the_index_changed():
     idx.add("a", "p", unit(1, 0, 0), SIG, 1e12)
     idx.add("b", "p", unit(0, 1, 0), SIG, 1e12)
     idx.add("c", "p", unit(0, 0, 1), SIG, 1e12)
-    mat, expires, n = idx.search_plan("p", unit(1, 0, 0))
-    rows = _top_rows(mat, expires, n, unit(1, 0, 0), 0.0, 4)  # as the worker thread would
+    plan = idx.search_plan("p", unit(1, 0, 0))
+    assert plan is not None
+    rows = plan.top_rows(unit(1, 0, 0), 0.0, 4)  # as the worker thread would
     assert rows[0] == 0
     idx.remove("a")  # meanwhile, on the event loop: "c" moves into row 0
     got = idx.rescore("p", rows, unit(1, 0, 0), 0.5, 0.0)

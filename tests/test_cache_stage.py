@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import copy
 import json
+import time
 from typing import Any
 
 import aiohttp
@@ -15,10 +16,10 @@ import redis.asyncio as aioredis
 
 from kubetoll_core.router_config import RouterConfig
 from kubetoll_sidecar.cache import CacheStage, http_embedder, keys
-from kubetoll_tools import cache_commands
-from kubetoll_tools.cache_flush import flush_policy
 from kubetoll_sidecar.cache.embeddings import EmbeddingServer, HashedEmbedder
 from kubetoll_sidecar.providers.base import Usage
+from kubetoll_tools import cache_commands
+from kubetoll_tools.cache_flush import flush_policy
 from support.redis_server import RedisProcess
 
 # --------------------------------------------------------------------------- fixtures
@@ -41,6 +42,34 @@ async def embed_server():
 async def http():
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+class FakeClock:
+    """Both clocks of a CacheStage, moved by hand: a TTL or a cool-down expires without a sleep."""
+
+    def __init__(self) -> None:
+        self.now = time.time()  # wall: entries carry it to Redis, so start from the real time
+        self.mono = 1000.0
+
+    def wall(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.mono += seconds
+
+    @property
+    def clocks(self) -> dict[str, Any]:
+        """The keyword arguments that give a CacheStage this clock."""
+        return {"wall": self.wall, "monotonic": self.monotonic}
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
@@ -261,16 +290,16 @@ async def test_two_sidecars_share_entries_through_redis(redis, ns, stages):
     assert (await ask(c, request())).hit is None
 
 
-async def test_ttl_expiry_in_the_local_lru_and_in_redis(redis, ns, stages):
-    a, b = stages(ns, redis), stages(ns, redis)
+async def test_ttl_expiry_in_the_local_lru_and_in_redis(redis, ns, stages, clock):
+    a, b = stages(ns, redis, **clock.clocks), stages(ns, redis, **clock.clocks)
     for s in (a, b):
         s.configure(make_config(ns, exact={"ttlSeconds": 1}))
     await ask(a, request(), reply="short-lived")
     assert (await ask(b, request())).hit is not None
     h = keys.exact_key("chat", "chat", "alice", keys.normalize_request(request()))
     key = keys.entry_key(ns, "faq", a._policies["faq"].gen, h)
-    assert 0 < await redis.pttl(key) <= 1000
-    await asyncio.sleep(1.3)
+    assert 0 < await redis.pttl(key) <= 1000  # Redis drops it by itself once the TTL is up
+    clock.advance(1.3)  # the entry's age is past the TTL: neither the LRU nor what Redis still returns is served
     assert (await ask(a, request())).hit is None
     assert (await ask(b, request())).hit is None
 
@@ -308,15 +337,16 @@ async def test_a_changed_policy_invalidates_and_an_unchanged_reload_keeps(redis,
     assert hit is not None and hit.response_body()["choices"][0]["message"]["content"] == "v1"
 
 
-async def test_flush_policy_reaches_every_sidecar(redis, ns, stages):
-    a, b = stages(ns, redis, epoch_interval=0.05), stages(ns, redis, epoch_interval=0.05)
+async def test_flush_policy_reaches_every_sidecar(redis, ns, stages, clock):
+    kw = {"epoch_interval": 0.05, **clock.clocks}
+    a, b = stages(ns, redis, **kw), stages(ns, redis, **kw)
     for s in (a, b):
         s.configure(make_config(ns))
     await ask(a, request(), reply="stale")
     assert (await ask(b, request())).hit is not None  # now in b's LRU too
     result = await flush_policy(redis, ns, "faq")
     assert result.epoch == 1 and result.deleted >= 1
-    await asyncio.sleep(0.06)
+    clock.advance(0.06)  # past epoch_interval: the next sync reads the epochs
     for s in (a, b):
         await s.sync_once()
         assert (await ask(s, request())).hit is None
@@ -325,7 +355,7 @@ async def test_flush_policy_reaches_every_sidecar(redis, ns, stages):
     await ask(a, request(), reply="fresh")
     assert (await ask(b, request())).hit is not None
     await redis.incr(keys.epoch_key(ns, "faq"))
-    await asyncio.sleep(0.06)
+    clock.advance(0.06)
     await b.sync_once()
     assert (await ask(b, request())).hit is None
 
@@ -445,14 +475,14 @@ async def test_without_redis_the_local_tier_still_serves(ns, stages):
     assert (await ask(stage, request())).hit is not None
 
 
-async def test_redis_down_is_a_miss_and_requests_never_wait_on_it(ns, stages):
+async def test_redis_down_is_a_miss_and_requests_never_wait_on_it(ns, stages, clock):
     proc = RedisProcess().start()
     client = aioredis.from_url(proc.url)
     try:
         other = stages(ns, client, redis_timeout=0.02)
         other.configure(make_config(ns))
         await ask(other, request(), reply="in redis")
-        stage = stages(ns, client, redis_timeout=0.02, redis_cooldown=0.3)
+        stage = stages(ns, client, redis_timeout=0.02, redis_cooldown=0.3, **clock.clocks)
         stage.configure(make_config(ns))
         assert (await ask(stage, request())).hit is not None  # from Redis
         proc.pause()  # connections stay open; nothing answers
@@ -469,7 +499,9 @@ async def test_redis_down_is_a_miss_and_requests_never_wait_on_it(ns, stages):
             assert (await asyncio.wait_for(ask(newcomer, request()), 2.0)).status == "miss"
         finally:
             proc.resume()
-        await asyncio.sleep(0.35)
+        assert not stage.guard.available  # cooling down: Redis is not even tried
+        clock.advance(0.35)
+        assert stage.guard.available  # the cool-down is over: the next call probes Redis again
         third = stages(ns, client)
         third.configure(make_config(ns))
         assert (await ask(third, request())).hit is not None  # back once Redis is
@@ -599,8 +631,8 @@ async def test_a_semantic_answer_gone_from_redis_is_a_miss_and_leaves_the_index(
     assert len(rt.index) == 0
 
 
-async def test_semantic_ttl_expires_entries_in_the_index(redis, ns, stages, embed_server, http):
-    stage = stages(ns, redis)
+async def test_semantic_ttl_expires_entries_in_the_index(redis, ns, stages, embed_server, http, clock):
+    stage = stages(ns, redis, **clock.clocks)
     short = copy.deepcopy(SEMANTIC)
     short["semantic"]["ttlSeconds"] = 1
     stage.configure(
@@ -608,7 +640,7 @@ async def test_semantic_ttl_expires_entries_in_the_index(redis, ns, stages, embe
     )
     await ask(stage, request("How do I reset my password?"), reply="Use the reset link.")
     assert (await ask(stage, request("how can I reset my password"))).hit is not None
-    await asyncio.sleep(1.2)
+    clock.advance(1.2)
     assert (await ask(stage, request("how can I reset my password"))).hit is None
 
 

@@ -30,17 +30,21 @@ class RedisGuard:
         timeout: float = 0.020,
         cooldown: float = 1.0,
         on_error: Callable[[str, str], None] | None = None,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`monotonic` is the clock the cool-down runs on (a test passes a fake one)."""
         self.client = client
         self.timeout = timeout
         self.cooldown = cooldown
         self._down_until = 0.0
         self._on_error = on_error
+        self._monotonic = monotonic
         self.last_error = ""
 
     @property
     def available(self) -> bool:
-        return self.client is not None and time.monotonic() >= self._down_until
+        return self.client is not None and self._monotonic() >= self._down_until
 
     async def call(self, op: str, fn: Callable[[Any], Awaitable[T]], timeout: float | None = None) -> T:
         """`fn(client)` within the bound; raises RedisUnavailable (never hangs, never raises Redis errors)."""
@@ -58,11 +62,12 @@ class RedisGuard:
             raise RedisUnavailable(f"{op}: {type(exc).__name__}: {exc}") from None
 
     def _mark_down(self, op: str, reason: str) -> None:
-        if time.monotonic() >= self._down_until:
+        now = self._monotonic()
+        if now >= self._down_until:
             log.warning(
                 "cache: Redis %s failed (%s); serving without the shared cache for %.1fs", op, reason, self.cooldown
             )
-        self._down_until = time.monotonic() + self.cooldown
+        self._down_until = now + self.cooldown
         self.last_error = f"{op}: {reason}"
         if self._on_error:
             self._on_error(op, reason)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -93,6 +94,8 @@ class CacheHit:
     policy: str
     entry: Entry
     similarity: float = 1.0  # cosine similarity of the questions (1.0 for exact)
+    # The wall clock the hit's age and new `created` are read from: the cache stage's.
+    wall: Callable[[], float] = field(default=time.time, repr=False, compare=False)
 
     @property
     def endpoint(self) -> str:
@@ -109,11 +112,11 @@ class CacheHit:
 
     @property
     def age_seconds(self) -> float:
-        return max(time.time() - self.entry.created, 0.0)
+        return max(self.wall() - self.entry.created, 0.0)
 
     def _fresh_ids(self) -> tuple[str, int]:
         prefix = "chatcmpl-" if self.entry.endpoint == "chat" else "cmpl-"
-        return prefix + "kt" + secrets.token_hex(12), int(time.time())
+        return prefix + "kt" + secrets.token_hex(12), int(self.wall())
 
     def response_body(self) -> dict[str, Any]:
         """The original response with a new id and created time (a new object: safe to change)."""

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 # One BLAS thread: the sidecar runs on one core next to the app, and OpenBLAS's
 # worker threads only contend with the event loop there (set before numpy loads;
@@ -49,6 +51,21 @@ class Candidate:
     @property
     def signature(self) -> Signature:
         return Signature.from_json(self.signature_json)
+
+
+class SearchPlan(NamedTuple):
+    """A partition's arrays as they are when the plan is made, for a search in a worker thread."""
+
+    mat: np.ndarray
+    expires: np.ndarray
+    n: int
+
+    def top_rows(self, query: np.ndarray, now: float, k: int = 4) -> list[int]:
+        """Rows of the k most similar live entries, best first (pure numpy: safe in a worker thread).
+
+        Rows, not candidates: the index may change meanwhile, so `SemanticIndex.rescore` turns
+        them into candidates back on the event loop."""
+        return top_rows(self.mat, self.expires, self.n, query, now, k)
 
 
 @dataclass(slots=True)
@@ -173,14 +190,14 @@ class SemanticIndex:
         part = self._parts.get(partition)
         if part is None or self.dim is None or query.shape[0] != self.dim:
             return []
-        return self._candidates(part, _top_rows(part.mat, part.expires, part.n, query, now, k), query, threshold)
+        return self._candidates(part, top_rows(part.mat, part.expires, part.n, query, now, k), query, threshold)
 
-    def search_plan(self, partition: str, query: np.ndarray) -> tuple[np.ndarray, np.ndarray, int] | None:
+    def search_plan(self, partition: str, query: np.ndarray) -> SearchPlan | None:
         """For a search in a worker thread: the partition's arrays as they are now, or None."""
         part = self._parts.get(partition)
         if part is None or self.dim is None or query.shape[0] != self.dim:
             return None
-        return part.mat, part.expires, part.n
+        return SearchPlan(part.mat, part.expires, part.n)
 
     def rescore(
         self, partition: str, rows: list[int], query: np.ndarray, threshold: float, now: float
@@ -199,10 +216,10 @@ class SemanticIndex:
 
     @staticmethod
     def _candidates(
-        part: _Partition, rows: object, query: np.ndarray, threshold: float, sims: list[float] | None = None
+        part: _Partition, rows: Iterable[int], query: np.ndarray, threshold: float, sims: list[float] | None = None
     ) -> list[Candidate]:
         out = []
-        for j, row in enumerate(rows):  # type: ignore[arg-type]
+        for j, row in enumerate(rows):
             s = sims[j] if sims is not None else float(part.mat[row] @ query)
             if s < threshold:
                 break
@@ -231,7 +248,7 @@ class SemanticIndex:
         self.dim = None
 
 
-def _top_rows(mat: np.ndarray, expires: np.ndarray, n: int, query: np.ndarray, now: float, k: int) -> list[int]:
+def top_rows(mat: np.ndarray, expires: np.ndarray, n: int, query: np.ndarray, now: float, k: int) -> list[int]:
     """Rows of the k most similar live entries, best first (pure numpy: safe in a worker thread)."""
     if n == 0:
         return []

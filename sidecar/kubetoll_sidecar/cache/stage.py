@@ -32,6 +32,11 @@ Redis is never waited on for more than `redis_timeout` on the request path;
 after a failure the stage runs on local state alone for a second before trying
 again (`RedisGuard`). An embedding backend that fails or is slow makes the
 semantic tier a miss, never an error.
+
+Time comes from two clocks given to `CacheStage` (the real ones by default; a
+test passes fakes to expire a TTL or a cool-down without sleeping): `wall`
+(epoch seconds: entry creation and expiry, shared with other sidecars through
+Redis) and `monotonic` (intervals and cool-downs local to this process).
 """
 
 from __future__ import annotations
@@ -39,9 +44,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
@@ -56,6 +61,12 @@ from .metrics import CacheMetrics
 from .redis_guard import RedisGuard, RedisUnavailable
 from .replay import CacheHit, Entry, is_complete, usage_dict
 from .verify import VERIFY_VERSION, Signature, disagreement, signature
+
+if TYPE_CHECKING:  # numpy and the index load on first semantic use, not with the stage
+    import numpy as np
+    from redis.asyncio import Redis, RedisCluster
+
+    from .semantic import Candidate, SemanticIndex
 
 log = logging.getLogger("kubetoll.cache")
 
@@ -82,14 +93,14 @@ class CacheLookup:
     embedding: EmbeddingCharge | None = None
     reason: str = ""  # why uncacheable, or why a semantic candidate was turned down
     # -- private to the stage
-    _rt: Any = None
+    _rt: _PolicyRuntime | None = None
     _route: str = ""
     _endpoint: str = ""
     _key: str = ""
     _gen: str = ""
     _storable: bool = False
     _partition: str = ""
-    _vector: Any = None
+    _vector: np.ndarray | None = None
     _signature: Signature | None = None
 
     @property
@@ -116,7 +127,7 @@ class _PolicyRuntime:
     embed: EmbedFn | None = None
     epoch: int | None = None  # None until read from Redis
     epoch_retry_at: float = 0.0
-    index: Any = None  # SemanticIndex, built on first use (numpy is only needed then)
+    index: SemanticIndex | None = None  # built on first use (numpy is only needed then)
     cursor: str = "0-0"  # last stream id applied to the index
     embed_down_until: float = 0.0
     stats: dict[str, int] = field(default_factory=lambda: {"hits": 0, "misses": 0})
@@ -141,7 +152,7 @@ class _PolicyRuntime:
             ttls.append(p.semantic.ttl_seconds)
         return max(ttls, default=p.exact.ttl_seconds)
 
-    def ensure_index(self) -> Any:
+    def ensure_index(self) -> SemanticIndex:
         if self.index is None:
             from .semantic import SemanticIndex
 
@@ -202,7 +213,7 @@ class CacheStage:
     def __init__(
         self,
         namespace: str,
-        redis: Any | None,
+        redis: Redis | RedisCluster | None,
         registry: CollectorRegistry | None = None,
         *,
         redis_timeout: float = 0.020,
@@ -213,17 +224,21 @@ class CacheStage:
         embed_cooldown: float = 2.0,
         redis_cooldown: float = 1.0,
         metrics: CacheMetrics | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
-        kwargs = getattr(getattr(redis, "connection_pool", None), "connection_kwargs", {}) or {}
-        if kwargs.get("decode_responses"):
+        if redis is not None and redis.get_encoder().decode_responses:
             raise ValueError("CacheStage needs a Redis client with decode_responses=False (it stores binary vectors)")
         self.namespace = namespace
         self.metrics = metrics or CacheMetrics(registry)
+        self._monotonic = monotonic
+        self._wall = wall
         self.guard = RedisGuard(
             redis,
             redis_timeout,
             redis_cooldown,
             on_error=lambda op, why: self.metrics.redis_errors.labels(op, why).inc(),
+            monotonic=monotonic,
         )
         self.background_timeout = background_timeout
         self.sync_interval = sync_interval
@@ -341,25 +356,25 @@ class CacheStage:
         lk = CacheLookup(
             "miss", _rt=rt, _route=route, _endpoint=endpoint, _key=h, _gen=rt.gen, _storable="no-store" not in control
         )
-        now = time.time()
+        now = self._wall()
         p = rt.policy
         if p.exact.enabled:
             entry = await self._fetch(rt, h, now, p.exact.ttl_seconds)
             if entry is not None:
-                return self._hit(lk, CacheHit("exact", rt.name, entry), started)
+                return self._hit(rt, lk, CacheHit("exact", rt.name, entry, wall=self._wall), started)
         if p.semantic.enabled and semantic:
             split = keys.semantic_split(endpoint, route, scope, normalized, p.semantic.embed)
             if split is not None:
                 hit = await self._semantic(rt, lk, split, now)
                 if hit is not None:
-                    return self._hit(lk, hit, started)
+                    return self._hit(rt, lk, hit, started)
         rt.stats["misses"] += 1
         m.lookups.labels(route, rt.name, "miss").inc()
         m.lookup_seconds.labels(rt.name, "miss").observe(time.perf_counter() - started)
         return lk
 
-    def _hit(self, lk: CacheLookup, hit: CacheHit, started: float) -> CacheLookup:
-        rt, route, m = lk._rt, lk._route, self.metrics
+    def _hit(self, rt: _PolicyRuntime, lk: CacheLookup, hit: CacheHit, started: float) -> CacheLookup:
+        route, m = lk._route, self.metrics
         lk.status, lk.hit = "hit", hit
         rt.stats["hits"] += 1
         m.lookups.labels(route, rt.name, f"hit_{hit.kind}").inc()
@@ -421,25 +436,24 @@ class CacheStage:
                     continue  # cannot tell whether it is gone: keep it, try the next
                 index.remove(cand.entry_id)
                 continue
-            return CacheHit("semantic", rt.name, entry, cand.similarity)
+            return CacheHit("semantic", rt.name, entry, cand.similarity, wall=self._wall)
         return None
 
     @staticmethod
-    async def _search(index: Any, partition: str, vec: Any, threshold: float, now: float) -> list[Any]:
+    async def _search(
+        index: SemanticIndex, partition: str, vec: np.ndarray, threshold: float, now: float
+    ) -> list[Candidate]:
         if not index.needs_offload(partition):
             return index.search(partition, vec, threshold, now)
-        from .semantic import _top_rows
-
         plan = index.search_plan(partition, vec)
         if plan is None:
             return []
-        mat, expires, n = plan
-        rows = await asyncio.get_running_loop().run_in_executor(None, _top_rows, mat, expires, n, vec, now, 4)
+        rows = await asyncio.get_running_loop().run_in_executor(None, plan.top_rows, vec, now, 4)
         return index.rescore(partition, rows, vec, threshold, now)
 
-    async def _embed(self, rt: _PolicyRuntime, lk: CacheLookup, text: str) -> Any:
+    async def _embed(self, rt: _PolicyRuntime, lk: CacheLookup, text: str) -> np.ndarray | None:
         m = self.metrics
-        if rt.embed is None or time.monotonic() < rt.embed_down_until:
+        if rt.embed is None or self._monotonic() < rt.embed_down_until:
             m.embedding_calls.labels(rt.name, "skipped").inc()
             return None
         t0 = time.perf_counter()
@@ -453,7 +467,7 @@ class CacheStage:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the backend's failure is a miss, whatever it is
-            rt.embed_down_until = time.monotonic() + self.embed_cooldown
+            rt.embed_down_until = self._monotonic() + self.embed_cooldown
             m.embedding_calls.labels(rt.name, "failed").inc()
             log.warning(
                 "cache policy %s: embedding failed (%s: %s); semantic lookups miss for %.0fs",
@@ -471,13 +485,13 @@ class CacheStage:
         return vec
 
     async def _ensure_epoch(self, rt: _PolicyRuntime) -> None:
-        if rt.epoch is not None or not self.guard.available or time.monotonic() < rt.epoch_retry_at:
+        if rt.epoch is not None or not self.guard.available or self._monotonic() < rt.epoch_retry_at:
             return
         key = keys.epoch_key(self.namespace, rt.name)
         try:
             v = await self.guard.call("epoch", lambda c: c.get(key))
         except RedisUnavailable:
-            rt.epoch_retry_at = time.monotonic() + 1.0
+            rt.epoch_retry_at = self._monotonic() + 1.0
             return
         rt.set_epoch(int(v or 0), self.metrics)
 
@@ -520,7 +534,7 @@ class CacheStage:
         cost_usd: float,
     ) -> bool:
         m = self.metrics
-        now = time.time()
+        now = self._wall()
         body = dict(response_body)
         if usage is None:
             u = body.get("usage") or {}
@@ -545,10 +559,11 @@ class CacheStage:
         h = lookup._key
         rt.lru.put(h, raw, now + ttl)
         p = rt.policy
-        semantic = p.semantic.enabled and lookup._vector is not None and lookup._signature is not None
+        # The question's vector and signature: both set when the lookup embedded it and the policy is semantic.
+        vector, sig = (lookup._vector, lookup._signature) if p.semantic.enabled else (None, None)
         sem_expires = now + p.semantic.ttl_seconds
-        if semantic:
-            rt.ensure_index().add(h, lookup._partition, lookup._vector, lookup._signature, sem_expires)
+        if vector is not None and sig is not None:
+            rt.ensure_index().add(h, lookup._partition, vector, sig, sem_expires)
         if rt.epoch is None or not self.guard.available:
             m.stores.labels(
                 lookup._route, rt.name, "redis_unavailable" if self.guard.client is not None else "stored"
@@ -560,12 +575,12 @@ class CacheStage:
         async def write(c: Any) -> Any:
             pipe = c.pipeline(transaction=False)
             pipe.set(ek, raw, ex=ttl)
-            if semantic:
+            if vector is not None and sig is not None:
                 fields = {
                     "h": h,
                     "p": lookup._partition,
-                    "v": lookup._vector.tobytes(),
-                    "s": lookup._signature.to_json(),
+                    "v": vector.tobytes(),
+                    "s": sig.to_json(),
                     "x": repr(sem_expires),
                 }
                 pipe.xadd(lk, fields, maxlen=p.semantic.max_entries, approximate=True)
@@ -596,7 +611,7 @@ class CacheStage:
 
     async def sync_once(self) -> bool:
         """One round: epochs (when due), then new semantic inserts. True when a stream had more to read."""
-        now_m = time.monotonic()
+        now_m = self._monotonic()
         rts = list(self._policies.values())
         self._publish_gauges(rts)
         if not rts or not self.guard.available:
@@ -610,7 +625,7 @@ class CacheStage:
             for rt, v in zip(rts, vals):
                 rt.set_epoch(int(v or 0), self.metrics)
             self._next_epoch_check = now_m + self.epoch_interval
-        now = time.time()
+        now = self._wall()
         if now_m >= self._next_sweep:
             for rt in rts:
                 if rt.index is not None:
@@ -631,18 +646,18 @@ class CacheStage:
         more = False
         for stream_key, records in res or ():
             sk = stream_key.decode() if isinstance(stream_key, bytes) else stream_key
-            rt = streams.get(sk)
-            if rt is None or keys.log_key(self.namespace, rt.name, rt.gen) != sk:
+            srt = streams.get(sk)
+            if srt is None or keys.log_key(self.namespace, srt.name, srt.gen) != sk:
                 continue  # the generation changed while we read
-            index = rt.ensure_index()
+            index = srt.ensure_index()
             for rid, fields in records:
                 self._apply(index, fields, now)
-                rt.cursor = rid.decode() if isinstance(rid, bytes) else rid
+                srt.cursor = rid.decode() if isinstance(rid, bytes) else rid
             more = more or len(records) >= batch
         return more
 
     @staticmethod
-    def _apply(index: Any, fields: Mapping[Any, Any], now: float) -> None:
+    def _apply(index: SemanticIndex, fields: Mapping[Any, Any], now: float) -> None:
         import numpy as np
 
         def f(name: str) -> Any:

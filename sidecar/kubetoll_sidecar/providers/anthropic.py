@@ -63,6 +63,7 @@ import math
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -246,7 +247,7 @@ class AnthropicTranslator:
             if user_tools and (choice is None or choice["type"] in ("auto", "any")):
                 # The model may still call the client's tools, but must answer through one.
                 choice = {"type": "any"}
-            elif user_tools and choice["type"] == "tool":
+            elif user_tools and choice is not None and choice["type"] == "tool":
                 pass  # the client forced one of its own tools for this turn
             else:
                 choice = {"type": "tool", "name": json_tool["name"], "disable_parallel_tool_use": True}
@@ -326,7 +327,7 @@ class AnthropicTranslator:
 
     # ------------------------------------------------------------------ errors
 
-    def classify_error(self, status: int, headers: Any, body: bytes) -> UpstreamError:
+    def classify_error(self, status: int, headers: Mapping[str, str] | None, body: bytes) -> UpstreamError:
         retry_after = _retry_after(headers)
         etype: str | None = None
         message: str | None = None
@@ -360,6 +361,7 @@ class AnthropicStreamTranslator:
     __slots__ = (
         "usage",
         "done",
+        "text",
         "text_chars",
         "_model_alias",
         "_include_usage",
@@ -378,6 +380,7 @@ class AnthropicStreamTranslator:
     def __init__(self, model_alias: str, include_usage: bool, json_tool: str | None = None) -> None:
         self.usage: Usage | None = None
         self.done = False
+        self.text: list[str] = []  # content and tool argument pieces emitted, to count a cut stream's tokens
         self.text_chars = 0
         self._model_alias = model_alias
         self._include_usage = include_usage
@@ -386,8 +389,9 @@ class AnthropicStreamTranslator:
         self._created = int(time.time())
         self._model = model_alias
         self._error: UpstreamError | None = None
-        self._tool_index: dict[int, int] = {}  # Anthropic content block index -> OpenAI tool_calls index
-        self._json_blocks: set[int] = set()  # content blocks that carry the JSON response tool
+        # Anthropic content block index (None when an event carries none) -> OpenAI tool_calls index
+        self._tool_index: dict[int | None, int] = {}
+        self._json_blocks: set[int | None] = set()  # content blocks that carry the JSON response tool
         self._tools_seen = 0
         self._json_seen = False
         self._finish: str | None = None
@@ -431,9 +435,12 @@ class AnthropicStreamTranslator:
             chunk["usage"] = _openai_usage(usage)
             return [chunk]
         if kind == "error":
-            err = payload.get("error") if isinstance(payload.get("error"), dict) else {}
-            etype = err.get("type") if isinstance(err.get("type"), str) else "api_error"
-            message = err.get("message") if isinstance(err.get("message"), str) else "error in stream"
+            err = _dict(payload.get("error"))
+            etype, message = err.get("type"), err.get("message")
+            if not isinstance(etype, str):
+                etype = "api_error"
+            if not isinstance(message, str):
+                message = "error in stream"
             self._error = _classify(_ERROR_STATUS.get(etype, 500), etype, message, None)
             return []
         return []  # ping, content_block_stop, unknown events
@@ -441,7 +448,7 @@ class AnthropicStreamTranslator:
     # ------------------------------------------------------------------ events
 
     def _on_message_start(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
-        msg = payload.get("message") if isinstance(payload.get("message"), dict) else {}
+        msg = _dict(payload.get("message"))
         if msg.get("id"):
             self._id = _completion_id(msg["id"])
         if msg.get("model"):
@@ -450,13 +457,13 @@ class AnthropicStreamTranslator:
         return [self._chunk({"role": "assistant", "content": ""})]
 
     def _on_block_start(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
-        block = payload.get("content_block") if isinstance(payload.get("content_block"), dict) else {}
-        index = payload.get("index")
+        block = _dict(payload.get("content_block"))
+        index = _block_index(payload)
         kind = block.get("type")
         if kind == "text":
             text = block.get("text") or ""
             if text:
-                self.text_chars += len(text)
+                self._emitted(text)
                 return [self._chunk({"content": text})]
             return []
         if kind != "tool_use":
@@ -477,35 +484,40 @@ class AnthropicStreamTranslator:
         return [self._chunk({"tool_calls": [call]})]
 
     def _on_delta(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
-        delta = payload.get("delta") if isinstance(payload.get("delta"), dict) else {}
-        index = payload.get("index")
+        delta = _dict(payload.get("delta"))
+        index = _block_index(payload)
         kind = delta.get("type")
         if kind == "text_delta":
             text = delta.get("text") or ""
             if not text:
                 return []
-            self.text_chars += len(text)
+            self._emitted(text)
             return [self._chunk({"content": text})]
         if kind == "input_json_delta":
             piece = delta.get("partial_json") or ""
             if not piece:
                 return []
             if index in self._json_blocks:
-                self.text_chars += len(piece)
+                self._emitted(piece)
                 return [self._chunk({"content": piece})]
             tool_index = self._tool_index.get(index)
             if tool_index is None:
                 return []  # a block we did not announce (server tool)
-            self.text_chars += len(piece)
+            self._emitted(piece)
             return [self._chunk({"tool_calls": [{"index": tool_index, "function": {"arguments": piece}}]})]
         return []  # thinking_delta, signature_delta, citations_delta
 
     def _on_message_delta(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
         if isinstance(payload.get("usage"), dict):
             self.usage = _usage_from(payload["usage"], self.usage)
-        delta = payload.get("delta") if isinstance(payload.get("delta"), dict) else {}
+        delta = _dict(payload.get("delta"))
         self._finish = _finish_reason(delta.get("stop_reason"), self._json_seen, self._tools_seen > 0)
         return [self._chunk({}, self._finish)]
+
+    def _emitted(self, piece: str) -> None:
+        """Keeps a piece of content or tool arguments sent to the client, for billing a cut stream."""
+        self.text.append(piece)
+        self.text_chars += len(piece)
 
     # ------------------------------------------------------------------ chunks
 
@@ -518,6 +530,17 @@ class AnthropicStreamTranslator:
         if self._include_usage:
             chunk["usage"] = None  # as OpenAI does: null on every chunk but the last
         return chunk
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    """`value` if it is a JSON object, else an empty one."""
+    return value if isinstance(value, dict) else {}
+
+
+def _block_index(payload: dict[str, Any]) -> int | None:
+    """The content block index of a stream event (an int in every Anthropic event that has one)."""
+    index = payload.get("index")
+    return index if isinstance(index, int) and not isinstance(index, bool) else None
 
 
 # --------------------------------------------------------------------------- messages
@@ -930,23 +953,20 @@ def _snippet(body: bytes | None) -> str:
     return " ".join(text.split())[:_BODY_SNIPPET]
 
 
-def _header(headers: Any, name: str) -> str | None:
+def _header(headers: Mapping[str, str] | None, name: str) -> str | None:
+    """Header `name` (lower case): a case-insensitive mapping finds it at once, a plain dict by a scan."""
     if headers is None:
         return None
-    get = getattr(headers, "get", None)
-    if get is not None:
-        value = get(name)
-        if value is not None:
+    value = headers.get(name)
+    if value is not None:
+        return str(value)
+    for key, value in headers.items():
+        if isinstance(key, str) and key.lower() == name:
             return str(value)
-    items = getattr(headers, "items", None)
-    if items is not None:
-        for key, value in items():
-            if isinstance(key, str) and key.lower() == name:
-                return str(value)
     return None
 
 
-def _retry_after(headers: Any) -> float | None:
+def _retry_after(headers: Mapping[str, str] | None) -> float | None:
     raw = _header(headers, "retry-after")
     if raw is None:
         return None

@@ -10,6 +10,7 @@ same way: one translator per provider).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -58,7 +59,8 @@ class UpstreamError:
 
 
 class UnsupportedRequest(Exception):
-    """This provider cannot serve this request: the endpoint (embeddings on Anthropic) or a parameter (n > 1 on Anthropic). The forwarder skips the backend and says why."""
+    """This provider cannot serve this request: the endpoint (embeddings on Anthropic) or a parameter (n > 1 on \
+Anthropic). The forwarder skips the backend and says why."""
 
 
 class StreamTranslator(Protocol):
@@ -69,11 +71,18 @@ class StreamTranslator(Protocol):
     each a dict, or bytes already holding the chunk's JSON (pass-through). It
     keeps the usage it has seen. `done` is True once the upstream said the stream
     is complete (OpenAI `[DONE]`, Anthropic `message_stop`).
+
+    `text` holds the pieces of generated text emitted so far, in order: content
+    deltas and tool-call argument deltas (the OpenAI pass-through also keeps the
+    function name of a tool-call delta, as it always has). When a stream is cut
+    before the upstream reported usage, `"".join(text)` is what gets counted
+    (with tiktoken) and billed. `text_chars` is the length of that text.
     """
 
     usage: Usage | None
     done: bool
-    text_chars: int  # characters of content and tool arguments emitted so far
+    text: list[str]  # content and tool-call argument pieces emitted so far, in order
+    text_chars: int  # characters of content and tool arguments emitted so far: len("".join(text))
 
     def feed(self, event: str | None, data: bytes) -> list[dict[str, Any] | bytes]: ...
 
@@ -102,4 +111,6 @@ class Translator(Protocol):
 
     def stream_translator(self, model_alias: str, include_usage: bool) -> StreamTranslator: ...
 
-    def classify_error(self, status: int, headers: Any, body: bytes) -> UpstreamError: ...
+    def classify_error(self, status: int, headers: Mapping[str, str] | None, body: bytes) -> UpstreamError:
+        """An unsuccessful response, classified. `headers` are the response's (case-insensitive or not)."""
+        ...

@@ -9,6 +9,7 @@ is not forwarded.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -18,7 +19,12 @@ from kubetoll_core.router_config import Backend
 
 from .base import Endpoint, UpstreamError, UpstreamRequest, Usage
 
-_PATHS = {Endpoint.chat: "/chat/completions", Endpoint.completions: "/completions", Endpoint.embeddings: "/embeddings"}
+# Keyed by str (an Endpoint is one): the translators take the endpoint as the client called it.
+_PATHS: dict[str, str] = {
+    Endpoint.chat: "/chat/completions",
+    Endpoint.completions: "/completions",
+    Endpoint.embeddings: "/embeddings",
+}
 _CONTEXT_RE = re.compile(r"context length|context_length|maximum context|too many tokens|prompt is too long", re.I)
 
 
@@ -33,7 +39,7 @@ def parse_usage(u: Any) -> Usage | None:
     )
 
 
-def retry_after_seconds(headers: Any) -> float | None:
+def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
     """Retry-After in seconds (or OpenAI's retry-after-ms); HTTP-date forms are ignored."""
     if headers is None:
         return None
@@ -76,7 +82,7 @@ def openai_error_object(body: bytes, status: int) -> dict[str, Any]:
     }
 
 
-def classify_openai_error(status: int, headers: Any, body: bytes) -> UpstreamError:
+def classify_openai_error(status: int, headers: Mapping[str, str] | None, body: bytes) -> UpstreamError:
     obj = openai_error_object(body, status)
     code = str(obj.get("code") or "")
     typ = str(obj.get("type") or "")
@@ -187,7 +193,7 @@ class OpenAITranslator:
     def stream_translator(self, model_alias: str, include_usage: bool) -> OpenAIStream:
         return OpenAIStream(include_usage)
 
-    def classify_error(self, status: int, headers: Any, body: bytes) -> UpstreamError:
+    def classify_error(self, status: int, headers: Mapping[str, str] | None, body: bytes) -> UpstreamError:
         return classify_openai_error(status, headers, body)
 
 
