@@ -114,7 +114,7 @@ async def spend_like_a_sidecar(
     Each call is a new sidecar process (its own sidecar id: Redis refuses a reused id's restarted sequence).
     """
     meters = BudgetMeters(config).for_request("chat", tenant, tier, time.time())
-    store = RedisBudgetStore(BudgetStoreSettings(url=redis_url, timeout_ms=1000), config.namespace, "/nonexistent")
+    store = RedisBudgetStore.connect(BudgetStoreSettings(url=redis_url, timeout_ms=1000), config.namespace, "/nonexistent")
     await store.start()
     try:
         now = time.time()

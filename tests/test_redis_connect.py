@@ -63,12 +63,12 @@ def rec(ns: str, cost: float) -> SpendRecord:
 
 async def round_trip(settings: BudgetStoreSettings, ns: str, creds: str = "/nonexistent") -> RedisBudgetStore:
     """Reserve and settle on two budgets, write a record, close: everything a sidecar does."""
-    s = RedisBudgetStore(settings, ns, creds, sidecar_id="a")
+    s = RedisBudgetStore.connect(settings, ns, creds, sidecar_id="a")
     await s.start()
     m1, m2 = meter("b1"), meter("b2")
     res = await s.reserve([Hold(m1, 1.0), Hold(m2, 1.0)], time.time())
     await s.settle(res, {m1.key: 0.5, m2.key: 0.25}, time.time())
-    RedisLedger(s).append(rec(ns, 0.5))
+    RedisLedger(s, s.client).append(rec(ns, 0.5))
     await s.close()
     assert s.stats()["redis_errors"] == 0, s.stats()
     return s
@@ -86,8 +86,8 @@ async def check_totals(client, ns: str) -> None:
 
 async def test_namespaces_never_share_budget_state(redis_url):
     ns_a, ns_b = f"a{uuid.uuid4().hex[:8]}", f"b{uuid.uuid4().hex[:8]}"
-    a = RedisBudgetStore(BudgetStoreSettings(url=redis_url, timeout_ms=SLOW_OK_MS), ns_a, "/x", sidecar_id="a")
-    b = RedisBudgetStore(
+    a = RedisBudgetStore.connect(BudgetStoreSettings(url=redis_url, timeout_ms=SLOW_OK_MS), ns_a, "/x", sidecar_id="a")
+    b = RedisBudgetStore.connect(
         BudgetStoreSettings(url=redis_url, timeout_ms=SLOW_OK_MS), ns_b, "/x", sidecar_id="a"
     )  # same sidecar id on purpose
     await a.start()
@@ -236,7 +236,7 @@ async def test_acl_user_confined_to_its_namespace(tmp_path):
             await cache.get(cache_keys.entry_key("team-b", "faq", "g1", "h1"))
         await cache.aclose()
         # a store configured for team-b with team-a's user cannot spend: its failClosed meters refuse
-        b = RedisBudgetStore(settings, "team-b", str(tmp_path), sidecar_id="x")
+        b = RedisBudgetStore.connect(settings, "team-b", str(tmp_path), sidecar_id="x")
         await b.start()
         with pytest.raises(StoreUnavailable):
             await b.reserve([Hold(meter(fail_open=False), 1.0)], time.time())
@@ -283,7 +283,7 @@ async def test_cluster_keeps_each_budget_in_one_slot():
         client = RedisCluster(host="127.0.0.1", port=proc.port, decode_responses=True)
         await check_totals(client, "clu")
         # the kill switch works the same through the cluster client (poll and pub/sub)
-        a = RedisBudgetStore(BudgetStoreSettings(url=proc.url, timeout_ms=SLOW_OK_MS), "clu", "/x", sidecar_id="k")
+        a = RedisBudgetStore.connect(BudgetStoreSettings(url=proc.url, timeout_ms=SLOW_OK_MS), "clu", "/x", sidecar_id="k")
         await a.start()
         res = await a.reserve([Hold(meter("b1"), 0.1)], time.time())
         await a.settle(res, {}, time.time())

@@ -58,7 +58,7 @@ def redis_proc():
 
 def make(url: str, ns: str, sid: str = "a", **kw) -> RedisBudgetStore:
     kw.setdefault("io_timeout", 0.3)
-    return RedisBudgetStore(
+    return RedisBudgetStore.connect(
         BudgetStoreSettings(url=url, timeout_ms=TIMEOUT_MS), ns, "/nonexistent", sidecar_id=sid, **kw
     )
 
@@ -108,9 +108,9 @@ async def drained(store: RedisBudgetStore, timeout: float = 8.0) -> None:
 
 async def exercise_outage(store: RedisBudgetStore, ledger: RedisLedger, ns: str) -> dict:
     """Spend through an outage; return what was admitted and the call durations."""
-    st_open = store._leases[OPEN.key]
+    st_open = store.lease_of(OPEN.key)
     lease_free = st_open.free(time.monotonic(), degraded=True)
-    allowance = store._allowance(st_open, time.monotonic())
+    allowance = store.fail_open_allowance(st_open, time.monotonic())
     admitted_units = 0
     settled = 0.0
     durations = []
@@ -155,7 +155,7 @@ def check_outage(out: dict) -> None:
 
 async def test_redis_killed_fail_open_serves_within_bound_fail_closed_raises(redis_proc, ns):
     store = make(redis_proc.url, ns)
-    ledger = RedisLedger(store)
+    ledger = RedisLedger(store, store.client)
     await store.start()
     await warm(store, OPEN)
     await warm(store, CLOSED)
@@ -178,7 +178,7 @@ async def test_redis_killed_fail_open_serves_within_bound_fail_closed_raises(red
 
 async def test_redis_stalled_by_sigstop_then_back_writes_buffered_spend_once(redis_proc, ns):
     store = make(redis_proc.url, ns, flush_interval=0.05)
-    ledger = RedisLedger(store)
+    ledger = RedisLedger(store, store.client)
     await store.start()
     spent = await warm(store, OPEN) + 0.0
     for i in range(10):
@@ -212,7 +212,7 @@ async def test_redis_killed_and_back_with_its_data_writes_buffered_spend_once(ns
     proc = PersistentRedis().start()
     try:
         store = make(proc.url, ns, flush_interval=0.05)
-        ledger = RedisLedger(store)
+        ledger = RedisLedger(store, store.client)
         await store.start()
         spent = await warm(store, OPEN)
         await drained(store)
@@ -221,7 +221,7 @@ async def test_redis_killed_and_back_with_its_data_writes_buffered_spend_once(ns
         check_outage(out)
         proc.restart_keeping_data()
         await drained(store)
-        assert store.history_lost_total == 0  # same data, same epoch
+        assert store.counters.history_lost_total == 0  # same data, same epoch
         await store.close()
         r = Redis.from_url(proc.url, decode_responses=True)
         try:
@@ -244,14 +244,14 @@ async def test_redis_restarted_empty_counts_lost_history_and_reregisters_leases(
     with caplog.at_level(logging.WARNING, logger="kubetoll.budgets.redis"):
         redis_proc.restart_empty()
         deadline = time.monotonic() + 8
-        while store.history_lost_total == 0 and time.monotonic() < deadline:
+        while store.counters.history_lost_total == 0 and time.monotonic() < deadline:
             # any activity (or the periodic renewal) reaches the new server
             res = await store.reserve([Hold(OPEN, 0.1)], time.time())
             await store.settle(res, {OPEN.key: 0.1}, time.time())
             await asyncio.sleep(0.05)
         await drained(store)
         await asyncio.sleep(0.2)
-    assert store.history_lost_total == 1
+    assert store.counters.history_lost_total == 1
     lost_lines = [r for r in caplog.records if "lost the budget history" in r.getMessage()]
     assert len(lost_lines) == 1
     r = Redis.from_url(redis_proc.url, decode_responses=True)
@@ -304,7 +304,7 @@ async def test_fail_closed_serves_from_a_valid_lease_while_redis_is_away(redis_p
     await store.start()
     await warm(store, CLOSED, n=30, amount=0.5)
     await asyncio.sleep(0.3)  # the lease is topped up in the background
-    free = store._leases[CLOSED.key].free(time.monotonic())
+    free = store.lease_of(CLOSED.key).free(time.monotonic())
     assert free >= 500_000_000
     redis_proc.pause()
     try:

@@ -52,10 +52,10 @@ async def use(store: RedisBudgetStore, m: Meter) -> None:
 @pytest.mark.parametrize("pubsub", [True, False], ids=["pubsub", "poll-only"])
 async def test_suspend_and_lift_seen_by_another_sidecar_within_2s(redis_url, ns, r, pubsub):
     m = meter()
-    a = RedisBudgetStore(
+    a = RedisBudgetStore.connect(
         BudgetStoreSettings(url=redis_url, timeout_ms=SLOW_OK_MS), ns, "/x", sidecar_id="a", pubsub=pubsub
     )
-    b = RedisBudgetStore(
+    b = RedisBudgetStore.connect(
         BudgetStoreSettings(url=redis_url, timeout_ms=SLOW_OK_MS), ns, "/x", sidecar_id="b", pubsub=pubsub
     )
     await a.start()
@@ -90,7 +90,7 @@ async def test_suspend_and_lift_seen_by_another_sidecar_within_2s(redis_url, ns,
 
 async def test_flag_set_by_hand_is_caught_by_the_poll(redis_url, ns, r):
     m = meter()
-    a = RedisBudgetStore(BudgetStoreSettings(url=redis_url, timeout_ms=SLOW_OK_MS), ns, "/x", sidecar_id="a")
+    a = RedisBudgetStore.connect(BudgetStoreSettings(url=redis_url, timeout_ms=SLOW_OK_MS), ns, "/x", sidecar_id="a")
     await a.start()
     await use(a, m)
     await r.set(RedisKeys(ns).suspended("b"), "1")  # no pub/sub message
@@ -102,7 +102,7 @@ async def test_flag_set_by_hand_is_caught_by_the_poll(redis_url, ns, r):
 
 async def test_budget_suspended_before_the_sidecar_ever_saw_it(redis_url, ns, r):
     await set_suspended(r, ns, "fresh", True)
-    a = RedisBudgetStore(
+    a = RedisBudgetStore.connect(
         BudgetStoreSettings(url=redis_url, timeout_ms=SLOW_OK_MS), ns, "/x", sidecar_id="a", pubsub=False
     )
     await a.start()
@@ -116,7 +116,7 @@ async def test_budget_suspended_before_the_sidecar_ever_saw_it(redis_url, ns, r)
 
 async def test_watched_budget_is_known_suspended_before_any_request(redis_url, ns, r):
     await set_suspended(r, ns, "w", True)
-    a = RedisBudgetStore(
+    a = RedisBudgetStore.connect(
         BudgetStoreSettings(url=redis_url, timeout_ms=SLOW_OK_MS), ns, "/x", sidecar_id="a", pubsub=False
     )
     a.watch_budgets(["w"])

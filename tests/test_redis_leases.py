@@ -65,7 +65,7 @@ def tpm(limit: float, key: str = "b:tier:free:t:acme:tpm") -> Meter:
 
 
 def make(url: str, ns: str, sid: str, **kw) -> RedisBudgetStore:
-    return RedisBudgetStore(
+    return RedisBudgetStore.connect(
         BudgetStoreSettings(url=url, timeout_ms=SLOW_OK_MS), ns, "/nonexistent", sidecar_id=sid, **kw
     )
 
@@ -146,13 +146,13 @@ async def test_lease_follows_own_rate_and_returns_when_idle(redis_url, ns, r):
         res = await s.reserve([Hold(m, 0.01)], time.time())
         await s.settle(res, {m.key: 0.01}, time.time())
         await asyncio.sleep(0.002)
-    st = s._leases[m.key]
+    st = s.lease_of(m.key)
     # it holds more than one request's worth (no round trip per request) ...
     assert st.lease > 3 * 10_000_000
     # ... but far less than the budget
     assert st.lease < 0.01 * st.limit
     await asyncio.sleep(2.5)  # idle for more than 2 x lease_seconds, plus a scan
-    assert s._leases[m.key].lease == 0
+    assert s.lease_of(m.key).lease == 0
     h = await r.hgetall(RedisKeys(ns).meter(m.budget, m.key).state)
     assert int(h["leased"]) == 0
     await s.close()
@@ -167,7 +167,7 @@ async def test_leases_shrink_near_the_limit(redis_url, ns):
     for s in stores:
         res = await s.reserve([Hold(m, 0.1)], time.time())
         await s.settle(res, {m.key: 0.1}, time.time())
-    leases = [s._leases[m.key].lease for s in stores]
+    leases = [s.lease_of(m.key).lease for s in stores]
     assert sum(leases) <= 1_000_000_000
     assert leases[-1] <= max(0.5 * (1_000_000_000 - sum(leases[:-1])), 100_000_000)
     for s in stores:
@@ -186,13 +186,13 @@ CHILD = textwrap.dedent(
     async def main():
         m = Meter(key="b:cap:usd:2026-11", kind="window", unit="usd", limit=10.0, budget="b", level="cap",
                   label="b", on_exhausted=OnExhausted.reject, period_end={end!r})
-        s = RedisBudgetStore(BudgetStoreSettings(url={url!r}, timeout_ms=1000), {ns!r}, "/nonexistent", sidecar_id="doomed", lease_ttl=1.0)
+        s = RedisBudgetStore.connect(BudgetStoreSettings(url={url!r}, timeout_ms=1000), {ns!r}, "/nonexistent", sidecar_id="doomed", lease_ttl=1.0)
         await s.start()
         done = await s.reserve([Hold(m, 1.0)], time.time())
         await s.settle(done, {{m.key: 0.75}}, time.time())
         await s.reserve([Hold(m, 2.0)], time.time())  # in flight when the process dies
         await asyncio.sleep(0.4)  # the 0.75 is flushed by now
-        print("ready", s._leases[m.key].lease, flush=True)
+        print("ready", s.lease_of(m.key).lease, flush=True)
         await asyncio.sleep(60)
 
     asyncio.run(main())
@@ -233,7 +233,7 @@ async def test_ledger_and_period_totals_agree_exactly(redis_url, ns, r):
     tenants = ["acme", "globex", "initech"]
     tier = {t: window(1e6, f"b:tier:free:t:{t}:usd:2026-11") for t in tenants}
     stores = [make(redis_url, ns, f"s{i}", flush_interval=0.02, batch_records=64) for i in range(2)]
-    ledgers = [RedisLedger(s) for s in stores]
+    ledgers = [RedisLedger(s, s.client) for s in stores]
     for s in stores:
         await s.start()
     rnd = random.Random(3)
@@ -309,14 +309,14 @@ async def test_ledger_trims_records_older_than_retention(redis_url, ns, r):
     old = int((time.time() - 3 * 86400) * 1000)
     for i in range(450):  # several stream nodes' worth, so approximate trimming can drop whole nodes
         await r.xadd(key, {"time": "0", "cost_usd": "0"}, id=f"{old}-{i + 1}")
-    s = RedisBudgetStore(
+    s = RedisBudgetStore.connect(
         BudgetStoreSettings(url=redis_url, ledger_retention_days=1, timeout_ms=SLOW_OK_MS),
         ns,
         "/nonexistent",
         sidecar_id="a",
     )
     await s.start()
-    RedisLedger(s).append(
+    RedisLedger(s, s.client).append(
         SpendRecord(
             time=time.time(),
             namespace=ns,
@@ -339,9 +339,9 @@ async def test_ledger_trims_records_older_than_retention(redis_url, ns, r):
 async def test_redis_commands_per_request_stay_below_a_tenth(redis_url, ns):
     cap, tenant_day, tokens = window(1e6), window(1e6, "b:tier:free:t:acme:usd:2026-11-22", end=DAY_END), tpm(6e8)
     s = make(redis_url, ns, "a")
-    led = RedisLedger(s)
+    led = RedisLedger(s, s.client)
     await s.start()
-    calls0 = s.redis_calls
+    calls0 = s.counters.redis_calls
     n = 20_000
     for i in range(n):
         res = await s.reserve([Hold(cap, 0.002), Hold(tenant_day, 0.002), Hold(tokens, 500.0)], time.time())
@@ -362,7 +362,7 @@ async def test_redis_commands_per_request_stay_below_a_tenth(redis_url, ns):
         )
         if i % 50 == 0:
             await asyncio.sleep(0.001)  # spread over time like real traffic, letting the flusher run
-    per_request = (s.redis_calls - calls0) / n
+    per_request = (s.counters.redis_calls - calls0) / n
     await s.close()
     assert per_request <= 0.1, per_request
     assert s.stats()["buffered_records"] == 0
@@ -372,7 +372,7 @@ async def test_thousands_of_tenant_meters_are_synced_in_bounded_calls(redis_url,
     meters = [window(1.0, f"b:tier:free:t:tenant{i}:usd:2026-11") for i in range(2500)]
     # 2,500 first leases at once take one long sync; on a loaded CI machine that can pass
     # 1 s, which would turn this test about batching into one about outages.
-    s = RedisBudgetStore(BudgetStoreSettings(url=redis_url, timeout_ms=10_000.0), ns, "/nonexistent", sidecar_id="a")
+    s = RedisBudgetStore.connect(BudgetStoreSettings(url=redis_url, timeout_ms=10_000.0), ns, "/nonexistent", sidecar_id="a")
     await s.start()
 
     async def one(m: Meter) -> None:

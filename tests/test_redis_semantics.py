@@ -63,7 +63,7 @@ async def store(request, redis_url):
     if request.param == "memory":
         yield InMemoryBudgetStore()
         return
-    s = RedisBudgetStore(
+    s = RedisBudgetStore.connect(
         BudgetStoreSettings(url=redis_url, timeout_ms=SLOW_OK_MS),
         f"t{uuid.uuid4().hex[:10]}",
         "/nonexistent",

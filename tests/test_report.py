@@ -182,9 +182,9 @@ async def test_report_from_the_redis_ledger(tmp_path, sim, redis_url) -> None:
     cfg["namespace"] = ns
     path = tmp_path / "router.json"
     path.write_text(json.dumps(cfg))
-    store = RedisBudgetStore(BudgetStoreSettings(url=redis_url), ns, str(tmp_path), flush_interval=0.05)
+    store = RedisBudgetStore.connect(BudgetStoreSettings(url=redis_url), ns, str(tmp_path), flush_interval=0.05)
     await store.start()
-    sidecar = Sidecar(load_config(str(path)), store=store, ledger=RedisLedger(store), watch=False)
+    sidecar = Sidecar(load_config(str(path)), store=store, ledger=RedisLedger(store, store.client), watch=False)
     await sidecar.start()
     runner = web.AppRunner(sidecar.api_app(), access_log=None)
     await runner.setup()

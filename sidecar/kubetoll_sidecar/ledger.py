@@ -14,16 +14,32 @@ from kubetoll_core.spend_record import SpendRecord
 
 
 class Ledger(Protocol):
+    # Whose records `read` returns: "sidecar" (this process) or "namespace" (every sidecar's).
+    scope: str
+
+    @property
+    def dropped(self) -> int:
+        """Records lost: pushed out of a ring, or refused by a full write buffer."""
+        ...
+
     def append(self, record: SpendRecord) -> None:
         """Never blocks the request; a shared ledger buffers and writes in the background."""
         ...
 
-    def records(self, since: float = 0.0, until: float | None = None) -> Iterable[SpendRecord]: ...
+    def records(self, since: float = 0.0, until: float | None = None) -> Iterable[SpendRecord]:
+        """This process's records, without I/O."""
+        ...
+
+    async def read(self, since: float = 0.0, until: float | None = None) -> list[SpendRecord]:
+        """Every record of `scope` in the period (a shared ledger reads its store)."""
+        ...
 
     async def close(self) -> None: ...
 
 
 class InMemoryLedger:
+    scope = "sidecar"
+
     def __init__(self, max_records: int = 100_000) -> None:
         self._records: deque[SpendRecord] = deque(maxlen=max_records)
         self.dropped = 0  # records pushed out of the ring (reported by /v1/kubetoll/spend)
@@ -37,6 +53,9 @@ class InMemoryLedger:
         for r in list(self._records):
             if r.time >= since and (until is None or r.time < until):
                 yield r
+
+    async def read(self, since: float = 0.0, until: float | None = None) -> list[SpendRecord]:
+        return list(self.records(since, until))
 
     async def close(self) -> None:
         return None

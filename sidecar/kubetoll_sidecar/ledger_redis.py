@@ -10,6 +10,7 @@ consecutive flushes). Reading the stream back is `kubetoll_core.ledger_stream`.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from kubetoll_core.ledger_stream import read_ledger
 from kubetoll_core.spend_record import SpendRecord
@@ -18,10 +19,13 @@ from .budgets.redis_store import RedisBudgetStore
 
 
 class RedisLedger:
-    """A `Ledger` whose records ride on the budget store's flushes."""
+    """A `Ledger` whose records ride on the budget store's flushes; `read` reads the stream back."""
 
-    def __init__(self, store: RedisBudgetStore) -> None:
+    scope = "namespace"
+
+    def __init__(self, store: RedisBudgetStore, client: Any) -> None:
         self.store = store
+        self.client = client
 
     def append(self, record: SpendRecord) -> None:
         self.store.add_record(record)
@@ -32,11 +36,11 @@ class RedisLedger:
 
     async def read(self, since: float = 0.0, until: float | None = None) -> list[SpendRecord]:
         """The whole namespace's records from the stream (every sidecar's), as far as they are flushed."""
-        return await read_ledger(self.store._client, self.store.namespace, since, until)
+        return await read_ledger(self.client, self.store.namespace, since, until)
 
     @property
     def dropped(self) -> int:
-        return self.store.dropped_records
+        return self.store.counters.dropped_records
 
     async def close(self) -> None:
         return None  # the store flushes on its own close

@@ -1,6 +1,6 @@
 """The request pipeline: one OpenAI API call from parse to record.
 
-Stages, in order (DESIGN.md "The request pipeline"):
+Stages, in order (docs/architecture.md, "The request pipeline"):
 
  1 parse      `request_parsing.parse_request` — OpenAI-style 400/413 on bad input
  2 identify   `TenantResolver.identify` — tenant and tier
@@ -9,13 +9,14 @@ Stages, in order (DESIGN.md "The request pipeline"):
  5 rate       requests/min buckets — 429 + Retry-After
  6 cache      `CacheStage.lookup` — exact, then semantic; a hit is answered here
  7 admit      `reserve_with_policy` — every budget level; reject, downgrade or allow
- 8 forward    `Forwarder.forward` — fallback, circuit breakers, streaming
+ 8 forward    `Forwarder.forward` — fallback, circuit breakers; `StreamRelay` streams
  9 settle     `BudgetStore.settle` — the provider's usage, priced, replaces the
               reservation; the spend-ledger record is appended in the same step
 10 record     metrics, one log line, cost headers; the answer is offered to the cache
 
 Each stage is a function or object of its own module; this module only strings
-them together and turns their exceptions into OpenAI errors.
+them together, passing one `RequestContext` along, and turns their exceptions
+into OpenAI errors.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -46,8 +46,8 @@ from .budgets.admission import (
     tightest,
 )
 from .budgets.store import BudgetStore, Hold, Reservation, StoreUnavailable, Suspended
-from .cache.replay import StreamAssembler
 from .cache.stage import CacheLookup, CacheStage
+from .context import RequestContext
 from .errors import ApiError, not_found_model
 from .forwarder import AllBackendsFailed, Forwarded, Forwarder, UpstreamRejected
 from .ledger import Ledger
@@ -55,8 +55,8 @@ from .metrics import Metrics
 from .providers.base import Endpoint, Usage
 from .request_parsing import ParsedRequest, parse_request
 from .routing import CompiledRoute, RouteContext
-from .sse import DONE, encode_event
 from .state import DEFAULT_OUTPUT_RESERVATION, RouterState
+from .stream_relay import StreamRelay
 
 access_log = logging.getLogger("kubetoll.access")
 
@@ -69,28 +69,6 @@ _ids = itertools.count(1)
 # 100k tokens, bench/token_estimate.py); from this body size it runs in a worker
 # thread (tiktoken releases the GIL) so the event loop keeps serving other requests.
 OFFLOAD_COUNT_BYTES = 64 * 1024
-
-
-@dataclass(slots=True)
-class Outcome:
-    """What the record stage needs to know about one request."""
-
-    request_id: str
-    started: float
-    route: str = ""
-    tenant: str = ""
-    tier: str = ""
-    backend: str = ""
-    status: int = 200
-    outcome: str = "ok"
-    usage: Usage | None = None
-    cost: float = 0.0
-    fallbacks: int = 0
-    downgraded: bool = False
-    upstream_seconds: float = 0.0
-    reason: str = ""
-    cache: CacheLookup | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -111,6 +89,7 @@ class Pipeline:
         self.metrics = metrics
         self.clock = clock
         self.cache = cache
+        self.relay = StreamRelay(metrics, cache, self._settle_stream)
         # A plain counter, read by the gauge at scrape time (a locked gauge update
         # twice a request cost 1-2% of the CPU).
         self.in_flight = 0
@@ -118,50 +97,57 @@ class Pipeline:
 
     # ------------------------------------------------------------------ entry
 
-    async def handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
-        state: RouterState = self.get_state()  # this request's config, to the end
-        out = Outcome(
-            request_id=request.headers.get("x-request-id") or f"{_ID_PREFIX}{next(_ids):010x}",
-            started=time.perf_counter(),
+    async def handle(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+        ctx = RequestContext(
+            request,
+            endpoint,
+            self.get_state(),
+            request.headers.get("x-request-id") or f"{_ID_PREFIX}{next(_ids):010x}",
+            time.perf_counter(),
         )
         self.in_flight += 1
         try:
-            return await self._run(request, endpoint, state, out)
+            return await self._run(ctx)
         except ApiError as exc:
-            out.status, out.outcome = exc.status, out.outcome if out.outcome != "ok" else "error"
-            return exc.response({"x-request-id": out.request_id})
+            ctx.status, ctx.outcome = exc.status, ctx.outcome if ctx.outcome != "ok" else "error"
+            return exc.response({"x-request-id": ctx.request_id})
         except asyncio.CancelledError:
-            if out.outcome == "ok":  # the client went away before we answered
-                out.status, out.outcome = 499, "client_disconnected"
+            if ctx.outcome == "ok":  # the client went away before we answered
+                ctx.status, ctx.outcome = 499, "client_disconnected"
             raise
         finally:
             self.in_flight -= 1
-            self._record(out, endpoint)
+            self._record(ctx)
 
-    async def _run(self, request: web.Request, endpoint: str, state: RouterState, out: Outcome) -> web.StreamResponse:
+    async def _run(self, ctx: RequestContext) -> web.StreamResponse:
+        request, state = ctx.request, ctx.state
         # 1 parse
-        req = await parse_request(request, endpoint, state.config.server.max_body_bytes)
+        req = ctx.req = await parse_request(request, ctx.endpoint, state.config.server.max_body_bytes)
         # 2 identify
         ident = state.tenants.identify(request.headers, req.body)
-        out.tenant, out.tier = ident.tenant, ident.tier
+        ctx.tenant, ctx.tier = ident.tenant, ident.tier
         # 3 route (its rules may match on the estimate, so 4 comes first)
         route = state.router.get(req.model)
         if route is None:
-            out.outcome = "unknown_route"
+            ctx.outcome = "unknown_route"
             raise not_found_model(req.model, state.router.names())
-        out.route = route.name
+        ctx.route, ctx.route_name = route, route.name
         # 4 estimate
         if req.body_size >= OFFLOAD_COUNT_BYTES:
-            prompt_tokens = await asyncio.to_thread(self._estimate_prompt, req, state, route)
+            ctx.prompt_tokens = await asyncio.to_thread(self._estimate_prompt, req, state, route)
         else:
-            prompt_tokens = self._estimate_prompt(req, state, route)
+            ctx.prompt_tokens = self._estimate_prompt(req, state, route)
         rule = route.select(
             RouteContext(
-                prompt_tokens, ident.tenant, ident.tier, request.headers, lambda: tokens.last_user_text(req.messages)
+                ctx.prompt_tokens,
+                ident.tenant,
+                ident.tier,
+                request.headers,
+                lambda: tokens.last_user_text(req.messages),
             )
         )
         if rule is None:
-            out.outcome = "no_rule"
+            ctx.outcome = "no_rule"
             raise ApiError(
                 404,
                 f"no rule of route `{route.name}` matches this request",
@@ -171,26 +157,23 @@ class Pipeline:
             )
         output_tokens = self._output_reservation(req, route, state, rule.backends)
         now = self.clock.time()
-        meters = state.meters.for_request(route.name, ident.tenant, ident.tier, now)
-        self._check_suspended(state, route, out)
+        meters = ctx.meters = state.meters.for_request(route.name, ident.tenant, ident.tier, now)
+        self._check_suspended(ctx)
         # 5 request rate
+        can_downgrade = bool(route.downgrade_chain)
         rate_res = await self._admit(
-            meters.requests and [Hold(m, 1.0) for m in meters.requests],
-            now,
-            route,
-            out,
-            can_downgrade=bool(route.downgrade_chain),
+            ctx, meters.requests and [Hold(m, 1.0) for m in meters.requests], now, can_downgrade
         )
         downgrade = bool(rate_res and rate_res.downgrade)
         if rate_res is not None:
             # The request is counted once admitted (a cache hit counts too): settle at once,
             # so a shared store never holds the count as an open reservation.
-            await self._settle(rate_res.reservation, meters, None, 0.0, now, requests=1.0)
+            await self._settle(ctx, rate_res.reservation, None, 0.0, now, requests=1.0)
         # 6 cache
         if self.cache is not None and route.cache_policy is not None:
-            lookup = await self._cache_lookup(request, req, state, route, meters, endpoint, out)
+            lookup = await self._cache_lookup(ctx, route.cache_policy)
             if lookup.hit is not None:
-                return await self._cache_response(request, req, state, lookup, out)
+                return await self._cache_response(ctx, lookup)
         # Budget-aware downgrade by percent, decided before reserving.
         if not downgrade and route.downgrade_at is not None and meters.windows():
             if percent_used(self.store, meters.windows(), now) >= route.downgrade_at:
@@ -198,79 +181,33 @@ class Pipeline:
                 self.metrics.downgrades.labels(route.name, "at_percent").inc()
         chain_names = route.downgrade_chain if downgrade else rule.backends
         # 7 admit
-        admitted = await self._admit(
-            self._holds(meters, state, chain_names, prompt_tokens, output_tokens),
-            now,
-            route,
-            out,
-            can_downgrade=bool(route.downgrade_chain),
-        )
+        holds = self._holds(meters, state, chain_names, ctx.prompt_tokens, output_tokens)
+        admitted = await self._admit(ctx, holds, now, can_downgrade)
         if admitted and admitted.downgrade and not downgrade:
             downgrade = True
             chain_names = route.downgrade_chain
             self.metrics.downgrades.labels(route.name, "exhausted").inc()
-        out.downgraded = downgrade
-        reservation = admitted.reservation if admitted else None
+        ctx.downgraded = downgrade
+        ctx.reservation = admitted.reservation if admitted else None
         # 8 forward
-        try:
-            fwd = await self.forwarder.forward(
-                state.chain(chain_names),
-                endpoint,
-                req.upstream_body,
-                req.stream,
-                route.fallback_on,
-                req.model,
-                req.include_usage,
-                on_fallback=lambda backend, reason: self.metrics.fallbacks.labels(route.name, backend, reason).inc(),
-            )
-        except AllBackendsFailed as exc:
-            await self._settle(reservation, meters, None, 0.0, now)
-            out.outcome, out.fallbacks = "all_backends_failed", len(exc.attempts)
-            raise ApiError(
-                exc.status(),
-                f"every backend of route `{route.name}` failed: " + "; ".join(a.describe() for a in exc.attempts),
-                "server_error" if exc.status() != 503 else "service_unavailable",
-                "all_backends_failed",
-                retry_after=exc.retry_after() or (1.0 if exc.status() == 503 else None),
-            ) from None
-        except UpstreamRejected as exc:
-            await self._settle(reservation, meters, None, 0.0, now)
-            out.outcome, out.backend = "upstream_error", exc.attempts[-1].backend
-            e = exc.error.openai_error or {}
-            raise ApiError(
-                exc.error.status,
-                str(e.get("message") or exc.error.message),
-                str(e.get("type") or "upstream_error"),
-                e.get("code"),
-                e.get("param"),
-                headers={"x-kubetoll-backend": exc.attempts[-1].backend},
-            ) from None
-        except BaseException:
-            await self._settle(reservation, meters, None, 0.0, now)
-            raise
-        out.backend, out.fallbacks, out.upstream_seconds = fwd.backend.config.name, fwd.fallbacks, fwd.upstream_seconds
+        fwd = await self._forward(ctx, chain_names, now)
+        ctx.backend, ctx.fallbacks, ctx.upstream_seconds = fwd.backend.config.name, fwd.fallbacks, fwd.upstream_seconds
         if fwd.stream is not None:
-            return await self._stream_response(
-                request, req, state, route, meters, reservation, fwd, prompt_tokens, out, now
-            )
+            return await self.relay.respond(ctx, fwd, self._headers(ctx, None))
         # 9 settle
         usage = (
             fwd.usage
             if fwd.usage and fwd.usage.reported
-            else Usage(prompt_tokens, _count_body_output(fwd.body, fwd.backend.config.model), reported=False)
+            else Usage(ctx.prompt_tokens, _count_body_output(fwd.body, fwd.backend.config.model), reported=False)
         )
         cost = fwd.backend.price.cost(usage)
-        out.usage, out.cost = usage, cost
-        await self._settle(reservation, meters, usage, cost, self.clock.time(), record=self._spend_record(state, out))
+        ctx.usage, ctx.cost = usage, cost
+        await self._settle(ctx, ctx.reservation, usage, cost, self.clock.time(), record=self._spend_record(ctx))
         # 10 record (the rest happens in _record)
         body = fwd.body or {}
-        if out.cache is not None and out.cache.should_store and self.cache is not None:
-            self.cache.store_soon(out.cache, body, usage, cost)
-        return web.Response(
-            body=orjson.dumps(body),
-            content_type="application/json",
-            headers=self._headers(state, meters, out, cost),
-        )
+        if ctx.cache is not None and ctx.cache.should_store and self.cache is not None:
+            self.cache.store_soon(ctx.cache, body, usage, cost)
+        return web.Response(body=orjson.dumps(body), content_type="application/json", headers=self._headers(ctx, cost))
 
     # ------------------------------------------------------------------ stages
 
@@ -299,11 +236,12 @@ class Pipeline:
             asked = max((x for x in limits if x), default=DEFAULT_OUTPUT_RESERVATION)
         return asked * req.n
 
-    def _check_suspended(self, state: RouterState, route: CompiledRoute, out: Outcome) -> None:
+    def _check_suspended(self, ctx: RequestContext) -> None:
+        state = ctx.state
         for b in state.config.budgets:
-            if b.covers(route.name) and (b.name in state.suspended_budgets or self.store.is_suspended(b.name)):
-                out.outcome = "suspended"
-                self.metrics.rejections.labels(route.name, "budget_suspended").inc()
+            if b.covers(ctx.route_name) and (b.name in state.suspended_budgets or self.store.is_suspended(b.name)):
+                ctx.outcome = "suspended"
+                self.metrics.rejections.labels(ctx.route_name, "budget_suspended").inc()
                 raise ApiError(403, str(Suspended(b.name)), "permission_denied", "budget_suspended")
 
     def _holds(
@@ -317,31 +255,33 @@ class Pipeline:
         return [Hold(m, est_tokens) for m in meters.tokens] + [Hold(m, est_usd) for m in meters.usd]
 
     async def _admit(
-        self, holds: list[Hold] | None, now: float, route: CompiledRoute, out: Outcome, can_downgrade: bool
+        self, ctx: RequestContext, holds: list[Hold] | None, now: float, can_downgrade: bool
     ) -> Admitted | None:
         if not holds:
             return None
+        route = ctx.route_name
         try:
             return await reserve_with_policy(self.store, holds, now, can_downgrade)
         except Rejected as exc:
-            out.outcome, out.reason = "rejected", exc.reason
-            self.metrics.rejections.labels(route.name, exc.reason).inc()
+            ctx.outcome, ctx.reason = "rejected", exc.reason
+            self.metrics.rejections.labels(route, exc.reason).inc()
+            per_minute = exc.reason.endswith("per_minute")
             raise ApiError(
                 429,
                 f"budget limit reached: {exc.exhausted}. Retry after {math.ceil(exc.retry_after)}s.",
-                "rate_limit_error" if exc.reason.endswith("per_minute") else "insufficient_quota",
-                "rate_limit_exceeded" if exc.reason.endswith("per_minute") else "budget_exhausted",
+                "rate_limit_error" if per_minute else "insufficient_quota",
+                "rate_limit_exceeded" if per_minute else "budget_exhausted",
                 retry_after=exc.retry_after,
             ) from None
         except NoDowngradeBackends as exc:
-            out.outcome, out.reason = "rejected", "no_downgrade_backends"
-            self.metrics.rejections.labels(route.name, "no_downgrade_backends").inc()
+            ctx.outcome, ctx.reason = "rejected", "no_downgrade_backends"
+            self.metrics.rejections.labels(route, "no_downgrade_backends").inc()
             raise ApiError(
                 429, str(exc), "insufficient_quota", "budget_exhausted", retry_after=exc.exhausted.retry_after or 60.0
             ) from None
         except StoreUnavailable as exc:
-            out.outcome, out.reason = "rejected", "store_unavailable"
-            self.metrics.rejections.labels(route.name, "store_unavailable").inc()
+            ctx.outcome, ctx.reason = "rejected", "store_unavailable"
+            self.metrics.rejections.labels(route, "store_unavailable").inc()
             raise ApiError(
                 503,
                 f"budget store unavailable: {exc}",
@@ -350,14 +290,56 @@ class Pipeline:
                 retry_after=1.0,
             ) from None
         except Suspended as exc:
-            out.outcome = "suspended"
-            self.metrics.rejections.labels(route.name, "budget_suspended").inc()
+            ctx.outcome = "suspended"
+            self.metrics.rejections.labels(route, "budget_suspended").inc()
             raise ApiError(403, str(exc), "permission_denied", "budget_suspended") from None
+
+    async def _forward(self, ctx: RequestContext, chain_names: tuple[str, ...], now: float) -> Forwarded:
+        req, route = ctx.req, ctx.route
+        assert req is not None and route is not None
+        try:
+            return await self.forwarder.forward(
+                ctx.state.chain(chain_names),
+                ctx.endpoint,
+                req.upstream_body,
+                req.stream,
+                route.fallback_on,
+                req.model,
+                req.include_usage,
+                on_fallback=lambda backend, reason: self.metrics.fallbacks.labels(route.name, backend, reason).inc(),
+            )
+        except AllBackendsFailed as exc:
+            await self._settle(ctx, ctx.reservation, None, 0.0, now)
+            ctx.outcome, ctx.fallbacks = "all_backends_failed", len(exc.attempts)
+            raise ApiError(
+                exc.status(),
+                f"every backend of route `{route.name}` failed: " + "; ".join(a.describe() for a in exc.attempts),
+                "server_error" if exc.status() != 503 else "service_unavailable",
+                "all_backends_failed",
+                retry_after=exc.retry_after() or (1.0 if exc.status() == 503 else None),
+            ) from None
+        except UpstreamRejected as exc:
+            await self._settle(ctx, ctx.reservation, None, 0.0, now)
+            ctx.outcome, ctx.backend = "upstream_error", exc.attempts[-1].backend
+            e = exc.error.openai_error or {}
+            raise ApiError(
+                exc.error.status,
+                str(e.get("message") or exc.error.message),
+                str(e.get("type") or "upstream_error"),
+                e.get("code"),
+                e.get("param"),
+                headers={"x-kubetoll-backend": exc.attempts[-1].backend},
+            ) from None
+        except BaseException:
+            await self._settle(ctx, ctx.reservation, None, 0.0, now)
+            raise
+
+    # ------------------------------------------------------------------ settle (stage 9)
 
     async def _settle(
         self,
+        ctx: RequestContext,
         reservation: Reservation | None,
-        meters: MeterSet,
         usage: Usage | None,
         cost: float,
         now: float,
@@ -378,8 +360,8 @@ class Pipeline:
                 actual = {h.meter.key: requests for h in reservation.holds}
             else:
                 total = float(usage.total_tokens) if usage else 0.0
-                actual = {m.key: total for m in meters.tokens}
-                actual.update({m.key: cost for m in meters.usd})
+                actual = {m.key: total for m in ctx.meters.tokens}
+                actual.update({m.key: cost for m in ctx.meters.usd})
         await asyncio.shield(self._settle_and_record(reservation, actual, now, record))
 
     async def _settle_and_record(
@@ -390,44 +372,43 @@ class Pipeline:
         if record is not None:
             self.ledger.append(record)
 
-    def _spend_record(self, state: RouterState, out: Outcome) -> SpendRecord | None:
-        u = out.usage
-        if u is None or not out.backend:
+    async def _settle_stream(self, ctx: RequestContext, fwd: Forwarded, usage: Usage) -> float:
+        """What `StreamRelay` calls once a stream ended (or was cut): settle, record, return the cost."""
+        ctx.settled = True
+        cost = fwd.backend.price.cost(usage)
+        ctx.usage, ctx.cost = usage, cost
+        await self._settle(ctx, ctx.reservation, usage, cost, self.clock.time(), record=self._spend_record(ctx))
+        return cost
+
+    def _spend_record(self, ctx: RequestContext) -> SpendRecord | None:
+        u = ctx.usage
+        if u is None or not ctx.backend:
             return None
         return SpendRecord(
             time=self.clock.time(),
-            namespace=state.config.namespace,
-            route=out.route or "-",
-            backend=out.backend,
-            tenant=out.tenant,
-            tier=out.tier,
+            namespace=ctx.state.config.namespace,
+            route=ctx.route_name or "-",
+            backend=ctx.backend,
+            tenant=ctx.tenant,
+            tier=ctx.tier,
             prompt_tokens=u.prompt_tokens,
             completion_tokens=u.completion_tokens,
             cached_tokens=u.cached_tokens,
-            cost_usd=out.cost,
-            downgraded=out.downgraded,
-            fallbacks=out.fallbacks,
-            outcome=out.outcome,
-            request_id=out.request_id,
+            cost_usd=ctx.cost,
+            downgraded=ctx.downgraded,
+            fallbacks=ctx.fallbacks,
+            outcome=ctx.outcome,
+            request_id=ctx.request_id,
         )
 
     # ------------------------------------------------------------------ cache (stage 6)
 
-    async def _cache_lookup(
-        self,
-        request: web.Request,
-        req: ParsedRequest,
-        state: RouterState,
-        route: CompiledRoute,
-        meters: MeterSet,
-        endpoint: str,
-        out: Outcome,
-    ) -> CacheLookup:
-        assert self.cache is not None
+    async def _cache_lookup(self, ctx: RequestContext, policy: str) -> CacheLookup:
+        assert self.cache is not None and ctx.req is not None
         lookup = await self.cache.lookup(
-            route.cache_policy, route.name, out.tenant, endpoint, req.upstream_body, request.headers
+            policy, ctx.route_name, ctx.tenant, ctx.endpoint, ctx.req.upstream_body, ctx.request.headers
         )
-        out.cache = lookup
+        ctx.cache = lookup
         charge = lookup.embedding
         if charge is not None:
             # The semantic lookup's embedding call is spend like any other: counted against
@@ -435,11 +416,12 @@ class Pipeline:
             record = CacheStage.embedding_record(
                 lookup,
                 time_=self.clock.time(),
-                namespace=state.config.namespace,
-                tenant=out.tenant,
-                tier=out.tier,
-                request_id=out.request_id,
+                namespace=ctx.state.config.namespace,
+                tenant=ctx.tenant,
+                tier=ctx.tier,
+                request_id=ctx.request_id,
             )
+            meters = ctx.meters
             holds = [Hold(m, float(charge.usage.total_tokens), enforce=False) for m in meters.tokens]
             holds += [Hold(m, charge.cost_usd, enforce=False) for m in meters.usd]
             reservation = None
@@ -448,177 +430,51 @@ class Pipeline:
                     reservation = await self.store.reserve(holds, self.clock.time())
                 except (StoreUnavailable, Suspended):
                     reservation = None  # the record still goes to the ledger; the store is away
-            self.metrics.cost.labels(route.name, charge.backend, out.tier).inc(charge.cost_usd)
-            await self._settle(reservation, meters, charge.usage, charge.cost_usd, self.clock.time(), record=record)
+            self.metrics.cost.labels(ctx.route_name, charge.backend, ctx.tier).inc(charge.cost_usd)
+            await self._settle(ctx, reservation, charge.usage, charge.cost_usd, self.clock.time(), record=record)
         return lookup
 
-    async def _cache_response(
-        self, request: web.Request, req: ParsedRequest, state: RouterState, lookup: CacheLookup, out: Outcome
-    ) -> web.StreamResponse:
-        hit = lookup.hit
-        assert hit is not None
-        out.outcome = f"cache_hit_{hit.kind}"
+    async def _cache_response(self, ctx: RequestContext, lookup: CacheLookup) -> web.StreamResponse:
+        hit, req = lookup.hit, ctx.req
+        assert hit is not None and req is not None
+        ctx.outcome = f"cache_hit_{hit.kind}"
         record = CacheStage.spend_record(
             lookup,
             time_=self.clock.time(),
-            namespace=state.config.namespace,
-            tenant=out.tenant,
-            tier=out.tier,
-            request_id=out.request_id,
+            namespace=ctx.state.config.namespace,
+            tenant=ctx.tenant,
+            tier=ctx.tier,
+            request_id=ctx.request_id,
         )
         if record is not None:
             self.ledger.append(record)
-        headers = {"x-request-id": out.request_id, **hit.headers()}
+        headers = {"x-request-id": ctx.request_id, **hit.headers()}
         if not req.stream:
             return web.Response(body=hit.json_bytes(), content_type="application/json", headers=headers)
         resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache", **headers})
         try:
-            await resp.prepare(request)
+            await resp.prepare(ctx.request)
             await resp.write(hit.sse_bytes(req.include_usage))
             await resp.write_eof()
         except (ConnectionResetError, RuntimeError):
-            out.outcome = "client_disconnected"
+            ctx.outcome = "client_disconnected"
         return resp
 
-    async def _stream_response(
-        self,
-        request: web.Request,
-        req: ParsedRequest,
-        state: RouterState,
-        route: CompiledRoute,
-        meters: MeterSet,
-        reservation: Reservation | None,
-        fwd: Forwarded,
-        prompt_tokens: int,
-        out: Outcome,
-        now: float,
-    ) -> web.StreamResponse:
-        st = fwd.stream
-        assert st is not None
-        resp = web.StreamResponse(
-            headers={
-                "content-type": "text/event-stream",
-                "cache-control": "no-cache",
-                **self._headers(state, meters, out, None),
-            }
-        )
-        outcome = "ok"
-        # The answer is assembled as it streams, to be cached if it ends cleanly.
-        assembler = StreamAssembler(req.endpoint) if out.cache is not None and out.cache.should_store else None
-        try:
-            await resp.prepare(request)
-            added_before_first = time.perf_counter() - out.started - out.upstream_seconds
-            out.extra["ttfb_added"] = added_before_first
-            self.metrics.ttft.labels(out.backend).observe(st.first_chunk_at - st.started)
-            await _write_chunks(resp, st.pending, assembler)
-            translator = st.translator
-            while not translator.done:
-                chunk = await st.response.content.readany()
-                if not chunk:
-                    for ev, data in st.decoder.flush():
-                        await _write_chunks(resp, translator.feed(ev, data), assembler)
-                    break
-                for ev, data in st.decoder.feed(chunk):
-                    await _write_chunks(resp, translator.feed(ev, data), assembler)
-                if translator.error() is not None:
-                    break
-            err = translator.error()
-            if err is not None or not translator.done:
-                outcome = "cut_stream"
-                msg = err.message if err else "the upstream stream ended early"
-                await resp.write(
-                    encode_event(
-                        {
-                            "error": {
-                                "message": f"{out.backend}: {msg}",
-                                "type": "server_error",
-                                "param": None,
-                                "code": "upstream_stream_cut",
-                            }
-                        }
-                    )
-                )
-        except (ConnectionResetError, asyncio.CancelledError) as exc:
-            outcome = "client_disconnected"
-            if isinstance(exc, asyncio.CancelledError):
-                await self._finish_stream(st, req, state, fwd, prompt_tokens, reservation, meters, out, outcome)
-                raise
-        except (TimeoutError, OSError, Exception) as exc:  # upstream read failed mid-stream
-            outcome = "cut_stream"
-            try:
-                await resp.write(
-                    encode_event(
-                        {
-                            "error": {
-                                "message": f"{out.backend}: upstream stream failed: {type(exc).__name__}",
-                                "type": "server_error",
-                                "param": None,
-                                "code": "upstream_stream_cut",
-                            }
-                        }
-                    )
-                )
-            except (ConnectionResetError, RuntimeError):
-                outcome = "client_disconnected"
-        cost = await self._finish_stream(st, req, state, fwd, prompt_tokens, reservation, meters, out, outcome)
-        if outcome == "ok" and assembler is not None and self.cache is not None and out.cache is not None:
-            body = assembler.body()  # None unless every choice finished
-            if body is not None:
-                self.cache.store_soon(out.cache, body, out.usage, cost)
-        if outcome != "client_disconnected":
-            try:
-                # An SSE comment: SDKs ignore it, curl users and tests see the final cost.
-                await resp.write(f": kubetoll cost_usd={cost:.9f} backend={out.backend}\n\n".encode())
-                await resp.write(DONE)
-                await resp.write_eof()
-            except (ConnectionResetError, RuntimeError):
-                out.outcome = "client_disconnected"
-        return resp
+    # ------------------------------------------------------------------ record (stage 10)
 
-    async def _finish_stream(
-        self,
-        st: Any,
-        req: ParsedRequest,
-        state: RouterState,
-        fwd: Forwarded,
-        prompt_tokens: int,
-        reservation: Reservation | None,
-        meters: MeterSet,
-        out: Outcome,
-        outcome: str,
-    ) -> float:
-        if out.extra.get("stream_settled"):
-            return out.cost
-        out.extra["stream_settled"] = True
-        st.response.close()
-        translator = st.translator
-        usage = translator.usage
-        if usage is None or not translator.done:
-            # No usage from the provider, or a stream cut short: bill for what was sent.
-            counted = _count_streamed(translator, fwd.backend.config.model)
-            prompt = usage.prompt_tokens if usage and usage.prompt_tokens else prompt_tokens
-            cached = usage.cached_tokens if usage else 0
-            usage = Usage(prompt, max(counted, usage.completion_tokens if usage else 0), cached, reported=False)
-        cost = fwd.backend.price.cost(usage)
-        out.usage, out.cost, out.outcome = usage, cost, outcome
-        await self._settle(reservation, meters, usage, cost, self.clock.time(), record=self._spend_record(state, out))
-        return cost
-
-    # ------------------------------------------------------------------ record
-
-    def _headers(self, state: RouterState, meters: MeterSet, out: Outcome, cost: float | None) -> dict[str, str]:
+    def _headers(self, ctx: RequestContext, cost: float | None) -> dict[str, str]:
         h = {
-            "x-request-id": out.request_id,
-            "x-kubetoll-backend": out.backend,
-            "x-kubetoll-fallbacks": str(out.fallbacks),
+            "x-request-id": ctx.request_id,
+            "x-kubetoll-backend": ctx.backend,
+            "x-kubetoll-fallbacks": str(ctx.fallbacks),
         }
         if cost is not None:
             h["x-kubetoll-cost-usd"] = f"{cost:.9f}"
-        if out.downgraded:
+        if ctx.downgraded:
             h["x-kubetoll-downgraded"] = "true"
-        if out.cache is not None:
-            h["x-kubetoll-cache"] = out.cache.header_value
-        t = tightest(self.store, meters.all(), self.clock.time())
+        if ctx.cache is not None:
+            h["x-kubetoll-cache"] = ctx.cache.header_value
+        t = tightest(self.store, ctx.meters.all(), self.clock.time())
         if t is not None:
             m, st = t
             h["x-kubetoll-budget-remaining"] = (
@@ -626,66 +482,49 @@ class Pipeline:
             )
         return h
 
-    def _record(self, out: Outcome, endpoint: str) -> None:
-        elapsed = time.perf_counter() - out.started
-        added = out.extra.get("ttfb_added", max(elapsed - out.upstream_seconds, 0.0))
+    def _record(self, ctx: RequestContext) -> None:
+        elapsed = time.perf_counter() - ctx.started
+        added = ctx.added_before_first_byte
+        if added is None:
+            added = max(elapsed - ctx.upstream_seconds, 0.0)
         m = self.metrics
         child = m.child
-        route = out.route or "-"
-        child(m.requests, route, out.backend or "-", out.tier or "-", out.outcome).inc()
-        if out.route:
+        route = ctx.route_name or "-"
+        child(m.requests, route, ctx.backend or "-", ctx.tier or "-", ctx.outcome).inc()
+        if ctx.route_name:
             child(m.added_latency, route).observe(added)
-        if out.backend and out.upstream_seconds:
-            child(m.upstream_latency, out.backend, endpoint).observe(out.upstream_seconds)
-        u = out.usage
-        if u is not None and out.backend:
-            child(m.tokens, route, out.backend, "input").inc(u.prompt_tokens)
-            child(m.tokens, route, out.backend, "output").inc(u.completion_tokens)
+        if ctx.backend and ctx.upstream_seconds:
+            child(m.upstream_latency, ctx.backend, ctx.endpoint).observe(ctx.upstream_seconds)
+        u = ctx.usage
+        if u is not None and ctx.backend:
+            child(m.tokens, route, ctx.backend, "input").inc(u.prompt_tokens)
+            child(m.tokens, route, ctx.backend, "output").inc(u.completion_tokens)
             if u.cached_tokens:
-                child(m.tokens, route, out.backend, "cached_input").inc(u.cached_tokens)
-            child(m.cost, route, out.backend, out.tier).inc(out.cost)
+                child(m.tokens, route, ctx.backend, "cached_input").inc(u.cached_tokens)
+            child(m.cost, route, ctx.backend, ctx.tier).inc(ctx.cost)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 orjson.dumps(
                     {
-                        "request_id": out.request_id,
-                        "endpoint": endpoint,
-                        "route": out.route,
-                        "backend": out.backend,
-                        "tier": out.tier,
-                        "status": out.status,
-                        "outcome": out.outcome,
-                        "reason": out.reason or None,
+                        "request_id": ctx.request_id,
+                        "endpoint": ctx.endpoint,
+                        "route": ctx.route_name,
+                        "backend": ctx.backend,
+                        "tier": ctx.tier,
+                        "status": ctx.status,
+                        "outcome": ctx.outcome,
+                        "reason": ctx.reason or None,
                         "prompt_tokens": u.prompt_tokens if u else 0,
                         "completion_tokens": u.completion_tokens if u else 0,
                         "usage_reported": u.reported if u else None,
-                        "cost_usd": round(out.cost, 9),
-                        "fallbacks": out.fallbacks,
-                        "downgraded": out.downgraded,
+                        "cost_usd": round(ctx.cost, 9),
+                        "fallbacks": ctx.fallbacks,
+                        "downgraded": ctx.downgraded,
                         "added_ms": round(added * 1000, 3),
-                        "upstream_ms": round(out.upstream_seconds * 1000, 1),
+                        "upstream_ms": round(ctx.upstream_seconds * 1000, 1),
                     }
                 ).decode()
             )
-
-
-async def _write_chunks(resp: web.StreamResponse, chunks: list[Any], assembler: StreamAssembler | None = None) -> None:
-    if not chunks:
-        return
-    parts = []
-    for c in chunks:
-        if assembler is not None:
-            assembler.feed(c)
-        parts.append(b"data: " + c + b"\n\n" if isinstance(c, bytes) else encode_event(c))
-    await resp.write(b"".join(parts))
-
-
-def _count_streamed(translator: Any, model: str) -> int:
-    text = getattr(translator, "text", None)
-    if text:
-        return tokens.count_text("".join(text), model)
-    # Providers whose translator keeps only a character count: ~4 characters a token.
-    return math.ceil(getattr(translator, "text_chars", 0) / 4)
 
 
 def _count_body_output(body: dict[str, Any] | None, model: str) -> int:

@@ -93,9 +93,11 @@ class Sidecar:
             from .budgets.redis_store import RedisBudgetStore
             from .ledger_redis import RedisLedger
 
-            store = RedisBudgetStore(cfg.budget_store, cfg.namespace, cfg.server.credentials_dir, clock=self.clock)
+            client = connect_redis(cfg.budget_store, cfg.server.credentials_dir)
+            self._redis_clients.append(client)
+            store = RedisBudgetStore(client, cfg.budget_store, cfg.namespace, clock=self.clock)
             await store.start()  # bounded; Redis being away is not fatal (failOpen/failClosed decide)
-            self.store, self.ledger = store, RedisLedger(store)
+            self.store, self.ledger = store, RedisLedger(store, client)
             # The cache stores binary vectors: its own client, without response decoding.
             redis_cache_client = connect_redis(cfg.budget_store, cfg.server.credentials_dir, decode_responses=False)
             self._redis_clients.append(redis_cache_client)
@@ -131,9 +133,7 @@ class Sidecar:
     def _apply_to_shared_parts(self, state: RouterState) -> None:
         """What a config load changes outside RouterState: the kill switches the store
         watches, the cache policies and their embedding backends."""
-        watch = getattr(self.store, "watch_budgets", None)
-        if watch is not None:
-            watch([b.name for b in state.config.budgets])
+        self.store.watch_budgets([b.name for b in state.config.budgets])
         if self.cache is not None:
             embedders = {
                 p.semantic.embedding_backend: embedder_for_backend(
@@ -245,7 +245,8 @@ class Sidecar:
         except web.HTTPMethodNotAllowed as exc:
             return ApiError(
                 405,
-                f"{request.method} is not allowed on {request.path} (allowed: {', '.join(sorted(exc.allowed_methods))})",
+                f"{request.method} is not allowed on {request.path} "
+                f"(allowed: {', '.join(sorted(exc.allowed_methods))})",
                 "invalid_request_error",
                 "method_not_allowed",
             ).response()
@@ -264,7 +265,7 @@ class Sidecar:
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, Endpoint.embeddings)
 
-    async def _serve(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+    async def _serve(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         if self.draining:
             raise ApiError(503, "the sidecar is shutting down", "service_unavailable", "draining", retry_after=1)
         assert self.pipeline is not None
@@ -295,29 +296,24 @@ class Sidecar:
             raise ApiError(
                 400, "since and until must be epoch seconds", "invalid_request_error", None, "since"
             ) from None
-        read = getattr(self.ledger, "read", None)  # a shared ledger: every sidecar's records
-        if read is not None:
-            try:
-                found = await asyncio.wait_for(read(since, until), 10.0)
-                scope = "namespace"
-            except Exception as exc:
-                raise ApiError(
-                    503,
-                    f"the spend ledger in Redis cannot be read: {type(exc).__name__}",
-                    "service_unavailable",
-                    "ledger_unavailable",
-                    retry_after=1.0,
-                ) from None
-        else:
-            found, scope = list(self.ledger.records(since, until)), "sidecar"
+        try:
+            found = await asyncio.wait_for(self.ledger.read(since, until), 10.0)
+        except Exception as exc:
+            raise ApiError(
+                503,
+                f"the spend ledger in Redis cannot be read: {type(exc).__name__}",
+                "service_unavailable",
+                "ledger_unavailable",
+                retry_after=1.0,
+            ) from None
         records = [r.to_dict() for r in found]
         return web.Response(
             body=orjson.dumps(
                 {
                     "namespace": self.config.namespace,
-                    "scope": scope,
+                    "scope": self.ledger.scope,
                     "records": records,
-                    "dropped": getattr(self.ledger, "dropped", 0),
+                    "dropped": self.ledger.dropped,
                 }
             ),
             content_type="application/json",
@@ -342,10 +338,8 @@ class Sidecar:
                 period = meter.label.rsplit("-", 1)[-1]
                 m.budget_remaining.labels(meter.budget, meter.level, meter.unit, period).set(st.remaining)
                 m.budget_percent.labels(meter.budget, meter.level, meter.unit, period).set(st.percent)
-        stats = getattr(self.store, "stats", None)
-        if stats is not None:
-            for name, value in stats().items():
-                m.budget_store.labels(name).set(value)
+        for name, value in self.store.stats().items():
+            m.budget_store.labels(name).set(value)
         m.circuit_open.clear()
         for name, breaker in self.breakers.items():
             m.circuit_open.labels(name).set(1 if breaker.state != "closed" else 0)
@@ -363,9 +357,9 @@ class Sidecar:
             "routes": self.state.router.names(),
             "draining": self.draining,
             "budgetStore": {
-                "kind": "redis" if hasattr(self.store, "stats") else "memory",
+                "kind": self.store.kind,
                 # Not a readiness condition: failOpen/failClosed decide per budget while Redis is away.
-                "available": bool(getattr(self.store, "available", True)),
+                "available": self.store.available,
             },
         }
         # A refused newer config does not make the pod unready: it still serves the
@@ -447,7 +441,10 @@ async def wait_for_config_file(
     for, /healthz stays up, and the sidecar starts as soon as the kubelet writes
     the file.
     """
-    message = f"the kubetoll sidecar is waiting for its router config ({path}); the operator writes it from the namespace's resources"
+    message = (
+        f"the kubetoll sidecar is waiting for its router config ({path}); "
+        "the operator writes it from the namespace's resources"
+    )
 
     async def pending(request: web.Request) -> web.Response:
         return ApiError(503, message, "service_unavailable", "config_pending", retry_after=2).response()
@@ -473,7 +470,7 @@ async def wait_for_config_file(
             await runner.setup()
             await web.TCPSite(runner, h, p, reuse_address=True).start()
         log.warning("router config %s does not exist yet: waiting for it (API answers 503 config_pending)", path)
-        while not os.path.exists(path):
+        while not os.path.exists(path):  # noqa: ASYNC240 (a stat every `poll` seconds while nothing else runs)
             try:
                 await asyncio.wait_for(stop.wait(), poll)
                 return False

@@ -13,6 +13,8 @@ from .store import Exhausted, Hold, Meter, MeterState, Reservation
 
 
 class InMemoryBudgetStore:
+    kind = "memory"
+    available = True
     PRUNE_EVERY = 4096  # operations between sweeps of ended periods and full buckets
 
     def __init__(self) -> None:
@@ -94,6 +96,12 @@ class InMemoryBudgetStore:
 
     def is_suspended(self, budget: str) -> bool:
         return False  # in memory, only the config's `suspended` field can suspend a budget
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    def watch_budgets(self, budgets: Sequence[str]) -> None:
+        return None  # no kill switch outside the config
 
     def spent(self, meter_key: str) -> float:
         """Settled spend on a window meter (tests and reports)."""

@@ -22,7 +22,7 @@ slices of each meter so a request needs no Redis round trip).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from kubetoll_core.enums import OnExhausted
@@ -52,10 +52,11 @@ class Hold:
 
 @dataclass(slots=True)
 class Reservation:
+    """What `reserve` took. A store may return a subclass carrying its own bookkeeping."""
+
     id: str
     holds: list[Hold]
     settled: bool = False
-    extra: dict = field(default_factory=dict)  # store-specific bookkeeping
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,22 @@ class Suspended(Exception):
 
 
 class BudgetStore(Protocol):
+    kind: str  # "memory" or "redis": what /readyz and the metrics say is in use
+
+    @property
+    def available(self) -> bool:
+        """The shared store answers (always True in memory). Not a readiness condition: failOpen
+        and failClosed decide per budget while it is away."""
+        ...
+
+    def stats(self) -> dict[str, float]:
+        """Counters and gauges for the metrics (`kubetoll_budget_store{stat=...}`); empty in memory."""
+        ...
+
+    def watch_budgets(self, budgets: Sequence[str]) -> None:
+        """The budgets of the config in force: their kill switches are watched before any request touches them."""
+        ...
+
     async def reserve(self, holds: Sequence[Hold], now: float) -> Reservation:
         """All holds or none. Raises Exhausted for the first enforced hold that does not fit."""
         ...

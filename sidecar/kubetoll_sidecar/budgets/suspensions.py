@@ -1,0 +1,128 @@
+"""The budget kill switch as this sidecar sees it: the flags in Redis, watched two ways.
+
+Pub/sub brings a change within milliseconds; a poll of every watched budget's
+flag each `poll_interval` is the backstop (a message published while the
+subscription was down is lost). The sync script also returns each budget's
+flag, so any sync updates it too. `kubetoll_core.kill_switch` sets the flag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from redis.exceptions import RedisError
+
+from kubetoll_core.redis_keys import RedisKeys, check_name
+
+log = logging.getLogger("kubetoll.budgets.redis")
+
+
+class SuspensionWatcher:
+    def __init__(
+        self,
+        client: Any,
+        keys: RedisKeys,
+        *,
+        cluster: bool,
+        io_timeout: float,
+        poll_interval: float,
+        on_suspended: Callable[[str], None],
+        count_call: Callable[[int], None],
+    ) -> None:
+        self._client = client
+        self._keys = keys
+        self._cluster = cluster
+        self._io_timeout = io_timeout
+        self.poll_interval = poll_interval
+        self._on_suspended = on_suspended  # the store gives back what it leased under the budget
+        self._count = count_call
+        self.watched: set[str] = set()
+        self.suspended: set[str] = set()
+
+    def set_local(self, budget: str, on: bool) -> None:
+        if on and budget not in self.suspended:
+            self.suspended.add(budget)
+            log.warning("budget %s suspended (kill switch in Redis): admitting nothing under it", budget)
+            self._on_suspended(budget)
+        elif not on and budget in self.suspended:
+            self.suspended.discard(budget)
+            log.warning("budget %s no longer suspended", budget)
+
+    async def poll_once(self) -> None:
+        budgets = sorted(self.watched | self.suspended)
+        if not budgets:
+            return
+        keys = [self._keys.suspended(b) for b in budgets]
+        if self._cluster:
+            self._count(len(keys))
+            pipe = self._client.pipeline(transaction=False)
+            for k in keys:
+                pipe.get(k)
+            values = await _bounded(pipe.execute(), self._io_timeout)
+        else:
+            self._count(1)
+            values = await _bounded(self._client.mget(keys), self._io_timeout)
+        for b, v in zip(budgets, values):
+            self.set_local(b, v is not None)
+
+    async def poll_forever(self, closing: Callable[[], bool]) -> None:
+        while not closing() and not cancelling():
+            try:
+                await self.poll_once()
+            except (TimeoutError, RedisError, OSError) as exc:
+                log.debug("suspension poll failed: %r", exc)
+            except Exception:
+                log.exception("suspension poll failed unexpectedly")
+            await asyncio.sleep(self.poll_interval)
+
+    async def listen_forever(self, closing: Callable[[], bool]) -> None:
+        backoff = 0.1
+        channel = self._keys.channel()
+        while not closing() and not cancelling():
+            ps = None
+            try:
+                ps = self._client.pubsub()
+                self._count(1)
+                await _bounded(ps.subscribe(channel), self._io_timeout)
+                backoff = 0.1
+                await self.poll_once()  # whatever was published while we were not subscribed
+                while not closing() and not cancelling():
+                    msg = await ps.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if msg and msg.get("type") == "message":
+                        self.on_event(msg.get("data"))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # reconnect on anything: this task must not die
+                log.debug("kill-switch subscription lost: %r", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                if ps is not None:
+                    with contextlib.suppress(Exception):
+                        await ps.aclose()
+
+    def on_event(self, data: Any) -> None:
+        try:
+            ev = orjson.loads(data)
+            budget = check_name("budget", ev["budget"])
+            on = bool(ev["suspended"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring a malformed kill-switch message")
+            return
+        self.set_local(budget, on)
+
+
+def cancelling() -> bool:
+    """A cancel was requested (a library may have swallowed the CancelledError): a loop must end."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+async def _bounded(aw: Any, timeout: float) -> Any:
+    async with asyncio.timeout(timeout):
+        return await aw

@@ -1,0 +1,54 @@
+"""RequestContext: one request on its way through the pipeline's stages.
+
+Each stage reads what the earlier ones decided and writes its own decision
+here; the record stage (metrics, the access line, cost headers) reports from it.
+One object per request, with typed fields, so no stage reaches into another's
+state and nothing travels in an untyped side channel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from kubetoll_core.usage import Usage
+
+from .budgets.admission import MeterSet
+from .budgets.store import Reservation
+from .cache.stage import CacheLookup
+from .providers.base import Endpoint
+from .request_parsing import ParsedRequest
+from .routing import CompiledRoute
+from .state import RouterState
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request: web.Request
+    endpoint: Endpoint
+    state: RouterState  # this request's config, to the end (a reload does not change it)
+    request_id: str
+    started: float  # perf_counter at arrival
+    # what the stages decided
+    req: ParsedRequest | None = None  # 1 parse
+    route: CompiledRoute | None = None  # 3 route
+    prompt_tokens: int = 0  # 4 estimate
+    meters: MeterSet = field(default_factory=MeterSet)  # 5/7: the budget levels this request falls under
+    reservation: Reservation | None = None  # 7 admit
+    cache: CacheLookup | None = None  # 6 cache
+    # what the record stage reports
+    route_name: str = ""
+    tenant: str = ""
+    tier: str = ""
+    backend: str = ""
+    status: int = 200
+    outcome: str = "ok"
+    reason: str = ""
+    usage: Usage | None = None
+    cost: float = 0.0
+    fallbacks: int = 0
+    downgraded: bool = False
+    upstream_seconds: float = 0.0
+    added_before_first_byte: float | None = None  # streams: the router's share before the first byte
+    settled: bool = False  # spend settled and recorded (a stream settles once, whichever path ends it)
