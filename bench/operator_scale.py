@@ -23,7 +23,7 @@ CachePolicies (two of them semantic).
     namespace as the operator's reporter does it (`period_totals` per budget plus
     `spend.budget_report`): median over 10 readings, and the meters read.
 
-Prints figures; asserts nothing (DESIGN.md: benchmarks never pass or fail).
+Prints figures; asserts nothing (benchmarks never pass or fail).
 
     .venv/bin/python bench/operator_scale.py
     .venv/bin/python bench/operator_scale.py --routes 400 --changes 50

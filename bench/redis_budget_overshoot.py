@@ -5,7 +5,7 @@ leases), run reserve/settle loops on one small budget until it is spent. Then
 the budget's total in Redis is compared with its limit. A second part compares
 one process's reserve/settle rate on the in-memory and the Redis store.
 
-Prints figures; asserts nothing (DESIGN.md: benchmarks never pass or fail).
+Prints figures; asserts nothing (benchmarks never pass or fail).
 
     .venv/bin/python bench/redis_budget_overshoot.py --procs 20 --budget 20 --hold 0.001
     REDIS_URL=redis://127.0.0.1:6379/15 ...   (default: a private redis-server on a free port)
@@ -110,7 +110,8 @@ async def loop(store, ms: list[Meter], hold: float, actual, stop_after: int, dea
 
 def worker(url: str, ns: str, i: int, limit: float, hold: float, mode: str, start: mp.Event, out: mp.Queue) -> None:
     async def main():
-        s = RedisBudgetStore.connect(BudgetStoreSettings(url=url, timeout_ms=50), ns, "/nonexistent", sidecar_id=f"bench-{i}")
+        settings = BudgetStoreSettings(url=url, timeout_ms=50)
+        s = RedisBudgetStore.connect(settings, ns, "/nonexistent", sidecar_id=f"bench-{i}")
         await s.start()
         start.wait()
         t0 = time.monotonic()
@@ -157,7 +158,8 @@ async def throughput(url: str, n: int) -> tuple[float, float, float]:
         return n / (time.perf_counter() - t0)
 
     mem = await run(InMemoryBudgetStore())
-    s = RedisBudgetStore.connect(BudgetStoreSettings(url=url), f"tp{uuid.uuid4().hex[:8]}", "/nonexistent", sidecar_id="tp")
+    ns = f"tp{uuid.uuid4().hex[:8]}"
+    s = RedisBudgetStore.connect(BudgetStoreSettings(url=url), ns, "/nonexistent", sidecar_id="tp")
     await s.start()
     await run(s)  # warm up leases and rates
     calls0 = s.counters.redis_calls

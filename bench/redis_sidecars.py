@@ -24,7 +24,7 @@ in-memory store), the same config otherwise. Then:
 
 Every process shares the machine (nothing is pinned): with 20 sidecars on 2 cores
 the absolute rates say little; the Redis / in-memory ratio is the figure.
-Prints figures next to the DESIGN.md targets; never asserts.
+Prints figures next to the performance targets (README, "Performance"); never asserts.
 
     .venv/bin/python bench/redis_sidecars.py [--sidecars 20] [--duration 5] [--rounds 2] [--budget 0.1]
     REDIS_URL=redis://127.0.0.1:6379/15 ...   (default: a private redis-server on a free port)
@@ -690,7 +690,7 @@ def main() -> int:
             )
             print()
             print(
-                f'Targets (DESIGN.md "Performance targets"): Redis-backed >= {TARGET_RATIO:.0%} '
+                f'Targets (README, "Performance"): Redis-backed >= {TARGET_RATIO:.0%} '
                 f"of in-memory throughput, Redis calls per request <= {TARGET_CALLS}; "
                 f"overshoot with 20 sidecar processes on one budget <= {TARGET_OVERSHOOT_PCT:g}%."
             )

@@ -11,7 +11,7 @@ then measures in one run, each path side by side:
      sidecar and direct (wrk when installed, else an aiohttp load generator);
  (c) stream=true: time to the first `data:` event, p50/p99, via and direct.
 
-Prints figures next to the DESIGN.md targets; never asserts.
+Prints figures next to the performance targets (README, "Performance"); never asserts.
 
     .venv/bin/python bench/sidecar_latency.py [--requests 2000] [--duration 10] [--concurrency 8]
 """
@@ -315,7 +315,7 @@ def main() -> int:
             print_noise(noise_c)
             print()
             print(
-                'Targets (DESIGN.md "Performance targets"): added p50 <= 0.3 ms / p99 <= 1 ms; '
+                'Targets (README, "Performance"): added p50 <= 0.3 ms / p99 <= 1 ms; '
                 ">= 3,000 req/s on one core; added TTFT <= 0.5 ms."
             )
             print(

@@ -6,29 +6,22 @@ Runnable on its own: PYTHONPATH=sidecar:operator pytest tests/test_anthropic_tra
 from __future__ import annotations
 
 import itertools
-import sys
-from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-_ROOT = Path(__file__).resolve().parents[1]
-for _p in (_ROOT / "sidecar", _ROOT / "operator"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from kubetoll_core.enums import FailureClass  # noqa: E402
+from kubetoll_core.enums import FailureClass
 from kubetoll_core.router_config import Backend
-from kubetoll_sidecar.providers import anthropic as anthropic_mod  # noqa: E402
-from kubetoll_sidecar.providers.anthropic import (  # noqa: E402
+from kubetoll_sidecar.providers import anthropic as anthropic_mod
+from kubetoll_sidecar.providers.anthropic import (
     ANTHROPIC_VERSION,
     IGNORED_OPENAI_FIELDS,
     AnthropicStreamTranslator,
     AnthropicTranslator,
 )
-from kubetoll_sidecar.providers.base import UnsupportedRequest, UpstreamError, Usage  # noqa: E402
-from kubetoll_sidecar.sse import SSEDecoder  # noqa: E402
+from kubetoll_sidecar.providers.base import UnsupportedRequest, UpstreamError, Usage
+from kubetoll_sidecar.sse import SSEDecoder
 
 NOW = 1_760_000_000
 MODEL = "claude-sonnet-4-5-20250929"

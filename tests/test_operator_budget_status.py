@@ -22,6 +22,7 @@ import pytest
 from kubetoll_core.ledger_stream import MeterTotal
 from kubetoll_core.meters import cap_meter_name, parse_meter_name, tier_meter_name
 from kubetoll_core.periods import compute_period
+from kubetoll_core.redis_connect import RedisCredentials, password_from_env
 from kubetoll_core.redis_keys import RedisKeys
 from kubetoll_core.router_config import Budget, BudgetStoreSettings, RouterConfig
 from kubetoll_core.spend_record import SpendRecord
@@ -114,7 +115,9 @@ async def spend_like_a_sidecar(
     Each call is a new sidecar process (its own sidecar id: Redis refuses a reused id's restarted sequence).
     """
     meters = BudgetMeters(config).for_request("chat", tenant, tier, time.time())
-    store = RedisBudgetStore.connect(BudgetStoreSettings(url=redis_url, timeout_ms=1000), config.namespace, "/nonexistent")
+    store = RedisBudgetStore.connect(
+        BudgetStoreSettings(url=redis_url, timeout_ms=1000), config.namespace, "/nonexistent"
+    )
     await store.start()
     try:
         now = time.time()
@@ -567,15 +570,13 @@ def test_cache_counter_window_and_policy_routes() -> None:
 def test_operator_credentials_are_read_per_connection(tmp_path: Any) -> None:
     pw = tmp_path / "password"
     pw.write_text("s3cret\n")
-    creds = spend.OperatorRedisCredentials(None, str(pw), None)
+    creds = RedisCredentials(None, pw, None)
     assert creds.configured and creds.get_credentials() == ("s3cret",)
     pw.write_text("rotated")
     assert creds.get_credentials() == ("rotated",)
-    assert spend.OperatorRedisCredentials(None, None, "from-env").get_credentials() == ("from-env",)
-    assert not spend.OperatorRedisCredentials(None, None, None).configured
-    assert (
-        spend.credentials_from_env({"KUBETOLL_REDIS_PASSWORD": "x"}) == "x" and spend.credentials_from_env({}) is None
-    )
+    assert RedisCredentials(None, None, "from-env").get_credentials() == ("from-env",)
+    assert not RedisCredentials(None, None, None).configured
+    assert password_from_env({"KUBETOLL_REDIS_PASSWORD": "x"}) == "x" and password_from_env({}) is None
     from kubetoll_operator.handlers import OperatorOptions
 
     assert "from-env" not in repr(OperatorOptions(redis_password="from-env"))

@@ -14,7 +14,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 from kubetoll_core.enums import OnExhausted
 from kubetoll_core.kill_switch import set_suspended
 from kubetoll_core.ledger_stream import period_totals, read_ledger
-from kubetoll_core.redis_connect import FileCredentialProvider, connect_redis
+from kubetoll_core.redis_connect import RedisCredentials, connect_redis
 from kubetoll_core.redis_keys import RedisKeys
 from kubetoll_core.router_config import BudgetStoreSettings
 from kubetoll_core.spend_record import SpendRecord
@@ -136,12 +136,13 @@ def test_keys_are_built_only_from_validated_names():
 def test_credentials_come_from_files_under_the_credentials_dir(tmp_path):
     (tmp_path / "user").write_text("kt-a\n")
     (tmp_path / "pw").write_text("first\n")
-    p = FileCredentialProvider(str(tmp_path), "user", "pw")
+    p = RedisCredentials.for_store(BudgetStoreSettings(username_file="user", password_file="pw"), str(tmp_path))
+    assert p is not None
     assert p.get_credentials() == ("kt-a", "first")
     (tmp_path / "pw").write_text("rotated")
     assert p.get_credentials() == ("kt-a", "rotated")  # read per connection: rotation needs no restart
     with pytest.raises(ValueError):
-        FileCredentialProvider(str(tmp_path), None, "../etc/passwd")
+        RedisCredentials.for_store(BudgetStoreSettings(password_file="../etc/passwd"), str(tmp_path))
     with pytest.raises(ValueError):
         BudgetStoreSettings(url="redis://user:secret@localhost:6379/0")
 
@@ -210,7 +211,7 @@ async def test_acl_user_confined_to_its_namespace(tmp_path):
         await round_trip(settings, "team-a", str(tmp_path))
         await check_totals(admin, "team-a")
         # suspension and its message go through for its own namespace
-        user = connect_redis(settings, str(tmp_path))
+        user = connect_redis(settings, RedisCredentials.for_store(settings, str(tmp_path)))
         await set_suspended(user, "team-a", "b1", True)
         # ... and nothing of another namespace can be read, written or published to
         with pytest.raises(NoPermissionError):
@@ -223,7 +224,7 @@ async def test_acl_user_confined_to_its_namespace(tmp_path):
             await user.flushall()
         await user.aclose()
         # the response cache works for its own namespace, with what CacheStage sends, and not for another's
-        cache = connect_redis(settings, str(tmp_path), decode_responses=False)
+        cache = connect_redis(settings, RedisCredentials.for_store(settings, str(tmp_path)), decode_responses=False)
         entry, log = cache_keys.entry_key("team-a", "faq", "g1", "h1"), cache_keys.log_key("team-a", "faq", "g1")
         pipe = cache.pipeline(transaction=False)
         pipe.set(entry, b"answer", ex=60)
@@ -283,7 +284,9 @@ async def test_cluster_keeps_each_budget_in_one_slot():
         client = RedisCluster(host="127.0.0.1", port=proc.port, decode_responses=True)
         await check_totals(client, "clu")
         # the kill switch works the same through the cluster client (poll and pub/sub)
-        a = RedisBudgetStore.connect(BudgetStoreSettings(url=proc.url, timeout_ms=SLOW_OK_MS), "clu", "/x", sidecar_id="k")
+        a = RedisBudgetStore.connect(
+            BudgetStoreSettings(url=proc.url, timeout_ms=SLOW_OK_MS), "clu", "/x", sidecar_id="k"
+        )
         await a.start()
         res = await a.reserve([Hold(meter("b1"), 0.1)], time.time())
         await a.settle(res, {}, time.time())
@@ -299,12 +302,12 @@ async def test_cluster_keeps_each_budget_in_one_slot():
 
 
 def test_url_forms_build_the_right_clients():
-    s = connect_redis(BudgetStoreSettings(url="redis+cluster://10.0.0.1:7000,10.0.0.2:7001/"), "/x")
+    s = connect_redis(BudgetStoreSettings(url="redis+cluster://10.0.0.1:7000,10.0.0.2:7001/"), None)
     assert isinstance(s, RedisCluster)
-    s = connect_redis(BudgetStoreSettings(url="redis+sentinel://10.0.0.1:26379,10.0.0.2/mymaster/2"), "/x")
+    s = connect_redis(BudgetStoreSettings(url="redis+sentinel://10.0.0.1:26379,10.0.0.2/mymaster/2"), None)
     assert s.connection_pool.service_name == "mymaster"
     assert s.connection_pool.connection_kwargs["db"] == 2
-    s = connect_redis(BudgetStoreSettings(url="rediss://redis.example:6380/1", timeout_ms=20), "/x")
+    s = connect_redis(BudgetStoreSettings(url="rediss://redis.example:6380/1", timeout_ms=20), None)
     kw = s.connection_pool.connection_kwargs
     assert kw["host"] == "redis.example" and kw["port"] == 6380 and kw["db"] == 1
     assert s.connection_pool.connection_class.__name__ == "SSLConnection"

@@ -186,7 +186,8 @@ CHILD = textwrap.dedent(
     async def main():
         m = Meter(key="b:cap:usd:2026-11", kind="window", unit="usd", limit=10.0, budget="b", level="cap",
                   label="b", on_exhausted=OnExhausted.reject, period_end={end!r})
-        s = RedisBudgetStore.connect(BudgetStoreSettings(url={url!r}, timeout_ms=1000), {ns!r}, "/nonexistent", sidecar_id="doomed", lease_ttl=1.0)
+        settings = BudgetStoreSettings(url={url!r}, timeout_ms=1000)
+        s = RedisBudgetStore.connect(settings, {ns!r}, "/nonexistent", sidecar_id="doomed", lease_ttl=1.0)
         await s.start()
         done = await s.reserve([Hold(m, 1.0)], time.time())
         await s.settle(done, {{m.key: 0.75}}, time.time())
@@ -372,7 +373,8 @@ async def test_thousands_of_tenant_meters_are_synced_in_bounded_calls(redis_url,
     meters = [window(1.0, f"b:tier:free:t:tenant{i}:usd:2026-11") for i in range(2500)]
     # 2,500 first leases at once take one long sync; on a loaded CI machine that can pass
     # 1 s, which would turn this test about batching into one about outages.
-    s = RedisBudgetStore.connect(BudgetStoreSettings(url=redis_url, timeout_ms=10_000.0), ns, "/nonexistent", sidecar_id="a")
+    settings = BudgetStoreSettings(url=redis_url, timeout_ms=10_000.0)
+    s = RedisBudgetStore.connect(settings, ns, "/nonexistent", sidecar_id="a")
     await s.start()
 
     async def one(m: Meter) -> None:

@@ -24,7 +24,7 @@ bound asserted is exact rather than "about 1%". `budgetStore.timeoutMs` is 1 s
 a loaded 2-core machine a 50 ms wait could look like an outage (a 503, which
 the test would tolerate but which would spend nothing).
 
-Nothing here asserts on timings; times only bound loops (DESIGN.md, "Testing").
+Nothing here asserts on timings; times only bound loops (docs/architecture.md, "Checks").
 """
 
 from __future__ import annotations
@@ -353,9 +353,10 @@ async def test_ten_sidecars_share_one_budget_to_its_end(sim, redis_server, tmp_p
         )
 
         print(
-            f"\n{N_SIDECARS} sidecars: {sum(t.ok for t in tallies)} admitted, {sum(t.exhausted for t in tallies)} refused "
-            f"(429), {sum(t.store_unavailable for t in tallies)} 503; spent {meter.spent_units} of {limit_units} nUSD "
-            f"({100 * meter.spent_units / limit_units:.3f}%), bound {limit_units + bound_units}, reservation {est_units}"
+            f"\n{N_SIDECARS} sidecars: {sum(t.ok for t in tallies)} admitted, "
+            f"{sum(t.exhausted for t in tallies)} refused (429), {sum(t.store_unavailable for t in tallies)} 503; "
+            f"spent {meter.spent_units} of {limit_units} nUSD ({100 * meter.spent_units / limit_units:.3f}%), "
+            f"bound {limit_units + bound_units}, reservation {est_units}"
         )
 
         # (b) the ledger stream and the meter agree exactly (integer nano-USD).

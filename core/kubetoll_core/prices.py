@@ -153,7 +153,7 @@ def _from_catalog(backend: Backend) -> ResolvedPrice:
     tiers = []
     for start in starts:
 
-        def at(tiered: list[tuple[int, float]], default: float) -> float:
+        def at(tiered: list[tuple[int, float]], default: float, start: int = start) -> float:
             price = default
             for s, v in tiered:
                 if s <= start:

@@ -10,13 +10,14 @@ URLs (credentials never in them; they come from files under the credentials dir)
 - `redis+cluster://host:port,host:port/`: redis-py's RedisCluster (`?ssl=true` for TLS).
 
 The password and username files are read again whenever a connection is opened
-(a redis-py credential provider), so a rotated Secret reaches running sidecars
-without a restart.
+(`RedisCredentials`, a redis-py credential provider), so a rotated Secret reaches
+running sidecars without a restart.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -31,28 +32,54 @@ from redis.credentials import CredentialProvider
 from .router_config import BudgetStoreSettings
 
 
-class FileCredentialProvider(CredentialProvider):
-    """Username and password from files under the mounted credentials Secret, read per connection."""
+class RedisCredentials(CredentialProvider):
+    """A Redis username and password, read again at every new connection (a rotated Secret needs no
+    restart): from files, or a password given once (the operator's KUBETOLL_REDIS_PASSWORD). Never logged.
 
-    def __init__(self, credentials_dir: str, username_file: str | None, password_file: str | None) -> None:
-        self._user = _resolve(credentials_dir, username_file) if username_file else None
-        self._password = _resolve(credentials_dir, password_file) if password_file else None
+    Every caller builds one of these and passes it to `connect_redis`: the sidecar from the
+    files of its mounted credentials Secret (`for_store`), the operator and the CLI from their
+    own flags.
+    """
+
+    def __init__(
+        self, username_file: Path | None = None, password_file: Path | None = None, password: str | None = None
+    ) -> None:
+        self._user = username_file
+        self._password_file = password_file
+        self._password = password
+
+    @classmethod
+    def for_store(cls, settings: BudgetStoreSettings, credentials_dir: str) -> RedisCredentials | None:
+        """The budget store's files under the mounted credentials Secret (None when it names none)."""
+        if not (settings.username_file or settings.password_file):
+            return None
+        return cls(
+            _inside(credentials_dir, settings.username_file) if settings.username_file else None,
+            _inside(credentials_dir, settings.password_file) if settings.password_file else None,
+        )
+
+    @property
+    def configured(self) -> bool:
+        return bool(self._user or self._password_file or self._password)
 
     def get_credentials(self) -> tuple[str] | tuple[str, str]:
-        password = _read(self._password) if self._password else ""
-        if self._user:
+        password = self._password or ""
+        if self._password_file is not None:
+            password = _read(self._password_file)
+        if self._user is not None:
             return (_read(self._user), password)
         return (password,)
 
     async def get_credentials_async(self) -> tuple[str] | tuple[str, str]:
         return self.get_credentials()
 
-    @property
-    def configured(self) -> bool:
-        return bool(self._user or self._password)
+
+def password_from_env(env: Mapping[str, str] | None = None) -> str | None:
+    """KUBETOLL_REDIS_PASSWORD, if set (a command-line flag would show in `ps`)."""
+    return (env if env is not None else os.environ).get("KUBETOLL_REDIS_PASSWORD") or None
 
 
-def _resolve(base: str, name: str) -> Path:
+def _inside(base: str, name: str) -> Path:
     root = Path(base).resolve()
     p = (root / name).resolve()
     if root not in p.parents:
@@ -91,28 +118,24 @@ def _truthy(v: str | None) -> bool:
 
 def connect_redis(
     settings: BudgetStoreSettings,
-    credentials_dir: str,
+    credentials: RedisCredentials | None,
     *,
     io_timeout: float | None = None,
     decode_responses: bool = True,
-    credential_provider: CredentialProvider | None = None,
     client_name: str = "kubetoll-sidecar",
 ) -> Redis | RedisCluster:
     """The redis-py asyncio client for the settings (no I/O happens here).
 
     Retries are off: the store decides what to do when Redis does not answer,
     and a retry inside redis-py would only stretch a request's wait. The cache
-    asks for `decode_responses=False` (it stores binary vectors). The operator
-    passes its own `credential_provider` (its password comes from its own file or
-    environment, not from a namespace's credentials Secret).
+    asks for `decode_responses=False` (it stores binary vectors). Every caller
+    (sidecar, operator, `kubetoll report`, `kubetoll cache flush`) opens its client
+    here, so each speaks TLS, Sentinel and Cluster the same way.
     """
     if not settings.url:
         raise ValueError("budgetStore.url is not set")
     timeout = io_timeout if io_timeout is not None else max(0.5, 5 * settings.timeout_ms / 1000.0)
-    creds: CredentialProvider | None = credential_provider
-    if creds is None:
-        files = FileCredentialProvider(credentials_dir, settings.username_file, settings.password_file)
-        creds = files if files.configured else None
+    creds = credentials if credentials is not None and credentials.configured else None
     common: dict[str, Any] = dict(
         socket_timeout=timeout,
         socket_connect_timeout=timeout,

@@ -40,7 +40,7 @@ from .parts import (
     valid_timezone,
 )
 
-CONFIG_VERSION = 1
+CONFIG_VERSION: Literal[1] = 1
 
 # --------------------------------------------------------------------------- server
 
@@ -259,7 +259,8 @@ class RouterConfig(ContractModel):
         for p in self.cache_policies:
             if p.semantic.embedding_backend is not None and p.semantic.embedding_backend not in known:
                 raise ValueError(
-                    f"cachePolicies[{p.name}].semantic.embeddingBackend: unknown backend {p.semantic.embedding_backend!r}"
+                    f"cachePolicies[{p.name}].semantic.embeddingBackend: "
+                    f"unknown backend {p.semantic.embedding_backend!r}"
                 )
         dup = _duplicates([b.name for b in self.budgets])
         if dup:

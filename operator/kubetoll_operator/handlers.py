@@ -38,6 +38,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import kopf
@@ -523,17 +524,20 @@ class Reconciler:
 
     def _redis(self) -> Any:
         if self.redis is None:
-            from kubetoll_core.redis_connect import connect_redis
+            from kubetoll_core.redis_connect import RedisCredentials, connect_redis
             from kubetoll_core.router_config import BudgetStoreSettings
 
-            creds = spend.OperatorRedisCredentials(
-                self.options.redis_username_file, self.options.redis_password_file, self.options.redis_password
+            # The operator's own credentials (its flags and environment), never a namespace's files.
+            o = self.options
+            creds = RedisCredentials(
+                Path(o.redis_username_file) if o.redis_username_file else None,
+                Path(o.redis_password_file) if o.redis_password_file else None,
+                o.redis_password,
             )
             self.redis = connect_redis(
-                BudgetStoreSettings(url=self.options.redis_url),
-                "/nonexistent",  # the operator's credentials are its own (creds), never a namespace's files
-                io_timeout=self.options.redis_timeout_seconds,
-                credential_provider=creds if creds.configured else None,
+                BudgetStoreSettings(url=o.redis_url),
+                creds,
+                io_timeout=o.redis_timeout_seconds,
                 client_name="kubetoll-operator",
             )
         return self.redis

@@ -103,8 +103,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kubetoll_core.redis_connect import password_from_env
+
     from .handlers import OperatorOptions, run_operator
-    from .spend import credentials_from_env
     from .webhook import options_from_args as webhook_options
 
     logging.basicConfig(
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         tenants_over_budget=max(args.tenants_over_budget, 0),
         redis_username_file=args.redis_username_file or None,
         redis_password_file=args.redis_password_file or None,
-        redis_password=credentials_from_env(),
+        redis_password=password_from_env(),
     )
     run_operator(
         options,

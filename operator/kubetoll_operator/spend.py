@@ -8,7 +8,6 @@ Redis on a timer per namespace, then writes what these functions return).
   `ThresholdReached` condition and the alert thresholds crossed.
 * `CacheCounter`: cache hits and avoided USD per route since the start of the
   current UTC day, read once per ledger entry through a cursor.
-* `OperatorRedisCredentials`: the operator's own Redis user and password.
 
 The headline of a TokenBudget status (spent, limit, remaining, unit, percent,
 period) is its namespace cap of the longest period that is set, USD before
@@ -21,15 +20,11 @@ spend, leases are not spend (docs/redis-layout.md).
 from __future__ import annotations
 
 import datetime
-import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
-
-from redis.credentials import CredentialProvider
 
 from kubetoll_core.ledger_stream import MeterTotal, ledger_start_id
 from kubetoll_core.meters import cap_meter_name, parse_meter_name, scale_of, to_units
@@ -327,43 +322,3 @@ def policy_routes(config: RouterConfig) -> dict[str, list[str]]:
         if r.cache_policy:
             out[r.cache_policy].append(r.name)
     return out
-
-
-# --------------------------------------------------------------------------- credentials
-
-
-class OperatorRedisCredentials(CredentialProvider):
-    """The operator's Redis user and password: files read at each new connection (a rotated
-    Secret needs no restart), or the password from the environment. Never logged."""
-
-    def __init__(self, username_file: str | None, password_file: str | None, password: str | None) -> None:
-        self._user = Path(username_file) if username_file else None
-        self._password_file = Path(password_file) if password_file else None
-        self._password = password
-
-    @property
-    def configured(self) -> bool:
-        return bool(self._user or self._password_file or self._password)
-
-    def get_credentials(self) -> tuple[str] | tuple[str, str]:
-        password = self._password or ""
-        if self._password_file is not None:
-            password = _read(self._password_file)
-        if self._user is not None:
-            return (_read(self._user), password)
-        return (password,)
-
-    async def get_credentials_async(self) -> tuple[str] | tuple[str, str]:
-        return self.get_credentials()
-
-
-def _read(p: Path) -> str:
-    try:
-        return p.read_text().strip()
-    except OSError as exc:
-        raise ValueError(f"cannot read Redis credential file {p}: {exc.strerror}") from None
-
-
-def credentials_from_env(env: dict[str, str] | None = None) -> str | None:
-    """KUBETOLL_REDIS_PASSWORD, if set (a flag would show in `ps`)."""
-    return (env if env is not None else os.environ).get("KUBETOLL_REDIS_PASSWORD") or None

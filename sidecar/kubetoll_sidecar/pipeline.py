@@ -161,9 +161,8 @@ class Pipeline:
         self._check_suspended(ctx)
         # 5 request rate
         can_downgrade = bool(route.downgrade_chain)
-        rate_res = await self._admit(
-            ctx, meters.requests and [Hold(m, 1.0) for m in meters.requests], now, can_downgrade
-        )
+        rate_holds = [Hold(m, 1.0) for m in meters.requests] if meters.requests else None
+        rate_res = await self._admit(ctx, rate_holds, now, can_downgrade)
         downgrade = bool(rate_res and rate_res.downgrade)
         if rate_res is not None:
             # The request is counted once admitted (a cache hit counts too): settle at once,

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -52,15 +53,19 @@ class Sidecar:
         store: BudgetStore | None = None,
         ledger: Ledger | None = None,
         clock: Clock | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
         metrics: Metrics | None = None,
         watch: bool = True,
         watch_interval: float = 0.25,
     ) -> None:
         self.config_path = loaded.path
         self.metrics = metrics or Metrics()
+        # Two clocks, injected into every part that measures time: the wall clock for
+        # calendar periods and records, the monotonic one for timeouts, leases and breakers.
         self.clock = clock or SystemClock()
+        self.monotonic = monotonic
         self.sessions = SessionPool()
-        self.breakers = BreakerRegistry()
+        self.breakers = BreakerRegistry(monotonic)
         self._loaded = loaded
         self._store_given = store is not None
         self.store: BudgetStore = store or InMemoryBudgetStore()
@@ -88,21 +93,26 @@ class Sidecar:
         cfg = self.state.config
         redis_cache_client = None
         if cfg.budget_store.url and not self._store_given:
-            from kubetoll_core.redis_connect import connect_redis
+            from kubetoll_core.redis_connect import RedisCredentials, connect_redis
 
             from .budgets.redis_store import RedisBudgetStore
             from .ledger_redis import RedisLedger
 
-            client = connect_redis(cfg.budget_store, cfg.server.credentials_dir)
+            creds = RedisCredentials.for_store(cfg.budget_store, cfg.server.credentials_dir)
+            client = connect_redis(cfg.budget_store, creds)
             self._redis_clients.append(client)
-            store = RedisBudgetStore(client, cfg.budget_store, cfg.namespace, clock=self.clock)
+            store = RedisBudgetStore(
+                client, cfg.budget_store, cfg.namespace, clock=self.clock, monotonic=self.monotonic
+            )
             await store.start()  # bounded; Redis being away is not fatal (failOpen/failClosed decide)
             self.store, self.ledger = store, RedisLedger(store, client)
             # The cache stores binary vectors: its own client, without response decoding.
-            redis_cache_client = connect_redis(cfg.budget_store, cfg.server.credentials_dir, decode_responses=False)
+            redis_cache_client = connect_redis(cfg.budget_store, creds, decode_responses=False)
             self._redis_clients.append(redis_cache_client)
         # Always present (cheap when no route names a policy), so a reload can add policies.
-        self.cache = CacheStage(cfg.namespace, redis_cache_client, self.metrics.registry)
+        self.cache = CacheStage(
+            cfg.namespace, redis_cache_client, self.metrics.registry, monotonic=self.monotonic, wall=self.clock.time
+        )
         await self.cache.start()
         self._apply_to_shared_parts(self.state)
         self.pipeline = Pipeline(

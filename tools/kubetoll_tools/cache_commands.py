@@ -2,7 +2,7 @@
 
     kubetoll cache flush --redis-url URL --namespace NS --policy P
 
-Wire it with `register(subparsers)` (kubetoll_sidecar.cli's COMMAND_MODULES).
+Wired by `register(subparsers)` (kubetoll_tools.cli's COMMAND_MODULES).
 The Redis password, if any, comes from a file or an environment variable,
 never from the URL on the command line.
 """
@@ -33,44 +33,53 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.set_defaults(handler=_flush)
 
 
-def _read(path: str | None) -> str | None:
-    if not path:
-        return None
-    with open(path, encoding="utf-8") as fh:
-        return fh.read().strip()
-
-
 def _flush(args: argparse.Namespace) -> int:
     if not args.redis_url:
         print("kubetoll cache flush: --redis-url is required (or set KUBETOLL_REDIS_URL)", file=sys.stderr)
         return 2
-    try:
-        username = _read(args.username_file)
-        password = _read(args.password_file) or os.environ.get("KUBETOLL_REDIS_PASSWORD") or None
-    except OSError as exc:
-        print(f"kubetoll cache flush: {exc}", file=sys.stderr)
-        return 2
-    return asyncio.run(_flush_async(args.redis_url, args.namespace, args.policy, username, password, args.timeout))
+    return asyncio.run(_flush_async(args))
 
 
-async def _flush_async(
-    url: str, namespace: str, policy: str, username: str | None, password: str | None, timeout: float
-) -> int:
-    import redis.asyncio as aioredis
+async def _flush_async(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from redis.exceptions import RedisError
+
+    from kubetoll_core.redis_connect import RedisCredentials, connect_redis, password_from_env
+    from kubetoll_core.router_config import BudgetStoreSettings
 
     from .cache_flush import flush_policy
 
-    client = aioredis.from_url(url, username=username, password=password, socket_connect_timeout=min(timeout, 5.0))
+    creds = RedisCredentials(
+        Path(args.username_file) if args.username_file else None,
+        Path(args.password_file) if args.password_file else None,
+        None if args.password_file else password_from_env(),
+    )
     try:
-        result = await asyncio.wait_for(flush_policy(client, namespace, policy), timeout)
-    except (TimeoutError, RedisError, OSError) as exc:
-        print(f"kubetoll cache flush: cannot flush {namespace}/{policy}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        # The same client as the sidecars' (TLS, Sentinel and Cluster URLs included); binary values.
+        client = connect_redis(
+            BudgetStoreSettings(url=args.redis_url),
+            creds,
+            io_timeout=min(args.timeout, 5.0),
+            decode_responses=False,
+            client_name="kubetoll-cache-flush",
+        )
+    except ValueError as exc:
+        print(f"kubetoll cache flush: --redis-url: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = await asyncio.wait_for(flush_policy(client, args.namespace, args.policy), args.timeout)
+    except (TimeoutError, RedisError, OSError, ValueError) as exc:
+        print(
+            f"kubetoll cache flush: cannot flush {args.namespace}/{args.policy}: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
         return 1
     finally:
         await client.aclose()
     print(
-        f"flushed cache policy {namespace}/{policy}: epoch is now {result.epoch}, {result.deleted} keys deleted; "
+        f"flushed cache policy {args.namespace}/{args.policy}: epoch is now {result.epoch}, "
+        f"{result.deleted} keys deleted; "
         "sidecars stop serving old entries within about a second"
     )
     return 0

@@ -128,13 +128,6 @@ def redis_reader() -> Any | None:
     return getattr(module, "read_ledger", None)
 
 
-def _parent_dirs(files: list[str]) -> set[str]:
-    """The directories the given files are in, symlinks resolved (the filesystem is read: run it off the loop)."""
-    from pathlib import Path
-
-    return {str(Path(f).resolve().parent) for f in files}
-
-
 async def fetch_from_redis(
     url: str,
     namespace: str,
@@ -151,27 +144,22 @@ async def fetch_from_redis(
             "reading the shared ledger from Redis is not available in this build (no Redis ledger reader); "
             "use --sidecar URL to read a running sidecar's ledger"
         )
-    import asyncio
     from pathlib import Path
 
     from redis.exceptions import RedisError
 
-    from kubetoll_core.redis_connect import connect_redis
+    from kubetoll_core.redis_connect import RedisCredentials, connect_redis, password_from_env
     from kubetoll_core.redis_keys import check_name
     from kubetoll_core.router_config import BudgetStoreSettings
 
-    files = [f for f in (password_file, username_file) if f]
-    dirs = await asyncio.to_thread(_parent_dirs, files)
-    if len(dirs) > 1:
-        raise ReportError("--redis-password-file and --redis-username-file must be in the same directory")
+    creds = RedisCredentials(
+        Path(username_file) if username_file else None,
+        Path(password_file) if password_file else None,
+        None if password_file else password_from_env(),
+    )
     try:
         check_name("namespace", namespace)
-        settings = BudgetStoreSettings(
-            url=url,
-            password_file=Path(password_file).name if password_file else None,
-            username_file=Path(username_file).name if username_file else None,
-        )
-        client = connect_redis(settings, dirs.pop() if dirs else "/nonexistent", io_timeout=timeout)
+        client = connect_redis(BudgetStoreSettings(url=url), creds, io_timeout=timeout, client_name="kubetoll-report")
     except ValueError as exc:
         raise ReportError(f"--redis-url / --namespace: {exc}") from None
     try:

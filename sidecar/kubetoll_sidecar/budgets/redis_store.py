@@ -51,7 +51,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from kubetoll_core.periods import Clock, SystemClock
-from kubetoll_core.redis_connect import connect_redis, default_sidecar_id, is_cluster
+from kubetoll_core.redis_connect import RedisCredentials, connect_redis, default_sidecar_id, is_cluster
 from kubetoll_core.redis_keys import (
     BUCKET_IDLE_GRACE_MS,
     INDEX_TTL_S,
@@ -201,7 +201,9 @@ class RedisBudgetStore:
         timeout = settings.timeout_ms / 1000.0
         io_timeout = kwargs.get("io_timeout")
         client = connect_redis(
-            settings, credentials_dir, io_timeout=io_timeout if io_timeout is not None else max(0.5, 5 * timeout)
+            settings,
+            RedisCredentials.for_store(settings, credentials_dir),
+            io_timeout=io_timeout if io_timeout is not None else max(0.5, 5 * timeout),
         )
         return cls(client, settings, namespace, own_client=True, **kwargs)
 

@@ -2,7 +2,7 @@
 
 Embeddings place "cancel my order" and "cancel my subscription", "refund for
 order 1234" and "refund for order 1235", "I was charged" and "I was not
-charged" within a few hundredths of each other (DESIGN.md, "Caching"). So a
+charged" within a few hundredths of each other. So a
 nearest neighbour above the similarity threshold is only a candidate: it is
 served when its question and the new one also agree, exactly, on
 
