@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import asyncio
 
 import aiohttp
 import openai
@@ -135,7 +135,7 @@ async def test_circuit_opens_after_threshold_and_a_probe_closes_it(sim, sim2, st
     assert raw.headers["x-kubetoll-backend"] == "secondary" and len(sim.requests) == calls
     assert sc.sidecar.breakers.items()[0][1].state == "open"
     # After the cool-down a probe goes through, succeeds, and closes the circuit.
-    time.sleep(0.6)
+    await asyncio.sleep(0.6)  # the cool-down (0.5 s) runs on the real monotonic clock here
     assert (await chat(sc)).headers["x-kubetoll-backend"] == "primary"
     assert sc.sidecar.breakers.items()[0][1].state == "closed"
 

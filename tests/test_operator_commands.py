@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from kubetoll_core.router_config import RouterConfig
-from kubetoll_tools.operator_commands import LocalRunner
 from kubetoll_tools.cli import main
+from kubetoll_tools.operator_commands import LocalRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = [str(p) for p in sorted((ROOT / "examples").glob("*.yaml"))]

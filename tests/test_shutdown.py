@@ -64,7 +64,7 @@ async def test_sigterm_drains_in_flight_requests_and_exits_zero(sim, tmp_path):
         err = (await proc.stderr.read()).decode()
         assert "draining" in err and "stopped" in err
         # The drained request was settled and logged before exit, and no key leaked into the log.
-        line = next(l for l in err.splitlines() if "kubetoll.access" in l)
+        line = next(x for x in err.splitlines() if "kubetoll.access" in x)
         record = json.loads(line.split("kubetoll.access ", 1)[1])
         assert record["outcome"] == "ok" and record["cost_usd"] > 0
         assert "sk-test-openai-key-123" not in err and "slow one" not in err

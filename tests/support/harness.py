@@ -99,4 +99,4 @@ async def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.0
         if predicate():
             return
         await asyncio.sleep(interval)
-    raise AssertionError("condition not met within %.1fs" % timeout)
+    raise AssertionError(f"condition not met within {timeout:.1f}s")
