@@ -67,7 +67,7 @@ from kubetoll_core.spend_record import SpendRecord, encode_record
 from .leases import Lease
 from .redis_sync import MAX_METERS_PER_CALL, Batch, SpendBuffer, SyncCall, SyncScript
 from .store import Hold, Meter, MeterState, Reservation, StoreUnavailable, Suspended
-from .suspensions import SuspensionWatcher, cancelling
+from .suspensions import SuspensionWatcher, bounded, cancelling
 
 log = logging.getLogger("kubetoll.budgets.redis")
 
@@ -198,12 +198,9 @@ class RedisBudgetStore:
         cls, settings: BudgetStoreSettings, namespace: str, credentials_dir: str, **kwargs: Any
     ) -> RedisBudgetStore:
         """A store with a client of its own for `settings.url` (closed with the store)."""
-        timeout = settings.timeout_ms / 1000.0
-        io_timeout = kwargs.get("io_timeout")
+        # connect_redis applies the same io_timeout default as the store (5 x timeout_ms, at least 0.5 s).
         client = connect_redis(
-            settings,
-            RedisCredentials.for_store(settings, credentials_dir),
-            io_timeout=io_timeout if io_timeout is not None else max(0.5, 5 * timeout),
+            settings, RedisCredentials.for_store(settings, credentials_dir), io_timeout=kwargs.get("io_timeout")
         )
         return cls(client, settings, namespace, own_client=True, **kwargs)
 
@@ -227,14 +224,14 @@ class RedisBudgetStore:
         self._started = True
         self._wake = asyncio.Event()
         try:
-            await _bounded(self._script.load(), self._io_timeout)
+            await bounded(self._script.load(), self._io_timeout)
             # A first sync (epoch, budget index) and warm connections for the flusher, the
             # poller and the subscription (which holds one), so no request pays for
             # connecting: a TLS handshake alone can take longer than timeout_ms.
             self._count_calls(3)
             ok, *pings = await asyncio.gather(
                 self._sync(self._io_timeout),
-                *(_bounded(self.client.ping(), self._io_timeout) for _ in range(3)),
+                *(bounded(self.client.ping(), self._io_timeout) for _ in range(3)),
                 return_exceptions=True,  # the sync must be over before the flusher starts
             )
             for r in (ok, *pings):
@@ -869,8 +866,3 @@ class RedisBudgetStore:
         if c.batch:
             self._buffer.confirmed(c.home, c.batch)
         self._unindexed.difference_update(c.new_budgets)
-
-
-async def _bounded(aw: Any, timeout: float) -> Any:
-    async with asyncio.timeout(timeout):
-        return await aw

@@ -63,10 +63,10 @@ class SuspensionWatcher:
             pipe = self._client.pipeline(transaction=False)
             for k in keys:
                 pipe.get(k)
-            values = await _bounded(pipe.execute(), self._io_timeout)
+            values = await bounded(pipe.execute(), self._io_timeout)
         else:
             self._count(1)
-            values = await _bounded(self._client.mget(keys), self._io_timeout)
+            values = await bounded(self._client.mget(keys), self._io_timeout)
         for b, v in zip(budgets, values):
             self.set_local(b, v is not None)
 
@@ -88,7 +88,7 @@ class SuspensionWatcher:
             try:
                 ps = self._client.pubsub()
                 self._count(1)
-                await _bounded(ps.subscribe(channel), self._io_timeout)
+                await bounded(ps.subscribe(channel), self._io_timeout)
                 backoff = 0.1
                 await self.poll_once()  # whatever was published while we were not subscribed
                 while not closing() and not cancelling():
@@ -123,6 +123,7 @@ def cancelling() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-async def _bounded(aw: Any, timeout: float) -> Any:
+async def bounded(aw: Any, timeout: float) -> Any:
+    """Await `aw` for at most `timeout` seconds (TimeoutError past it)."""
     async with asyncio.timeout(timeout):
         return await aw
