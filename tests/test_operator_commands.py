@@ -88,14 +88,21 @@ def test_local_runner_recompiles_on_change_and_keeps_the_last_good_config(
 
         wait_for(lambda: json.loads((tmp_path / "router.json").read_text())["routes"][0]["name"] == "chat-v2")
         good = (tmp_path / "router.json").read_text()
-        route.write_text(
-            route.read_text().replace(
-                "backends: [llama-vllm, gpt-4o-mini]\n  fallbackOn", "backends: [nope]\n  fallbackOn"
-            )
-        )
-        wait_for(lambda: "do not compile; keeping config" in caplog.text)
-        assert "spec.rules[3].backends" in caplog.text
+        # A regex typo in the route: the route keeps its last good version, so the file is unchanged.
+        route.write_text(route.read_text().replace('regex: "^(platform|data)$"', 'regex: "^(platform|data$"'))
+        wait_for(lambda: "what did not compile keeps its last good version" in caplog.text)
+        assert "spec.rules[2].match.header.regex" in caplog.text
         assert (tmp_path / "router.json").read_text() == good
+        # Losing every backend of one rule skips that rule only.
+        route.write_text(
+            route.read_text()
+            .replace('regex: "^(platform|data$"', 'regex: "^(platform|data)$"')
+            .replace("backends: [llama-vllm, gpt-4o-mini]\n  fallbackOn", "backends: [nope]\n  fallbackOn")
+        )
+        wait_for(lambda: "RuleSkipped" in caplog.text)
+        wait_for(lambda: (tmp_path / "router.json").read_text() != good)
+        chat = json.loads((tmp_path / "router.json").read_text())["routes"][0]
+        assert [r["name"] for r in chat["rules"]] == ["long-context", "premium", "internal"]
     finally:
         stop.set()
         watcher.join(5)

@@ -345,11 +345,21 @@ def test_missing_backend_is_dropped_from_the_chain_with_a_warning() -> None:
     assert outcome.included and not outcome.refs_ok
 
 
-def test_route_with_a_rule_left_without_backends_is_left_out() -> None:
-    result = compile_namespace("ns", [backend("a"), route("r", ["a"], ["missing"]), route("ok", ["a"])])
+def test_a_rule_left_without_backends_is_skipped_and_the_route_stays() -> None:
+    result = compile_namespace("ns", [backend("a"), route("r", ["missing"], ["a"]), route("ok", ["a"])])
+    assert [r.name for r in result.config.routes] == ["ok", "r"]
+    (r,) = [r for r in result.config.routes if r.name == "r"]
+    assert [rule.backends for rule in r.rules] == [["a"]]
+    (p,) = by_reason(result)["RuleSkipped"]
+    assert p.kind == "ModelRoute" and p.name == "r" and p.field == "spec.rules[0].backends" and p.severity == "warning"
+    assert result.outcomes[("ModelRoute", "r")].included
+
+
+def test_a_route_with_no_rule_left_is_left_out() -> None:
+    result = compile_namespace("ns", [backend("a"), route("r", ["missing"], ["gone"]), route("ok", ["a"])])
     assert [r.name for r in result.config.routes] == ["ok"]
     (p,) = by_reason(result)["NoBackends"]
-    assert p.kind == "ModelRoute" and p.name == "r" and p.field == "spec.rules[1].backends" and p.severity == "error"
+    assert p.name == "r" and p.field == "spec.rules" and p.severity == "error"
     assert not result.outcomes[("ModelRoute", "r")].included
 
 

@@ -174,6 +174,25 @@ class Budget(ContractModel):
         return not self.routes or route in self.routes
 
 
+class UnavailableBudget(ContractModel):
+    """A budget that names routes but could not be compiled and has no last good version.
+
+    Fail closed: the routes it would cover answer 503 `budget_unavailable` rather than
+    serve without it. The name is kept as written (it may be the very thing that is
+    invalid), bounded so a config cannot grow without limit.
+    """
+
+    name: str = Field(min_length=1, max_length=253)
+    routes: list[str] | None = Field(
+        None, description="Routes it would cover (model names); absent means every route of the namespace."
+    )
+    reason: str = Field(max_length=64, description="Why it did not compile, e.g. InvalidSpec.")
+    message: str = Field("", max_length=1024, description="Field and reason, for the 503 body.")
+
+    def covers(self, route: str) -> bool:
+        return self.routes is None or route in self.routes
+
+
 # --------------------------------------------------------------------------- caching
 
 
@@ -227,6 +246,9 @@ class RouterConfig(ContractModel):
     backends: list[Backend] = Field(default_factory=list)
     routes: list[Route] = Field(default_factory=list)
     budgets: list[Budget] = Field(default_factory=list)
+    unavailable_budgets: list[UnavailableBudget] = Field(
+        default_factory=list, description="Budgets that failed to compile: their routes answer 503, never unbudgeted."
+    )
     cache_policies: list[CachePolicy] = Field(default_factory=list)
 
     @model_validator(mode="after")

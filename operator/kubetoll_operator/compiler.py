@@ -9,14 +9,24 @@ A broken resource never breaks the namespace. The rules, in order:
 * A resource whose spec does not parse, whose name the router cannot use, or
   whose Secret is missing (when secrets are given) is left out: it gets an
   error problem and Ready=False.
+* Last known good: when a resource that was in force (it is in `last_good`)
+  is updated to a version that does not compile, its last good version is
+  compiled in its place. It stays in force with Ready=False, reason
+  `InvalidUpdate`, and the new version's problems. An edit never drops a budget
+  or a route.
 * A route drops each backend reference that does not resolve (a warning, and
-  ResolvedRefs=False). It is left out only when some rule would keep no backend
-  at all: silently sending a whole class of requests to a different rule would
-  change what the route means. Downgrade backends that do not resolve are
-  dropped; with none left, the downgrade is dropped.
+  ResolvedRefs=False). A rule left with no backend is skipped (a warning): the
+  route and the budgets on it stay in force for its other rules. The route is
+  left out only when no rule keeps a backend. Downgrade backends that do not
+  resolve are dropped; with none left, the downgrade is dropped.
 * A budget drops routes that do not resolve. When none of the routes it names
   resolve, the budget is left out: an empty list would mean "every route" and
   widen it.
+* Fail closed: a TokenBudget left out for any other reason (and with no last
+  good version) becomes an `unavailableBudgets` entry, and the sidecar answers
+  503 `budget_unavailable` on every route it names (every route when it names
+  none, or when its routes cannot be read). A route a budget names is never
+  served without it.
 * Tenancy comes from the budgets that set `spec.tenant`, in name order: the
   first one wins; a later one that differs gets a TenancyConflict warning and
   its tenant spec is ignored (its limits still apply).
@@ -101,6 +111,33 @@ class Outcome:
     message: str = ""
     refs_ok: bool = True
     details: dict[str, Any] = field(default_factory=dict)
+    # Set when the current version did not compile and its last good version
+    # (this generation) is what is in force.
+    serving_generation: int | None = None
+
+
+#: Problems about references to other resources. `check_resource` reports them as
+#: warnings: an object may be applied before the objects it names.
+REFERENCE_REASONS = frozenset(
+    {
+        "BackendNotFound",
+        "BackendNotReady",
+        "RouteNotFound",
+        "RouteNotReady",
+        "CachePolicyNotFound",
+        "CachePolicyNotReady",
+        "RuleSkipped",
+        "NoBackends",
+        "NoRoutes",
+        "DowngradeDropped",
+        "SecretNotFound",
+        "SecretKeyNotFound",
+    }
+)
+
+INVALID_UPDATE = "InvalidUpdate"
+
+ObjectKey = tuple[str, str]  # (kind, name)
 
 
 @dataclass(frozen=True)
@@ -112,6 +149,9 @@ class CompileResult:
     # key in kubetoll-credentials (file mode) or env var name (env mode) → (Secret name, key)
     credentials: dict[str, tuple[str, str]]
     outcomes: dict[tuple[str, str], Outcome]
+    # The object versions in force, (kind, name) → {apiVersion, kind, metadata, spec}:
+    # the operator keeps them as the next compile's `last_good`.
+    in_force: dict[ObjectKey, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -167,6 +207,9 @@ def _pydantic_problems(kind: str, name: str, exc: ValidationError, prefix: str, 
 
 def canonical_json(config: RouterConfig) -> str:
     data = config.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if not data.get("unavailableBudgets"):
+        # Absent rather than empty, so a namespace without one keeps the hash it had before the field existed.
+        data.pop("unavailableBudgets", None)
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -177,7 +220,12 @@ class _Compilation:
         credential_mode: CredentialMode,
         secrets: Mapping[str, Mapping[str, Any]] | None,
         cluster_domain: str,
+        check_only: bool = False,
     ) -> None:
+        # check_only: one object on its own (admission, `kubetoll validate` of a file):
+        # references to other objects are reported but kept, so every check of the
+        # object itself still runs.
+        self.check_only = check_only
         self.namespace = namespace
         self.credential_mode = credential_mode
         self.secrets = secrets
@@ -185,6 +233,7 @@ class _Compilation:
         self.problems: list[Problem] = []
         self.outcomes: dict[tuple[str, str], Outcome] = {}
         self.credentials: dict[str, tuple[str, str]] = {}
+        self.objects: dict[ObjectKey, Mapping[str, Any]] = {}
 
     # ----------------------------------------------------------------- helpers
 
@@ -247,6 +296,7 @@ class _Compilation:
                 continue
             generation = meta.get("generation")
             self.outcomes[(kind, name)] = Outcome(kind, name, generation if isinstance(generation, int) else None)
+            self.objects[(kind, name)] = obj
             if api_version != API_VERSION:
                 self.leave_out(
                     kind,
@@ -403,12 +453,21 @@ class _Compilation:
                 continue
             ref = spec.semantic.embedding_backend
             field_path = "spec.semantic.embeddingBackend"
-            if ref is not None and ref not in backends:
+            if ref is not None and ref not in backends and self.check_only and ref not in all_backends:
+                self.problem(
+                    kind,
+                    name,
+                    "BackendNotFound",
+                    f"ModelBackend {ref!r} is not in this check; it must exist when the policy is applied",
+                    field_path,
+                    "warning",
+                )
+            elif ref is not None and ref not in backends:
                 reason = "BackendNotReady" if ref in all_backends else "BackendNotFound"
                 what = "is not ready" if ref in all_backends else "not found"
                 self.leave_out(kind, name, reason, f"ModelBackend {ref!r} {what}", field_path)
                 continue
-            if ref is not None and backends[ref]["provider"] == Provider.anthropic.value:
+            if ref is not None and ref in backends and backends[ref]["provider"] == Provider.anthropic.value:
                 self.leave_out(
                     kind,
                     name,
@@ -434,9 +493,19 @@ class _Compilation:
     ) -> list[str]:
         kept = []
         for j, ref in enumerate(refs):
-            if ref in backends:
+            if ref in backends or (self.check_only and ref not in all_backends):
                 if ref not in kept:
                     kept.append(ref)
+                if ref in backends:
+                    continue
+                self.problem(
+                    "ModelRoute",
+                    name,
+                    "BackendNotFound",
+                    f"ModelBackend {ref!r} is not in this check; it must exist when the route is applied",
+                    f"{field_prefix}[{j}]",
+                    "warning",
+                )
                 continue
             if ref in all_backends:
                 self.problem(
@@ -493,12 +562,20 @@ class _Compilation:
                 )
                 continue
             rules: list[dict[str, Any]] = []
-            empty_rule = None
             for i, rule in enumerate(spec.rules):
                 kept = self._resolve_backends(name, rule.backends, f"spec.rules[{i}].backends", backends, all_backends)
                 if not kept:
-                    empty_rule = i
-                    break
+                    # Only the requests this rule would take are affected: they go to the
+                    # next rule that matches. The route and its budgets stay in force.
+                    self.problem(
+                        kind,
+                        name,
+                        "RuleSkipped",
+                        f"rule {rule.name or i!r} has no backend that resolves; it is skipped",
+                        f"spec.rules[{i}].backends",
+                        "warning",
+                    )
+                    continue
                 rules.append(
                     {
                         "name": rule.name,
@@ -506,14 +583,8 @@ class _Compilation:
                         "backends": kept,
                     }
                 )
-            if empty_rule is not None:
-                self.leave_out(
-                    kind,
-                    name,
-                    "NoBackends",
-                    f"rule {spec.rules[empty_rule].name or empty_rule!r} has no backend that resolves",
-                    f"spec.rules[{empty_rule}].backends",
-                )
+            if not rules:
+                self.leave_out(kind, name, "NoBackends", "no rule has a backend that resolves", "spec.rules")
                 continue
             data: dict[str, Any] = {
                 "name": model_name,
@@ -610,6 +681,16 @@ class _Compilation:
             for j, ref in enumerate(spec.routes):
                 if ref in routes:
                     covered.append(routes[ref]["name"])
+                elif self.check_only and ref not in all_routes:
+                    covered.append(ref)
+                    self.problem(
+                        kind,
+                        name,
+                        "RouteNotFound",
+                        f"ModelRoute {ref!r} is not in this check; it must exist for the budget to cover it",
+                        f"spec.routes[{j}]",
+                        "warning",
+                    )
                 elif ref in all_routes:
                     self.problem(
                         kind,
@@ -676,29 +757,45 @@ class _Compilation:
                     self.outcomes[(kind, name)].details["tenancy"] = "accepted"
         return out, tenancy
 
+    def unavailable_budgets(self, routes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        """Fail closed: each TokenBudget left out, as the routes it would have covered."""
+        out = []
+        for (kind, name), outcome in sorted(self.outcomes.items()):
+            if kind != "TokenBudget" or outcome.included or outcome.reason == "NoRoutes":
+                continue  # NoRoutes: none of its routes is served, so there is nothing to guard
+            spec = self.objects[(kind, name)].get("spec")
+            named = spec.get("routes") if isinstance(spec, Mapping) else None
+            covered: list[str] | None = None
+            if isinstance(named, list) and named:
+                covered = sorted({routes[r]["name"] for r in named if isinstance(r, str) and r in routes})
+                if not covered:
+                    continue
+            entry: dict[str, Any] = {
+                "name": name[:253],
+                "reason": outcome.reason[:64],
+                "message": outcome.message[:1024],
+            }
+            if covered is not None:
+                entry["routes"] = covered
+            out.append(entry)
+        return out
 
-def compile_namespace(
+
+@dataclass
+class _Pass:
+    compilation: _Compilation
+    data: dict[str, Any]
+
+
+def _compile_pass(
     namespace: str,
-    resources: Iterable[Mapping[str, Any]],
-    *,
-    credential_mode: CredentialMode = "file",
-    secrets: Mapping[str, Mapping[str, Any]] | None = None,
-    server: ServerSettings | None = None,
-    budget_store: BudgetStoreSettings | None = None,
-    cluster_domain: str = "cluster.local",
-) -> CompileResult:
-    """Compile one namespace's ModelBackends, ModelRoutes, TokenBudgets and CachePolicies.
-
-    `resources` are whole objects (apiVersion, kind, metadata, spec); objects of
-    other API groups are ignored. `secrets`, when given, maps Secret name → its
-    data keys (values are not read); backends whose Secret or key is missing are
-    left out. Without it (offline validation) references to Secrets are not
-    checked. `credential_mode` "file" names keys of the kubetoll-credentials
-    Secret; "env" names environment variables (`kubetoll run`). `server` and
-    `budget_store` are deployment settings, not resources: the operator and
-    `kubetoll run` pass them in.
-    """
-    c = _Compilation(namespace, credential_mode, secrets, cluster_domain)
+    resources: list[Mapping[str, Any]],
+    credential_mode: CredentialMode,
+    secrets: Mapping[str, Mapping[str, Any]] | None,
+    cluster_domain: str,
+    check_only: bool,
+) -> _Pass:
+    c = _Compilation(namespace, credential_mode, secrets, cluster_domain, check_only)
     parsed = c.parse(resources)
     all_backends = {n for (k, n) in c.outcomes if k == "ModelBackend"}
     all_routes = {n for (k, n) in c.outcomes if k == "ModelRoute"}
@@ -719,8 +816,125 @@ def compile_namespace(
         "budgets": budgets,
         "cachePolicies": [policies[n] for n in sorted(policies)],
     }
+    unavailable = c.unavailable_budgets(routes)
+    if unavailable:
+        data["unavailableBudgets"] = unavailable
     if tenancy is not None:
         data["tenancy"] = tenancy
+    return _Pass(c, data)
+
+
+def _object_key(obj: Mapping[str, Any]) -> ObjectKey:
+    return (str(obj.get("kind", "")), str((obj.get("metadata") or {}).get("name") or ""))
+
+
+def _generation(obj: Mapping[str, Any]) -> int | None:
+    gen = (obj.get("metadata") or {}).get("generation")
+    return gen if isinstance(gen, int) else None
+
+
+def _to_substitute(
+    objects: list[Mapping[str, Any]],
+    outcomes: Mapping[ObjectKey, Outcome],
+    last_good: Mapping[ObjectKey, Mapping[str, Any]],
+    substituted: Mapping[ObjectKey, Any],
+    *,
+    references_too: bool,
+) -> list[tuple[ObjectKey, Mapping[str, Any], Outcome]]:
+    """Objects left out whose last good version differs from the one given: compile that one instead."""
+    out = []
+    for obj in objects:
+        key = _object_key(obj)
+        outcome = outcomes.get(key)
+        good = last_good.get(key)
+        if (
+            outcome is not None
+            and not outcome.included
+            and key not in substituted
+            and good is not None
+            and good.get("spec") != obj.get("spec")
+            and (references_too or outcome.reason not in REFERENCE_REASONS)
+        ):
+            out.append((key, good, outcome))
+    return out
+
+
+def _in_force_copy(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """What the operator keeps of a version in force: enough to compile it again."""
+    meta = obj.get("metadata") or {}
+    kept_meta: dict[str, Any] = {"name": meta.get("name")}
+    if isinstance(meta.get("generation"), int):
+        kept_meta["generation"] = meta["generation"]
+    return {
+        "apiVersion": obj.get("apiVersion"),
+        "kind": obj.get("kind"),
+        "metadata": kept_meta,
+        "spec": obj.get("spec"),
+    }
+
+
+def compile_namespace(
+    namespace: str,
+    resources: Iterable[Mapping[str, Any]],
+    *,
+    credential_mode: CredentialMode = "file",
+    secrets: Mapping[str, Mapping[str, Any]] | None = None,
+    server: ServerSettings | None = None,
+    budget_store: BudgetStoreSettings | None = None,
+    cluster_domain: str = "cluster.local",
+    last_good: Mapping[ObjectKey, Mapping[str, Any]] | None = None,
+    check_only: bool = False,
+) -> CompileResult:
+    """Compile one namespace's ModelBackends, ModelRoutes, TokenBudgets and CachePolicies.
+
+    `resources` are whole objects (apiVersion, kind, metadata, spec); objects of
+    other API groups are ignored. `secrets`, when given, maps Secret name → its
+    data keys (values are not read); backends whose Secret or key is missing are
+    left out. Without it (offline validation) references to Secrets are not
+    checked. `credential_mode` "file" names keys of the kubetoll-credentials
+    Secret; "env" names environment variables (`kubetoll run`). `server` and
+    `budget_store` are deployment settings, not resources: the operator and
+    `kubetoll run` pass them in. `last_good` is the previous result's `in_force`:
+    a resource whose update does not compile is compiled from it instead.
+    `check_only` keeps references to objects not given (see `check_resource`).
+    """
+    objects = list(resources)
+    substituted: dict[ObjectKey, tuple[Mapping[str, Any], list[Problem], Outcome]] = {}
+    current = objects
+    # Each pass only adds substitutions, so this ends within len(objects) + 1 passes. Failures
+    # of an object's own fields are substituted first; one that failed only for a reference
+    # after that, since the object it named may be back in force by then.
+    while True:
+        run = _compile_pass(namespace, current, credential_mode, secrets, cluster_domain, check_only)
+        c = run.compilation
+        fresh = _to_substitute(objects, c.outcomes, last_good or {}, substituted, references_too=False)
+        if not fresh:
+            fresh = _to_substitute(objects, c.outcomes, last_good or {}, substituted, references_too=True)
+        if not fresh:
+            break
+        for key, good, failed in fresh:
+            substituted[key] = (good, [p for p in c.problems if (p.kind, p.name) == key], failed)
+        current = [substituted[_object_key(o)][0] if _object_key(o) in substituted else o for o in objects]
+
+    by_key = {_object_key(o): o for o in objects}
+    for key, (good, problems, failed) in substituted.items():
+        if key not in c.outcomes:
+            continue
+        outcome = c.outcomes[key]
+        outcome.generation = _generation(by_key[key])
+        # The new version's errors are what to fix; the warnings are those of the version in force.
+        errors = [p for p in problems if p.severity == "error"]
+        c.problems = [p for p in c.problems if (p.kind, p.name) != key or p.severity == "warning"] + errors
+        if outcome.included:
+            outcome.serving_generation = _generation(good)
+            outcome.reason = INVALID_UPDATE
+            served = (
+                f"generation {outcome.serving_generation}" if outcome.serving_generation else "its last good version"
+            )
+            outcome.message = f"this update does not compile, so {served} stays in force: {failed.message}"
+        else:
+            outcome.reason, outcome.message = failed.reason, failed.message
+    data = run.data
     if server is not None:
         data["server"] = server.model_dump(mode="json", by_alias=True)
     if budget_store is not None:
@@ -735,5 +949,39 @@ def compile_namespace(
         config = None
     if config is None:
         return CompileResult(None, "", "", c.problems, c.credentials, c.outcomes)
+    in_force = {
+        key: _in_force_copy(substituted[key][0] if key in substituted else c.objects[key])
+        for key, outcome in c.outcomes.items()
+        if outcome.included and key in c.objects
+    }
     text = canonical_json(config)
-    return CompileResult(config, text, hashlib.sha256(text.encode()).hexdigest(), c.problems, c.credentials, c.outcomes)
+    return CompileResult(
+        config,
+        text,
+        hashlib.sha256(text.encode()).hexdigest(),
+        c.problems,
+        c.credentials,
+        c.outcomes,
+        in_force,
+    )
+
+
+def check_resource(namespace: str, obj: Mapping[str, Any]) -> list[Problem]:
+    """Every check of one object on its own: what admission and `kubetoll validate` refuse.
+
+    The object's own fields are checked as the compiler checks them (timezones,
+    regexes, header names, the price catalogue, cross-field rules); references
+    to objects that are not given are warnings, since an object may be applied
+    before the objects it names.
+    """
+    result = compile_namespace(namespace, [obj], check_only=True)
+    key = _object_key(obj)
+    out = []
+    for p in result.problems:
+        # Namespace-level problems in a check are the references it kept on purpose.
+        if (p.kind, p.name) != key:
+            continue
+        if p.reason in REFERENCE_REASONS and p.severity == "error":
+            p = Problem(p.kind, p.name, p.reason, p.message, p.field, "warning")
+        out.append(p)
+    return out

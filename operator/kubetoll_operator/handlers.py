@@ -33,6 +33,7 @@ import base64
 import copy
 import datetime
 import hashlib
+import json
 import logging
 import socket
 import time
@@ -54,6 +55,10 @@ log = logging.getLogger("kubetoll.operator")
 
 CONFIGMAP_NAME = "kubetoll-router"
 CONFIG_KEY = "router.json"
+# The versions of the resources in force, beside the config they compiled into (one
+# write, so the two never disagree): an update that does not compile is compiled
+# from these instead, across operator restarts (compiler.py, "Last known good").
+LAST_GOOD_KEY = "last-good.json"
 CREDENTIALS_SECRET = "kubetoll-credentials"
 HASH_ANNOTATION = "kubetoll.dev/config-hash"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
@@ -102,6 +107,28 @@ def _snapshot(body: Any) -> dict[str, Any]:
 
 def _fingerprint(value: Any) -> str:
     return hashlib.sha256(repr(value).encode()).hexdigest()
+
+
+def _encode_last_good(in_force: dict[tuple[str, str], dict[str, Any]]) -> str:
+    items = [in_force[key] for key in sorted(in_force)]
+    return json.dumps(items, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _last_good(configmap: dict[str, Any] | None) -> dict[tuple[str, str], dict[str, Any]]:
+    """The versions in force when the ConfigMap was written; {} when absent or unreadable."""
+    text = ((configmap or {}).get("data") or {}).get(LAST_GOOD_KEY)
+    if not text:
+        return {}
+    try:
+        items = json.loads(text)
+    except ValueError:
+        log.warning("ConfigMap key %s is not JSON; no last good versions are kept", LAST_GOOD_KEY)
+        return {}
+    out = {}
+    for item in items if isinstance(items, list) else []:
+        if isinstance(item, dict) and isinstance(item.get("metadata"), dict):
+            out[(str(item.get("kind")), str(item["metadata"].get("name")))] = item
+    return out
 
 
 def _secret_keys(secret: dict[str, Any]) -> dict[str, str]:
@@ -256,9 +283,15 @@ class Reconciler:
             from kubetoll_core.router_config import BudgetStoreSettings
 
             store = BudgetStoreSettings(url=self.options.redis_url)
+        last_good = _last_good(await api.get(cm_path))
         compile_started = time.perf_counter()
         result = compile_namespace(
-            namespace, resources, secrets=sources, budget_store=store, cluster_domain=self.options.cluster_domain
+            namespace,
+            resources,
+            secrets=sources,
+            budget_store=store,
+            cluster_domain=self.options.cluster_domain,
+            last_good=last_good,
         )
         compile_ms = (time.perf_counter() - compile_started) * 1000
         self.compiles += 1
@@ -308,7 +341,7 @@ class Reconciler:
             "labels": {MANAGED_BY_LABEL: MANAGED_BY},
             "annotations": {HASH_ANNOTATION: result.content_hash},
         }
-        data = {CONFIG_KEY: result.config_json}
+        data = {CONFIG_KEY: result.config_json, LAST_GOOD_KEY: _encode_last_good(result.in_force)}
         if current is None:
             await self.api.create(
                 f"/api/v1/namespaces/{namespace}/configmaps",

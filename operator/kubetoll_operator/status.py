@@ -42,13 +42,17 @@ def desired_status(result: CompileResult, outcome: Outcome) -> dict[str, Any]:
     gen = outcome.generation
     problems = result.problems_for(outcome.kind, outcome.name)
     ref_problems = [p for p in problems if p.reason in REF_REASONS]
-    if outcome.included:
+    if outcome.included and outcome.serving_generation is None and outcome.reason != "InvalidUpdate":
         warn = [p for p in problems if p.severity == "warning"]
         # No config hash here: it would rewrite every status on every change.
         message = "compiled into the namespace's router config"
         if warn:
             message += "; " + _describe(warn)
         ready = _condition("Ready", True, "Compiled", message, gen)
+    elif outcome.included:
+        # An update that does not compile: the last good version is still in force.
+        errors = _describe([p for p in problems if p.severity == "error"])
+        ready = _condition("Ready", False, outcome.reason, outcome.message + (f" ({errors})" if errors else ""), gen)
     else:
         ready = _condition(
             "Ready",

@@ -132,6 +132,7 @@ class Pipeline:
             ctx.outcome = "unknown_route"
             raise not_found_model(req.model, state.router.names())
         ctx.route, ctx.route_name = route, route.name
+        self._check_budget_available(ctx)
         # 4 estimate
         if req.body_size >= OFFLOAD_COUNT_BYTES:
             ctx.prompt_tokens = await asyncio.to_thread(self._estimate_prompt, req, state, route)
@@ -234,6 +235,21 @@ class Pipeline:
             limits = [state.backends[n].config.limits.max_output_tokens for n in chain]
             asked = max((x for x in limits if x), default=DEFAULT_OUTPUT_RESERVATION)
         return asked * req.n
+
+    def _check_budget_available(self, ctx: RequestContext) -> None:
+        # Fail closed: a route a budget names is never served without that budget.
+        for b in ctx.state.config.unavailable_budgets:
+            if b.covers(ctx.route_name):
+                ctx.outcome = "budget_unavailable"
+                self.metrics.rejections.labels(ctx.route_name, "budget_unavailable").inc()
+                detail = f": {b.message}" if b.message else ""
+                raise ApiError(
+                    503,
+                    f"TokenBudget {b.name!r} covering route `{ctx.route_name}` could not be compiled "
+                    f"({b.reason}{detail}); the route is refused until the budget is fixed",
+                    "budget_unavailable",
+                    "budget_unavailable",
+                )
 
     def _check_suspended(self, ctx: RequestContext) -> None:
         state = ctx.state

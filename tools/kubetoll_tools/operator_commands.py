@@ -219,8 +219,10 @@ def write_atomically(path: Path, text: str) -> None:
 class LocalRunner:
     """`kubetoll run`: compile manifests from disk into a config file and keep it current.
 
-    A change that does not load or compiles with an error is logged and the last
-    good file stays. Credentials come from environment variables named by
+    A change that does not load is logged and the last good file stays. A
+    resource whose update does not compile keeps its last good version (the
+    compiler's `last_good`); a budget that never compiled makes its routes answer
+    503 `budget_unavailable`. Credentials come from environment variables named by
     `credential_env_name`; a variable that is not set is filled from a Secret
     manifest among the files, if there is one (never overriding the environment).
     """
@@ -233,6 +235,7 @@ class LocalRunner:
         self.current_hash = ""
         self.compiled_fingerprint: tuple[Any, ...] | None = None
         self._env_from_manifests: set[str] = set()
+        self.in_force: dict[tuple[str, str], dict[str, Any]] = {}  # the last applied result's versions
 
     def fingerprint(self) -> tuple[Any, ...]:
         from kubetoll_operator.manifests import manifest_files
@@ -247,7 +250,7 @@ class LocalRunner:
         return tuple(out)
 
     def compile(self) -> tuple[Any, list[str]]:
-        """(result or None, messages). None means: do not apply."""
+        """(result or None, messages). None means: do not apply (a file does not load)."""
         from kubetoll_core.router_config import BudgetStoreSettings
         from kubetoll_operator.compiler import compile_namespace
         from kubetoll_operator.manifests import load, secret_values
@@ -258,10 +261,16 @@ class LocalRunner:
         messages = [f"{e}: error" for e in load_errors]
         group = _by_namespace(docs, self.namespace).get(self.namespace, [])
         store = BudgetStoreSettings(url=self.redis_url) if self.redis_url else None
-        result = compile_namespace(self.namespace, [d.obj for d in group], credential_mode="env", budget_store=store)
+        result = compile_namespace(
+            self.namespace,
+            [d.obj for d in group],
+            credential_mode="env",
+            budget_store=store,
+            last_good=self.in_force,
+        )
         where = _locate(group)
         messages += [_report(p, where, self.namespace) for p in result.problems]
-        if load_errors or not result.ok:
+        if load_errors or result.config is None:
             return None, messages
         secrets = secret_values(docs, self.namespace, self.namespace)
         for env, (secret, key) in sorted(result.credentials.items()):
@@ -282,6 +291,7 @@ class LocalRunner:
         return result, messages
 
     def apply(self, result: Any) -> bool:
+        self.in_force = dict(result.in_force)
         if result.content_hash == self.current_hash:
             return False
         write_atomically(self.config_path, result.config_json)
@@ -303,8 +313,11 @@ class LocalRunner:
             for m in messages:
                 log.warning("%s", m) if ("error" in m or "warning" in m) else log.info("%s", m)
             if result is None:
-                log.error("manifests changed but do not compile; keeping config %s", self.current_hash[:12])
-            elif self.apply(result):
+                log.error("manifests changed but do not load; keeping config %s", self.current_hash[:12])
+                continue
+            if not result.ok:
+                log.error("manifests changed with errors: see above; what did not compile keeps its last good version")
+            if self.apply(result):
                 log.info("manifests changed: config %s written to %s", result.content_hash[:12], self.config_path)
             else:
                 log.info("manifests changed: config unchanged (%s)", result.content_hash[:12])
@@ -320,9 +333,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         for m in messages:
             print(m, file=sys.stderr)
         if result is None:
-            print("kubetoll run: the manifests do not compile; fix the errors above", file=sys.stderr)
+            print("kubetoll run: the manifests do not load; fix the errors above", file=sys.stderr)
             return 2
         runner.apply(result)
+        for b in result.config.unavailable_budgets:
+            print(
+                f"kubetoll run: TokenBudget {b.name} did not compile: its routes answer 503 budget_unavailable",
+                file=sys.stderr,
+            )
         config = result.config
         print(
             f"kubetoll run: namespace {args.namespace}: "
