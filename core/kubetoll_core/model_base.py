@@ -9,13 +9,14 @@ equal.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, model_validator
 from pydantic.alias_generators import to_camel
+
+from .user_regex import compile_user_regex
 
 
 @dataclass(frozen=True)
@@ -72,10 +73,7 @@ class ContractModel(BaseModel):
 
 
 def regex_compiles(value: str | None) -> str | None:
-    """A field validator: the value is None or a regular expression that compiles."""
+    """A field validator: the value is None or a regular expression RE2 compiles (see user_regex)."""
     if value is not None:
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"not a valid regular expression: {exc}") from exc
+        compile_user_regex(value)  # UserRegexError is a ValueError: pydantic reports it on the field
     return value

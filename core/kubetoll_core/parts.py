@@ -163,7 +163,11 @@ class HeaderMatch(ContractModel):
         min_length=1, max_length=256, pattern=HEADER_NAME_PATTERN, description="Header name (case-insensitive)."
     )
     value: str | None = Field(None, max_length=1024, description="Exact value the header must have.")
-    regex: str | None = Field(None, max_length=1024, description="Regular expression searched in the header value.")
+    regex: str | None = Field(
+        None,
+        max_length=1024,
+        description="RE2 regular expression searched in the header value (no backreferences or lookaround).",
+    )
 
     __cel_rules__ = (
         CelRule(
@@ -204,7 +208,9 @@ class RuleMatch(ContractModel):
         json_schema_extra={"items": {"type": "string", "maxLength": 256, "minLength": 1, "description": "A keyword."}},
     )
     regex: str | None = Field(
-        None, max_length=1024, description="Regular expression searched in the last user message."
+        None,
+        max_length=1024,
+        description="RE2 regular expression searched in the last user message (no backreferences or lookaround).",
     )
 
     __cel_rules__ = (

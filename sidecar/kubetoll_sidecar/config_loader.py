@@ -48,6 +48,17 @@ def format_validation_error(exc: ValidationError) -> str:
     return "; ".join(lines)
 
 
+def _syntax_error(exc: Exception) -> str:
+    """Where and what, never the offending text: a config line may hold a secret someone pasted."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "unknown position"
+        return f"{exc.problem or exc.context or 'syntax error'} at {where}"
+    if isinstance(exc, yaml.YAMLError):
+        return "syntax error"
+    return type(exc).__name__
+
+
 def parse_config(raw: bytes, source: str) -> RouterConfig:
     try:
         if source.endswith((".yaml", ".yml")):
@@ -58,7 +69,7 @@ def parse_config(raw: bytes, source: str) -> RouterConfig:
             except orjson.JSONDecodeError:
                 data = yaml.safe_load(raw)  # YAML is a superset of JSON: one more chance
     except (yaml.YAMLError, ValueError) as exc:
-        raise ConfigError(f"{source}: not valid JSON or YAML: {exc}") from None
+        raise ConfigError(f"{source}: not valid JSON or YAML: {_syntax_error(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a JSON/YAML object at the top level")
     version = data.get("version", 1)
@@ -118,17 +129,27 @@ class ConfigWatcher:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            fp = _fingerprint(self.path)
-            if fp == self._fp:
-                continue
-            self._fp = fp
             try:
-                loaded = load_config(self.path)
-            except ConfigError as exc:
-                self._digest = ""  # so that restoring the last good content applies (and clears the refusal)
-                await self.on_change(exc)
-                continue
-            if loaded.digest == self._digest:
-                continue  # touched, same content
-            self._digest = loaded.digest
-            await self.on_change(loaded)
+                await self._check()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the watcher must outlive any bug: the next change still applies
+                self._digest = ""
+                log.error("config watcher: reloading %s failed (%s); watching on", self.path, type(exc).__name__)
+
+    async def _check(self) -> None:
+        fp = _fingerprint(self.path)
+        if fp == self._fp:
+            return
+        self._fp = fp
+        try:
+            # Off the event loop: a namespace of thousands of routes takes a while to validate.
+            loaded = await asyncio.to_thread(load_config, self.path)
+        except ConfigError as exc:
+            self._digest = ""  # so that restoring the last good content applies (and clears the refusal)
+            await self.on_change(exc)
+            return
+        if loaded.digest == self._digest:
+            return  # touched, same content
+        self._digest = loaded.digest
+        await self.on_change(loaded)

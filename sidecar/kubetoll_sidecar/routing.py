@@ -15,6 +15,7 @@ from pathlib import Path
 from kubetoll_core.enums import FailureClass
 from kubetoll_core.parts import RuleMatch
 from kubetoll_core.router_config import Route, RouterConfig
+from kubetoll_core.user_regex import compile_user_regex
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,13 +52,14 @@ class CompiledRule:
         h = match.header
         self._header = h.name.lower() if h else None
         self._hvalue = h.value if h else None
-        self._hregex = re.compile(h.regex) if h and h.regex else None
+        # User patterns run on RE2: linear time whatever the caller sends (kubetoll_core.user_regex).
+        self._hregex = compile_user_regex(h.regex) if h and h.regex else None
         self._kw = (
             re.compile(r"\b(?:" + "|".join(re.escape(k) for k in match.keywords) + r")\b", re.IGNORECASE)
             if match.keywords
             else None
         )
-        self._re = re.compile(match.regex) if match.regex else None
+        self._re = compile_user_regex(match.regex) if match.regex else None
 
     def matches(self, ctx: RouteContext) -> bool:
         if self._min is not None and ctx.prompt_tokens < self._min:

@@ -158,15 +158,28 @@ class Sidecar:
         labels = read_pod_labels(loaded.config.server.pod_labels_file)
         return build_state(loaded.config, loaded.digest, self.sessions, labels)
 
+    async def _build_off_loop(self, loaded: LoadedConfig) -> RouterState:
+        """A reload builds its state in a thread, so requests keep flowing meanwhile.
+
+        The keep-alive pools are made here first: aiohttp sessions belong to the loop.
+        """
+        for b in loaded.config.backends:
+            self.sessions.get(b)
+        state = await asyncio.to_thread(self._build, loaded)
+        await asyncio.to_thread(self._warm_encodings, state)
+        return state
+
     async def _on_config_change(self, result: LoadedConfig | ConfigError) -> None:
         if isinstance(result, LoadedConfig):
             try:
-                new_state = self._build(result)
+                new_state = await self._build_off_loop(result)
             except ConfigError as exc:
                 result = exc
+            except Exception as exc:  # a bug while building: refuse this config, keep serving the last
+                log.exception("config %s could not be built", result.path)
+                result = ConfigError(f"{result.path}: could not be built ({type(exc).__name__}); see the log")
             else:
                 old = self.state
-                self._warm_encodings(new_state)
                 self._apply_to_shared_parts(new_state)
                 self.state = new_state  # new requests see it; requests in flight keep theirs
                 self.refused = None

@@ -83,9 +83,12 @@ class BudgetMeters:
     MAX_MEMO = 50_000
 
     def __init__(self, config: RouterConfig) -> None:
-        self._budgets_by_route: dict[str, list[Budget]] = {
-            r.name: [b for b in config.budgets if b.covers(r.name)] for r in config.routes
-        }
+        # Linear in routes + budgets (a namespace may hold thousands of each), in config order.
+        self._budgets_by_route: dict[str, list[Budget]] = {r.name: [] for r in config.routes}
+        for b in config.budgets:
+            for name in dict.fromkeys(b.routes) if b.routes else self._budgets_by_route:
+                if name in self._budgets_by_route:
+                    self._budgets_by_route[name].append(b)
         self._periods = PeriodCalculator()
         self._memo: dict[tuple[str, str, str], MeterSet] = {}
 
