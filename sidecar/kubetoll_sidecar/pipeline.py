@@ -59,6 +59,7 @@ from .state import DEFAULT_OUTPUT_RESERVATION, RouterState
 from .stream_relay import StreamRelay
 
 access_log = logging.getLogger("kubetoll.access")
+log = logging.getLogger("kubetoll.sidecar")
 
 # Request ids when the app sends none: a random per-process prefix and a counter
 # (unique across sidecars and restarts, and cheaper than a uuid4 per request).
@@ -115,6 +116,21 @@ class Pipeline:
             if ctx.outcome == "ok":  # the client went away before we answered
                 ctx.status, ctx.outcome = 499, "client_disconnected"
             raise
+        except ConnectionResetError:
+            # The client went away mid-upload or mid-answer: nobody to answer, nothing to log loudly.
+            ctx.status, ctx.outcome = 499, "client_disconnected"
+            return web.Response(status=499)
+        except Exception:
+            # A bug, not the caller's fault: counted and logged as one (type and request id;
+            # never the request, which holds the prompt and, from the app, its headers).
+            ctx.status, ctx.outcome = 500, "internal_error"
+            log.error("internal error on %s (request %s)", ctx.endpoint, ctx.request_id, exc_info=True)
+            return ApiError(
+                500,
+                f"internal error in the kubetoll sidecar (request {ctx.request_id}; see its log)",
+                "server_error",
+                "internal_error",
+            ).response({"x-request-id": ctx.request_id})
         finally:
             self.in_flight -= 1
             self._record(ctx)
@@ -165,6 +181,8 @@ class Pipeline:
         rate_holds = [Hold(m, 1.0) for m in meters.requests] if meters.requests else None
         rate_res = await self._admit(ctx, rate_holds, now, can_downgrade)
         downgrade = bool(rate_res and rate_res.downgrade)
+        if downgrade:
+            self.metrics.downgrades.labels(route.name, "rate").inc()
         if rate_res is not None:
             # The request is counted once admitted (a cache hit counts too): settle at once,
             # so a shared store never holds the count as an open reservation.

@@ -35,6 +35,7 @@ from .config_loader import ConfigError, ConfigWatcher, LoadedConfig, load_config
 from .credentials import CredentialStore
 from .errors import ApiError
 from .forwarder import Forwarder
+from .http_server import app_runner
 from .ledger import InMemoryLedger, Ledger
 from .metrics import Metrics
 from .pipeline import Pipeline
@@ -413,8 +414,8 @@ async def serve(
     """Serve until `stop` is set (or SIGTERM/SIGINT), then drain and close."""
     await sidecar.start()
     cfg = sidecar.config.server
-    api = web.AppRunner(sidecar.api_app(), access_log=None, shutdown_timeout=cfg.drain_seconds, handle_signals=False)
-    ops = web.AppRunner(sidecar.ops_app(), access_log=None, handle_signals=False)
+    api = app_runner(sidecar.api_app(), shutdown_timeout=cfg.drain_seconds)
+    ops = app_runner(sidecar.ops_app())
     await api.setup()
     await ops.setup()
     api_host = host or cfg.host
@@ -483,8 +484,8 @@ async def wait_for_config_file(
     ops.router.add_get("/healthz", healthz)
     ops.router.add_get("/readyz", readyz)
     runners = [
-        web.AppRunner(api, access_log=None, handle_signals=False),
-        web.AppRunner(ops, access_log=None, handle_signals=False),
+        app_runner(api),
+        app_runner(ops),
     ]
     stop = asyncio.Event()
     _stop_on_signals(stop)

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from kubetoll_core.periods import Clock
 from kubetoll_sidecar.config_loader import load_config
+from kubetoll_sidecar.http_server import app_runner
 from kubetoll_sidecar.server import Sidecar
 
 
@@ -69,7 +70,7 @@ class RunningSidecar:
             (self.sidecar.api_app(), "127.0.0.1", self.config["server"]["port"]),
             (self.sidecar.ops_app(), "127.0.0.1", self.config["server"]["metricsPort"]),
         ):
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=2)
+            runner = app_runner(app, shutdown_timeout=2)
             await runner.setup()
             await web.TCPSite(runner, host, port).start()
             self._runners.append(runner)
