@@ -54,6 +54,18 @@ class ServerSettings(ContractModel):
     metrics_port: int = Field(7401, ge=1, le=65535)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Requests over this size get 413.")
     drain_seconds: float = Field(25.0, ge=0, description="On SIGTERM, how long requests in flight may take to finish.")
+    header_timeout_seconds: float = Field(
+        15.0,
+        gt=0,
+        description="A connection without a whole request head (or idle between requests) this long is closed.",
+    )
+    body_timeout_seconds: float = Field(
+        30.0, gt=0, description="A request body not received in full within this is answered 408 and dropped."
+    )
+    max_connections: int = Field(1024, ge=1, description="Connections the API port holds at once; more are closed.")
+    metrics_max_connections: int = Field(
+        128, ge=1, description="Connections the metrics and probe port holds at once; more are closed."
+    )
     credentials_dir: str = Field(
         "/var/run/kubetoll/credentials", description="Where the kubetoll-credentials Secret is mounted."
     )

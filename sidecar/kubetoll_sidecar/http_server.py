@@ -1,4 +1,12 @@
-"""The aiohttp runners both ports are served by, and what they log about broken HTTP.
+"""The aiohttp runners and listeners both ports are served by: slow clients and broken HTTP.
+
+Slow clients. A connection that has not sent a whole request head within
+`server.headerTimeoutSeconds` is closed (aiohttp's keep-alive timer covers a
+connection with no complete request, so one setting bounds both a slow header
+sender and an idle keep-alive connection); the body has its own deadline in the
+pipeline. Each port holds at most its configured number of connections: one
+more is closed at once, so a flood of half-sent requests cannot take the file
+descriptors the other port, the probes and the upstream pools need.
 
 aiohttp logs a request it cannot parse (bare LF line endings, a bad status
 line, an oversized header) at ERROR with a traceback whose message holds the
@@ -11,6 +19,7 @@ client that floods malformed requests cannot flood the log either.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -58,6 +67,138 @@ class QuietServerLogger(logging.Logger):
 _SERVER_LOGGER = QuietServerLogger()
 
 
-def app_runner(app: web.Application, **kwargs: Any) -> web.AppRunner:
+def app_runner(app: web.Application, *, header_timeout: float = 15.0, **kwargs: Any) -> web.AppRunner:
     """An AppRunner with the sidecar's settings: no aiohttp access log, the quiet server logger."""
-    return web.AppRunner(app, access_log=None, handle_signals=False, logger=_SERVER_LOGGER, **kwargs)
+    return web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        logger=_SERVER_LOGGER,
+        keepalive_timeout=header_timeout,
+        # After an early answer (413, 408) aiohttp reads and drops the rest of the body
+        # so the client sees the answer; a stalled client must not hold that for 10 s.
+        lingering_time=2.0,
+        **kwargs,
+    )
+
+
+class _Bounded(asyncio.Protocol):
+    """Passes everything to aiohttp's protocol, counting connections for the listener."""
+
+    __slots__ = ("_inner", "_site", "_transport")
+
+    def __init__(self, inner: asyncio.Protocol, site: BoundedTCPSite) -> None:
+        self._inner = inner
+        self._site = site
+        self._transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._site.admit(self):
+            _abort(transport)  # before aiohttp sees it: no handler, no buffers
+            return
+        self._transport = transport
+        self._inner.connection_made(transport)
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            _abort(self._transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._transport is not None:
+            self._transport = None
+            self._site.release(self)
+            self._inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._transport is not None:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._transport is not None else None
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+def _abort(transport: asyncio.BaseTransport) -> None:
+    if isinstance(transport, asyncio.Transport):
+        transport.abort()
+    else:
+        transport.close()
+
+
+class BoundedTCPSite(web.BaseSite):
+    """A TCP listener that holds at most `max_connections` connections.
+
+    At the bound, a new connection is refused (the API port: an answer being
+    streamed must not be cut for a newcomer), or, with `evict_oldest`, the
+    oldest connection is closed to make room (the metrics and probe port, whose
+    answers all take milliseconds: a kubelet probe still gets in while a flood
+    of slow senders holds every slot).
+    """
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        max_connections: int,
+        evict_oldest: bool = False,
+        reuse_address: bool = True,
+    ) -> None:
+        super().__init__(runner)
+        self._host, self._port = host, port
+        self._reuse_address = reuse_address
+        self.max_connections = max_connections
+        self.evict_oldest = evict_oldest
+        self.refused_connections = 0
+        self.evicted_connections = 0
+        self._open: dict[_Bounded, None] = {}  # insertion order: oldest first
+        self._listener: asyncio.Server | None = None
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._open)
+
+    def admit(self, conn: _Bounded) -> bool:
+        if len(self._open) >= self.max_connections:
+            if not self.evict_oldest:
+                self.refused_connections += 1
+                return False
+            oldest = next(iter(self._open))
+            del self._open[oldest]
+            self.evicted_connections += 1
+            oldest.abort()
+        self._open[conn] = None
+        return True
+
+    def release(self, conn: _Bounded) -> None:
+        self._open.pop(conn, None)
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self.port}"
+
+    @property
+    def port(self) -> int:
+        """The bound port (the one asked for, or the one the system gave for port 0)."""
+        if self._listener is not None and self._listener.sockets:
+            return int(self._listener.sockets[0].getsockname()[1])
+        return self._port
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        self._listener = await asyncio.get_running_loop().create_server(
+            lambda: _Bounded(server(), self),
+            self._host,
+            self._port,
+            reuse_address=self._reuse_address,
+            backlog=128,
+        )
+        self._server = self._listener  # BaseSite.stop closes it

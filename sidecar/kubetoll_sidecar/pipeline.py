@@ -138,7 +138,20 @@ class Pipeline:
     async def _run(self, ctx: RequestContext) -> web.StreamResponse:
         request, state = ctx.request, ctx.state
         # 1 parse
-        req = ctx.req = await parse_request(request, ctx.endpoint, state.config.server.max_body_bytes)
+        server = state.config.server
+        try:
+            # A stalled upload must not hold its buffers and its connection for ever.
+            async with asyncio.timeout(server.body_timeout_seconds):
+                req = ctx.req = await parse_request(request, ctx.endpoint, server.max_body_bytes)
+        except TimeoutError:
+            ctx.outcome = "body_timeout"
+            raise ApiError(
+                408,
+                f"the request body did not arrive within {server.body_timeout_seconds:g} s",
+                "invalid_request_error",
+                "request_timeout",
+                headers={"Connection": "close"},
+            ) from None
         # 2 identify
         ident = state.tenants.identify(request.headers, req.body)
         ctx.tenant, ctx.tier = ident.tenant, ident.tier

@@ -35,7 +35,7 @@ from .config_loader import ConfigError, ConfigWatcher, LoadedConfig, load_config
 from .credentials import CredentialStore
 from .errors import ApiError
 from .forwarder import Forwarder
-from .http_server import app_runner
+from .http_server import BoundedTCPSite, app_runner
 from .ledger import InMemoryLedger, Ledger
 from .metrics import Metrics
 from .pipeline import Pipeline
@@ -404,6 +404,25 @@ def _stop_on_signals(stop: asyncio.Event | None) -> None:
             pass
 
 
+async def listen(
+    sidecar: Sidecar, host: str, port: int, metrics_host: str, metrics_port: int
+) -> tuple[web.AppRunner, web.AppRunner]:
+    """Open the API and the metrics port for a started sidecar: (api runner, metrics runner).
+
+    Both with the header timeout and their connection bounds (http_server.py).
+    """
+    cfg = sidecar.config.server
+    api = app_runner(sidecar.api_app(), header_timeout=cfg.header_timeout_seconds, shutdown_timeout=cfg.drain_seconds)
+    ops = app_runner(sidecar.ops_app(), header_timeout=cfg.header_timeout_seconds)
+    for runner, h, p, limit, evict in (
+        (api, host, port, cfg.max_connections, False),
+        (ops, metrics_host, metrics_port, cfg.metrics_max_connections, True),
+    ):
+        await runner.setup()
+        await BoundedTCPSite(runner, h, p, max_connections=limit, evict_oldest=evict).start()
+    return api, ops
+
+
 async def serve(
     sidecar: Sidecar,
     host: str | None = None,
@@ -414,15 +433,10 @@ async def serve(
     """Serve until `stop` is set (or SIGTERM/SIGINT), then drain and close."""
     await sidecar.start()
     cfg = sidecar.config.server
-    api = app_runner(sidecar.api_app(), shutdown_timeout=cfg.drain_seconds)
-    ops = app_runner(sidecar.ops_app())
-    await api.setup()
-    await ops.setup()
     api_host = host or cfg.host
     if api_host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("API bound to %s: it has no auth of its own, keep it on 127.0.0.1 in a pod", api_host)
-    await web.TCPSite(api, api_host, port or cfg.port, reuse_address=True).start()
-    await web.TCPSite(ops, cfg.metrics_host, metrics_port or cfg.metrics_port, reuse_address=True).start()
+    api, ops = await listen(sidecar, api_host, port or cfg.port, cfg.metrics_host, metrics_port or cfg.metrics_port)
     log.info(
         "kubetoll sidecar serving the OpenAI API on http://%s:%d/v1 (metrics and probes on %s:%d), config %s",
         api_host,

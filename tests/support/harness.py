@@ -13,8 +13,7 @@ from aiohttp import web
 
 from kubetoll_core.periods import Clock
 from kubetoll_sidecar.config_loader import load_config
-from kubetoll_sidecar.http_server import app_runner
-from kubetoll_sidecar.server import Sidecar
+from kubetoll_sidecar.server import Sidecar, listen
 
 
 def free_port() -> int:
@@ -66,14 +65,11 @@ class RunningSidecar:
     async def start(self) -> RunningSidecar:
         self.sidecar = Sidecar(load_config(str(self.path)), clock=self.clock, store=self.store, watch_interval=0.1)
         await self.sidecar.start()
-        for app, host, port in (
-            (self.sidecar.api_app(), "127.0.0.1", self.config["server"]["port"]),
-            (self.sidecar.ops_app(), "127.0.0.1", self.config["server"]["metricsPort"]),
-        ):
-            runner = app_runner(app, shutdown_timeout=2)
-            await runner.setup()
-            await web.TCPSite(runner, host, port).start()
-            self._runners.append(runner)
+        # The same listeners as `kubetoll-sidecar`: header timeout, connection bounds, quiet logger.
+        runners = await listen(
+            self.sidecar, "127.0.0.1", self.config["server"]["port"], "127.0.0.1", self.config["server"]["metricsPort"]
+        )
+        self._runners.extend(runners)
         return self
 
     def write_config(self, config: dict[str, Any]) -> None:
