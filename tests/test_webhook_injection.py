@@ -40,6 +40,8 @@ BASE_URL_ENV = [
     {"name": "OPENAI_BASE_URL", "value": "http://127.0.0.1:7400/v1"},
     {"name": "OPENAI_API_BASE", "value": "http://127.0.0.1:7400/v1"},
 ]
+KEY_ENV = {"name": "OPENAI_API_KEY", "value": "kubetoll-placeholder-the-sidecar-holds-the-credentials"}
+APP_ENV = [*BASE_URL_ENV, KEY_ENV]  # what an app container without any of the three gets
 
 # The sidecar the default options inject, written out in full: a change to it shows here.
 EXPECTED_SIDECAR: dict[str, Any] = {
@@ -187,7 +189,7 @@ def test_labelled_pod_gets_the_sidecar_as_a_plain_container() -> None:
     assert resp["allowed"] is True and "warnings" not in resp
 
     expected = injected(original)
-    expected["spec"]["containers"][0]["env"] = BASE_URL_ENV
+    expected["spec"]["containers"][0]["env"] = APP_ENV
     expected["spec"]["containers"].append(EXPECTED_SIDECAR)
     expected["spec"]["volumes"] = EXPECTED_VOLUMES
     assert patched == expected
@@ -206,7 +208,7 @@ def test_native_sidecar_goes_first_among_init_containers() -> None:
     assert resp["allowed"] is True
 
     expected = injected(original)
-    expected["spec"]["containers"][0]["env"] = BASE_URL_ENV
+    expected["spec"]["containers"][0]["env"] = APP_ENV
     expected["spec"]["initContainers"] = [
         {**EXPECTED_SIDECAR, "restartPolicy": "Always"},
         *inits,
@@ -228,7 +230,8 @@ def test_native_sidecar_without_init_containers_creates_the_list() -> None:
 def test_several_containers_and_existing_env() -> None:
     containers = [
         {"name": "web", "image": "example/web:1", "env": [{"name": "LOG_LEVEL", "value": "debug"}]},
-        # Its own endpoint for the new SDK: kept; the old SDK's variable still points at the sidecar.
+        # Its own endpoint for the new SDK: it keeps it, and gets neither variable (nor a key),
+        # so the old and the new SDK never go to different places.
         {
             "name": "worker",
             "image": "example/worker:1",
@@ -242,21 +245,56 @@ def test_several_containers_and_existing_env() -> None:
                 {"name": "OPENAI_BASE_URL", "value": "http://proxy:8000"},
             ],
         },
+        # The old SDK's variable from a ConfigMap: a value we cannot see counts as its own.
+        {
+            "name": "from-config",
+            "image": "example/cfg:1",
+            "env": [
+                {"name": "OPENAI_API_BASE", "valueFrom": {"configMapKeyRef": {"name": "endpoints", "key": "openai"}}}
+            ],
+        },
+        # Already pointed at the sidecar by hand: the other variable follows, and the key is its own.
+        {
+            "name": "by-hand",
+            "image": "example/by-hand:1",
+            "env": [
+                {"name": "OPENAI_API_BASE", "value": "http://127.0.0.1:7400/v1"},
+                {"name": "OPENAI_API_KEY", "valueFrom": {"secretKeyRef": {"name": "app", "key": "openai"}}},
+            ],
+        },
         {"name": "plain", "image": "example/plain:1"},
     ]
     original = pod(labels={"kubetoll.dev/inject": "true"}, containers=containers)
-    _, patched = admit(original, {}, PLAIN)
+    resp, patched = admit(original, {}, PLAIN)
     envs = {c["name"]: c.get("env") for c in patched["spec"]["containers"] if c["name"] != "kubetoll-sidecar"}
     assert envs == {
-        "web": [{"name": "LOG_LEVEL", "value": "debug"}, *BASE_URL_ENV],
-        "worker": [{"name": "OPENAI_BASE_URL", "value": "https://api.openai.com/v1"}, BASE_URL_ENV[1]],
+        "web": [{"name": "LOG_LEVEL", "value": "debug"}, *APP_ENV],
+        "worker": containers[1]["env"],
         "legacy": containers[2]["env"],
-        "plain": BASE_URL_ENV,
+        "from-config": containers[3]["env"],
+        "by-hand": [*containers[4]["env"], BASE_URL_ENV[0]],
+        "plain": APP_ENV,
     }
+    for before, after in zip(containers, patched["spec"]["containers"], strict=False):
+        # Each container ends with both pointing at one place, or neither set by us.
+        values = {e["name"]: e.get("value", "?") for e in after.get("env") or []}
+        added = {e["name"] for e in after.get("env") or []} - {e["name"] for e in before.get("env") or []}
+        urls = {values.get(n) for n in ("OPENAI_BASE_URL", "OPENAI_API_BASE")}
+        assert not added & {"OPENAI_BASE_URL", "OPENAI_API_BASE"} or urls == {"http://127.0.0.1:7400/v1"}
+    assert resp["warnings"] == [
+        "kubetoll: container worker sets OPENAI_BASE_URL itself: its OpenAI traffic does not go through the "
+        "kubetoll sidecar (unset it to use http://127.0.0.1:7400/v1)",
+        "kubetoll: container legacy sets OPENAI_BASE_URL, OPENAI_API_BASE itself: its OpenAI traffic does not go "
+        "through the kubetoll sidecar (unset it to use http://127.0.0.1:7400/v1)",
+        "kubetoll: container from-config sets OPENAI_API_BASE itself: its OpenAI traffic does not go through the "
+        "kubetoll sidecar (unset it to use http://127.0.0.1:7400/v1)",
+    ]
     assert [c["name"] for c in patched["spec"]["containers"]] == [
         "web",
         "worker",
         "legacy",
+        "from-config",
+        "by-hand",
         "plain",
         "kubetoll-sidecar",
     ]
@@ -308,6 +346,66 @@ def test_volume_name_clash_picks_free_names() -> None:
     assert patched["spec"]["containers"][0]["volumeMounts"] == containers[0]["volumeMounts"]
     assert_valid_pod(patched, "1.29")
     assert_stable(patched, {}, NATIVE)
+
+
+def test_api_key_placeholder_only_where_the_app_has_no_key_in_env() -> None:
+    containers = [
+        {"name": "own-key", "image": "example/a:1", "env": [{"name": "OPENAI_API_KEY", "value": "sk-app-own"}]},
+        # envFrom values are not in the pod; an env entry overrides them, like the base URL's (docs/install.md).
+        {"name": "env-from", "image": "example/b:1", "envFrom": [{"secretRef": {"name": "app-secrets"}}]},
+        {"name": "none", "image": "example/c:1"},
+    ]
+    _, patched = admit(pod(labels={"kubetoll.dev/inject": "true"}, containers=containers), {}, PLAIN)
+    envs = {c["name"]: c.get("env") for c in patched["spec"]["containers"]}
+    assert envs["own-key"] == [{"name": "OPENAI_API_KEY", "value": "sk-app-own"}, *BASE_URL_ENV]
+    assert envs["env-from"] == APP_ENV and envs["none"] == APP_ENV
+    assert patched["spec"]["containers"][1]["envFrom"] == containers[1]["envFrom"]
+    # The sidecar gets no placeholder: its credentials come from its mounted Secret.
+    assert {e["name"] for e in envs["kubetoll-sidecar"]} == {"KUBETOLL_POD_NAME", "KUBETOLL_POD_NAMESPACE"}
+    # Init containers get nothing either.
+    _, patched = admit(
+        pod(labels={"kubetoll.dev/inject": "true"}, init_containers=[{"name": "migrate", "image": "m:1"}]), {}, PLAIN
+    )
+    assert "env" not in patched["spec"]["initContainers"][0]
+    assert_valid_pod(patched, "1.35")
+
+
+@pytest.mark.parametrize(
+    ("given", "options", "expected"),
+    [
+        (None, PLAIN, None),  # the API server's default, 30 s: 25 s drain + 5 s margin fit
+        (30, PLAIN, None),
+        (120, PLAIN, None),  # never lowered
+        (10, PLAIN, 30),
+        (0, NATIVE, 30),
+        (30, replace(PLAIN, drain_seconds=40.5), 46),  # a longer drain: ceil(40.5) + 5
+        (45, replace(NATIVE, drain_seconds=40), None),
+    ],
+)
+def test_grace_period_covers_the_sidecar_drain(
+    given: int | None, options: InjectionOptions, expected: int | None
+) -> None:
+    extra = {} if given is None else {"terminationGracePeriodSeconds": given}
+    original = pod(labels={"kubetoll.dev/inject": "true"}, **extra)
+    resp, patched = admit(original, {}, options)
+    assert resp["allowed"]
+    if expected is None:
+        assert patched["spec"].get("terminationGracePeriodSeconds") == given
+        assert "warnings" not in resp
+    else:
+        assert patched["spec"]["terminationGracePeriodSeconds"] == expected
+        assert resp["warnings"] == [
+            f"kubetoll: terminationGracePeriodSeconds raised from {given} to {expected}: the sidecar drains for "
+            f"up to {options.drain_seconds:g} s, then flushes its spend"
+        ]
+    assert_valid_pod(patched, "1.35")
+    assert_stable(patched, {}, options)
+
+
+def test_default_drain_is_the_sidecar_default() -> None:
+    from kubetoll_core.router_config import ServerSettings
+
+    assert InjectionOptions().drain_seconds == ServerSettings().drain_seconds == 25
 
 
 def test_namespace_enabled_injects_unlabelled_pods() -> None:
@@ -438,7 +536,8 @@ def test_annotations_override_image_port_resources_and_log_level() -> None:
     assert sidecar["resources"] == {"requests": {"cpu": "250m", "memory": "1Gi"}, "limits": {"memory": "1Gi"}}
     assert sidecar["readinessProbe"]["httpGet"]["port"] == 17401 and sidecar["ports"][0]["containerPort"] == 17401
     assert patched["spec"]["containers"][0]["env"] == [
-        {"name": n, "value": "http://127.0.0.1:17400/v1"} for n in ("OPENAI_BASE_URL", "OPENAI_API_BASE")
+        *({"name": n, "value": "http://127.0.0.1:17400/v1"} for n in ("OPENAI_BASE_URL", "OPENAI_API_BASE")),
+        KEY_ENV,
     ]
     assert patched["metadata"]["annotations"] == {**annotations, "kubetoll.dev/injected": "true"}
     assert_valid_pod(patched, "1.35")

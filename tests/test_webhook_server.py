@@ -197,7 +197,8 @@ async def test_kopf_serves_the_injection_webhook_over_https(
     )
     assert [c["name"] for c in result["spec"]["containers"]] == ["app", "kubetoll-sidecar"]
     assert result["spec"]["containers"][0]["env"][1:] == [
-        {"name": n, "value": "http://127.0.0.1:7400/v1"} for n in ("OPENAI_BASE_URL", "OPENAI_API_BASE")
+        *({"name": n, "value": "http://127.0.0.1:7400/v1"} for n in ("OPENAI_BASE_URL", "OPENAI_API_BASE")),
+        {"name": "OPENAI_API_KEY", "value": "kubetoll-placeholder-the-sidecar-holds-the-credentials"},
     ]
     assert result["metadata"]["annotations"]["kubetoll.dev/injected"] == "true"
 

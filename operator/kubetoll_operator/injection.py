@@ -30,8 +30,12 @@ What is injected:
   before the operator's first compile: the sidecar runs with `--wait-for-config`
   and answers 503 until the file appears), the pod's labels through the downward API
   and a small `/tmp`;
-* `OPENAI_BASE_URL` and `OPENAI_API_BASE` in each app container that does not set
-  them itself;
+* in each app container, `OPENAI_BASE_URL` and `OPENAI_API_BASE` (both or neither:
+  a container whose `env` names either one itself keeps its own endpoint and gets
+  neither, with an admission warning, unless what it set is the sidecar's URL), and
+  a placeholder `OPENAI_API_KEY` when its `env` names none (`app_env`);
+* `terminationGracePeriodSeconds` raised to cover the sidecar's drain when the pod
+  asks for less (`grace_period_seconds`); never lowered;
 * the annotation and label `kubetoll.dev/injected: "true"` (the label is what
   the chart's PodMonitor selects).
 """
@@ -41,11 +45,14 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
+
+from kubetoll_core.router_config import ServerSettings
 
 INJECT_KEY = "kubetoll.dev/inject"  # pod label (or annotation): "true" / "false"
 NAMESPACE_LABEL = "kubetoll.dev/injection"  # namespace label: "enabled" / "disabled"
@@ -72,6 +79,17 @@ ROUTER_CONFIGMAP = "kubetoll-router"  # written by the operator (handlers.CONFIG
 CREDENTIALS_SECRET = "kubetoll-credentials"  # written by the operator (handlers.CREDENTIALS_SECRET)
 
 BASE_URL_VARS = ("OPENAI_BASE_URL", "OPENAI_API_BASE")  # the v1 SDKs read the first, older ones the second
+API_KEY_VAR = "OPENAI_API_KEY"
+# The official SDKs refuse to start without an API key, but the app never needs the real one:
+# the sidecar holds the provider credentials (mounted into it alone) and ignores the key the
+# app sends. So an app container without a key of its own gets this, which is plainly not one.
+API_KEY_PLACEHOLDER = "kubetoll-placeholder-the-sidecar-holds-the-credentials"
+# What the sidecar needs after SIGTERM: `server.drainSeconds` for requests in flight, then up to
+# 2 s to return its leases and write buffered spend (the Redis store's close bound), plus the
+# process exit and the kubelet's signal delivery. Kubernetes' default grace period is 30 s.
+DEFAULT_DRAIN_SECONDS = ServerSettings().drain_seconds
+SHUTDOWN_MARGIN_SECONDS = 5
+DEFAULT_GRACE_PERIOD_SECONDS = 30  # what the API server fills in when the pod sets none
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 ALWAYS_EXCLUDED = frozenset({"kube-system", "kube-public", "kube-node-lease"})
 NATIVE_SIDECARS_SINCE = (1, 29)  # SidecarContainers is on by default from Kubernetes 1.29
@@ -100,6 +118,7 @@ class InjectionOptions:
     native_sidecars: bool = False  # resolved by the webhook from nativeSidecars=auto|true|false
     run_as_user: int = 10001  # the images' numeric user
     excluded_namespaces: frozenset[str] = ALWAYS_EXCLUDED
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS  # the compiled config's server.drainSeconds
 
 
 @dataclass
@@ -351,6 +370,36 @@ def sidecar_volumes(volume_names: Mapping[str, str]) -> list[dict[str, Any]]:
     ]
 
 
+def app_env(container: Mapping[str, Any], base_url: str) -> tuple[list[dict[str, Any]], str | None]:
+    """(env entries to add to one app container, a warning or None).
+
+    Only `env` is read: the values of `envFrom` are not in the pod, and an `env` entry
+    overrides them, so what the app sets in `env` is what it means to keep.
+    """
+    have = {e.get("name"): e for e in container.get("env") or []}
+    own = [n for n in BASE_URL_VARS if n in have and have[n].get("value") != base_url]
+    if own:
+        # The app chose its own endpoint: setting the other variable to the sidecar would send
+        # the new and the old SDKs to different places. Its key is its own business too.
+        return [], (
+            f"kubetoll: container {container.get('name')} sets {', '.join(own)} itself: "
+            f"its OpenAI traffic does not go through the kubetoll sidecar (unset it to use {base_url})"
+        )
+    new = [{"name": n, "value": base_url} for n in BASE_URL_VARS if n not in have]
+    if API_KEY_VAR not in have:
+        new.append({"name": API_KEY_VAR, "value": API_KEY_PLACEHOLDER})
+    return new, None
+
+
+def grace_period_seconds(spec: Mapping[str, Any], drain_seconds: float) -> int | None:
+    """The pod's new terminationGracePeriodSeconds, or None to leave it as it is (never lowered)."""
+    needed = math.ceil(drain_seconds) + SHUTDOWN_MARGIN_SECONDS
+    current = spec.get("terminationGracePeriodSeconds")
+    if current is None:
+        current = DEFAULT_GRACE_PERIOD_SECONDS
+    return needed if current < needed else None
+
+
 def plan_injection(pod: Mapping[str, Any], namespace_labels: Mapping[str, str], options: InjectionOptions) -> Plan:
     """Decide, and build the JSONPatch (RFC 6902) ops against `pod` as given. Raises InjectionError."""
     wanted, reason = injection_requested(pod, namespace_labels, options)
@@ -407,15 +456,27 @@ def plan_injection(pod: Mapping[str, Any], namespace_labels: Mapping[str, str], 
         ops.append({"op": "add", "path": "/spec/volumes", "value": volumes})
 
     base_url = f"http://127.0.0.1:{opts.port}/v1"
+    warnings: list[str] = []
     for i, c in enumerate(containers):
-        have = {e.get("name") for e in c.get("env") or []}
-        new = [{"name": n, "value": base_url} for n in BASE_URL_VARS if n not in have]
+        new, warning = app_env(c, base_url)
+        if warning:
+            warnings.append(warning)
         if not new:
             continue
         if c.get("env"):
             ops += [{"op": "add", "path": _pointer("spec", "containers", i, "env", "-"), "value": e} for e in new]
         else:
             ops.append({"op": "add", "path": _pointer("spec", "containers", i, "env"), "value": new})
+
+    grace = grace_period_seconds(spec, opts.drain_seconds)
+    if grace is not None:
+        # "add" replaces an existing member (RFC 6902), so one op serves both cases.
+        ops.append({"op": "add", "path": "/spec/terminationGracePeriodSeconds", "value": grace})
+        warnings.append(
+            f"kubetoll: terminationGracePeriodSeconds raised from "
+            f"{spec.get('terminationGracePeriodSeconds', DEFAULT_GRACE_PERIOD_SECONDS)} to {grace}: "
+            f"the sidecar drains for up to {opts.drain_seconds:g} s, then flushes its spend"
+        )
 
     sidecar = sidecar_container(opts, volume_names)
     if opts.native_sidecars:
@@ -426,7 +487,7 @@ def plan_injection(pod: Mapping[str, Any], namespace_labels: Mapping[str, str], 
     else:
         # Last, so `kubectl logs/exec` still default to the app's first container.
         ops.append({"op": "add", "path": "/spec/containers/-", "value": sidecar})
-    return Plan(True, reason, ops, native=opts.native_sidecars)
+    return Plan(True, reason, ops, warnings=warnings, native=opts.native_sidecars)
 
 
 def mutate_pod(

@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "kubetoll_tools.cache_commands",
     "kubetoll_tools.tool_commands",
     "kubetoll_tools.operator_commands",
+    "kubetoll_tools.budget_commands",
 )
 
 
