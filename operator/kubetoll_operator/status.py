@@ -5,21 +5,11 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from .compiler import CompileResult, Outcome, Problem
+from .compiler import REFERENCE_REASONS, CompileResult, Outcome, Problem
 
-REF_REASONS = {
-    "BackendNotFound",
-    "BackendNotReady",
-    "RouteNotFound",
-    "RouteNotReady",
-    "CachePolicyNotFound",
-    "CachePolicyNotReady",
-    "SecretNotFound",
-    "SecretKeyNotFound",
-    "Unsupported",
-    "NoBackends",
-    "NoRoutes",
-}
+# What makes ResolvedRefs False: the compiler's reference reasons, and a reference to
+# something that cannot serve the role (an anthropic embedding backend).
+REF_REASONS = REFERENCE_REASONS | {"Unsupported"}
 
 
 def _now() -> str:
