@@ -133,7 +133,12 @@ def test_rendered_manifests_validate_against_kubernetes_schemas(name: str) -> No
         for version in (OLDEST_KUBERNETES, latest_version()):
             kubernetes_validate.validate(doc, version, strict=True)
         # Namespaced objects land in the release namespace (cluster-scoped ones have none).
-        if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration"):
+        if doc["kind"] not in (
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "MutatingWebhookConfiguration",
+            "ValidatingWebhookConfiguration",
+        ):
             assert doc["metadata"].get("namespace") == NS, (doc["kind"], doc["metadata"]["name"])
 
 
@@ -374,12 +379,22 @@ def test_cert_manager_variant() -> None:
 def test_rbac_is_exactly_what_the_operator_touches() -> None:
     docs = render()
     role = one(docs, "ClusterRole")
-    rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): sorted(r["verbs"]) for r in role["rules"]}
+    rules = {
+        (tuple(r["apiGroups"]), tuple(r["resources"]), tuple(r.get("resourceNames", ()))): sorted(r["verbs"])
+        for r in role["rules"]
+    }
+    assert len(rules) == len(role["rules"])
     kinds4 = ("modelbackends", "modelroutes", "tokenbudgets", "cachepolicies")
+    rules = {k[:2] if not k[2] else k: v for k, v in rules.items()}
     assert rules == {
         (("kubetoll.dev",), kinds4): ["get", "list", "watch"],
         (("kubetoll.dev",), tuple(f"{k}/status" for k in kinds4)): ["patch"],
-        (("",), ("configmaps", "secrets")): ["create", "delete", "get", "list", "patch", "watch"],
+        # Writes only to the two owned names; create cannot be limited by name (tests/test_least_privilege.py).
+        (("",), ("secrets",)): ["get", "list", "watch"],
+        (("",), ("configmaps",)): ["list", "watch"],
+        (("",), ("configmaps",), ("kubetoll-router",)): ["delete", "get", "patch"],
+        (("",), ("secrets",), ("kubetoll-credentials",)): ["delete", "patch"],
+        (("",), ("configmaps", "secrets")): ["create"],
         (("",), ("events",)): ["create"],
         (("",), ("namespaces",)): ["get"],
         (("apiextensions.k8s.io",), ("customresourcedefinitions",)): ["list", "watch"],
@@ -545,7 +560,7 @@ def test_monitoring_objects() -> None:
     assert not {"PodMonitor", "PrometheusRule"} & kinds(render())
     assert not any(d["kind"] == "ConfigMap" for d in render())
     docs = render(*VALUE_SETS["monitoring"])
-    pm = one(docs, "PodMonitor")
+    pm = one(docs, "PodMonitor", "kubetoll-sidecars")
     assert pm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     assert pm["spec"]["namespaceSelector"] == {"any": True}
     assert pm["spec"]["selector"] == {"matchLabels": {"kubetoll.dev/injected": "true"}}
@@ -566,6 +581,13 @@ def test_monitoring_objects() -> None:
         "KubetollCircuitOpen",
         "KubetollRedisErrors",
         "KubetollWebhookFailedOpen",
+        # tests/test_least_privilege.py checks these
+        "KubetollBudgetExhaustionPredicted",
+        "KubetollBudgetStoreUnavailable",
+        "KubetollCompileErrors",
+        "KubetollReconcileFailing",
+        "KubetollWebhookRejecting",
+        "KubetollWebhookErrors",
     }
     for alert in alerts.values():
         assert set(alert) <= {"alert", "expr", "for", "labels", "annotations"}
@@ -628,11 +650,12 @@ def known_metrics() -> dict[str, set[str]]:
     from prometheus_client import CollectorRegistry
     from prometheus_client.metrics import MetricWrapperBase
 
+    from kubetoll_operator import metrics as operator_metrics
     from kubetoll_sidecar.cache.metrics import CacheMetrics
     from kubetoll_sidecar.metrics import Metrics
 
     out: dict[str, set[str]] = {}
-    for holder in (Metrics(CollectorRegistry()), CacheMetrics(CollectorRegistry())):
+    for holder in (Metrics(CollectorRegistry()), CacheMetrics(CollectorRegistry()), operator_metrics):
         for metric in vars(holder).values():
             if not isinstance(metric, MetricWrapperBase):
                 continue
@@ -664,7 +687,8 @@ def test_every_metric_the_chart_uses_exists_in_the_sidecar() -> None:
             continue  # the API server's own metrics (KubetollWebhookFailedOpen)
         for name in names:
             assert name in known, (
-                f"{where}: {name} is not a metric the sidecar exports (sidecar/kubetoll_sidecar/metrics.py, cache/metrics.py)"
+                f"{where}: {name} is not a metric the sidecar or the operator exports "
+                "(sidecar/kubetoll_sidecar/metrics.py, cache/metrics.py, operator/kubetoll_operator/metrics.py)"
             )
         labels = set().union(*(known[n] for n in names)) | TARGET_LABELS
         for selector in re.findall(r"(?:kubetoll|gen_ai)_[a-z0-9_]+\{([^}]*)\}", expr):

@@ -11,15 +11,15 @@ without a cluster at the end.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import aiohttp
 import pytest
 
-from kubetoll_core.ledger_stream import MeterTotal
+from kubetoll_core.ledger_stream import MeterTotal, read_ledger, read_ledger_page
 from kubetoll_core.meters import cap_meter_name, parse_meter_name, tier_meter_name
 from kubetoll_core.periods import compute_period
 from kubetoll_core.redis_connect import RedisCredentials, password_from_env
@@ -30,10 +30,12 @@ from kubetoll_operator import spend
 from kubetoll_sidecar.budgets.admission import BudgetMeters
 from kubetoll_sidecar.budgets.redis_store import RedisBudgetStore
 from kubetoll_sidecar.budgets.store import Hold
+from support.harness import RunningSidecar, wait_until
 from support.kopf_env import NS, Kubectl, condition, eventually, stop_operator
 from support.redis_server import RedisProcess
 
 INTERVAL = 0.1
+NO_TIER = "pro"  # a tier the budget does not define: the request falls under the namespace cap only
 
 BACKEND = {
     "apiVersion": "kubetoll.dev/v1alpha1",
@@ -168,10 +170,24 @@ async def test_spend_written_by_a_sidecar_shows_in_the_budget_status(
     # Before any spend: the cap with nothing spent, the period from the budget's timezone.
     month = compute_period("month", "UTC", time.time())
 
+    day = compute_period("day", "UTC", time.time())
+
     async def zero() -> None:
         s = (await cluster.get("TokenBudget", "team"))["status"]
-        assert (s["spent"], s["limit"], s["remaining"], s["unit"], s["percent"]) == (0.0, 10.0, 10.0, "USD", 0.0)
-        assert s["periodStart"] == spend.rfc3339(month.start) and s["periodEnd"] == spend.rfc3339(month.end)
+        # Nothing spent anywhere: a tie, which goes to the day before the month.
+        assert s["binding"] == "cap/tokens-day"
+        assert (s["spent"], s["limit"], s["remaining"], s["unit"], s["percent"]) == (
+            0.0,
+            1000000.0,
+            1000000.0,
+            "tokens",
+            0.0,
+        )
+        assert s["periodStart"] == spend.rfc3339(day.start) and s["periodEnd"] == spend.rfc3339(day.end)
+        assert {(m["window"], m["periodEnd"]) for m in s["meters"] if m["level"] == "cap"} == {
+            ("day", spend.rfc3339(day.end)),
+            ("month", spend.rfc3339(month.end)),
+        }
         assert s["tenantsOverBudget"] == []
         assert condition({"status": s}, "SpendKnown")["status"] == "True"
 
@@ -183,10 +199,20 @@ async def test_spend_written_by_a_sidecar_shows_in_the_budget_status(
     async def shown() -> dict[str, Any]:
         tb = await cluster.get("TokenBudget", "team")
         s = tb["status"]
-        assert (s["spent"], s["limit"], s["remaining"], s["unit"], s["percent"]) == (2.25, 10.0, 7.75, "USD", 22.5)
-        assert s["tenantsOverBudget"] == ["acme"]  # 2 of its 1 USD/day; beta spent 0.25
+        # The binding meter is acme's tier limit (2 of its 1 USD/day), not the month cap at 22.5%.
+        assert s["binding"] == "tier:free/usd-day (acme)" and s["refusing"] is False
+        assert (s["spent"], s["limit"], s["remaining"], s["unit"], s["percent"]) == (2.0, 1.0, 0.0, "USD", 200.0)
+        assert s["display"] == {"spent": "2", "percent": "200"}
+        assert s["tenantsOverBudget"] == ["acme"]  # beta spent 0.25
         rows = {(m["level"], m["unit"], m["window"]): m for m in s["meters"]}
-        assert rows[("cap", "USD", "month")]["spent"] == 2.25 and rows[("cap", "USD", "month")]["period"] == month.id
+        cap = rows[("cap", "USD", "month")]
+        assert (cap["spent"], cap["limit"], cap["remaining"], cap["percent"], cap["period"]) == (
+            2.25,
+            10.0,
+            7.75,
+            22.5,
+            month.id,
+        )
         assert rows[("cap", "tokens", "day")]["spent"] == 0.0 and rows[("cap", "tokens", "day")]["limit"] == 1000000.0
         tier = rows[("tier:free", "USD", "day")]
         assert (tier["limit"], tier["spent"], tier["tenants"], tier["tenantsOver"], tier["maxPercent"]) == (
@@ -204,7 +230,15 @@ async def test_spend_written_by_a_sidecar_shows_in_the_budget_status(
         return tb
 
     tb = await eventually(shown)
-    assert await threshold_events(cluster) == []
+
+    async def tenant_event() -> None:  # no cap threshold reached; acme's tier limit is spent: its 100% Event
+        events = await threshold_events(cluster)
+        assert [e["message"].split(": ")[0] for e in events] == [
+            "tier:free USD per day limit of tenant acme reached the 100% alert threshold"
+        ]
+        assert events[0]["type"] == "Warning" and "2 of 1 USD spent (200%)" in events[0]["message"]
+
+    await eventually(tenant_event)
 
     # A recompile (spec change) keeps the reporter's conditions; the reporter keeps the compile's.
     await cluster.patch("TokenBudget", "team", {"spec": {"failMode": "failClosed"}})
@@ -234,7 +268,7 @@ async def test_each_threshold_posts_one_event_per_period_across_restarts(
     memo = await start_operator(redis_url=redis.url, spend_interval_seconds=INTERVAL)
     config = await compiled_config(cluster)
 
-    await spend_like_a_sidecar(redis.url, config, 5.5)  # 55%: crosses 50
+    await spend_like_a_sidecar(redis.url, config, 5.5, tier=NO_TIER)  # 55%: crosses 50
 
     async def fifty() -> None:
         events = await threshold_events(cluster)
@@ -250,7 +284,7 @@ async def test_each_threshold_posts_one_event_per_period_across_restarts(
 
     await eventually(fifty)
 
-    await spend_like_a_sidecar(redis.url, config, 2.5)  # 80%: crosses 75
+    await spend_like_a_sidecar(redis.url, config, 2.5, tier=NO_TIER)  # 80%: crosses 75
 
     async def seventy_five() -> None:
         events = await threshold_events(cluster)
@@ -261,7 +295,7 @@ async def test_each_threshold_posts_one_event_per_period_across_restarts(
     await eventually(seventy_five)
 
     # More spend under the next threshold: no Event.
-    await spend_like_a_sidecar(redis.url, config, 0.5)  # 85%
+    await spend_like_a_sidecar(redis.url, config, 0.5, tier=NO_TIER)  # 85%
 
     async def at_85() -> None:
         assert (await cluster.get("TokenBudget", "team"))["status"]["percent"] == 85.0
@@ -279,7 +313,7 @@ async def test_each_threshold_posts_one_event_per_period_across_restarts(
 
     # 95%: 90 is a Warning. A second operator at the same time (a peer that was not paused) posts nothing more.
     other = await start_operator(redis_url=redis.url, spend_interval_seconds=INTERVAL)
-    await spend_like_a_sidecar(redis.url, config, 1.0)
+    await spend_like_a_sidecar(redis.url, config, 1.0, tier=NO_TIER)
 
     async def ninety() -> None:
         events = await threshold_events(cluster)
@@ -315,7 +349,7 @@ async def test_redis_down_sets_a_condition_and_keeps_the_last_reading(
 ) -> None:
     memo = await start_operator(redis_url=redis.url, spend_interval_seconds=INTERVAL, redis_timeout_seconds=0.5)
     config = await compiled_config(cluster)
-    await spend_like_a_sidecar(redis.url, config, 3.0)
+    await spend_like_a_sidecar(redis.url, config, 3.0, tier=NO_TIER)
 
     async def read() -> None:
         assert (await cluster.get("TokenBudget", "team"))["status"]["spent"] == 3.0
@@ -388,23 +422,248 @@ async def test_cache_policy_counts_todays_hits_from_the_ledger(
     await eventually(more)
 
 
-async def test_no_redis_url_no_reporter(cluster: Kubectl, start_operator: Any) -> None:
+async def test_no_shared_store_limits_from_the_spec_and_spend_per_pod(cluster: Kubectl, start_operator: Any) -> None:
     memo = await start_operator(spend_interval_seconds=INTERVAL)
-    await compiled_config(cluster)
+    config = await compiled_config(cluster)
+    assert config.budget_store.url is None
+    day = compute_period("day", "UTC", time.time())
 
-    async def compiled() -> None:
+    async def per_pod() -> dict[str, Any]:
         tb = await cluster.get("TokenBudget", "team")
+        s = tb["status"]
+        # LIMIT from the spec (the first limit set: tokens per day), the period it resets, spend unknown.
+        assert (s["binding"], s["limit"], s["unit"]) == ("cap/tokens-day", 1000000.0, "tokens")
+        assert s["periodEnd"] == spend.rfc3339(day.end)
+        assert s["display"] == {"spent": "per pod", "percent": "unknown"}
+        assert "spent" not in s and "percent" not in s and "remaining" not in s
+        assert [(m["level"], m["unit"], m["window"], m["limit"]) for m in s["meters"]] == [
+            ("cap", "tokens", "day", 1000000.0),
+            ("cap", "USD", "month", 10.0),
+            ("tier:free", "USD", "day", 1.0),
+        ]
+        known = condition(tb, "SpendKnown")
+        assert (known["status"], known["reason"]) == ("False", "NoSharedStore") and "per pod" in known["message"]
+        assert condition(tb, "ThresholdReached")["reason"] == "NoSharedStore"
         assert condition(tb, "Ready")["status"] == "True"
+        return tb
 
-    await eventually(compiled)
-    await asyncio.sleep(3 * INTERVAL)
-    tb = await cluster.get("TokenBudget", "team")
-    assert "spent" not in tb["status"] and {c["type"] for c in tb["status"]["conditions"]} == {
-        "Ready",
-        "ResolvedRefs",
-        "TenancyAccepted",
+    tb = await eventually(per_pod)
+    assert printed_columns(tb) == {
+        "Binding": "cap/tokens-day",
+        "Spent": "per pod",
+        "Limit": 1000000.0,
+        "Percent": "unknown",
+        "Resets": spend.rfc3339(day.end),
+        "Unit": "tokens",
+        "Ready": "True",
     }
-    assert memo.reconciler.reporters == {} and memo.reconciler.spend_reports == 0
+    assert memo.reconciler.redis is None  # nothing to read: no Redis client at all
+
+    # A spec edit shows at once: the limit is the spec's.
+    await cluster.patch("TokenBudget", "team", {"spec": {"cap": {"tokensPerDay": 5000}}})
+
+    async def edited() -> None:
+        assert (await cluster.get("TokenBudget", "team"))["status"]["limit"] == 5000.0
+
+    await eventually(edited)
+
+
+def printed_columns(obj: dict[str, Any]) -> dict[str, Any]:
+    """What `kubectl get tokenbudgets` prints from the CRD's printer columns (status columns; Age aside)."""
+    from kubetoll_operator import crdgen
+
+    crd = crdgen.all_crds()["kubetoll.dev_tokenbudgets.yaml"]
+    out: dict[str, Any] = {}
+    for col in crd["spec"]["versions"][0]["additionalPrinterColumns"]:
+        path = col["jsonPath"]
+        if path == '.status.conditions[?(@.type=="Ready")].status':
+            out[col["name"]] = condition(obj, "Ready")["status"]
+        elif path.startswith(".status."):
+            value: Any = obj["status"]
+            for part in path.split(".")[2:]:
+                value = (value or {}).get(part)
+            out[col["name"]] = value
+    assert all(v not in (None, "") for v in out.values()), f"empty columns: {out}"
+    return out
+
+
+# --------------------------------------------------------------------------- refusals through a real sidecar
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Any]:
+    """The backend the operator's config names (openai-compatible, no API key), simulated."""
+    from kubetoll_tools.simulator import SimSettings, SimulatedUpstream
+
+    async with SimulatedUpstream(SimSettings()) as s:
+        yield s
+
+
+def sidecar_config(config: RouterConfig, sim_url: str) -> dict[str, Any]:
+    """The operator's compiled config as a pod's sidecar reads it, its backend pointed at the simulator.
+
+    The ports are RunningSidecar's: it binds port 0 and writes what it got into the config.
+    """
+    raw = json.loads(config.model_dump_json(by_alias=True, exclude_none=True))
+    for b in raw["backends"]:
+        b["endpoint"] = sim_url + "/v1"
+    # Two shared cores under a parallel test run: a 50 ms Redis bound would turn a slow reply into a 503.
+    raw["budgetStore"]["timeoutMs"] = 1000
+    return raw
+
+
+async def started_sidecar(start_sidecar: Any, config: dict[str, Any]) -> RunningSidecar:
+    """A pod's sidecar, once its first sync with the shared store is done (its requests then wait on no sync)."""
+    sc = await start_sidecar(config)
+    await wait_until(lambda: sc.sidecar.store.available, timeout=10)
+    return sc
+
+
+async def chat(sidecar: RunningSidecar, tenant: str, max_tokens: int) -> int:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            sidecar.url + "/v1/chat/completions",
+            json={"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens},
+            headers={"x-tenant": tenant, "x-kubetoll-tier": "free"},
+        ) as resp:
+            body = await resp.json()
+            assert resp.status in (200, 429), body
+            if resp.status == 429:
+                assert body["error"]["code"] == "budget_exhausted", body
+            return resp.status
+
+
+async def refusal_records(redis: RedisProcess) -> list[SpendRecord]:
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(redis.url, decode_responses=True)
+    try:
+        records, _, _ = await read_ledger_page(client, NS, "0-0", 10_000)
+        # Spend readers (reports, /v1/kubetoll/spend) never see them.
+        assert not any(r.refusal for r in await read_ledger(client, NS))
+        return [r for r in records if r.refusal]
+    finally:
+        await client.aclose()
+
+
+async def budget_with(cluster: Kubectl, spec: dict[str, Any], check: Any) -> RouterConfig:
+    await cluster.patch("TokenBudget", "team", {"spec": spec})
+
+    async def patched() -> RouterConfig:
+        config = await compiled_config(cluster)
+        assert check(config.budgets[0])
+        return config
+
+    return await eventually(patched)
+
+
+async def test_a_daily_cap_refusing_is_the_binding_meter_while_the_month_is_low(
+    cluster: Kubectl, start_operator: Any, redis: RedisProcess, upstream: Any, start_sidecar: Any
+) -> None:
+    await start_operator(redis_url=redis.url, spend_interval_seconds=INTERVAL)
+    await compiled_config(cluster)
+    config = await budget_with(
+        cluster,
+        {"cap": {"usdPerDay": 0.02, "usdPerMonth": 1, "tokensPerDay": None}},
+        lambda b: b.cap.usd_per_day == 0.02 and b.cap.tokens_per_day is None,
+    )
+    await spend_like_a_sidecar(redis.url, config, 0.0199, tier=NO_TIER)  # 99.5% of the day, 1.99% of the month
+
+    # The pod's sidecar: 0.0001 USD left today, and a request reserves about 0.002 (1000 output tokens at 2/MTok).
+    sidecar = await started_sidecar(start_sidecar, sidecar_config(config, upstream.url))
+    statuses = [await chat(sidecar, "acme", 1000) for _ in range(20)]
+    assert statuses == [429] * 20
+
+    day = compute_period("day", "UTC", time.time())
+
+    async def refusing() -> dict[str, Any]:
+        tb = await cluster.get("TokenBudget", "team")
+        s = tb["status"]
+        assert (s["binding"], s["refusing"]) == ("cap/usd-day", True)
+        assert (s["spent"], s["limit"], s["percent"], s["unit"]) == (0.0199, 0.02, 99.5, "USD")
+        assert s["periodEnd"] == spend.rfc3339(day.end)
+        rows = {(m["level"], m["window"]): m for m in s["meters"]}
+        assert rows[("cap", "month")]["percent"] == 1.99 and rows[("cap", "month")]["refusing"] is False
+        assert rows[("cap", "day")]["refusing"] is True
+        reached = condition(tb, "ThresholdReached")
+        assert reached["status"] == "True" and "100%" in reached["message"]
+        return tb
+
+    tb = await eventually(refusing)
+    assert printed_columns(tb) == {
+        "Binding": "cap/usd-day",
+        "Spent": "0.0199",
+        "Limit": 0.02,
+        "Percent": "99.5 (refusing)",
+        "Resets": spend.rfc3339(day.end),
+        "Unit": "USD",
+        "Ready": "True",
+    }
+
+    async def hundred() -> None:
+        events = {int(e["message"].split("reached the ")[1].split("%")[0]): e for e in await threshold_events(cluster)}
+        assert sorted(events) == [50, 75, 90, 100]  # the day cap; the month is below 50
+        assert events[100]["type"] == "Warning"
+        assert events[100]["message"].startswith(
+            "USD per day cap reached the 100% alert threshold: admission refuses requests on it"
+        )
+        assert "0.0199 of 0.02 USD spent (99.5%)" in events[100]["message"]
+
+    await eventually(hundred)
+
+    # One refusal record per meter per second from a sidecar, naming the budget and the meter.
+    records = await refusal_records(redis)
+    assert 1 <= len(records) <= 3
+    assert {(r.refused_budget, r.refused_meter, r.outcome) for r in records} == {
+        ("team", cap_meter_name("usd", day.id), "rejected")
+    }
+
+
+async def test_a_refused_tenant_is_over_budget_before_its_spend_reaches_the_limit(
+    cluster: Kubectl, start_operator: Any, redis: RedisProcess, upstream: Any, start_sidecar: Any
+) -> None:
+    await start_operator(redis_url=redis.url, spend_interval_seconds=INTERVAL)
+    await compiled_config(cluster)
+    config = await budget_with(
+        cluster,
+        {"tiers": [{"name": "free", "usdPerDay": 0.01}]},
+        lambda b: b.tiers["free"].usd_per_day == 0.01,
+    )
+    await spend_like_a_sidecar(redis.url, config, 0.0099, tenant="acme")  # 99% of acme's tier limit
+    await spend_like_a_sidecar(redis.url, config, 0.005, tenant="beta")  # 50%: not over
+
+    sidecar = await started_sidecar(start_sidecar, sidecar_config(config, upstream.url))
+    # Small requests still fit in what acme has left; large ones do not: refused 16 of 20 times.
+    statuses = [await chat(sidecar, "acme", 4) for _ in range(4)] + [
+        await chat(sidecar, "acme", 1000) for _ in range(16)
+    ]
+    assert statuses == [200] * 4 + [429] * 16
+
+    async def over() -> dict[str, Any]:
+        tb = await cluster.get("TokenBudget", "team")
+        s = tb["status"]
+        assert s["tenantsOverBudget"] == ["acme"]
+        assert (s["binding"], s["refusing"]) == ("tier:free/usd-day (acme)", True)
+        assert s["spent"] < s["limit"] == 0.01  # refused, though its spend is below the limit
+        tier = next(m for m in s["meters"] if m["level"] == "tier:free")
+        assert (tier["tenants"], tier["tenantsOver"], tier["refusing"]) == (2, 1, True)
+        return tb
+
+    await eventually(over)
+
+    async def hundred() -> None:
+        events = await threshold_events(cluster)
+        assert len(events) == 1
+        assert events[0]["message"].startswith(
+            "tier:free USD per day limit of tenant acme reached the 100% alert threshold: "
+            "admission refuses requests on it"
+        )
+
+    await eventually(hundred)
+    records = await refusal_records(redis)
+    assert {(r.refused_budget, r.refused_meter, r.tenant) for r in records} == {
+        ("team", tier_meter_name("free", "acme", f"usd:{compute_period('day', 'UTC', time.time()).id}"), "acme")
+    }
 
 
 # --------------------------------------------------------------------------- the arithmetic, without a cluster
@@ -436,20 +695,136 @@ DAY = compute_period("day", "UTC", NOW)
 MONTH = compute_period("month", "UTC", NOW)
 
 
-def test_headline_is_the_longest_period_usd_before_tokens() -> None:
-    b = budget(cap={"usdPerDay": 2, "tokensPerMonth": 5000, "usdPerMonth": 50})
-    r = spend.budget_report(b, [total(cap_meter_name("usd", MONTH.id), 12.5, 50)], [50], NOW, 10)
-    assert (r.status["spent"], r.status["limit"], r.status["unit"], r.status["percent"]) == (12.5, 50.0, "USD", 25.0)
-    assert [c.meter for c in r.caps] == [
-        cap_meter_name("usd", MONTH.id),
-        cap_meter_name("tokens", MONTH.id),
-        cap_meter_name("usd", DAY.id),
-    ]
+def test_binding_meter_is_the_one_closest_to_refusing() -> None:
+    b = budget(cap={"usdPerDay": 2, "tokensPerMonth": 5000, "usdPerMonth": 50}, tiers={"free": {"usdPerDay": 1}})
+    day_usd, month_usd = cap_meter_name("usd", DAY.id), cap_meter_name("usd", MONTH.id)
+    acme = tier_meter_name("free", "acme", f"usd:{DAY.id}")
+    # The highest percent: the month cap at 25% beats the day cap at 10% and acme at 20%.
+    totals = [total(month_usd, 12.5, 50), total(day_usd, 0.2, 2), total(acme, 0.2, 1)]
+    r = spend.budget_report(b, totals, [50], NOW, 10)
+    assert (r.status["binding"], r.status["spent"], r.status["limit"], r.status["percent"]) == (
+        "cap/usd-month",
+        12.5,
+        50.0,
+        25.0,
+    )
+    assert r.status["refusing"] is False and r.status["display"] == {"spent": "12.5", "percent": "25"}
+    assert [c.meter for c in r.caps] == [day_usd, month_usd, cap_meter_name("tokens", MONTH.id)]
+    # A refusal on the day cap (at 10%: one big request) makes it the binding meter.
+    r = spend.budget_report(b, totals, [50, 100], NOW, 10, refused={day_usd: NOW - 5})
+    assert (r.status["binding"], r.status["refusing"], r.status["percent"]) == ("cap/usd-day", True, 10.0)
+    assert r.status["display"]["percent"] == "10 (refusing)"
+    assert [(c.meter, t) for c, t in r.alerts([50, 100])] == [(day_usd, 100)]  # 10% spent: only the 100% one
+    # Spent at or over a limit beats a higher percent below one; a tenant's tier limit counts.
+    over = [total(month_usd, 45, 50), total(acme, 1.0, 1)]
+    r = spend.budget_report(b, over, [50], NOW, 10)
+    assert (r.status["binding"], r.status["percent"], r.status["tenantsOverBudget"]) == (
+        "tier:free/usd-day (acme)",
+        100.0,
+        ["acme"],
+    )
+    # Refusing beats spent over the limit (onExhausted allow spends past it without refusing).
+    r = spend.budget_report(b, [*over, total(day_usd, 1.9, 2)], [50], NOW, 10, refused={day_usd: NOW})
+    assert r.status["binding"] == "cap/usd-day"
+    # Nothing spent: a tie, to the cap, the day, USD.
+    assert spend.budget_report(b, [], [50], NOW, 10).status["binding"] == "cap/usd-day"
     only_tokens = spend.budget_report(budget(cap={"tokensPerDay": 100, "tokensPerMonth": 1000}), [], [50], NOW, 10)
-    assert only_tokens.status["unit"] == "tokens" and only_tokens.status["limit"] == 1000.0
-    assert only_tokens.status["periodEnd"] == spend.rfc3339(MONTH.end)
+    assert only_tokens.status["binding"] == "cap/tokens-day" and only_tokens.status["unit"] == "tokens"
+    assert only_tokens.status["limit"] == 100.0 and only_tokens.status["periodEnd"] == spend.rfc3339(DAY.end)
     no_cap = spend.budget_report(budget(tiers={"free": {"usdPerDay": 1}}), [], [50], NOW, 10)
-    assert no_cap.status["spent"] is None and no_cap.threshold["reason"] == "NoCap"
+    assert no_cap.status["spent"] is None and no_cap.status["binding"] is None and no_cap.threshold["reason"] == "NoCap"
+
+
+def test_a_tenant_refused_below_its_limit_is_over_budget() -> None:
+    b = budget(tiers={"free": {"usdPerDay": 0.01}})
+    acme, beta = (tier_meter_name("free", t, f"usd:{DAY.id}") for t in ("acme", "beta"))
+    totals = [total(acme, 0.0099, 0.01), total(beta, 0.005, 0.01)]
+    assert spend.budget_report(b, totals, [100], NOW, 10).status["tenantsOverBudget"] == []
+    gamma = tier_meter_name("free", "gamma", f"usd:{DAY.id}")  # refused with nothing spent yet: no total
+    r = spend.budget_report(b, totals, [100], NOW, 10, refused={acme: NOW - 1, gamma: NOW - 2})
+    assert r.status["tenantsOverBudget"] == ["acme", "gamma"]
+    tier = r.status["meters"][0]
+    assert (tier["tenants"], tier["tenantsOver"], tier["refusing"]) == (3, 2, True)
+    assert [(m.tenant, t) for m, t in r.alerts([100])] == [("acme", 100), ("gamma", 100)]
+    assert r.alerts([50, 90]) == []  # the tenants' Event is the 100% one
+    assert "admission refuses requests on it" in r.over[0].alert_message(100)
+
+
+def test_refusal_log_keeps_the_last_refusal_per_meter_within_the_window() -> None:
+    log = spend.RefusalLog(window=60)
+
+    def refusal(t: float, meter: str, budget: str = "b") -> SpendRecord:
+        return SpendRecord(
+            time=t, namespace="n", route="chat", backend="", tenant="a", tier="free", prompt_tokens=0,
+            completion_tokens=0, cached_tokens=0, cost_usd=0.0, outcome="rejected", refused_budget=budget,
+            refused_meter=meter,
+        )  # fmt: skip
+
+    spend_only = SpendRecord(
+        time=NOW, namespace="n", route="chat", backend="x", tenant="a", tier="", prompt_tokens=1,
+        completion_tokens=1, cached_tokens=0, cost_usd=0.1,
+    )  # fmt: skip
+    log.add([refusal(NOW - 100, "cap:usd:d"), refusal(NOW - 10, "cap:usd:d"), refusal(NOW - 30, "cap:usd:d")])
+    log.add([refusal(NOW - 90, "cap:usd:m"), refusal(NOW - 5, "cap:usd:d", budget="other"), spend_only])
+    assert log.recent("b", NOW) == {"cap:usd:d": NOW - 10}  # the month's refusal is too old
+    assert log.recent("other", NOW) == {"cap:usd:d": NOW - 5}
+    log.prune(NOW + 55)
+    assert log.last == {"other": {"cap:usd:d": NOW - 5}}
+
+
+def test_local_report_without_a_shared_store() -> None:
+    b = budget(cap={"usdPerMonth": 50, "usdPerDay": 2}, tiers={"free": {"usdPerDay": 1}}, timezone="Europe/Berlin")
+    s = spend.local_budget_report(b, NOW)
+    assert (s["binding"], s["limit"], s["unit"], s["display"]) == (
+        "cap/usd-day",
+        2.0,
+        "USD",
+        {"spent": "per pod", "percent": "unknown"},
+    )
+    assert s["spent"] is None and s["percent"] is None and s["tenantsOverBudget"] is None  # cleared if set before
+    assert s["periodEnd"] == spend.rfc3339(compute_period("day", "Europe/Berlin", NOW).end, "Europe/Berlin")
+    assert [(m["level"], m["window"], m["limit"]) for m in s["meters"]] == [
+        ("cap", "day", 2.0),
+        ("cap", "month", 50.0),
+        ("tier:free", "day", 1.0),
+    ]
+    tiers_only = spend.local_budget_report(budget(tiers={"free": {"usdPerMonth": 3}}), NOW)
+    assert (tiers_only["binding"], tiers_only["limit"]) == ("tier:free/usd-month", 3.0)
+    assert spend.local_budget_report(budget(), NOW)["binding"] is None
+
+
+def test_refusal_records_keep_the_codec_backward_compatible() -> None:
+    from kubetoll_core.spend_record import decode_record, encode_record
+
+    spent = record("chat", cost=0.01)
+    fields = encode_record(spent, "sc-1")
+    assert "refused_budget" not in fields and "refused_meter" not in fields  # spend entries as before
+    pairs = dict(zip(fields[::2], fields[1::2]))
+    assert decode_record(pairs) == spent and not decode_record(pairs).refusal
+    refused = SpendRecord(
+        time=NOW, namespace=NS, route="chat", backend="", tenant="acme", tier="free", prompt_tokens=0,
+        completion_tokens=0, cached_tokens=0, cost_usd=0.0, outcome="rejected", refused_budget="team",
+        refused_meter=cap_meter_name("usd", DAY.id),
+    )  # fmt: skip
+    fields = encode_record(refused, "sc-1")
+    back = decode_record(dict(zip(fields[::2], fields[1::2])))
+    assert back == refused and back.refusal
+
+
+def test_the_sidecar_samples_refusals_per_meter() -> None:
+    from kubetoll_sidecar.budgets.refusals import RefusalSampler
+
+    s = RefusalSampler(interval=1.0)
+    assert [s.due("b:cap:usd:d", NOW + dt) for dt in (0, 0.2, 0.9, 1.0, 1.5, 2.1)] == [
+        True,
+        False,
+        False,
+        True,
+        False,
+        True,
+    ]
+    assert s.due("b:cap:usd:m", NOW + 0.1)  # each meter on its own
+    assert s.due("b:cap:usd:d", NOW - 10)  # a clock stepped back does not silence a meter
 
 
 def test_period_times_are_in_the_budgets_timezone() -> None:
@@ -463,7 +838,7 @@ def test_thresholds_use_exact_amounts_and_a_new_period_starts_over() -> None:
     b = budget(cap={"usdPerMonth": 10, "usdPerDay": 1})
     totals = [total(cap_meter_name("usd", MONTH.id), 5.0, 10), total(cap_meter_name("usd", DAY.id), 0.899999999, 1)]
     r = spend.budget_report(b, totals, [50, 75, 90, 100], NOW, 10)
-    assert [(c.window, t) for c, t in r.alerts([50, 75, 90, 100])] == [("month", 50), ("day", 50), ("day", 75)]
+    assert [(c.window, t) for c, t in r.alerts([50, 75, 90, 100])] == [("day", 50), ("day", 75), ("month", 50)]
     assert r.threshold["reason"] == "ThresholdCrossed" and "USD per day cap reached the 75%" in r.threshold["message"]
     assert spend.alert_event_type(75) == "Normal" and spend.alert_event_type(90) == "Warning"
     # Next month: the meters of this month are not its meters; nothing crossed, nothing spent.

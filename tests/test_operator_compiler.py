@@ -173,7 +173,7 @@ def test_every_field_reaches_router_config() -> None:
         "pricing": {"inputPerMTok": 2.0, "outputPerMTok": 8.0, "cachedInputPerMTok": 1.0, "cacheWritePerMTok": 3.0},
         "limits": {"contextWindow": 128000, "maxOutputTokens": 4096},
         "timeouts": {"connect": 1.5, "firstToken": 10.0, "total": 60.0},
-        "circuitBreaker": {"failureThreshold": 3, "cooldownSeconds": 12.0},
+        "circuitBreaker": {"failureThreshold": 3, "cooldownSeconds": 12.0, "maxRetryAfterSeconds": 300.0},
         "headers": {"x-team": "platform"},
         "maxConnections": 7,
     }
@@ -279,7 +279,7 @@ def test_defaults() -> None:
     data = json.loads(result.config_json)
     (b,) = data["backends"]
     assert b["timeouts"] == {"connect": 3.0, "firstToken": 30.0, "total": 300.0}
-    assert b["circuitBreaker"] == {"failureThreshold": 5, "cooldownSeconds": 30.0}
+    assert b["circuitBreaker"] == {"failureThreshold": 5, "cooldownSeconds": 30.0, "maxRetryAfterSeconds": 300.0}
     assert b["maxConnections"] == 100 and b["pricing"] == {} and b["headers"] == {}
     (r,) = data["routes"]
     assert r["name"] == "chat"  # modelName defaults to metadata.name

@@ -166,15 +166,16 @@ def test_every_kind_has_a_crd_with_names_columns_and_status() -> None:
         assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
         assert version["additionalPrinterColumns"]
     cols = lambda kind: [c["name"] for c in CRDS[kind]["spec"]["versions"][0]["additionalPrinterColumns"]]  # noqa: E731
-    assert cols("TokenBudget")[:5] == ["Spent", "Limit", "Unit", "Percent", "Period End"]
+    assert cols("TokenBudget") == ["Binding", "Spent", "Limit", "Percent", "Resets", "Unit", "Ready", "Age"]
     # Each TokenBudget and CachePolicy column reads a status field the spend reporter fills.
     paths = lambda kind: [c["jsonPath"] for c in CRDS[kind]["spec"]["versions"][0]["additionalPrinterColumns"]]  # noqa: E731
-    assert paths("TokenBudget")[:5] == [
-        ".status.spent",
+    assert paths("TokenBudget")[:6] == [
+        ".status.binding",
+        ".status.display.spent",
         ".status.limit",
-        ".status.unit",
-        ".status.percent",
+        ".status.display.percent",
         ".status.periodEnd",
+        ".status.unit",
     ]
     assert [".status.hits", ".status.savedUSD"] == [
         p for p in paths("CachePolicy") if p.startswith(".status.") and "conditions" not in p

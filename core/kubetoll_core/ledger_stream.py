@@ -1,15 +1,16 @@
 """Reading the spend ledger stream and the meter totals from Redis: for reports, the operator and the sidecar.
 
 The sidecars write both in the same Lua script (docs/redis-layout.md): the stream
-`kt:{<ns>}:ledger` holds one entry per spend record, fields as in `SpendRecord`
+`kt:{<ns>}:ledger` holds one entry per spend (or refusal) record, fields as in `SpendRecord`
 plus `cost_nusd` (exact integer nano-USD) and `sidecar`; entry ids are Redis
 time at the flush. Each meter's state hash holds its settled total, limit and
 leases.
 
-`read_ledger` gives records by settlement time; `read_ledger_page` reads forward
-from a cursor (the operator counts the day's cache hits reading each entry
-once); `period_totals` lists every meter of a namespace or budget, which is what
-the TokenBudget status shows.
+`read_ledger` gives spend records by settlement time (refusal records left
+out); `read_ledger_page` reads every entry forward from a cursor (the operator
+counts the day's cache hits and notes refusals reading each entry once);
+`period_totals` lists every meter of a namespace or budget, which is what the
+TokenBudget status shows.
 """
 
 from __future__ import annotations
@@ -27,13 +28,24 @@ CLOCK_SKEW_MS = 300_000
 
 
 async def iter_ledger(
-    client: Any, namespace: str, since: float = 0.0, until: float | None = None, page: int = 1000
+    client: Any,
+    namespace: str,
+    since: float = 0.0,
+    until: float | None = None,
+    page: int = 1000,
+    refusals: bool = False,
 ) -> AsyncIterator[SpendRecord]:
-    """Records of one namespace with `since <= time < until` (settlement time), oldest flush first."""
+    """Records of one namespace with `since <= time < until` (settlement time), oldest flush first.
+
+    Refusal records only with `refusals`: they are no spend and no request served,
+    and reports count requests.
+    """
     after = ledger_start_id(since)
     while True:
         records, last, n = await read_ledger_page(client, namespace, after, page)
         for r in records:
+            if r.refusal and not refusals:
+                continue
             if r.time >= since and (until is None or r.time < until):
                 yield r
         if n < page:

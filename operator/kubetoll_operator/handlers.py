@@ -9,7 +9,8 @@ namespace: it coalesces bursts of events, compiles, and writes
 
 * the ConfigMap `kubetoll-router` (key `router.json`, annotation
   `kubetoll.dev/config-hash`), only when its content changes;
-* the Secret `kubetoll-credentials` with exactly the referenced keys, only when
+* the Secret `kubetoll-credentials` with exactly the referenced keys (and, with
+  `redis_auth_dir`, the namespace's own Redis login: redis_auth.py), only when
   they change;
 * each resource's status (only when it changes) and a Warning Event per new
   problem;
@@ -18,12 +19,14 @@ and deletes both managed objects once the namespace has no resources left. A
 failed API call is retried with backoff; the last written config stays in place
 meanwhile.
 
-With a Redis budget store (`--redis-url`) a second task per namespace, the spend
-reporter, reads what the sidecars wrote every `spend_interval_seconds` and fills
-the TokenBudget spend fields and CachePolicy counters, posts one Event per alert
-threshold per period, and sets the SpendKnown and ThresholdReached conditions
-(spend.py has the arithmetic; docs/operator.md says why a task and not a kopf
-timer).
+A second task per namespace with budgets, the spend reporter, runs every
+`spend_interval_seconds`. With a Redis budget store (`--redis-url`) it reads what
+the sidecars wrote (totals, and the ledger's cache hits and refusal records) and
+fills the TokenBudget spend fields and CachePolicy counters, posts one Event per
+alert threshold per period, and sets the SpendKnown and ThresholdReached
+conditions; without one it writes each budget's limits from the spec and
+SpendKnown=False (NoSharedStore). spend.py has the arithmetic; docs/operator.md
+says why a task and not a kopf timer.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from typing import Any
 import kopf
 from redis.exceptions import RedisError
 
-from . import spend
+from . import metrics, spend
 from .compiler import CompileResult, compile_namespace
 from .kube import ApiError, KubeApi
 from .resources import API_VERSION, GROUP, KINDS, VERSION, TokenBudgetSpec
@@ -81,11 +84,20 @@ class OperatorOptions:
     # The spend reporter (only with redis_url).
     spend_interval_seconds: float = 15.0  # how often each namespace's spend is read and its statuses updated
     tenants_over_budget: int = 10  # TokenBudget status lists at most this many tenants over a tier limit
+    refusal_window_seconds: float = spend.REFUSAL_WINDOW  # a meter refused on this recently counts as refusing
     redis_timeout_seconds: float = 2.0  # bound on each step of a reading (totals, an alert mark, the ledger)
     cache_ledger_records_per_tick: int = 200_000  # ledger entries read per namespace and tick for cache counters
     redis_username_file: str | None = None
     redis_password_file: str | None = None
     redis_password: str | None = field(default=None, repr=False)
+    # The budget store's credentials (redis_auth.py): the directory of the mounted Secret, whether it holds
+    # one ACL user per namespace, and how often it is checked for a rotation (then every namespace recompiles).
+    redis_auth_dir: str | None = None
+    redis_auth_per_namespace: bool = False
+    redis_auth_poll_seconds: float = 10.0
+    # The operator's own metrics (metrics.py) on http://metrics_addr:metrics_port/metrics; None: not served.
+    metrics_addr: str = "0.0.0.0"
+    metrics_port: int | None = None
 
 
 def _index_name(plural: str) -> str:
@@ -164,9 +176,12 @@ class Reconciler:
         default_factory=dict
     )  # (ns, budget, meter, threshold) → period end
     cache_counters: dict[str, spend.CacheCounter] = field(default_factory=dict)
+    refusal_logs: dict[str, spend.RefusalLog] = field(default_factory=dict)  # ns → refusals read from the ledger
     spend_ok: dict[str, bool] = field(default_factory=dict)  # ns → last reading succeeded (logs transitions only)
     spend_reports: int = 0
     redis: Any = None
+    auth_watch: asyncio.Task[None] | None = None  # notices a rotated budget-store Secret (redis_auth.py)
+    auth_missing: set[str] = field(default_factory=set)  # namespaces warned about having no Redis credential
 
     # ----------------------------------------------------------------- triggers
 
@@ -204,6 +219,7 @@ class Reconciler:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
+                    metrics.record_reconcile("compile" if self.resources(namespace) else "cleanup", "failed")
                     log.error(
                         "namespace %s: recompile failed, retrying in %.0fs (the last written config stays): %s",
                         namespace,
@@ -217,7 +233,7 @@ class Reconciler:
             self.tasks.pop(namespace, None)
 
     async def close(self) -> None:
-        tasks = [*self.tasks.values(), *self.reporters.values()]
+        tasks = [*self.tasks.values(), *self.reporters.values(), *([self.auth_watch] if self.auth_watch else [])]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -269,6 +285,8 @@ class Reconciler:
             self.reported.pop(namespace, None)
             self.configs.pop(namespace, None)
             self._set_reporter(namespace, False)
+            metrics.forget_namespace(namespace)
+            metrics.record_reconcile("cleanup", "ok", time.perf_counter() - started)
             if removed:
                 log.info("namespace %s: no kubetoll resources left; removed %s", namespace, " and ".join(removed))
             return
@@ -279,10 +297,9 @@ class Reconciler:
             if secret is not None:
                 sources[name] = _secret_keys(secret)
         store = None
+        store_secret: dict[str, str] = {}  # this namespace's own Redis login, for kubetoll-credentials
         if self.options.redis_url:
-            from kubetoll_core.router_config import BudgetStoreSettings
-
-            store = BudgetStoreSettings(url=self.options.redis_url)
+            store, store_secret = self._store_access(namespace)
         last_good = _last_good(await api.get(cm_path))
         compile_started = time.perf_counter()
         result = compile_namespace(
@@ -306,19 +323,30 @@ class Reconciler:
                 self.applied.get(namespace, "none")[:12],
             )
         else:
-            data = {key: sources[secret][k] for key, (secret, k) in result.credentials.items()}
+            # Backend keys are "<secret>_<key>", the store's have no "_" (redis_auth.py): they never collide.
+            data = {key: sources[secret][k] for key, (secret, k) in result.credentials.items()} | store_secret
             if await self._apply_secret(namespace, secret_path, data):
                 changed.append("credentials")
             if await self._apply_configmap(namespace, cm_path, result):
                 changed.append("config")
             self.applied[namespace] = result.content_hash
             self.configs[namespace] = result.config
+            # Without Redis the reporter still writes each budget's limits and SpendKnown=False (NoSharedStore).
             self._set_reporter(
-                namespace, bool(self.options.redis_url and (result.config.budgets or result.config.cache_policies))
+                namespace,
+                bool(result.config.budgets or (self.options.redis_url and result.config.cache_policies)),
             )
         statuses = await self._apply_statuses(namespace, result)
         events = await self._post_events(namespace, result)
         errors = sum(1 for p in result.problems if p.severity == "error")
+        metrics.record_compile(
+            namespace, [(p.kind, p.reason) for p in result.problems if p.severity == "error"], result.config is not None
+        )
+        metrics.record_reconcile(
+            "compile",
+            "no_config" if result.config is None else "problems" if errors else "ok",
+            time.perf_counter() - started,
+        )
         log.info(
             "namespace %s: compiled %d resources in %.0f ms (%.0f ms with the API calls): config %s, %s; "
             "%d errors, %d warnings; %d statuses and %d events written",
@@ -394,6 +422,59 @@ class Reconciler:
             patch["stringData"] = None
         await self.api.merge_patch(path, patch)
         return True
+
+    # ----------------------------------------------------------------- the budget store's credentials
+
+    def _redis_auth(self) -> Any:
+        from .redis_auth import RedisAuth
+
+        o = self.options
+        return RedisAuth(Path(o.redis_auth_dir), o.redis_auth_per_namespace) if o.redis_auth_dir else None
+
+    def _store_access(self, namespace: str) -> tuple[Any, dict[str, str]]:
+        """`budgetStore` for the namespace's config and the keys its credentials Secret gets.
+
+        Only the namespace's own login, never the operator's nor another namespace's: without
+        an entry for it in a per-namespace Secret its sidecars connect without one (and Redis
+        refuses them, so their budgets fail as with Redis away) and the operator says so once.
+        """
+        from kubetoll_core.router_config import BudgetStoreSettings
+
+        url = self.options.redis_url
+        auth = self._redis_auth()
+        if auth is None:
+            return BudgetStoreSettings(url=url), {}
+        if self.auth_watch is None:  # fingerprinted before the first read, so no rotation slips in between
+            self.auth_watch = asyncio.create_task(
+                self._watch_auth(auth, auth.fingerprint()), name="kubetoll-redis-auth-watch"
+            )
+        credential = auth.for_namespace(namespace)
+        if credential is None:
+            if namespace not in self.auth_missing:
+                self.auth_missing.add(namespace)
+                log.warning(
+                    "namespace %s: the Redis credentials Secret has no %s; its sidecars connect without a login",
+                    namespace,
+                    auth.missing_keys(namespace),
+                )
+            return BudgetStoreSettings(url=url), {}
+        self.auth_missing.discard(namespace)
+        return credential.store_settings(url), credential.secret_data()
+
+    async def _watch_auth(self, auth: Any, seen: str) -> None:
+        """Recompile every namespace when the kubelet updates the mounted Secret (a rotated password)."""
+        while True:
+            await asyncio.sleep(self.options.redis_auth_poll_seconds)
+            try:
+                now = auth.fingerprint()
+            except ValueError as exc:
+                log.warning("the Redis credentials dir cannot be read: %s", exc)
+                continue
+            if now != seen:
+                log.info("the Redis credentials changed; recompiling %d namespaces", len(self.applied))
+                for namespace in sorted(self.applied):
+                    self.request(namespace, "Redis credentials changed")
+                seen = now
 
     def _lock(self, namespace: str) -> asyncio.Lock:
         lock = self.locks.get(namespace)
@@ -538,6 +619,7 @@ class Reconciler:
             task.cancel()
             del self.reporters[namespace]
             self.cache_counters.pop(namespace, None)
+            self.refusal_logs.pop(namespace, None)
             self.spend_ok.pop(namespace, None)
 
     async def _spend_loop(self, namespace: str) -> None:
@@ -547,6 +629,7 @@ class Reconciler:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a Kubernetes write failed, or a bug: try again next tick
+                metrics.record_reconcile("spend", "failed")
                 log.error(
                     "namespace %s: spend report failed, retrying in %gs: %s",
                     namespace,
@@ -567,6 +650,9 @@ class Reconciler:
                 Path(o.redis_password_file) if o.redis_password_file else None,
                 o.redis_password,
             )
+            auth = self._redis_auth()
+            if not creds.configured and auth is not None:  # its own keys of the mounted Secret
+                creds = auth.operator_credentials()
             self.redis = connect_redis(
                 BudgetStoreSettings(url=o.redis_url),
                 creds,
@@ -589,6 +675,9 @@ class Reconciler:
         }
         budgets = [b for b in config.budgets if ("TokenBudget", b.name) in objects]
         policies = [p for p in config.cache_policies if ("CachePolicy", p.name) in objects]
+        if not self.options.redis_url:
+            await self._report_local(budgets, objects)
+            return
         client = self._redis()
         now = time.time()
         timeout = self.options.redis_timeout_seconds
@@ -606,6 +695,10 @@ class Reconciler:
         except (RedisError, OSError, TimeoutError, ValueError) as exc:
             failure = exc
         self._log_spend_transition(namespace, failure)
+        if failure is None:
+            # Before the budgets: the refusal records tell which meters admission refuses on.
+            await self._read_ledger(namespace, now)
+        refusals = self.refusal_logs.get(namespace) or spend.RefusalLog(self.options.refusal_window_seconds)
 
         for b in budgets:
             obj = objects[("TokenBudget", b.name)]
@@ -613,14 +706,22 @@ class Reconciler:
             if failure is not None:
                 await self._write_spend_status(obj, {}, [spend.spend_known(False, type(failure).__name__)])
                 continue
-            report = spend.budget_report(b, totals[b.name], thresholds, now, self.options.tenants_over_budget)
+            report = spend.budget_report(
+                b,
+                totals[b.name],
+                thresholds,
+                now,
+                self.options.tenants_over_budget,
+                refused=refusals.recent(b.name, now),
+            )
             await self._write_spend_status(obj, report.status, [spend.spend_known(True), report.threshold])
             for cap, threshold in report.alerts(thresholds):
                 await self._post_alert(namespace, obj, cap, threshold)
         self.alert_marks = {k: end for k, end in self.alert_marks.items() if end > now}
 
         if policies and failure is None:
-            await self._report_cache(namespace, config, [objects[("CachePolicy", p.name)] for p in policies], now)
+            await self._report_cache(namespace, config, [objects[("CachePolicy", p.name)] for p in policies])
+        metrics.record_reconcile("spend", "ok" if failure is None else "store_unavailable", time.time() - now)
 
     def _log_spend_transition(self, namespace: str, failure: Exception | None) -> None:
         ok = failure is None
@@ -654,7 +755,7 @@ class Reconciler:
                 return
             await self._write_status(obj, {**desired, **cleared}, current)
 
-    async def _post_alert(self, namespace: str, obj: dict[str, Any], cap: spend.CapReading, threshold: int) -> None:
+    async def _post_alert(self, namespace: str, obj: dict[str, Any], cap: spend.MeterReading, threshold: int) -> None:
         """One Event per threshold, meter and period, whichever replica or restart gets there first.
 
         The mark is a Redis key set with SET NX (docs/redis-layout.md, `alert`): atomic
@@ -668,7 +769,11 @@ class Reconciler:
         if mark in self.alert_marks:
             return
         client = self._redis()
-        key = RedisKeys(namespace).alert_posted(budget, cap.meter, threshold)
+        try:
+            key = RedisKeys(namespace).alert_posted(budget, cap.meter, threshold)
+        except ValueError:  # a tenant id no key can hold: its limit shows in the status, without an Event
+            self.alert_marks[mark] = cap.period.end
+            return
         timeout = self.options.redis_timeout_seconds
         try:
             claimed = await asyncio.wait_for(
@@ -707,11 +812,23 @@ class Reconciler:
             log.info("namespace %s: TokenBudget %s: %s", namespace, budget, cap.alert_message(threshold))
         self.alert_marks[mark] = cap.period.end
 
-    async def _report_cache(self, namespace: str, config: Any, policies: list[dict[str, Any]], now: float) -> None:
+    async def _report_local(self, budgets: list[Any], objects: dict[tuple[Any, str], dict[str, Any]]) -> None:
+        """No shared store: each budget's limits and periods from the spec, and SpendKnown=False (NoSharedStore)."""
+        self.spend_reports += 1
+        now = time.time()
+        for b in budgets:
+            obj = objects[("TokenBudget", b.name)]
+            conditions = list(spend.NO_SHARED_STORE_CONDITIONS)
+            await self._write_spend_status(obj, spend.local_budget_report(b, now), conditions)
+
+    async def _read_ledger(self, namespace: str, now: float) -> None:
+        """Read the ledger on from the namespace's cursor: cache hits and refusal records, each entry once."""
         from kubetoll_core.ledger_stream import read_ledger_page
 
         counter = self.cache_counters.setdefault(namespace, spend.CacheCounter())
+        refusals = self.refusal_logs.setdefault(namespace, spend.RefusalLog(self.options.refusal_window_seconds))
         counter.roll(now)
+        refusals.prune(now)
         client = self._redis()
         read = 0
         try:
@@ -719,12 +836,16 @@ class Reconciler:
                 while read < self.options.cache_ledger_records_per_tick:
                     records, cursor, n = await read_ledger_page(client, namespace, counter.cursor, 1000)
                     counter.add(records)  # page by page: a tick cut short keeps what it read
+                    refusals.add(records)
                     counter.cursor = cursor
                     read += n
                     if n < 1000:
                         break
         except (RedisError, OSError, TimeoutError, ValueError) as exc:
             log.debug("namespace %s: ledger read stopped after %d entries: %s", namespace, read, type(exc).__name__)
+
+    async def _report_cache(self, namespace: str, config: Any, policies: list[dict[str, Any]]) -> None:
+        counter = self.cache_counters.setdefault(namespace, spend.CacheCounter())
         routes = spend.policy_routes(config)
         for obj in policies:
             await self._write_spend_status(obj, counter.status(routes.get(obj["metadata"]["name"], [])), [])
@@ -746,6 +867,14 @@ def _startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     # finalizers on our objects. Its own Events are for real trouble only.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
+    if not settings.peering.clusterwide:  # kopf.run sets it from clusterwide=, before start-up handlers run
+        # Listed namespaces only (--namespace): kopf watches exactly those and neither
+        # lists namespaces nor watches CRDs cluster-wide, which the chart's namespaced
+        # RBAC does not grant; a CRD installed later is seen at the next restart.
+        settings.scanning.disabled = True
+    # The replicas share the chart's one ClusterKopfPeering in both modes: namespaced,
+    # kopf would otherwise look for a KopfPeering object in each namespace.
+    settings.peering.clusterwide = True
     _reconciler(memo)
 
 
@@ -848,6 +977,8 @@ async def _on_configmap(
 from . import webhook as _webhook  # noqa: E402  (imports handlers lazily: no cycle at import time)
 
 _webhook.register(registry)
+# The operator's /metrics endpoint (metrics.py), started with the operator.
+metrics.register(registry)
 
 
 def run_operator(

@@ -19,6 +19,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port (0-65535)")
+    return value
+
+
 def _priority(text: str) -> int:
     if text == "random":
         import random
@@ -82,6 +89,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(or the password itself in KUBETOLL_REDIS_PASSWORD)",
     )
     p.add_argument(
+        "--redis-auth-dir",
+        default=env("KUBETOLL_REDIS_AUTH_DIR"),
+        metavar="DIR",
+        help="a mounted Secret with the budget store's credentials: its keys password (and username) are the "
+        "operator's own login (unless the two flags above are given) and, without --redis-auth-per-namespace, every "
+        "namespace's; each namespace's login goes into its kubetoll-credentials Secret; env KUBETOLL_REDIS_AUTH_DIR",
+    )
+    p.add_argument(
+        "--redis-auth-per-namespace",
+        action="store_true",
+        help="with --redis-auth-dir: each namespace gets its own Redis ACL user from the keys <namespace>.password "
+        "(and <namespace>.username), never the operator's",
+    )
+    p.add_argument(
         "--spend-interval",
         type=_positive_float,
         default=_positive_float(env("KUBETOLL_SPEND_INTERVAL", "15")),
@@ -96,6 +117,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="TokenBudget status lists at most N tenants over a tier limit (default 10)",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=int(env("KUBETOLL_OPERATOR_METRICS_PORT", "8081")),
+        metavar="PORT",
+        help="serve the operator's Prometheus metrics on http://ADDR:PORT/metrics (default 8081; 0: any free port); "
+        "env KUBETOLL_OPERATOR_METRICS_PORT",
+    )
+    p.add_argument("--metrics-addr", default="0.0.0.0", metavar="ADDR", help="metrics listen address (default 0.0.0.0)")
+    p.add_argument("--no-metrics", action="store_true", help="do not serve the operator's metrics")
     p.add_argument("--verbose", action="store_true")
     from .webhook import add_arguments as add_webhook_arguments
 
@@ -120,6 +151,10 @@ def run(args: argparse.Namespace) -> int:
         redis_username_file=args.redis_username_file or None,
         redis_password_file=args.redis_password_file or None,
         redis_password=password_from_env(),
+        redis_auth_dir=args.redis_auth_dir or None,
+        redis_auth_per_namespace=args.redis_auth_per_namespace,
+        metrics_addr=args.metrics_addr,
+        metrics_port=None if args.no_metrics else args.metrics_port,
     )
     run_operator(
         options,

@@ -423,6 +423,24 @@ class BudgetMeterStatus(StatusModel):
     tenants: int | None = Field(None, description="tier only: tenants with spend in the period.")
     tenants_over: int | None = Field(None, description="tier only: tenants at or over their limit.")
     max_percent: float | None = Field(None, description="tier only: the highest percent any tenant has spent.")
+    refusing: bool | None = Field(
+        None,
+        description=(
+            "Admission refused a request on this limit within the last minute (tier: for some tenant); "
+            "a reservation stops fitting before spend reaches the limit."
+        ),
+    )
+
+
+class BudgetDisplay(StatusModel):
+    """The spend figures as the printer columns show them (text, so that no column is empty)."""
+
+    spent: str | None = Field(None, description="The binding meter's spent amount, or `per pod` without Redis.")
+    percent: str | None = Field(
+        None,
+        description="The binding meter's percent spent, `(refusing)` appended while admission refuses on it; "
+        "`unknown` without Redis.",
+    )
 
 
 class TokenBudgetStatus(StatusModel):
@@ -430,9 +448,11 @@ class TokenBudgetStatus(StatusModel):
 
     The compile fills observedGeneration, routes and the Ready, ResolvedRefs and
     TenancyAccepted conditions. With a Redis budget store the operator's spend
-    reporter reads the sidecars' totals every few seconds and fills the rest: the
-    headline (spent, limit, remaining, unit, percent, period) is the namespace cap of
-    the longest period set, USD before tokens; `meters` lists every level.
+    reporter reads the sidecars' totals and refusals every few seconds and fills the
+    rest: the headline (binding, spent, limit, remaining, unit, percent, period) is
+    the binding meter, the limit closest to refusing among the cap limits and every
+    tenant's tier limits; `meters` lists every level. Without Redis, spend is per pod:
+    limit and period come from the spec, and SpendKnown is False (NoSharedStore).
     """
 
     observed_generation: int | None = Field(None, description="metadata.generation last compiled.")
@@ -441,29 +461,39 @@ class TokenBudgetStatus(StatusModel):
         description="Ready, ResolvedRefs, TenancyAccepted, SpendKnown and ThresholdReached.",
         json_schema_extra=_CONDITIONS_EXTRA,
     )
-    spent: float | None = Field(
+    binding: str | None = Field(
         None,
-        description="Spent in the current period of the headline cap (month before day, USD before tokens), in unit.",
+        description=(
+            "The binding meter, the limit closest to refusing: cap/usd-day, cap/tokens-month, "
+            "tier:<name>/usd-day (<tenant>). Refusing first, then spent at or over its limit, then highest percent."
+        ),
     )
-    limit: float | None = Field(None, description="The headline cap for the current period, in unit.")
-    remaining: float | None = Field(None, description="What remains of the headline cap, in unit (at least 0).")
+    refusing: bool | None = Field(
+        None, description="Admission refused a request on the binding meter within the last minute."
+    )
+    spent: float | None = Field(
+        None, description="Spent on the binding meter in its current period, in unit (empty without Redis)."
+    )
+    limit: float | None = Field(None, description="The binding meter's limit for its current period, in unit.")
+    remaining: float | None = Field(None, description="What remains of the binding meter, in unit (at least 0).")
     unit: str | None = Field(None, description="USD or tokens.")
-    percent: float | None = Field(None, description="Percent of the headline cap spent.")
+    percent: float | None = Field(None, description="Percent of the binding meter's limit spent.")
     period_start: str | None = Field(
         None,
-        description="Start of the headline cap's current period (RFC 3339).",
+        description="Start of the binding meter's current period (RFC 3339).",
         json_schema_extra={"format": "date-time"},
     )
     period_end: str | None = Field(
         None,
-        description="End of the headline cap's current period (RFC 3339).",
+        description="End of the binding meter's current period, when it resets (RFC 3339).",
         json_schema_extra={"format": "date-time"},
     )
+    display: BudgetDisplay | None = Field(None, description="Spent and percent as the printer columns show them.")
     tenants_over_budget: list[str] = Field(
         default_factory=list,
         description=(
-            "Tenants at or over a tier's USD limit in its current period, highest percent first "
-            "(at most the operator's --tenants-over-budget)."
+            "Tenants at or over a tier's USD limit in its current period, or refused on it within the last "
+            "minute, highest percent first (at most the operator's --tenants-over-budget)."
         ),
     )
     meters: list[BudgetMeterStatus] = Field(
@@ -583,23 +613,41 @@ TOKEN_BUDGET = KindInfo(
     spec_model=TokenBudgetSpec,
     status_model=TokenBudgetStatus,
     printer_columns=(
-        {"name": "Spent", "type": "number", "jsonPath": ".status.spent", "description": "Spent in the current period."},
-        {"name": "Limit", "type": "number", "jsonPath": ".status.limit", "description": "Cap for the current period."},
-        {"name": "Unit", "type": "string", "jsonPath": ".status.unit", "description": "USD or tokens."},
+        {
+            "name": "Binding",
+            "type": "string",
+            "jsonPath": ".status.binding",
+            "description": "The limit closest to refusing (cap or a tenant's tier limit, unit and period).",
+        },
+        # Text: without a shared store spend is per pod, and the column says so instead of staying empty.
+        {
+            "name": "Spent",
+            "type": "string",
+            "jsonPath": ".status.display.spent",
+            "description": "Spent on the binding meter in its current period.",
+        },
+        {
+            "name": "Limit",
+            "type": "number",
+            "jsonPath": ".status.limit",
+            "description": "The binding meter's limit.",
+        },
         {
             "name": "Percent",
-            "type": "number",
-            "jsonPath": ".status.percent",
-            "description": "Percent of the cap spent.",
+            "type": "string",
+            "jsonPath": ".status.display.percent",
+            "description": "Percent of the binding meter spent; (refusing) while admission refuses on it.",
         },
         # string, not date: kubectl prints a date column as an age, and a time in the future as <invalid>.
         {
-            "name": "Period End",
+            "name": "Resets",
             "type": "string",
             "jsonPath": ".status.periodEnd",
-            "description": "When the current period resets.",
+            "description": "When the binding meter's period ends.",
         },
+        {"name": "Unit", "type": "string", "jsonPath": ".status.unit", "description": "USD or tokens.", "priority": 1},
         _READY,
+        _AGE,
     ),
     description="TokenBudget limits spend on routes: a namespace-wide cap and per-tenant tiers.",
 )

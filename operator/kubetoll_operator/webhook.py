@@ -1,4 +1,4 @@
-"""The sidecar-injection webhook, served by the kopf operator.
+"""The operator's admission webhooks: sidecar injection and resource validation.
 
 kopf runs the HTTPS server (`kopf.WebhookServer`) and routes an AdmissionReview
 by its URL path to the handler with that id; the decisions and the JSONPatch come
@@ -10,7 +10,14 @@ so kopf's self-managed configuration stays off:
   not labelled `kubetoll.dev/injection` enabled or disabled;
 * `/inject-sidecar-namespace`: pods in namespaces labelled
   `kubetoll.dev/injection: enabled`, except those labelled
-  `kubetoll.dev/inject: "false"`.
+  `kubetoll.dev/inject: "false"`;
+* `/validate-resources`: the ValidatingWebhookConfiguration's one webhook for
+  ModelBackend, ModelRoute, TokenBudget and CachePolicy (`validation.py`: the
+  compiler's checks; errors refuse, references warn). It is answered here,
+  before kopf's dispatch, because the answer is a whole metav1.Status (422
+  `Invalid` with a cause per field), which kopf's handlers cannot return.
+
+A body that is not an AdmissionReview gets HTTP 400 with what is missing.
 
 Namespace labels: the API server's namespaceSelector has already matched them
 before a request arrives; the webhook checks again with the namespace read from
@@ -46,7 +53,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, validation
 from .injection import (
     ALWAYS_EXCLUDED,
     LOG_LEVELS,
@@ -64,6 +71,7 @@ log = logging.getLogger("kubetoll.webhook")
 
 WEBHOOK_ID = "inject-sidecar"  # URL path /inject-sidecar: pods opted in by label
 NAMESPACE_WEBHOOK_ID = "inject-sidecar-namespace"  # URL path /inject-sidecar-namespace: namespace enabled
+VALIDATE_WEBHOOK_ID = "validate-resources"  # URL path /validate-resources: the four kinds
 DEFAULT_SIDECAR_IMAGE = f"ghcr.io/kubetoll/kubetoll-sidecar:{__version__}"
 NAMESPACE_CACHE_SECONDS = 10.0
 VERSION_RETRY_SECONDS = 60.0
@@ -79,6 +87,7 @@ class WebhookOptions:
     host: str | None = None  # the self-signed certificate's hostname
     native_sidecars: str = "auto"  # auto | true | false
     on_error: str = "allow"  # a bug in the webhook: allow the pod without the sidecar, or deny it
+    validate_on_error: str = "allow"  # a bug in the checks: allow the resource unchecked, or deny it
     injection: InjectionOptions = field(default_factory=InjectionOptions)
 
 
@@ -114,6 +123,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=(
             "when the webhook itself fails on a pod: allow it without the sidecar "
             "(as failurePolicy Ignore does for an unreachable webhook) or deny it (as Fail does); default: allow"
+        ),
+    )
+    g.add_argument(
+        "--validate-on-error",
+        choices=("allow", "deny"),
+        default="allow",
+        help=(
+            "when validating a Kubetoll resource fails inside the webhook: allow it unchecked, with a warning "
+            "(the compiler still checks it), or deny it; default: allow"
         ),
     )
     g.add_argument(
@@ -207,6 +225,7 @@ def options_from_args(args: argparse.Namespace) -> WebhookOptions | None:
         host=args.webhook_host,
         native_sidecars=args.native_sidecars,
         on_error=args.webhook_on_error,
+        validate_on_error=args.validate_on_error,
         injection=injection,
     )
 
@@ -292,13 +311,17 @@ def _webhook_options(memo: Any) -> WebhookOptions | None:
 
 
 class InjectionWebhookServer:
-    """kopf's WebhookServer, with each request's namespace copied into the pod when the object lacks it.
+    """kopf's WebhookServer, with the validating path answered here and the injection paths passed to kopf.
 
-    An async context manager like kopf's own, so kopf closes the server on exit.
+    Every body must be an AdmissionReview (else HTTP 400 naming what is missing);
+    on the injection paths each request's namespace is copied into the pod when
+    the object lacks it. An async context manager like kopf's own, so kopf
+    closes the server on exit.
     """
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, *, validate_on_error: str = "allow") -> None:
         self.inner = inner
+        self.validate_on_error = validate_on_error
 
     async def __aenter__(self) -> InjectionWebhookServer:
         await self.inner.__aenter__()
@@ -307,8 +330,55 @@ class InjectionWebhookServer:
     async def __aexit__(self, *exc: Any) -> Any:
         return await self.inner.__aexit__(*exc)
 
+    def validate(self, review: Any) -> dict[str, Any]:
+        """The answer of `/validate-resources`; a review it cannot read is HTTP 400."""
+        from aiohttp import web
+
+        from .metrics import record_admission
+
+        try:
+            response, decision = validation.answer(review)
+        except validation.MalformedReview as exc:
+            raise web.HTTPBadRequest(text=f"kubetoll: not an AdmissionReview it can answer: {exc}\n") from None
+        except Exception as exc:  # a bug in the checks: answer as the failure policy answers an unreachable webhook
+            request = review["request"]  # review_request has passed, so the shape is known
+            log.exception("validating %s failed", request.get("kind"))
+            message = f"kubetoll: the resource was not validated: the webhook failed ({type(exc).__name__}: {exc})"
+            body: dict[str, Any] = {"uid": request["uid"], "allowed": self.validate_on_error != "deny"}
+            record_admission("validate", body["allowed"], error=True)
+            if body["allowed"]:
+                body["warnings"] = [validation.fit_warnings([message + "; see the operator's log"])[0]]
+            else:
+                body["status"] = {"code": 500, "status": "Failure", "message": message}
+            return {
+                "apiVersion": review.get("apiVersion", "admission.k8s.io/v1"),
+                "kind": "AdmissionReview",
+                "response": body,
+            }
+        record_admission("validate", decision.allowed)
+        if decision.checked:
+            level = logging.INFO if decision.allowed else logging.WARNING
+            log.log(
+                level,
+                "%s %s/%s: %s%s",
+                decision.kind,
+                decision.namespace,
+                decision.name,
+                "allowed" if decision.allowed else "refused: ",
+                "; ".join(f"{p.field}: {p.message}" for p in decision.errors),
+            )
+        return response
+
     async def __call__(self, fn: Any) -> AsyncIterator[Any]:
-        async def with_namespace(request: dict[str, Any], **kwargs: Any) -> Any:
+        async def with_namespace(request: Any, **kwargs: Any) -> Any:
+            if kwargs.get("webhook") == VALIDATE_WEBHOOK_ID:
+                return self.validate(request)
+            try:
+                validation.review_request(request)
+            except validation.MalformedReview as exc:
+                from aiohttp import web
+
+                raise web.HTTPBadRequest(text=f"kubetoll: not an AdmissionReview it can answer: {exc}\n") from None
             payload = request.get("request")
             if isinstance(payload, dict) and isinstance(payload.get("object"), dict):
                 request = {**request, "request": {**payload, "object": pod_from_request(payload)}}
@@ -339,7 +409,7 @@ def build_server(options: WebhookOptions) -> InjectionWebhookServer:
         kwargs["file_check_interval"] = 30.0
     elif options.host:
         kwargs["host"] = options.host
-    return InjectionWebhookServer(kopf.WebhookServer(**kwargs))
+    return InjectionWebhookServer(kopf.WebhookServer(**kwargs), validate_on_error=options.validate_on_error)
 
 
 # --------------------------------------------------------------------------- kopf handlers
@@ -365,11 +435,12 @@ def register(registry: Any) -> None:
         memo.injector = InjectorState(options)
         settings.admission.server = build_server(options)
         log.info(
-            "sidecar injection webhook on https://%s:%d/{%s,%s} (certificate: %s; native sidecars: %s)",
+            "admission webhooks on https://%s:%d/{%s,%s,%s} (certificate: %s; native sidecars: %s)",
             options.addr,
             options.port,
             WEBHOOK_ID,
             NAMESPACE_WEBHOOK_ID,
+            VALIDATE_WEBHOOK_ID,
             options.cert_dir or "self-signed",
             options.native_sidecars,
         )
@@ -381,6 +452,7 @@ def register(registry: Any) -> None:
         if state is None:
             return
         from .handlers import _reconciler  # the operator's API client, logged in by kopf
+        from .metrics import record_admission
 
         api = _reconciler(memo).api
         pod = copy.deepcopy(dict(body))
@@ -394,9 +466,11 @@ def register(registry: Any) -> None:
             plan = plan_injection(pod, labels, options)
         except InjectionError as exc:
             log.warning("pod %s: denied: %s", who, exc)
+            record_admission("mutate", False)
             raise kopf.AdmissionError(f"kubetoll sidecar injection: {exc}", code=400) from None
         except Exception as exc:  # a bug: answer as the failure policy would for an unreachable webhook
             log.exception("pod %s: injection failed", who)
+            record_admission("mutate", state.options.on_error != "deny", error=True)
             if state.options.on_error == "deny":
                 raise kopf.AdmissionError(
                     f"kubetoll sidecar injection failed: {type(exc).__name__}: {exc}", code=500
@@ -407,6 +481,7 @@ def register(registry: Any) -> None:
             )
             return
         warnings.extend(plan.warnings)
+        record_admission("mutate", True)
         if plan.ops:
             state.injected += 1
             patch.fns.append(functools.partial(_apply_ops, plan.ops))
@@ -440,6 +515,7 @@ def register(registry: Any) -> None:
 
 __all__ = [
     "NAMESPACE_WEBHOOK_ID",
+    "VALIDATE_WEBHOOK_ID",
     "WEBHOOK_ID",
     "InjectionWebhookServer",
     "InjectorState",

@@ -26,6 +26,10 @@ class Ledger(Protocol):
         """Never blocks the request; a shared ledger buffers and writes in the background."""
         ...
 
+    def append_refusal(self, record: SpendRecord) -> None:
+        """A refusal record (`SpendRecord.refusal`): for the operator's status, never read back as spend."""
+        ...
+
     def records(self, since: float = 0.0, until: float | None = None) -> Iterable[SpendRecord]:
         """This process's records, without I/O."""
         ...
@@ -48,6 +52,11 @@ class InMemoryLedger:
         if len(self._records) == self._records.maxlen:
             self.dropped += 1
         self._records.append(record)
+
+    def append_refusal(self, record: SpendRecord) -> None:
+        # One process, no operator reading a shared stream: the 429, the access log and
+        # kubetoll_rejections_total already say it, and refusals are not spend.
+        return None
 
     def records(self, since: float = 0.0, until: float | None = None) -> Iterable[SpendRecord]:
         for r in list(self._records):

@@ -30,6 +30,9 @@ class RedisLedger:
     def append(self, record: SpendRecord) -> None:
         self.store.add_record(record)
 
+    def append_refusal(self, record: SpendRecord) -> None:
+        self.store.add_refusal(record)
+
     def records(self, since: float = 0.0, until: float | None = None) -> Iterable[SpendRecord]:
         """This process's recent records (no I/O); `read_ledger` reads the whole namespace."""
         return self.store.recent_records(since, until)

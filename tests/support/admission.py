@@ -30,3 +30,46 @@ def admission_review(obj: dict[str, Any], *, namespace: str, operation: str = "C
             "options": {"kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1"},
         },
     }
+
+
+PLURALS = {"ModelBackend": "modelbackends", "ModelRoute": "modelroutes", "TokenBudget": "tokenbudgets"}
+PLURALS["CachePolicy"] = "cachepolicies"
+
+
+def resource_review(
+    obj: dict[str, Any],
+    *,
+    namespace: str,
+    operation: str = "CREATE",
+    old: dict[str, Any] | None = None,
+    group: str = "kubetoll.dev",
+    version: str = "v1alpha1",
+) -> dict[str, Any]:
+    """An AdmissionReview for one of Kubetoll's kinds, as the API server sends it for `kubectl apply`.
+
+    For DELETE the API server sends the stored object as `oldObject` and no `object`.
+    """
+    kind = obj["kind"]
+    plural = PLURALS.get(kind, kind.lower() + "s")
+    gvk = {"group": group, "version": version, "kind": kind}
+    gvr = {"group": group, "version": version, "resource": plural}
+    options_kind = {"CREATE": "CreateOptions", "UPDATE": "UpdateOptions", "DELETE": "DeleteOptions"}[operation]
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": str(uuid.uuid4()),
+            "kind": gvk,
+            "resource": gvr,
+            "requestKind": gvk,
+            "requestResource": gvr,
+            "name": obj.get("metadata", {}).get("name", ""),
+            "namespace": namespace,
+            "operation": operation,
+            "userInfo": {"username": "kubernetes-admin", "groups": ["kubeadm:cluster-admins", "system:authenticated"]},
+            "object": None if operation == "DELETE" else obj,
+            "oldObject": obj if operation == "DELETE" else old,
+            "dryRun": False,
+            "options": {"kind": options_kind, "apiVersion": "meta.k8s.io/v1"},
+        },
+    }

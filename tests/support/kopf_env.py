@@ -128,8 +128,13 @@ class OperatorThreads:
         self.running: list[tuple[threading.Event, threading.Thread]] = []
         self.failures: list[BaseException] = []
 
-    async def start(self, *, idle_timeout: float | None = 0.5, **options: Any) -> kopf.Memo:
-        """Start one (OperatorOptions from `options`); returns its memo once it is ready."""
+    async def start(
+        self, *, idle_timeout: float | None = 0.5, namespaces: list[str] | None = None, **options: Any
+    ) -> kopf.Memo:
+        """Start one (OperatorOptions from `options`); returns its memo once it is ready.
+
+        `namespaces`: watch those only, as `kubetoll operator --namespace` does; default: cluster-wide.
+        """
         settings = kopf.OperatorSettings()
         settings.watching.reconnect_backoff = 0.1
         if idle_timeout is not None:
@@ -143,7 +148,8 @@ class OperatorThreads:
                     kopf.operator(
                         registry=handlers.registry,
                         settings=settings,
-                        clusterwide=True,
+                        clusterwide=not namespaces,
+                        namespaces=namespaces or (),
                         standalone=True,
                         stop_flag=stop,
                         ready_flag=ready,

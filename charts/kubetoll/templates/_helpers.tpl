@@ -49,7 +49,46 @@ app.kubernetes.io/component: operator
 {{- end -}}
 
 {{- define "kubetoll.webhookTLSSecret" -}}
+{{- if .Values.webhook.tls.existingSecret -}}
+{{- .Values.webhook.tls.existingSecret -}}
+{{- else -}}
 {{- printf "%s-webhook-tls" (include "kubetoll.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A PEM block, or its base64, as base64 (what Secret data and caBundle hold). */}}
+{{- define "kubetoll.base64PEM" -}}
+{{- if contains "-----BEGIN" . -}}
+{{- . | b64enc -}}
+{{- else -}}
+{{- . | nospace -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The webhook configurations' caBundle when it comes from values (webhook.tls),
+after checking that the TLS values fit together. Empty with cert-manager (its CA
+injector fills it in) and when the chart generates the certificate (webhook.yaml
+sets it beside the Secret it generates or finds).
+*/}}
+{{- define "kubetoll.webhookCABundle" -}}
+{{- $tls := .Values.webhook.tls -}}
+{{- if and $tls.key (not $tls.cert) -}}
+{{- fail "webhook.tls.key needs webhook.tls.cert" -}}
+{{- end -}}
+{{- if .Values.webhook.certManager.enabled -}}
+{{- if or $tls.existingSecret $tls.cert $tls.caBundle -}}
+{{- fail "webhook.tls.* and webhook.certManager.enabled exclude each other: cert-manager writes the Secret and the caBundle" -}}
+{{- end -}}
+{{- else if or $tls.existingSecret $tls.cert -}}
+{{- if and $tls.existingSecret $tls.cert -}}
+{{- fail "webhook.tls.existingSecret and webhook.tls.cert exclude each other: give the Secret's name or its contents" -}}
+{{- end -}}
+{{- if and $tls.cert (not $tls.key) -}}
+{{- fail "webhook.tls.cert needs webhook.tls.key" -}}
+{{- end -}}
+{{- include "kubetoll.base64PEM" (required "webhook.tls.caBundle is required with webhook.tls.existingSecret or webhook.tls.cert: the CA (PEM) that signed the serving certificate, for the API server to trust it" $tls.caBundle) -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "kubetoll.redisName" -}}
