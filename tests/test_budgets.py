@@ -75,9 +75,10 @@ async def test_tokens_per_minute_reservation_and_settlement(sim, start_sidecar):
     clock = FakeClock(T0)
     cfg = budget_config(sim, {"name": "b", "tiers": {"default": {"tokensPerMinute": 100}}})
     sc = await start_sidecar(cfg, clock=clock)
-    # The reservation is prompt + max_tokens: 200 cannot fit a 100-token bucket at all.
+    # The reservation is prompt + max_tokens: 200 cannot fit a 100-token bucket at all,
+    # so waiting would not help: a 400 that says so (tests/test_upstream_errors.py has the rest).
     status, headers, body = await post(sc, max_tokens=200)
-    assert status == 429 and "tokens-per-minute" in body["error"]["message"]
+    assert status == 400 and "tokens-per-minute" in body["error"]["message"]
     # A small request fits, and settles at its actual usage (well under its reservation).
     status, headers, _ = await post(sc, max_tokens=20)
     assert status == 200

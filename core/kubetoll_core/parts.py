@@ -151,6 +151,15 @@ class CircuitBreaker(ContractModel):
     cooldown_seconds: float = Field(
         30.0, gt=0, le=86400, description="How long an open circuit stays open before one probe request."
     )
+    max_retry_after_seconds: float = Field(
+        300.0,
+        gt=0,
+        le=86400,
+        description=(
+            "The longest a provider's Retry-After (on a 429 or 5xx) may hold the circuit open: a longer value, "
+            "or inf, is cut to this; a negative, NaN or unreadable one is ignored (the failure counts as any other)."
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- routes

@@ -134,6 +134,10 @@ class RedisKeys:
     def ledger(self) -> str:
         return self._k(self.ns_tag, "ledger")
 
+    def ledger_quarantine(self) -> str:
+        """Stream: records the codec had to alter (odd text), kept out of the ledger with a `defects` field."""
+        return self._k(self.ns_tag, "ledger", "quarantine")
+
     def budgets_index(self) -> str:
         return self._k(self.ns_tag, "budgets")
 

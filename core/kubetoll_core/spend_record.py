@@ -4,19 +4,30 @@ Reports (`kubetoll report`), the operator's status and the demo read spend per
 tenant, route and backend from these records. The stream entry carries the
 record's own fields, the cost as exact integer nano-USD (`cost_nusd`) and the
 sidecar that wrote it (docs/redis-layout.md, "ledger").
+
+A *refusal record* says that admission refused a request on one budget meter
+(`refused_budget`, `refused_meter`): no spend, outcome `rejected`. Sidecars write
+at most one per meter per second each (`kubetoll_sidecar.budgets.refusals`); the
+operator's status reads them to tell that a meter refuses before its spend reaches
+the limit (a reservation stops fitting first). Spend readers (`iter_ledger`,
+reports) leave them out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+import operator
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .meters import scale_of, to_units
 
 # The outcome of a record that bills a semantic cache lookup's embedding call: spend,
 # but not a request of its own (reports count requests without it).
 CACHE_EMBEDDING_OUTCOME = "cache_embedding"
+# The outcome of a refusal record (the same word the access log and metrics use).
+REFUSAL_OUTCOME = "rejected"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +48,12 @@ class SpendRecord:
     fallbacks: int = 0
     outcome: str = "ok"  # ok, upstream_error, cut_stream, client_disconnected, cache_embedding
     request_id: str = ""
+    refused_budget: str = ""  # a refusal record: the budget whose meter refused
+    refused_meter: str = ""  # ... and that meter's name in the budget, e.g. "cap:usd:2026-11-22"
+
+    @property
+    def refusal(self) -> bool:
+        return bool(self.refused_meter)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,17 +63,162 @@ _RECORD_FIELDS = (
     "time", "namespace", "route", "backend", "tenant", "tier", "prompt_tokens", "completion_tokens", "cached_tokens",
     "cost_usd", "cache_hit", "avoided_usd", "downgraded", "fallbacks", "outcome", "request_id",
 )  # fmt: skip
+# Written only when set, so spend records stay as they were; a reader that predates
+# them ignores them (decoding reads fields by name).
+_OPTIONAL_FIELDS = ("refused_budget", "refused_meter")
 
 
 def encode_record(r: SpendRecord, sidecar_id: str) -> list[str]:
-    """Stream entry fields of a spend record: its own fields, exact nano-USD, and the writer."""
+    """Stream entry fields of a spend record: its own fields, exact nano-USD, and the writer. Never raises."""
+    return encode_record_checked(r, sidecar_id).fields
+
+
+class EncodedRecord(NamedTuple):
+    fields: list[str]  # the stream entry: always valid UTF-8 text, whatever the record held
+    defects: tuple[str, ...]  # fields the codec had to change; empty when the record round-trips exactly
+
+
+def encode_record_checked(r: SpendRecord, sidecar_id: str) -> EncodedRecord:
+    """`encode_record`, and the names of the fields it could not write as given.
+
+    The codec writes whatever it is given, so one odd record can never make a flush
+    fail (Redis, the Lua script's JSON and every reader need UTF-8 text):
+
+    - text that UTF-8 cannot carry (a lone surrogate: what aiohttp makes of a header
+      byte that is not UTF-8) is written with Python's backslash escapes (`\\udcff`);
+    - text longer than `MAX_TEXT_CHARS` is cut to that length, ending in "…";
+    - a value of the wrong type is written as text (`str()`), a number that is not
+      finite (or not representable) as 0, a non-bool flag as "0";
+    - control characters are kept as they are: Redis and JSON carry them.
+
+    Each of these is a defect: the store quarantines such a record instead of
+    putting it in the ledger (docs/redis-layout.md, "The codec, and quarantine").
+    """
+    values = _RECORD_VALUES(r)
+    try:
+        if (
+            tuple(map(type, values)) == _KINDS
+            and all(map(math.isfinite, _FLOAT_VALUES(r)))
+            and tuple(map(type, _OPTIONAL_VALUES(r))) == _OPTIONAL_KINDS
+        ):
+            out = _encode_plain(r, values, sidecar_id)
+            joined = "".join(out)
+            if (joined.isascii() or _is_utf8(joined)) and (
+                len(joined) <= MAX_TEXT_CHARS or max(map(len, out)) <= MAX_TEXT_CHARS
+            ):
+                return EncodedRecord(out, ())
+    except (ValueError, OverflowError, TypeError):  # an int too long for str(), a cost beyond any integer, ...
+        pass
+    return _encode_careful(r, values, sidecar_id)
+
+
+def _encode_plain(r: SpendRecord, values: tuple[Any, ...], sidecar_id: str) -> list[str]:
+    """The entry of a record whose fields have their declared types (once per request: kept lean)."""
     out: list[str] = []
-    for name in _RECORD_FIELDS:
-        v = getattr(r, name)
+    for name, v in zip(_RECORD_FIELDS, values):
         out.append(name)
-        out.append(("1" if v else "0") if isinstance(v, bool) else repr(v) if isinstance(v, float) else str(v))
+        out.append(repr(v) if type(v) is float else ("1" if v else "0") if type(v) is bool else str(v))
+    for name in _OPTIONAL_FIELDS:
+        if getattr(r, name):
+            out += [name, getattr(r, name)]
     out += ["cost_nusd", str(to_units(r.cost_usd, scale_of("usd"))), "sidecar", sidecar_id]
     return out
+
+
+def _encode_careful(r: SpendRecord, values: tuple[Any, ...], sidecar_id: str) -> EncodedRecord:
+    """Field by field, each through its kind's encoder, noting what had to change."""
+    out: list[str] = []
+    defects: list[str] = []
+    for name, kind, v in zip(_RECORD_FIELDS, _KINDS, values):
+        text, ok = _ENCODERS[kind](v)
+        out += [name, text]
+        if not ok:
+            defects.append(name)
+    for name in _OPTIONAL_FIELDS:
+        v = getattr(r, name, "")
+        if v != "":  # only the empty string is "not set"; anything else is written
+            text, ok = _text(v)
+            out += [name, text]
+            if not ok:
+                defects.append(name)
+    cost = r.cost_usd if "cost_usd" not in defects else 0.0
+    try:
+        nusd = str(to_units(cost, scale_of("usd")))
+    except (OverflowError, ValueError):  # finite, but beyond any integer a float rounds to
+        nusd = "0"
+        defects.append("cost_nusd")
+    sid, ok = _text(sidecar_id)
+    if not ok:
+        defects.append("sidecar")
+    out += ["cost_nusd", nusd, "sidecar", sid]
+    return EncodedRecord(out, tuple(defects))
+
+
+# Ledger text is identifiers (tenant ids are at most 128 characters, request ids 256):
+# anything longer is not a value a reader can use, and must not bloat the stream.
+MAX_TEXT_CHARS = 1024
+
+
+def _text(v: Any) -> tuple[str, bool]:
+    if type(v) is str and len(v) <= MAX_TEXT_CHARS and (v.isascii() or _is_utf8(v)):
+        return v, True
+    if not isinstance(v, str):
+        try:
+            v = str(v)
+        except Exception:  # a value whose __str__ fails is still written, as its type
+            v = f"<{type(v).__name__}>"
+    if not _is_utf8(v):
+        v = v.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(v) > MAX_TEXT_CHARS:
+        v = v[: MAX_TEXT_CHARS - 1] + "…"
+    return v, False
+
+
+def _is_utf8(v: str) -> bool:
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _int(v: Any) -> tuple[str, bool]:
+    if type(v) is int:
+        try:
+            return str(v), True
+        except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+            return "0", False
+    return "0", False
+
+
+def _float(v: Any) -> tuple[str, bool]:
+    if type(v) in (float, int):
+        try:
+            f = float(v)
+        except OverflowError:
+            return "0.0", False
+        if math.isfinite(f):
+            return repr(f), True
+    return "0.0", False
+
+
+def _bool(v: Any) -> tuple[str, bool]:
+    if type(v) is bool:
+        return ("1" if v else "0"), True
+    return "0", False
+
+
+_ENCODERS: dict[type, Callable[[Any], tuple[str, bool]]] = {str: _text, int: _int, float: _float, bool: _bool}
+_FLOATS = ("time", "cost_usd", "avoided_usd")
+_INTS = ("prompt_tokens", "completion_tokens", "cached_tokens", "fallbacks")
+# Each field's declared type, in _RECORD_FIELDS order.
+_KINDS: tuple[type, ...] = tuple(
+    float if n in _FLOATS else int if n in _INTS else bool if n == "downgraded" else str for n in _RECORD_FIELDS
+)
+_FLOAT_VALUES = operator.attrgetter(*_FLOATS)
+_RECORD_VALUES = operator.attrgetter(*_RECORD_FIELDS)
+_OPTIONAL_VALUES = operator.attrgetter(*_OPTIONAL_FIELDS)
+_OPTIONAL_KINDS = (str,) * len(_OPTIONAL_FIELDS)
 
 
 def decode_record(fields: Mapping[str, str]) -> SpendRecord:
@@ -86,4 +248,6 @@ def decode_record(fields: Mapping[str, str]) -> SpendRecord:
         fallbacks=f("fallbacks", int, 0),
         outcome=fields.get("outcome", "ok"),
         request_id=fields.get("request_id", ""),
+        refused_budget=fields.get("refused_budget", ""),
+        refused_meter=fields.get("refused_meter", ""),
     )

@@ -3,7 +3,12 @@
 For each backend in order: skip it if its circuit is open or it cannot serve the
 request; otherwise call it with per-attempt timeouts (connect, first byte, total).
 A failure in one of the route's `fallbackOn` classes moves on to the next
-backend; any other upstream error goes back to the client as it is.
+backend; any other upstream error goes back to the client as it is. Only
+failures that say the backend is unwell count for its breaker
+(`circuit.counts_against_backend`): a caller's 4xx never does. A provider's
+Retry-After is cut to the backend's `circuitBreaker.maxRetryAfterSeconds` here,
+before the breaker or the client sees it. A chain whose every backend skipped
+the request as unsupported answers 400, not 502 (nothing was sent).
 
 Streams: the client's response starts only when the first upstream chunk is in
 hand, so a backend that fails before sending anything is still fallen back from.
@@ -26,36 +31,39 @@ from kubetoll_core.enums import FailureClass, Provider
 from kubetoll_core.prices import ResolvedPrice
 from kubetoll_core.router_config import Backend
 
-from .circuit import BreakerRegistry
+from .circuit import BreakerRegistry, counts_against_backend
 from .credentials import CredentialStore, MissingCredential
-from .providers.base import Translator, UnsupportedRequest, UpstreamError, Usage
+from .providers.base import Capability, Translator, UnsupportedRequest, UpstreamError, Usage
+from .retry_after import clamp_retry_after
 from .sse import SSEDecoder
 
-# Failures that say something about the backend's health (and so count for its breaker).
-_HEALTH_FAILURES = frozenset(
-    {
-        FailureClass.server_error,
-        FailureClass.timeout,
-        FailureClass.connection_error,
-        FailureClass.rate_limited,
-        FailureClass.budget_exhausted,
-    }
-)
+# type[Any]: the translators are Translators structurally, not by type[...] (their stream
+# translators' `feed` returns narrower lists than the protocol's).
+_TRANSLATORS: dict[Provider, type[Any]] = {}
 
 
-_TRANSLATORS: dict[Provider, type] = {}
-
-
-def translator_for(provider: Provider) -> Translator:
-    """A fresh translator (they hold a stream's state). Classes are looked up once:
-    importing inside the call cost more than the rest of building a request."""
+def translator_class(provider: Provider) -> type[Any]:
+    """The translator class of a provider. Classes are looked up once: importing inside
+    the call cost more than the rest of building a request."""
     if not _TRANSLATORS:
         from .providers.anthropic import AnthropicTranslator
         from .providers.openai import AzureOpenAITranslator, OpenAITranslator
 
         _TRANSLATORS.update({Provider.anthropic: AnthropicTranslator, Provider.azure_openai: AzureOpenAITranslator})
         _TRANSLATORS[Provider.openai] = OpenAITranslator
-    return _TRANSLATORS.get(provider, _TRANSLATORS[Provider.openai])()
+    return _TRANSLATORS.get(provider, _TRANSLATORS[Provider.openai])
+
+
+def translator_for(provider: Provider) -> Translator:
+    """A fresh translator (they hold a stream's state)."""
+    translator: Translator = translator_class(provider)()
+    return translator
+
+
+def capabilities_of(provider: Provider) -> frozenset[Capability]:
+    """What the provider's translator declares it serves (read from the class: nothing is built)."""
+    caps: frozenset[Capability] = translator_class(provider).capabilities
+    return caps
 
 
 @dataclass(slots=True)
@@ -224,11 +232,8 @@ class Forwarder:
                         raw = await resp.read()
                         err = translator.classify_error(resp.status, resp.headers, raw)
                         resp.release()
-                        # A client error (or a too-long prompt with no fallback for it) is the
-                        # client's to fix: pass it through as the provider said it.
-                        if err.failure is None or (
-                            err.failure is FailureClass.context_length_exceeded and err.failure not in fallback_on
-                        ):
+                        err.retry_after = clamp_retry_after(err.retry_after, b.circuit_breaker.max_retry_after_seconds)
+                        if err.failure is None or _too_long_without_fallback(err.failure, fallback_on):
                             breaker.release_probe()
                             attempts.append(Attempt(b.name, "upstream_error", err.status, err.message, err.retry_after))
                             raise UpstreamRejected(err, attempts)
@@ -246,11 +251,18 @@ class Forwarder:
                             attempts.append(Attempt(b.name, "ok", resp.status))
                             return Forwarded(rt, attempts, opened.first_chunk_at - started, stream=opened)
                         resp.close()
+                        if opened.failure is None or _too_long_without_fallback(opened.failure, fallback_on):
+                            # An error event before any data that is the caller's (an invalid request
+                            # inside a 200 stream): nothing has reached the client, so it gets the
+                            # error as the provider classed it, and the breaker does not count it.
+                            breaker.release_probe()
+                            attempts.append(Attempt(b.name, "upstream_error", opened.status, opened.message))
+                            raise UpstreamRejected(opened, attempts)
                         failure, status, message, retry = (
                             opened.failure or FailureClass.server_error,
                             opened.status,
                             opened.message,
-                            opened.retry_after,
+                            clamp_retry_after(opened.retry_after, b.circuit_breaker.max_retry_after_seconds),
                         )
                 except TimeoutError:
                     resp.close()
@@ -275,12 +287,19 @@ class Forwarder:
                     resp.close()
                     breaker.release_probe()
                     raise
-            breaker.failure(failure.value, retry) if failure in _HEALTH_FAILURES else breaker.release_probe()
+            if counts_against_backend(failure, status):
+                breaker.failure(failure.value, retry)
+            else:
+                breaker.release_probe()
             attempts.append(Attempt(b.name, failure.value, status, message, retry))
             if failure not in fallback_on:
                 raise AllBackendsFailed(attempts)
             if on_fallback:
                 on_fallback(b.name, failure.value)
+        if attempts and all(a.outcome == "unsupported" for a in attempts):
+            # Nothing was sent: no backend of the chain can express this request. A 5xx would
+            # have the SDKs retry a call that can never succeed.
+            raise UpstreamRejected(_unsupported_error(attempts), attempts)
         raise AllBackendsFailed(attempts)
 
     async def _open_stream(
@@ -310,6 +329,25 @@ class Forwarder:
             if err is not None and not pending:
                 return err
         return OpenStream(resp, decoder, st, pending, started, time.monotonic())
+
+
+def _too_long_without_fallback(failure: FailureClass, fallback_on: frozenset[FailureClass]) -> bool:
+    """A too-long prompt with no fallback for it is, like a client error (no failure class),
+    the client's to fix: it goes back as the provider said it."""
+    return failure is FailureClass.context_length_exceeded and failure not in fallback_on
+
+
+def _unsupported_error(attempts: list[Attempt]) -> UpstreamError:
+    message = "no backend of this route can serve this request: " + "; ".join(
+        f"{a.backend}: {a.message}" for a in attempts
+    )
+    return UpstreamError(
+        400,
+        None,
+        message,
+        None,
+        {"message": message, "type": "invalid_request_error", "param": None, "code": "unsupported_by_route"},
+    )
 
 
 def _connection_message(exc: BaseException) -> str:

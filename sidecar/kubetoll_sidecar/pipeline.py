@@ -33,23 +33,26 @@ import orjson
 from aiohttp import web
 
 from kubetoll_core.periods import Clock
-from kubetoll_core.spend_record import SpendRecord
+from kubetoll_core.spend_record import REFUSAL_OUTCOME, SpendRecord
 
-from . import tokens
+from . import capabilities, tokens
 from .budgets.admission import (
     Admitted,
     MeterSet,
+    NeverFits,
     NoDowngradeBackends,
     Rejected,
     percent_used,
     reserve_with_policy,
     tightest,
 )
-from .budgets.store import BudgetStore, Hold, Reservation, StoreUnavailable, Suspended
+from .budgets.refusals import RefusalSampler
+from .budgets.store import BudgetStore, Hold, Meter, Reservation, StoreUnavailable, Suspended
 from .cache.stage import CacheLookup, CacheStage
 from .context import RequestContext
 from .errors import ApiError, not_found_model
 from .forwarder import AllBackendsFailed, Forwarded, Forwarder, UpstreamRejected
+from .header_values import usable_request_id
 from .ledger import Ledger
 from .metrics import Metrics
 from .providers.base import Endpoint, Usage
@@ -91,6 +94,7 @@ class Pipeline:
         self.clock = clock
         self.cache = cache
         self.relay = StreamRelay(metrics, cache, self._settle_stream)
+        self.refusals = RefusalSampler()  # which refusals get a ledger record
         # A plain counter, read by the gauge at scrape time (a locked gauge update
         # twice a request cost 1-2% of the CPU).
         self.in_flight = 0
@@ -103,7 +107,8 @@ class Pipeline:
             request,
             endpoint,
             self.get_state(),
-            request.headers.get("x-request-id") or f"{_ID_PREFIX}{next(_ids):010x}",
+            # One that is not text is not echoed (stage 1 answers 400 for it).
+            usable_request_id(request.headers) or f"{_ID_PREFIX}{next(_ids):010x}",
             time.perf_counter(),
         )
         self.in_flight += 1
@@ -185,6 +190,13 @@ class Pipeline:
                 "no_matching_rule",
                 "model",
             )
+        try:  # a request no backend of the chain can serve: 400 now, before anything is counted
+            capabilities.check_route(
+                ctx.endpoint, req.body, route.name, [state.backends[n].config for n in rule.backends]
+            )
+        except ApiError:
+            ctx.outcome = "unsupported"
+            raise
         output_tokens = self._output_reservation(req, route, state, rule.backends)
         now = self.clock.time()
         meters = ctx.meters = state.meters.for_request(route.name, ident.tenant, ident.tier, now)
@@ -311,6 +323,7 @@ class Pipeline:
         except Rejected as exc:
             ctx.outcome, ctx.reason = "rejected", exc.reason
             self.metrics.rejections.labels(route, exc.reason).inc()
+            self._note_refusal(ctx, exc.exhausted.meter, now)
             per_minute = exc.reason.endswith("per_minute")
             raise ApiError(
                 429,
@@ -319,9 +332,15 @@ class Pipeline:
                 "rate_limit_exceeded" if per_minute else "budget_exhausted",
                 retry_after=exc.retry_after,
             ) from None
+        except NeverFits as exc:
+            # Waiting would not help (a 429's Retry-After would send the client back to be refused).
+            ctx.outcome, ctx.reason = "rejected", "never_fits"
+            self.metrics.rejections.labels(route, "never_fits").inc()
+            raise ApiError(400, str(exc), "invalid_request_error", "exceeds_budget_limit", "max_tokens") from None
         except NoDowngradeBackends as exc:
             ctx.outcome, ctx.reason = "rejected", "no_downgrade_backends"
             self.metrics.rejections.labels(route, "no_downgrade_backends").inc()
+            self._note_refusal(ctx, exc.exhausted.meter, now)
             raise ApiError(
                 429, str(exc), "insufficient_quota", "budget_exhausted", retry_after=exc.exhausted.retry_after or 60.0
             ) from None
@@ -339,6 +358,29 @@ class Pipeline:
             ctx.outcome = "suspended"
             self.metrics.rejections.labels(route, "budget_suspended").inc()
             raise ApiError(403, str(exc), "permission_denied", "budget_suspended") from None
+
+    def _note_refusal(self, ctx: RequestContext, meter: Meter, now: float) -> None:
+        """A refusal record for the operator's status: which meter refused (a window only), sampled."""
+        if meter.kind != "window" or not self.refusals.due(meter.key, now):
+            return
+        self.ledger.append_refusal(
+            SpendRecord(
+                time=now,
+                namespace=ctx.state.config.namespace,
+                route=ctx.route_name or "-",
+                backend="",
+                tenant=ctx.tenant,
+                tier=ctx.tier,
+                prompt_tokens=0,
+                completion_tokens=0,
+                cached_tokens=0,
+                cost_usd=0.0,
+                outcome=REFUSAL_OUTCOME,
+                request_id=ctx.request_id,
+                refused_budget=meter.budget,
+                refused_meter=meter.key[len(meter.budget) + 1 :],  # the key is "<budget>:<meter name>"
+            )
+        )
 
     async def _forward(self, ctx: RequestContext, chain_names: tuple[str, ...], now: float) -> Forwarded:
         req, route = ctx.req, ctx.route

@@ -5,6 +5,12 @@ Checks what the router needs and what OpenAI itself would refuse with a 400
 upstream, so new OpenAI parameters pass through without a sidecar release.
 Parsing is plain orjson plus a few checks: pydantic models for whole requests
 would cost more than the rest of the pipeline.
+
+Broken input is the caller's fault and gets a 4xx here, never a 500 later: a
+body that does not decode as its `Content-Encoding` (400) or an encoding aiohttp
+does not decode (415), JSON nested deeper than what is serialised again (400),
+a request id that is not text (400), and a `Content-Length` over the limit
+(413, before any `100 Continue`: `expect_continue`).
 """
 
 from __future__ import annotations
@@ -14,11 +20,18 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError
 
 from .errors import ApiError, bad_request
+from .header_values import MAX_REQUEST_ID_LEN, REQUEST_ID_HEADER, text_header
+from .json_depth import MAX_JSON_DEPTH, nests_deeper_than
 from .providers.base import Endpoint
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+# The codings aiohttp's request parser decodes before the body reaches a handler (br
+# and zstd only with their libraries; without them aiohttp itself answers 400). Any
+# other coding would reach us still encoded.
+_DECODED_ENCODINGS = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})
 
 
 @dataclass(slots=True)
@@ -40,23 +53,68 @@ class ParsedRequest:
         self.upstream_body = {**self.upstream_body, key: value}
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+def _too_large(request: web.Request, limit: int) -> ApiError | None:
     if request.content_length is not None and request.content_length > limit:
-        raise ApiError(
+        return ApiError(
             413,
             f"request body is {request.content_length} bytes; the limit is {limit}",
             "invalid_request_error",
             "request_too_large",
         )
+    return None
+
+
+async def expect_continue(request: web.Request, limit: int) -> web.StreamResponse | None:
+    """aiohttp's `Expect` handler with the size check first: a body over the limit gets its
+    413 instead of `100 Continue` (the client never sends it), and the connection closes."""
+    too_large = _too_large(request, limit)
+    if too_large is not None:
+        resp = too_large.response()
+        resp.force_close()  # the unsent body must not be waited for
+        return resp
+    expect = request.headers.get("expect", "")
+    if request.version >= (1, 1) and expect.lower() != "100-continue":
+        return ApiError(
+            417, f"unsupported Expect: {expect!r} (only 100-continue)", "invalid_request_error", "expectation_failed"
+        ).response()
+    if request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # as aiohttp's own handler: the answer has not started
+    return None
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    too_large = _too_large(request, limit)
+    if too_large is not None:
+        raise too_large
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in _DECODED_ENCODINGS:
+        raise ApiError(
+            415,
+            f"Content-Encoding {encoding!r} is not supported (gzip, deflate or none)",
+            "invalid_request_error",
+            "unsupported_content_encoding",
+        )
     chunks = []
     size = 0
-    async for chunk in request.content.iter_chunked(65536):
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(
-                413, f"request body exceeds the limit of {limit} bytes", "invalid_request_error", "request_too_large"
-            )
-        chunks.append(chunk)
+    try:
+        async for chunk in request.content.iter_chunked(65536):
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(
+                    413,
+                    f"request body exceeds the limit of {limit} bytes",
+                    "invalid_request_error",
+                    "request_too_large",
+                )
+            chunks.append(chunk)
+    except web.RequestPayloadError as exc:
+        if isinstance(exc.__cause__, ContentEncodingError):
+            raise bad_request(
+                f"the request body does not decode as its Content-Encoding {encoding!r}",
+                code="invalid_content_encoding",
+            ) from None
+        raise bad_request("the request body is malformed (its framing or length)", code="malformed_body") from None
     return b"".join(chunks)
 
 
@@ -70,6 +128,7 @@ def _int_field(body: dict[str, Any], name: str, minimum: int) -> int | None:
 
 
 async def parse_request(request: web.Request, endpoint: str, limit: int) -> ParsedRequest:
+    text_header(request.headers, REQUEST_ID_HEADER, MAX_REQUEST_ID_LEN)  # echoed and recorded: text only
     raw = await read_body(request, limit)
     ctype = request.headers.get("content-type", "application/json")
     if "json" not in ctype:
@@ -78,6 +137,8 @@ async def parse_request(request: web.Request, endpoint: str, limit: int) -> Pars
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    if nests_deeper_than(raw, MAX_JSON_DEPTH):
+        raise bad_request(f"the request body nests JSON more than {MAX_JSON_DEPTH} levels deep", code="json_too_deep")
     parsed = validate_body(body, endpoint)
     parsed.body_size = len(raw)
     return parsed
@@ -115,7 +176,7 @@ def validate_body(body: Any, endpoint: str) -> ParsedRequest:
             if not isinstance(m, dict):
                 raise bad_request(f"messages[{i}] must be an object", param=f"messages[{i}]")
             role = m.get("role")
-            if role not in _ROLES:
+            if not isinstance(role, str) or role not in _ROLES:
                 raise bad_request(f"messages[{i}].role must be one of {sorted(_ROLES)}", param=f"messages[{i}].role")
             content = m.get("content")
             if content is not None and not isinstance(content, (str, list)):

@@ -40,6 +40,7 @@ from .ledger import InMemoryLedger, Ledger
 from .metrics import Metrics
 from .pipeline import Pipeline
 from .providers.base import Endpoint
+from .request_parsing import expect_continue
 from .routing import read_pod_labels
 from .state import RouterState, SessionPool, build_state
 
@@ -236,9 +237,10 @@ class Sidecar:
     def api_app(self) -> web.Application:
         # client_max_size is above our own limit so that read_body, not aiohttp, answers 413 in OpenAI's format.
         app = web.Application(client_max_size=1 << 40, middlewares=[self._error_middleware])
-        app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_post("/v1/completions", self._completions)
-        app.router.add_post("/v1/embeddings", self._embeddings)
+        # expect_handler: a body over the limit gets its 413 instead of `100 Continue`.
+        app.router.add_post("/v1/chat/completions", self._chat, expect_handler=self._expect)
+        app.router.add_post("/v1/completions", self._completions, expect_handler=self._expect)
+        app.router.add_post("/v1/embeddings", self._embeddings, expect_handler=self._expect)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model:.+}", self._model)
         # Spend records of this sidecar, for `kubetoll report`. On the API port (127.0.0.1
@@ -288,6 +290,9 @@ class Sidecar:
 
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, Endpoint.embeddings)
+
+    async def _expect(self, request: web.Request) -> web.StreamResponse | None:
+        return await expect_continue(request, self.config.server.max_body_bytes)
 
     async def _serve(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         if self.draining:

@@ -31,7 +31,8 @@ filtering, Azure's `/openai/v1` surface, Anthropic thinking / server tools /
 citations, HTTP/2. JSON-mode answers are not cut by `max_tokens`.
 
 Fault syntax (header `x-sim-fault`, or `Fault(...)` via `enqueue_fault`):
-`429;retry-after=2`, `500`, `529`, `cut;after=3`, `slow;delay=0.5`,
+`429;retry-after=2` (also `inf`, `nan`, `-5`, `1e9`; anything that is not a number,
+such as an HTTP-date, is sent as written), `500`, `529`, `cut;after=3`, `slow;delay=0.5`,
 `context_length`, `insufficient_quota`, `malformed`, `no_usage`,
 `stream_error;status=529;after=2`. `after` counts SSE events of any kind (OpenAI's
 role chunk, Anthropic's message_start and ping included); a cut never reaches the
@@ -150,6 +151,9 @@ class Fault:
 
     status: int | None = None
     retry_after: float | None = None
+    # Sent as the Retry-After header exactly as written, for what a float cannot carry: an
+    # HTTP-date or garbage (wins over `retry_after`; no retry-after-ms goes with it).
+    retry_after_header: str | None = None
     kind: str = "error"
     delay: float = 0.0  # slow_first_token: seconds before headers (non-stream) / first event (stream)
     after_chunks: int = 0  # cut_stream / stream_error: SSE events sent before the fault
@@ -179,7 +183,10 @@ def parse_fault(spec: str) -> Fault:
         if "status" in params:
             fault.status = int(params["status"])
         if "retry_after" in params:
-            fault.retry_after = float(params["retry_after"])
+            try:
+                fault.retry_after = float(params["retry_after"])
+            except ValueError:
+                fault.retry_after_header = params["retry_after"]
         if "delay" in params:
             fault.delay = float(params["delay"])
         after = params.get("after", params.get("after_chunks"))
@@ -1093,7 +1100,8 @@ class SimulatedUpstream:
         kind = fault.kind
         if kind == "error" or (kind == "stream_error" and not ctx.stream):
             default = 529 if kind == "stream_error" and ctx.provider == ANTHROPIC else 500
-            return self._status_error(ctx, fault.status or default, fault.retry_after)
+            retry = fault.retry_after if fault.retry_after_header is None else fault.retry_after_header
+            return self._status_error(ctx, fault.status or default, retry)
         if kind == "context_length":
             return self._context_length_error(ctx, self._prompt_tokens_of(ctx))
         if kind == "insufficient_quota":
@@ -1158,17 +1166,20 @@ class SimulatedUpstream:
             transport.abort()
         return resp
 
-    def _error(self, ctx: _Ctx, status: int, body: Any, retry_after: float | None = None) -> web.Response:
+    def _error(self, ctx: _Ctx, status: int, body: Any, retry_after: float | str | None = None) -> web.Response:
+        """`retry_after`: seconds, or a string sent as the Retry-After header as it is."""
         headers = self._headers(ctx)
-        if retry_after is not None:
+        if isinstance(retry_after, str):
+            headers["retry-after"] = retry_after
+        elif retry_after is not None:
             headers["retry-after"] = _fmt_seconds(retry_after)
-            if ctx.provider == AZURE:
+            if ctx.provider == AZURE and math.isfinite(retry_after):
                 headers["retry-after-ms"] = str(int(retry_after * 1000))
         if ctx.provider == ANTHROPIC and isinstance(body, dict) and body.get("type") == "error":
             body["request_id"] = headers["request-id"]
         return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
 
-    def _status_error(self, ctx: _Ctx, status: int, retry_after: float | None) -> web.Response:
+    def _status_error(self, ctx: _Ctx, status: int, retry_after: float | str | None) -> web.Response:
         """An error response for an HTTP status, in the provider's format."""
         if ctx.provider == ANTHROPIC:
             type_, message = _ANTHROPIC_STATUS.get(
@@ -1416,7 +1427,10 @@ class SimulatedUpstream:
             return None
         status = fault.status or 500
         type_, code, message = _OPENAI_STATUS.get(
-            status, ("server_error", None, "The server had an error while processing your request.")
+            status,
+            ("server_error", None, "The server had an error while processing your request.")
+            if status >= 500
+            else ("invalid_request_error", None, f"Error {status}"),
         )
         return _sse(openai_error_body(message, type_, None, code))
 
@@ -1608,7 +1622,11 @@ class SimulatedUpstream:
         fault = ctx.fault
         if fault is None or fault.kind != "stream_error":
             return None
-        type_, text = _ANTHROPIC_STATUS.get(fault.status or 529, ("api_error", "Internal server error"))
+        status = fault.status or 529
+        type_, text = _ANTHROPIC_STATUS.get(
+            status,
+            ("api_error", "Internal server error") if status >= 500 else ("invalid_request_error", f"Error {status}"),
+        )
         return _sse_named("error", anthropic_error_body(type_, text))
 
     async def _count_tokens(self, ctx: _Ctx) -> web.StreamResponse:

@@ -8,7 +8,10 @@ settled after it.
 
 When a level is exhausted its `onExhausted` decides: reject (429 with
 Retry-After), downgrade (serve from the route's downgrade backends, counting the
-spend), or allow (serve and count the overage).
+spend), or allow (serve and count the overage). A request that needs more of a
+rejecting level than its whole limit could not be admitted even in an empty
+period: `NeverFits` (a 400 naming the level), not a 429 whose Retry-After would
+only send the client back to be refused again.
 """
 
 from __future__ import annotations
@@ -68,6 +71,25 @@ class NoDowngradeBackends(Exception):
     def __init__(self, exhausted: Exhausted) -> None:
         self.exhausted = exhausted
         super().__init__(f"{exhausted}; its onExhausted is downgrade but the route has no downgrade backends")
+
+
+class NeverFits(Exception):
+    """A hold larger than its meter's whole limit, on a level whose onExhausted is reject."""
+
+    def __init__(self, hold: Hold) -> None:
+        self.meter = m = hold.meter
+        self.needed = hold.amount
+        if m.unit == "usd":
+            need = f"an estimated ${hold.amount:.6g} (its prompt and output reservation at the dearest backend)"
+            allows = f"${m.limit:.6g}"
+        else:
+            what = "its prompt plus max_tokens" if m.unit == "tokens" else m.unit
+            need = f"{hold.amount:g} {m.unit} ({what})"
+            allows = f"{m.limit:g} {m.unit}"
+        super().__init__(
+            f"this request needs {need} of budget level `{m.label}`, which allows {allows} in all: "
+            "it could not be admitted even with nothing spent. Lower max_tokens (or shorten the prompt)."
+        )
 
 
 class BudgetMeters:
@@ -196,9 +218,14 @@ def _reason(m: Meter) -> str:
 async def reserve_with_policy(store: BudgetStore, holds: Sequence[Hold], now: float, can_downgrade: bool) -> Admitted:
     """Reserve all holds; an exhausted level applies its onExhausted and we try again.
 
+    Raises NeverFits first when a rejecting level could never hold its share (see the module doc).
+
     At most one retry per hold: each pass turns one more hold into an unenforced one.
     """
     holds = list(holds)
+    for h in holds:
+        if h.enforce and h.amount > h.meter.limit and h.meter.on_exhausted is OnExhausted.reject:
+            raise NeverFits(h)
     downgrade = False
     overage: list[str] = []
     for _ in range(len(holds) + 1):

@@ -15,7 +15,8 @@ SYNC, in one atomic step, for one sidecar:
    `frac * unleased / holders` (more when a waiting request `need`s it and it is
    there), never below `floor` (what the sidecar has already promised to
    requests in flight), nothing above `floor` when the budget is suspended;
-5. the batch's spend records appended to the ledger stream (MINID trimming by age).
+5. the batch's spend records appended to the ledger stream, and its quarantined
+   records (ones the codec had to alter) to the quarantine stream (MINID trimming by age).
 
 The payload is JSON (ARGV[1]); keys are passed in KEYS and referred to by index.
 Integers up to 2^53 survive cjson and Lua numbers exactly; every integer written
@@ -171,6 +172,13 @@ if p.lk > 0 and not dup then
   local minid = int(now - p.keep_ms) .. '-0'
   for _, r in ipairs(p.recs) do
     redis.call('XADD', lk, 'MINID', '~', minid, '*', unpack(r))
+  end
+end
+if p.qk > 0 and not dup then
+  local qk = KEYS[p.qk]
+  local minid = int(now - p.keep_ms) .. '-0'
+  for _, r in ipairs(p.qrecs) do
+    redis.call('XADD', qk, 'MINID', '~', minid, '*', unpack(r))
   end
 end
 

@@ -62,7 +62,7 @@ from kubetoll_core.redis_keys import (
     window_expire_at,
 )
 from kubetoll_core.router_config import BudgetStoreSettings
-from kubetoll_core.spend_record import SpendRecord, encode_record
+from kubetoll_core.spend_record import SpendRecord, encode_record, encode_record_checked
 
 from .leases import Lease
 from .redis_sync import MAX_METERS_PER_CALL, Batch, SpendBuffer, SyncCall, SyncScript
@@ -85,6 +85,7 @@ class StoreCounters:
     syncs: int = 0
     buffered_records_peak: int = 0
     dropped_records: int = 0
+    quarantined_records: int = 0  # records the codec had to alter: sent to the quarantine stream, not the ledger
     dropped_spend_batches: int = 0
     history_lost_total: int = 0
     duplicate_batches_total: int = 0  # flushes Redis had already applied (a retry after a lost reply)
@@ -172,6 +173,7 @@ class RedisBudgetStore:
         self._ids = itertools.count(1)
         self._seq = itertools.count(1)
         self._recent: deque[SpendRecord] = deque(maxlen=10_000)
+        self._last_quarantine_log = -_INF
         self._epochs: dict[str, str] = {}
 
         self._healthy = True
@@ -425,13 +427,47 @@ class RedisBudgetStore:
     # ------------------------------------------------------------------ the ledger rides along
 
     def add_record(self, record: SpendRecord) -> None:
-        """Queue a ledger record; it is written with the next flush (RedisLedger.append lands here)."""
+        """Queue a ledger record; it is written with the next flush (RedisLedger.append lands here).
+
+        A record the codec had to alter (docs/redis-layout.md, "The codec, and quarantine") is
+        quarantined: written with the same flush to the quarantine stream, with a
+        `defects` field, and counted. Its spend still counts in the meters.
+        """
+        fields, defects = encode_record_checked(record, self.sidecar_id)
+        if defects:
+            self._quarantine(fields, defects)
+            return
         self._recent.append(record)
-        if self._closed or not self._buffer.add_record(encode_record(record, self.sidecar_id), self._mono()):
+        if self._closed or not self._buffer.add_record(fields, self._mono()):
             self.counters.dropped_records += 1
             return
         if self._buffer.open_full and self._wake is not None:
             self._wake.set()
+
+    def add_refusal(self, record: SpendRecord) -> None:
+        """Queue a refusal record (RedisLedger.append_refusal): not among the recent spend records.
+
+        Only while the buffer is less than half full: spend records share it, and a
+        refusal lost costs nothing the next one (a second later) does not say again.
+        """
+        if self._closed or self._buffer.buffered_records * 2 >= self._buffer.max_buffered_records:
+            return
+        self._buffer.add_record(encode_record(record, self.sidecar_id), self._mono())
+
+    def _quarantine(self, fields: list[str], defects: tuple[str, ...]) -> None:
+        self.counters.quarantined_records += 1
+        mono = self._mono()
+        if mono - self._last_quarantine_log >= 60.0:  # a bug upstream could make every record odd
+            self._last_quarantine_log = mono
+            log.warning(
+                "a spend record with fields the ledger cannot hold as given (%s) goes to the quarantine stream "
+                "%s (%d so far)",
+                ", ".join(defects),
+                self.keys.ledger_quarantine(),
+                self.counters.quarantined_records,
+            )
+        if self._closed or not self._buffer.add_record([*fields, "defects", ",".join(defects)], mono, quarantine=True):
+            self.counters.dropped_records += 1
 
     def recent_records(self, since: float = 0.0, until: float | None = None) -> list[SpendRecord]:
         return [r for r in list(self._recent) if r.time >= since and (until is None or r.time < until)]
@@ -741,8 +777,9 @@ class RedisBudgetStore:
         if frozen is not None:
             for home in frozen.homes:
                 call_for(home)
-            if frozen.records and self._home(None) in frozen.homes:
-                call_for(self._home(None)).records = frozen.records
+            if (frozen.records or frozen.quarantined) and self._home(None) in frozen.homes:
+                ns_call = call_for(self._home(None))
+                ns_call.records, ns_call.quarantined = frozen.records, frozen.quarantined
         suspended = self._suspensions.suspended
         for st in chosen:
             m = st.meter
@@ -815,11 +852,16 @@ class RedisBudgetStore:
             "grace": BUCKET_IDLE_GRACE_MS,
             "lk": 0,
             "recs": [],
+            "qk": 0,
+            "qrecs": [],
             "keep_ms": self._ledger_retention_ms,
         }
         if c.records and c.batch:
             payload["lk"] = c.key(self.keys.ledger())
             payload["recs"] = c.records
+        if c.quarantined and c.batch:
+            payload["qk"] = c.key(self.keys.ledger_quarantine())
+            payload["qrecs"] = c.quarantined
         if c.home == self.keys.ns_tag:
             payload["bi"] = c.key(self.keys.budgets_index())
             payload["new_budgets"] = c.new_budgets

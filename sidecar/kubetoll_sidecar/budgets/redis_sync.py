@@ -32,6 +32,7 @@ class Batch:
     deltas: dict[str, int]
     records: list[list[str]]
     homes: set[str]  # home tags whose part is not confirmed yet
+    quarantined: list[list[str]] = field(default_factory=list)  # for the quarantine stream, not the ledger
 
 
 @dataclass(slots=True)
@@ -45,6 +46,7 @@ class SyncCall:
     budget_entries: list[list[Any]] = field(default_factory=list)
     batch: int = 0
     records: list[list[str]] = field(default_factory=list)
+    quarantined: list[list[str]] = field(default_factory=list)
     new_budgets: list[str] = field(default_factory=list)
 
     def key(self, k: str) -> int:
@@ -64,6 +66,9 @@ class SpendBuffer:
         self.max_buffered_records = max_buffered_records
         self.open_deltas: dict[str, int] = {}
         self.open_records: deque[list[str]] = deque()
+        # Records the codec had to alter: written with the same batch, to the quarantine
+        # stream instead of the ledger, so one odd record never stops a flush.
+        self.open_quarantined: deque[list[str]] = deque()
         self.open_since: float | None = None  # monotonic: when the open batch got its first entry
         self.frozen: Batch | None = None
         self.batch_no = 0
@@ -76,10 +81,15 @@ class SpendBuffer:
         if self.open_since is None:
             self.open_since = mono
 
-    def add_record(self, fields: list[str], mono: float) -> bool:
+    def add_record(self, fields: list[str], mono: float, quarantine: bool = False) -> bool:
         """Queue one encoded ledger record. False when the buffer is full (the record is dropped)."""
         if self.buffered_records >= self.max_buffered_records:
             return False
+        if quarantine:
+            self.open_quarantined.append(fields)
+            if self.open_since is None:
+                self.open_since = mono
+            return True
         self.open_records.append(fields)
         if self.open_since is None:
             self.open_since = mono
@@ -92,7 +102,9 @@ class SpendBuffer:
 
     @property
     def buffered_records(self) -> int:
-        return len(self.open_records) + (len(self.frozen.records) if self.frozen else 0)
+        frozen = self.frozen
+        open_ = len(self.open_records) + len(self.open_quarantined)
+        return open_ + (len(frozen.records) + len(frozen.quarantined) if frozen else 0)
 
     @property
     def buffered_meters(self) -> int:
@@ -103,11 +115,11 @@ class SpendBuffer:
         return len(self.open_records) >= self.batch_records
 
     def has_open(self) -> bool:
-        return bool(self.open_deltas or self.open_records)
+        return bool(self.open_deltas or self.open_records or self.open_quarantined)
 
     def pending(self) -> bool:
         """Anything not confirmed written: open or in flight."""
-        return bool(self.frozen or self.open_deltas or self.open_records)
+        return bool(self.frozen or self.has_open())
 
     # ------------------------------------------------------------------ a sync
 
@@ -117,15 +129,16 @@ class SpendBuffer:
             return self.frozen
         self.batch_no += 1
         recs = [self.open_records.popleft() for _ in range(min(self.batch_records, len(self.open_records)))]
+        quar = [self.open_quarantined.popleft() for _ in range(min(self.batch_records, len(self.open_quarantined)))]
         deltas = self.open_deltas
         self.open_deltas = {}
         if len(deltas) > MAX_METERS_PER_CALL:
             keep = list(deltas)[MAX_METERS_PER_CALL:]
             self.open_deltas = {k: deltas.pop(k) for k in keep}
         homes = {home_of(k.split(":", 1)[0]) for k in deltas}  # a meter key starts with its budget
-        if recs:
+        if recs or quar:
             homes.add(home_of(None))
-        self.frozen = Batch(self.batch_no, deltas, recs, homes)
+        self.frozen = Batch(self.batch_no, deltas, recs, homes, quar)
         self.open_since = mono if self.has_open() else None
         return self.frozen
 

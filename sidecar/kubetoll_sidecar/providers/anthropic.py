@@ -4,7 +4,8 @@
 request and Anthropic's responses, SSE streams and errors back into OpenAI's
 shapes. It does no I/O. Only chat completions are served: legacy completions
 and embeddings raise `UnsupportedRequest`, as does `n > 1` (Anthropic returns
-one candidate).
+one candidate). `capabilities` declares as much, so a route of Anthropic
+backends only answers such a request with a 400 before trying any of them.
 
 Request mapping
     * system and developer messages, wherever they sit in the conversation,
@@ -59,13 +60,10 @@ Errors
 
 from __future__ import annotations
 
-import math
 import re
 import time
 import uuid
 from collections.abc import Mapping
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import orjson
@@ -73,7 +71,8 @@ import orjson
 from kubetoll_core.enums import FailureClass
 from kubetoll_core.router_config import Backend
 
-from .base import Endpoint, UnsupportedRequest, UpstreamError, UpstreamRequest, Usage
+from ..retry_after import retry_after_from_headers
+from .base import Capability, Endpoint, UnsupportedRequest, UpstreamError, UpstreamRequest, Usage
 
 __all__ = [
     "ANTHROPIC_VERSION",
@@ -155,7 +154,9 @@ _OPENAI_ERROR_TYPE = {
 _CONTEXT_TOO_LONG = re.compile(
     r"prompt is too long|exceeds? (?:the )?context (?:limit|window)|context length", re.IGNORECASE
 )
-_OUT_OF_CREDIT = re.compile(r"credit balance is too low", re.IGNORECASE)
+# Matched at the start of the message only: an error that quotes the caller's input must not be
+# able to pass for the account being out of credit (which counts against the backend's circuit).
+_OUT_OF_CREDIT = re.compile(r"(?:your )?credit balance is too low", re.IGNORECASE)
 _DATA_URL = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*),(.*)$", re.DOTALL)
 _BODY_SNIPPET = 200
 _MESSAGE_MAX = 2000
@@ -168,6 +169,8 @@ class AnthropicTranslator:
     """One request's translator. Cheap to create; keeps only the JSON-mode tool name."""
 
     __slots__ = ("_json_tool",)
+
+    capabilities = frozenset({Capability.chat})
 
     def __init__(self) -> None:
         self._json_tool: str | None = None
@@ -328,7 +331,7 @@ class AnthropicTranslator:
     # ------------------------------------------------------------------ errors
 
     def classify_error(self, status: int, headers: Mapping[str, str] | None, body: bytes) -> UpstreamError:
-        retry_after = _retry_after(headers)
+        retry_after = retry_after_from_headers(headers)
         etype: str | None = None
         message: str | None = None
         try:
@@ -908,7 +911,7 @@ def _classify(status: int, etype: str | None, message: str, retry_after: float |
     if status == 429 or etype == "rate_limit_error":
         failure: FailureClass | None = FailureClass.rate_limited
         openai_type = "rate_limit_error"
-    elif status == 402 or etype == "billing_error" or _OUT_OF_CREDIT.search(message):
+    elif status == 402 or etype == "billing_error" or _OUT_OF_CREDIT.match(message):
         failure = FailureClass.budget_exhausted
         openai_type = "insufficient_quota"
     elif status >= 500 or etype in ("api_error", "overloaded_error", "timeout_error"):
@@ -951,37 +954,3 @@ def _snippet(body: bytes | None) -> str:
         return ""
     text = body[: _BODY_SNIPPET * 4].decode("utf-8", "replace")
     return " ".join(text.split())[:_BODY_SNIPPET]
-
-
-def _header(headers: Mapping[str, str] | None, name: str) -> str | None:
-    """Header `name` (lower case): a case-insensitive mapping finds it at once, a plain dict by a scan."""
-    if headers is None:
-        return None
-    value = headers.get(name)
-    if value is not None:
-        return str(value)
-    for key, value in headers.items():
-        if isinstance(key, str) and key.lower() == name:
-            return str(value)
-    return None
-
-
-def _retry_after(headers: Mapping[str, str] | None) -> float | None:
-    raw = _header(headers, "retry-after")
-    if raw is None:
-        return None
-    raw = raw.strip()
-    try:
-        seconds = float(raw)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(raw)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - datetime.now(UTC)).total_seconds()
-        return max(seconds, 0.0)
-    if not math.isfinite(seconds) or seconds < 0:
-        return None
-    return seconds

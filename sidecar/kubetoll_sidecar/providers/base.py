@@ -20,6 +20,8 @@ from kubetoll_core.router_config import Backend
 from kubetoll_core.usage import Usage
 
 __all__ = [
+    "ALL_CAPABILITIES",
+    "Capability",
     "Endpoint",
     "StreamTranslator",
     "Translator",
@@ -36,6 +38,22 @@ class Endpoint(StrEnum):
     chat = "chat"
     completions = "completions"
     embeddings = "embeddings"
+
+
+class Capability(StrEnum):
+    """Something a request may need of a backend. Each translator declares the ones it serves
+    (`Translator.capabilities`), so a request no backend of its route can serve is refused with
+    a 400 before anything is reserved or sent, instead of failing on every backend in turn."""
+
+    chat = "chat"  # POST /v1/chat/completions
+    completions = "completions"  # POST /v1/completions (legacy)
+    embeddings = "embeddings"  # POST /v1/embeddings
+    multiple_choices = "multiple_choices"  # n > 1
+    legacy_functions = "legacy_functions"  # `functions`, `function_call`, messages with the `function` role
+    audio_output = "audio_output"  # `audio`, `modalities: ["audio"]`
+
+
+ALL_CAPABILITIES = frozenset(Capability)
 
 
 @dataclass(slots=True)
@@ -92,6 +110,10 @@ class StreamTranslator(Protocol):
 
 
 class Translator(Protocol):
+    # What this provider can serve. `build_request` still raises UnsupportedRequest for what
+    # no capability names (an input part or tool kind the provider lacks).
+    capabilities: frozenset[Capability]
+
     def build_request(
         self, backend: Backend, endpoint: str, body: dict[str, Any], api_key: str | None, stream: bool
     ) -> UpstreamRequest:

@@ -17,7 +17,8 @@ import orjson
 from kubetoll_core.enums import FailureClass
 from kubetoll_core.router_config import Backend
 
-from .base import Endpoint, UpstreamError, UpstreamRequest, Usage
+from ..retry_after import retry_after_from_headers
+from .base import ALL_CAPABILITIES, Endpoint, UpstreamError, UpstreamRequest, Usage
 
 # Keyed by str (an Endpoint is one): the translators take the endpoint as the client called it.
 _PATHS: dict[str, str] = {
@@ -37,25 +38,6 @@ def parse_usage(u: Any) -> Usage | None:
         completion_tokens=int(u.get("completion_tokens") or 0),
         cached_tokens=int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0,
     )
-
-
-def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
-    """Retry-After in seconds (or OpenAI's retry-after-ms); HTTP-date forms are ignored."""
-    if headers is None:
-        return None
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return float(ms) / 1000.0
-        except ValueError:
-            pass
-    ra = headers.get("retry-after")
-    if ra:
-        try:
-            return max(float(ra), 0.0)
-        except ValueError:
-            return None
-    return None
 
 
 def openai_error_object(body: bytes, status: int) -> dict[str, Any]:
@@ -101,7 +83,41 @@ def classify_openai_error(status: int, headers: Mapping[str, str] | None, body: 
         failure = FailureClass.server_error
     elif status in (400, 413, 422) and (code == "context_length_exceeded" or _CONTEXT_RE.search(msg)):
         failure = FailureClass.context_length_exceeded
-    return UpstreamError(status, failure, msg, retry_after_seconds(headers), obj)
+    return UpstreamError(status, failure, msg, retry_after_from_headers(headers), obj)
+
+
+# An error sent inside a stream carries no HTTP status of its own: its type and code say
+# whose fault it is. A client error must not be taken for a server one (it would count
+# toward opening the backend's circuit for every caller, and be fallen back from).
+_STREAM_CLIENT_STATUS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+}
+_STREAM_CLIENT_CODES = {"invalid_api_key": 401, "model_not_found": 404}
+
+
+def classify_stream_error(err: dict[str, Any]) -> UpstreamError:
+    """An in-stream `{"error": ...}` object, classified as its HTTP twin would be."""
+    msg = str(err.get("message") or "upstream stream error")
+    obj = {
+        "message": msg,
+        "type": err.get("type") or "server_error",
+        "param": err.get("param"),
+        "code": err.get("code"),
+    }
+    code, typ = str(obj["code"] or ""), str(obj["type"])
+    if code == "insufficient_quota" or typ == "insufficient_quota":
+        return UpstreamError(429, FailureClass.budget_exhausted, msg, None, obj)
+    if code == "rate_limit_exceeded" or typ in ("rate_limit_error", "requests", "tokens"):
+        return UpstreamError(429, FailureClass.rate_limited, msg, None, obj)
+    if code == "context_length_exceeded" or (typ == "invalid_request_error" and _CONTEXT_RE.search(msg)):
+        return UpstreamError(400, FailureClass.context_length_exceeded, msg, None, obj)
+    status = _STREAM_CLIENT_CODES.get(code) or _STREAM_CLIENT_STATUS.get(typ)
+    if status is not None:
+        return UpstreamError(status, None, msg, None, obj)
+    return UpstreamError(502, FailureClass.server_error, msg, None, obj)
 
 
 class OpenAIStream:
@@ -130,9 +146,7 @@ class OpenAIStream:
             return []
         if "error" in chunk and "choices" not in chunk:
             err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
-            self._error = UpstreamError(
-                502, FailureClass.server_error, str(err.get("message") or "upstream stream error"), None, err
-            )
+            self._error = classify_stream_error(err)
             return []
         choices = chunk.get("choices") or ()
         for c in choices:
@@ -164,6 +178,9 @@ class OpenAIStream:
 
 class OpenAITranslator:
     """OpenAI itself and OpenAI-compatible servers at a plain URL."""
+
+    # The request passes through: whatever the server cannot do, it says so itself.
+    capabilities = ALL_CAPABILITIES
 
     def url(self, backend: Backend, endpoint: str) -> str:
         return backend.endpoint + _PATHS[endpoint]
