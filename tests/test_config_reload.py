@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
@@ -33,17 +32,15 @@ async def readyz(sc):
             return r.status, await r.json()
 
 
-async def test_changed_file_applies_within_a_second(sim, start_sidecar):
+async def test_changed_file_is_applied_without_a_restart(sim, start_sidecar):
     cfg = base_config(sim.url)
     sc = await start_sidecar(cfg)
     assert await models(sc) == ["chat"]
     cfg["routes"].append({"name": "chat-2", "rules": [{"backends": ["primary"]}]})
-    t0 = time.monotonic()
     sc.write_config(cfg)
-    while await models(sc) != ["chat", "chat-2"]:
-        assert time.monotonic() - t0 < 1.0, "reload took more than 1 s"
-        await asyncio.sleep(0.02)
-    assert sc.sidecar.metrics.config_reloads.labels("applied")._value.get() == 1
+    applied = sc.sidecar.metrics.config_reloads.labels("applied")
+    await wait_until(lambda: applied._value.get() == 1, timeout=30)  # a hang bound, not a speed claim
+    assert await models(sc) == ["chat", "chat-2"]
 
 
 async def test_kubelet_style_symlink_swap(sim, start_sidecar, tmp_path):

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import aiohttp
 import openai
 import pytest
 
+from kubetoll_core.periods import FakeClock
 from kubetoll_tools.simulator import Fault
 from support.harness import base_config
+from support.ports import refusing_port
 
 
 def two_backend_config(sim, sim2, **route):
@@ -69,14 +69,15 @@ async def test_falls_back_on_each_listed_failure_class(sim, sim2, start_sidecar,
 
 
 async def test_connection_error_falls_back(sim2, start_sidecar):
-    from support.harness import free_port
+    with refusing_port() as port:  # held for the whole test: nothing can start listening there
 
-    class Dead:
-        url = f"http://127.0.0.1:{free_port()}"
+        class Dead:
+            url = f"http://127.0.0.1:{port}"
 
-    sc = await start_sidecar(two_backend_config(Dead, sim2))
-    raw = await chat(sc)
+        sc = await start_sidecar(two_backend_config(Dead, sim2))
+        raw = await chat(sc)
     assert raw.headers["x-kubetoll-backend"] == "secondary"
+    assert sc.sidecar.metrics.fallbacks.labels("chat", "primary", "connectionError")._value.get() == 1
 
 
 async def test_failure_class_not_listed_does_not_fall_back(sim, sim2, start_sidecar):
@@ -125,7 +126,8 @@ async def test_all_timeouts_give_504(sim, sim2, start_sidecar):
 async def test_circuit_opens_after_threshold_and_a_probe_closes_it(sim, sim2, start_sidecar):
     cfg = two_backend_config(sim, sim2)
     cfg["backends"][0]["circuitBreaker"] = {"failureThreshold": 2, "cooldownSeconds": 0.5}
-    sc = await start_sidecar(cfg)
+    mono = FakeClock(1000.0)  # the breakers' clock: the cool-down passes when the test says so
+    sc = await start_sidecar(cfg, monotonic=mono.time)
     for _ in range(2):
         sim.enqueue_fault(Fault(status=500))
         assert (await chat(sc)).headers["x-kubetoll-backend"] == "secondary"
@@ -134,14 +136,19 @@ async def test_circuit_opens_after_threshold_and_a_probe_closes_it(sim, sim2, st
     raw = await chat(sc)
     assert raw.headers["x-kubetoll-backend"] == "secondary" and len(sim.requests) == calls
     assert sc.sidecar.breakers.items()[0][1].state == "open"
+    # Still open just before the cool-down ends.
+    mono.advance(0.49)
+    assert (await chat(sc)).headers["x-kubetoll-backend"] == "secondary" and len(sim.requests) == calls
     # After the cool-down a probe goes through, succeeds, and closes the circuit.
-    await asyncio.sleep(0.6)  # the cool-down (0.5 s) runs on the real monotonic clock here
+    mono.advance(0.02)
+    assert sc.sidecar.breakers.items()[0][1].state == "half_open"
     assert (await chat(sc)).headers["x-kubetoll-backend"] == "primary"
     assert sc.sidecar.breakers.items()[0][1].state == "closed"
 
 
 async def test_retry_after_opens_the_circuit_for_that_long(sim, sim2, start_sidecar):
-    sc = await start_sidecar(two_backend_config(sim, sim2))
+    mono = FakeClock(1000.0)
+    sc = await start_sidecar(two_backend_config(sim, sim2), monotonic=mono.time)
     sim.enqueue_fault(Fault(status=429, retry_after=30))
     await chat(sc)
     calls = len(sim.requests)
@@ -149,7 +156,11 @@ async def test_retry_after_opens_the_circuit_for_that_long(sim, sim2, start_side
         assert (await chat(sc)).headers["x-kubetoll-backend"] == "secondary"
     assert len(sim.requests) == calls
     breaker = dict(sc.sidecar.breakers.items())["primary"]
-    assert 25 < breaker.retry_in() <= 30
+    assert breaker.retry_in() == 30
+    mono.advance(29.9)
+    assert (await chat(sc)).headers["x-kubetoll-backend"] == "secondary" and len(sim.requests) == calls
+    mono.advance(0.2)  # Retry-After has passed: primary is asked again
+    assert (await chat(sc)).headers["x-kubetoll-backend"] == "primary" and len(sim.requests) == calls + 1
 
 
 async def test_stream_falls_back_before_the_first_byte(sim, sim2, start_sidecar):
@@ -237,10 +248,10 @@ async def test_anthropic_backend_through_the_openai_sdk(sim, start_sidecar):
         model="chat", messages=[{"role": "user", "content": "weather?"}], tools=tools, tool_choice="required"
     )
     assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
-    # Anthropic has no embeddings: the backend is skipped with a reason, not called.
-    with pytest.raises(openai.APIStatusError) as exc:
+    # Anthropic has no embeddings: a 400 before any call (tests/test_upstream_errors.py has the rest).
+    with pytest.raises(openai.BadRequestError) as exc:
         await client.embeddings.create(model="chat", input="x")
-    assert "chat completions only" in exc.value.message
+    assert "embeddings" in exc.value.message
 
 
 async def test_azure_backend(sim, start_sidecar):
@@ -271,9 +282,7 @@ async def test_missing_credential_is_skipped_with_a_reason_that_names_no_value(s
     raw = await chat(sc)
     assert raw.headers["x-kubetoll-backend"] == "secondary"
     cfg["backends"][1]["credentials"] = {"env": "KT_TEST_UNSET_KEY"}
-    from support.harness import free_port
-
-    sc2 = await start_sidecar(cfg | {"server": {**cfg["server"], "port": free_port(), "metricsPort": free_port()}})
+    sc2 = await start_sidecar(cfg)  # a second sidecar, on ports of its own (it binds port 0)
     with pytest.raises(openai.APIStatusError) as exc:
         await chat(sc2)
     assert "KT_TEST_UNSET_KEY is not set" in exc.value.message

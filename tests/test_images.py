@@ -15,10 +15,8 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 import zipfile
 from collections.abc import Iterator
@@ -26,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from support.ports import PortTaken, candidate_port, is_address_in_use, start_on_free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ENCODINGS = {
@@ -383,16 +383,14 @@ def test_cli_wheel_runs_offline(wheel: Path, tmp_path_factory: pytest.TempPathFa
         assert command in out.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+SERVING = "kubetoll sidecar serving the OpenAI API"
 
 
-@pytest.fixture
-def sidecar_process(image_venv: tuple[str, Path], tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    _, venv = image_venv
-    port, metrics_port = _free_port(), _free_port()
+def _start_sidecar(venv: Path, tmp_path: Path, port: int, metrics_port: int) -> subprocess.Popen[str]:
+    """The installed `kubetoll-sidecar` on the given ports, returned once its log says it serves.
+
+    `PortTaken` when it could not listen because a port was taken (then it is started on others).
+    """
     env = offline_env() | {"SIM_OPENAI_KEY": "sk-test", "SIM_ANTHROPIC_KEY": "sk-test"}
     proc = subprocess.Popen(
         [
@@ -410,8 +408,31 @@ def sidecar_process(image_venv: tuple[str, Path], tmp_path: Path) -> Iterator[tu
         stderr=subprocess.STDOUT,
         text=True,
     )
+    assert proc.stdout is not None
+    seen: list[str] = []
+    for line in proc.stdout:  # the log line is written once both ports listen
+        seen.append(line)
+        if SERVING in line:
+            return proc
+    proc.wait(10)
+    output = "".join(seen)
+    if is_address_in_use(output):
+        raise PortTaken(output)
+    raise AssertionError(f"kubetoll-sidecar exited with {proc.returncode} before serving:\n{output}")
+
+
+@pytest.fixture
+def sidecar_process(image_venv: tuple[str, Path], tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    _, venv = image_venv
+    ports: list[int] = []
+
+    def start(port: int) -> subprocess.Popen[str]:
+        ports[:] = [port, candidate_port()]
+        return _start_sidecar(venv, tmp_path, *ports)
+
+    proc = start_on_free_port(start)
     try:
-        yield proc, metrics_port
+        yield proc, ports[1]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -420,19 +441,11 @@ def sidecar_process(image_venv: tuple[str, Path], tmp_path: Path) -> Iterator[tu
 
 @pytest.mark.parametrize("image_venv", ["sidecar"], indirect=True)
 def test_installed_sidecar_starts_and_stops(sidecar_process: tuple[subprocess.Popen[str], int]) -> None:
-    """The image's command, from the installed wheel: ready on the probe port, exit 0 on SIGTERM."""
+    """The image's command, from the installed wheel: serving, ready on the probe port, exit 0 on SIGTERM."""
     proc, metrics_port = sidecar_process
-    deadline = time.monotonic() + 30
-    ready: dict[str, Any] | None = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-            with opener.open(f"http://127.0.0.1:{metrics_port}/readyz", timeout=1) as resp:
-                ready = json.loads(resp.read())
-                break
-        except OSError:
-            time.sleep(0.2)
-    assert ready is not None, proc.stdout.read() if proc.poll() is not None and proc.stdout else "not ready in 30 s"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{metrics_port}/readyz", timeout=10) as resp:
+        ready: dict[str, Any] = json.loads(resp.read())
     assert ready["ready"] is True and ready["routes"]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0

@@ -7,7 +7,6 @@ import json
 import logging
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import pytest
 from kubetoll_core.router_config import RouterConfig
 from kubetoll_tools.cli import main
 from kubetoll_tools.operator_commands import LocalRunner
+from support.log_events import log_events
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = [str(p) for p in sorted((ROOT / "examples").glob("*.yaml"))]
@@ -73,36 +73,35 @@ def test_local_runner_recompiles_on_change_and_keeps_the_last_good_config(
     assert os.environ["KUBETOLL_SECRET_OPENAI_CREDENTIALS_API_KEY"] == "sk-REPLACE-ME"  # from the Secret manifest
     assert os.environ["KUBETOLL_SECRET_ANTHROPIC_CREDENTIALS_API_KEY"] == "from-env"  # the environment wins
 
-    stop = threading.Event()
-    watcher = threading.Thread(target=runner.watch, args=(stop,), daemon=True)
-    watcher.start()
-    try:
-        route = src / "20-route.yaml"
-        route.write_text(route.read_text().replace("modelName: chat ", "modelName: chat-v2 "))
-
-        def wait_for(predicate, timeout: float = 10.0) -> None:
-            deadline = time.monotonic() + timeout
-            while not predicate():
-                assert time.monotonic() < deadline, "timed out: " + caplog.text[-3000:]
-                time.sleep(0.05)
-
-        wait_for(lambda: json.loads((tmp_path / "router.json").read_text())["routes"][0]["name"] == "chat-v2")
-        good = (tmp_path / "router.json").read_text()
-        # A regex typo in the route: the route keeps its last good version, so the file is unchanged.
-        route.write_text(route.read_text().replace('regex: "^(platform|data)$"', 'regex: "^(platform|data$"'))
-        wait_for(lambda: "what did not compile keeps its last good version" in caplog.text)
-        assert "spec.rules[2].match.header.regex" in caplog.text
-        assert (tmp_path / "router.json").read_text() == good
-        # Losing every backend of one rule skips that rule only.
-        route.write_text(
-            route.read_text()
-            .replace('regex: "^(platform|data$"', 'regex: "^(platform|data)$"')
-            .replace("backends: [llama-vllm, gpt-4o-mini]\n  fallbackOn", "backends: [nope]\n  fallbackOn")
-        )
-        wait_for(lambda: "RuleSkipped" in caplog.text)
-        wait_for(lambda: (tmp_path / "router.json").read_text() != good)
-        chat = json.loads((tmp_path / "router.json").read_text())["routes"][0]
-        assert [r["name"] for r in chat["rules"]] == ["long-context", "premium", "internal"]
-    finally:
-        stop.set()
-        watcher.join(5)
+    router = tmp_path / "router.json"
+    with log_events("kubetoll.run") as events:
+        stop = threading.Event()
+        watcher = threading.Thread(target=runner.watch, args=(stop,), daemon=True)
+        watcher.start()
+        try:
+            route = src / "20-route.yaml"
+            route.write_text(route.read_text().replace("modelName: chat ", "modelName: chat-v2 "))
+            # Every recompile ends with one "manifests changed: ..." line; wait for it, then look.
+            events.wait_for("manifests changed: config")
+            assert json.loads(router.read_text())["routes"][0]["name"] == "chat-v2"
+            good = router.read_text()
+            # A regex typo in the route: the route keeps its last good version, so the file is unchanged.
+            route.write_text(route.read_text().replace('regex: "^(platform|data)$"', 'regex: "^(platform|data$"'))
+            events.wait_for("what did not compile keeps its last good version")
+            assert events.wait_for("manifests changed: config").startswith("manifests changed: config unchanged")
+            assert "spec.rules[2].match.header.regex" in caplog.text
+            assert router.read_text() == good
+            # Losing every backend of one rule skips that rule only.
+            route.write_text(
+                route.read_text()
+                .replace('regex: "^(platform|data$"', 'regex: "^(platform|data)$"')
+                .replace("backends: [llama-vllm, gpt-4o-mini]\n  fallbackOn", "backends: [nope]\n  fallbackOn")
+            )
+            events.wait_for("RuleSkipped")
+            assert " written to " in events.wait_for("manifests changed: config")
+            assert router.read_text() != good
+            chat = json.loads(router.read_text())["routes"][0]
+            assert [r["name"] for r in chat["rules"]] == ["long-context", "premium", "internal"]
+        finally:
+            stop.set()
+            watcher.join(5)

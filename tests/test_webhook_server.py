@@ -13,9 +13,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +22,25 @@ import aiohttp
 import jsonpatch
 import pytest
 import trustme
+import yaml
 from kmock._internal.references import ResourceInfo, resource
 
 from kubetoll_operator.injection import InjectionOptions, mutate_pod
 from kubetoll_operator.webhook import WebhookOptions
 from support.admission import admission_review
-from support.kopf_env import OperatorThreads, use_kmock_kubeconfig
+from support.kopf_env import Kubectl, OperatorThreads, eventually, use_kmock_kubeconfig
+from support.ports import reserved_port
 
+ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "registry.example/kubetoll-sidecar:1.2.3"
 VERBS = ["get", "list", "watch", "create", "update", "patch", "delete"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@pytest.fixture
+def port() -> Iterator[int]:
+    """The webhook's port, held for kopf's server until the test ends (support/ports.py, `reserved_port`)."""
+    with reserved_port() as held:
+        yield held
 
 
 @pytest.fixture
@@ -174,9 +177,8 @@ def patched(original: dict[str, Any], response: dict[str, Any]) -> dict[str, Any
 
 
 async def test_kopf_serves_the_injection_webhook_over_https(
-    kmock: Any, cluster: Any, start_operator: Any, cert_dir: Path, ca: trustme.CA
+    kmock: Any, cluster: Any, start_operator: Any, cert_dir: Path, ca: trustme.CA, port: int
 ) -> None:
-    port = free_port()
     options = WebhookOptions(
         enabled=True,
         addr="127.0.0.1",
@@ -240,9 +242,8 @@ async def test_kopf_serves_the_injection_webhook_over_https(
 
 
 async def test_webhook_errors_deny_when_asked(
-    cluster: Any, start_operator: Any, cert_dir: Path, ca: trustme.CA
+    cluster: Any, start_operator: Any, cert_dir: Path, ca: trustme.CA, port: int
 ) -> None:
-    port = free_port()
     await start_operator(
         WebhookOptions(
             enabled=True,
@@ -264,10 +265,9 @@ async def test_webhook_errors_deny_when_asked(
 
 
 async def test_auto_native_sidecars_follow_the_server_version(
-    kmock: Any, cluster: Any, start_operator: Any, cert_dir: Path, ca: trustme.CA
+    kmock: Any, cluster: Any, start_operator: Any, cert_dir: Path, ca: trustme.CA, port: int
 ) -> None:
     kmock["get /version"] << {"major": "1", "minor": "31", "gitVersion": "v1.31.4", "platform": "linux/amd64"}
-    port = free_port()
     await start_operator(
         WebhookOptions(
             enabled=True, addr="127.0.0.1", port=port, cert_dir=str(cert_dir), injection=InjectionOptions(image=IMAGE)
@@ -283,5 +283,19 @@ async def test_auto_native_sidecars_follow_the_server_version(
 
 
 async def test_the_operator_runs_without_the_webhook(cluster: Any, start_operator: Any) -> None:
-    """With the webhook off (no --webhook) the admission handlers idle and the operator starts as before."""
-    await start_operator(None)  # type: ignore[arg-type]
+    """With the webhook off (no --webhook) the admission handlers idle and the operator works as before."""
+    memo = await start_operator(None)  # type: ignore[arg-type]
+    assert "injector" not in memo  # no webhook state: nothing was set up to serve admission reviews
+    # ... and it still does its job: the examples compile into the namespace's RouterConfig.
+    kubectl = Kubectl(cluster)
+    for path in sorted((ROOT / "examples").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                await kubectl.apply(doc)
+
+    async def compiled() -> None:
+        cm = await kubectl.get("ConfigMap", "kubetoll-router")
+        assert cm is not None
+        assert [r["name"] for r in json.loads(cm["data"]["router.json"])["routes"]] == ["chat"]
+
+    await eventually(compiled)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,19 +16,24 @@ from kubetoll_core.periods import Clock
 from kubetoll_sidecar.config_loader import load_config
 from kubetoll_sidecar.server import Sidecar, listen
 
+from .ports import candidate_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Still imported by tests/test_budget_commands.py for "a port nothing listens on";
+# `support.ports.refusing_port` holds such a port for the test instead. Not a copy: the one helper.
+free_port = candidate_port
 
 
 def base_config(sim_url: str, **overrides: Any) -> dict[str, Any]:
-    """A small config: one OpenAI-style backend and one route, on the simulator."""
+    """A small config: one OpenAI-style backend and one route, on the simulator.
+
+    Its ports are candidates, for a sidecar run as a process of its own (give it the
+    ports through `support.ports.start_on_free_port`). `RunningSidecar` ignores them:
+    it binds port 0 and writes the ports it got into `config["server"]`.
+    """
     cfg: dict[str, Any] = {
         "version": 1,
         "namespace": "test",
-        "server": {"port": free_port(), "metricsPort": free_port(), "drainSeconds": 5},
+        "server": {"port": candidate_port(), "metricsPort": candidate_port(), "drainSeconds": 5},
         "backends": [
             {
                 "name": "primary",
@@ -45,11 +51,20 @@ def base_config(sim_url: str, **overrides: Any) -> dict[str, Any]:
 
 
 class RunningSidecar:
-    def __init__(self, tmp: Path, config: dict[str, Any], clock: Clock | None = None, store: Any = None) -> None:
+    """A sidecar in this process on two ports it bound itself (port 0), written back into `config["server"]`."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        config: dict[str, Any],
+        clock: Clock | None = None,
+        store: Any = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.path = tmp / "router.json"
-        self.path.write_text(json.dumps(config))
         self.config = config
         self.clock = clock
+        self.monotonic = monotonic
         self.store = store
         self.sidecar: Sidecar | None = None
         self._runners: list[web.AppRunner] = []
@@ -63,13 +78,20 @@ class RunningSidecar:
         return f"http://127.0.0.1:{self.config['server']['metricsPort']}"
 
     async def start(self) -> RunningSidecar:
-        self.sidecar = Sidecar(load_config(str(self.path)), clock=self.clock, store=self.store, watch_interval=0.1)
-        await self.sidecar.start()
-        # The same listeners as `kubetoll-sidecar`: header timeout, connection bounds, quiet logger.
-        runners = await listen(
-            self.sidecar, "127.0.0.1", self.config["server"]["port"], "127.0.0.1", self.config["server"]["metricsPort"]
+        self.path.write_text(json.dumps(self.config))
+        self.sidecar = Sidecar(
+            load_config(str(self.path)),
+            clock=self.clock,
+            monotonic=self.monotonic,
+            store=self.store,
+            watch_interval=0.1,
         )
-        self._runners.extend(runners)
+        await self.sidecar.start()
+        # The same listeners as `kubetoll-sidecar` (header timeout, connection bounds, quiet
+        # logger), on port 0: the ports they got are what `url`, `ops_url` and the config say.
+        api, ops = await listen(self.sidecar, "127.0.0.1", 0, "127.0.0.1", 0)
+        self._runners.extend((api, ops))
+        self.config["server"] = {**self.config["server"], "port": _bound_port(api), "metricsPort": _bound_port(ops)}
         return self
 
     def write_config(self, config: dict[str, Any]) -> None:
@@ -87,6 +109,11 @@ class RunningSidecar:
         import openai
 
         return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key="unused-by-the-sidecar", max_retries=0, **kw)
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    (site,) = runner.sites
+    return int(site.port)  # type: ignore[attr-defined]  # BoundedTCPSite reports the port it bound
 
 
 async def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> None:
