@@ -223,6 +223,12 @@ class BudgetStoreSettings(ContractModel):
     password_file: str | None = Field(None, description="File under credentialsDir holding the Redis password.")
     timeout_ms: float = Field(50.0, gt=0, description="No request waits on Redis longer than this.")
     ledger_retention_days: int = Field(35, ge=1, description="Spend ledger records older than this are trimmed.")
+    max_meters: int = Field(
+        100_000,
+        ge=100,
+        description="Meters the in-memory store keeps (tenant ids are the caller's); past it the oldest idle tenant "
+        "windows are evicted, their spend kept in a sketch that never undercounts.",
+    )
 
     @field_validator("url")
     @classmethod

@@ -70,7 +70,7 @@ class Sidecar:
         self.breakers = BreakerRegistry(monotonic)
         self._loaded = loaded
         self._store_given = store is not None
-        self.store: BudgetStore = store or InMemoryBudgetStore()
+        self.store: BudgetStore = store or InMemoryBudgetStore(loaded.config.budget_store.max_meters)
         self.ledger: Ledger = ledger or InMemoryLedger()
         self.cache: CacheStage | None = None
         self.credentials = CredentialStore(loaded.config.server.credentials_dir)

@@ -102,7 +102,7 @@ class BudgetMeters:
     starts over (a burst of new tenants costs a rebuild each, nothing more).
     """
 
-    MAX_MEMO = 50_000
+    MAX_MEMO = 10_000  # a few KB each; a tenant past it costs a rebuild (microseconds), not memory
 
     def __init__(self, config: RouterConfig) -> None:
         # Linear in routes + budgets (a namespace may hold thousands of each), in config order.
