@@ -8,6 +8,7 @@ bounded and the eviction shows in the store's metric.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
@@ -75,3 +76,53 @@ def test_the_spill_never_undercounts() -> None:
     assert spill.estimate("never-seen", 1000.0) >= 0 and spill.estimate("x", 2000.0) == 0.0
     spill.forget_ended(1000.0)
     assert len(spill) == 0
+
+
+async def test_the_redis_store_forgets_idle_tenant_states_past_its_bound(redis_url: str, ns: str) -> None:
+    import time
+
+    from kubetoll_core.enums import OnExhausted
+    from kubetoll_core.router_config import BudgetStoreSettings
+    from kubetoll_sidecar.budgets.redis_store import RedisBudgetStore
+    from kubetoll_sidecar.budgets.store import Hold, Meter
+
+    def tenant_window(i: int) -> Meter:
+        key = f"b:tier:free:t:tenant-{i}:usd:2026-12-02"
+        return Meter(
+            key=key,
+            kind="window",
+            unit="usd",
+            limit=1.0,
+            budget="b",
+            level="tier:free",
+            label=key,
+            on_exhausted=OnExhausted.reject,
+            period_end=time.time() + 3600,
+        )
+
+    store = RedisBudgetStore.connect(
+        BudgetStoreSettings(url=redis_url, timeout_ms=1000, maxMeters=100),
+        ns,
+        "/nonexistent",
+        sidecar_id="a",
+        lease_seconds=0.2,
+    )
+    await store.start()
+    try:
+        for i in range(300):
+            m = tenant_window(i)
+            res = await store.reserve([Hold(m, 0.01)], time.time())
+            await store.settle(res, {m.key: 0.01}, time.time())
+        # Leases come back once idle (2 x lease_seconds); then the table is cut back under its bound.
+        deadline = time.monotonic() + 20
+        while store.stats()["meters_tracked"] > 100:
+            assert time.monotonic() < deadline, store.stats()
+            await asyncio.sleep(0.1)
+        assert store.stats()["evicted_meters"] > 0
+        # A forgotten tenant's spend is Redis's: its next reservation sees what it spent.
+        m = tenant_window(0)
+        res = await store.reserve([Hold(m, 0.5)], time.time())
+        await store.settle(res, {m.key: 0.5}, time.time())
+        assert store.snapshot(m, time.time()).used >= 0.51 - 1e-9
+    finally:
+        await store.close()

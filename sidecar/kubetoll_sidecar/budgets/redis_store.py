@@ -93,6 +93,7 @@ class StoreCounters:
     degraded_decisions_total: int = 0  # reserves decided without Redis
     fail_open_allowance_used_total: int = 0
     contention_rejections_total: int = 0  # Redis answered, but no lease came free in time
+    evicted_meters: int = 0  # local meter states forgotten early because the table passed budgetStore.maxMeters
 
 
 @dataclass(slots=True)
@@ -670,9 +671,19 @@ class RedisBudgetStore:
         """Once a second: leases to return (idle, period over), states to forget. True if a sync is wanted."""
         want = False
         wall = self._clock.time()
+        # Tenant ids are the caller's: past budgetStore.maxMeters, a state with nothing
+        # leased, nothing in flight and nothing to flush is forgotten however recent (its
+        # spend is in Redis already), oldest first, until a tenth of the bound is free.
+        overflow = len(self._leases) - self.settings.max_meters
+        if overflow > 0:
+            overflow += self.settings.max_meters // 10
         for key, st in list(self._leases.items()):
             period_over = not st.bucket and st.meter.period_end < wall
-            if st.lease == 0 and st.idle() and mono - st.last_used > 600 and (st.allowance_used == 0 or period_over):
+            forgettable = st.lease == 0 and st.idle() and (st.allowance_used == 0 or period_over)
+            if forgettable and (mono - st.last_used > 600 or (overflow > 0 and key not in self._dirty)):
+                if mono - st.last_used <= 600:
+                    overflow -= 1
+                    self.counters.evicted_meters += 1
                 del self._leases[key]
                 self._dirty.discard(key)
                 continue
