@@ -270,7 +270,7 @@ def test_webhook_values_reach_the_configuration() -> None:
 def test_generated_certificate_matches_the_ca_bundle() -> None:
     from cryptography import x509
 
-    docs = render()
+    docs = render("--set", "webhook.tls.mode=helm")  # the default mode renders no certificate
     secret = one(docs, "Secret", "kubetoll-webhook-tls")
     assert secret["type"] == "kubernetes.io/tls"
     data = {k: base64.b64decode(v) for k, v in secret["data"].items()}
@@ -287,7 +287,7 @@ async def test_kopf_serves_the_charts_certificate(tmp_path: Path) -> None:
     """kopf's webhook server with the chart's Secret, reached as the API server does: by service name, against caBundle."""
     from kubetoll_operator.webhook import WebhookOptions, build_server
 
-    docs = render()
+    docs = render("--set", "webhook.tls.mode=helm")  # the default mode renders no certificate
     secret = one(docs, "Secret", "kubetoll-webhook-tls")
     for key, value in secret["data"].items():
         (tmp_path / key).write_bytes(base64.b64decode(value))
@@ -399,10 +399,21 @@ def test_rbac_is_exactly_what_the_operator_touches() -> None:
         (("",), ("namespaces",)): ["get"],
         (("apiextensions.k8s.io",), ("customresourcedefinitions",)): ["list", "watch"],
         (("kopf.dev",), ("clusterkopfpeerings",)): ["get", "list", "patch", "watch"],
+        # webhook.tls.mode=operator (the default): the caBundle of the chart's two configurations only.
+        (("admissionregistration.k8s.io",), ("mutatingwebhookconfigurations",), ("kubetoll-sidecar-injector",)): [
+            "get",
+            "patch",
+        ],
+        (("admissionregistration.k8s.io",), ("validatingwebhookconfigurations",), ("kubetoll-validator",)): [
+            "get",
+            "patch",
+        ],
     }
     flat = json.dumps(role["rules"])
-    for absent in ('"*"', "pods", "mutatingwebhookconfigurations", "nodes"):
+    for absent in ('"*"', "pods", "nodes"):
         assert absent not in flat
+    # ... and none of that in the other modes.
+    assert "webhookconfigurations" not in json.dumps(one(render("--set", "webhook.tls.mode=helm"), "ClusterRole"))
     binding = one(docs, "ClusterRoleBinding")
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
@@ -468,6 +479,12 @@ def test_operator_deployment(tmp_path: Path) -> None:
     assert args.peering == "kubetoll" and not args.standalone and 1 <= args.priority < 2**31
     assert args.liveness == "http://0.0.0.0:8080/healthz"
     assert args.webhook and args.webhook_port == 9443 and args.webhook_cert_dir == "/etc/kubetoll/webhook-tls"
+    assert (
+        args.webhook_cert_secret == "kubetoll-webhook-cert"
+        and args.webhook_service == "kubetoll-webhook.kubetoll-system"
+    )
+    assert args.webhook_configuration == ["mutating/kubetoll-sidecar-injector", "validating/kubetoll-validator"]
+    args.webhook_cert_secret = None  # below: the files of a mounted Secret (webhook.tls, cert-manager)
     (tmp_path / "tls.crt").write_text("x")
     (tmp_path / "tls.key").write_text("x")
     args.webhook_cert_dir = str(tmp_path)

@@ -102,8 +102,12 @@ def test_validating_webhook_configuration() -> None:
     # The same service and CA as the injection webhooks, on the path the operator answers.
     mutating = one(docs, "MutatingWebhookConfiguration")["webhooks"][0]["clientConfig"]
     assert hook["clientConfig"]["service"] == {**mutating["service"], "path": f"/{VALIDATE_WEBHOOK_ID}"}
-    assert hook["clientConfig"]["caBundle"] == mutating["caBundle"]
-    assert one(docs, "Secret", f"{RELEASE}-webhook-tls")["data"]["ca.crt"] == mutating["caBundle"]
+    # The default (webhook.tls.mode=operator): no caBundle, the operator patches it in (tests/test_webhook_cert.py).
+    assert "caBundle" not in hook["clientConfig"] and "caBundle" not in mutating
+    helm_docs = render("--set", "webhook.tls.mode=helm")
+    mutating = one(helm_docs, "MutatingWebhookConfiguration")["webhooks"][0]["clientConfig"]
+    assert validator(helm_docs)["clientConfig"]["caBundle"] == mutating["caBundle"]
+    assert one(helm_docs, "Secret", f"{RELEASE}-webhook-tls")["data"]["ca.crt"] == mutating["caBundle"]
     assert "--validate-on-error=allow" in operator_args(docs)
     assert parse_operator_args(operator_args(docs)).validate_on_error == "allow"
 
@@ -144,23 +148,32 @@ def test_bad_tls_and_validation_values_are_refused(values: list[str], message: s
     assert result.returncode != 0 and message in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("mode", ["cert-values", "existing-secret", "cert-manager"])
+@pytest.mark.parametrize("mode", ["operator", "cert-values", "existing-secret", "cert-manager"])
 def test_repeated_helm_template_renders_the_same_certificate(mode: str, issued: dict[str, Path]) -> None:
     args = {
         "cert-values": given_cert(issued),
         "existing-secret": existing_secret(issued),
         "cert-manager": ["--set", "webhook.certManager.enabled=true"],
+        "operator": [],  # the default
     }[mode]
     first, second = template(*args), template(*args)
     assert first == second  # every manifest, not just the webhook's
     assert "0 chart(s) failed" in helm("lint", str(CHART), "--strict", "--namespace", NS, *args).stdout
     docs = [d for d in yaml.safe_load_all(first) if d]
-    if mode != "cert-manager":
+    if mode == "operator":
+        # No certificate material at all: the operator makes it at start-up.
+        assert "-----BEGIN" not in first and "caBundle:" not in first
+        assert [d for d in docs if d["kind"] == "Secret"] == []
+        for hook in [*one(docs, "MutatingWebhookConfiguration")["webhooks"], validator(docs)]:
+            assert "caBundle" not in hook["clientConfig"]
+    elif mode != "cert-manager":
         ca_b64 = base64.b64encode(issued["ca"].read_bytes()).decode()
         for hook in [*one(docs, "MutatingWebhookConfiguration")["webhooks"], validator(docs)]:
             assert hook["clientConfig"]["caBundle"] == ca_b64
     volumes = one(docs, "Deployment", f"{RELEASE}-operator")["spec"]["template"]["spec"]["volumes"]
     (tls_volume,) = [v for v in volumes if v["name"] == "webhook-tls"]
+    if mode == "operator":
+        assert tls_volume == {"name": "webhook-tls", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
     if mode == "existing-secret":
         # The chart makes no Secret and mounts the one named.
         assert [d for d in docs if d["kind"] == "Secret" and "webhook" in d["metadata"]["name"]] == []
@@ -173,9 +186,12 @@ def test_repeated_helm_template_renders_the_same_certificate(mode: str, issued: 
         assert tls_volume["secret"]["secretName"] == f"{RELEASE}-webhook-tls"
 
 
-def test_the_generated_default_changes_on_every_helm_template() -> None:
-    """Why the modes above exist: `lookup` finds nothing under `helm template`, so each render makes a new CA."""
-    first, second = (yaml.safe_load_all(template("--show-only", "templates/webhook.yaml")) for _ in range(2))
+def test_the_helm_generated_mode_changes_on_every_helm_template() -> None:
+    """Why the default is the operator's: `lookup` finds nothing under `helm template`, so each render makes a new CA."""
+    first, second = (
+        yaml.safe_load_all(template("--show-only", "templates/webhook.yaml", "--set", "webhook.tls.mode=helm"))
+        for _ in range(2)
+    )
     ca = [validator([d for d in docs if d])["clientConfig"]["caBundle"] for docs in (first, second)]
     assert ca[0] != ca[1]
 

@@ -71,8 +71,8 @@ def authorized(docs: list[dict[str, Any]], a: Attributes) -> bool:
     """ClusterRole (bound cluster-wide) or the Role of the request's namespace."""
     if allows(rules_of(docs, "ClusterRole"), a):
         return True
-    roles = {d["metadata"]["namespace"]: d["rules"] for d in docs if d["kind"] == "Role"}
-    return a.namespace is not None and allows(roles.get(a.namespace, []), a)
+    roles = [r for d in docs if d["kind"] == "Role" and d["metadata"]["namespace"] == a.namespace for r in d["rules"]]
+    return a.namespace is not None and allows(roles, a)
 
 
 def attributes(request: Any) -> Attributes | None:
@@ -131,7 +131,10 @@ def test_configmap_and_secret_writes_are_limited_to_the_owned_names() -> None:
 
 def test_watch_namespaces_renders_roles_and_the_flags() -> None:
     default = render()
-    assert not {"Role", "RoleBinding"} & {d["kind"] for d in default}
+    # The only Role by default: the webhook certificate's, in the release's namespace.
+    assert {d["metadata"]["name"] for d in default if d["kind"] in ("Role", "RoleBinding")} == {
+        "kubetoll-operator-webhook-cert"
+    }
     assert parse_operator_args(operator_args(default)).namespace == []
 
     docs = render(*watch_values(WATCHED))
@@ -140,13 +143,19 @@ def test_watch_namespaces_renders_roles_and_the_flags() -> None:
     cluster_rules = rules_of(docs, "ClusterRole")
     # Nothing namespaced is granted cluster-wide any more.
     flat = {res for r in cluster_rules for res in r["resources"]}
-    assert flat == {"namespaces", "clusterkopfpeerings"}, flat
+    assert flat == {
+        "namespaces",
+        "clusterkopfpeerings",
+        "mutatingwebhookconfigurations",
+        "validatingwebhookconfigurations",
+    }, flat
     assert [r["verbs"] for r in cluster_rules if r["resources"] == ["namespaces"]] == [["get"]]
     # Each listed namespace gets the rules the cluster-wide ClusterRole has for namespaced kinds.
     namespaced_in_default = [
         r
         for r in rules_of(default, "ClusterRole")
-        if not {"namespaces", "customresourcedefinitions"} & set(r["resources"]) and r["apiGroups"] != ["kopf.dev"]
+        if not {"namespaces", "customresourcedefinitions"} & set(r["resources"])
+        and r["apiGroups"] not in (["kopf.dev"], ["admissionregistration.k8s.io"])
     ]
     sa = next(d for d in docs if d["kind"] == "ServiceAccount")["metadata"]["name"]
     for ns in WATCHED:
@@ -247,3 +256,64 @@ async def test_namespaced_operator_stays_in_its_namespaces(kmock: Any, kubectl: 
     # ... which the cluster-wide ClusterRole of that render would not have allowed on its own.
     docs = render(*watch_values(["team-a"]))
     assert not allows(rules_of(docs, "ClusterRole"), Attributes("list", "", "secrets", None, None))
+
+
+async def test_the_webhook_certificate_bootstrap_needs_only_its_rules(kmock: Any, tmp_path: Any) -> None:
+    """webhook_cert.py's requests (create, renew, caBundle patches), as the chart's default mode runs them."""
+    import base64
+
+    import kopf
+    from kmock._internal.references import ResourceInfo, resource
+
+    from kubetoll_operator import webhook_cert
+    from kubetoll_operator.kube import KubeApi
+
+    verbs = ["get", "list", "watch", "create", "update", "patch", "delete"]
+    kmock.resources[resource("", "v1", "secrets")] = ResourceInfo(kind="Secret", namespaced=True, verbs=verbs)
+    docs = render()
+    args = parse_operator_args(operator_args(docs))
+    for doc in docs:
+        if doc["kind"] in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
+            plural = doc["kind"].lower() + "s"
+            kmock.resources[resource("admissionregistration.k8s.io", "v1", plural)] = ResourceInfo(
+                kind=doc["kind"], namespaced=False, verbs=verbs
+            )
+            kmock.objects[resource("admissionregistration.k8s.io", "v1", plural), None, doc["metadata"]["name"]] = doc
+    service, namespace = webhook_cert.parse_service(args.webhook_service)
+    options = webhook_cert.CertOptions(
+        secret=args.webhook_cert_secret,
+        service=service,
+        namespace=namespace,
+        configurations=tuple(webhook_cert.parse_configuration(c) for c in args.webhook_configuration),
+        cert_dir=str(tmp_path / "certs"),
+    )
+    api = KubeApi(kopf.ConnectionInfo(server=str(kmock.url).rstrip("/"), token="test-token"))
+    try:
+        first = await webhook_cert.bootstrap(api, options)
+        # A serving certificate missing a name: renewed, i.e. the Secret patched.
+        crt, key = webhook_cert.issue_leaf(first.ca_crt, first.ca_key, options.dns_names[:1])
+        await api.merge_patch(
+            f"/api/v1/namespaces/{namespace}/secrets/{options.secret}",
+            {"data": {"tls.crt": base64.b64encode(crt).decode(), "tls.key": base64.b64encode(key).decode()}},
+        )
+        await webhook_cert.bootstrap(api, options)
+    finally:
+        await api.close()
+    requests = operator_requests(kmock)
+    seen = {(a.verb, a.resource) for a in requests}
+    for needed in (
+        ("create", "secrets"),
+        ("get", "secrets"),
+        ("patch", "secrets"),
+        ("get", "mutatingwebhookconfigurations"),
+        ("patch", "mutatingwebhookconfigurations"),
+        ("patch", "validatingwebhookconfigurations"),
+    ):
+        assert needed in seen, (needed, sorted(seen))
+    for rendered in (docs, render(*watch_values(WATCHED))):
+        denied = sorted({a for a in requests if not authorized(rendered, a)}, key=repr)
+        assert denied == [], "the chart's RBAC does not allow what the certificate bootstrap did"
+    # ... with the Role in the release's namespace alone when nothing is watched there.
+    role = rules_of(render(*watch_values(WATCHED)), "Role", NS)
+    assert all(allows(role, a) for a in requests if a.resource == "secrets")
+    assert not allows(role, Attributes("patch", "", "secrets", NS, "another-secret"))

@@ -34,7 +34,10 @@ is used, which every version runs.
 The certificate: `--webhook-cert-dir` (tls.crt, tls.key, mounted from a Secret;
 kopf re-reads them when they change, so cert-manager's renewals apply without a
 restart), else kopf's self-signed certificate for local tries (it needs the
-`certbuilder` package, which the images do not carry).
+`certbuilder` package, which the images do not carry). With
+`--webhook-cert-secret` (the chart's default) the operator makes and keeps the
+certificate itself (`webhook_cert.py`): the directory is an emptyDir it fills,
+and the server listens only once the webhook configurations trust its CA.
 
 kopf is imported inside functions only: `kubetoll --help` must not need it.
 """
@@ -66,6 +69,7 @@ from .injection import (
     plan_injection,
     pod_from_request,
 )
+from .webhook_cert import CertOptions, bootstrap_until_done, keep_renewed, parse_configuration, parse_service
 
 log = logging.getLogger("kubetoll.webhook")
 
@@ -89,6 +93,7 @@ class WebhookOptions:
     on_error: str = "allow"  # a bug in the webhook: allow the pod without the sidecar, or deny it
     validate_on_error: str = "allow"  # a bug in the checks: allow the resource unchecked, or deny it
     injection: InjectionOptions = field(default_factory=InjectionOptions)
+    managed_cert: CertOptions | None = None  # the operator makes the certificate in cert_dir (webhook_cert.py)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -109,6 +114,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         ),
     )
     g.add_argument("--webhook-host", metavar="HOST", help="hostname for the self-signed certificate")
+    g.add_argument(
+        "--webhook-cert-secret",
+        metavar="NAME",
+        help=(
+            "the operator makes and keeps the certificate itself: a CA and a serving certificate in this Secret "
+            "(in the --webhook-service namespace), written to --webhook-cert-dir, the CA patched into the "
+            "--webhook-configuration objects before the webhook listens"
+        ),
+    )
+    g.add_argument(
+        "--webhook-service",
+        metavar="NAME.NAMESPACE",
+        help="with --webhook-cert-secret: the webhook's Service, whose DNS names the certificate carries",
+    )
+    g.add_argument(
+        "--webhook-configuration",
+        action="append",
+        default=[],
+        metavar="mutating/NAME|validating/NAME",
+        help="with --webhook-cert-secret: a webhook configuration whose caBundle the operator sets (repeatable)",
+    )
     g.add_argument(
         "--webhook-exclude-namespace",
         action="append",
@@ -199,7 +225,27 @@ def options_from_args(args: argparse.Namespace) -> WebhookOptions | None:
                 raise SystemExit(f"kubetoll operator: --{flag.replace('_', '-')}: {exc}") from None
     if args.sidecar_port == args.sidecar_metrics_port:
         raise SystemExit("kubetoll operator: --sidecar-port and --sidecar-metrics-port must differ")
-    if args.webhook_cert_dir:
+    managed: CertOptions | None = None
+    if args.webhook_cert_secret:
+        if not args.webhook_cert_dir or not args.webhook_service or not args.webhook_configuration:
+            raise SystemExit(
+                "kubetoll operator: --webhook-cert-secret needs --webhook-cert-dir, --webhook-service "
+                "and at least one --webhook-configuration"
+            )
+        try:
+            service, namespace = parse_service(args.webhook_service)
+            configurations = tuple(parse_configuration(c) for c in args.webhook_configuration)
+        except ValueError as exc:
+            raise SystemExit(f"kubetoll operator: {exc}") from None
+        managed = CertOptions(
+            secret=args.webhook_cert_secret,
+            service=service,
+            namespace=namespace,
+            configurations=configurations,
+            cert_dir=args.webhook_cert_dir,
+            cluster_domain=getattr(args, "cluster_domain", None) or "cluster.local",
+        )
+    elif args.webhook_cert_dir:
         for name in ("tls.crt", "tls.key"):
             if not (Path(args.webhook_cert_dir) / name).is_file():
                 raise SystemExit(f"kubetoll operator: --webhook-cert-dir {args.webhook_cert_dir} has no {name}")
@@ -227,6 +273,7 @@ def options_from_args(args: argparse.Namespace) -> WebhookOptions | None:
         on_error=args.webhook_on_error,
         validate_on_error=args.validate_on_error,
         injection=injection,
+        managed_cert=managed,
     )
 
 
@@ -319,9 +366,18 @@ class InjectionWebhookServer:
     closes the server on exit.
     """
 
-    def __init__(self, inner: Any, *, validate_on_error: str = "allow") -> None:
+    def __init__(
+        self,
+        inner: Any,
+        *,
+        validate_on_error: str = "allow",
+        managed_cert: CertOptions | None = None,
+        get_api: Any = None,
+    ) -> None:
         self.inner = inner
         self.validate_on_error = validate_on_error
+        self.managed_cert = managed_cert
+        self.get_api = get_api  # () -> KubeApi: the operator's client, logged in by the time kopf serves
 
     async def __aenter__(self) -> InjectionWebhookServer:
         await self.inner.__aenter__()
@@ -384,8 +440,17 @@ class InjectionWebhookServer:
                 request = {**request, "request": {**payload, "object": pod_from_request(payload)}}
             return await fn(request, **kwargs)
 
-        async for client_config in self.inner(with_namespace):
-            yield client_config
+        renewing: asyncio.Task[None] | None = None
+        if self.managed_cert is not None:
+            # Before kopf's server reads the files and listens: readiness (the webhook port) waits for this.
+            await bootstrap_until_done(self.get_api, self.managed_cert)
+            renewing = asyncio.create_task(keep_renewed(self.get_api, self.managed_cert), name="webhook cert renewal")
+        try:
+            async for client_config in self.inner(with_namespace):
+                yield client_config
+        finally:
+            if renewing is not None:
+                renewing.cancel()
 
 
 class _NoWebhookServer:
@@ -396,20 +461,28 @@ class _NoWebhookServer:
         yield  # pragma: no cover - never reached; makes this an async generator
 
 
-def build_server(options: WebhookOptions) -> InjectionWebhookServer:
+def build_server(options: WebhookOptions, get_api: Any = None) -> InjectionWebhookServer:
+    """kopf's server for `options`; `get_api` (the operator's client) is needed with `options.managed_cert`."""
     import kopf
 
     kwargs: dict[str, Any] = {"addr": options.addr, "port": options.port}
-    if options.cert_dir:
-        kwargs["certfile"] = str(Path(options.cert_dir) / "tls.crt")
-        kwargs["pkeyfile"] = str(Path(options.cert_dir) / "tls.key")
-        ca = Path(options.cert_dir) / "ca.crt"
-        if ca.is_file():
+    managed = options.managed_cert
+    cert_dir = managed.cert_dir if managed is not None else options.cert_dir
+    if cert_dir:
+        kwargs["certfile"] = str(Path(cert_dir) / "tls.crt")
+        kwargs["pkeyfile"] = str(Path(cert_dir) / "tls.key")
+        ca = Path(cert_dir) / "ca.crt"
+        if ca.is_file() or managed is not None:  # managed: written before kopf's server reads it
             kwargs["cafile"] = str(ca)
         kwargs["file_check_interval"] = 30.0
     elif options.host:
         kwargs["host"] = options.host
-    return InjectionWebhookServer(kopf.WebhookServer(**kwargs), validate_on_error=options.validate_on_error)
+    return InjectionWebhookServer(
+        kopf.WebhookServer(**kwargs),
+        validate_on_error=options.validate_on_error,
+        managed_cert=options.managed_cert,
+        get_api=get_api,
+    )
 
 
 # --------------------------------------------------------------------------- kopf handlers
@@ -433,7 +506,13 @@ def register(registry: Any) -> None:
             settings.admission.server = _NoWebhookServer()
             return
         memo.injector = InjectorState(options)
-        settings.admission.server = build_server(options)
+
+        def operator_api() -> Any:
+            from .handlers import _reconciler  # the operator's API client, logged in by kopf
+
+            return _reconciler(memo).api
+
+        settings.admission.server = build_server(options, get_api=operator_api)
         log.info(
             "admission webhooks on https://%s:%d/{%s,%s,%s} (certificate: %s; native sidecars: %s)",
             options.addr,
@@ -441,7 +520,9 @@ def register(registry: Any) -> None:
             WEBHOOK_ID,
             NAMESPACE_WEBHOOK_ID,
             VALIDATE_WEBHOOK_ID,
-            options.cert_dir or "self-signed",
+            ("made by the operator in Secret " + options.managed_cert.secret)
+            if options.managed_cert
+            else options.cert_dir or "self-signed",
             options.native_sidecars,
         )
 
