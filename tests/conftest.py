@@ -3,12 +3,16 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import trustme
 from redis.asyncio import Redis
 
 from kubetoll_tools.simulator import SimSettings, SimulatedUpstream
 from support.harness import RunningSidecar
+from support.ports import reserved_port
 from support.redis_server import private_or_shared_redis
 
 os.environ.setdefault("KT_TEST_OPENAI_KEY", "sk-test-openai-key-123")
@@ -97,3 +101,30 @@ async def start_operator(kmock, tmp_path, monkeypatch):
     operators = OperatorThreads()
     yield operators.start
     await operators.stop_all()
+
+
+# --------------------------------------------------------------------------- webhook TLS
+
+
+@pytest.fixture
+def port() -> Iterator[int]:
+    """The webhook's port, held for kopf's server until the test ends (support/ports.py, `reserved_port`)."""
+    with reserved_port() as held:
+        yield held
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def cert_dir(ca: trustme.CA, tmp_path: Path) -> Path:
+    """What the chart mounts from the webhook's TLS Secret (tls.crt, tls.key, ca.crt)."""
+    d = tmp_path / "webhook-tls"
+    d.mkdir()
+    cert = ca.issue_cert("127.0.0.1", "localhost", "kubetoll-webhook.kubetoll-system.svc")
+    (d / "tls.crt").write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    (d / "tls.key").write_bytes(cert.private_key_pem.bytes())
+    (d / "ca.crt").write_bytes(ca.cert_pem.bytes())
+    return d

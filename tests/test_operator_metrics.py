@@ -12,12 +12,9 @@ import asyncio
 import copy
 import ssl
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -25,7 +22,6 @@ from kubetoll_operator.injection import InjectionOptions
 from kubetoll_operator.webhook import WebhookOptions
 from support.admission import admission_review
 from support.kopf_env import NS, Kubectl, eventually
-from support.ports import reserved_port
 from test_operator_kopf import example_docs
 
 IMAGE = "registry.example/kubetoll-sidecar:1.2.3"
@@ -66,30 +62,6 @@ async def wait_listening(port: int, ca: trustme.CA, timeout: float = 15.0) -> No
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.1)
-
-
-@pytest.fixture
-def port() -> Iterator[int]:
-    """The webhook's port, held for kopf's server until the test ends (support/ports.py)."""
-    with reserved_port() as held:
-        yield held
-
-
-@pytest.fixture
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
-def cert_dir(ca: trustme.CA, tmp_path: Path) -> Path:
-    """The webhook's serving certificate, as the chart mounts it (tls.crt, tls.key, ca.crt)."""
-    d = tmp_path / "webhook-tls"
-    d.mkdir()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    (d / "tls.crt").write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
-    (d / "tls.key").write_bytes(cert.private_key_pem.bytes())
-    (d / "ca.crt").write_bytes(ca.cert_pem.bytes())
-    return d
 
 
 async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

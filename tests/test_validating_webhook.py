@@ -23,7 +23,7 @@ from kubetoll_operator.injection import InjectionOptions
 from kubetoll_operator.validation import WARNING_MAX_CHARS, WARNINGS_MAX_TOTAL, fit_warnings
 from kubetoll_operator.webhook import VALIDATE_WEBHOOK_ID, InjectionWebhookServer, WebhookOptions
 from support.admission import resource_review
-from test_webhook_server import ApiServer, ca, cert_dir, cluster, port, start_operator  # noqa: F401
+from test_webhook_server import ApiServer, cluster, start_operator  # noqa: F401
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PATH = f"/{VALIDATE_WEBHOOK_ID}"

@@ -29,7 +29,7 @@ from kubetoll_operator.kube import KubeApi
 from kubetoll_operator.webhook import WebhookOptions
 from support.admission import admission_review
 from support.kopf_env import eventually
-from test_webhook_server import IMAGE, VERBS, app_pod, cluster, patched, port, start_operator  # noqa: F401
+from test_webhook_server import IMAGE, VERBS, app_pod, cluster, patched, start_operator  # noqa: F401
 
 SYSTEM_NS = "kubetoll-system"
 SECRET = "kubetoll-webhook-cert"
@@ -134,7 +134,7 @@ async def test_the_operator_makes_the_certificate_and_the_api_server_trusts_it(
     kmock: Any,
     configurations: aiohttp.ClientSession,
     start_operator: Any,  # noqa: F811
-    port: int,  # noqa: F811
+    port: int,
     tmp_path: Path,
 ) -> None:
     cert_dir = tmp_path / "webhook-tls"  # the emptyDir: nothing there before the operator starts

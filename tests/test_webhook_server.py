@@ -14,7 +14,7 @@ import asyncio
 import base64
 import json
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,35 +29,10 @@ from kubetoll_operator.injection import InjectionOptions, mutate_pod
 from kubetoll_operator.webhook import WebhookOptions
 from support.admission import admission_review
 from support.kopf_env import Kubectl, OperatorThreads, eventually, use_kmock_kubeconfig
-from support.ports import reserved_port
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "registry.example/kubetoll-sidecar:1.2.3"
 VERBS = ["get", "list", "watch", "create", "update", "patch", "delete"]
-
-
-@pytest.fixture
-def port() -> Iterator[int]:
-    """The webhook's port, held for kopf's server until the test ends (support/ports.py, `reserved_port`)."""
-    with reserved_port() as held:
-        yield held
-
-
-@pytest.fixture
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
-def cert_dir(ca: trustme.CA, tmp_path: Path) -> Path:
-    """What the chart mounts from the webhook's TLS Secret."""
-    d = tmp_path / "webhook-tls"
-    d.mkdir()
-    cert = ca.issue_cert("127.0.0.1", "localhost", "kubetoll-webhook.kubetoll-system.svc")
-    (d / "tls.crt").write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
-    (d / "tls.key").write_bytes(cert.private_key_pem.bytes())
-    (d / "ca.crt").write_bytes(ca.cert_pem.bytes())
-    return d
 
 
 @pytest.fixture
