@@ -22,18 +22,12 @@ class ApiError(Exception):
 
 
 def _ssl_context(info: Any) -> ssl.SSLContext | bool:
+    """kopf's own: CA and client certificate from files or inline data (a person's kubeconfig
+    carries `certificate-authority-data` base64 inline; a pod's service account, files)."""
     if not str(info.server).startswith("https"):
         return False
-    if info.insecure:
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    else:
-        cadata = info.ca_data.decode() if isinstance(info.ca_data, bytes) else info.ca_data
-        ctx = ssl.create_default_context(cafile=info.ca_path, cadata=cadata)
-    if info.certificate_path:
-        ctx.load_cert_chain(info.certificate_path, info.private_key_path)
-    return ctx
+    context: ssl.SSLContext = info.as_ssl_context()
+    return context
 
 
 class KubeApi:

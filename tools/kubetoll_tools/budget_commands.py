@@ -108,7 +108,7 @@ async def switch(args: argparse.Namespace) -> str:
     """Both steps; the line to print on success. StepFailed otherwise."""
     info = _login()
     target = Target(args.namespace or info.default_namespace or "default", args.name, bool(args.suspend))
-    api = _CliKubeApi(info)
+    api = KubeApi(info)
     try:
         redis_url = await _read_then_patch(api, target, args.redis_url, args.timeout)
     finally:
@@ -155,24 +155,7 @@ def _login() -> Any:
     return info
 
 
-class _CliKubeApi(KubeApi):
-    """The operator's client (headers, errors, JSON), with kopf's own SSL context: a person's
-    kubeconfig usually carries `certificate-authority-data` and client certificates inline,
-    which `ConnectionInfo.as_ssl_context` decodes (the operator in a pod logs in with the
-    service account's files, which is all `kube._ssl_context` has to read)."""
-
-    async def _ensure(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            https = str(self.info.server).startswith("https")
-            self._session = aiohttp.ClientSession(
-                base_url=str(self.info.server).rstrip("/") + "/",
-                connector=aiohttp.TCPConnector(ssl=self.info.as_ssl_context() if https else False),
-                timeout=aiohttp.ClientTimeout(total=30),
-            )
-        return self._session
-
-
-async def _read_then_patch(api: _CliKubeApi, target: Target, redis_url: str | None, timeout: float) -> str | None:
+async def _read_then_patch(api: KubeApi, target: Target, redis_url: str | None, timeout: float) -> str | None:
     """Check the budget exists and find the store (nothing changed yet), then patch the spec.
 
     Returns the Redis URL to use, or None when the namespace has no shared store.
