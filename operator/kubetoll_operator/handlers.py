@@ -300,7 +300,9 @@ class Reconciler:
         store_secret: dict[str, str] = {}  # this namespace's own Redis login, for kubetoll-credentials
         if self.options.redis_url:
             store, store_secret = self._store_access(namespace)
-        last_good = _last_good(await api.get(cm_path))
+        # Read once: its last good versions feed the compile, and the apply compares against it.
+        current_cm = await api.get(cm_path)
+        last_good = _last_good(current_cm)
         compile_started = time.perf_counter()
         result = compile_namespace(
             namespace,
@@ -327,7 +329,7 @@ class Reconciler:
             data = {key: sources[secret][k] for key, (secret, k) in result.credentials.items()} | store_secret
             if await self._apply_secret(namespace, secret_path, data):
                 changed.append("credentials")
-            if await self._apply_configmap(namespace, cm_path, result):
+            if await self._apply_configmap(namespace, cm_path, result, current_cm):
                 changed.append("config")
             self.applied[namespace] = result.content_hash
             self.configs[namespace] = result.config
@@ -362,9 +364,10 @@ class Reconciler:
             events,
         )
 
-    async def _apply_configmap(self, namespace: str, path: str, result: CompileResult) -> bool:
+    async def _apply_configmap(
+        self, namespace: str, path: str, result: CompileResult, current: dict[str, Any] | None
+    ) -> bool:
         assert self.api is not None
-        current = await self.api.get(path)
         meta = {
             "labels": {MANAGED_BY_LABEL: MANAGED_BY},
             "annotations": {HASH_ANNOTATION: result.content_hash},
