@@ -167,20 +167,16 @@ for i, m in ipairs(p.meters) do
   out[i] = {int(new), int(total), int(leased), redis.call('ZCARD', x)}
 end
 
-if p.lk > 0 and not dup then
-  local lk = KEYS[p.lk]
+-- The ledger and its quarantine: the same append, trimmed to the retention.
+local function append(k, recs)
+  if k == 0 or dup then return end
   local minid = int(now - p.keep_ms) .. '-0'
-  for _, r in ipairs(p.recs) do
-    redis.call('XADD', lk, 'MINID', '~', minid, '*', unpack(r))
+  for _, r in ipairs(recs) do
+    redis.call('XADD', KEYS[k], 'MINID', '~', minid, '*', unpack(r))
   end
 end
-if p.qk > 0 and not dup then
-  local qk = KEYS[p.qk]
-  local minid = int(now - p.keep_ms) .. '-0'
-  for _, r in ipairs(p.qrecs) do
-    redis.call('XADD', qk, 'MINID', '~', minid, '*', unpack(r))
-  end
-end
+append(p.lk, p.recs)
+append(p.qk, p.qrecs)
 
 local status = 'ok'
 if dup then status = 'dup' end
