@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kubetoll_operator.injection import InjectionOptions
 from kubetoll_operator.webhook import WebhookOptions
-from support.admission import admission_review
+from support.admission import admission_review, post_review
 from support.kopf_env import NS, Kubectl, eventually
 from test_operator_kopf import example_docs
 
@@ -45,10 +45,7 @@ async def review(port: int, ca: trustme.CA, pod: dict[str, Any]) -> dict[str, An
     """POST an AdmissionReview to /inject-sidecar over verified HTTPS, as the API server does."""
     context = ssl.create_default_context(cadata=ca.cert_pem.bytes().decode())
     body = admission_review(pod, namespace="team-a")
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"https://127.0.0.1:{port}/inject-sidecar", json=body, ssl=context) as resp:
-            assert resp.status == 200, await resp.text()
-            return (await resp.json())["response"]
+    return await post_review(f"https://127.0.0.1:{port}/inject-sidecar", body, context)
 
 
 async def wait_listening(port: int, ca: trustme.CA, timeout: float = 15.0) -> None:

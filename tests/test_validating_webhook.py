@@ -22,7 +22,7 @@ from kubetoll_operator import metrics, validation
 from kubetoll_operator.injection import InjectionOptions
 from kubetoll_operator.validation import WARNING_MAX_CHARS, WARNINGS_MAX_TOTAL, fit_warnings
 from kubetoll_operator.webhook import VALIDATE_WEBHOOK_ID, InjectionWebhookServer, WebhookOptions
-from support.admission import resource_review
+from support.admission import post_review, resource_review
 from test_webhook_server import ApiServer, cluster, start_operator  # noqa: F401
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -47,14 +47,7 @@ class Validator(ApiServer):
                 return resp
 
     async def validate(self, obj: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        body = resource_review(obj, namespace=NS, **kwargs)
-        async with aiohttp.ClientSession() as session:
-            async with session.post(self.base + PATH, json=body, ssl=self.ssl) as resp:
-                assert resp.status == 200, f"{resp.status}: {await resp.text()}"
-                answer = await resp.json()
-        assert answer["kind"] == "AdmissionReview" and answer["apiVersion"] == "admission.k8s.io/v1"
-        assert answer["response"]["uid"] == body["request"]["uid"]
-        return answer["response"]
+        return await post_review(self.base + PATH, resource_review(obj, namespace=NS, **kwargs), self.ssl)
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from kmock._internal.references import ResourceInfo, resource
 
 from kubetoll_operator.injection import InjectionOptions, mutate_pod
 from kubetoll_operator.webhook import WebhookOptions
-from support.admission import admission_review
+from support.admission import admission_review, post_review
 from support.kopf_env import Kubectl, OperatorThreads, eventually, use_kmock_kubeconfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,14 +112,7 @@ class ApiServer:
                 await asyncio.sleep(0.1)
 
     async def review(self, path: str, pod: dict[str, Any], namespace: str = "team-a") -> dict[str, Any]:
-        body = admission_review(pod, namespace=namespace)
-        async with aiohttp.ClientSession() as session:
-            async with session.post(self.base + path, json=body, ssl=self.ssl) as resp:
-                assert resp.status == 200, f"{resp.status}: {await resp.text()}"
-                answer = await resp.json()
-        assert answer["kind"] == "AdmissionReview" and answer["apiVersion"] == "admission.k8s.io/v1"
-        assert answer["response"]["uid"] == body["request"]["uid"]
-        return answer["response"]
+        return await post_review(self.base + path, admission_review(pod, namespace=namespace), self.ssl)
 
 
 def app_pod(

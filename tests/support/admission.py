@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ssl
 import uuid
 from typing import Any
+
+import aiohttp
 
 
 def admission_review(obj: dict[str, Any], *, namespace: str, operation: str = "CREATE") -> dict[str, Any]:
@@ -73,3 +76,13 @@ def resource_review(
             "options": {"kind": options_kind, "apiVersion": "meta.k8s.io/v1"},
         },
     }
+
+
+async def post_review(url: str, body: dict[str, Any], ssl_context: ssl.SSLContext) -> dict[str, Any]:
+    """POST an AdmissionReview as the API server does; the answer's `response`, its envelope checked."""
+    async with aiohttp.ClientSession() as session, session.post(url, json=body, ssl=ssl_context) as resp:
+        assert resp.status == 200, f"{resp.status}: {await resp.text()}"
+        answer = await resp.json()
+    assert answer["kind"] == "AdmissionReview" and answer["apiVersion"] == "admission.k8s.io/v1"
+    assert answer["response"]["uid"] == body["request"]["uid"]
+    return dict(answer["response"])
