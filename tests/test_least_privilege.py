@@ -21,6 +21,7 @@ import pytest
 from kubernetes_validate.utils import latest_version
 
 from kubetoll_operator.handlers import CONFIGMAP_NAME, CREDENTIALS_SECRET
+from kubetoll_operator.injection import INJECTED_KEY
 from support.helm import helm
 from support.kopf_env import Kubectl, eventually
 from test_chart import CHART, NS, OLDEST_KUBERNETES, RELEASE, operator_args, parse_operator_args, render
@@ -193,10 +194,21 @@ def test_bad_least_privilege_values_are_refused(values: tuple[str, ...], message
 
 
 async def _life_cycle(kubectl: Kubectl, namespace: str) -> None:
-    """Compile, a managed ConfigMap edited behind the operator's back, then every resource deleted."""
+    """Compile, a managed ConfigMap edited behind the operator's back, then every resource deleted.
+
+    An injected pod comes and goes meanwhile (the operator counts them: sidecar_count.py).
+    """
     docs = example_docs()
     for doc in docs:
         await kubectl.apply(doc, namespace=namespace)
+    injected = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "app", "labels": {INJECTED_KEY: "true"}},
+        "spec": {"containers": [{"name": "app", "image": "example/app:1"}]},
+        "status": {"phase": "Running"},
+    }
+    await kubectl.apply(injected, namespace=namespace)
 
     async def written() -> dict[str, Any]:
         cm = await kubectl.get("ConfigMap", CONFIGMAP_NAME, namespace=namespace)
@@ -214,6 +226,7 @@ async def _life_cycle(kubectl: Kubectl, namespace: str) -> None:
         assert now["metadata"]["annotations"]["kubetoll.dev/config-hash"] == hashlib.sha256(text.encode()).hexdigest()
 
     await eventually(restored)
+    await kubectl.delete("Pod", "app", namespace=namespace)
     for doc in reversed(docs):
         await kubectl.delete(doc["kind"], doc["metadata"]["name"], namespace=namespace)
 
@@ -227,7 +240,14 @@ async def _life_cycle(kubectl: Kubectl, namespace: str) -> None:
 def _check_authorized(docs: list[dict[str, Any]], requests: list[Attributes]) -> None:
     verbs = {(a.verb, a.resource) for a in requests}
     # The life cycle exercised every kind of write the rules are about.
-    for needed in (("patch", "configmaps"), ("delete", "configmaps"), ("delete", "secrets"), ("create", "secrets")):
+    for needed in (
+        ("patch", "configmaps"),
+        ("delete", "configmaps"),
+        ("delete", "secrets"),
+        ("create", "secrets"),
+        ("list", "pods"),
+        ("watch", "pods"),
+    ):
         assert needed in verbs, (needed, sorted(verbs))
     denied = sorted({a for a in requests if not authorized(docs, a)}, key=repr)
     assert denied == [], "the chart's RBAC does not allow what the operator did"

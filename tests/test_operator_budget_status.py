@@ -12,6 +12,7 @@ without a cluster at the end.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -32,6 +33,7 @@ from kubetoll_sidecar.budgets.redis_store import RedisBudgetStore
 from kubetoll_sidecar.budgets.store import Hold
 from support.harness import RunningSidecar, wait_until
 from support.kopf_env import NS, Kubectl, condition, eventually, stop_operator
+from support.log_events import log_events
 from support.redis_server import RedisProcess
 
 INTERVAL = 0.1
@@ -485,6 +487,62 @@ def printed_columns(obj: dict[str, Any]) -> dict[str, Any]:
             out[col["name"]] = value
     assert all(v not in (None, "") for v in out.values()), f"empty columns: {out}"
     return out
+
+
+# --------------------------------------------------------------------------- the kill switch after Redis lost it
+
+
+async def test_kill_switches_are_written_back_from_the_spec_after_redis_lost_them(
+    kubectl: Kubectl, start_operator: Any, redis: RedisProcess
+) -> None:
+    from redis.asyncio import Redis
+
+    from kubetoll_core.kill_switch import set_suspended
+
+    suspended = {**BUDGET, "spec": {**BUDGET["spec"], "suspended": True}}
+    running = {**BUDGET, "metadata": {"name": "open"}, "spec": {"cap": {"usdPerDay": 5}}}
+    for doc in (BACKEND, ROUTE, OTHER_ROUTE, CACHE, suspended, running):
+        await kubectl.apply(doc)
+    keys = RedisKeys(NS)
+    client = Redis.from_url(redis.url, decode_responses=True)
+    pubsub = client.pubsub()
+    try:
+        with log_events("kubetoll.operator", logging.WARNING) as events:
+            memo = await start_operator(redis_url=redis.url, spend_interval_seconds=INTERVAL)
+
+            async def switches() -> None:
+                assert await client.exists(keys.suspended("team")) == 1
+                assert await client.get(keys.suspension_known("team")) == "1"
+                assert await client.get(keys.suspension_known("open")) == "1"
+                assert await client.exists(keys.suspended("open")) == 0
+
+            # Never switched before: the first pass writes both.
+            await eventually(switches)
+            events.wait_for("kill switch written from spec.suspended for open (not suspended), team (suspended)")
+
+            await pubsub.subscribe(keys.channel())
+            assert (await pubsub.get_message(timeout=10))["type"] == "subscribe"
+            await client.flushall()  # Redis restarted empty
+            passes = memo.reconciler.spend_reports
+            # Pass `passes + 1` started after the flush; by the start of the next one it has run whole.
+            await eventually(lambda: _more_reports(memo, passes + 2))
+            await switches()
+            events.wait_for("kill switch written from spec.suspended for open (not suspended), team (suspended)")
+            published = []
+            while (message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)) is not None:
+                published.append(json.loads(message["data"]))
+            assert {"budget": "team", "suspended": True} in published
+            assert {"budget": "open", "suspended": False} in published
+
+            # A switch Redis knows is left as it is: `kubetoll budget suspend` ran ahead of the spec.
+            await set_suspended(client, NS, "open", True)
+            passes, logged = memo.reconciler.spend_reports, len(events.records)
+            await eventually(lambda: _more_reports(memo, passes + 2))
+            assert await client.exists(keys.suspended("open")) == 1
+            assert not [r.getMessage() for r in events.records[logged:] if "kill switch" in r.getMessage()]
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
 
 
 # --------------------------------------------------------------------------- refusals through a real sidecar

@@ -87,6 +87,7 @@ EXPECTED_SIDECAR: dict[str, Any] = {
         {"name": "kubetoll-credentials", "mountPath": "/var/run/kubetoll/credentials", "readOnly": True},
         {"name": "kubetoll-podinfo", "mountPath": "/etc/kubetoll/podinfo", "readOnly": True},
         {"name": "kubetoll-tmp", "mountPath": "/tmp"},
+        {"name": "kubetoll-state", "mountPath": "/var/lib/kubetoll"},
     ],
     "terminationMessagePolicy": "FallbackToLogsOnError",
 }
@@ -98,6 +99,7 @@ EXPECTED_VOLUMES: list[dict[str, Any]] = [
         "downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]},
     },
     {"name": "kubetoll-tmp", "emptyDir": {"sizeLimit": "16Mi"}},
+    {"name": "kubetoll-state", "emptyDir": {"sizeLimit": "64Mi"}},
 ]
 
 
@@ -305,11 +307,28 @@ def test_several_containers_and_existing_env() -> None:
     assert_stable(patched, {}, PLAIN)
 
 
+def test_the_state_volume_is_where_the_compiled_config_keeps_the_sidecars_state() -> None:
+    from kubetoll_operator.compiler import compile_namespace
+
+    config = compile_namespace(NS, []).config  # what the operator writes into kubetoll-router
+    assert config is not None
+    _, patched = admit(pod(labels={"kubetoll.dev/inject": "true"}), {}, PLAIN)
+    sidecar = patched["spec"]["containers"][-1]
+    mounts = [m for m in sidecar["volumeMounts"] if m["mountPath"] == config.server.state_dir]
+    # Written by the sidecar (spend Redis has not confirmed, the failOpen allowance used): not read-only.
+    assert len(mounts) == 1 and not mounts[0].get("readOnly")
+    # An emptyDir: it outlives the sidecar's container restarts, not the pod.
+    volume = next(v for v in patched["spec"]["volumes"] if v["name"] == mounts[0]["name"])
+    assert volume == {"name": "kubetoll-state", "emptyDir": {"sizeLimit": "64Mi"}}
+    assert all("volumeMounts" not in c for c in patched["spec"]["containers"][:-1])
+
+
 def test_volume_name_clash_picks_free_names() -> None:
     volumes = [
         {"name": "kubetoll-router", "emptyDir": {}},
         {"name": "kubetoll-router-1", "emptyDir": {}},
         {"name": "kubetoll-tmp", "configMap": {"name": "something"}},
+        {"name": "kubetoll-state", "persistentVolumeClaim": {"claimName": "app-state"}},
     ]
     containers = [
         {
@@ -328,10 +347,12 @@ def test_volume_name_clash_picks_free_names() -> None:
         "kubetoll-router",
         "kubetoll-router-1",
         "kubetoll-tmp",
+        "kubetoll-state",
         "kubetoll-router-2",
         "kubetoll-credentials",
         "kubetoll-podinfo",
         "kubetoll-tmp-1",
+        "kubetoll-state-1",
     ]
     sidecar = patched["spec"]["initContainers"][0]
     assert [m["name"] for m in sidecar["volumeMounts"]] == [
@@ -339,10 +360,12 @@ def test_volume_name_clash_picks_free_names() -> None:
         "kubetoll-credentials",
         "kubetoll-podinfo",
         "kubetoll-tmp-1",
+        "kubetoll-state-1",
     ]
-    assert patched["spec"]["volumes"][3]["configMap"] == {"name": "kubetoll-router", "optional": True}
+    assert patched["spec"]["volumes"][4]["configMap"] == {"name": "kubetoll-router", "optional": True}
+    assert patched["spec"]["volumes"][-1] == {"name": "kubetoll-state-1", "emptyDir": {"sizeLimit": "64Mi"}}
     # The app's own volumes and mounts are untouched.
-    assert patched["spec"]["volumes"][:3] == volumes
+    assert patched["spec"]["volumes"][:4] == volumes
     assert patched["spec"]["containers"][0]["volumeMounts"] == containers[0]["volumeMounts"]
     assert_valid_pod(patched, "1.29")
     assert_stable(patched, {}, NATIVE)

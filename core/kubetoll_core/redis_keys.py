@@ -116,6 +116,15 @@ class RedisKeys:
         """The kill switch: present (any value) means suspended."""
         return self._k(self.budget_tag(budget), "suspended")
 
+    def suspension_known(self, budget: str) -> str:
+        """Present once the kill switch was written (set or cleared) since Redis last lost its data.
+
+        Without it, a missing `suspended` flag says nothing: Redis may have restarted empty, so
+        sidecars keep the suspension they knew until the operator re-asserts the flags from the
+        TokenBudgets (`kill_switch.assert_suspensions`).
+        """
+        return self._k(self.budget_tag(budget), "suspended", "known")
+
     # -- per home tag (either {ns} or {ns:budget}): bookkeeping a sync script needs in its own slot
 
     def home_tag(self, budget: str | None) -> str:

@@ -74,6 +74,11 @@ class ServerSettings(ContractModel):
         "/etc/kubetoll/podinfo/labels",
         description="Downward-API file with the pod's labels, for routes with a podSelector.",
     )
+    state_dir: str = Field(
+        "/var/lib/kubetoll",
+        description="Where the sidecar keeps, across its own restarts, spend Redis has not confirmed and the failOpen "
+        "allowance it used (the injector mounts an emptyDir here). Missing or not writable: nothing is kept.",
+    )
 
     @model_validator(mode="after")
     def _ports_differ(self) -> ServerSettings:
@@ -223,6 +228,13 @@ class BudgetStoreSettings(ContractModel):
     password_file: str | None = Field(None, description="File under credentialsDir holding the Redis password.")
     timeout_ms: float = Field(50.0, gt=0, description="No request waits on Redis longer than this.")
     ledger_retention_days: int = Field(35, ge=1, description="Spend ledger records older than this are trimmed.")
+    expected_sidecars: int = Field(
+        0,
+        ge=0,
+        description="Sidecars sharing the namespace's budgets, as the operator last counted injected pods (rounded "
+        "up to a power of two). A sidecar that has not seen the real count in Redis divides its failOpen allowance "
+        "by this. 0: unknown.",
+    )
     max_meters: int = Field(
         100_000,
         ge=100,

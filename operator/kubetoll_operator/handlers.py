@@ -4,8 +4,10 @@ kopf indexes keep the four kinds in memory by namespace (and kopf starts the
 handlers only after the initial listing filled every index, so the first compile
 sees the whole namespace, never half of it). An event on any of them, on a Secret
 a backend references, or on the operator's own ConfigMap or Secret asks the
-`Reconciler` to recompile that namespace. The Reconciler runs one worker per
-namespace: it coalesces bursts of events, compiles, and writes
+`Reconciler` to recompile that namespace; so does a count of the namespace's
+injected pods that passes a power of two (sidecar_count.py, `expectedSidecars`).
+The Reconciler runs one worker per namespace: it coalesces bursts of events,
+compiles, and writes
 
 * the ConfigMap `kubetoll-router` (key `router.json`, annotation
   `kubetoll.dev/config-hash`), only when its content changes;
@@ -23,8 +25,9 @@ A second task per namespace with budgets, the spend reporter, runs every
 `spend_interval_seconds`. With a Redis budget store (`--redis-url`) it reads what
 the sidecars wrote (totals, and the ledger's cache hits and refusal records) and
 fills the TokenBudget spend fields and CachePolicy counters, posts one Event per
-alert threshold per period, and sets the SpendKnown and ThresholdReached
-conditions; without one it writes each budget's limits from the spec and
+alert threshold per period, sets the SpendKnown and ThresholdReached
+conditions, and writes each budget's kill switch from `spec.suspended` where
+Redis lost it; without one it writes each budget's limits from the spec and
 SpendKnown=False (NoSharedStore). spend.py has the arithmetic; docs/operator.md
 says why a task and not a kopf timer.
 """
@@ -38,6 +41,7 @@ import datetime
 import hashlib
 import json
 import logging
+import re
 import socket
 import time
 import uuid
@@ -48,7 +52,7 @@ from typing import Any
 import kopf
 from redis.exceptions import RedisError
 
-from . import metrics, spend
+from . import metrics, sidecar_count, spend
 from .compiler import CompileResult, compile_namespace
 from .kube import ApiError, KubeApi
 from .resources import API_VERSION, GROUP, KINDS, VERSION, TokenBudgetSpec
@@ -182,6 +186,7 @@ class Reconciler:
     redis: Any = None
     auth_watch: asyncio.Task[None] | None = None  # notices a rotated budget-store Secret (redis_auth.py)
     auth_missing: set[str] = field(default_factory=set)  # namespaces warned about having no Redis credential
+    sidecars: sidecar_count.SidecarCounts = field(default_factory=sidecar_count.SidecarCounts)  # expectedSidecars
 
     # ----------------------------------------------------------------- triggers
 
@@ -190,6 +195,7 @@ class Reconciler:
             name = _index_name(info.plural)
             if name in kwargs:
                 self.indices[info.kind] = kwargs[name]
+        self.sidecars.bind(kwargs)
 
     def changed(self, kind: str, namespace: str, name: str, fingerprint: str | None) -> bool:
         key = (kind, namespace, name)
@@ -284,6 +290,7 @@ class Reconciler:
             self.applied.pop(namespace, None)
             self.reported.pop(namespace, None)
             self.configs.pop(namespace, None)
+            self.sidecars.forget(namespace)
             self._set_reporter(namespace, False)
             metrics.forget_namespace(namespace)
             metrics.record_reconcile("cleanup", "ok", time.perf_counter() - started)
@@ -300,6 +307,7 @@ class Reconciler:
         store_secret: dict[str, str] = {}  # this namespace's own Redis login, for kubetoll-credentials
         if self.options.redis_url:
             store, store_secret = self._store_access(namespace)
+            store = store.model_copy(update={"expected_sidecars": self.sidecars.for_compile(namespace)})
         # Read once: its last good versions feed the compile, and the apply compares against it.
         current_cm = await api.get(cm_path)
         last_good = _last_good(current_cm)
@@ -698,7 +706,8 @@ class Reconciler:
         except (RedisError, OSError, TimeoutError, ValueError) as exc:
             failure = exc
         self._log_spend_transition(namespace, failure)
-        if failure is None:
+        if failure is None:  # else Redis is away, which the transition log says once
+            await self._assert_suspensions(namespace, objects)
             # Before the budgets: the refusal records tell which meters admission refuses on.
             await self._read_ledger(namespace, now)
         refusals = self.refusal_logs.get(namespace) or spend.RefusalLog(self.options.refusal_window_seconds)
@@ -725,6 +734,39 @@ class Reconciler:
         if policies and failure is None:
             await self._report_cache(namespace, config, [objects[("CachePolicy", p.name)] for p in policies])
         metrics.record_reconcile("spend", "ok" if failure is None else "store_unavailable", time.time() - now)
+
+    async def _assert_suspensions(self, namespace: str, objects: dict[tuple[Any, str], dict[str, Any]]) -> None:
+        """Write each TokenBudget's `spec.suspended` into its kill switch where Redis does not know the switch.
+
+        After Redis lost its data the sidecars keep the suspensions they knew until the switch
+        is written again (kubetoll_core.kill_switch); this pass is what writes it.
+        """
+        from kubetoll_core.kill_switch import assert_suspensions
+        from kubetoll_core.names import NAME_PATTERN
+
+        wanted = {
+            name: bool((obj.get("spec") or {}).get("suspended"))
+            for (kind, name), obj in objects.items()
+            if kind == "TokenBudget" and re.match(NAME_PATTERN, name)  # else no key can name it (nor compile it)
+        }
+        try:
+            async with asyncio.timeout(self.options.redis_timeout_seconds):
+                written = await assert_suspensions(self._redis(), namespace, wanted)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning(
+                "namespace %s: kill switches not re-asserted in Redis, trying again next pass: %s: %s",
+                namespace,
+                type(exc).__name__,
+                exc,
+            )
+            return
+        if written:
+            log.warning(
+                "namespace %s: kill switch written from spec.suspended for %s: Redis had lost it (restarted empty?) "
+                "or the budget was never switched before",
+                namespace,
+                ", ".join(f"{b} ({'suspended' if wanted[b] else 'not suspended'})" for b in written),
+            )
 
     def _log_spend_transition(self, namespace: str, failure: Exception | None) -> None:
         ok = failure is None
@@ -980,6 +1022,8 @@ async def _on_configmap(
 from . import webhook as _webhook  # noqa: E402  (imports handlers lazily: no cycle at import time)
 
 _webhook.register(registry)
+# Counting each namespace's injected pods, for budgetStore.expectedSidecars (sidecar_count.py).
+sidecar_count.register(registry, _reconciler)
 # The operator's /metrics endpoint (metrics.py), started with the operator.
 metrics.register(registry)
 

@@ -28,8 +28,10 @@ What is injected:
 * volumes, mounted into the sidecar only: the namespace's `kubetoll-router`
   ConfigMap and `kubetoll-credentials` Secret (both `optional`, so a pod starts
   before the operator's first compile: the sidecar runs with `--wait-for-config`
-  and answers 503 until the file appears), the pod's labels through the downward API
-  and a small `/tmp`;
+  and answers 503 until the file appears), the pod's labels through the downward API,
+  a small `/tmp`, and an emptyDir at `server.stateDir` where the sidecar keeps, across
+  its own restarts, the spend Redis has not confirmed and the failOpen allowance it
+  used (an emptyDir lives as long as the pod, so a crash-looping sidecar finds it);
 * in each app container, `OPENAI_BASE_URL` and `OPENAI_API_BASE` (both or neither:
   a container whose `env` names either one itself keeps its own endpoint and gets
   neither, with an admission warning, unless what it set is the sidecar's URL), and
@@ -75,6 +77,8 @@ CONFIG_DIR = "/etc/kubetoll/router"
 CONFIG_PATH = f"{CONFIG_DIR}/router.json"
 CREDENTIALS_DIR = "/var/run/kubetoll/credentials"  # ServerSettings.credentialsDir
 PODINFO_DIR = "/etc/kubetoll/podinfo"  # ServerSettings.podLabelsFile is <dir>/labels
+STATE_DIR = ServerSettings().state_dir  # where the compiled config tells the sidecar to keep its state
+STATE_SIZE_LIMIT = "64Mi"
 ROUTER_CONFIGMAP = "kubetoll-router"  # written by the operator (handlers.CONFIGMAP_NAME)
 CREDENTIALS_SECRET = "kubetoll-credentials"  # written by the operator (handlers.CREDENTIALS_SECRET)
 
@@ -84,9 +88,10 @@ API_KEY_VAR = "OPENAI_API_KEY"
 # the sidecar holds the provider credentials (mounted into it alone) and ignores the key the
 # app sends. So an app container without a key of its own gets this, which is plainly not one.
 API_KEY_PLACEHOLDER = "kubetoll-placeholder-the-sidecar-holds-the-credentials"
-# What the sidecar needs after SIGTERM: `server.drainSeconds` for requests in flight, then up to
-# 2 s to return its leases and write buffered spend (the Redis store's close bound), plus the
-# process exit and the kubelet's signal delivery. Kubernetes' default grace period is 30 s.
+# What the sidecar needs after SIGTERM: `server.drainSeconds`, which already holds the last
+# min(2 s, drainSeconds/4) for returning its leases and writing buffered spend (the sidecar's
+# drain.py), plus the margin: the process exit, the kubelet's signal delivery, and the 0.3 s the
+# sidecar still takes with a drainSeconds of 0. Kubernetes' default grace period is 30 s.
 DEFAULT_DRAIN_SECONDS = ServerSettings().drain_seconds
 SHUTDOWN_MARGIN_SECONDS = 5
 DEFAULT_GRACE_PERIOD_SECONDS = 30  # what the API server fills in when the pod sets none
@@ -349,6 +354,7 @@ def sidecar_container(options: InjectionOptions, volume_names: Mapping[str, str]
             {"name": volume_names["credentials"], "mountPath": CREDENTIALS_DIR, "readOnly": True},
             {"name": volume_names["podinfo"], "mountPath": PODINFO_DIR, "readOnly": True},
             {"name": volume_names["tmp"], "mountPath": "/tmp"},
+            {"name": volume_names["state"], "mountPath": STATE_DIR},
         ],
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
@@ -367,6 +373,7 @@ def sidecar_volumes(volume_names: Mapping[str, str]) -> list[dict[str, Any]]:
             "downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]},
         },
         {"name": volume_names["tmp"], "emptyDir": {"sizeLimit": "16Mi"}},
+        {"name": volume_names["state"], "emptyDir": {"sizeLimit": STATE_SIZE_LIMIT}},
     ]
 
 
@@ -446,7 +453,7 @@ def plan_injection(pod: Mapping[str, Any], namespace_labels: Mapping[str, str], 
 
     taken = {v.get("name") for v in spec.get("volumes") or []}
     volume_names: dict[str, str] = {}
-    for role in ("router", "credentials", "podinfo", "tmp"):
+    for role in ("router", "credentials", "podinfo", "tmp", "state"):
         volume_names[role] = _free_name(f"kubetoll-{role}", taken)
         taken.add(volume_names[role])
     volumes = sidecar_volumes(volume_names)
