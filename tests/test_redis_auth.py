@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ import yaml
 from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
-from kubetoll_core.kill_switch import set_suspended
+from kubetoll_core.kill_switch import assert_suspensions, set_suspended
 from kubetoll_core.ledger_stream import period_totals
 from kubetoll_core.meters import scale_of, to_units
 from kubetoll_core.redis_connect import RedisCredentials, connect_redis
@@ -40,6 +41,7 @@ from kubetoll_core.redis_keys import RedisKeys
 from kubetoll_core.router_config import BudgetStoreSettings, RouterConfig
 from kubetoll_operator.redis_auth import PASSWORD_KEY, USERNAME_KEY, RedisAuth, StoreCredential
 from kubetoll_sidecar import tokens
+from kubetoll_sidecar.cache import keys as cache_keys
 from support.harness import RunningSidecar
 from support.helm import helm
 from support.kopf_env import Kubectl, condition, eventually
@@ -496,6 +498,81 @@ async def test_a_namespace_login_from_the_operator_works_over_tls(tmp_path: Path
         proc.stop()
 
 
+def login_files(directory: Path, who: str) -> RedisCredentials:
+    """`who`'s login as the CLI and the operator take it: a username file and a password file."""
+    directory.mkdir(parents=True)
+    (directory / "username").write_text(USERS[who] + "\n")
+    (directory / "password").write_text(PASSWORDS[who] + "\n")
+    return RedisCredentials(directory / "username", directory / "password")
+
+
+async def test_the_documented_lines_run_cache_flush_and_the_kill_switch(redis: RedisProcess, tmp_path: Path) -> None:
+    """`kubetoll cache flush` under a namespace's user; the kill switch under the operator's and the namespace's.
+
+    Redis' ACL LOG lists every command it refused to whom: at the end it holds only
+    the flush's SCAN, which the namespace line leaves out on purpose.
+    """
+    admin = await create_users(redis, ["team-a", "team-b"])
+    old = cache_keys.entry_key("team-a", "faq", "g0", "h1")
+    theirs = cache_keys.entry_key("team-b", "faq", "g0", "h1")
+    await admin.set(old, "old answer", ex=600)
+    await admin.set(theirs, "their answer", ex=600)
+    await admin.acl_log_reset()
+    team_a = login_files(tmp_path / "team-a", "team-a")
+
+    # The CLI as a person runs it, with team-a's login files and nothing from this process' environment.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBETOLL_")}
+    flush = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kubetoll_tools.cli",
+        "cache",
+        "flush",
+        "--redis-url",
+        redis.url,
+        "--namespace",
+        "team-a",
+        "--policy",
+        "faq",
+        "--username-file",
+        str(tmp_path / "team-a" / "username"),
+        "--password-file",
+        str(tmp_path / "team-a" / "password"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    out, err = await asyncio.wait_for(flush.communicate(), 60)  # a hang bound only
+    assert flush.returncode == 0, err.decode()
+    assert "epoch is now 1" in out.decode() and "left to expire by their TTL" in out.decode(), out.decode()
+    assert await admin.get(cache_keys.epoch_key("team-a", "faq")) == "1"
+    assert await admin.ttl(old) > 0  # left to its TTL: no SCAN, so nothing was deleted
+    assert await admin.get(theirs) == "their answer"
+    assert PASSWORDS["team-a"] not in out.decode() + err.decode()
+
+    # The operator: `assert_suspensions` on each pass, `set_suspended` (also what `kubetoll budget` runs).
+    operator = connect_redis(
+        BudgetStoreSettings(url=redis.url),
+        login_files(tmp_path / "operator", "operator"),
+        client_name="kubetoll-operator",
+    )
+    keys = RedisKeys("team-a")
+    await set_suspended(operator, "team-a", "chat", True)
+    # `chat` is known now, so its running value stands against the spec; `batch` is not, so the spec's is written.
+    assert await assert_suspensions(operator, "team-a", {"chat": False, "batch": True}) == ["batch"]
+    for budget in ("chat", "batch"):
+        assert await admin.exists(keys.suspended(budget), keys.suspension_known(budget)) == 2, budget
+    # `kubetoll budget resume` with the namespace's own login.
+    user_a = connect_redis(BudgetStoreSettings(url=redis.url), team_a)
+    await set_suspended(user_a, "team-a", "chat", False)
+    assert not await admin.exists(keys.suspended("chat")) and await admin.exists(keys.suspension_known("chat"))
+
+    refused = [(e["username"], e["object"]) for e in await admin.acl_log()]
+    assert refused == [(USERS["team-a"], "scan")], refused
+    for c in (operator, user_a, admin):
+        await c.aclose()
+
+
 def test_the_auth_directory_reads_only_the_namespaces_own_keys(tmp_path: Path) -> None:
     mounted = MountedSecret(tmp_path / "auth")
     mounted.write({"password": "op", "team-a.password": "a", "team-a.username": "ua", "team-ab.password": "ab"})
@@ -516,6 +593,7 @@ def test_the_auth_directory_reads_only_the_namespaces_own_keys(tmp_path: Path) -
         "timeout_ms": 50.0,
         "ledger_retention_days": 35,
         "max_meters": 100_000,
+        "expected_sidecars": 0,
     }
     before = per_ns.fingerprint()
     mounted.write({"password": "op", "team-a.password": "a2", "team-a.username": "ua", "team-ab.password": "ab"})

@@ -24,6 +24,7 @@ from kubetoll_sidecar.cache import keys as cache_keys
 from kubetoll_sidecar.ledger_redis import RedisLedger
 from support.harness import wait_until
 from support.redis_server import ClusterRedis, RedisProcess, SentinelRedis, TlsRedis
+from test_redis_auth import acl_args  # the line docs/redis-layout.md gives, parsed from the page
 
 # These tests are not about timeouts: a generous one keeps a loaded machine from looking like
 # a Redis outage (tests/test_redis_faults.py uses the 50 ms default on purpose).
@@ -148,59 +149,11 @@ def test_credentials_come_from_files_under_the_credentials_dir(tmp_path):
         BudgetStoreSettings(url="redis://user:secret@localhost:6379/0")
 
 
-def acl_line(ns: str, password: str) -> list[str]:
-    """The ACL from docs/redis-layout.md, as ACL SETUSER arguments."""
-    return [
-        f"kubetoll-{ns}",
-        "reset",
-        "on",
-        f">{password}",
-        f"~kt:{{{ns}}}:*",
-        f"~kt:{{{ns}:*",
-        f"~kt:cache:{{{ns}}}:*",
-        f"&kt:{{{ns}}}:*",
-        "+@connection",
-        "-@dangerous",
-        "+evalsha",
-        "+eval",
-        "+script|load",
-        "+time",
-        "+hget",
-        "+hmget",
-        "+hset",
-        "+hdel",
-        "+hgetall",
-        "+get",
-        "+set",
-        "+del",
-        "+exists",
-        "+mget",
-        "+expire",
-        "+pexpire",
-        "+pexpireat",
-        "+zadd",
-        "+zrem",
-        "+zrange",
-        "+zrangebyscore",
-        "+zremrangebyscore",
-        "+zcard",
-        "+zscore",
-        "+xadd",
-        "+xrange",
-        "+xread",
-        "+sadd",
-        "+smembers",
-        "+subscribe",
-        "+unsubscribe",
-        "+publish",
-    ]
-
-
 async def test_acl_user_confined_to_its_namespace(tmp_path):
     proc = RedisProcess(args=("--requirepass", "admin-pw")).start()
     try:
         admin = Redis(port=proc.port, password="admin-pw", decode_responses=True)
-        await admin.execute_command("ACL", "SETUSER", *acl_line("team-a", "pw-a"))
+        await admin.execute_command("ACL", "SETUSER", *acl_args("team-a", "pw-a"))
         (tmp_path / "user").write_text("kubetoll-team-a\n")
         (tmp_path / "password").write_text("pw-a\n")
         settings = BudgetStoreSettings(
@@ -221,6 +174,8 @@ async def test_acl_user_confined_to_its_namespace(tmp_path):
             await user.set("kt:{team-b:b1}:suspended", "1")
         with pytest.raises(NoPermissionError):
             await user.publish(RedisKeys("team-b").channel(), "x")
+        with pytest.raises(NoPermissionError):  # SCAN ignores key patterns: it would list every namespace's keys
+            await user.scan(match="kt:*")
         with pytest.raises(ResponseError):
             await user.flushall()
         await user.aclose()

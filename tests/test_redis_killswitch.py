@@ -92,7 +92,13 @@ async def test_flag_set_by_hand_is_caught_by_the_poll(redis_url, ns, r):
     await use(a, m)
     await r.set(RedisKeys(ns).suspended("b"), "1")  # no pub/sub message
     await until(lambda: a.is_suspended("b"))
+    # The flag gone with nothing saying so (as after an empty Redis restart) lifts nothing...
     await r.delete(RedisKeys(ns).suspended("b"))
+    poll = a.counters.redis_calls
+    await until(lambda: a.counters.redis_calls >= poll + 2)  # a poll or a sync has read it since
+    assert a.is_suspended("b")
+    # ...the switch written as cleared (what `kubetoll budget resume` and the operator do) does.
+    await r.set(RedisKeys(ns).suspension_known("b"), "1")
     await until(lambda: not a.is_suspended("b"))
     await a.close()
 

@@ -104,7 +104,12 @@ class Sidecar:
             client = connect_redis(cfg.budget_store, creds)
             self._redis_clients.append(client)
             store = RedisBudgetStore(
-                client, cfg.budget_store, cfg.namespace, clock=self.clock, monotonic=self.monotonic
+                client,
+                cfg.budget_store,
+                cfg.namespace,
+                clock=self.clock,
+                monotonic=self.monotonic,
+                state_dir=cfg.server.state_dir,  # spend and allowance kept across restarts (journal.py)
             )
             await store.start()  # bounded; Redis being away is not fatal (failOpen/failClosed decide)
             self.store, self.ledger = store, RedisLedger(store, client)
@@ -146,6 +151,7 @@ class Sidecar:
         """What a config load changes outside RouterState: the kill switches the store
         watches, the cache policies and their embedding backends."""
         self.store.watch_budgets([b.name for b in state.config.budgets])
+        self.store.apply_settings(state.config.budget_store)
         if self.cache is not None:
             embedders = {
                 p.semantic.embedding_backend: embedder_for_backend(
@@ -195,7 +201,10 @@ class Sidecar:
                         new_state.config.server.metrics_port,
                     ):
                         log.warning("config changed the listen ports; they apply at the next restart")
-                    if old.config.budget_store != new_state.config.budget_store:
+                    live = {"expected_sidecars"}  # applied by the running store (apply_settings)
+                    if old.config.budget_store.model_dump(exclude=live) != new_state.config.budget_store.model_dump(
+                        exclude=live
+                    ):
                         log.warning("config changed budgetStore; the budget store in use stays until the next restart")
                 log.info(
                     "config applied: %s (revision %s, %d routes, %d backends, %d budgets)",

@@ -77,9 +77,13 @@ async def _flush_async(args: argparse.Namespace) -> int:
         return 1
     finally:
         await client.aclose()
+    swept = (
+        f"{result.deleted} keys deleted"
+        if result.swept
+        else "old keys left to expire by their TTL (this Redis user may not SCAN, as a namespace's own may not)"
+    )
     print(
-        f"flushed cache policy {args.namespace}/{args.policy}: epoch is now {result.epoch}, "
-        f"{result.deleted} keys deleted; "
+        f"flushed cache policy {args.namespace}/{args.policy}: epoch is now {result.epoch}, {swept}; "
         "sidecars stop serving old entries within about a second"
     )
     return 0

@@ -18,6 +18,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 
+from kubetoll_core.router_config import BudgetStoreSettings
+
 from .spill import SpendSpill
 from .store import Exhausted, Hold, Meter, MeterState, Reservation
 
@@ -127,13 +129,16 @@ class InMemoryBudgetStore:
     def watch_budgets(self, budgets: Sequence[str]) -> None:
         return None  # no kill switch outside the config
 
+    def apply_settings(self, settings: BudgetStoreSettings) -> None:
+        return None  # nothing shared: the sidecar count does not matter in one process
+
     def spent(self, meter_key: str) -> float:
         """Settled spend on a window meter (tests and reports)."""
         w = self._windows.get(meter_key)
         return 0.0 if w is None else w[0]
 
-    async def close(self) -> None:
-        return None
+    async def close(self, timeout: float = 2.0) -> None:
+        return None  # nothing shared to give back or write
 
     def _maybe_prune(self, now: float) -> None:
         self._ops += 1

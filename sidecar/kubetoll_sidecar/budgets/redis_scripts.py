@@ -4,10 +4,14 @@ SYNC, in one atomic step, for one sidecar:
 
 1. idempotency: `seq` must grow (a late copy of an older call is ignored) and a
    flush `batch` number already applied is not applied again (a retry after a
-   timeout whose first attempt did run);
+   timeout whose first attempt did run). A replay of a stopped process's
+   spend from its journal (`journal.py`) sends seq 0: only the batch number
+   counts, so a batch that process did write is not written twice;
 2. the epoch key: created when missing, returned so the sidecar can tell that
    Redis lost its data;
-3. the kill switch of every budget in the call;
+3. the kill switch of every budget in the call: 1 suspended, 0 known not to
+   be, -1 unknown (Redis lost it: the sidecar keeps what it knew, and a budget
+   the sidecar holds suspended gets no lease either way);
 4. per meter: drop expired leases (a dead sidecar's reservations return to the
    pool), refill a bucket from Redis `TIME`, apply the batch's settled spend
    (window: `spent += d`; bucket: consumed tokens leave the lease), then set this
@@ -31,7 +35,8 @@ local function int(v) return string.format('%d', math.floor(v)) end
 
 local sk = KEYS[p.sk]
 local last = redis.call('HMGET', sk, 'seq', 'batch')
-if p.seq <= (tonumber(last[1]) or -1) then
+-- seq 0: a replay of spend a stopped process left on disk (its batch numbers still apply)
+if p.seq > 0 and p.seq <= (tonumber(last[1]) or -1) then
   return {'stale', '', now, {}, {}}
 end
 local dup = false
@@ -42,7 +47,7 @@ if p.batch > 0 then
     redis.call('HSET', sk, 'batch', int(p.batch))
   end
 end
-redis.call('HSET', sk, 'seq', int(p.seq))
+if p.seq > 0 then redis.call('HSET', sk, 'seq', int(p.seq)) end
 redis.call('PEXPIRE', sk, p.sk_ttl)
 
 local ek = KEYS[p.ek]
@@ -57,12 +62,15 @@ if p.bi then
   redis.call('PEXPIRE', KEYS[p.bi], p.ix_ttl)
 end
 
+-- the kill switch: 1 suspended, 0 known not suspended, -1 unknown (no flag and no
+-- `known` key: Redis may have lost it; the sidecar keeps what it knew)
 local susp = {}
 local suspended = {}
 for i, b in ipairs(p.budgets) do
   local s = redis.call('EXISTS', KEYS[b[2]])
+  if s == 0 and redis.call('EXISTS', KEYS[b[4]]) == 0 then s = -1 end
   susp[i] = s
-  suspended[b[1]] = (s == 1)
+  suspended[b[1]] = (s == 1) or (b[5] == 1)
   redis.call('ZREMRANGEBYSCORE', KEYS[b[3]], '-inf', now)
 end
 

@@ -48,7 +48,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import orjson
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    NoPermissionError,
+    RedisError,
+    ResponseError,
+)
 
 from kubetoll_core.periods import Clock, SystemClock
 from kubetoll_core.redis_connect import RedisCredentials, connect_redis, default_sidecar_id, is_cluster
@@ -64,6 +70,7 @@ from kubetoll_core.redis_keys import (
 from kubetoll_core.router_config import BudgetStoreSettings
 from kubetoll_core.spend_record import SpendRecord, encode_record, encode_record_checked
 
+from .journal import JOURNAL_INTERVAL, LeftJournal, StateDir
 from .leases import Lease
 from .redis_sync import MAX_METERS_PER_CALL, Batch, SpendBuffer, SyncCall, SyncScript
 from .store import Hold, Meter, MeterState, Reservation, StoreUnavailable, Suspended
@@ -93,7 +100,11 @@ class StoreCounters:
     degraded_decisions_total: int = 0  # reserves decided without Redis
     fail_open_allowance_used_total: int = 0
     contention_rejections_total: int = 0  # Redis answered, but no lease came free in time
+    slow_decisions_total: int = 0  # reserves decided without Redis because it had not answered in time
     evicted_meters: int = 0  # local meter states forgotten early because the table passed budgetStore.maxMeters
+    replayed_batches_total: int = 0  # flush batches of a stopped process replayed from its journal
+    replayed_records_total: int = 0
+    replay_duplicates_total: int = 0  # ...of them, ones Redis had applied already (the writer got them through)
 
 
 @dataclass(slots=True)
@@ -134,6 +145,7 @@ class RedisBudgetStore:
         pubsub: bool = True,
         negative_cache: float = 0.25,
         io_timeout: float | None = None,
+        state_dir: str | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
@@ -177,9 +189,27 @@ class RedisBudgetStore:
         self._last_quarantine_log = -_INF
         self._epochs: dict[str, str] = {}
 
+        # On local disk (journal.py): spend Redis has not confirmed, and the allowance used.
+        self._disk = StateDir.open(state_dir, self.sidecar_id)
+        self._left: list[LeftJournal] = self._disk.left_journals() if self._disk else []
+        kept = self._disk.read_allowances() if self._disk else {}
+        self._adopted: dict[str, dict[str, Any]] = dict(kept.get("meters") or {})
+        self._adopted_outage: float | None = kept.get("outage_since")  # wall clock
+        self._journal_at = -_INF
+        self._journaled = -1  # SpendBuffer.changes when the journal was last written
+        self._journal_on_disk = False
+        self._allowance_dirty = False
+        self._allowance_at = -_INF
+        self._last_disk_error_log = -_INF
+
         self._healthy = True
+        self._unavailable_why = ""
+        self._rtt = 0.0  # EWMA of a whole sync's round trip (seconds)
+        self._last_reply = -_INF  # monotonic: the last sync every call of which succeeded
+        self.expected_sidecars = settings.expected_sidecars
         self._degraded_since = 0.0
         self._last_outage_log = -_INF
+        self._last_refusal_log = -_INF
         self._logged_outage = False
         self._retry_at = 0.0
         self._backoff = 0.05
@@ -243,7 +273,12 @@ class RedisBudgetStore:
             if not ok:
                 raise ConnectionError("the first sync failed")
         except (TimeoutError, RedisError, OSError) as exc:
-            self._mark_unavailable(f"at start: {type(exc).__name__}: {exc}")
+            self._mark_unavailable(f"at start: {self._describe(exc)}")
+            if self._adopted_outage is not None:
+                # The outage the previous process of this pod saw goes on: a bucket's share of
+                # the refill counts from when it began, not from this start.
+                began = self._mono() - max(self._clock.time() - float(self._adopted_outage), 0.0)
+                self._degraded_since = min(self._degraded_since, began)
         self._start_tasks()
 
     def _start_tasks(self) -> None:
@@ -283,11 +318,12 @@ class RedisBudgetStore:
                     break
                 if not (buf.pending() or self._dirty):
                     break
-        if buf.open_deltas or buf.frozen:
-            self.counters.dropped_spend_batches += 1
-            log.warning(
-                "budget store closing with spend not written to Redis (%d ledger records)", buf.buffered_records
-            )
+        if buf.pending():
+            self._keep_at_close()
+        elif self._journal_on_disk and self._disk is not None:
+            self._drop_journal()
+        if self._allowance_dirty and self._disk is not None:
+            self._write_disk(self._disk.write_allowances, self._allowance_doc())
         self._closed = True
         if self._own_client:
             with contextlib.suppress(Exception):
@@ -322,8 +358,8 @@ class RedisBudgetStore:
                 fits = False
         if fits:  # the common case: every hold fits this sidecar's leases, no I/O
             return self._commit(holds, sts, amts, mono)
-        deadline = mono + self._timeout
-        waited = False
+        started = mono
+        deadline = mono + self._wait_for(holds, sts)
         while True:
             if not self._healthy:
                 return self._reserve_degraded(holds, sts, amts, now, mono)
@@ -343,15 +379,7 @@ class RedisBudgetStore:
             if not missing:
                 return self._commit(holds, sts, amts, mono)
             if mono >= deadline:
-                # Redis answers, but what it granted went to other requests first and this one
-                # is out of time. Not an outage, so no failOpen allowance: with Redis answering,
-                # enforced holds never take a meter past its limit. The client retries shortly.
-                self.counters.contention_rejections_total += 1
-                label = holds[missing[0]].meter.label
-                raise StoreUnavailable(
-                    f"{label}: no share of the budget came free within {self.settings.timeout_ms:g} ms "
-                    "(other sidecars hold the rest of it); retry shortly"
-                )
+                return self._out_of_time(holds, sts, amts, missing, now, mono, started)
             # Not enough lease: one round trip for every meter short of it, and for every
             # request waiting on the same meter (their needs add up).
             for i in missing:
@@ -360,12 +388,53 @@ class RedisBudgetStore:
                 st.need += amts[i]
                 st.max_hold = max(st.max_hold, amts[i])
                 self._dirty.add(st.meter.key)
-            await self._await_sync(deadline - mono, first=not waited)
-            waited = True
+            await self._await_sync(deadline - mono)
             mono = self._mono()
             for h in holds:
                 if h.meter.budget in suspended:
                     raise Suspended(h.meter.budget)
+
+    def _wait_for(self, holds: Sequence[Hold], sts: list[Lease]) -> float:
+        """How long a request may wait for a lease.
+
+        `timeout_ms`, or three recent round trips when Redis is answering slower than
+        that (a loaded node); a meter's first lease may take up to the I/O timeout
+        (a cold connection, a TLS handshake). Never longer than the I/O timeout, after
+        which the sync itself gives up and the store counts Redis as away.
+        """
+        wait = max(self._timeout, 3.0 * self._rtt)
+        if any(h.enforce and st.g_seen == -_INF for h, st in zip(holds, sts)):
+            wait = self._io_timeout
+        return min(wait, self._io_timeout)
+
+    def _out_of_time(
+        self,
+        holds: Sequence[Hold],
+        sts: list[Lease],
+        amts: list[int],
+        missing: list[int],
+        now: float,
+        mono: float,
+        started: float,
+    ) -> Reservation:
+        waited_ms = (mono - started) * 1000.0
+        label = holds[missing[0]].meter.label
+        if self._last_reply > started:
+            # Redis answered, but what it granted went to other requests first and this one
+            # is out of time. Not an outage, so no failOpen allowance: with Redis answering,
+            # enforced holds never take a meter past its limit. The client retries shortly.
+            self.counters.contention_rejections_total += 1
+            raise StoreUnavailable(
+                f"{label}: Redis answered, but no share of the budget came free within {waited_ms:.0f} ms "
+                "(other sidecars or requests hold the rest of it); retry shortly"
+            )
+        # No answer yet: Redis is slow or going away (the sync in flight finds out within
+        # the I/O timeout). This request is decided as in an outage, without calling one.
+        self.counters.slow_decisions_total += 1
+        why = f"Redis has not answered within {waited_ms:.0f} ms"
+        if self._rtt > 0:
+            why += f" (recent round trips: {self._rtt * 1000.0:.0f} ms)"
+        return self._reserve_degraded(holds, sts, amts, now, mono, why=why, since=started)
 
     async def settle(self, reservation: Reservation, actual: Mapping[str, float], now: float) -> None:
         if reservation.settled:
@@ -407,6 +476,10 @@ class RedisBudgetStore:
     def watch_budgets(self, budgets: Sequence[str]) -> None:
         for b in budgets:
             self._add_budget(check_name("budget", b))
+
+    def apply_settings(self, settings: BudgetStoreSettings) -> None:
+        """What a reloaded config may change in a running store: the operator's sidecar count."""
+        self.expected_sidecars = settings.expected_sidecars
 
     @property
     def available(self) -> bool:
@@ -485,6 +558,9 @@ class RedisBudgetStore:
             st = Lease.new(m, self.keys.meter(m.budget, m.key), mono)
             self._leases[m.key] = st
             self._add_budget(m.budget)
+            kept = self._adopted.pop(m.key, None) if self._adopted else None
+            if kept is not None:  # what an earlier process of this pod used of its allowance
+                st.allowance_used = max(int(kept.get("used", 0)), 0)
         elif st.meter is not m:
             st.track(m)
         return st
@@ -518,9 +594,22 @@ class RedisBudgetStore:
         return LeasedReservation(id=str(next(self._ids)), holds=list(holds), units=tuple(amts), leases=tuple(sts))
 
     def _reserve_degraded(
-        self, holds: Sequence[Hold], sts: list[Lease], amts: list[int], now: float, mono: float
+        self,
+        holds: Sequence[Hold],
+        sts: list[Lease],
+        amts: list[int],
+        now: float,
+        mono: float,
+        *,
+        why: str | None = None,
+        since: float | None = None,
     ) -> Reservation:
-        """Redis is not answering: serve from leases, then from the failOpen allowance."""
+        """Redis is not answering: serve from leases, then from the failOpen allowance.
+
+        `why` says what happened (default: the outage's cause); `since` is when this lack
+        of answers began, for a bucket's share of the refill (default: the outage's start).
+        """
+        why = why or f"Redis is not answering ({self._unavailable_why})"
         self.counters.degraded_decisions_total += 1
         grants: list[tuple[Lease, int]] = []
         for i, h in enumerate(holds):
@@ -533,23 +622,32 @@ class RedisBudgetStore:
             if amt > st.limit:
                 raise self._exhausted(h, st, free, now, mono)
             if not h.meter.fail_open:
-                raise StoreUnavailable(f"{h.meter.label}: Redis is not answering and the budget is failClosed")
+                raise StoreUnavailable(f"{h.meter.label}: {why}, and the budget is failClosed; retry shortly")
             short = amt - max(free, 0)
-            if st.allowance_used + short > self.fail_open_allowance(st, mono):
-                raise StoreUnavailable(f"{h.meter.label}: Redis is not answering and the failOpen allowance is used up")
+            if st.allowance_used + short > self.fail_open_allowance(st, mono, since):
+                raise StoreUnavailable(f"{h.meter.label}: {why}, and this sidecar's failOpen allowance is used up")
             grants.append((st, short))
         for st, short in grants:
             st.extra += short
             st.allowance_used += short
             self.counters.fail_open_allowance_used_total += 1
+        if grants and self._disk is not None:
+            self._allowance_dirty = True  # on disk within flush_interval, for the next process of this pod
         return self._commit(holds, sts, amts, mono)
 
-    def fail_open_allowance(self, st: Lease, mono: float) -> int:
-        """What this sidecar may spend of a failOpen meter past its lease while Redis is away."""
-        holders = max(st.g_holders, self._budget_holders.get(st.meter.budget, 0))
-        return st.fail_open_allowance(holders, self.fail_open_fraction, self._degraded_since, mono)
+    def fail_open_allowance(self, st: Lease, mono: float, since: float | None = None) -> int:
+        """What this sidecar may spend of a failOpen meter past its lease while Redis is away.
 
-    async def _await_sync(self, timeout: float, first: bool) -> bool:
+        Shared by the sidecars last seen holding the budget, or, when this sidecar has
+        seen fewer (it never reached Redis), by as many as the operator counted.
+        """
+        holders = max(st.g_holders, self._budget_holders.get(st.meter.budget, 0), self.expected_sidecars)
+        start = self._degraded_since if since is None else since
+        return st.fail_open_allowance(holders, self.fail_open_fraction, start, mono)
+
+    async def _await_sync(self, timeout: float) -> bool:
+        """Wait for the next sync (at most `timeout`). A wait running out is not an outage:
+        only a sync that fails (an error, or no reply within the I/O timeout) says Redis is away."""
         assert self._wake is not None
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
@@ -558,13 +656,37 @@ class RedisBudgetStore:
             async with asyncio.timeout(max(timeout, 0.0)):
                 return await asyncio.shield(fut)
         except TimeoutError:
-            if first:  # a whole timeout_ms without an answer; a later, shorter wait proves nothing
-                self._mark_unavailable(f"no answer within {self.settings.timeout_ms:g} ms")
             return False
 
     # ------------------------------------------------------------------ health
 
+    def _describe(self, exc: BaseException | None) -> str:
+        """What a failed sync says, for the log and for the 503s that follow.
+
+        A refusal by Redis itself (NOPERM, a wrong password) does not pass with time:
+        it is logged at ERROR, with what to check, once a minute while it lasts.
+        """
+        if exc is None:
+            return "a sync call failed"
+        if isinstance(exc, TimeoutError):
+            return f"no reply within {self._io_timeout * 1000.0:.0f} ms"
+        text = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, (NoPermissionError, AuthenticationError, AuthenticationWrongNumberOfArgsError)) or (
+            isinstance(exc, ResponseError) and str(exc).startswith(("NOPERM", "WRONGPASS", "NOAUTH"))
+        ):
+            mono = self._mono()
+            if mono - self._last_refusal_log >= 60.0:
+                self._last_refusal_log = mono
+                log.error(
+                    "Redis refuses the budget store's commands (%s): check the namespace's Redis user and its ACL "
+                    '(docs/redis-layout.md, "ACL") and budgetStore.usernameFile/passwordFile',
+                    text,
+                )
+            return f"Redis refuses this sidecar's credentials ({text})"
+        return text
+
     def _mark_unavailable(self, why: str) -> None:
+        self._unavailable_why = why
         if self._healthy:
             mono = self._mono()
             self._healthy = False
@@ -595,6 +717,198 @@ class RedisBudgetStore:
                 f.set_result(False)
         self._waiters.clear()
 
+    # ------------------------------------------------------------------ on local disk (journal.py)
+
+    def _write_disk(self, write: Callable[[dict[str, Any]], None], doc: dict[str, Any]) -> bool:
+        try:
+            write(doc)
+            return True
+        except OSError as exc:
+            mono = self._mono()
+            if mono - self._last_disk_error_log >= 60.0:
+                self._last_disk_error_log = mono
+                log.warning("cannot write to the state directory (%s): %s", type(exc).__name__, exc)
+            return False
+
+    async def _keep_on_disk(self, mono: float) -> None:
+        """The allowance file within flush_interval of a grant; while Redis is away, the journal
+        at most once per JOURNAL_INTERVAL (whenever the buffer changed)."""
+        disk = self._disk
+        if disk is None:
+            return
+        if self._allowance_dirty and mono - self._allowance_at >= self.flush_interval:
+            self._allowance_dirty = False
+            self._allowance_at = mono
+            await asyncio.to_thread(self._write_disk, disk.write_allowances, self._allowance_doc())
+        buf = self._buffer
+        if (
+            not self._healthy
+            and buf.pending()
+            and buf.changes != self._journaled
+            and mono - self._journal_at >= JOURNAL_INTERVAL
+        ):
+            changes, doc = buf.changes, self._journal_doc()
+            self._journal_at = mono
+            if await asyncio.to_thread(self._write_disk, disk.write_journal, doc):
+                self._journaled = changes
+                self._journal_on_disk = True
+
+    def _keep_at_close(self) -> None:
+        buf = self._buffer
+        if self._disk is not None and self._write_disk(self._disk.write_journal, self._journal_doc()):
+            self._journal_on_disk = True
+            log.warning(
+                "budget store closing with spend not written to Redis (%d ledger records): kept in %s; the next "
+                "start of this pod writes it once Redis answers",
+                buf.buffered_records,
+                self._disk.journal_path,
+            )
+            return
+        self.counters.dropped_spend_batches += 1
+        log.warning(
+            "budget store closing with spend not written to Redis (%d ledger records) and no state directory "
+            "to keep it in: it is lost",
+            buf.buffered_records,
+        )
+
+    def _drop_journal(self) -> None:
+        assert self._disk is not None
+        try:
+            self._disk.drop_journal()
+            self._journal_on_disk = False
+            self._journaled = -1
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", self._disk.journal_path, exc)
+
+    def _journal_doc(self) -> dict[str, Any]:
+        batches = self._buffer.unwritten(self._home)
+        meters: dict[str, dict[str, Any]] = {}
+        for b in batches:
+            for k in b.deltas:
+                st = self._leases.get(k)
+                if st is not None and k not in meters:
+                    meters[k] = self._meter_fields(st)
+        return {
+            "namespace": self.namespace,
+            "written": self._clock.time(),
+            "meters": meters,
+            "batches": [
+                {
+                    "no": b.no,
+                    "deltas": b.deltas,
+                    "records": b.records,
+                    "quarantined": b.quarantined,
+                    "homes": sorted(b.homes),
+                }
+                for b in batches
+            ],
+        }
+
+    def _allowance_doc(self) -> dict[str, Any]:
+        wall, mono = self._clock.time(), self._mono()
+        meters = {k: v for k, v in self._adopted.items() if v.get("bucket") or float(v.get("end", 0)) >= wall}
+        for k, st in self._leases.items():
+            if st.allowance_used > 0 and (st.bucket or st.meter.period_end >= wall):
+                meters[k] = {"used": st.allowance_used, "bucket": st.bucket, "end": st.meter.period_end}
+        doc: dict[str, Any] = {"written": wall, "meters": meters}
+        if not self._healthy:
+            doc["outage_since"] = wall - (mono - self._degraded_since)
+        return doc
+
+    async def _replay_left(self) -> None:
+        """Write the spend stopped processes of this pod left in their journals, batch by batch.
+
+        Each batch goes under its writer's sidecar id with seq 0, so Redis applies it only
+        if that writer never got the same batch number through (a later batch of the
+        writer holds what the journal's batch holds, and more).
+        """
+        assert self._disk is not None
+        while self._left and self._healthy and not self._closing:
+            j = self._left[0]
+            if j.namespace != self.namespace:
+                log.warning(
+                    "journal %s is for namespace %s, not %s: left as it is", j.path, j.namespace, self.namespace
+                )
+                self._left.pop(0)
+                continue
+            if not j.batches:
+                self._left.pop(0)
+                try:
+                    j.path.unlink(missing_ok=True)
+                except OSError as exc:
+                    log.warning("cannot remove %s: %s", j.path, exc)
+                continue
+            b = j.batches[0]
+            calls = self._replay_calls(j, b)
+            results = await asyncio.gather(
+                *(self._call(c, 0, self._io_timeout, sid=j.sidecar_id) for c in calls), return_exceptions=True
+            )
+            for c, res in zip(calls, results):
+                if isinstance(res, asyncio.CancelledError):
+                    raise res
+                if isinstance(res, BaseException):
+                    self.counters.redis_errors += 1
+                    log.debug("journal replay to %s failed: %r", c.home, res)
+                    return  # the next sync finds out whether Redis is away; replay resumes after it
+                if res[0] == "dup":
+                    self.counters.replay_duplicates_total += 1
+                if c.home in b["homes"]:
+                    b["homes"].remove(c.home)
+            j.batches.pop(0)
+            self.counters.replayed_batches_total += 1
+            self.counters.replayed_records_total += len(b.get("records") or [])
+            if not j.batches:
+                log.info("spend a stopped process (%s) left in %s is written to Redis", j.sidecar_id, j.path.name)
+
+    def _replay_calls(self, j: LeftJournal, b: dict[str, Any]) -> list[SyncCall]:
+        calls: dict[str, SyncCall] = {}
+        homes = set(b.get("homes") or ())
+        no = int(b["no"])
+
+        def call_for(home: str) -> SyncCall:
+            c = calls.get(home)
+            if c is None:
+                c = calls[home] = SyncCall(home)
+                c.key(self.keys.sidecar(home, j.sidecar_id))
+                c.key(self.keys.epoch(home))
+                c.batch = no
+            return c
+
+        for key, d in (b.get("deltas") or {}).items():
+            fields = j.meters.get(key)
+            if fields is None or not d:
+                continue
+            budget = str(fields["b"])
+            home = self._home(budget)
+            if home not in homes:
+                continue  # that slot confirmed this batch before the writer stopped
+            c = call_for(home)
+            mk = self.keys.meter(budget, key)
+            c.meters.append(
+                {
+                    "h": c.key(mk.state),
+                    "x": c.key(mk.holders),
+                    "ix": c.key(self.keys.meter_index(budget)),
+                    **fields,
+                    "d": int(d),
+                    "floor": 0,  # the writer is gone: whatever it leased goes back
+                    "need": 0,
+                    "nmin": 0,
+                    "want": 0,
+                }
+            )
+        ns = self._home(None)
+        if ns in homes and (b.get("records") or b.get("quarantined")):
+            c = call_for(ns)
+            c.records = [list(r) for r in b.get("records") or []]
+            c.quarantined = [list(r) for r in b.get("quarantined") or []]
+        for home in homes:
+            call_for(home)  # a slot with nothing left to send still confirms the batch
+        # The budgets go into the namespace's index (where readers find their meters), even if
+        # that slot confirmed the batch already: a dup batch still adds them.
+        call_for(ns).new_budgets = sorted({str(f["b"]) for f in j.meters.values()})
+        return list(calls.values())
+
     # ------------------------------------------------------------------ kill switch
 
     def _give_back_leases_of(self, budget: str) -> None:
@@ -619,6 +933,9 @@ class RedisBudgetStore:
             self._wake.clear()
             mono = self._mono()
             try:
+                await self._keep_on_disk(mono)
+                if self._left and self._healthy:
+                    await self._replay_left()
                 if not self._due(mono):
                     continue
                 ok = await self._sync(self._io_timeout)
@@ -637,6 +954,8 @@ class RedisBudgetStore:
         if self._waiters:
             return 0.0
         t = mono + 0.25
+        if self._allowance_dirty:
+            t = min(t, max(self._allowance_at + self.flush_interval, mono + 0.001))
         if not self._healthy:
             t = min(t, self._retry_at)
         else:
@@ -746,9 +1065,11 @@ class RedisBudgetStore:
         self.counters.syncs += 1
         self._last_sync = self._mono()
         all_ok = True
+        failure: BaseException | None = None
         for c, res in zip(calls, results):
             if isinstance(res, BaseException):
                 all_ok = False
+                failure = failure or res
                 self.counters.redis_errors += 1
                 if isinstance(res, asyncio.CancelledError):
                     raise res
@@ -759,13 +1080,18 @@ class RedisBudgetStore:
             self._apply(c, res, sent)
         if self._buffer.release_if_done() and self._buffer.has_open() and self._wake is not None:
             self._wake.set()
+        if all_ok and self._journal_on_disk and not self._buffer.pending():
+            self._drop_journal()
         if all_ok:
+            rtt = self._last_sync - sent
+            self._rtt = rtt if self._rtt == 0.0 else 0.8 * self._rtt + 0.2 * rtt
+            self._last_reply = self._last_sync
             self._mark_available()
             self._next_renew = min(
                 (s.deadline - self.lease_ttl / 2 for s in self._leases.values() if s.lease > 0), default=_INF
             )
         else:
-            self._mark_unavailable("a sync call failed")
+            self._mark_unavailable(self._describe(failure))
         for f in waiters:
             if not f.done():
                 f.set_result(all_ok)
@@ -774,12 +1100,13 @@ class RedisBudgetStore:
     def _build_calls(self, chosen: list[Lease], frozen: Batch | None, mono: float, final: bool) -> list[SyncCall]:
         wall = self._clock.time()
         calls: dict[str, SyncCall] = {}
+        sid = self.sidecar_id
 
         def call_for(home: str) -> SyncCall:
             c = calls.get(home)
             if c is None:
                 c = calls[home] = SyncCall(home)
-                c.key(self.keys.sidecar(home, self.sidecar_id))
+                c.key(self.keys.sidecar(home, sid))
                 c.key(self.keys.epoch(home))
                 if frozen is not None and home in frozen.homes:
                     c.batch = frozen.no
@@ -816,26 +1143,13 @@ class RedisBudgetStore:
                 "h": c.key(st.keys.state),
                 "x": c.key(st.keys.holders),
                 "ix": c.key(self.keys.meter_index(m.budget)),
-                "kind": m.kind,
-                "unit": m.unit,
-                "label": m.label,
-                "b": m.budget,
-                "k": st.keys.suffix,
-                "scale": st.scale,
-                "limit": st.limit,
+                **self._meter_fields(st),
                 "d": d,
                 "floor": floor,
                 "need": need,
                 "nmin": nmin,
                 "want": max(want, need),
             }
-            if st.bucket:
-                entry["refill"] = m.refill_per_second * st.scale / 1000.0
-            else:
-                entry["refill"] = 0
-                entry["pend"] = int(m.period_end * 1000)
-                entry["period"] = period_of(m.key)[1]
-                entry["exp"] = int(window_expire_at(m.key, m.period_end) * 1000)
             c.meters.append(entry)
             c.leases.append((st, d))
         if self._unindexed or not calls:
@@ -843,12 +1157,43 @@ class RedisBudgetStore:
             # call is a probe, which also tells whether Redis lost its data.
             call_for(self._home(None)).new_budgets = sorted(self._unindexed)
         for c in calls.values():
-            c.budget_entries = [[b, c.key(self.keys.suspended(b)), c.key(self.keys.meter_index(b))] for b in c.budgets]
+            c.budget_entries = [
+                [
+                    b,
+                    c.key(self.keys.suspended(b)),
+                    c.key(self.keys.meter_index(b)),
+                    c.key(self.keys.suspension_known(b)),
+                    1 if b in suspended else 0,  # held here (e.g. kept through a Redis restart): no lease
+                ]
+                for b in c.budgets
+            ]
         return list(calls.values())
 
-    async def _call(self, c: SyncCall, seq: int, timeout: float) -> list[Any]:
+    @staticmethod
+    def _meter_fields(st: Lease) -> dict[str, Any]:
+        """What the script needs to know of a meter besides its keys (also kept in the journal)."""
+        m = st.meter
+        f: dict[str, Any] = {
+            "kind": m.kind,
+            "unit": m.unit,
+            "label": m.label,
+            "b": m.budget,
+            "k": st.keys.suffix,
+            "scale": st.scale,
+            "limit": st.limit,
+        }
+        if st.bucket:
+            f["refill"] = m.refill_per_second * st.scale / 1000.0
+        else:
+            f["refill"] = 0
+            f["pend"] = int(m.period_end * 1000)
+            f["period"] = period_of(m.key)[1]
+            f["exp"] = int(window_expire_at(m.key, m.period_end) * 1000)
+        return f
+
+    async def _call(self, c: SyncCall, seq: int, timeout: float, sid: str | None = None) -> list[Any]:
         payload: dict[str, Any] = {
-            "sid": self.sidecar_id,
+            "sid": sid or self.sidecar_id,
             "seq": seq,
             "batch": c.batch,
             "sk": 1,
@@ -906,7 +1251,8 @@ class RedisBudgetStore:
                 epoch,
             )
         for (b, *_), flag in zip(c.budget_entries, susp):
-            self._suspensions.set_local(b, bool(int(flag)))
+            f = int(flag)
+            self._suspensions.set_local(b, None if f < 0 else bool(f))
         mono = self._mono()
         deadline = sent + self.lease_ttl * 0.8
         for (st, d), row in zip(c.leases, out):

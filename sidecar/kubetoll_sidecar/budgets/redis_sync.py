@@ -73,10 +73,12 @@ class SpendBuffer:
         self.frozen: Batch | None = None
         self.batch_no = 0
         self.records_peak = 0
+        self.changes = 0  # grows with every entry added: tells whether a journal written earlier is still whole
 
     # ------------------------------------------------------------------ filling
 
     def add_spend(self, meter_key: str, units: int, mono: float) -> None:
+        self.changes += 1
         self.open_deltas[meter_key] = self.open_deltas.get(meter_key, 0) + units
         if self.open_since is None:
             self.open_since = mono
@@ -85,6 +87,7 @@ class SpendBuffer:
         """Queue one encoded ledger record. False when the buffer is full (the record is dropped)."""
         if self.buffered_records >= self.max_buffered_records:
             return False
+        self.changes += 1
         if quarantine:
             self.open_quarantined.append(fields)
             if self.open_since is None:
@@ -141,6 +144,33 @@ class SpendBuffer:
         self.frozen = Batch(self.batch_no, deltas, recs, homes, quar)
         self.open_since = mono if self.has_open() else None
         return self.frozen
+
+    def unwritten(self, home_of: Callable[[str | None], str]) -> list[Batch]:
+        """Everything not confirmed, as the batches this buffer will send, numbered as they will be.
+
+        The batch in flight, then the open entries cut exactly as `freeze` will cut them
+        (the first `batch_records` records, the first MAX_METERS_PER_CALL meters). So a
+        journal of this and the flushes that follow agree batch by batch: a later batch
+        `n` holds what this batch `n` holds, and perhaps more. Changes nothing.
+        """
+        out: list[Batch] = []
+        if self.frozen is not None:
+            f = self.frozen
+            out.append(Batch(f.no, dict(f.deltas), list(f.records), set(f.homes), list(f.quarantined)))
+        recs, quar, deltas = list(self.open_records), list(self.open_quarantined), dict(self.open_deltas)
+        no = self.batch_no
+        n = self.batch_records
+        while recs or quar or deltas:
+            no += 1
+            r, recs = recs[:n], recs[n:]
+            q, quar = quar[:n], quar[n:]
+            keys = list(deltas)[:MAX_METERS_PER_CALL]
+            d = {k: deltas.pop(k) for k in keys}
+            homes = {home_of(k.split(":", 1)[0]) for k in d}
+            if r or q:
+                homes.add(home_of(None))
+            out.append(Batch(no, d, r, homes, q))
+        return out
 
     def confirmed(self, home: str, batch_no: int) -> None:
         if self.frozen is not None and self.frozen.no == batch_no:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from kubetoll_core.enums import OnExhausted
+from kubetoll_core.router_config import BudgetStoreSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +114,10 @@ class BudgetStore(Protocol):
         """The budgets of the config in force: their kill switches are watched before any request touches them."""
         ...
 
+    def apply_settings(self, settings: BudgetStoreSettings) -> None:
+        """A reloaded config's budgetStore: apply what can change without a restart (the rest waits for one)."""
+        ...
+
     async def reserve(self, holds: Sequence[Hold], now: float) -> Reservation:
         """All holds or none. Raises Exhausted for the first enforced hold that does not fit."""
         ...
@@ -129,4 +134,6 @@ class BudgetStore(Protocol):
         """The kill switch as last seen in the store (the config's `suspended` is checked by the caller)."""
         ...
 
-    async def close(self) -> None: ...
+    async def close(self, timeout: float = 2.0) -> None:
+        """Give back what is held and write what is buffered, within `timeout` seconds (the drain's rest)."""
+        ...

@@ -4,6 +4,12 @@ Pub/sub brings a change within milliseconds; a poll of every watched budget's
 flag each `poll_interval` is the backstop (a message published while the
 subscription was down is lost). The sync script also returns each budget's
 flag, so any sync updates it too. `kubetoll_core.kill_switch` sets the flag.
+
+A flag read is one of three: suspended, known not suspended (the `known` key
+is there), or unknown (neither key: Redis restarted empty or lost the keys).
+Unknown changes nothing here: a suspension this sidecar knew holds until the
+switch is written again (`kubetoll budget`, or the operator putting every flag
+back from the TokenBudgets), so an empty Redis restart never lifts one.
 """
 
 from __future__ import annotations
@@ -43,8 +49,20 @@ class SuspensionWatcher:
         self._count = count_call
         self.watched: set[str] = set()
         self.suspended: set[str] = set()
+        self.kept: set[str] = set()  # suspended here while Redis does not know the switch
 
-    def set_local(self, budget: str, on: bool) -> None:
+    def set_local(self, budget: str, on: bool | None) -> None:
+        """`on` None: Redis does not know (the flag may be lost): keep what this sidecar knew."""
+        if on is None:
+            if budget in self.suspended and budget not in self.kept:
+                self.kept.add(budget)
+                log.warning(
+                    "budget %s: Redis no longer knows its kill switch (restarted empty?); keeping it suspended "
+                    "until the switch is written again",
+                    budget,
+                )
+            return
+        self.kept.discard(budget)
         if on and budget not in self.suspended:
             self.suspended.add(budget)
             log.warning("budget %s suspended (kill switch in Redis): admitting nothing under it", budget)
@@ -57,7 +75,7 @@ class SuspensionWatcher:
         budgets = sorted(self.watched | self.suspended)
         if not budgets:
             return
-        keys = [self._keys.suspended(b) for b in budgets]
+        keys = [k for b in budgets for k in (self._keys.suspended(b), self._keys.suspension_known(b))]
         if self._cluster:
             self._count(len(keys))
             pipe = self._client.pipeline(transaction=False)
@@ -67,8 +85,9 @@ class SuspensionWatcher:
         else:
             self._count(1)
             values = await bounded(self._client.mget(keys), self._io_timeout)
-        for b, v in zip(budgets, values):
-            self.set_local(b, v is not None)
+        for i, b in enumerate(budgets):
+            flag, known = values[2 * i], values[2 * i + 1]
+            self.set_local(b, True if flag is not None else (False if known is not None else None))
 
     async def poll_forever(self, closing: Callable[[], bool]) -> None:
         while not closing() and not cancelling():

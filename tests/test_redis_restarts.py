@@ -1,0 +1,415 @@
+"""Shared budgets through restarts: of Redis (empty), of the sidecar (SIGTERM, crash), and cold starts.
+
+Each test owns a real redis-server and, where a sidecar restart is in play, a
+state directory standing in for the pod's emptyDir. What they prove:
+
+- a sidecar that never reached Redis shares the failOpen allowance with the
+  sidecars the operator counted, and a restarted one does not get it afresh;
+- spend a stopped sidecar could not write is written by the next start of the
+  pod, exactly once, even when the stopped one got part of it through;
+- an empty Redis restart does not lift a suspension; writing the switch does;
+- a Redis slower than `timeoutMs` is waited for, not reported as away;
+- a refusal by Redis (NOPERM) is named in the error and the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from kubetoll_core.enums import OnExhausted
+from kubetoll_core.kill_switch import assert_suspensions, set_suspended
+from kubetoll_core.ledger_stream import period_totals, read_ledger
+from kubetoll_core.router_config import BudgetStoreSettings
+from kubetoll_core.spend_record import SpendRecord
+from kubetoll_sidecar.budgets.redis_store import RedisBudgetStore
+from kubetoll_sidecar.budgets.store import Hold, Meter, StoreUnavailable, Suspended
+from kubetoll_sidecar.ledger_redis import RedisLedger
+from support.harness import wait_until
+from support.redis_server import RedisProcess
+
+END = time.time() + 20 * 86400
+LIMIT = 100.0  # USD; the failOpen allowance is 1% of it
+
+
+def window(budget: str, fail_open: bool = True) -> Meter:
+    key = f"{budget}:cap:usd:2026-12"
+    return Meter(
+        key=key,
+        kind="window",
+        unit="usd",
+        limit=LIMIT,
+        budget=budget,
+        level="cap",
+        label=key,
+        on_exhausted=OnExhausted.reject,
+        period_end=END,
+        fail_open=fail_open,
+    )
+
+
+OPEN = window("open")
+
+
+def make(url: str, ns: str, sid: str, state_dir: Path | None = None, **kw) -> RedisBudgetStore:
+    settings = kw.pop("settings", None) or BudgetStoreSettings(url=url, timeout_ms=50)
+    kw.setdefault("io_timeout", 0.3)
+    kw.setdefault("flush_interval", 0.05)
+    return RedisBudgetStore.connect(
+        settings, ns, "/nonexistent", sidecar_id=sid, state_dir=str(state_dir) if state_dir else None, **kw
+    )
+
+
+def record(ns: str, i: int, cost: float) -> SpendRecord:
+    return SpendRecord(
+        time=time.time(),
+        namespace=ns,
+        route="chat",
+        backend="b",
+        tenant="t",
+        tier="default",
+        prompt_tokens=10,
+        completion_tokens=5,
+        cached_tokens=0,
+        cost_usd=cost,
+        request_id=f"req-{i}",
+    )
+
+
+async def spend(store: RedisBudgetStore, ledger: RedisLedger, ns: str, n: int, cost: float, start: int = 0) -> int:
+    """Reserve and settle `n` requests of `cost` on OPEN, with their ledger records. Returns how many got in."""
+    ok = 0
+    for i in range(start, start + n):
+        try:
+            res = await store.reserve([Hold(OPEN, cost)], time.time())
+        except StoreUnavailable:
+            continue
+        await store.settle(res, {OPEN.key: cost}, time.time())
+        ledger.append(record(ns, i, cost))
+        ok += 1
+    return ok
+
+
+async def allowance_left(store: RedisBudgetStore, cost: float) -> int:
+    """How many `cost` holds the failOpen allowance still admits (reserved, never settled)."""
+    n = 0
+    while n < 1000:
+        try:
+            await store.reserve([Hold(OPEN, cost)], time.time())
+        except StoreUnavailable:
+            return n
+        n += 1
+    raise AssertionError("the allowance never ran out")
+
+
+@pytest.fixture
+def redis_down():
+    """A redis-server that is not running (yet): its port is known, nothing listens on it."""
+    p = RedisProcess()
+    yield p
+    if p.proc is not None and p.proc.poll() is None:
+        p.stop()
+
+
+# --------------------------------------------------------------------------- cold starts
+
+
+async def test_a_cold_sidecar_shares_the_allowance_with_the_sidecars_the_operator_counted(redis_down, ns):
+    settings = BudgetStoreSettings(url=redis_down.url, timeout_ms=50, expected_sidecars=4)
+    store = make(redis_down.url, ns, "cold", settings=settings)
+    await store.start()
+    assert not store.available
+    # 1% of 100 USD over 4 sidecars: 0.25 USD each, not the whole 1 USD.
+    assert await allowance_left(store, 0.05) == 5
+    await store.close()
+
+    alone = make(redis_down.url, ns, "alone")  # what it was before the operator's count
+    await alone.start()
+    assert await allowance_left(alone, 0.05) == 20
+    await alone.close()
+
+
+async def test_a_reloaded_sidecar_count_applies_without_a_restart(redis_down, ns):
+    store = make(redis_down.url, ns, "s")
+    await store.start()
+    store.apply_settings(BudgetStoreSettings(url=redis_down.url, expected_sidecars=10))
+    assert await allowance_left(store, 0.05) == 2  # 0.1 USD
+    await store.close()
+
+
+async def test_a_restarted_sidecar_does_not_get_a_fresh_allowance(redis_down, ns, tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    first = make(redis_down.url, ns, "pod-1", state)
+    await first.start()
+    assert await allowance_left(first, 0.25) == 4  # the whole 1 USD
+    await first.close()  # a crash loop: the next start is the same pod, same emptyDir
+    again = make(redis_down.url, ns, "pod-2", state)
+    await again.start()
+    assert await allowance_left(again, 0.25) == 0
+    await again.close()
+    other_pod = make(redis_down.url, ns, "pod-3", tmp_path)  # another pod's directory: its own allowance
+    await other_pod.start()
+    assert await allowance_left(other_pod, 0.25) == 4
+    await other_pod.close()
+
+
+async def test_the_allowance_reaches_disk_before_the_process_ends(redis_down, ns, tmp_path):
+    """A crash (no close) after the allowance was used still leaves it on disk within flush_interval."""
+    first = make(redis_down.url, ns, "pod-1", tmp_path)
+    await first.start()
+    await first.reserve([Hold(OPEN, 0.75)], time.time())
+    await wait_until(lambda: (tmp_path / "allowance.json").exists(), timeout=10)
+    for t in first._tasks:  # the process dies: nothing more is written
+        t.cancel()
+    again = make(redis_down.url, ns, "pod-2", tmp_path)
+    await again.start()
+    assert await allowance_left(again, 0.25) == 1
+    await again.close()
+
+
+# --------------------------------------------------------------------------- spend kept on disk
+
+
+async def totals_and_ledger(url: str, ns: str) -> tuple[int, list[str]]:
+    r = Redis.from_url(url, decode_responses=True)
+    try:
+        (t,) = [t for t in await period_totals(r, ns) if t.budget == "open"]
+        ids = [rec.request_id for rec in await read_ledger(r, ns)]
+        return t.spent_units, ids
+    finally:
+        await r.aclose()
+
+
+async def test_spend_not_written_at_shutdown_is_written_by_the_next_start(redis_down, ns, tmp_path, caplog):
+    first = make(redis_down.url, ns, "pod-1", tmp_path)
+    ledger = RedisLedger(first, None)
+    await first.start()
+    assert await spend(first, ledger, ns, 8, 0.1) == 8  # failOpen, on the allowance (1 USD)
+    with caplog.at_level(logging.WARNING, logger="kubetoll.budgets.redis"):
+        await first.close()
+    assert "kept in" in caplog.text and "pod-1" in caplog.text
+    assert first.counters.dropped_spend_batches == 0
+    kept = tmp_path / "journal-pod-1.json"
+    assert kept.exists()
+    copy = tmp_path.parent / "journal-copy.json"
+    shutil.copy(kept, copy)
+
+    redis_down.start()
+    second = make(redis_down.url, ns, "pod-2", tmp_path)
+    await second.start()
+    await wait_until(lambda: not kept.exists(), timeout=10)
+    spent, ids = await totals_and_ledger(redis_down.url, ns)
+    assert spent == 800_000_000  # 8 x 0.1 USD, in the meter's scale
+    assert sorted(ids) == sorted(f"req-{i}" for i in range(8))
+    await second.close()
+
+    # The same journal once more (a restart during the replay): Redis knows its batches.
+    shutil.copy(copy, kept)
+    third = make(redis_down.url, ns, "pod-3", tmp_path)
+    await third.start()
+    await wait_until(lambda: not kept.exists(), timeout=10)
+    assert third.counters.replay_duplicates_total >= 1
+    assert await totals_and_ledger(redis_down.url, ns) == (spent, ids)
+    await third.close()
+
+
+async def test_a_journal_older_than_what_its_writer_got_through_adds_nothing(redis_down, ns, tmp_path):
+    """The writer journaled during an outage, then wrote everything itself once Redis came back,
+    and died before removing the journal: replaying that journal must count nothing twice."""
+    first = make(redis_down.url, ns, "pod-1", tmp_path)
+    ledger = RedisLedger(first, None)
+    await first.start()
+    await spend(first, ledger, ns, 3, 0.1)
+    kept = tmp_path / "journal-pod-1.json"
+    await wait_until(kept.exists, timeout=10)  # written while Redis is away
+    stale = kept.read_bytes()
+    await spend(first, ledger, ns, 2, 0.1, start=3)  # more, after the journal was written
+    redis_down.start()
+    await wait_until(lambda: first.available and first.stats()["buffered_records"] == 0, timeout=10)
+    await first.close()
+    assert not kept.exists()
+    expected = await totals_and_ledger(redis_down.url, ns)
+    assert expected[0] == 500_000_000
+
+    kept.write_bytes(stale)  # as if it had died before the journal was removed
+    second = make(redis_down.url, ns, "pod-2", tmp_path)
+    await second.start()
+    await wait_until(lambda: not kept.exists(), timeout=10)
+    assert await totals_and_ledger(redis_down.url, ns) == expected
+    await second.close()
+
+
+async def test_a_journal_that_cannot_be_read_is_set_aside(redis_down, ns, tmp_path, caplog):
+    (tmp_path / "journal-gone.json").write_bytes(b'{"version": 1, "sidecar": ')
+    with caplog.at_level(logging.WARNING, logger="kubetoll.budgets.redis"):
+        store = make(redis_down.url, ns, "pod-2", tmp_path)
+    assert (tmp_path / "journal-gone.json.bad").exists()
+    assert "cannot be read" in caplog.text
+    await store.close()
+
+
+# --------------------------------------------------------------------------- the kill switch
+
+
+async def test_an_empty_redis_restart_does_not_lift_a_suspension(ns):
+    proc = RedisProcess().start()
+    try:
+        r = Redis.from_url(proc.url, decode_responses=True)
+        store = make(proc.url, ns, "a", suspend_poll_interval=0.05)
+        store.watch_budgets(["open"])
+        await store.start()
+        await set_suspended(r, ns, "open", True)
+        await wait_until(lambda: store.is_suspended("open"), timeout=10)
+
+        await r.flushall()  # what an empty restart leaves: no flag, no `known`
+        calls = store.counters.redis_calls
+        await wait_until(lambda: store.counters.redis_calls >= calls + 4, timeout=10)  # polls read the loss
+        assert store.is_suspended("open")
+        with pytest.raises(Suspended):
+            await store.reserve([Hold(OPEN, 0.1)], time.time())
+
+        # The operator puts the flags back from the TokenBudgets: still suspended...
+        assert await assert_suspensions(r, ns, {"open": True}) == ["open"]
+        assert await assert_suspensions(r, ns, {"open": True}) == []  # known now: not written again
+        calls = store.counters.redis_calls
+        await wait_until(lambda: store.counters.redis_calls >= calls + 4, timeout=10)
+        assert store.is_suspended("open")
+        # ...and lifting it is written as such, and lifts it.
+        await set_suspended(r, ns, "open", False)
+        await wait_until(lambda: not store.is_suspended("open"), timeout=10)
+        await store.reserve([Hold(OPEN, 0.1)], time.time())
+
+        # A budget the TokenBudget does not suspend: after a loss, the operator's write lifts a kept one.
+        await set_suspended(r, ns, "open", True)
+        await wait_until(lambda: store.is_suspended("open"), timeout=10)
+        await r.flushall()
+        assert await assert_suspensions(r, ns, {"open": False}) == ["open"]
+        await wait_until(lambda: not store.is_suspended("open"), timeout=10)
+        await store.close()
+        await r.aclose()
+    finally:
+        proc.stop()
+
+
+# --------------------------------------------------------------------------- a slow Redis
+
+
+class DelayProxy:
+    """A TCP proxy that holds every reply from Redis for `delay` seconds: a loaded node."""
+
+    def __init__(self, upstream_port: int, delay: float) -> None:
+        self.upstream_port = upstream_port
+        self.delay = delay
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> DelayProxy:
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, replies: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    if replies and self.delay:  # read now: a test slows Redis down mid-way
+                        await asyncio.sleep(self.delay)
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        self.tasks += [asyncio.create_task(pipe(reader, uw, False)), asyncio.create_task(pipe(ur, writer, True))]
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def test_a_redis_slower_than_timeout_ms_is_waited_for_not_called_away(redis_down, ns):
+    redis_down.start()
+    proxy = await DelayProxy(redis_down.port, 0.08).start()  # every round trip 80 ms > timeoutMs 50
+    url = f"redis://127.0.0.1:{proxy.port}/0"
+    closed = window("closed", fail_open=False)
+    store = make(url, ns, "a", io_timeout=1.0)
+    try:
+        await store.start()
+        for _ in range(5):  # first leases of a cold meter, then top-ups
+            res = await store.reserve([Hold(closed, 2.0)], time.time())
+            await store.settle(res, {closed.key: 2.0}, time.time())
+        assert store.available
+        assert store.counters.unavailable_total == 0
+    finally:
+        await store.close()
+        await proxy.stop()
+
+
+async def test_a_wait_that_runs_out_says_what_happened(redis_down, ns):
+    redis_down.start()
+    proxy = await DelayProxy(redis_down.port, 0.0).start()
+    url = f"redis://127.0.0.1:{proxy.port}/0"
+    closed = window("closed", fail_open=False)
+    store = make(url, ns, "a", io_timeout=2.0)
+    try:
+        await store.start()
+        res = await store.reserve([Hold(closed, 0.5)], time.time())  # warm: a lease, a measured round trip
+        await store.settle(res, {closed.key: 0.5}, time.time())
+        proxy.delay = 1.0  # now far slower than 3 round trips, but answering within the I/O timeout
+        with pytest.raises(StoreUnavailable) as err:
+            await store.reserve([Hold(closed, 80.0)], time.time())  # more than any lease so far: must ask Redis
+        assert "has not answered within" in str(err.value) and "failClosed" in str(err.value)
+        assert "not answering" not in str(err.value)
+        assert store.available  # a slow reply is not an outage
+    finally:
+        await store.close()
+        await proxy.stop()
+
+
+# --------------------------------------------------------------------------- causes
+
+
+async def test_a_refusal_by_redis_is_named(ns, caplog):
+    proc = RedisProcess(args=("--requirepass", "admin-pw")).start()
+    try:
+        admin = Redis.from_url(proc.url, password="admin-pw")
+        # A user that may connect but not run the budget script.
+        await admin.execute_command("ACL", "SETUSER", "weak", "on", ">weak-pw", "~*", "+@connection", "+ping")
+        creds = {"username_file": "u", "password_file": "p"}
+        settings = BudgetStoreSettings(url=proc.url, timeout_ms=50, **creds)
+        store = RedisBudgetStore(
+            Redis.from_url(proc.url, username="weak", password="weak-pw", decode_responses=True),
+            settings,
+            ns,
+            sidecar_id="weak",
+            io_timeout=0.5,
+            own_client=True,
+        )
+        with caplog.at_level(logging.ERROR, logger="kubetoll.budgets.redis"):
+            await store.start()
+        assert (
+            "Redis refuses the budget store's commands (NoPermissionError: this user has no permissions" in caplog.text
+        )
+        assert "weak-pw" not in caplog.text
+        closed = window("closed", fail_open=False)
+        with pytest.raises(StoreUnavailable) as err:
+            await store.reserve([Hold(closed, 0.5)], time.time())
+        assert "refuses this sidecar's credentials" in str(err.value)
+        await store.close()
+        await admin.aclose()
+    finally:
+        proc.stop()
