@@ -8,8 +8,9 @@ import pytest
 
 from kubetoll_core.periods import FakeClock
 from kubetoll_tools.simulator import Fault
-from support.harness import base_config
+from support.harness import base_config, wait_until
 from support.ports import refusing_port
+from test_operator_metrics import scrape, value
 
 
 def two_backend_config(sim, sim2, **route):
@@ -144,6 +145,65 @@ async def test_circuit_opens_after_threshold_and_a_probe_closes_it(sim, sim2, st
     assert sc.sidecar.breakers.items()[0][1].state == "half_open"
     assert (await chat(sc)).headers["x-kubetoll-backend"] == "primary"
     assert sc.sidecar.breakers.items()[0][1].state == "closed"
+
+
+CLOSED = {"closed": 1, "open": 0, "half_open": 0}
+OPEN = {"closed": 0, "open": 1, "half_open": 0}
+HALF_OPEN = {"closed": 0, "open": 0, "half_open": 1}
+
+
+async def circuit_metrics(sc, backend: str) -> tuple[float | None, dict[str, float | None]]:
+    """`kubetoll_circuit_open` and the one-hot `kubetoll_circuit_state` of a backend, scraped from /metrics."""
+    samples = await scrape(sc.config["server"]["metricsPort"])
+    states = {s: value(samples, "kubetoll_circuit_state", backend=backend, state=s) for s in CLOSED}
+    return value(samples, "kubetoll_circuit_open", backend=backend), states
+
+
+async def test_circuit_metrics_read_the_breaker_at_scrape_time(sim, sim2, start_sidecar):
+    cfg = two_backend_config(sim, sim2)
+    cfg["backends"][0]["circuitBreaker"] = {"failureThreshold": 2, "cooldownSeconds": 30}
+    mono = FakeClock(1000.0)
+    sc = await start_sidecar(cfg, monotonic=mono.time)
+    # Every backend of the config has its series from the start, before any call.
+    assert await circuit_metrics(sc, "primary") == (0, CLOSED)
+    for _ in range(2):
+        sim.enqueue_fault(Fault(status=500))
+        await chat(sc)
+    assert await circuit_metrics(sc, "primary") == (1, OPEN)
+    assert await circuit_metrics(sc, "secondary") == (0, CLOSED)
+    # The cool-down passes with no traffic at all: only the scrape looks, and it reads half-open.
+    mono.advance(30.01)
+    assert await circuit_metrics(sc, "primary") == (0, HALF_OPEN)
+    assert await circuit_metrics(sc, "primary") == (0, HALF_OPEN)  # a scrape takes no probe
+    # A failed probe opens it again for the cool-down ...
+    sim.enqueue_fault(Fault(status=500))
+    await chat(sc)
+    assert await circuit_metrics(sc, "primary") == (1, OPEN)
+    mono.advance(30.01)
+    assert await circuit_metrics(sc, "primary") == (0, HALF_OPEN)
+    # ... and a successful one closes it.
+    assert (await chat(sc)).headers["x-kubetoll-backend"] == "primary"
+    assert await circuit_metrics(sc, "primary") == (0, CLOSED)
+
+
+async def test_circuit_metrics_follow_the_served_config(sim, sim2, start_sidecar):
+    cfg = two_backend_config(sim, sim2)
+    mono = FakeClock(1000.0)
+    sc = await start_sidecar(cfg, monotonic=mono.time)
+    sim.enqueue_fault(Fault(status=429, retry_after=60))
+    await chat(sc)
+    assert await circuit_metrics(sc, "primary") == (1, OPEN)
+    # The same backend name on another endpoint is another breaker: the old one's state is not reported for it.
+    moved = two_backend_config(sim2, sim)
+    sc.write_config(moved)
+    await wait_until(lambda: sc.sidecar.state.backends["primary"].config.endpoint == sim2.url + "/v1")
+    assert await circuit_metrics(sc, "primary") == (0, CLOSED)
+    # A backend the config no longer has has no series.
+    moved["backends"].pop()
+    moved["routes"] = [{"name": "chat", "rules": [{"backends": ["primary"]}]}]
+    sc.write_config(moved)
+    await wait_until(lambda: "secondary" not in sc.sidecar.state.backends)
+    assert await circuit_metrics(sc, "secondary") == (None, dict.fromkeys(CLOSED))
 
 
 async def test_retry_after_opens_the_circuit_for_that_long(sim, sim2, start_sidecar):

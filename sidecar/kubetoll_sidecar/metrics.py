@@ -9,13 +9,18 @@ tiers are (a handful per budget).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .circuit import CLOSED, HALF_OPEN, OPEN
+
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 _ADDED_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 _TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
+# Every value `kubetoll_circuit_state` has a series for (one-hot, as kube-state-metrics does states).
+CIRCUIT_STATES = (CLOSED, OPEN, HALF_OPEN)
 
 
 class Metrics:
@@ -100,8 +105,16 @@ class Metrics:
         )
         self.circuit_open = Gauge(
             "kubetoll_circuit_open",
-            "1 while a backend's circuit breaker is open.",
+            "1 while a backend's circuit breaker refuses calls (open: cooling down, or its one probe in flight), "
+            "read at scrape time; 0 when closed or half-open.",
             ["backend"],
+            registry=r,
+        )
+        self.circuit_state = Gauge(
+            "kubetoll_circuit_state",
+            "A backend's circuit breaker state, read at scrape time: 1 for the current one of closed, open, "
+            "half_open (half-open: the cool-down has passed and the next call goes through as the probe).",
+            ["backend", "state"],
             registry=r,
         )
         self.config_reloads = Counter(
@@ -130,6 +143,20 @@ class Metrics:
             ["stat"],
             registry=r,
         )
+
+    def publish_circuits(self, states: Iterable[tuple[str, str]]) -> None:
+        """Set the circuit gauges from (backend, breaker state) pairs read just now.
+
+        Called at scrape time: a breaker's state moves with its clock (open turns
+        half-open when the cool-down ends, with no call to notice it), so a value
+        set when something last happened would go stale.
+        """
+        self.circuit_open.clear()
+        self.circuit_state.clear()
+        for backend, state in states:
+            self.circuit_open.labels(backend).set(1 if state == OPEN else 0)
+            for each in CIRCUIT_STATES:
+                self.circuit_state.labels(backend, each).set(1 if each == state else 0)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, looked up once: labels() validates and locks on

@@ -378,9 +378,9 @@ class Sidecar:
                 m.budget_percent.labels(meter.budget, meter.level, meter.unit, period).set(st.percent)
         for name, value in self.store.stats().items():
             m.budget_store.labels(name).set(value)
-        m.circuit_open.clear()
-        for name, breaker in self.breakers.items():
-            m.circuit_open.labels(name).set(1 if breaker.state != "closed" else 0)
+        # The served config's backends only: a breaker of a removed backend, or of a backend's old
+        # endpoint (breakers are kept per name and endpoint), must not speak for the current one.
+        m.publish_circuits((name, self.breakers.get(rt.config).state) for name, rt in self.state.backends.items())
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
