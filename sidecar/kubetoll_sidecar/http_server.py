@@ -15,6 +15,9 @@ whatever `logPrompts` says. The sidecar's HTTP server logger never passes an
 exception's text on: it writes one WARNING line with the peer and the kind of
 error, at most once a second (the rest are counted into the next line), so a
 client that floods malformed requests cannot flood the log either.
+
+Shutdown. A runner's own wait for handlers at cleanup is a short backstop
+(`SHUTDOWN_BACKSTOP_SECONDS`); the SIGTERM drain is drain.py's.
 """
 
 from __future__ import annotations
@@ -67,6 +70,13 @@ class QuietServerLogger(logging.Logger):
 _SERVER_LOGGER = QuietServerLogger()
 
 
+# How long a runner's cleanup waits for a handler still running. aiohttp applies it twice per
+# connection (RequestHandler.shutdown waits this long, cancels the handler, waits this long
+# again), so it is not the drain: the drain (drain.py) waits for and cuts requests itself and
+# cleans the runner up after, when only what arrived in the last instant can still be running.
+SHUTDOWN_BACKSTOP_SECONDS = 0.25
+
+
 def app_runner(app: web.Application, *, header_timeout: float = 15.0, **kwargs: Any) -> web.AppRunner:
     """An AppRunner with the sidecar's settings: no aiohttp access log, the quiet server logger."""
     return web.AppRunner(
@@ -78,6 +88,7 @@ def app_runner(app: web.Application, *, header_timeout: float = 15.0, **kwargs: 
         # After an early answer (413, 408) aiohttp reads and drops the rest of the body
         # so the client sees the answer; a stalled client must not hold that for 10 s.
         lingering_time=2.0,
+        shutdown_timeout=SHUTDOWN_BACKSTOP_SECONDS,
         **kwargs,
     )
 

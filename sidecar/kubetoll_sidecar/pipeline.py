@@ -35,7 +35,7 @@ from aiohttp import web
 from kubetoll_core.periods import Clock
 from kubetoll_core.spend_record import REFUSAL_OUTCOME, SpendRecord
 
-from . import capabilities, tokens
+from . import capabilities, drain, tokens
 from .budgets.admission import (
     Admitted,
     MeterSet,
@@ -118,8 +118,8 @@ class Pipeline:
             ctx.status, ctx.outcome = exc.status, ctx.outcome if ctx.outcome != "ok" else "error"
             return exc.response({"x-request-id": ctx.request_id})
         except asyncio.CancelledError:
-            if ctx.outcome == "ok":  # the client went away before we answered
-                ctx.status, ctx.outcome = 499, "client_disconnected"
+            if ctx.outcome == "ok":  # the client went away before we answered, or the drain deadline came
+                ctx.status, ctx.outcome = (503, "drain_cut") if drain.cut_by_drain() else (499, "client_disconnected")
             raise
         except ConnectionResetError:
             # The client went away mid-upload or mid-answer: nobody to answer, nothing to log loudly.

@@ -33,6 +33,7 @@ from .cache.stage import CacheStage
 from .circuit import BreakerRegistry
 from .config_loader import ConfigError, ConfigWatcher, LoadedConfig, load_config
 from .credentials import CredentialStore
+from .drain import CLOSE_RESERVE_MAX_SECONDS, Drain, DrainBudget
 from .errors import ApiError
 from .forwarder import Forwarder
 from .http_server import BoundedTCPSite, app_runner
@@ -77,7 +78,7 @@ class Sidecar:
         self._redis_clients: list[Any] = []
         self.state: RouterState | None = None
         self.refused: str | None = None  # why the file on disk is not being served
-        self.draining = False
+        self.drain = Drain()  # SIGTERM: 503 for new requests, the cut at the deadline (drain.py)
         self._watch = watch
         self._watch_interval = watch_interval
         self._watcher: ConfigWatcher | None = None
@@ -88,6 +89,10 @@ class Sidecar:
     def config(self) -> RouterConfig:
         assert self.state is not None
         return self.state.config
+
+    @property
+    def draining(self) -> bool:
+        return self.drain.active
 
     async def start(self) -> None:
         """Builds the first state; raises ConfigError if it cannot (the process then exits)."""
@@ -227,14 +232,25 @@ class Sidecar:
         c = self.state.config
         self.metrics.config_info.labels(c.revision or self.state.digest[:12], c.namespace).set(1)
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = CLOSE_RESERVE_MAX_SECONDS) -> None:
+        """Return leases and write buffered spend, then stop the rest, within about `timeout` seconds.
+
+        The drain passes what is left of `server.drainSeconds`. The budget store gets the
+        time first; the cache's writes in flight get what is left after it (they are optional).
+        """
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
         if self._watcher:
             await self._watcher.stop()
-        if self.cache is not None:
-            await self.cache.close()
-        await self.sessions.close()
-        await self.store.close()  # a Redis store returns its leases and writes buffered spend here
+        await self.store.close(timeout=max(end - loop.time(), 0.0))  # leases back, buffered spend written
         await self.ledger.close()
+        if self.cache is not None:
+            try:
+                # At least a moment, so that with nothing in flight it still stops its sync task.
+                await asyncio.wait_for(self.cache.close(), max(end - loop.time(), 0.05))
+            except TimeoutError:
+                log.warning("cache writes still in flight at shutdown were dropped")
+        await self.sessions.close()
         for client in self._redis_clients:
             try:
                 await client.aclose()
@@ -246,6 +262,7 @@ class Sidecar:
     def api_app(self) -> web.Application:
         # client_max_size is above our own limit so that read_body, not aiohttp, answers 413 in OpenAI's format.
         app = web.Application(client_max_size=1 << 40, middlewares=[self._error_middleware])
+        self.drain.install(app)  # in front of the error middleware: it answers new requests while draining
         # expect_handler: a body over the limit gets its 413 instead of `100 Continue`.
         app.router.add_post("/v1/chat/completions", self._chat, expect_handler=self._expect)
         app.router.add_post("/v1/completions", self._completions, expect_handler=self._expect)
@@ -304,8 +321,7 @@ class Sidecar:
         return await expect_continue(request, self.config.server.max_body_bytes)
 
     async def _serve(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
-        if self.draining:
-            raise ApiError(503, "the sidecar is shutting down", "service_unavailable", "draining", retry_after=1)
+        # While draining, the drain's middleware answers 503 `draining` before this runs.
         assert self.pipeline is not None
         return await self.pipeline.handle(request, endpoint)
 
@@ -423,10 +439,11 @@ async def listen(
 ) -> tuple[web.AppRunner, web.AppRunner]:
     """Open the API and the metrics port for a started sidecar: (api runner, metrics runner).
 
-    Both with the header timeout and their connection bounds (http_server.py).
+    Both with the header timeout and their connection bounds (http_server.py). The API
+    runner is cleaned up by `drain_and_close`, the metrics runner after it.
     """
     cfg = sidecar.config.server
-    api = app_runner(sidecar.api_app(), header_timeout=cfg.header_timeout_seconds, shutdown_timeout=cfg.drain_seconds)
+    api = app_runner(sidecar.api_app(), header_timeout=cfg.header_timeout_seconds)
     ops = app_runner(sidecar.ops_app(), header_timeout=cfg.header_timeout_seconds)
     for runner, h, p, limit, evict in (
         (api, host, port, cfg.max_connections, False),
@@ -462,13 +479,40 @@ async def serve(
     stop = stop or asyncio.Event()
     _stop_on_signals(stop)
     await stop.wait()
-    log.info("shutting down: draining requests in flight (up to %ss)", cfg.drain_seconds)
-    sidecar.draining = True
-    # Stops listening, waits for handlers up to shutdown_timeout; their spend settles as they finish.
-    await api.cleanup()
+    await drain_and_close(sidecar, api, ops)
+
+
+async def drain_and_close(sidecar: Sidecar, api: web.BaseRunner, ops: web.BaseRunner) -> None:
+    """From SIGTERM to stopped within `server.drainSeconds` (drain.py has the phases).
+
+    Requests in flight finish or are cut, the API port closes, the budget store and
+    ledger get the rest of the time to return leases and write spend, and the probe
+    port, answering /readyz 503 all along, closes last.
+    """
+    drain_seconds = sidecar.config.server.drain_seconds
+    loop = asyncio.get_running_loop()
+    budget = DrainBudget.starting(loop.time(), drain_seconds)
+    in_flight = sidecar.drain.begin()
+    log.info(
+        "draining (server.drainSeconds %g): new requests get 503 draining; %d requests in flight have until "
+        "%.2fs from now, then are cut; spend is written and the process exits by %.2fs",
+        drain_seconds,
+        in_flight,
+        budget.handlers_until - budget.started,
+        budget.deadline - budget.started,
+    )
+    await sidecar.drain.run(budget, api)
+    await sidecar.close(timeout=budget.close_seconds(loop.time()))
     await ops.cleanup()
-    await sidecar.close()
-    log.info("stopped")
+    d = sidecar.drain
+    log.info(
+        "stopped %.2fs after the drain began: %d requests in flight finished, %d cut at the deadline, "
+        "%d new requests answered 503 draining",
+        loop.time() - budget.started,
+        d.finished,
+        d.cut,
+        d.refused,
+    )
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -2,9 +2,10 @@
 
 The translator turns each upstream event into OpenAI chunks; they are written
 as they come (an assembler keeps a copy when the answer may be cached). A
-stream the upstream cuts short ends with an error event the SDKs raise; a
-client that goes away is billed for what was sent. Either way the spend is
-settled exactly once, through the pipeline's `settle_stream` callback.
+stream the upstream cuts short ends with an error event the SDKs raise, and so
+does one cut at the drain deadline (code `draining`, drain.py); a client that
+goes away is billed for what was sent. Every way the spend is settled exactly
+once, through the pipeline's `settle_stream` callback.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from aiohttp import web
 
 from kubetoll_core.usage import Usage
 
-from . import tokens
+from . import drain, tokens
 from .cache.replay import StreamAssembler
 from .cache.stage import CacheStage
 from .context import RequestContext
@@ -69,8 +70,17 @@ class StreamRelay:
         except (ConnectionResetError, asyncio.CancelledError) as exc:
             outcome = "client_disconnected"
             if isinstance(exc, asyncio.CancelledError):
+                if not drain.resume_if_cut():
+                    await self.finish(ctx, fwd, outcome)
+                    raise
+                # Cut at the drain deadline, not by the client: bill what was sent first, then end
+                # the stream the way an upstream cut ends it, with an error event.
+                outcome = "drain_cut"
                 await self.finish(ctx, fwd, outcome)
-                raise
+                try:
+                    await resp.write(drain.DRAINING_EVENT)
+                except (ConnectionResetError, RuntimeError):
+                    outcome = "client_disconnected"
         except (TimeoutError, OSError, Exception) as exc:  # upstream read failed mid-stream
             outcome = "cut_stream"
             try:
