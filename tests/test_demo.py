@@ -145,7 +145,7 @@ def test_live_view_renders() -> None:
             TenantRow("acme-corp", "premium", 30, 0, 0, 2, 0.09, 72.0),
             TenantRow("bulk-importer", "free", 20, 5, 0, 0, 0.01, 100.0),
         ],
-        backends=[BackendRow("flagship", "gpt-4o", 31, 0.1, 3, True), BackendRow("cheap", "gpt-4o-mini", 40, 0.02)],
+        backends=[BackendRow("flagship", "gpt-4o", 31, 0.1, 3, "open"), BackendRow("cheap", "gpt-4o-mini", 40, 0.02)],
         fallbacks=Counter({("flagship", "rateLimited"): 3}),
         rejections=Counter({("usd_tier",): 5}),
         downgrades=Counter({("at_percent",): 2}),

@@ -418,8 +418,8 @@ def test_grace_period_covers_the_sidecar_drain(
     else:
         assert patched["spec"]["terminationGracePeriodSeconds"] == expected
         assert resp["warnings"] == [
-            f"kubetoll: terminationGracePeriodSeconds raised from {given} to {expected}: the sidecar drains for "
-            f"up to {options.drain_seconds:g} s, then flushes its spend"
+            f"kubetoll: terminationGracePeriodSeconds raised from {given} to {expected}: the sidecar drains and "
+            f"writes its spend within {options.drain_seconds:g} s, then exits"
         ]
     assert_valid_pod(patched, "1.35")
     assert_stable(patched, {}, options)

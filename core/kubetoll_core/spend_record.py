@@ -46,7 +46,7 @@ class SpendRecord:
     avoided_usd: float = 0.0  # what a cache hit saved
     downgraded: bool = False
     fallbacks: int = 0
-    outcome: str = "ok"  # ok, upstream_error, cut_stream, client_disconnected, cache_embedding
+    outcome: str = "ok"  # ok, upstream_error, cut_stream, client_disconnected, drain_cut, cache_embedding
     request_id: str = ""
     refused_budget: str = ""  # a refusal record: the budget whose meter refused
     refused_meter: str = ""  # ... and that meter's name in the budget, e.g. "cap:usd:2026-11-22"

@@ -482,7 +482,7 @@ def plan_injection(pod: Mapping[str, Any], namespace_labels: Mapping[str, str], 
         warnings.append(
             f"kubetoll: terminationGracePeriodSeconds raised from "
             f"{spec.get('terminationGracePeriodSeconds', DEFAULT_GRACE_PERIOD_SECONDS)} to {grace}: "
-            f"the sidecar drains for up to {opts.drain_seconds:g} s, then flushes its spend"
+            f"the sidecar drains and writes its spend within {opts.drain_seconds:g} s, then exits"
         )
 
     sidecar = sidecar_container(opts, volume_names)

@@ -70,7 +70,7 @@ class BackendRow:
     requests: int = 0
     spend: float = 0.0
     fallbacks_from: int = 0
-    circuit_open: bool = False
+    circuit: str = "closed"  # the breaker's state: closed, open (refusing) or half_open (the next call probes)
 
 
 @dataclass
@@ -150,7 +150,7 @@ def take_snapshot(
         for name, rt in state.backends.items():
             br = sidecar.breakers.get(rt.config)
             n, spend = by_backend.get(name, [0, 0.0])
-            backends.append(BackendRow(name, rt.config.model, int(n), spend, from_counts[name], br.state != "closed"))
+            backends.append(BackendRow(name, rt.config.model, int(n), spend, from_counts[name], br.state))
     if "(cache)" in by_backend:
         n, spend = by_backend["(cache)"]
         backends.append(BackendRow("(cache)", "", int(n), spend))
@@ -278,7 +278,7 @@ def render(s: Snapshot) -> Any:
             str(b.requests),
             fmt_usd(b.spend),
             str(b.fallbacks_from),
-            Text("open", style="red") if b.circuit_open else Text("closed", style="dim"),
+            Text(b.circuit.replace("_", "-"), style={"open": "red", "half_open": "yellow"}.get(b.circuit, "dim")),
         )
 
     ev = Table(box=None, show_header=False, pad_edge=False, expand=True)
