@@ -25,7 +25,7 @@ import pytest
 from kubetoll_core.ledger_stream import read_ledger
 from kubetoll_sidecar.drain import CLOSE_RESERVE_MAX_SECONDS, MIN_CLOSE_SECONDS, DrainBudget
 from kubetoll_tools.simulator import Fault
-from support.harness import base_config, wait_until
+from support.harness import SidecarUrls, base_config, wait_until
 from support.ports import candidate_port, is_address_in_use
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ HANG_MARGIN = 1.5  # seconds past drainSeconds before "it hung" (process exit an
 LOG_TIMEOUT = 30.0  # hang bound for a log line
 
 
-class SidecarProcess:
+class SidecarProcess(SidecarUrls):
     """`kubetoll sidecar` in a child process; its stderr read line by line as it is written."""
 
     def __init__(self, proc: asyncio.subprocess.Process, config: dict[str, Any]) -> None:
@@ -43,14 +43,6 @@ class SidecarProcess:
         self._changed = asyncio.Condition()
         self._ended = False
         self._reader = asyncio.create_task(self._read())
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.config['server']['port']}"
-
-    @property
-    def ops_url(self) -> str:
-        return f"http://127.0.0.1:{self.config['server']['metricsPort']}"
 
     async def _read(self) -> None:
         assert self.proc.stderr is not None

@@ -32,30 +32,15 @@ from kubetoll_sidecar.budgets.admission import BudgetMeters
 from kubetoll_sidecar.budgets.redis_store import RedisBudgetStore
 from kubetoll_sidecar.budgets.store import Hold
 from support.harness import RunningSidecar, wait_until
-from support.kopf_env import NS, Kubectl, condition, eventually, stop_operator
+from support.kopf_env import LOCAL_BACKEND, NS, Kubectl, condition, eventually, route_to_local, stop_operator
 from support.log_events import log_events
 from support.redis_server import RedisProcess
 
 INTERVAL = 0.1
 NO_TIER = "pro"  # a tier the budget does not define: the request falls under the namespace cap only
 
-BACKEND = {
-    "apiVersion": "kubetoll.dev/v1alpha1",
-    "kind": "ModelBackend",
-    "metadata": {"name": "local"},
-    "spec": {
-        "provider": "openai-compatible",
-        "model": "m",
-        "endpoint": "http://llm:8000/v1",
-        "pricing": {"inputPerMTok": 1, "outputPerMTok": 2},
-    },
-}
-ROUTE = {
-    "apiVersion": "kubetoll.dev/v1alpha1",
-    "kind": "ModelRoute",
-    "metadata": {"name": "chat"},
-    "spec": {"rules": [{"backends": ["local"]}], "cachePolicy": "faq"},
-}
+BACKEND = LOCAL_BACKEND
+ROUTE = route_to_local(cachePolicy="faq")
 OTHER_ROUTE = {
     "apiVersion": "kubetoll.dev/v1alpha1",
     "kind": "ModelRoute",

@@ -18,26 +18,11 @@ import pytest
 
 from kubetoll_operator.injection import INJECTED_KEY
 from kubetoll_operator.sidecar_count import FIELD_SELECTOR, LABEL_SELECTOR, expected_sidecars
-from support.kopf_env import NS, Kubectl, eventually
+from support.kopf_env import LOCAL_BACKEND, NS, Kubectl, eventually, route_to_local
 from support.log_events import log_events
 
-BACKEND = {
-    "apiVersion": "kubetoll.dev/v1alpha1",
-    "kind": "ModelBackend",
-    "metadata": {"name": "local"},
-    "spec": {
-        "provider": "openai-compatible",
-        "model": "m",
-        "endpoint": "http://llm:8000/v1",
-        "pricing": {"inputPerMTok": 1, "outputPerMTok": 2},
-    },
-}
-ROUTE = {
-    "apiVersion": "kubetoll.dev/v1alpha1",
-    "kind": "ModelRoute",
-    "metadata": {"name": "chat"},
-    "spec": {"rules": [{"backends": ["local"]}]},
-}
+BACKEND = LOCAL_BACKEND
+ROUTE = route_to_local()
 
 
 def pod(name: str, *, injected: bool = True, phase: str = "Running") -> dict[str, Any]:

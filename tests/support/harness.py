@@ -50,7 +50,21 @@ def base_config(sim_url: str, **overrides: Any) -> dict[str, Any]:
     return cfg
 
 
-class RunningSidecar:
+class SidecarUrls:
+    """The API and ops base URLs of a sidecar whose router config is `self.config`."""
+
+    config: dict[str, Any]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.config['server']['port']}"
+
+    @property
+    def ops_url(self) -> str:
+        return f"http://127.0.0.1:{self.config['server']['metricsPort']}"
+
+
+class RunningSidecar(SidecarUrls):
     """A sidecar in this process on two ports it bound itself (port 0), written back into `config["server"]`."""
 
     def __init__(
@@ -68,14 +82,6 @@ class RunningSidecar:
         self.store = store
         self.sidecar: Sidecar | None = None
         self._runners: list[web.AppRunner] = []
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.config['server']['port']}"
-
-    @property
-    def ops_url(self) -> str:
-        return f"http://127.0.0.1:{self.config['server']['metricsPort']}"
 
     async def start(self) -> RunningSidecar:
         self.path.write_text(json.dumps(self.config))

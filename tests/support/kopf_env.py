@@ -34,6 +34,30 @@ PLURALS = {
 CORE = {"ConfigMap": "configmaps", "Secret": "secrets", "Event": "events", "Namespace": "namespaces", "Pod": "pods"}
 
 
+# A backend with prices and a route to it: what most operator tests compile around.
+LOCAL_BACKEND: dict[str, Any] = {
+    "apiVersion": "kubetoll.dev/v1alpha1",
+    "kind": "ModelBackend",
+    "metadata": {"name": "local"},
+    "spec": {
+        "provider": "openai-compatible",
+        "model": "m",
+        "endpoint": "http://llm:8000/v1",
+        "pricing": {"inputPerMTok": 1, "outputPerMTok": 2},
+    },
+}
+
+
+def route_to_local(name: str = "chat", **spec: Any) -> dict[str, Any]:
+    """A ModelRoute sending everything to LOCAL_BACKEND, with any other spec fields given."""
+    return {
+        "apiVersion": "kubetoll.dev/v1alpha1",
+        "kind": "ModelRoute",
+        "metadata": {"name": name},
+        "spec": {"rules": [{"backends": ["local"]}], **spec},
+    }
+
+
 def register_resources(emulator: Any) -> None:
     verbs = ["get", "list", "watch", "create", "update", "patch", "delete"]
     for kind, plural in PLURALS.items():
