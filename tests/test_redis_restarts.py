@@ -29,7 +29,7 @@ from kubetoll_core.ledger_stream import period_totals, read_ledger
 from kubetoll_core.router_config import BudgetStoreSettings
 from kubetoll_core.spend_record import SpendRecord
 from kubetoll_sidecar.budgets.redis_store import RedisBudgetStore
-from kubetoll_sidecar.budgets.store import Hold, Meter, StoreUnavailable, Suspended
+from kubetoll_sidecar.budgets.store import Exhausted, Hold, Meter, StoreUnavailable, Suspended
 from kubetoll_sidecar.ledger_redis import RedisLedger
 from support.harness import wait_until
 from support.redis_server import RedisProcess
@@ -88,7 +88,7 @@ async def spend(store: RedisBudgetStore, ledger: RedisLedger, ns: str, n: int, c
     for i in range(start, start + n):
         try:
             res = await store.reserve([Hold(OPEN, cost)], time.time())
-        except StoreUnavailable:
+        except (StoreUnavailable, Exhausted):
             continue
         await store.settle(res, {OPEN.key: cost}, time.time())
         ledger.append(record(ns, i, cost))
@@ -133,6 +133,40 @@ async def test_a_cold_sidecar_shares_the_allowance_with_the_sidecars_the_operato
     await alone.start()
     assert await allowance_left(alone, 0.05) == 20
     await alone.close()
+
+
+async def test_a_cold_bucket_gets_a_share_of_the_refill_not_a_full_bucket(redis_down, ns):
+    """Nobody knows how full a tokens/min bucket was when Redis went away: a cold sidecar gets
+    1% of the capacity and its share of the refill since the outage began, not the capacity."""
+    now = [1000.0]
+    bucket = Meter(
+        key="tpm:tier:free:t:tokens-min",
+        kind="bucket",
+        unit="tokens",
+        limit=6000.0,
+        budget="tpm",
+        level="tier:free",
+        label="tpm/tier:free/tokens-min",
+        on_exhausted=OnExhausted.reject,
+        refill_per_second=100.0,
+    )
+    settings = BudgetStoreSettings(url=redis_down.url, timeout_ms=50, expected_sidecars=4)
+    store = make(redis_down.url, ns, "cold", settings=settings, monotonic=lambda: now[0])
+    await store.start()
+
+    async def take(amount: float) -> bool:
+        try:
+            await store.reserve([Hold(bucket, amount)], time.time())
+            return True
+        except StoreUnavailable:
+            return False
+
+    assert await take(15.0)  # 1% of 6000 over 4 sidecars
+    assert not await take(1.0)
+    now[0] += 2.0  # 2 s of refill: 200 tokens, a quarter of them this sidecar's
+    assert await take(50.0)
+    assert not await take(1.0)
+    await store.close()
 
 
 async def test_a_reloaded_sidecar_count_applies_without_a_restart(redis_down, ns):
@@ -253,6 +287,50 @@ async def test_a_journal_that_cannot_be_read_is_set_aside(redis_down, ns, tmp_pa
     assert (tmp_path / "journal-gone.json.bad").exists()
     assert "cannot be read" in caplog.text
     await store.close()
+
+
+# --------------------------------------------------------------------------- Redis restarted empty
+
+
+async def test_an_empty_redis_restart_does_not_hand_the_budget_out_again(ns):
+    """Two sidecars spent 30 of 100 USD; Redis restarts empty. The spend they saw comes back
+    with their re-registration (the larger of their two readings, not the sum), so the
+    budget refuses at 100 USD counted across both lives, not at 130."""
+    proc = RedisProcess().start()
+    try:
+        a, b = make(proc.url, ns, "a"), make(proc.url, ns, "b")
+        la, lb = RedisLedger(a, None), RedisLedger(b, None)
+        for s in (a, b):
+            await s.start()
+        await spend(a, la, ns, 15, 1.0)
+        await spend(b, lb, ns, 15, 1.0, start=15)
+        await wait_until(lambda: all(s.stats()["buffered_records"] == 0 for s in (a, b)), timeout=10)
+        spent, _ = await totals_and_ledger(proc.url, ns)
+        assert spent == 30_000_000_000
+        for s in (a, b):  # both know the total before the loss (a renewal or top-up brings it)
+            await s.reserve([Hold(OPEN, 0.01)], time.time())
+        await wait_until(lambda: all(s.lease_of(OPEN.key).g_total >= 29_000_000_000 for s in (a, b)), timeout=10)
+
+        proc.restart_empty()
+        got = 0
+        deadline = time.monotonic() + 30  # a hang bound
+        while time.monotonic() < deadline:
+            n = await spend(a, la, ns, 1, 1.0, start=100 + got) + await spend(b, lb, ns, 1, 1.0, start=200 + got)
+            if n == 0 and a.counters.history_lost_total and b.counters.history_lost_total:
+                break
+            got += n
+            await asyncio.sleep(0.01)
+        for s in (a, b):
+            await s.close()
+        spent_after, _ = await totals_and_ledger(proc.url, ns)
+        # What the new Redis holds: the seed (at least the 29 USD both had seen) plus what was
+        # spent after the restart, never above the limit; and after the restart at most the
+        # 70 USD that were left, give or take the reservations in flight at the loss.
+        assert spent_after <= 100_000_000_000
+        assert got <= 71
+        assert spent_after >= 29_000_000_000 + got * 1_000_000_000 - 2_000_000_000
+    finally:
+        proc.stop()
 
 
 # --------------------------------------------------------------------------- the kill switch

@@ -1,5 +1,10 @@
 """Which meters a request falls under, and the admit decision (pipeline stages 5 and 7).
 
+A budget with a `workloadSelector` applies only in pods whose labels match it
+(the downward-API labels file): elsewhere it contributes no meters and its kill
+switch refuses nothing. The pods it selects build the same meter keys, so with
+Redis they share its meters.
+
 Levels, from the widest: each budget covering the route has a namespace cap
 (USD and tokens per day and month, shared by every tenant) and, for the
 request's tier, the tenant's own limits (tokens/min and requests/min buckets,
@@ -16,7 +21,7 @@ only send the client back to be refused again.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from kubetoll_core.enums import FailMode, OnExhausted
@@ -104,10 +109,12 @@ class BudgetMeters:
 
     MAX_MEMO = 10_000  # a few KB each; a tenant past it costs a rebuild (microseconds), not memory
 
-    def __init__(self, config: RouterConfig) -> None:
+    def __init__(self, config: RouterConfig, pod_labels: Mapping[str, str] | None = None) -> None:
+        # The budgets this pod is under: those without a workloadSelector, and those whose selector matches.
+        self.budgets: tuple[Budget, ...] = tuple(b for b in config.budgets if b.applies_to(pod_labels or {}))
         # Linear in routes + budgets (a namespace may hold thousands of each), in config order.
         self._budgets_by_route: dict[str, list[Budget]] = {r.name: [] for r in config.routes}
-        for b in config.budgets:
+        for b in self.budgets:
             for name in dict.fromkeys(b.routes) if b.routes else self._budgets_by_route:
                 if name in self._budgets_by_route:
                     self._budgets_by_route[name].append(b)

@@ -46,6 +46,7 @@ class Lease:
     g_leased: int = 0
     g_holders: int = 0
     g_seen: float = -_INF  # monotonic
+    seed: int = 0  # window: its total as last seen before Redis lost its history, until Redis took it
     # sizing
     rate: float = 0.0  # units per second, EWMA of what was reserved
     consumed: int = 0
@@ -153,11 +154,13 @@ class Lease:
         """What this sidecar may spend past its lease while Redis does not answer.
 
         A window: `fraction` of the limit, divided among the sidecars last seen holding
-        the budget. A bucket: a fair share of its capacity and of the refill since the
-        outage began.
+        the budget. A bucket: the same fraction of its capacity plus a fair share of the
+        refill since the outage began. Not of the whole capacity: nobody knows how full
+        the bucket was when Redis went away, and granting it full again is what let four
+        cold sidecars serve nearly twice a tokens/min limit.
         """
         holders = max(holders, 1)
         if self.bucket:
             refill = self.meter.refill_per_second * self.scale * max(mono - degraded_since, 0.0)
-            return int((self.limit + refill) / holders)
+            return int((fraction * self.limit + refill) / holders)
         return math.ceil(fraction * self.limit / holders)

@@ -12,7 +12,9 @@ SYNC, in one atomic step, for one sidecar:
 3. the kill switch of every budget in the call: 1 suspended, 0 known not to
    be, -1 unknown (Redis lost it: the sidecar keeps what it knew, and a budget
    the sidecar holds suspended gets no lease either way);
-4. per meter: drop expired leases (a dead sidecar's reservations return to the
+4. per meter: after Redis lost its history, take back the spend the sidecars
+   last saw (`seed`, windows only, once per meter and epoch: the largest seed
+   counts); drop expired leases (a dead sidecar's reservations return to the
    pool), refill a bucket from Redis `TIME`, apply the batch's settled spend
    (window: `spent += d`; bucket: consumed tokens leave the lease), then set this
    sidecar's lease: shrink to `want`, or grow towards `want` by at most
@@ -79,7 +81,7 @@ for i, m in ipairs(p.meters) do
   local h = KEYS[m.h]
   local x = KEYS[m.x]
   local me = 'L:' .. p.sid
-  local f = redis.call('HMGET', h, 'spent', 'level', 'ts', 'leased', me)
+  local f = redis.call('HMGET', h, 'spent', 'level', 'ts', 'leased', me, 'ep', 'born', 'seed')
   local bucket = (m.kind == 'bucket')
   local spent = tonumber(f[1]) or 0
   local leased = tonumber(f[4]) or 0
@@ -106,6 +108,19 @@ for i, m in ipairs(p.meters) do
   end
   if #expired > 0 then redis.call('ZREMRANGEBYSCORE', x, '-inf', now) end
   if bucket and level > m.limit - leased then level = m.limit - leased end
+  -- born: the epoch this hash was first written in ('' if it outlived an epoch change). A
+  -- window born in this epoch after Redis lost its history takes back what the sidecars
+  -- saw spent before the loss (`seed`, the largest any of them sends), so an empty
+  -- restart does not hand the budget out a second time.
+  local born = f[7]
+  if not f[6] then born = epoch elseif f[6] ~= epoch then born = '' end
+  if m.seed and m.seed > 0 and not bucket and born == epoch then
+    local had = tonumber(f[8]) or 0
+    if m.seed > had then
+      spent = spent + (m.seed - had)
+      redis.call('HSET', h, 'seed', int(m.seed))
+    end
+  end
   -- settled spend of this batch: covered by the lease first, the rest is overage
   if m.d > 0 and not dup then
     local covered = math.min(m.d, cur)
@@ -158,7 +173,8 @@ for i, m in ipairs(p.meters) do
     redis.call('HSET', h, 'spent', int(spent), 'period', m.period, 'period_end', int(m.pend))
   end
   redis.call('HSET', h, 'leased', int(leased), 'limit', int(m.limit), 'kind', m.kind, 'unit', m.unit,
-    'scale', int(m.scale), 'label', m.label, 'budget', m.b, 'meter', m.k, 'updated_ms', int(now))
+    'scale', int(m.scale), 'label', m.label, 'budget', m.b, 'meter', m.k, 'updated_ms', int(now),
+    'ep', epoch, 'born', born)
   if new > 0 then
     redis.call('HSET', h, me, int(new))
     redis.call('ZADD', x, now + p.ttl, p.sid)

@@ -1150,6 +1150,9 @@ class RedisBudgetStore:
                 "nmin": nmin,
                 "want": max(want, need),
             }
+            if st.seed:
+                entry["seed"] = st.seed
+                c.seeded.append(st)
             c.meters.append(entry)
             c.leases.append((st, d))
         if self._unindexed or not calls:
@@ -1243,9 +1246,16 @@ class RedisBudgetStore:
             self._epochs[c.home] = epoch
             self.counters.history_lost_total += 1
             self._reregister = True
+            # What this sidecar last saw spent of each window in that slot goes back with the
+            # re-registration (the script keeps the largest seed any sidecar sends).
+            for st in self._leases.values():
+                if not st.bucket and st.g_total > 0 and self._home(st.meter.budget) == c.home:
+                    st.seed = max(st.seed, st.g_total)
+            if c.home == self._home(None):  # the namespace's budget index went too: readers find meters by it
+                self._unindexed.update(self._suspensions.watched)
             log.warning(
-                "Redis lost the budget history of %s (epoch %s -> %s, e.g. restarted empty): totals restart "
-                "from zero; re-registering this sidecar's leases",
+                "Redis lost the budget history of %s (epoch %s -> %s, e.g. restarted empty): re-registering this "
+                "sidecar's leases and the spend it last saw on each window",
                 c.home,
                 known,
                 epoch,
@@ -1264,4 +1274,6 @@ class RedisBudgetStore:
                 st.unflushed -= d
         if c.batch:
             self._buffer.confirmed(c.home, c.batch)
+        for st in c.seeded:
+            st.seed = 0
         self._unindexed.difference_update(c.new_budgets)
