@@ -18,17 +18,15 @@ import asyncio
 import multiprocessing as mp
 import os
 import random
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, d) for d in ("core", "sidecar", "operator", "tools")]
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
+from benchsupport.redis_server import start_redis  # noqa: E402
 from kubetoll_core.enums import OnExhausted  # noqa: E402
 from kubetoll_core.router_config import BudgetStoreSettings  # noqa: E402
 from kubetoll_sidecar.budgets.memory import InMemoryBudgetStore  # noqa: E402
@@ -167,41 +165,6 @@ async def throughput(url: str, n: int) -> tuple[float, float, float]:
     per_req = (s.counters.redis_calls - calls0) / n
     await s.close()
     return mem, red, per_req
-
-
-def start_redis() -> tuple[str, subprocess.Popen | None]:
-    if os.environ.get("REDIS_URL"):
-        return os.environ["REDIS_URL"], None
-    exe = shutil.which("redis-server")
-    if exe is None:
-        sys.exit("redis-server is not on PATH; install it or set REDIS_URL")
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            exe,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            tempfile.mkdtemp(),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(200):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-        except OSError:
-            time.sleep(0.02)
-    return f"redis://127.0.0.1:{port}/0", proc
 
 
 def main() -> None:

@@ -36,14 +36,11 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import re
 import resource
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +48,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchsupport as bs
-from redis_budget_overshoot import start_redis
+from benchsupport.fleet import Sidecar, scrape_all, start_all, stop_all, zone_at_midday
+from benchsupport.redis_server import start_redis
 
 TARGET_RATIO = 0.8
 TARGET_CALLS = 0.1
@@ -67,48 +65,7 @@ def verdict(ok: bool) -> str:
     return "meets" if ok else "MISSES"
 
 
-def zone_at_midday(now: float) -> str:
-    """A fixed-offset zone where it is about noon now: the budget's day cannot end during the run."""
-    offset = 12 - time.gmtime(now).tm_hour
-    return "Etc/UTC" if offset == 0 else f"Etc/GMT{'-' if offset > 0 else '+'}{abs(offset)}"
-
-
 # --------------------------------------------------------------------------- sidecar sets
-
-_TAKEN: set[int] = set()
-
-
-def listen_port() -> int:
-    """A free port below the kernel's ephemeral range.
-
-    benchsupport.free_port (`bind(0)`) draws from the ephemeral range, where every outgoing
-    connection takes its local port too; with many sidecars starting at once, each opening
-    Redis connections, a port chosen that way can be taken before its sidecar binds it.
-    """
-    try:
-        lo = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        lo = 32768
-    low = 10000 if lo > 11000 else 1024
-    for _ in range(2000):
-        port = random.randint(low, lo - 1)
-        if port in _TAKEN:
-            continue
-        with socket.socket() as sk:
-            try:
-                sk.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _TAKEN.add(port)
-        return port
-    return bs.free_port()
-
-
-@dataclass
-class Sidecar:
-    proc: subprocess.Popen
-    api_port: int
-    metrics_port: int
 
 
 @dataclass
@@ -118,7 +75,7 @@ class SidecarSet:
 
     @property
     def pids(self) -> list[int]:
-        return [s.proc.pid for s in self.sidecars]
+        return [s.proc.pid for s in self.sidecars if s.proc is not None]
 
     @property
     def ports(self) -> list[int]:
@@ -129,7 +86,7 @@ def sidecar_config(
     directory: Path, upstream_port: int, namespace: str, redis_url: str | None, args: argparse.Namespace
 ) -> tuple[Path, int, int]:
     """benchsupport's config (route `chat`, never-exhausted budgets), plus route `small` under one small budget."""
-    api_port, metrics_port = listen_port(), listen_port()
+    api_port, metrics_port = bs.listen_port(), bs.listen_port()
     path = bs.write_config(directory, upstream_port, api_port, metrics_port)
     cfg = json.loads(path.read_text())
     cfg["namespace"] = namespace
@@ -155,78 +112,20 @@ def sidecar_config(
 def start_set(
     name: str, n: int, tmp: Path, upstream_port: int, namespace: str, redis_url: str | None, args: argparse.Namespace
 ) -> SidecarSet:
-    """n sidecars started at once (as benchsupport.start_sidecar does one), ready when each /readyz answers 200."""
+    """n sidecars started at once (benchsupport.fleet.start_all), ready when each /readyz answers 200."""
     out = SidecarSet(name)
-    logs = []
-    try:
-        for i in range(n):
-            d = tmp / f"{name}-{i:02d}"
-            d.mkdir()
-            path, api, met = sidecar_config(d, upstream_port, namespace, redis_url, args)
-            log = d / "sidecar.log"
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "kubetoll_tools.cli",
-                    "sidecar",
-                    "--config",
-                    str(path),
-                    "--log-level",
-                    args.log_level,
-                ],
-                env=bs.child_env(),
-                stdout=log.open("wb"),
-                stderr=subprocess.STDOUT,
-            )
-            out.sidecars.append(Sidecar(proc, api, met))
-            logs.append(log)
-        pending = set(range(n))
-        deadline = time.monotonic() + 60 + 3 * n  # a start costs ~1.5 s of CPU; n of them share the cores
-        while pending:
-            for i in sorted(pending):
-                sc = out.sidecars[i]
-                if sc.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"{name} sidecar {i} exited with status {sc.proc.returncode}\n{logs[i].read_text()[-2000:]}"
-                    )
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{sc.metrics_port}/readyz", timeout=2) as r:
-                        if r.status == 200:
-                            pending.discard(i)
-                except OSError:
-                    pass
-            if pending:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{len(pending)} {name} sidecars not ready in time")
-                time.sleep(0.2)
-    except BaseException:
-        stop_set(out)
-        raise
+    for i in range(n):
+        d = tmp / f"{name}-{i:02d}"
+        d.mkdir()
+        path, api, met = sidecar_config(d, upstream_port, namespace, redis_url, args)
+        out.sidecars.append(Sidecar(path, api, met, d / "sidecar.log"))
+    start_all(out.sidecars, args.log_level)  # stops them all if one fails to start
     return out
 
 
 def stop_set(s: SidecarSet) -> None:
     """SIGTERM to every sidecar of the set at once (each drains, returns leases, flushes), then wait for each."""
-    for sc in s.sidecars:
-        if sc.proc.poll() is None:
-            sc.proc.terminate()
-    for sc in s.sidecars:
-        bs.stop(sc.proc)  # waits; kills only a sidecar still running after 10 s
-
-
-def scrape_all(s: SidecarSet) -> dict[str, float]:
-    """Summed over the set: ok requests, rejections, and the Redis store's counters."""
-    tot: dict[str, float] = {"ok": 0.0, "rejected": 0.0}
-    for sc in s.sidecars:
-        text = bs.scrape(sc.metrics_port)
-        tot["ok"] += sum(
-            v for lbl, v in bs.metric_samples(text, "kubetoll_requests_total") if lbl.get("outcome") == "ok"
-        )
-        tot["rejected"] += sum(v for _, v in bs.metric_samples(text, "kubetoll_rejections_total"))
-        for lbl, v in bs.metric_samples(text, "kubetoll_budget_store"):
-            tot[lbl["stat"]] = tot.get(lbl["stat"], 0.0) + v
-    return tot
+    stop_all(s.sidecars)
 
 
 def evalsha_calls(redis_url: str) -> int:
@@ -444,7 +343,7 @@ class Segment:
 
 def segment(s: SidecarSet, load, redis_url: str | None, rpid: int | None, upid: int, all_pids: list[int]) -> Segment:
     t0 = time.monotonic()
-    before = scrape_all(s)
+    before = scrape_all(s.sidecars)
     ev0 = evalsha_calls(redis_url) if redis_url else 0
     cores = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     machine = bs.CpuMeter(all_pids + [upid, os.getpid()] + ([rpid] if rpid else []), cores)
@@ -461,7 +360,7 @@ def segment(s: SidecarSet, load, redis_url: str | None, rpid: int | None, upid: 
     if other is not None:
         other = max(other - (c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime), 0.0)
     time.sleep(0.3)  # the spend of the last requests is flushed (flush_interval 0.1 s): count its script too
-    after = scrape_all(s)
+    after = scrape_all(s.sidecars)
     ev1 = evalsha_calls(redis_url) if redis_url else 0
     return Segment(
         ok=after["ok"] - before["ok"],
@@ -650,9 +549,9 @@ def main() -> int:
             stop_set(mem)
 
             # (b) overshoot
-            before = scrape_all(red)
+            before = scrape_all(red.sidecars)
             ex = exhaust(red.ports, body_small, headers, conc, 120.0)
-            after = scrape_all(red)
+            after = scrape_all(red.sidecars)
             stop_set(red)
             totals = asyncio.run(_totals(redis_url, namespace, SMALL_BUDGET))
             print(

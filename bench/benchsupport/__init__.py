@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import socket
@@ -135,6 +136,36 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_TAKEN: set[int] = set()
+
+
+def listen_port() -> int:
+    """A free port below the kernel's ephemeral range, never handed out twice by this process.
+
+    `free_port` (`bind(0)`) draws from the ephemeral range, where every outgoing
+    connection takes its local port too: with many sidecars starting at once, each
+    opening Redis connections, a port chosen that way can be taken before its sidecar
+    binds it, and a server restarted on its old port can find it taken by a client.
+    """
+    try:
+        lo = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        lo = 32768
+    low = 10000 if lo > 11000 else 1024
+    for _ in range(2000):
+        port = random.randint(low, lo - 1)
+        if port in _TAKEN:
+            continue
+        with socket.socket() as sk:
+            try:
+                sk.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _TAKEN.add(port)
+        return port
+    return free_port()
 
 
 def wait_port(port: int, proc: subprocess.Popen, what: str, log: Path | None = None, timeout: float = 30.0) -> None:
