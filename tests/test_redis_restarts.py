@@ -323,11 +323,11 @@ async def test_an_empty_redis_restart_does_not_hand_the_budget_out_again(ns):
         for s in (a, b):
             await s.close()
         spent_after, _ = await totals_and_ledger(proc.url, ns)
-        # What the new Redis holds: the seed (at least the 29 USD both had seen) plus what was
-        # spent after the restart, never above the limit; and after the restart at most the
-        # 70 USD that were left, give or take the reservations in flight at the loss.
-        assert spent_after <= 100_000_000_000
-        assert got <= 71
+        # Spent across both lives: 30 USD before, `got` after, at most the limit (give or take
+        # a reservation in flight at the loss). The new Redis holds the seed (at least the 29 USD
+        # both had seen; leases the other held count too, so it may read above the real spend)
+        # plus what was spent after the restart.
+        assert 30 + got <= 101
         assert spent_after >= 29_000_000_000 + got * 1_000_000_000 - 2_000_000_000
     finally:
         proc.stop()

@@ -1246,11 +1246,14 @@ class RedisBudgetStore:
             self._epochs[c.home] = epoch
             self.counters.history_lost_total += 1
             self._reregister = True
-            # What this sidecar last saw spent of each window in that slot goes back with the
-            # re-registration (the script keeps the largest seed any sidecar sends).
+            # What this sidecar last saw of each window in that slot goes back with the
+            # re-registration (the script keeps the largest seed any sidecar sends): the total
+            # spent, and what the others held leased, counted as spent. Their spend since that
+            # reading is unknown here; a lease is what they could spend without asking, so
+            # counting it errs towards refusing a little early, never towards a second budget.
             for st in self._leases.values():
                 if not st.bucket and st.g_total > 0 and self._home(st.meter.budget) == c.home:
-                    st.seed = max(st.seed, st.g_total)
+                    st.seed = max(st.seed, st.g_total + max(st.g_leased - st.lease, 0))
             if c.home == self._home(None):  # the namespace's budget index went too: readers find meters by it
                 self._unindexed.update(self._suspensions.watched)
             log.warning(
