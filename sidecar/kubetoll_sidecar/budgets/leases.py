@@ -46,7 +46,6 @@ class Lease:
     g_leased: int = 0
     g_holders: int = 0
     g_seen: float = -_INF  # monotonic
-    seed: int = 0  # window: its total as last seen before Redis lost its history, until Redis took it
     # sizing
     rate: float = 0.0  # units per second, EWMA of what was reserved
     consumed: int = 0

@@ -58,6 +58,8 @@ if not epoch then
   epoch = p.epoch_new
   redis.call('SET', ek, epoch)
 end
+-- this sidecar's readings come from a history Redis no longer has
+local lost = p.ek_known ~= nil and p.ek_known ~= '' and p.ek_known ~= epoch
 
 if p.bi then
   if #p.new_budgets > 0 then redis.call('SADD', KEYS[p.bi], unpack(p.new_budgets)) end
@@ -109,12 +111,13 @@ for i, m in ipairs(p.meters) do
   if #expired > 0 then redis.call('ZREMRANGEBYSCORE', x, '-inf', now) end
   if bucket and level > m.limit - leased then level = m.limit - leased end
   -- born: the epoch this hash was first written in ('' if it outlived an epoch change). A
-  -- window born in this epoch after Redis lost its history takes back what the sidecars
-  -- saw spent before the loss (`seed`, the largest any of them sends), so an empty
-  -- restart does not hand the budget out a second time.
+  -- window born in this epoch takes back what a sidecar that read it before Redis lost its
+  -- history saw spent (`seed`, sent with every call; used only when the call's `ek_known`
+  -- is an older epoch; the largest seed counts), so an empty restart does not hand the
+  -- budget out a second time.
   local born = f[7]
   if not f[6] then born = epoch elseif f[6] ~= epoch then born = '' end
-  if m.seed and m.seed > 0 and not bucket and born == epoch then
+  if lost and m.seed and m.seed > 0 and not bucket and born == epoch then
     local had = tonumber(f[8]) or 0
     if m.seed > had then
       spent = spent + (m.seed - had)

@@ -258,6 +258,10 @@ class RedisBudgetStore:
         self._wake = asyncio.Event()
         try:
             await bounded(self._script.load(), self._io_timeout)
+            if self._left:
+                # Before the first sync grants anything: a bucket the stopped process drew on
+                # must not be handed out full again and only then charged.
+                await self._replay_left()
             # A first sync (epoch, budget index) and warm connections for the flusher, the
             # poller and the subscription (which holds one), so no request pays for
             # connecting: a TLS handshake alone can take longer than timeout_ms.
@@ -820,10 +824,12 @@ class RedisBudgetStore:
 
         Each batch goes under its writer's sidecar id with seq 0, so Redis applies it only
         if that writer never got the same batch number through (a later batch of the
-        writer holds what the journal's batch holds, and more).
+        writer holds what the journal's batch holds, and more). Tried before any sync
+        (at start, and by the worker whenever a retry is due): spend comes first, so a
+        bucket is charged before it grants anything.
         """
         assert self._disk is not None
-        while self._left and self._healthy and not self._closing:
+        while self._left and not self._closing:
             j = self._left[0]
             if j.namespace != self.namespace:
                 log.warning(
@@ -934,7 +940,7 @@ class RedisBudgetStore:
             mono = self._mono()
             try:
                 await self._keep_on_disk(mono)
-                if self._left and self._healthy:
+                if self._left and (self._healthy or mono >= self._retry_at):
                     await self._replay_left()
                 if not self._due(mono):
                     continue
@@ -1150,9 +1156,13 @@ class RedisBudgetStore:
                 "nmin": nmin,
                 "want": max(want, need),
             }
-            if st.seed:
-                entry["seed"] = st.seed
-                c.seeded.append(st)
+            if not st.bucket and st.g_seen != -_INF:
+                # What this sidecar last saw of the window: the total spent, and what the others
+                # held leased, counted as spent (their spend since is unknown here; a lease is what
+                # they could spend unasked). The script uses it only if Redis lost the history this
+                # reading came from (the call's `ek_known` is not the current epoch): so the very
+                # first call after an empty restart already carries it, before any lease is granted.
+                entry["seed"] = st.g_total + max(st.g_leased - st.lease, 0)
             c.meters.append(entry)
             c.leases.append((st, d))
         if self._unindexed or not calls:
@@ -1214,6 +1224,8 @@ class RedisBudgetStore:
             "qk": 0,
             "qrecs": [],
             "keep_ms": self._ledger_retention_ms,
+            # The epoch this sidecar's readings (and the seeds in this call) come from.
+            "ek_known": "" if sid else self._epochs.get(c.home, ""),
         }
         if c.records and c.batch:
             payload["lk"] = c.key(self.keys.ledger())
@@ -1246,14 +1258,6 @@ class RedisBudgetStore:
             self._epochs[c.home] = epoch
             self.counters.history_lost_total += 1
             self._reregister = True
-            # What this sidecar last saw of each window in that slot goes back with the
-            # re-registration (the script keeps the largest seed any sidecar sends): the total
-            # spent, and what the others held leased, counted as spent. Their spend since that
-            # reading is unknown here; a lease is what they could spend without asking, so
-            # counting it errs towards refusing a little early, never towards a second budget.
-            for st in self._leases.values():
-                if not st.bucket and st.g_total > 0 and self._home(st.meter.budget) == c.home:
-                    st.seed = max(st.seed, st.g_total + max(st.g_leased - st.lease, 0))
             if c.home == self._home(None):  # the namespace's budget index went too: readers find meters by it
                 self._unindexed.update(self._suspensions.watched)
             log.warning(
@@ -1277,6 +1281,4 @@ class RedisBudgetStore:
                 st.unflushed -= d
         if c.batch:
             self._buffer.confirmed(c.home, c.batch)
-        for st in c.seeded:
-            st.seed = 0
         self._unindexed.difference_update(c.new_budgets)

@@ -48,7 +48,6 @@ class SyncCall:
     records: list[list[str]] = field(default_factory=list)
     quarantined: list[list[str]] = field(default_factory=list)
     new_budgets: list[str] = field(default_factory=list)
-    seeded: list[Lease] = field(default_factory=list)  # meters whose pre-loss total goes with this call
 
     def key(self, k: str) -> int:
         """The script's 1-based index of key `k`, adding it the first time."""
