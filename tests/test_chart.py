@@ -391,7 +391,8 @@ def test_rbac_is_exactly_what_the_operator_touches() -> None:
         (("kubetoll.dev",), tuple(f"{k}/status" for k in kinds4)): ["patch"],
         # Writes only to the two owned names; create cannot be limited by name (tests/test_least_privilege.py).
         (("",), ("secrets",)): ["get", "list", "watch"],
-        (("",), ("configmaps",)): ["list", "watch"],
+        # get: the ConfigMap a TokenBudget's tenantTiersFrom names (any name; list already reads them all).
+        (("",), ("configmaps",)): ["get", "list", "watch"],
         # The injected pods, counted for budgetStore.expectedSidecars: never read by name, never written.
         (("",), ("pods",)): ["list", "watch"],
         (("",), ("configmaps",), ("kubetoll-router",)): ["delete", "get", "patch"],
@@ -637,6 +638,7 @@ def test_dashboard_panels() -> None:
         ("Spend by route (USD/h)", "kubetoll_cost_usd_total", "route"),
         ("Spend by backend (USD/h)", "kubetoll_cost_usd_total", "backend"),
         ("Spend by tier (USD/h)", "kubetoll_cost_usd_total", "tier"),
+        ("Spend by workload (USD/h)", "kubetoll_cost_usd_total", "workload"),
         ("Budget remaining", "kubetoll_budget_remaining", "budget"),
         ("Cache hit rate", "kubetoll_cache_lookups_total", "route"),
         ("Cache savings (USD/h)", "kubetoll_cache_avoided_usd_total", "route"),

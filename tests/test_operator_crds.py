@@ -403,12 +403,81 @@ BAD = [
     ("threshold-over-100", _with(BUDGET, "spec.alertThresholds", [150]), "alertThresholds"),
     ("bad-fail-mode", _with(BUDGET, "spec.failMode", "sometimes"), "failMode"),
     ("budget-name-too-long", _with(BUDGET, "metadata.name", "t" * 64), "metadata.name"),
+    (
+        "jwt-hs256-without-secret",
+        _with(
+            BUDGET,
+            "spec.tenant",
+            {"jwt": {"algorithms": ["HS256", "RS256"], "publicKeysFrom": {"configMapName": "k", "key": "jwks"}}},
+        ),
+        "hs256SecretRef",
+    ),
+    (
+        "jwt-es256-without-keys",
+        _with(
+            BUDGET,
+            "spec.tenant",
+            {"jwt": {"algorithms": ["ES256", "HS256"], "hs256SecretRef": {"name": "s", "key": "k"}}},
+        ),
+        "publicKeysFrom",
+    ),
     ("semantic-without-embedder", _with(CACHE, "spec.semantic.embeddingBackend", DELETE), "embeddingBackend"),
     ("threshold-over-1", _with(CACHE, "spec.semantic.threshold", 1.5), "threshold"),
     ("bad-scope", _with(CACHE, "spec.scope", "cluster"), "scope"),
     ("bad-embed", _with(CACHE, "spec.semantic.embed", "everything"), "embed"),
     ("ttl-zero", _with(CACHE, "spec.exact.ttlSeconds", 0), "ttlSeconds"),
     ("spec-not-object", _with(CACHE, "spec", "yes"), "spec"),
+    # Identity from Kubernetes: tier assignments, the tier header policy, workload selectors.
+    ("tenant-tier-not-a-tier", _with(BUDGET, "spec.tenantTiers", {"acme": "Gold Tier"}), "tenantTiers"),
+    (
+        "tenant-tiers-inline-and-from",
+        _with(
+            BUDGET,
+            "spec",
+            {
+                **BUDGET["spec"],
+                "tenantTiers": {"acme": "free"},
+                "tenantTiersFrom": {"configMapName": "tiers", "key": "tiers.yaml"},
+                # valid, so its own rule is seen passing while the one-of rule fails
+                "workloadSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["search-api"]}]},
+            },
+        ),
+        "tenantTiersFrom",
+    ),
+    (
+        "tenant-tiers-from-bad-name",
+        _with(BUDGET, "spec.tenantTiersFrom", {"configMapName": "Tiers", "key": "k"}),
+        "configMapName",
+    ),
+    ("tenant-tiers-from-no-key", _with(BUDGET, "spec.tenantTiersFrom", {"configMapName": "tiers"}), "key"),
+    ("tier-header-policy-unknown", _with(BUDGET, "spec.tenant", {"tierHeaderPolicy": "sometimes"}), "tierHeaderPolicy"),
+    ("tier-order-bad-name", _with(BUDGET, "spec.tenant", {"tierOrder": ["free", "Gold"]}), "tierOrder"),
+    (
+        "selector-in-without-values",
+        _with(BUDGET, "spec.workloadSelector", {"matchExpressions": [{"key": "app", "operator": "In"}]}),
+        "values",
+    ),
+    (
+        "selector-exists-with-values",
+        _with(
+            BUDGET,
+            "spec.workloadSelector",
+            {"matchExpressions": [{"key": "app", "operator": "Exists", "values": ["x"]}]},
+        ),
+        "values",
+    ),
+    (
+        "selector-unknown-operator",
+        _with(
+            BUDGET, "spec.workloadSelector", {"matchExpressions": [{"key": "app", "operator": "Near", "values": ["x"]}]}
+        ),
+        "operator",
+    ),
+    (
+        "selector-bad-label-value",
+        _with(BUDGET, "spec.workloadSelector", {"matchLabels": {"app": "search api"}}),
+        "matchLabels",
+    ),
 ]
 
 

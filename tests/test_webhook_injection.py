@@ -64,6 +64,9 @@ EXPECTED_SIDECAR: dict[str, Any] = {
     "env": [
         {"name": "KUBETOLL_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "KUBETOLL_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "KUBETOLL_POD_SERVICE_ACCOUNT", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}},
+        # `pod()` has no owner and no app.kubernetes.io/name: its generateName names the workload.
+        {"name": "KUBETOLL_WORKLOAD", "value": "Pod/chat-api-7d9c6b5f4"},
     ],
     "resources": {"requests": {"cpu": "100m", "memory": "192Mi"}, "limits": {"memory": "512Mi"}},
     "readinessProbe": {"httpGet": {"path": "/readyz", "port": 7401}, "periodSeconds": 5, "failureThreshold": 3},
@@ -178,6 +181,7 @@ def injected(obj: dict[str, Any]) -> dict[str, Any]:
     """The expected metadata additions."""
     out = copy.deepcopy(obj)
     out["metadata"].setdefault("annotations", {})["kubetoll.dev/injected"] = "true"
+    out["metadata"]["annotations"]["kubetoll.dev/workload"] = "Pod/chat-api-7d9c6b5f4"
     out["metadata"]["labels"]["kubetoll.dev/injected"] = "true"
     return out
 
@@ -384,7 +388,12 @@ def test_api_key_placeholder_only_where_the_app_has_no_key_in_env() -> None:
     assert envs["env-from"] == APP_ENV and envs["none"] == APP_ENV
     assert patched["spec"]["containers"][1]["envFrom"] == containers[1]["envFrom"]
     # The sidecar gets no placeholder: its credentials come from its mounted Secret.
-    assert {e["name"] for e in envs["kubetoll-sidecar"]} == {"KUBETOLL_POD_NAME", "KUBETOLL_POD_NAMESPACE"}
+    assert {e["name"] for e in envs["kubetoll-sidecar"]} == {
+        "KUBETOLL_POD_NAME",
+        "KUBETOLL_POD_NAMESPACE",
+        "KUBETOLL_POD_SERVICE_ACCOUNT",
+        "KUBETOLL_WORKLOAD",
+    }
     # Init containers get nothing either.
     _, patched = admit(
         pod(labels={"kubetoll.dev/inject": "true"}, init_containers=[{"name": "migrate", "image": "m:1"}]), {}, PLAIN
@@ -446,6 +455,144 @@ def test_request_namespace_fills_a_pod_without_one() -> None:
     assert "namespace" not in patched["metadata"]  # the patch adds ours only; the API server sets the namespace
     resp, _ = admit(pod(labels={"kubetoll.dev/inject": "true"}, namespace=None), {}, PLAIN, namespace="kube-system")
     assert "patch" not in resp  # the request's namespace counts for exclusions
+
+
+# --------------------------------------------------------------------------- whose pod: workload identity
+
+IDENTITY_FROM_THE_DOWNWARD_API = [
+    {"name": "KUBETOLL_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+    {"name": "KUBETOLL_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    {"name": "KUBETOLL_POD_SERVICE_ACCOUNT", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}},
+]
+
+
+def ref(kind: str, name: str, *, controller: bool = True) -> dict[str, Any]:
+    """An ownerReference as a controller writes it."""
+    api_version = "batch/v1" if kind == "Job" else "v1" if kind == "ConfigMap" else "apps/v1"
+    out = {"apiVersion": api_version, "kind": kind, "name": name, "uid": "6f1c1a52-0c1b-4bde-9f3e-2f0e5b7a9d11"}
+    if controller:
+        out |= {"controller": True, "blockOwnerDeletion": True}
+    return out
+
+
+def owned(obj: dict[str, Any], *owners: dict[str, Any]) -> dict[str, Any]:
+    obj["metadata"]["ownerReferences"] = list(owners)
+    return obj
+
+
+def identity_of(patched: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
+    """(the injected sidecar's env, the pod's workload annotation)."""
+    spec = patched["spec"]
+    (sidecar,) = [c for c in spec["containers"] + spec.get("initContainers", []) if c["name"] == "kubetoll-sidecar"]
+    return sidecar["env"], patched["metadata"]["annotations"].get("kubetoll.dev/workload")
+
+
+OPT_IN = {"kubetoll.dev/inject": "true"}
+
+
+@pytest.mark.parametrize(
+    ("owners", "labels", "restart_policy", "workload"),
+    [
+        # A Deployment's pod: owned by its ReplicaSet <deployment>-<pod-template-hash>.
+        ([ref("ReplicaSet", "chat-api-7d9c6b5f4")], {}, "Always", "Deployment/chat-api"),
+        # A ReplicaSet of its own (its name does not end in the template hash): itself.
+        ([ref("ReplicaSet", "chat-api-manual")], {}, "Always", "ReplicaSet/chat-api-manual"),
+        ([ref("StatefulSet", "db")], {"app.kubernetes.io/name": "postgres"}, "Always", "StatefulSet/db"),
+        ([ref("DaemonSet", "node-agent")], {}, "Always", "DaemonSet/node-agent"),
+        ([ref("Job", "reindex")], {}, "Never", "Job/reindex"),
+        # The CronJob controller names its Jobs <cronjob>-<scheduled minute since the epoch>.
+        ([ref("Job", "nightly-report-29345678")], {}, "OnFailure", "CronJob/nightly-report"),
+        ([ref("Job", "backup-1234567")], {}, "Never", "Job/backup-1234567"),  # 7 digits: not a CronJob's
+        # Two owners: the controller names the workload, wherever it is in the list.
+        ([ref("ConfigMap", "anchor", controller=False), ref("DaemonSet", "agent")], {}, "Always", "DaemonSet/agent"),
+        # No owner: the app.kubernetes.io/name label, else the pod's generateName.
+        ([], {"app.kubernetes.io/name": "search-api"}, "Always", "App/search-api"),
+        ([], {}, "Always", "Pod/chat-api-7d9c6b5f4"),
+    ],
+    ids=[
+        "deployment",
+        "replicaset",
+        "statefulset",
+        "daemonset",
+        "job",
+        "cronjob",
+        "job-with-digits",
+        "controller-of-two",
+        "app-label",
+        "bare-pod",
+    ],
+)
+def test_the_sidecar_knows_its_pod_and_workload(
+    owners: list[dict[str, Any]], labels: dict[str, str], restart_policy: str, workload: str
+) -> None:
+    original = pod(labels={**OPT_IN, **labels}, restartPolicy=restart_policy)
+    if owners:
+        owned(original, *owners)
+    options = PLAIN if restart_policy == "Always" else NATIVE  # pods that run to completion: native sidecars only
+    resp, patched = admit(original, {}, options)
+    assert resp["allowed"] is True
+    env, annotation = identity_of(patched)
+    # Namespace, name and ServiceAccount from the downward API (the kubelet fills them in), the workload literal.
+    assert env == [*IDENTITY_FROM_THE_DOWNWARD_API, {"name": "KUBETOLL_WORKLOAD", "value": workload}]
+    assert annotation == workload
+    assert_valid_pod(patched, "1.35")
+    assert_stable(patched, {}, options)
+
+
+def test_a_bare_pod_with_a_name_and_no_generate_name() -> None:
+    original = pod(labels=OPT_IN)
+    del original["metadata"]["generateName"]
+    original["metadata"]["name"] = "debug-shell"
+    _, patched = admit(original, {}, PLAIN)
+    assert identity_of(patched)[1] == "Pod/debug-shell"
+
+
+def test_a_workload_the_pod_claims_is_replaced_by_the_derived_one() -> None:
+    original = owned(
+        pod(labels=OPT_IN, annotations={"kubetoll.dev/workload": "Deployment/payments"}),
+        ref("ReplicaSet", "chat-api-7d9c6b5f4"),
+    )
+    _, patched = admit(original, {}, PLAIN)
+    env, annotation = identity_of(patched)
+    assert annotation == "Deployment/chat-api"
+    assert {"name": "KUBETOLL_WORKLOAD", "value": "Deployment/chat-api"} in env
+
+
+@pytest.mark.parametrize(
+    ("owner", "labels", "workload"),
+    [
+        # What goes into records and metric labels is one line of name characters, at most 253:
+        # a candidate that is not gives way to the next one.
+        (("ReplicaSet", "evil\nname"), {"app.kubernetes.io/name": "search-api"}, "App/search-api"),
+        (("Weird Kind", "x"), {}, "Pod/chat-api-7d9c6b5f4"),
+        (("StatefulSet", "d" * 300), {}, "Pod/chat-api-7d9c6b5f4"),
+        (("StatefulSet", ""), {}, "Pod/chat-api-7d9c6b5f4"),
+        (None, {"app.kubernetes.io/name": "line\nbreak"}, "Pod/chat-api-7d9c6b5f4"),
+        # The hash alone is no Deployment name.
+        (("ReplicaSet", "-7d9c6b5f4"), {}, "Pod/chat-api-7d9c6b5f4"),
+    ],
+)
+def test_a_workload_that_cannot_be_recorded_gives_way_to_the_next_candidate(
+    owner: tuple[str, str] | None, labels: dict[str, str], workload: str
+) -> None:
+    original = pod(labels={**OPT_IN, **labels})
+    if owner is not None:
+        owned(original, ref(*owner))
+    plan = plan_injection(original, {}, PLAIN)
+    patched = jsonpatch.apply_patch(original, plan.ops)
+    assert identity_of(patched) == (
+        [*IDENTITY_FROM_THE_DOWNWARD_API, {"name": "KUBETOLL_WORKLOAD", "value": workload}],
+        workload,
+    )
+
+
+def test_no_workload_at_all_means_neither_variable_nor_annotation() -> None:
+    original = pod(labels={**OPT_IN, "app.kubernetes.io/name": "-bad-"})
+    original["metadata"]["generateName"] = "-"
+    plan = plan_injection(original, {}, PLAIN)
+    patched = jsonpatch.apply_patch(original, plan.ops)
+    env, annotation = identity_of(patched)
+    assert env == IDENTITY_FROM_THE_DOWNWARD_API and annotation is None
 
 
 # --------------------------------------------------------------------------- left alone
@@ -562,7 +709,11 @@ def test_annotations_override_image_port_resources_and_log_level() -> None:
         *({"name": n, "value": "http://127.0.0.1:17400/v1"} for n in ("OPENAI_BASE_URL", "OPENAI_API_BASE")),
         KEY_ENV,
     ]
-    assert patched["metadata"]["annotations"] == {**annotations, "kubetoll.dev/injected": "true"}
+    assert patched["metadata"]["annotations"] == {
+        **annotations,
+        "kubetoll.dev/injected": "true",
+        "kubetoll.dev/workload": "Pod/chat-api-7d9c6b5f4",
+    }
     assert_valid_pod(patched, "1.35")
 
 

@@ -64,3 +64,20 @@ class EmbedInput(str, Enum):
 
     last_user_message = "lastUserMessage"
     all_user_messages = "allUserMessages"
+
+
+class TierHeaderPolicy(str, Enum):
+    """What the tier header may do: trusted (it names the tier), capped (it may only choose a tier at or below the tenant's assigned one) or ignored (the assigned tier always)."""  # noqa: E501 (the CRD's description)
+
+    trusted = "trusted"
+    capped = "capped"
+    ignored = "ignored"
+
+
+class SelectorOperator(str, Enum):
+    """A label selector requirement's operator, as in Kubernetes: In, NotIn, Exists, DoesNotExist."""
+
+    in_ = "In"
+    not_in = "NotIn"
+    exists = "Exists"
+    does_not_exist = "DoesNotExist"

@@ -18,3 +18,19 @@ HEADER_NAME_PATTERN = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
 URL_PATTERN = r"^https?://[^/\s]+(/\S*)?$"
 # Headers that carry credentials; those go through credentials instead.
 CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key", "proxy-authorization")
+# The OPENAI_API_KEY the sidecar injector gives an app that sets none (the SDKs refuse to start
+# without one): the sidecar holds the real keys. With tenancy.jwt it means "no token".
+API_KEY_PLACEHOLDER = "kubetoll-placeholder-the-sidecar-holds-the-credentials"
+# A pod's workload, as the sidecar injector derives it from the pod's owner and labels
+# ("Deployment/search-api", "CronJob/nightly-report", "App/chat", "Pod/debug"): a kind, a
+# slash and a name. It goes into every ledger record and a metric label, so it is one line
+# of plain text of bounded length; the injector writes it and the sidecar checks it again
+# (with re.fullmatch: `$` alone would let a trailing newline through).
+WORKLOAD_PATTERN = r"^[A-Za-z][A-Za-z0-9]{0,62}/[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$"
+MAX_WORKLOAD_CHARS = 253
+# Kubernetes label keys (an optional DNS-subdomain prefix and a slash, then a name of at most
+# 63 characters) and label values (at most 63 characters, may be empty), for workload selectors.
+_LABEL_PREFIX = r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+LABEL_KEY_PATTERN = "^" + _LABEL_PREFIX + r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+MAX_LABEL_KEY_LENGTH = 317  # 253 for the prefix, the slash, 63 for the name

@@ -10,13 +10,22 @@ operator must translate it, one line of the compiler).
 
 from __future__ import annotations
 
+import re
+import unicodedata
+from collections.abc import Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, field_validator
 
-from .enums import CacheScope, EmbedInput, OnExhausted
+from .enums import CacheScope, EmbedInput, OnExhausted, SelectorOperator, TierHeaderPolicy
 from .model_base import CelRule, ContractModel, regex_compiles
-from .names import HEADER_NAME_PATTERN, TIER_NAME_PATTERN
+from .names import (
+    HEADER_NAME_PATTERN,
+    LABEL_KEY_PATTERN,
+    LABEL_VALUE_PATTERN,
+    MAX_LABEL_KEY_LENGTH,
+    TIER_NAME_PATTERN,
+)
 
 # --------------------------------------------------------------------------- backends
 
@@ -332,6 +341,171 @@ class Tenancy(ContractModel):
         max_length=256,
         description="Tenant id used when a request names none and a tenant is not required.",
     )
+    # Absent, not defaulted: the compiler makes `capped` explicit when a budget assigns tiers, and a
+    # namespace without either keeps the config (and hash) it had before these fields existed.
+    tier_header_policy: TierHeaderPolicy | None = Field(
+        None,
+        description=(
+            "What the tier header may do: trusted (it names the tier), capped (it may only choose a tier at or "
+            "below the tenant's assigned tier, from TokenBudget tenantTiers or tenantTiersFrom; a tenant no map "
+            "names is assigned defaultTier) or ignored (the assigned tier always). Default: capped when a "
+            "TokenBudget of the namespace assigns tiers, trusted otherwise."
+        ),
+    )
+    tier_order: list[str] | None = Field(
+        None,
+        max_length=64,
+        description=(
+            "Tier names, lowest first: what 'at or below' means for tierHeaderPolicy capped. Without it, capped "
+            "lets the header choose only the tenant's assigned tier or defaultTier."
+        ),
+        json_schema_extra={
+            "items": {"type": "string", "maxLength": 63, "pattern": TIER_NAME_PATTERN, "description": "A tier name."},
+            "x-kubernetes-list-type": "set",
+        },
+    )
+
+    @field_validator("tier_order")
+    @classmethod
+    def _tier_order(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        for name in v:
+            if not re.fullmatch(TIER_NAME_PATTERN, name):
+                raise ValueError(f"tier name {name!r} must match {TIER_NAME_PATTERN}")
+        if len(set(v)) != len(v):
+            raise ValueError("tier names in tierOrder must be unique")
+        return v
+
+
+# --------------------------------------------------------------------------- tenant tiers and workloads
+
+MAX_TENANT_ID_LENGTH = 128  # what the sidecar accepts from a request (tenancy.py): longer ids never arrive
+MAX_TENANT_TIERS = 100_000  # entries of a namespace's tenant → tier map, all TokenBudgets together
+
+
+def tenant_id_problem(tenant: object) -> str | None:
+    """Why `tenant` cannot be a tenant id the sidecar would ever see (None: it can).
+
+    The sidecar refuses ids over 128 characters, with braces or with control
+    characters (they go into Redis keys and log lines), so a map entry for one could
+    never apply: refused where it is written instead.
+    """
+    if not isinstance(tenant, str):
+        return f"tenant id {tenant!r} is not a string"
+    if not tenant:
+        return "a tenant id must not be empty"
+    if len(tenant) > MAX_TENANT_ID_LENGTH:
+        return f"tenant id {tenant[:40]!r}... is longer than {MAX_TENANT_ID_LENGTH} characters"
+    if "{" in tenant or "}" in tenant or any(unicodedata.category(c) in ("Cc", "Cs") for c in tenant):
+        return f"tenant id {tenant!r} has braces or control characters"
+    return None
+
+
+def tier_name_problem(tier: object) -> str | None:
+    """Why `tier` is not a tier name (None: it is one)."""
+    if not isinstance(tier, str):
+        return f"tier {tier!r} is not a string"
+    if not re.fullmatch(TIER_NAME_PATTERN, tier):
+        return f"tier name {tier!r} must be 1-63 characters of a-z, 0-9, '.', '-', '_'"
+    return None
+
+
+def check_tenant_tiers(v: Mapping[str, str]) -> Mapping[str, str]:
+    """A field validator for a tenant → tier map: bounded, every key a tenant id, every value a tier name."""
+    if len(v) > MAX_TENANT_TIERS:
+        raise ValueError(f"{len(v)} tenants; at most {MAX_TENANT_TIERS}")
+    for tenant, tier in v.items():
+        problem = tenant_id_problem(tenant) or tier_name_problem(tier)
+        if problem:
+            raise ValueError(problem)
+    return v
+
+
+class LabelSelectorRequirement(ContractModel):
+    """One condition on a pod label, as in a Kubernetes label selector."""
+
+    key: str = Field(
+        min_length=1, max_length=MAX_LABEL_KEY_LENGTH, pattern=LABEL_KEY_PATTERN, description="The label key."
+    )
+    operator: SelectorOperator = Field(description="In, NotIn, Exists or DoesNotExist.")
+    values: list[str] = Field(
+        default_factory=list,
+        max_length=256,
+        description="The values for In and NotIn (at least one); empty for Exists and DoesNotExist.",
+        json_schema_extra={
+            "items": {"type": "string", "maxLength": 63, "pattern": LABEL_VALUE_PATTERN, "description": "A value."}
+        },
+    )
+
+    __cel_rules__ = (
+        CelRule(
+            "(self.operator in ['In', 'NotIn']) == (has(self.values) && size(self.values) > 0)",
+            "In and NotIn need values; Exists and DoesNotExist take none",
+            lambda r: (r.operator in (SelectorOperator.in_, SelectorOperator.not_in)) == bool(r.values),
+            ".values",
+        ),
+    )
+
+    @field_validator("values")
+    @classmethod
+    def _values(cls, v: list[str]) -> list[str]:
+        for value in v:
+            if len(value) > 63 or not re.fullmatch(LABEL_VALUE_PATTERN, value):
+                raise ValueError(f"{value!r} is not a label value (at most 63 characters of A-Z, a-z, 0-9, - _ .)")
+        return v
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        value = labels.get(self.key)
+        if self.operator is SelectorOperator.in_:
+            return value is not None and value in self.values
+        if self.operator is SelectorOperator.not_in:
+            return value is None or value not in self.values
+        if self.operator is SelectorOperator.exists:
+            return value is not None
+        return value is None
+
+
+class LabelSelector(ContractModel):
+    """A Kubernetes label selector on the pod: every matchLabels entry and every matchExpressions requirement must hold; empty selects every pod."""  # noqa: E501 (the CRD's description)
+
+    match_labels: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Labels the pod must carry with exactly these values.",
+        json_schema_extra={
+            "additionalProperties": {
+                "type": "string",
+                "maxLength": 63,
+                "pattern": LABEL_VALUE_PATTERN,
+                "description": "The label's value.",
+            }
+        },
+    )
+    match_expressions: list[LabelSelectorRequirement] = Field(
+        default_factory=list, max_length=64, description="Conditions on the pod's labels, all of which must hold."
+    )
+
+    @field_validator("match_labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            prefix, _, _ = key.rpartition("/")
+            if len(key) > MAX_LABEL_KEY_LENGTH or len(prefix) > 253 or not re.fullmatch(LABEL_KEY_PATTERN, key):
+                raise ValueError(f"{key!r} is not a label key")
+            if len(value) > 63 or not re.fullmatch(LABEL_VALUE_PATTERN, value):
+                raise ValueError(f"{value!r} (label {key}) is not a label value")
+        return v
+
+    @property
+    def empty(self) -> bool:
+        return not self.match_labels and not self.match_expressions
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        """Whether a pod with these labels is selected (Kubernetes semantics)."""
+        return all(labels.get(k) == v for k, v in self.match_labels.items()) and all(
+            r.matches(labels) for r in self.match_expressions
+        )
 
 
 def valid_timezone(v: str) -> str:

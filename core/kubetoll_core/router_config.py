@@ -18,11 +18,13 @@ what exists on one side alone is defined here.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .enums import DEFAULT_FALLBACK_ON, FailMode, FailureClass, OnExhausted, Provider
+from .enums import DEFAULT_FALLBACK_ON, FailMode, FailureClass, OnExhausted, Provider, TierHeaderPolicy
+from .jwt_settings import JwtIdentity
 from .model_base import ContractModel
 from .names import CREDENTIAL_HEADERS, NAME_PATTERN, ROUTE_NAME_PATTERN
 from .parts import (
@@ -32,11 +34,13 @@ from .parts import (
     Cap,
     CircuitBreaker,
     Downgrade,
+    LabelSelector,
     Pricing,
     Rule,
     Tenancy,
     TierLimits,
     Timeouts,
+    check_tenant_tiers,
     valid_timezone,
 )
 
@@ -173,6 +177,11 @@ class Budget(ContractModel):
     tiers: dict[str, TierLimits] = Field(default_factory=dict)
     fail_mode: FailMode = FailMode.fail_open
     suspended: bool = Field(False, description="Kill switch: admit nothing under this budget (403).")
+    workload_selector: LabelSelector | None = Field(
+        None,
+        description="Apply this budget only in sidecars whose pod's labels (server.podLabelsFile) match; "
+        "absent: every pod. The pods it selects share its meters.",
+    )
 
     @field_validator("timezone")
     @classmethod
@@ -189,6 +198,10 @@ class Budget(ContractModel):
 
     def covers(self, route: str) -> bool:
         return not self.routes or route in self.routes
+
+    def applies_to(self, pod_labels: Mapping[str, str]) -> bool:
+        """Whether this budget applies in a pod with these labels (its workloadSelector, if any, matches)."""
+        return self.workload_selector is None or self.workload_selector.matches(pod_labels)
 
 
 class UnavailableBudget(ContractModel):
@@ -255,6 +268,37 @@ class BudgetStoreSettings(ContractModel):
         return v
 
 
+# --------------------------------------------------------------------------- tenancy
+
+
+class RouterTenancy(Tenancy):
+    """The namespace's tenancy as compiled: the budgets' `spec.tenant`, plus the tenant → tier map every
+    TokenBudget's `tenantTiers` and `tenantTiersFrom` add up to (the platform team's assignment, which the
+    tier header cannot lift a tenant above unless tierHeaderPolicy is trusted)."""
+
+    tenant_tiers: dict[str, str] | None = Field(
+        None, description="Tenant id → assigned tier; a tenant not in it is assigned defaultTier."
+    )
+    # The resource's spec.tenant.jwt names a Secret and a ConfigMap (kubetoll_operator.resources.JwtSpec);
+    # compiled, the Secret is a credentials file and the public keys are inline (kubetoll_core.jwt_settings).
+    jwt: JwtIdentity | None = Field(
+        None, description="Signed identity: the tenant (and tier) from the claims of a token the platform signed."
+    )
+
+    @field_validator("tenant_tiers")
+    @classmethod
+    def _tenant_tiers(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None:
+            check_tenant_tiers(v)
+        return v
+
+    def effective_tier_header_policy(self) -> TierHeaderPolicy:
+        """tierHeaderPolicy as set, else capped when tiers are assigned and trusted (as before) when not."""
+        if self.tier_header_policy is not None:
+            return self.tier_header_policy
+        return TierHeaderPolicy.capped if self.tenant_tiers else TierHeaderPolicy.trusted
+
+
 # --------------------------------------------------------------------------- the whole
 
 
@@ -271,7 +315,7 @@ class RouterConfig(ContractModel):
     namespace: str = Field("default", pattern=NAME_PATTERN)
     revision: str = Field("", description="Content hash written by the operator; informational.")
     server: ServerSettings = Field(default_factory=ServerSettings)
-    tenancy: Tenancy = Field(default_factory=Tenancy)
+    tenancy: RouterTenancy = Field(default_factory=RouterTenancy)
     budget_store: BudgetStoreSettings = Field(default_factory=BudgetStoreSettings)
     backends: list[Backend] = Field(default_factory=list)
     routes: list[Route] = Field(default_factory=list)

@@ -3,7 +3,9 @@
 Reports (`kubetoll report`), the operator's status and the demo read spend per
 tenant, route and backend from these records. The stream entry carries the
 record's own fields, the cost as exact integer nano-USD (`cost_nusd`) and the
-sidecar that wrote it (docs/redis-layout.md, "ledger").
+sidecar that wrote it (docs/redis-layout.md, "ledger"). `workload` names what
+spent: the workload of the writing sidecar's pod, which the injector derives from
+the pod's owner (`kubetoll_sidecar.workload`); older records have none.
 
 A *refusal record* says that admission refused a request on one budget meter
 (`refused_budget`, `refused_meter`): no spend, outcome `rejected`. Sidecars write
@@ -50,6 +52,7 @@ class SpendRecord:
     request_id: str = ""
     refused_budget: str = ""  # a refusal record: the budget whose meter refused
     refused_meter: str = ""  # ... and that meter's name in the budget, e.g. "cap:usd:2026-11-22"
+    workload: str = ""  # the writing sidecar's pod's workload, e.g. "Deployment/search-api" ("" unknown)
 
     @property
     def refusal(self) -> bool:
@@ -65,7 +68,7 @@ _RECORD_FIELDS = (
 )  # fmt: skip
 # Written only when set, so spend records stay as they were; a reader that predates
 # them ignores them (decoding reads fields by name).
-_OPTIONAL_FIELDS = ("refused_budget", "refused_meter")
+_OPTIONAL_FIELDS = ("refused_budget", "refused_meter", "workload")
 
 
 def encode_record(r: SpendRecord, sidecar_id: str) -> list[str]:
@@ -250,4 +253,5 @@ def decode_record(fields: Mapping[str, str]) -> SpendRecord:
         request_id=fields.get("request_id", ""),
         refused_budget=fields.get("refused_budget", ""),
         refused_meter=fields.get("refused_meter", ""),
+        workload=fields.get("workload", ""),
     )

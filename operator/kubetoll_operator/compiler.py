@@ -30,6 +30,13 @@ A broken resource never breaks the namespace. The rules, in order:
 * Tenancy comes from the budgets that set `spec.tenant`, in name order: the
   first one wins; a later one that differs gets a TenancyConflict warning and
   its tenant spec is ignored (its limits still apply).
+* Tenant tiers (`spec.tenantTiers`, or a ConfigMap key named by
+  `spec.tenantTiersFrom`) are merged from every budget into
+  `tenancy.tenantTiers` (tenant_tiers.py). A ConfigMap or key that is missing or
+  does not read contributes nothing (a warning; no tenant is lifted); a tenant
+  two budgets assign different tiers gets the lower by `tierOrder`, else the
+  first budget's (a TenantTierConflict warning on the later one). Once any
+  budget assigns tiers, `tierHeaderPolicy` defaults to `capped`.
 * A CachePolicy whose embedding backend does not resolve (or is an anthropic
   backend, which has no embeddings API) is left out. A route naming a missing or
   left-out CachePolicy drops the reference (warning).
@@ -51,7 +58,10 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from kubetoll_core.enums import TierHeaderPolicy
+from kubetoll_core.jwt_settings import HS256_SECRET_FILE
 from kubetoll_core.names import NAME_PATTERN, ROUTE_NAME_PATTERN
+from kubetoll_core.parts import MAX_TENANT_TIERS, Tenancy
 from kubetoll_core.prices import PricingError, resolve_price
 from kubetoll_core.router_config import (
     Backend,
@@ -63,16 +73,19 @@ from kubetoll_core.router_config import (
     ServerSettings,
 )
 
+from .jwt_keys import check_public_keys
 from .resources import (
     API_VERSION,
     GROUP,
     KINDS,
     CachePolicySpec,
+    JwtSpec,
     ModelBackendSpec,
     ModelRouteSpec,
     Provider,
     TokenBudgetSpec,
 )
+from .tenant_tiers import TenantTiersError, config_maps_among, merge_tenant_tiers, parse_tenant_tiers
 
 CredentialMode = Literal["file", "env"]
 Severity = Literal["error", "warning"]
@@ -132,6 +145,9 @@ REFERENCE_REASONS = frozenset(
         "DowngradeDropped",
         "SecretNotFound",
         "SecretKeyNotFound",
+        "ConfigMapNotFound",
+        "ConfigMapKeyNotFound",
+        "InvalidPublicKeys",  # spec.tenant.jwt.publicKeysFrom resolves to text that holds no usable keys
     }
 )
 
@@ -221,11 +237,14 @@ class _Compilation:
         secrets: Mapping[str, Mapping[str, Any]] | None,
         cluster_domain: str,
         check_only: bool = False,
+        config_maps: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         # check_only: one object on its own (admission, `kubetoll validate` of a file):
         # references to other objects are reported but kept, so every check of the
         # object itself still runs.
         self.check_only = check_only
+        # ConfigMap name → data, for `tenantTiersFrom` (the operator's reads, or the manifests given).
+        self.config_maps: Mapping[str, Mapping[str, str]] = config_maps or {}
         self.namespace = namespace
         self.credential_mode = credential_mode
         self.secrets = secrets
@@ -665,6 +684,7 @@ class _Compilation:
         out: list[dict[str, Any]] = []
         tenancy: dict[str, Any] | None = None
         tenancy_from = ""
+        tier_maps: list[tuple[str, dict[str, str]]] = []  # (budget, its tenant → tier map), budgets in force
         for name in sorted(specs):
             spec = specs[name]
             kind = "TokenBudget"
@@ -729,6 +749,8 @@ class _Compilation:
                 "suspended": spec.suspended,
                 "tiers": {t.name: t.model_dump(by_alias=True, exclude_none=True, exclude={"name"}) for t in spec.tiers},
             }
+            if spec.workload_selector is not None and not spec.workload_selector.empty:
+                data["workloadSelector"] = spec.workload_selector.model_dump(by_alias=True, exclude_none=True)
             try:
                 budget = Budget.model_validate(data)
             except ValidationError as exc:
@@ -737,6 +759,9 @@ class _Compilation:
                 continue
             out.append(budget.model_dump(mode="json", by_alias=True, exclude_none=True))
             self.outcomes[(kind, name)].details = {"routes": data["routes"], "tenancy": "none"}
+            tiers = self._tenant_tiers_of(name, spec)
+            if tiers is not None:
+                tier_maps.append((name, tiers))
             if spec.tenant is not None:
                 tenant = spec.tenant.model_dump(by_alias=True)
                 if tenancy is None:
@@ -755,7 +780,193 @@ class _Compilation:
                     self.outcomes[(kind, name)].details["tenancy"] = "conflict"
                 else:
                     self.outcomes[(kind, name)].details["tenancy"] = "accepted"
+        if tier_maps:
+            tenancy = self._merge_tenant_tiers(tier_maps, tenancy, out)
+        if tenancy is not None and tenancy.get("jwt") is not None:
+            tenant_spec = specs[tenancy_from].tenant
+            assert tenant_spec is not None and tenant_spec.jwt is not None  # its dump is `tenancy`
+            tenancy = {**tenancy, "jwt": self._jwt_identity(tenancy_from, tenant_spec.jwt)}
         return out, tenancy
+
+    # ----------------------------------------------------------------- signed identity
+
+    def _jwt_identity(self, name: str, spec: JwtSpec) -> dict[str, Any]:
+        """`tenancy.jwt` compiled: the Secret as a credentials file (or variable), the public keys inline.
+
+        A reference that does not resolve is a warning on the budget, not an error: leaving
+        the budget out would drop the namespace's tenancy, and with it the token check. The
+        key material it would have given is missing instead (`unavailable` says why), so the
+        sidecar answers a token that needs it 503 and, with `required`, lets nothing through.
+        """
+        kind, base = "TokenBudget", "spec.tenant.jwt"
+        out = spec.model_dump(by_alias=True, exclude={"hs256_secret_ref", "public_keys_from"}, exclude_none=True)
+        then = (
+            "with required, no request is served until it is fixed"
+            if spec.required
+            else "requests carrying a token get 503 until it is fixed"
+        )
+        missing: list[str] = []
+
+        def unresolved(reason: str, message: str, field_path: str) -> None:
+            shown = message if self.check_only else f"{message}; {then}"
+            self.problem(kind, name, reason, shown, field_path, "warning")
+            missing.append(message)
+
+        ref = spec.hs256_secret_ref
+        if ref is not None:
+            secret, key = ref.name, ref.key
+            if self.secrets is not None and secret not in self.secrets:
+                unresolved(
+                    "SecretNotFound",
+                    f"Secret {secret!r} (the HS256 key) not found in namespace {self.namespace!r}",
+                    f"{base}.hs256SecretRef.name",
+                )
+            elif self.secrets is not None and key not in self.secrets[secret]:
+                unresolved(
+                    "SecretKeyNotFound",
+                    f"Secret {secret!r} has no key {key!r} (the HS256 key)",
+                    f"{base}.hs256SecretRef.key",
+                )
+            else:
+                cred_key = HS256_SECRET_FILE if self.credential_mode == "file" else credential_env_name(secret, key)
+                owner = self.credentials.get(cred_key, (secret, key))
+                if owner != (secret, key):
+                    unresolved(
+                        "CredentialConflict",
+                        f"Secret {secret!r} key {key!r} maps to the environment variable {cred_key} "
+                        f"of Secret {owner[0]!r} key {owner[1]!r}",
+                        f"{base}.hs256SecretRef",
+                    )
+                else:
+                    self.credentials[cred_key] = (secret, key)
+                    out["hs256SecretFile" if self.credential_mode == "file" else "hs256SecretEnv"] = cred_key
+        source = spec.public_keys_from
+        if source is not None:
+            cm, key = source.config_map_name, source.key
+            if cm not in self.config_maps:
+                where = "is not in this check" if self.check_only else f"not found in namespace {self.namespace!r}"
+                unresolved("ConfigMapNotFound", f"ConfigMap {cm!r} (the public keys) {where}", f"{base}.publicKeysFrom")
+            elif key not in self.config_maps[cm]:
+                unresolved(
+                    "ConfigMapKeyNotFound",
+                    f"ConfigMap {cm!r} has no key {key!r} (the public keys)",
+                    f"{base}.publicKeysFrom.key",
+                )
+            else:
+                text = self.config_maps[cm][key].strip()
+                try:
+                    check_public_keys(text, spec.algorithms)
+                except ValueError as exc:
+                    unresolved(
+                        "InvalidPublicKeys", f"ConfigMap {cm!r} key {key!r}: {exc}", f"{base}.publicKeysFrom.key"
+                    )
+                else:
+                    out["publicKeys"] = text
+        if missing:
+            out["unavailable"] = "; ".join(missing)[:1024]
+        return out
+
+    # ----------------------------------------------------------------- tenant tiers
+
+    def _tenant_tiers_of(self, name: str, spec: TokenBudgetSpec) -> dict[str, str] | None:
+        """The budget's tenant → tier map; None when it assigns none, {} when its source cannot be read.
+
+        A source that cannot be read is a warning, not an error: the budget's limits stay
+        in force, and its assignments (which could only lift tenants) do not apply.
+        """
+        kind = "TokenBudget"
+        if spec.tenant_tiers is not None:
+            tiers = dict(spec.tenant_tiers)
+            self._tiers_status(name, True, "Accepted", f"{len(tiers)} tenants assigned tiers by spec.tenantTiers")
+            return tiers
+        source = spec.tenant_tiers_from
+        if source is None:
+            return None
+        cm, key = source.config_map_name, source.key
+        where = f"ConfigMap {cm!r} key {key!r}"
+        lost = "none of its tier assignments apply (its tenants get defaultTier)"
+        if cm not in self.config_maps:
+            reason, field_path = "ConfigMapNotFound", "spec.tenantTiersFrom.configMapName"
+            message = (
+                f"ConfigMap {cm!r} is not in this check; it must exist for its tier assignments to apply"
+                if self.check_only
+                else f"ConfigMap {cm!r} not found in namespace {self.namespace!r}; {lost}"
+            )
+        elif key not in self.config_maps[cm]:
+            reason, field_path = "ConfigMapKeyNotFound", "spec.tenantTiersFrom.key"
+            message = f"ConfigMap {cm!r} has no key {key!r}; {lost}"
+        else:
+            try:
+                tiers = parse_tenant_tiers(self.config_maps[cm][key])
+            except TenantTiersError as exc:
+                reason, field_path = "InvalidTenantTiers", "spec.tenantTiersFrom.key"
+                message = f"{where}: {exc}; {lost}"
+            else:
+                self._tiers_status(name, True, "Accepted", f"{len(tiers)} tenants assigned tiers by {where}")
+                return tiers
+        self.problem(kind, name, reason, message, field_path, "warning")
+        self._tiers_status(name, False, reason, f"{field_path}: {message}")
+        return {}
+
+    def _tiers_status(self, name: str, ok: bool, reason: str, message: str) -> None:
+        """What the budget's TenantTiersAccepted condition says (status.py); the first failure stays."""
+        details = self.outcomes[("TokenBudget", name)].details
+        current = details.get("tenantTiers")
+        if current is not None and not current["ok"]:
+            return
+        details["tenantTiers"] = {"ok": ok, "reason": reason, "message": message}
+
+    def _merge_tenant_tiers(
+        self,
+        tier_maps: list[tuple[str, dict[str, str]]],
+        tenancy: dict[str, Any] | None,
+        budgets: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        """The namespace's tenancy with every budget's assignments merged in (and capped the default)."""
+        kind = "TokenBudget"
+        out = dict(tenancy) if tenancy is not None else Tenancy().model_dump(by_alias=True)
+        merged = merge_tenant_tiers(tier_maps, out.get("tierOrder"))
+        for name in merged.over_bound:
+            message = (
+                f"the namespace's TokenBudgets assign more than {MAX_TENANT_TIERS} tenants; none of this budget's "
+                "tier assignments apply (its tenants get defaultTier)"
+            )
+            self.problem(kind, name, "InvalidTenantTiers", message, "spec", "warning")
+            self._tiers_status(name, False, "InvalidTenantTiers", message)
+        for name, conflicts in sorted(merged.conflicts.items()):
+            shown = "; ".join(
+                f"tenant {c.tenant!r} is {c.tier!r} here and {c.other_tier!r} in TokenBudget {c.other_budget!r}, "
+                f"{c.used!r} is used"
+                for c in conflicts[:5]
+            )
+            more = f" (and {len(conflicts) - 5} more)" if len(conflicts) > 5 else ""
+            message = (
+                f"{shown}{more}: a tenant assigned two tiers gets the lower by spec.tenant.tierOrder, "
+                "else the first budget's by name"
+            )
+            self.problem(kind, name, "TenantTierConflict", message, "spec", "warning")
+            self._tiers_status(name, False, "TenantTierConflict", message)
+        defined = {t for b in budgets for t in b.get("tiers", {})}
+        for name, tiers in tier_maps:
+            missing = sorted({t for t in tiers.values() if t not in defined})
+            if missing:
+                listed = ", ".join(map(repr, missing[:5])) + (
+                    f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+                )
+                which = f"tier {listed} is" if len(missing) == 1 else f"tiers {listed} are"
+                self.problem(
+                    kind,
+                    name,
+                    "TierNotDefined",
+                    f"{which} not defined by any TokenBudget's spec.tiers: their tenants get defaultTier's limits",
+                    "spec",
+                    "warning",
+                )
+        out["tenantTiers"] = merged.tiers
+        if out.get("tierHeaderPolicy") is None:
+            # Explicit, so the sidecar stays capped even when every source failed and the map is empty.
+            out["tierHeaderPolicy"] = TierHeaderPolicy.capped.value
+        return out
 
     def unavailable_budgets(self, routes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         """Fail closed: each TokenBudget left out, as the routes it would have covered."""
@@ -794,8 +1005,11 @@ def _compile_pass(
     secrets: Mapping[str, Mapping[str, Any]] | None,
     cluster_domain: str,
     check_only: bool,
+    config_maps: Mapping[str, Mapping[str, str]] | None = None,
 ) -> _Pass:
-    c = _Compilation(namespace, credential_mode, secrets, cluster_domain, check_only)
+    if config_maps is None:
+        config_maps = config_maps_among(resources, namespace)
+    c = _Compilation(namespace, credential_mode, secrets, cluster_domain, check_only, config_maps)
     parsed = c.parse(resources)
     all_backends = {n for (k, n) in c.outcomes if k == "ModelBackend"}
     all_routes = {n for (k, n) in c.outcomes if k == "ModelRoute"}
@@ -884,6 +1098,7 @@ def compile_namespace(
     cluster_domain: str = "cluster.local",
     last_good: Mapping[ObjectKey, Mapping[str, Any]] | None = None,
     check_only: bool = False,
+    config_maps: Mapping[str, Mapping[str, str]] | None = None,
 ) -> CompileResult:
     """Compile one namespace's ModelBackends, ModelRoutes, TokenBudgets and CachePolicies.
 
@@ -897,6 +1112,9 @@ def compile_namespace(
     `kubetoll run` pass them in. `last_good` is the previous result's `in_force`:
     a resource whose update does not compile is compiled from it instead.
     `check_only` keeps references to objects not given (see `check_resource`).
+    `config_maps` maps ConfigMap name → its data, for `tenantTiersFrom` (the
+    operator reads the ones referenced); without it, ConfigMap manifests among
+    `resources` are used.
     """
     objects = list(resources)
     substituted: dict[ObjectKey, tuple[Mapping[str, Any], list[Problem], Outcome]] = {}
@@ -905,7 +1123,7 @@ def compile_namespace(
     # of an object's own fields are substituted first; one that failed only for a reference
     # after that, since the object it named may be back in force by then.
     while True:
-        run = _compile_pass(namespace, current, credential_mode, secrets, cluster_domain, check_only)
+        run = _compile_pass(namespace, current, credential_mode, secrets, cluster_domain, check_only, config_maps)
         c = run.compilation
         fresh = _to_substitute(objects, c.outcomes, last_good or {}, substituted, references_too=False)
         if not fresh:

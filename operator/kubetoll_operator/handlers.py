@@ -3,7 +3,9 @@
 kopf indexes keep the four kinds in memory by namespace (and kopf starts the
 handlers only after the initial listing filled every index, so the first compile
 sees the whole namespace, never half of it). An event on any of them, on a Secret
-a backend references, or on the operator's own ConfigMap or Secret asks the
+a backend (or a TokenBudget's `tenant.jwt`) references, on a ConfigMap a
+TokenBudget's `tenantTiersFrom` or `tenant.jwt.publicKeysFrom` names, or
+on the operator's own ConfigMap or Secret asks the
 `Reconciler` to recompile that namespace; so does a count of the namespace's
 injected pods that passes a power of two (sidecar_count.py, `expectedSidecars`).
 The Reconciler runs one worker per namespace: it coalesces bursts of events,
@@ -147,6 +149,14 @@ def _last_good(configmap: dict[str, Any] | None) -> dict[tuple[str, str], dict[s
     return out
 
 
+def _jwt_ref(obj: dict[str, Any], field: str) -> dict[str, Any]:
+    """A TokenBudget's `spec.tenant.jwt.<field>` reference as written ({} when absent or not an object)."""
+    node: Any = obj.get("spec")
+    for part in ("tenant", "jwt", field):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else {}
+
+
 def _secret_keys(secret: dict[str, Any]) -> dict[str, str]:
     """Key → base64 value. `stringData` only shows up on API emulators; a real server folds it into data."""
     out = dict(secret.get("data") or {})
@@ -261,11 +271,28 @@ class Reconciler:
                 out += list(index[namespace])
         return out
 
+    def referenced_config_maps(self, namespace: str) -> set[str]:
+        """ConfigMaps a TokenBudget of the namespace reads: its tenant → tier map (`tenantTiersFrom`), public keys."""
+        names = set()
+        for obj in self.resources(namespace):
+            if obj.get("kind") == "TokenBudget":
+                ref = (obj.get("spec") or {}).get("tenantTiersFrom") or {}
+                if isinstance(ref, dict) and isinstance(ref.get("configMapName"), str):
+                    names.add(ref["configMapName"])
+                keys = _jwt_ref(obj, "publicKeysFrom")  # the public keys of signed identity (spec.tenant.jwt)
+                if isinstance(keys.get("configMapName"), str):
+                    names.add(keys["configMapName"])
+        return names
+
     def referenced_secrets(self, namespace: str) -> set[str]:
         names = set()
         for obj in self.resources(namespace):
             if obj.get("kind") == "ModelBackend":
                 ref = ((obj.get("spec") or {}).get("credentials") or {}).get("secretRef") or {}
+                if isinstance(ref.get("name"), str):
+                    names.add(ref["name"])
+            elif obj.get("kind") == "TokenBudget":  # the HS256 key of signed identity (spec.tenant.jwt)
+                ref = _jwt_ref(obj, "hs256SecretRef")
                 if isinstance(ref.get("name"), str):
                     names.add(ref["name"])
         return names
@@ -303,6 +330,13 @@ class Reconciler:
             secret = await api.get(f"/api/v1/namespaces/{namespace}/secrets/{name}")
             if secret is not None:
                 sources[name] = _secret_keys(secret)
+        config_maps: dict[str, dict[str, str]] = {}
+        for name in sorted(self.referenced_config_maps(namespace)):
+            if name == CONFIGMAP_NAME:
+                continue  # ours holds the config, never a tier list: reading it would feed the compile its own output
+            cm = await api.get(f"/api/v1/namespaces/{namespace}/configmaps/{name}")
+            if cm is not None:
+                config_maps[name] = {k: v for k, v in (cm.get("data") or {}).items() if isinstance(v, str)}
         store = None
         store_secret: dict[str, str] = {}  # this namespace's own Redis login, for kubetoll-credentials
         if self.options.redis_url:
@@ -316,6 +350,7 @@ class Reconciler:
             namespace,
             resources,
             secrets=sources,
+            config_maps=config_maps,
             budget_store=store,
             cluster_domain=self.options.cluster_domain,
             last_good=last_good,
@@ -1015,6 +1050,21 @@ async def _on_configmap(
     # At startup this finds namespaces whose resources were all deleted while no
     # operator ran; later, it restores a ConfigMap someone edited or deleted.
     if type == "DELETED" or namespace not in r.applied or annotations.get(HASH_ANNOTATION) != r.applied[namespace]:
+        r.request(namespace, f"ConfigMap {name} {type or 'listed'}")
+
+
+@kopf.on.event("v1", "configmaps", id="recompile_on_tier_configmaps", registry=registry)
+async def _on_tier_configmap(
+    *, type: str | None, body: Any, namespace: str | None, name: str, memo: Any, **kwargs: Any
+) -> None:
+    """A ConfigMap a TokenBudget reads (`tenantTiersFrom`, `tenant.jwt.publicKeysFrom`): a change recompiles."""
+    r = _reconciler(memo)
+    r.bind(kwargs)
+    assert namespace is not None, "ConfigMaps are namespaced"
+    if name == CONFIGMAP_NAME or name not in r.referenced_config_maps(namespace):
+        return
+    fp = None if type == "DELETED" else _fingerprint(sorted((body.get("data") or {}).items()))
+    if r.changed("ConfigMap", namespace, name, fp):
         r.request(namespace, f"ConfigMap {name} {type or 'listed'}")
 
 

@@ -39,7 +39,11 @@ What is injected:
 * `terminationGracePeriodSeconds` raised to cover the sidecar's drain when the pod
   asks for less (`grace_period_seconds`); never lowered;
 * the annotation and label `kubetoll.dev/injected: "true"` (the label is what
-  the chart's PodMonitor selects).
+  the chart's PodMonitor selects);
+* the pod's identity for the sidecar (`identity_env`): its namespace, name and
+  ServiceAccount through the downward API, and its workload (`pod_workload`:
+  `Deployment/search-api`, `CronJob/nightly`, ...) as `KUBETOLL_WORKLOAD` and the
+  annotation `kubetoll.dev/workload`, replacing any value the pod set itself.
 """
 
 from __future__ import annotations
@@ -54,11 +58,16 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from kubetoll_core.names import API_KEY_PLACEHOLDER, MAX_WORKLOAD_CHARS, WORKLOAD_PATTERN
 from kubetoll_core.router_config import ServerSettings
 
 INJECT_KEY = "kubetoll.dev/inject"  # pod label (or annotation): "true" / "false"
 NAMESPACE_LABEL = "kubetoll.dev/injection"  # namespace label: "enabled" / "disabled"
 INJECTED_KEY = "kubetoll.dev/injected"  # annotation and label we set: "true"
+WORKLOAD_KEY = "kubetoll.dev/workload"  # annotation we set: the pod's workload, e.g. "Deployment/search-api"
+WORKLOAD_ENV = "KUBETOLL_WORKLOAD"  # the same, for the sidecar (kubetoll_sidecar.workload reads it)
+APP_NAME_LABEL = "app.kubernetes.io/name"
+POD_TEMPLATE_HASH_LABEL = "pod-template-hash"  # the Deployment controller's suffix of its ReplicaSets' names
 
 SIDECAR_NAME = "kubetoll-sidecar"
 METRICS_PORT_NAME = "kt-metrics"  # a port name is at most 15 characters
@@ -86,8 +95,9 @@ BASE_URL_VARS = ("OPENAI_BASE_URL", "OPENAI_API_BASE")  # the v1 SDKs read the f
 API_KEY_VAR = "OPENAI_API_KEY"
 # The official SDKs refuse to start without an API key, but the app never needs the real one:
 # the sidecar holds the provider credentials (mounted into it alone) and ignores the key the
-# app sends. So an app container without a key of its own gets this, which is plainly not one.
-API_KEY_PLACEHOLDER = "kubetoll-placeholder-the-sidecar-holds-the-credentials"
+# app sends. So an app container without a key of its own gets API_KEY_PLACEHOLDER, which is
+# plainly not one (in kubetoll_core.names: with tenancy.jwt the sidecar reads it as "no token").
+
 # What the sidecar needs after SIGTERM: `server.drainSeconds`, which already holds the last
 # min(2 s, drainSeconds/4) for returning its leases and writing buffered spend (the sidecar's
 # drain.py), plus the margin: the process exit, the kubelet's signal delivery, and the 0.3 s the
@@ -172,6 +182,79 @@ def already_injected(pod: Mapping[str, Any]) -> bool:
     return any(
         c.get("name") == SIDECAR_NAME for c in (spec.get("containers") or []) + (spec.get("initContainers") or [])
     )
+
+
+# --------------------------------------------------------------------------- whose pod
+
+_WORKLOAD = re.compile(WORKLOAD_PATTERN)
+# The CronJob controller names each Job `<cronjob>-<scheduled time in minutes since the epoch>`
+# (8 digits from 1989 until the year 2160).
+_CRONJOB_JOB = re.compile(r"(?P<cronjob>.+)-[0-9]{8,}")
+
+
+def pod_workload(pod: Mapping[str, Any]) -> str:
+    """The pod's workload as admission sees it ("Deployment/search-api"), or "" when nothing names one.
+
+    From the pod's controlling owner (the ownerReference with `controller: true`, else the
+    first one):
+
+    * a ReplicaSet named `<deployment>-<the pod's pod-template-hash label>` is
+      `Deployment/<deployment>` (the Deployment controller's naming); another ReplicaSet
+      stays `ReplicaSet/<name>`;
+    * a Job named `<cronjob>-<8 or more digits>` is `CronJob/<cronjob>` (the CronJob
+      controller's naming; a Job named like that by hand is taken for a CronJob's too);
+      another Job is `Job/<name>`;
+    * any other owner is `<Kind>/<name>` as it stands (StatefulSet, DaemonSet, ...).
+
+    Without an owner: the `app.kubernetes.io/name` label as `App/<name>`, else
+    `Pod/<generateName without its trailing dash>`, else `Pod/<name>`. A candidate that is
+    not `Kind/name` (WORKLOAD_PATTERN) within MAX_WORKLOAD_CHARS gives way to the next: the
+    value goes into ledger records and a metric label. Read from the pod, with no API call:
+    the owner is what the pod's creator wrote (a controller, for controllers' pods).
+    """
+    meta = pod.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    owners = [o for o in meta.get("ownerReferences") or [] if isinstance(o, Mapping)]
+    owner = next((o for o in owners if o.get("controller") is True), owners[0] if owners else None)
+    candidates: list[str] = []
+    if owner is not None:
+        candidates.append(_owner_workload(str(owner.get("kind") or ""), str(owner.get("name") or ""), labels))
+    if isinstance(labels.get(APP_NAME_LABEL), str):
+        candidates.append(f"App/{labels[APP_NAME_LABEL]}")
+    if isinstance(meta.get("generateName"), str):
+        candidates.append(f"Pod/{meta['generateName'].rstrip('-')}")
+    if isinstance(meta.get("name"), str):
+        candidates.append(f"Pod/{meta['name']}")
+    return next((c for c in candidates if len(c) <= MAX_WORKLOAD_CHARS and _WORKLOAD.fullmatch(c)), "")
+
+
+def _owner_workload(kind: str, name: str, labels: Mapping[str, Any]) -> str:
+    if kind == "ReplicaSet":
+        template_hash = labels.get(POD_TEMPLATE_HASH_LABEL)
+        if isinstance(template_hash, str) and template_hash and name.endswith(f"-{template_hash}"):
+            deployment = name[: -len(template_hash) - 1]
+            if deployment:
+                return f"Deployment/{deployment}"
+    if kind == "Job" and (m := _CRONJOB_JOB.fullmatch(name)):
+        return f"CronJob/{m['cronjob']}"
+    return f"{kind}/{name}"
+
+
+def identity_env(workload: str) -> list[dict[str, Any]]:
+    """The sidecar's identity variables: the pod's namespace, name and ServiceAccount, and its workload.
+
+    The first three come from the downward API, filled in by the kubelet from the pod as
+    admitted, so the app cannot choose them; the workload is the literal `pod_workload`
+    computed (none when it found nothing).
+    """
+    env: list[dict[str, Any]] = [
+        {"name": "KUBETOLL_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "KUBETOLL_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "KUBETOLL_POD_SERVICE_ACCOUNT", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}},
+    ]
+    if workload:
+        env.append({"name": WORKLOAD_ENV, "value": workload})
+    return env
 
 
 # --------------------------------------------------------------------------- quantities
@@ -302,7 +385,7 @@ def _free_name(base: str, taken: set[str]) -> str:
     return f"{base}-{n}"
 
 
-def sidecar_container(options: InjectionOptions, volume_names: Mapping[str, str]) -> dict[str, Any]:
+def sidecar_container(options: InjectionOptions, volume_names: Mapping[str, str], workload: str = "") -> dict[str, Any]:
     r = options.resources
     requests = {k: v for k, v in (("cpu", r.cpu_request), ("memory", r.memory_request)) if v}
     limits = {k: v for k, v in (("cpu", r.cpu_limit), ("memory", r.memory_limit)) if v}
@@ -323,10 +406,7 @@ def sidecar_container(options: InjectionOptions, volume_names: Mapping[str, str]
             "--wait-for-config",  # the ConfigMap is optional: start before the operator has compiled
         ],
         "ports": [{"name": METRICS_PORT_NAME, "containerPort": options.metrics_port, "protocol": "TCP"}],
-        "env": [
-            {"name": "KUBETOLL_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-            {"name": "KUBETOLL_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        ],
+        "env": identity_env(workload),
         "resources": {k: v for k, v in (("requests", requests), ("limits", limits)) if v},
         # Probes go to the metrics port: the API port listens on 127.0.0.1 only.
         "readinessProbe": {
@@ -450,6 +530,11 @@ def plan_injection(pod: Mapping[str, Any], namespace_labels: Mapping[str, str], 
             ops.append({"op": "add", "path": _pointer("metadata", field_name, key), "value": "true"})
         else:
             ops.append({"op": "add", "path": _pointer("metadata", field_name), "value": {key: "true"}})
+    workload = pod_workload(pod)
+    if workload:
+        # The annotations exist by now (the op above made them if need be). "add" replaces a
+        # value the pod set itself: the annotation says what the injector derived.
+        ops.append({"op": "add", "path": _pointer("metadata", "annotations", WORKLOAD_KEY), "value": workload})
 
     taken = {v.get("name") for v in spec.get("volumes") or []}
     volume_names: dict[str, str] = {}
@@ -485,7 +570,7 @@ def plan_injection(pod: Mapping[str, Any], namespace_labels: Mapping[str, str], 
             f"the sidecar drains and writes its spend within {opts.drain_seconds:g} s, then exits"
         )
 
-    sidecar = sidecar_container(opts, volume_names)
+    sidecar = sidecar_container(opts, volume_names, workload)
     if opts.native_sidecars:
         if spec.get("initContainers"):
             ops.append({"op": "add", "path": "/spec/initContainers/0", "value": sidecar})

@@ -24,6 +24,7 @@ from pydantic.config import JsonDict
 
 from kubetoll_core.enums import DEFAULT_FALLBACK_ON as _DEFAULT_FALLBACK_ON
 from kubetoll_core.enums import HOSTED_PROVIDERS, FailMode, FailureClass, OnExhausted, Provider
+from kubetoll_core.jwt_settings import ASYMMETRIC, JwtAlgorithm, JwtVerification
 from kubetoll_core.model_base import CelRule
 from kubetoll_core.model_base import ContractModel as SpecModel
 from kubetoll_core.names import (
@@ -43,11 +44,13 @@ from kubetoll_core.parts import (
     Cap,
     CircuitBreaker,
     Downgrade,
+    LabelSelector,
     Pricing,
     Rule,
     Tenancy,
     TierLimits,
     Timeouts,
+    check_tenant_tiers,
     valid_timezone,
 )
 
@@ -245,6 +248,91 @@ class Tier(TierLimits):
     name: str = Field(max_length=63, pattern=TIER_NAME_PATTERN, description="Tier name, as sent in the tier header.")
 
 
+class PublicKeysSource(SpecModel):
+    """A key of a ConfigMap in the budget's namespace holding PEM public keys or a JWKS document."""
+
+    config_map_name: str = Field(
+        max_length=253, pattern=OBJECT_NAME_PATTERN, description="Name of the ConfigMap, in the same namespace."
+    )
+    key: str = Field(
+        max_length=253, pattern=SECRET_KEY_PATTERN, description="Key of the ConfigMap's data holding the keys."
+    )
+
+
+class Hs256SecretRef(SecretKeyRef):
+    """A key of a Secret in the budget's namespace holding the HS256 secret."""
+
+    key: str = Field(
+        max_length=253, pattern=SECRET_KEY_PATTERN, description="Key in the Secret's data that holds the HS256 secret."
+    )
+
+
+class JwtSpec(JwtVerification):
+    """Signed identity: the tenant (and tier) from the claims of a token the platform signs.
+
+    The operator copies the HS256 secret into the kubetoll-credentials Secret (never into the ConfigMap) and
+    inlines the public keys, which are public, into the router config.
+    """
+
+    hs256_secret_ref: Hs256SecretRef | None = Field(
+        None,
+        description=(
+            "The Secret key holding the HS256 secret (at least 32 bytes); the operator copies it into "
+            "kubetoll-credentials."
+        ),
+    )
+    public_keys_from: PublicKeysSource | None = Field(
+        None,
+        description=(
+            "The ConfigMap key holding the RS256 and ES256 public keys: PEM (-----BEGIN PUBLIC KEY----- blocks) or "
+            "a JWKS document, whose kid selects the key."
+        ),
+    )
+
+    __cel_rules__ = (
+        CelRule(
+            "!('HS256' in self.algorithms) || has(self.hs256SecretRef)",
+            "algorithm HS256 needs hs256SecretRef",
+            lambda j: JwtAlgorithm.hs256 not in j.algorithms or j.hs256_secret_ref is not None,
+            ".hs256SecretRef",
+        ),
+        CelRule(
+            "!('RS256' in self.algorithms || 'ES256' in self.algorithms) || has(self.publicKeysFrom)",
+            "algorithms RS256 and ES256 need publicKeysFrom",
+            lambda j: not any(a in j.algorithms for a in ASYMMETRIC) or j.public_keys_from is not None,
+            ".publicKeysFrom",
+        ),
+    )
+
+
+class TenantSpec(Tenancy):
+    """How the sidecar names the end user (tenant) and their tier. Every budget in a namespace that sets this must agree."""  # noqa: E501 (the CRD's description)
+
+    jwt: JwtSpec | None = Field(
+        None,
+        description=(
+            "Signed identity: take the tenant (and tier) from a token the platform signed instead of from headers; "
+            "see docs/sidecar.md."
+        ),
+    )
+
+
+#: Inline `tenantTiers` entries: a TokenBudget is one etcd object (about 1.5 MiB); longer lists
+#: go into a ConfigMap (`tenantTiersFrom`).
+MAX_INLINE_TENANT_TIERS = 10_000
+
+
+class TenantTiersSource(SpecModel):
+    """A key of a ConfigMap in the budget's namespace holding tenant → tier assignments: a JSON object or a YAML mapping of `tenant: tier` lines."""  # noqa: E501 (the CRD's description)
+
+    config_map_name: str = Field(
+        max_length=253, pattern=OBJECT_NAME_PATTERN, description="Name of the ConfigMap, in the same namespace."
+    )
+    key: str = Field(
+        max_length=253, pattern=SECRET_KEY_PATTERN, description="Key of the ConfigMap's data holding the map."
+    )
+
+
 class TokenBudgetSpec(SpecModel):
     """Spend limits for routes: a namespace-wide cap and per-tenant tiers."""
 
@@ -267,7 +355,7 @@ class TokenBudgetSpec(SpecModel):
         pattern=r"^[A-Za-z0-9_+\-/]+$",
         description="IANA timezone for the calendar day and month resets.",
     )
-    tenant: Tenancy | None = Field(
+    tenant: TenantSpec | None = Field(
         None, description="Tenant identity; budgets in one namespace that set it must agree."
     )
     fail_mode: FailMode = Field(
@@ -279,6 +367,38 @@ class TokenBudgetSpec(SpecModel):
         max_length=64,
         description="Per-tenant tiers.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    tenant_tiers: dict[str, str] | None = Field(
+        None,
+        max_length=MAX_INLINE_TENANT_TIERS,
+        description=(
+            "The platform team's tier for each tenant (tenant id → tier name), namespace-wide like spec.tenant: "
+            "every budget's map is merged. With tierHeaderPolicy capped (the default once a map exists) the tier "
+            "header cannot lift a tenant above its tier; a tenant no map names is on defaultTier."
+        ),
+        json_schema_extra={
+            "additionalProperties": {
+                "type": "string",
+                "maxLength": 63,
+                "pattern": TIER_NAME_PATTERN,
+                "description": "A tier name.",
+            }
+        },
+    )
+    tenant_tiers_from: TenantTiersSource | None = Field(
+        None,
+        description=(
+            "Read the tenant → tier map from a ConfigMap key instead (for long lists); the operator recompiles "
+            "when it changes. Missing or invalid: none of its tiers apply (no tenant is lifted) and the "
+            "TenantTiersAccepted condition says why."
+        ),
+    )
+    workload_selector: LabelSelector | None = Field(
+        None,
+        description=(
+            "Apply this budget only to the pods whose labels match (a Kubernetes label selector): their "
+            "sidecars share its meters, other pods' sidecars ignore it. Absent: every pod."
+        ),
     )
     alert_thresholds: list[int] = Field(
         default_factory=lambda: [50, 75, 90, 100],
@@ -301,7 +421,20 @@ class TokenBudgetSpec(SpecModel):
             lambda s: len({t.name for t in s.tiers}) == len(s.tiers),
             ".tiers",
         ),
+        CelRule(
+            "!(has(self.tenantTiers) && has(self.tenantTiersFrom))",
+            "set at most one of tenantTiers or tenantTiersFrom",
+            lambda s: s.tenant_tiers is None or s.tenant_tiers_from is None,
+            ".tenantTiersFrom",
+        ),
     )
+
+    @field_validator("tenant_tiers")
+    @classmethod
+    def _tenant_tiers(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None:
+            check_tenant_tiers(v)
+        return v
 
     @field_validator("timezone")
     @classmethod
@@ -348,7 +481,7 @@ class Condition(StatusModel):
         max_length=316,
         description=(
             "Condition type: Ready and ResolvedRefs (every kind); "
-            "TenancyAccepted, SpendKnown and ThresholdReached (TokenBudget)."
+            "TenancyAccepted, TenantTiersAccepted, SpendKnown and ThresholdReached (TokenBudget)."
         ),
     )
     status: ConditionStatus = Field(description="True, False or Unknown.")
@@ -446,19 +579,19 @@ class BudgetDisplay(StatusModel):
 class TokenBudgetStatus(StatusModel):
     """Observed state of a TokenBudget.
 
-    The compile fills observedGeneration, routes and the Ready, ResolvedRefs and
-    TenancyAccepted conditions. With a Redis budget store the operator's spend
-    reporter reads the sidecars' totals and refusals every few seconds and fills the
-    rest: the headline (binding, spent, limit, remaining, unit, percent, period) is
-    the binding meter, the limit closest to refusing among the cap limits and every
-    tenant's tier limits; `meters` lists every level. Without Redis, spend is per pod:
+    The compile fills observedGeneration, routes and the Ready, ResolvedRefs,
+    TenancyAccepted and TenantTiersAccepted conditions. With a Redis budget store
+    the operator's spend reporter reads the sidecars' totals and refusals every few
+    seconds and fills the rest: the headline (binding, spent, limit, remaining, unit,
+    percent, period) is the binding meter, the limit closest to refusing among the cap
+    limits and every tenant's tier limits; `meters` lists every level. Without Redis, spend is per pod:
     limit and period come from the spec, and SpendKnown is False (NoSharedStore).
     """
 
     observed_generation: int | None = Field(None, description="metadata.generation last compiled.")
     conditions: list[Condition] = Field(
         default_factory=list,
-        description="Ready, ResolvedRefs, TenancyAccepted, SpendKnown and ThresholdReached.",
+        description="Ready, ResolvedRefs, TenancyAccepted, TenantTiersAccepted, SpendKnown and ThresholdReached.",
         json_schema_extra=_CONDITIONS_EXTRA,
     )
     binding: str | None = Field(

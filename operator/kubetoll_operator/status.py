@@ -75,6 +75,9 @@ def desired_status(result: CompileResult, outcome: Outcome) -> dict[str, Any]:
             conditions.append(
                 _condition("TenancyAccepted", True, "TenancyAccepted", "spec.tenant is the namespace's tenancy", gen)
             )
+        tiers = d.get("tenantTiers")
+        if tiers is not None:  # the budget assigns tenants tiers (tenantTiers or tenantTiersFrom)
+            conditions.append(_condition("TenantTiersAccepted", tiers["ok"], tiers["reason"], tiers["message"], gen))
     elif outcome.kind == "CachePolicy":
         status["routes"] = d.get("routes", [])
     return {k: v for k, v in status.items() if v is not None}

@@ -41,6 +41,7 @@ class RequestContext:
     route_name: str = ""
     tenant: str = ""
     tier: str = ""
+    tier_source: str = ""  # how the tier was decided (tenancy.py: header, assigned, default, capped, token)
     backend: str = ""
     status: int = 200
     outcome: str = "ok"

@@ -46,10 +46,12 @@ class Metrics:
             buckets=_TOKEN_BUCKETS,
             registry=r,
         )
+        # `workload` is the same on every series of one sidecar (its pod's workload), so it adds
+        # no series: it lets spend be summed by workload without joining on kubetoll_sidecar_info.
         self.cost = Counter(
             "kubetoll_cost_usd",
-            "USD spent (list or shadow price), by route, backend and tier.",
-            ["route", "backend", "tier"],
+            "USD spent (list or shadow price), by route, backend, tier and the pod's workload.",
+            ["route", "backend", "tier", "workload"],
             registry=r,
         )
         self.fallbacks = Counter(
@@ -135,6 +137,12 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge("kubetoll_requests_in_flight", "Requests being served now.", registry=r)
+        self.sidecar_info = Gauge(
+            "kubetoll_sidecar_info",
+            "Who this sidecar spends for: its pod's namespace, name, ServiceAccount and workload (always 1).",
+            ["namespace", "pod", "service_account", "workload"],
+            registry=r,
+        )
         self.budget_store = Gauge(
             "kubetoll_budget_store",
             "The shared (Redis) budget store, read at scrape time: available (1/0), buffered_records, "
@@ -143,6 +151,11 @@ class Metrics:
             ["stat"],
             registry=r,
         )
+
+    def publish_identity(self, namespace: str, pod: str, service_account: str, workload: str) -> None:
+        """Set `kubetoll_sidecar_info` (one series; the identity is read once, at start)."""
+        self.sidecar_info.clear()
+        self.sidecar_info.labels(namespace, pod, service_account, workload).set(1)
 
     def publish_circuits(self, states: Iterable[tuple[str, str]]) -> None:
         """Set the circuit gauges from (backend, breaker state) pairs read just now.

@@ -85,6 +85,7 @@ class Pipeline:
         metrics: Metrics,
         clock: Clock,
         cache: CacheStage | None = None,
+        workload: str = "",
     ) -> None:
         self.get_state = get_state
         self.store = store
@@ -93,6 +94,8 @@ class Pipeline:
         self.metrics = metrics
         self.clock = clock
         self.cache = cache
+        # The pod's workload (`workload.WorkloadIdentity`): on every record, the access line and the cost metric.
+        self.workload = workload
         self.relay = StreamRelay(metrics, cache, self._settle_stream)
         self.refusals = RefusalSampler()  # which refusals get a ledger record
         # A plain counter, read by the gauge at scrape time (a locked gauge update
@@ -159,7 +162,7 @@ class Pipeline:
             ) from None
         # 2 identify
         ident = state.tenants.identify(request.headers, req.body)
-        ctx.tenant, ctx.tier = ident.tenant, ident.tier
+        ctx.tenant, ctx.tier, ctx.tier_source = ident.tenant, ident.tier, ident.tier_source
         # 3 route (its rules may match on the estimate, so 4 comes first)
         route = state.router.get(req.model)
         if route is None:
@@ -296,7 +299,7 @@ class Pipeline:
 
     def _check_suspended(self, ctx: RequestContext) -> None:
         state = ctx.state
-        for b in state.config.budgets:
+        for b in state.meters.budgets:  # the budgets that apply in this pod (a workloadSelector may exclude some)
             if b.covers(ctx.route_name) and (b.name in state.suspended_budgets or self.store.is_suspended(b.name)):
                 ctx.outcome = "suspended"
                 self.metrics.rejections.labels(ctx.route_name, "budget_suspended").inc()
@@ -379,6 +382,7 @@ class Pipeline:
                 request_id=ctx.request_id,
                 refused_budget=meter.budget,
                 refused_meter=meter.key[len(meter.budget) + 1 :],  # the key is "<budget>:<meter name>"
+                workload=self.workload,
             )
         )
 
@@ -487,6 +491,7 @@ class Pipeline:
             fallbacks=ctx.fallbacks,
             outcome=ctx.outcome,
             request_id=ctx.request_id,
+            workload=self.workload,
         )
 
     # ------------------------------------------------------------------ cache (stage 6)
@@ -508,6 +513,7 @@ class Pipeline:
                 tenant=ctx.tenant,
                 tier=ctx.tier,
                 request_id=ctx.request_id,
+                workload=self.workload,
             )
             meters = ctx.meters
             holds = [Hold(m, float(charge.usage.total_tokens), enforce=False) for m in meters.tokens]
@@ -518,7 +524,7 @@ class Pipeline:
                     reservation = await self.store.reserve(holds, self.clock.time())
                 except (StoreUnavailable, Suspended):
                     reservation = None  # the record still goes to the ledger; the store is away
-            self.metrics.cost.labels(ctx.route_name, charge.backend, ctx.tier).inc(charge.cost_usd)
+            self.metrics.cost.labels(ctx.route_name, charge.backend, ctx.tier, self.workload).inc(charge.cost_usd)
             await self._settle(ctx, reservation, charge.usage, charge.cost_usd, self.clock.time(), record=record)
         return lookup
 
@@ -533,6 +539,7 @@ class Pipeline:
             tenant=ctx.tenant,
             tier=ctx.tier,
             request_id=ctx.request_id,
+            workload=self.workload,
         )
         if record is not None:
             self.ledger.append(record)
@@ -589,7 +596,7 @@ class Pipeline:
             child(m.tokens, route, ctx.backend, "output").inc(u.completion_tokens)
             if u.cached_tokens:
                 child(m.tokens, route, ctx.backend, "cached_input").inc(u.cached_tokens)
-            child(m.cost, route, ctx.backend, ctx.tier).inc(ctx.cost)
+            child(m.cost, route, ctx.backend, ctx.tier, self.workload).inc(ctx.cost)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 orjson.dumps(
@@ -599,6 +606,8 @@ class Pipeline:
                         "route": ctx.route_name,
                         "backend": ctx.backend,
                         "tier": ctx.tier,
+                        "tier_source": ctx.tier_source or None,
+                        "workload": self.workload,
                         "status": ctx.status,
                         "outcome": ctx.outcome,
                         "reason": ctx.reason or None,

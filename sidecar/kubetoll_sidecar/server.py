@@ -44,6 +44,7 @@ from .providers.base import Endpoint
 from .request_parsing import expect_continue
 from .routing import read_pod_labels
 from .state import RouterState, SessionPool, build_state
+from .workload import WorkloadIdentity
 
 log = logging.getLogger("kubetoll.sidecar")
 
@@ -60,8 +61,11 @@ class Sidecar:
         metrics: Metrics | None = None,
         watch: bool = True,
         watch_interval: float = 0.25,
+        identity: WorkloadIdentity | None = None,
     ) -> None:
         self.config_path = loaded.path
+        # Who spends: the pod's identity the injector passed in the environment, read once.
+        self.identity = identity if identity is not None else WorkloadIdentity.from_env()
         self.metrics = metrics or Metrics()
         # Two clocks, injected into every part that measures time: the wall clock for
         # calendar periods and records, the monotonic one for timeouts, leases and breakers.
@@ -135,6 +139,12 @@ class Sidecar:
             self.metrics,
             self.clock,
             self.cache,
+            workload=self.identity.workload,
+        )
+        ident = self.identity
+        # Outside a pod no namespace comes from the environment; the config's is the same one in a pod.
+        self.metrics.publish_identity(
+            ident.namespace or cfg.namespace, ident.pod, ident.service_account, ident.workload
         )
         self._warm_encodings(self.state)
         self._publish_config_metrics()
@@ -169,7 +179,15 @@ class Sidecar:
 
     def _build(self, loaded: LoadedConfig) -> RouterState:
         labels = read_pod_labels(loaded.config.server.pod_labels_file)
-        return build_state(loaded.config, loaded.digest, self.sessions, labels)
+        return build_state(
+            loaded.config,
+            loaded.digest,
+            self.sessions,
+            labels,
+            credentials=self.credentials,
+            clock=self.clock,
+            monotonic=self.monotonic,
+        )
 
     async def _build_off_loop(self, loaded: LoadedConfig) -> RouterState:
         """A reload builds its state in a thread, so requests keep flowing meanwhile.

@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
 
+from kubetoll_core.periods import Clock, SystemClock
 from kubetoll_core.prices import PricingError, resolve_price
 from kubetoll_core.router_config import Backend, RouterConfig
 
 from .budgets.admission import BudgetMeters
 from .config_loader import ConfigError
+from .credentials import CredentialStore
 from .forwarder import BackendRuntime
+from .jwt_identity import JwtVerifier
 from .routing import Router
 from .tenancy import TenantResolver
 
@@ -90,8 +94,21 @@ class SessionPool:
         self._sessions.clear()
 
 
-def build_state(config: RouterConfig, digest: str, sessions: SessionPool, pod_labels: Mapping[str, str]) -> RouterState:
-    """Everything a request needs from this config. Raises ConfigError; never half-builds."""
+def build_state(
+    config: RouterConfig,
+    digest: str,
+    sessions: SessionPool,
+    pod_labels: Mapping[str, str],
+    *,
+    credentials: CredentialStore | None = None,
+    clock: Clock | None = None,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> RouterState:
+    """Everything a request needs from this config. Raises ConfigError; never half-builds.
+
+    `credentials` and the clocks are the sidecar's: the token verifier of `tenancy.jwt`
+    reads its HS256 key through the one and checks `exp` on the other.
+    """
     prices = {}
     problems = []
     for b in config.backends:
@@ -102,12 +119,26 @@ def build_state(config: RouterConfig, digest: str, sessions: SessionPool, pod_la
     if problems:
         raise ConfigError("; ".join(problems))
     backends = {b.name: BackendRuntime(b, prices[b.name], sessions.get(b)) for b in config.backends}
+    jwt = None
+    if config.tenancy.jwt is not None:
+        store = credentials or CredentialStore(config.server.credentials_dir)
+        jwt = JwtVerifier(config.tenancy.jwt, store, clock or SystemClock(), monotonic)  # ConfigError: bad keys
+    meters = BudgetMeters(config, pod_labels)  # a budget whose workloadSelector this pod fails is not applied
+    applied = {b.name for b in meters.budgets}
+    skipped = [b.name for b in config.budgets if b.name not in applied]
+    if skipped:
+        log.info(
+            "%d budgets not applied in this pod (its labels do not match their workloadSelector): %s%s",
+            len(skipped),
+            ", ".join(skipped[:20]),
+            " ..." if len(skipped) > 20 else "",
+        )
     return RouterState(
         config=config,
         digest=digest,
         router=Router(config, pod_labels),
-        tenants=TenantResolver(config),
-        meters=BudgetMeters(config),
+        tenants=TenantResolver(config, jwt),
+        meters=meters,
         backends=backends,
         suspended_budgets=frozenset(b.name for b in config.budgets if b.suspended),
     )

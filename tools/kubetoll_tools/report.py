@@ -14,6 +14,10 @@ date-times (`2026-11-01T09:30`, `...Z`, `...+01:00`), epoch seconds, `now`,
 `today`, `yesterday`, `this-month`, `last-month`, or a duration back from now
 (`24h`, `7d`, `90m`, `2w`).
 
+Tables group by tenant, route, backend, tier and workload (the sidecar's pod's
+workload, "(unknown)" for records without one); `--by workload` or `--by
+tenant,route` shows those only.
+
 Savings are shown against a baseline model's catalogue prices (`--baseline`,
 default gpt-4o): every request's tokens priced there, with no cache and no
 routing, split into cache, routing and downgrade parts (see `spend.py`).
@@ -37,7 +41,8 @@ from .spend import fmt_usd
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-DIMENSIONS = ("tenant", "route", "backend", "tier")
+# What the tables (and CSV rows) group by, in this order unless `--by` names others.
+DIMENSIONS = ("tenant", "route", "backend", "tier", "workload")
 
 
 class ReportError(Exception):
@@ -87,6 +92,20 @@ def parse_when(text: str, now: float, tz: tzinfo, option: str = "--since") -> fl
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=tz)
     return dt.timestamp()
+
+
+def parse_by(values: list[str] | None) -> list[str]:
+    """The dimensions `--by` names (comma-separated, repeatable), in order, each once; all by default."""
+    if not values:
+        return list(DIMENSIONS)
+    by: list[str] = []
+    for value in values:
+        for dim in (d.strip().lower() for d in value.split(",")):
+            if dim not in DIMENSIONS:
+                raise ReportError(f"--by {dim!r}: expected one or more of {', '.join(DIMENSIONS)}")
+            if dim not in by:
+                by.append(dim)
+    return by
 
 
 # --------------------------------------------------------------------------- sources
@@ -233,7 +252,7 @@ def format_table(report: dict[str, Any]) -> str:
             f"routing {fmt_usd(sav['routing_usd'])}, "
             f"downgrade {fmt_usd(sav['downgrade_usd'])} ({t['downgraded']} downgraded requests)"
         )
-    for dim in DIMENSIONS:
+    for dim in report["by"]:
         groups = s[f"by_{dim}"]
         if dim == "tenant":
             groups = s["top_spenders"]
@@ -265,7 +284,7 @@ def format_csv(report: dict[str, Any]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["dimension", "key", *_CSV_FIELDS])
     w.writerow(["total", "", *(s["totals"][f] for f in _CSV_FIELDS)])
-    for dim in DIMENSIONS:
+    for dim in report["by"]:
         for g in s[f"by_{dim}"]:
             w.writerow([dim, g["key"], *(g[f] for f in _CSV_FIELDS)])
     if s["savings"]:
@@ -284,6 +303,7 @@ async def build_report(args: Any, now: float) -> dict[str, Any]:
         raise ReportError(f"--until ({_fmt_time(until, tz)}) is not after --since ({_fmt_time(since, tz)})")
     if args.top < 1:
         raise ReportError("--top must be at least 1")
+    by = parse_by(args.by)
     dropped = 0
     if args.redis_url:
         if not args.namespace:
@@ -312,6 +332,7 @@ async def build_report(args: Any, now: float) -> dict[str, Any]:
         "since_text": _fmt_time(since, tz),
         "until_text": _fmt_time(until, tz),
         "dropped": dropped,
+        "by": by,
         "summary": summary,
     }
 

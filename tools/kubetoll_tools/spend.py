@@ -29,6 +29,9 @@ from kubetoll_core.prices import ResolvedPrice
 from kubetoll_core.spend_record import CACHE_EMBEDDING_OUTCOME, SpendRecord
 
 CACHE_BACKEND = "(cache)"  # the group key of records no backend served
+# The group key of records that name no workload: written by a sidecar that was not injected
+# (`kubetoll run`, the demo) or by one older than the field.
+UNKNOWN_WORKLOAD = "(unknown)"
 _RECORD_FIELDS = {f.name for f in fields(SpendRecord)}
 
 
@@ -105,6 +108,8 @@ def group_by(records: Iterable[SpendRecord], key: str) -> list[Group]:
         k = getattr(r, key) or ""
         if key == "backend" and not k:
             k = CACHE_BACKEND
+        elif key == "workload" and not k:
+            k = UNKNOWN_WORKLOAD
         g = groups.get(k)
         if g is None:
             g = groups[k] = Group(k)
@@ -191,6 +196,7 @@ def summarize(
         "by_route": [g.as_dict() for g in group_by(recs, "route")],
         "by_backend": [g.as_dict() for g in group_by(recs, "backend")],
         "by_tier": [g.as_dict() for g in group_by(recs, "tier")],
+        "by_workload": [g.as_dict() for g in group_by(recs, "workload")],
         "top_spenders": [g.as_dict() for g in by_tenant[:top]],
         "savings": savings(recs, baseline, baseline_label).as_dict() if baseline is not None else None,
     }

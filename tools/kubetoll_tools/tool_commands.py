@@ -86,7 +86,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "report",
-        help="spend for a period by tenant, route, backend and tier, from a running sidecar (or the shared ledger)",
+        help="spend for a period by tenant, route, backend, tier and workload, from a running sidecar "
+        "(or the shared ledger)",
     )
     _report_arguments(p)
     p.set_defaults(handler=_report)
@@ -158,6 +159,13 @@ def _report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--until", help="end (exclusive), same forms (default now)")
     p.add_argument("--tz", metavar="ZONE", help="timezone for dates and named periods (default: local)")
     p.add_argument("--top", type=int, default=10, metavar="N", help="top spenders to show (default 10)")
+    p.add_argument(
+        "--by",
+        action="append",
+        metavar="DIM[,DIM...]",
+        help="group the tables and CSV rows by these only: tenant, route, backend, tier, workload "
+        "(default all; repeatable)",
+    )
     p.add_argument(
         "--baseline",
         default="gpt-4o",

@@ -693,7 +693,14 @@ class CacheStage:
 
     @staticmethod
     def spend_record(
-        lookup: CacheLookup, *, time_: float, namespace: str, tenant: str, tier: str, request_id: str
+        lookup: CacheLookup,
+        *,
+        time_: float,
+        namespace: str,
+        tenant: str,
+        tier: str,
+        request_id: str,
+        workload: str = "",
     ) -> SpendRecord | None:
         """The ledger record of a cache hit: no backend, no tokens billed, zero cost, the savings."""
         hit = lookup.hit
@@ -714,11 +721,19 @@ class CacheStage:
             avoided_usd=hit.avoided_usd,
             outcome="ok",
             request_id=request_id,
+            workload=workload,
         )
 
     @staticmethod
     def embedding_record(
-        lookup: CacheLookup, *, time_: float, namespace: str, tenant: str, tier: str, request_id: str
+        lookup: CacheLookup,
+        *,
+        time_: float,
+        namespace: str,
+        tenant: str,
+        tier: str,
+        request_id: str,
+        workload: str = "",
     ) -> SpendRecord | None:
         """The ledger record of the embedding call a semantic lookup made (hit or miss)."""
         e = lookup.embedding
@@ -737,4 +752,5 @@ class CacheStage:
             cost_usd=e.cost_usd,
             outcome=CACHE_EMBEDDING_OUTCOME,
             request_id=request_id,
+            workload=workload,
         )
