@@ -169,6 +169,22 @@ async def test_a_cold_bucket_gets_a_share_of_the_refill_not_a_full_bucket(redis_
     await store.close()
 
 
+async def test_spend_above_the_estimate_counts_against_the_allowance(redis_down, ns):
+    """Requests that each use twice what they reserved get half as many through the allowance."""
+    store = make(redis_down.url, ns, "s")
+    await store.start()
+    n = 0
+    while n < 100:
+        try:
+            res = await store.reserve([Hold(OPEN, 0.05)], time.time())
+        except StoreUnavailable:
+            break
+        await store.settle(res, {OPEN.key: 0.10}, time.time())
+        n += 1
+    assert 0.10 * n <= 1.0 + 0.10  # the allowance is 1 USD of actual spend, give or take one request
+    await store.close()
+
+
 async def test_a_reloaded_sidecar_count_applies_without_a_restart(redis_down, ns):
     store = make(redis_down.url, ns, "s")
     await store.start()

@@ -627,7 +627,10 @@ class RedisBudgetStore:
                 raise self._exhausted(h, st, free, now, mono)
             if not h.meter.fail_open:
                 raise StoreUnavailable(f"{h.meter.label}: {why}, and the budget is failClosed; retry shortly")
-            short = amt - max(free, 0)
+            # `free` below zero is spend settled above its estimate since the outage began:
+            # the allowance pays for it too, or a stream of requests that each use more than
+            # they reserved would spend past the allowance unseen.
+            short = amt - free
             if st.allowance_used + short > self.fail_open_allowance(st, mono, since):
                 raise StoreUnavailable(f"{h.meter.label}: {why}, and this sidecar's failOpen allowance is used up")
             grants.append((st, short))
