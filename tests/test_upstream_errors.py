@@ -5,8 +5,9 @@
 * Retry-After is read by one parser (`kubetoll_sidecar.retry_after`): delta-seconds
   and HTTP-dates; inf / 1e9 are cut to `circuitBreaker.maxRetryAfterSeconds`,
   nan / negative values ignored;
-* a request no backend of its route can serve (n > 1, /v1/completions,
-  /v1/embeddings, the `function` role on an Anthropic-only route) is a 400 decided
+* a request no backend of its route can serve (more choices than a backend without
+  `n` fans out, /v1/completions, /v1/embeddings, the `function` role on an
+  Anthropic-only route) is a 400 decided
   before anything is sent, and one that needs more than a budget level's whole
   limit is a 400 too, not a 429 to retry at the end of the day.
 """
@@ -315,7 +316,7 @@ def anthropic_only(sim) -> dict[str, object]:
 @pytest.mark.parametrize(
     "path,body,capability,param",
     [
-        ("/v1/chat/completions", {**CHAT, "n": 2}, "n > 1", "n"),
+        ("/v1/chat/completions", {**CHAT, "n": 9}, "n > 8", "n"),
         ("/v1/embeddings", {"input": "hello"}, "/v1/embeddings", None),
         ("/v1/completions", {"prompt": "hello"}, "/v1/completions", None),
         (
@@ -325,7 +326,7 @@ def anthropic_only(sim) -> dict[str, object]:
             "messages",
         ),
     ],
-    ids=["n=2", "embeddings", "completions", "function-role"],
+    ids=["n=9", "embeddings", "completions", "function-role"],
 )
 async def test_what_no_backend_of_the_route_can_serve_is_a_400_before_any_upstream_call(
     sim, running, path, body, capability, param
@@ -345,7 +346,7 @@ async def test_an_sdk_does_not_retry_it(sim, running):
     sc = await running(anthropic_only(sim))
     client = openai.AsyncOpenAI(base_url=sc.url + "/v1", api_key="unused", max_retries=2)
     with pytest.raises(openai.BadRequestError):
-        await client.chat.completions.create(model="chat", n=2, **CHAT)
+        await client.chat.completions.create(model="chat", n=9, **CHAT)
     await client.close()
     assert requests_counted(sc) == 1 and sim.requests == []
 
@@ -355,8 +356,8 @@ async def test_a_route_with_one_capable_backend_still_serves_it(sim, sim2, runni
         [backend("claude", "anthropic", sim.url), backend("gpt", "openai", sim2.url)], {"chat": ["claude", "gpt"]}
     )
     sc = await running(cfg)
-    status, headers, body = await post(sc, model="chat", n=2, **CHAT)
-    assert status == 200 and headers["x-kubetoll-backend"] == "gpt" and len(body["choices"]) == 2
+    status, headers, body = await post(sc, model="chat", n=9, **CHAT)
+    assert status == 200 and headers["x-kubetoll-backend"] == "gpt" and len(body["choices"]) == 9
     assert sim.requests == []  # claude was skipped, not asked
 
 

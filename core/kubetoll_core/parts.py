@@ -86,6 +86,15 @@ class Pricing(ContractModel):
         alias="catalogProvider",
         description="Price catalogue provider id (e.g. openai, anthropic, azure).",
     )
+    batch_discount: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        alias="batchDiscount",
+        description="Batch API discount, as a fraction of the standard price (0.5: half price). Default: the "
+        "catalogue's batch prices where it has them, else the provider's published discount (0.5 for openai and "
+        "azure-openai, none for openai-compatible).",
+    )
 
     __cel_rules__ = (
         CelRule(

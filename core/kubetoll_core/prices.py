@@ -10,12 +10,18 @@ The catalogue's own `calc_price` costs ~130 µs a call (Decimal arithmetic and
 unit registries), too much for the request path, so the rates are read out of the
 catalogue entry at load and tests check that `ResolvedPrice.cost` agrees with
 `calc_price` to the micro-dollar.
+
+Batch API jobs (`resolve_batch_price`) are priced at the catalogue's batch
+prices where it has them (its `processing: batch` price variants), else at the
+provider's published batch discount, or at the backend's `pricing.batchDiscount`,
+which overrides both.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 
 from .enums import Provider
 from .router_config import Backend
@@ -29,6 +35,17 @@ _CATALOG_PROVIDER = {
     Provider.openai: "openai",
     Provider.azure_openai: "azure",
     Provider.anthropic: "anthropic",
+}
+
+
+# The catalogue's request context for Batch API prices (genai-prices price variants).
+BATCH_PRICE_CONTEXT = {"processing": "batch"}
+# What a provider publishes as its Batch API discount, for a model the catalogue has no
+# batch prices for (and for explicit prices): OpenAI and Azure OpenAI's Global Batch
+# both bill half the standard rates. An OpenAI-compatible server has no published one.
+PUBLISHED_BATCH_DISCOUNT = {
+    Provider.openai: 0.5,
+    Provider.azure_openai: 0.5,
 }
 
 
@@ -77,6 +94,14 @@ class ResolvedPrice:
         r = self.rates_for(prompt_tokens)
         return prompt_tokens * r.input + output_tokens * r.output
 
+    def scaled(self, factor: float, source: str) -> ResolvedPrice:
+        """Every rate times `factor` (a batch discount), under a new source."""
+
+        def times(r: Rates) -> Rates:
+            return Rates(r.input * factor, r.output * factor, r.cached_input * factor, r.cache_write * factor)
+
+        return ResolvedPrice(times(self.base), tuple((s, times(r)) for s, r in self.tiers), source, self.notes)
+
     def per_mtok(self) -> dict[str, float]:
         """For status and docs: the base rates per million tokens."""
         b = self.base
@@ -111,10 +136,40 @@ def resolve_price(backend: Backend) -> ResolvedPrice:
     return _from_catalog(backend)
 
 
+def resolve_batch_price(backend: Backend) -> ResolvedPrice:
+    """The price of one request run through the backend's Batch API.
+
+    `pricing.batchDiscount` when set (off whatever `resolve_price` gives); else the
+    catalogue's batch prices for a catalogued model that has them; else the
+    provider's published discount (`PUBLISHED_BATCH_DISCOUNT`; none for a provider
+    that publishes none).
+    """
+    p = backend.pricing
+    if p.batch_discount is None and not p.is_override:
+        standard = _catalog_lookup(backend)
+        batch = _catalog_lookup(backend, BATCH_PRICE_CONTEXT)
+        # The catalogue answers a context it has no variant for with the standard rates.
+        if batch.model_price != standard.model_price:
+            return _resolved(backend, batch, f"catalog-batch:{batch.provider.id}/{batch.model.id}")
+    if p.batch_discount is not None:
+        discount, why = p.batch_discount, "pricing.batchDiscount"
+    else:
+        discount, why = PUBLISHED_BATCH_DISCOUNT.get(backend.provider, 0.0), f"{backend.provider.value} batch discount"
+    standard_price = resolve_price(backend)
+    if discount == 0.0:
+        return standard_price
+    return standard_price.scaled(1.0 - discount, f"{standard_price.source} less {discount:.0%} ({why})")
+
+
 def _from_catalog(backend: Backend) -> ResolvedPrice:
+    found = _catalog_lookup(backend)
+    return _resolved(backend, found, f"catalog:{found.provider.id}/{found.model.id}")
+
+
+def _catalog_lookup(backend: Backend, price_context: dict[str, str] | None = None) -> Any:
+    """The catalogue's calculation for one token of each kind (its `model_price` holds the rates)."""
     from genai_prices import Usage as CatalogUsage
     from genai_prices import calc_price
-    from genai_prices.types import TieredPrices
 
     provider = backend.pricing.catalog_provider or _CATALOG_PROVIDER.get(backend.provider)
     model = backend.pricing.catalog_model or backend.model
@@ -125,12 +180,23 @@ def _from_catalog(backend: Backend) -> ResolvedPrice:
             "or pricing.catalogProvider for a hosted OpenAI-compatible API"
         )
     try:
-        found = calc_price(CatalogUsage(input_tokens=1, output_tokens=1), model_ref=model, provider_id=provider)
+        return calc_price(
+            CatalogUsage(input_tokens=1, output_tokens=1),
+            model_ref=model,
+            provider_id=provider,
+            price_context=price_context,
+        )
     except LookupError as exc:
         raise PricingError(
             f"backend {backend.name}: model {model!r} is not in the price catalogue for {provider} ({exc}); "
             "set pricing.catalogModel to a catalogue id or give prices explicitly"
         ) from exc
+
+
+def _resolved(backend: Backend, found: Any, source: str) -> ResolvedPrice:
+    from genai_prices.types import TieredPrices
+
+    model = backend.pricing.catalog_model or backend.model
     mp = found.model_price
 
     def split(value: Decimal | TieredPrices | None) -> tuple[float | None, list[tuple[int, float]]]:
@@ -171,4 +237,4 @@ def _from_catalog(backend: Backend) -> ResolvedPrice:
                 ),
             )
         )
-    return ResolvedPrice(base, tuple(tiers), source=f"catalog:{found.provider.id}/{found.model.id}")
+    return ResolvedPrice(base, tuple(tiers), source=source)

@@ -154,6 +154,24 @@ class RedisKeys:
         """Pub/sub channel for kill-switch changes (JSON: {"budget": ..., "suspended": bool})."""
         return self._k(self.ns_tag, "events")
 
+    # -- Batch API (kubetoll_sidecar.batches), slot {ns}
+
+    def upstream_object(self, object_id: str) -> str:
+        """String (JSON): which backend holds a file or batch id the sidecars created or saw."""
+        return self._k(self.ns_tag, "up", check_upstream_id(object_id))
+
+    def batches_pending(self) -> str:
+        """Hash: batch id -> the pending batch (JSON) whose reservation is still open."""
+        return self._k(self.ns_tag, "batches")
+
+    def batch_owners(self) -> str:
+        """Hash: batch id -> the owner (a pod) that holds its reservation and settles it."""
+        return self._k(self.ns_tag, "batches", "owners")
+
+    def batch_owner_alive(self, owner: str) -> str:
+        """String with a TTL: present while that owner's sidecar polls its batches."""
+        return self._k(self.ns_tag, "batches", "alive", check_sidecar_id(owner))
+
     def _checked_home(self, tag: str) -> str:
         if tag == self.ns_tag or (tag.startswith(f"{{{self.namespace}:") and tag.endswith("}")):
             return tag
@@ -163,4 +181,14 @@ class RedisKeys:
 def check_sidecar_id(value: str) -> str:
     if not re.match(r"^[A-Za-z0-9._-]{1,100}$", value):
         raise ValueError(f"sidecar id {value!r} must be 1-100 characters of [A-Za-z0-9._-]")
+    return value
+
+
+_UPSTREAM_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+def check_upstream_id(value: str) -> str:
+    """A provider's file or batch id (`file-abc123`, `batch_abc123`): plain characters only, in a key."""
+    if not isinstance(value, str) or not _UPSTREAM_ID.match(value):
+        raise ValueError(f"upstream id {value!r} must be 1-128 characters of [A-Za-z0-9._-]")
     return value

@@ -83,6 +83,12 @@ class ServerSettings(ContractModel):
         description="Where the sidecar keeps, across its own restarts, spend Redis has not confirmed and the failOpen "
         "allowance it used (the injector mounts an emptyDir here). Missing or not writable: nothing is kept.",
     )
+    batch_poll_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="How often the sidecar asks the provider about the Batch API jobs it holds reservations for "
+        "(a client retrieving a finished batch settles it at once).",
+    )
 
     @model_validator(mode="after")
     def _ports_differ(self) -> ServerSettings:

@@ -5,7 +5,8 @@ tenant, route and backend from these records. The stream entry carries the
 record's own fields, the cost as exact integer nano-USD (`cost_nusd`) and the
 sidecar that wrote it (docs/redis-layout.md, "ledger"). `workload` names what
 spent: the workload of the writing sidecar's pod, which the injector derives from
-the pod's owner (`kubetoll_sidecar.workload`); older records have none.
+the pod's owner (`kubetoll_sidecar.workload`); older records have none. A line of
+a Batch API job carries its batch's id (`batch_id`; `kubetoll_sidecar.batches`).
 
 A *refusal record* says that admission refused a request on one budget meter
 (`refused_budget`, `refused_meter`): no spend, outcome `rejected`. Sidecars write
@@ -28,6 +29,12 @@ from .meters import scale_of, to_units
 # The outcome of a record that bills a semantic cache lookup's embedding call: spend,
 # but not a request of its own (reports count requests without it).
 CACHE_EMBEDDING_OUTCOME = "cache_embedding"
+# The outcome of a record that bills upstream calls whose answers were not used: the calls of a
+# fanned-out `n` (one per choice, on a provider without `n`) that completed while a sibling failed.
+# Spend on the backend that made them, not a request of its own.
+FAN_OUT_ABANDONED_OUTCOME = "fan_out_abandoned"
+# Records that are spend but not requests (reports do not count them as requests).
+SPEND_ONLY_OUTCOMES = frozenset({CACHE_EMBEDDING_OUTCOME, FAN_OUT_ABANDONED_OUTCOME})
 # The outcome of a refusal record (the same word the access log and metrics use).
 REFUSAL_OUTCOME = "rejected"
 
@@ -48,11 +55,13 @@ class SpendRecord:
     avoided_usd: float = 0.0  # what a cache hit saved
     downgraded: bool = False
     fallbacks: int = 0
-    outcome: str = "ok"  # ok, upstream_error, cut_stream, client_disconnected, drain_cut, cache_embedding
+    # ok, upstream_error, cut_stream, client_disconnected, drain_cut, cache_embedding, fan_out_abandoned
+    outcome: str = "ok"
     request_id: str = ""
     refused_budget: str = ""  # a refusal record: the budget whose meter refused
     refused_meter: str = ""  # ... and that meter's name in the budget, e.g. "cap:usd:2026-11-22"
     workload: str = ""  # the writing sidecar's pod's workload, e.g. "Deployment/search-api" ("" unknown)
+    batch_id: str = ""  # a Batch API line: the batch it ran in (its request_id is the line's custom_id)
 
     @property
     def refusal(self) -> bool:
@@ -68,7 +77,7 @@ _RECORD_FIELDS = (
 )  # fmt: skip
 # Written only when set, so spend records stay as they were; a reader that predates
 # them ignores them (decoding reads fields by name).
-_OPTIONAL_FIELDS = ("refused_budget", "refused_meter", "workload")
+_OPTIONAL_FIELDS = ("refused_budget", "refused_meter", "workload", "batch_id")
 
 
 def encode_record(r: SpendRecord, sidecar_id: str) -> list[str]:
@@ -254,4 +263,5 @@ def decode_record(fields: Mapping[str, str]) -> SpendRecord:
         refused_budget=fields.get("refused_budget", ""),
         refused_meter=fields.get("refused_meter", ""),
         workload=fields.get("workload", ""),
+        batch_id=fields.get("batch_id", ""),
     )

@@ -5,6 +5,9 @@ from what each backend's translator declares (`Translator.capabilities`). Withou
 it such a request went to every backend in turn, each skipped it as unsupported,
 and the client got a 502 `all_backends_failed`, which SDKs retry: three requests
 for a call that can never succeed. A 400 says what to change.
+
+`n > 1` is served by a backend whose provider has `n` and, up to `MAX_FAN_OUT`
+choices, by one that fans out (one upstream call per choice, forwarder.py).
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from typing import Any
 
 from kubetoll_core.router_config import Backend
 
+from . import inbound
 from .errors import ApiError
 from .forwarder import capabilities_of
-from .providers.base import ALL_CAPABILITIES, Capability, Endpoint
+from .providers.base import ALL_CAPABILITIES, MAX_FAN_OUT, Capability, Endpoint, requested_choices, upstream_calls
 
 # How the error names each capability, and the request field a client changes to do without it.
 _NAMES: dict[Capability, tuple[str, str | None]] = {
@@ -34,14 +38,16 @@ _ENDPOINT_CAPABILITY = {
     Endpoint.chat: Capability.chat,
     Endpoint.completions: Capability.completions,
     Endpoint.embeddings: Capability.embeddings,
+    # An inbound API is served natively by its own provider's backends and through chat by any other.
+    Endpoint.responses: Capability.chat,
+    Endpoint.messages: Capability.chat,
 }
 
 
 def required(endpoint: str, body: dict[str, Any]) -> list[Capability]:
     """The capabilities this request needs, the endpoint's first."""
     need = [_ENDPOINT_CAPABILITY[Endpoint(endpoint)]]
-    n = body.get("n")
-    if isinstance(n, int) and not isinstance(n, bool) and n > 1:
+    if requested_choices(body) > 1:
         need.append(Capability.multiple_choices)
     if body.get("functions") is not None or body.get("function_call") is not None or _has_function_role(body):
         need.append(Capability.legacy_functions)
@@ -53,10 +59,17 @@ def required(endpoint: str, body: dict[str, Any]) -> list[Capability]:
 
 def check_route(endpoint: str, body: dict[str, Any], route: str, backends: Sequence[Backend]) -> None:
     """Raises the 400 when no backend of `backends` (the rule's chain) has every capability the request needs."""
+    adapter = inbound.adapter_for(endpoint)
+    if adapter is not None:  # what chat cannot carry (server-side state, built-in tools) needs a native backend
+        adapter.check_route(body, route, backends)
     caps = [(b, capabilities_of(b.provider)) for b in backends]
     if not caps or any(c >= ALL_CAPABILITIES for _, c in caps):
         return  # the common case: a pass-through backend serves anything, nothing to inspect
     need = required(endpoint, body)
+    n = requested_choices(body)
+    if n > 1:
+        # A backend without `n` that fans out serves up to MAX_FAN_OUT choices as well as one that has it.
+        caps = [(b, c | {Capability.multiple_choices} if upstream_calls(c, n) else c) for b, c in caps]
     if any(c.issuperset(need) for _, c in caps):
         return
     # Name what is missing everywhere if there is such a thing (the usual case), else per backend.
@@ -65,6 +78,11 @@ def check_route(endpoint: str, body: dict[str, Any], route: str, backends: Seque
     if missing_everywhere:
         cap = missing_everywhere[0]
         what, param = _NAMES[cap]
+        if cap is Capability.multiple_choices and any(Capability.fan_out_choices in c for _, c in caps):
+            what = (
+                f"{n} choices (n > {MAX_FAN_OUT}: backends without `n` make one upstream call per choice, "
+                f"at most {MAX_FAN_OUT})"
+            )
         message = f"route `{route}` cannot serve {what}: none of its backends supports it ({listed})"
     else:
         per_backend = "; ".join(

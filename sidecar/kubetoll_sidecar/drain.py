@@ -44,8 +44,8 @@ from dataclasses import dataclass
 
 from aiohttp import hdrs, web
 
+from . import inbound
 from .errors import ApiError
-from .sse import encode_event
 
 CLOSE_RESERVE_MAX_SECONDS = 2.0  # the Redis store's close bound: return leases, write buffered spend
 CUT_GRACE_MAX_SECONDS = 0.5  # a cut request writes one event and settles in memory
@@ -88,20 +88,17 @@ def draining_error() -> ApiError:
     )
 
 
-def draining_response() -> web.Response:
-    resp = draining_error().response()
+def draining_response(path: str = "") -> web.Response:
+    """The 503 for a request that arrives while draining, in the format of the API its path belongs to."""
+    resp = inbound.error_response(inbound.endpoint_for_path(path), draining_error())
     resp.force_close()  # aiohttp closes the connection after it (the header alone would not)
     return resp
 
 
-# What a stream cut at the drain deadline ends with: the error shape the SDKs raise mid-stream.
-DRAINING_EVENT = encode_event(
-    ApiError(
-        503,
-        "the kubetoll sidecar is shutting down: this stream was cut at its drain deadline (server.drainSeconds)",
-        "service_unavailable",
-        "draining",
-    ).body()
+# What a stream cut at the drain deadline ends with: the error shape the SDKs raise mid-stream
+# (an inbound API's stream gets the same message in its own error event: stream_relay.py).
+DRAIN_CUT_MESSAGE = (
+    "the kubetoll sidecar is shutting down: this stream was cut at its drain deadline (server.drainSeconds)"
 )
 
 
@@ -159,7 +156,7 @@ class Drain:
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if self.active:
             self.refused += 1
-            return draining_response()
+            return draining_response(request.path)
         task = asyncio.current_task()
         assert task is not None
         entry = _InFlight(request.transport)
@@ -172,7 +169,7 @@ class Drain:
                 raise  # not ours to answer, or part of the answer is out: aiohttp closes the connection
             entry.resumed = True
             task.uncancel()
-            return draining_response()
+            return draining_response(request.path)
         finally:
             _current.reset(token)
             del self._running[task]

@@ -40,11 +40,15 @@ class ApiError(Exception):
     def response(self, extra_headers: dict[str, str] | None = None) -> web.Response:
         headers = {**self.headers, **(extra_headers or {})}
         if self.retry_after is not None:
-            # Whole seconds, rounded up: a client that waits exactly this long must succeed.
-            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
+            headers["Retry-After"] = retry_after_header(self.retry_after)
         return web.Response(
             status=self.status, body=orjson.dumps(self.body()), content_type="application/json", headers=headers
         )
+
+
+def retry_after_header(seconds: float) -> str:
+    """Whole seconds, rounded up: a client that waits exactly this long must succeed."""
+    return str(max(1, math.ceil(seconds)))
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:

@@ -16,7 +16,9 @@ Stages, in order (docs/architecture.md, "The request pipeline"):
 
 Each stage is a function or object of its own module; this module only strings
 them together, passing one `RequestContext` along, and turns their exceptions
-into OpenAI errors.
+into OpenAI errors (or, for an inbound API such as the Responses or Messages
+API, into that API's errors: inbound/, which also says how each backend gets
+such a request, natively or through chat).
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ import orjson
 from aiohttp import web
 
 from kubetoll_core.periods import Clock
-from kubetoll_core.spend_record import REFUSAL_OUTCOME, SpendRecord
+from kubetoll_core.spend_record import FAN_OUT_ABANDONED_OUTCOME, REFUSAL_OUTCOME, SpendRecord
 
-from . import capabilities, drain, tokens
+from . import capabilities, drain, inbound, tokens
 from .budgets.admission import (
     Admitted,
     MeterSet,
@@ -51,11 +53,20 @@ from .budgets.store import BudgetStore, Hold, Meter, Reservation, StoreUnavailab
 from .cache.stage import CacheLookup, CacheStage
 from .context import RequestContext
 from .errors import ApiError, not_found_model
-from .forwarder import AllBackendsFailed, Forwarded, Forwarder, UpstreamRejected
+from .forwarder import (
+    AllBackendsFailed,
+    Forwarded,
+    Forwarder,
+    Spend,
+    UpstreamRejected,
+    capabilities_of,
+    total_usage,
+)
 from .header_values import usable_request_id
+from .inbound.responses import StoredResponses
 from .ledger import Ledger
 from .metrics import Metrics
-from .providers.base import Endpoint, Usage
+from .providers.base import Endpoint, Usage, upstream_calls
 from .request_parsing import ParsedRequest, parse_request
 from .routing import CompiledRoute, RouteContext
 from .state import DEFAULT_OUTPUT_RESERVATION, RouterState
@@ -98,6 +109,8 @@ class Pipeline:
         self.workload = workload
         self.relay = StreamRelay(metrics, cache, self._settle_stream)
         self.refusals = RefusalSampler()  # which refusals get a ledger record
+        # Responses API ids an OpenAI backend stored, with that backend: GET/DELETE /v1/responses/{id} go there.
+        self.stored_responses = StoredResponses()
         # A plain counter, read by the gauge at scrape time (a locked gauge update
         # twice a request cost 1-2% of the CPU).
         self.in_flight = 0
@@ -119,7 +132,8 @@ class Pipeline:
             return await self._run(ctx)
         except ApiError as exc:
             ctx.status, ctx.outcome = exc.status, ctx.outcome if ctx.outcome != "ok" else "error"
-            return exc.response({"x-request-id": ctx.request_id})
+            # In the error format of the API called (an inbound API's own: inbound/).
+            return inbound.error_response(ctx.endpoint, exc, {"x-request-id": ctx.request_id})
         except asyncio.CancelledError:
             if ctx.outcome == "ok":  # the client went away before we answered, or the drain deadline came
                 ctx.status, ctx.outcome = (503, "drain_cut") if drain.cut_by_drain() else (499, "client_disconnected")
@@ -133,12 +147,13 @@ class Pipeline:
             # never the request, which holds the prompt and, from the app, its headers).
             ctx.status, ctx.outcome = 500, "internal_error"
             log.error("internal error on %s (request %s)", ctx.endpoint, ctx.request_id, exc_info=True)
-            return ApiError(
+            err = ApiError(
                 500,
                 f"internal error in the kubetoll sidecar (request {ctx.request_id}; see its log)",
                 "server_error",
                 "internal_error",
-            ).response({"x-request-id": ctx.request_id})
+            )
+            return inbound.error_response(ctx.endpoint, err, {"x-request-id": ctx.request_id})
         finally:
             self.in_flight -= 1
             self._record(ctx)
@@ -161,7 +176,7 @@ class Pipeline:
                 headers={"Connection": "close"},
             ) from None
         # 2 identify
-        ident = state.tenants.identify(request.headers, req.body)
+        ident = state.tenants.identify(request.headers, req.chat_view)
         ctx.tenant, ctx.tier, ctx.tier_source = ident.tenant, ident.tier, ident.tier_source
         # 3 route (its rules may match on the estimate, so 4 comes first)
         route = state.router.get(req.model)
@@ -227,7 +242,7 @@ class Pipeline:
                 self.metrics.downgrades.labels(route.name, "at_percent").inc()
         chain_names = route.downgrade_chain if downgrade else rule.backends
         # 7 admit
-        holds = self._holds(meters, state, chain_names, ctx.prompt_tokens, output_tokens)
+        holds = self._holds(meters, state, chain_names, ctx.prompt_tokens, output_tokens, req.n)
         admitted = await self._admit(ctx, holds, now, can_downgrade)
         if admitted and admitted.downgrade and not downgrade:
             downgrade = True
@@ -238,30 +253,36 @@ class Pipeline:
         # 8 forward
         fwd = await self._forward(ctx, chain_names, now)
         ctx.backend, ctx.fallbacks, ctx.upstream_seconds = fwd.backend.config.name, fwd.fallbacks, fwd.upstream_seconds
+        self.stored_responses.remember(ctx.endpoint, fwd)
         if fwd.stream is not None:
             return await self.relay.respond(ctx, fwd, self._headers(ctx, None))
-        # 9 settle
-        usage = (
-            fwd.usage
-            if fwd.usage and fwd.usage.reported
-            else Usage(ctx.prompt_tokens, _count_body_output(fwd.body, fwd.backend.config.model), reported=False)
-        )
-        cost = fwd.backend.price.cost(usage)
+        # 9 settle (each upstream call's usage: n of them when the backend fanned `n` out)
+        usage, cost = total_usage(fwd.usages), fwd.cost(fwd.usages)
         ctx.usage, ctx.cost = usage, cost
-        await self._settle(ctx, ctx.reservation, usage, cost, self.clock.time(), record=self._spend_record(ctx))
+        await self._settle(
+            ctx,
+            ctx.reservation,
+            usage,
+            cost,
+            self.clock.time(),
+            record=self._spend_record(ctx),
+            abandoned=fwd.abandoned,
+        )
         # 10 record (the rest happens in _record)
         body = fwd.body or {}
         if ctx.cache is not None and ctx.cache.should_store and self.cache is not None:
             self.cache.store_soon(ctx.cache, body, usage, cost)
-        return web.Response(body=orjson.dumps(body), content_type="application/json", headers=self._headers(ctx, cost))
+        headers = self._headers(ctx, cost + sum(s.cost() for s in fwd.abandoned))
+        return web.Response(body=orjson.dumps(body), content_type="application/json", headers=headers)
 
     # ------------------------------------------------------------------ stages
 
     def _estimate_prompt(self, req: ParsedRequest, state: RouterState, route: CompiledRoute) -> int:
         first = route.all_backends[0]
         model = state.backends[first].config.model
-        if req.endpoint == Endpoint.chat:
-            return tokens.count_chat(req.messages, model, req.body.get("tools"))
+        if req.endpoint in (Endpoint.chat, Endpoint.responses, Endpoint.messages):
+            # An inbound API's request is counted as its chat equivalent (`messages` is from it).
+            return tokens.count_chat(req.messages, model, req.chat_view.get("tools"))
         if req.endpoint == Endpoint.completions:
             return tokens.count_prompt(req.body.get("prompt"), model)
         return tokens.count_embedding_input(req.body.get("input"), model)
@@ -306,13 +327,16 @@ class Pipeline:
                 raise ApiError(403, str(Suspended(b.name)), "permission_denied", "budget_suspended")
 
     def _holds(
-        self, meters: MeterSet, state: RouterState, chain: tuple[str, ...], prompt: int, output: int
+        self, meters: MeterSet, state: RouterState, chain: tuple[str, ...], prompt: int, output: int, n: int = 1
     ) -> list[Hold]:
         if not meters.tokens and not meters.usd:
             return []
-        est_tokens = float(prompt + output)
+        # `output` covers the n choices. A backend without `n` makes one call per choice, each
+        # billing the prompt again (and priced on its own: a tiered price depends on one call's prompt).
+        calls = {b: upstream_calls(capabilities_of(state.backends[b].config.provider), n) or 1 for b in chain}
+        est_tokens = float(max(prompt * calls[b] for b in chain) + output)
         # The chain's dearest backend: fallback must never run past what was reserved.
-        est_usd = max(state.backends[n].price.estimate(prompt, output) for n in chain)
+        est_usd = max(calls[b] * state.backends[b].price.estimate(prompt, output // calls[b]) for b in chain)
         return [Hold(m, est_tokens) for m in meters.tokens] + [Hold(m, est_usd) for m in meters.usd]
 
     async def _admit(
@@ -389,6 +413,8 @@ class Pipeline:
     async def _forward(self, ctx: RequestContext, chain_names: tuple[str, ...], now: float) -> Forwarded:
         req, route = ctx.req, ctx.route
         assert req is not None and route is not None
+        # Fan-out calls whose answers were not used: billed however forwarding ends.
+        abandoned: list[Spend] = []
         try:
             return await self.forwarder.forward(
                 ctx.state.chain(chain_names),
@@ -399,9 +425,11 @@ class Pipeline:
                 req.model,
                 req.include_usage,
                 on_fallback=lambda backend, reason: self.metrics.fallbacks.labels(route.name, backend, reason).inc(),
+                prompt_tokens=ctx.prompt_tokens,
+                abandoned=abandoned,
             )
         except AllBackendsFailed as exc:
-            await self._settle(ctx, ctx.reservation, None, 0.0, now)
+            await self._settle_failed(ctx, now, abandoned)
             ctx.outcome, ctx.fallbacks = "all_backends_failed", len(exc.attempts)
             raise ApiError(
                 exc.status(),
@@ -411,7 +439,7 @@ class Pipeline:
                 retry_after=exc.retry_after() or (1.0 if exc.status() == 503 else None),
             ) from None
         except UpstreamRejected as exc:
-            await self._settle(ctx, ctx.reservation, None, 0.0, now)
+            await self._settle_failed(ctx, now, abandoned)
             ctx.outcome, ctx.backend = "upstream_error", exc.attempts[-1].backend
             e = exc.error.openai_error or {}
             raise ApiError(
@@ -423,7 +451,7 @@ class Pipeline:
                 headers={"x-kubetoll-backend": exc.attempts[-1].backend},
             ) from None
         except BaseException:
-            await self._settle(ctx, ctx.reservation, None, 0.0, now)
+            await self._settle_failed(ctx, now, abandoned)
             raise
 
     # ------------------------------------------------------------------ settle (stage 9)
@@ -438,14 +466,21 @@ class Pipeline:
         *,
         record: SpendRecord | None = None,
         requests: float = 0.0,
+        abandoned: list[Spend] | None = None,
     ) -> None:
         """Settle what was spent, and append its ledger record in the same step.
 
         Shielded: a client that disconnects must not cancel the settlement of what it
         spent. Spend and record go in one coroutine with no suspension between them,
         so a shared store flushes both in the same batch (its totals and its ledger
-        never disagree, even if the process dies right after).
+        never disagree, even if the process dies right after). `abandoned` spend (fan-out
+        calls whose answers were not used) is settled with it, each with a record of its own.
         """
+        records = [record] if record is not None else []
+        if abandoned:
+            records.extend(self._abandoned_records(ctx, abandoned))
+            usage = total_usage([*([usage] if usage else []), *(s.usage for s in abandoned)])
+            cost += sum(s.cost() for s in abandoned)
         actual: dict[str, float] = {}
         if reservation is not None:
             if requests:
@@ -454,23 +489,71 @@ class Pipeline:
                 total = float(usage.total_tokens) if usage else 0.0
                 actual = {m.key: total for m in ctx.meters.tokens}
                 actual.update({m.key: cost for m in ctx.meters.usd})
-        await asyncio.shield(self._settle_and_record(reservation, actual, now, record))
+        await asyncio.shield(self._settle_and_record(reservation, actual, now, records))
 
     async def _settle_and_record(
-        self, reservation: Reservation | None, actual: dict[str, float], now: float, record: SpendRecord | None
+        self, reservation: Reservation | None, actual: dict[str, float], now: float, records: list[SpendRecord]
     ) -> None:
         if reservation is not None:
             await self.store.settle(reservation, actual, now)
-        if record is not None:
+        for record in records:
             self.ledger.append(record)
 
-    async def _settle_stream(self, ctx: RequestContext, fwd: Forwarded, usage: Usage) -> float:
-        """What `StreamRelay` calls once a stream ended (or was cut): settle, record, return the cost."""
+    async def _settle_failed(self, ctx: RequestContext, now: float, abandoned: list[Spend]) -> None:
+        """Forwarding failed: the reservation is released, less what abandoned fan-out calls spent."""
+        if abandoned:
+            await self._settle(ctx, ctx.reservation, None, 0.0, self.clock.time(), abandoned=abandoned)
+        else:
+            await self._settle(ctx, ctx.reservation, None, 0.0, now)
+
+    async def _settle_stream(self, ctx: RequestContext, fwd: Forwarded, usages: list[Usage]) -> float:
+        """What `StreamRelay` calls once a stream ended (or was cut), with each upstream call's usage:
+        settle, record, return what the request cost."""
         ctx.settled = True
-        cost = fwd.backend.price.cost(usage)
+        usage, cost = total_usage(usages), fwd.cost(usages)
         ctx.usage, ctx.cost = usage, cost
-        await self._settle(ctx, ctx.reservation, usage, cost, self.clock.time(), record=self._spend_record(ctx))
-        return cost
+        await self._settle(
+            ctx,
+            ctx.reservation,
+            usage,
+            cost,
+            self.clock.time(),
+            record=self._spend_record(ctx),
+            abandoned=fwd.abandoned,
+        )
+        return cost + sum(s.cost() for s in fwd.abandoned)
+
+    def _abandoned_records(self, ctx: RequestContext, abandoned: list[Spend]) -> list[SpendRecord]:
+        """One spend record (and the cost and token metrics) per backend whose fan-out calls went unused."""
+        out = []
+        route = ctx.route_name or "-"
+        for s in abandoned:
+            backend, usage, cost = s.backend.config.name, s.usage, s.cost()
+            m = self.metrics
+            m.child(m.tokens, route, backend, "input").inc(usage.prompt_tokens)
+            m.child(m.tokens, route, backend, "output").inc(usage.completion_tokens)
+            if usage.cached_tokens:
+                m.child(m.tokens, route, backend, "cached_input").inc(usage.cached_tokens)
+            m.child(m.cost, route, backend, ctx.tier, self.workload).inc(cost)
+            out.append(
+                SpendRecord(
+                    time=self.clock.time(),
+                    namespace=ctx.state.config.namespace,
+                    route=route,
+                    backend=backend,
+                    tenant=ctx.tenant,
+                    tier=ctx.tier,
+                    prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens,
+                    cached_tokens=usage.cached_tokens,
+                    cost_usd=cost,
+                    downgraded=ctx.downgraded,
+                    outcome=FAN_OUT_ABANDONED_OUTCOME,
+                    request_id=ctx.request_id,
+                    workload=self.workload,
+                )
+            )
+        return out
 
     def _spend_record(self, ctx: RequestContext) -> SpendRecord | None:
         u = ctx.usage
@@ -622,20 +705,3 @@ class Pipeline:
                     }
                 ).decode()
             )
-
-
-def _count_body_output(body: dict[str, Any] | None, model: str) -> int:
-    """Output tokens of a response whose server reported no usage."""
-    if not body:
-        return 0
-    parts = []
-    for c in body.get("choices") or ():
-        msg = c.get("message") or {}
-        if isinstance(msg.get("content"), str):
-            parts.append(msg["content"])
-        for tc in msg.get("tool_calls") or ():
-            fn = tc.get("function") or {}
-            parts.append((fn.get("name") or "") + (fn.get("arguments") or ""))
-        if isinstance(c.get("text"), str):
-            parts.append(c["text"])
-    return tokens.count_text("".join(parts), model) if parts else 0

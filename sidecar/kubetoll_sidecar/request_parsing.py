@@ -1,4 +1,4 @@
-"""Pipeline stage 1: parse and validate an OpenAI API request.
+"""Pipeline stage 1: parse and validate an OpenAI API request (or an inbound API's: inbound/).
 
 Checks what the router needs and what OpenAI itself would refuse with a 400
 (missing model or messages, wrong types), and leaves every other field to the
@@ -22,6 +22,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError
 
+from . import inbound
 from .errors import ApiError, bad_request
 from .header_values import MAX_REQUEST_ID_LEN, REQUEST_ID_HEADER, text_header
 from .json_depth import MAX_JSON_DEPTH, nests_deeper_than
@@ -46,10 +47,20 @@ class ParsedRequest:
     max_tokens: int | None
     messages: list[dict[str, Any]]
     body_size: int = 0  # bytes of the JSON body as received
+    # An inbound API's request (inbound/): its chat equivalent, which `messages` is from. None for OpenAI's APIs.
+    chat: dict[str, Any] | None = None
+    max_tokens_field: str | None = None  # where an inbound API keeps its output cap
+
+    @property
+    def chat_view(self) -> dict[str, Any]:
+        """The request as chat: what the estimate (tools), the route rules and tenancy (`user`) read."""
+        return self.chat if self.chat is not None else self.body
 
     def set_max_tokens(self, value: int) -> None:
         self.max_tokens = value
-        key = "max_completion_tokens" if "max_completion_tokens" in self.body else "max_tokens"
+        key = self.max_tokens_field or (
+            "max_completion_tokens" if "max_completion_tokens" in self.body else "max_tokens"
+        )
         self.upstream_body = {**self.upstream_body, key: value}
 
 
@@ -67,16 +78,18 @@ def _too_large(request: web.Request, limit: int) -> ApiError | None:
 async def expect_continue(request: web.Request, limit: int) -> web.StreamResponse | None:
     """aiohttp's `Expect` handler with the size check first: a body over the limit gets its
     413 instead of `100 Continue` (the client never sends it), and the connection closes."""
+    api = inbound.endpoint_for_path(request.path)  # an inbound API's errors are in its own format
     too_large = _too_large(request, limit)
     if too_large is not None:
-        resp = too_large.response()
+        resp = inbound.error_response(api, too_large)
         resp.force_close()  # the unsent body must not be waited for
         return resp
     expect = request.headers.get("expect", "")
     if request.version >= (1, 1) and expect.lower() != "100-continue":
-        return ApiError(
+        unsupported = ApiError(
             417, f"unsupported Expect: {expect!r} (only 100-continue)", "invalid_request_error", "expectation_failed"
-        ).response()
+        )
+        return inbound.error_response(api, unsupported)
     if request.version >= (1, 1):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # as aiohttp's own handler: the answer has not started
@@ -128,6 +141,14 @@ def _int_field(body: dict[str, Any], name: str, minimum: int) -> int | None:
 
 
 async def parse_request(request: web.Request, endpoint: str, limit: int) -> ParsedRequest:
+    body, size = await read_json(request, limit)
+    parsed = validate_body(body, endpoint)
+    parsed.body_size = size
+    return parsed
+
+
+async def read_json(request: web.Request, limit: int) -> tuple[Any, int]:
+    """The request's JSON body and its size in bytes, with the checks every JSON endpoint makes."""
     text_header(request.headers, REQUEST_ID_HEADER, MAX_REQUEST_ID_LEN)  # echoed and recorded: text only
     raw = await read_body(request, limit)
     ctype = request.headers.get("content-type", "application/json")
@@ -139,9 +160,7 @@ async def parse_request(request: web.Request, endpoint: str, limit: int) -> Pars
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
     if nests_deeper_than(raw, MAX_JSON_DEPTH):
         raise bad_request(f"the request body nests JSON more than {MAX_JSON_DEPTH} levels deep", code="json_too_deep")
-    parsed = validate_body(body, endpoint)
-    parsed.body_size = len(raw)
-    return parsed
+    return body, len(raw)
 
 
 def validate_body(body: Any, endpoint: str) -> ParsedRequest:
@@ -163,6 +182,22 @@ def validate_body(body: Any, endpoint: str) -> ParsedRequest:
     if opts and not stream:
         raise bad_request("`stream_options` is only allowed when `stream` is true", param="stream_options")
     include_usage = bool(opts and opts.get("include_usage"))
+    adapter = inbound.adapter_for(endpoint)
+    if adapter is not None:  # an inbound API: its own checks, and its chat equivalent for the stages that read one
+        got = adapter.parse(body)
+        return ParsedRequest(
+            endpoint,
+            body,
+            body,
+            model,
+            stream,
+            False,
+            1,
+            got.max_tokens,
+            got.chat["messages"],
+            chat=got.chat,
+            max_tokens_field=adapter.max_tokens_field,
+        )
     n = _int_field(body, "n", 1) or 1
     max_tokens = _int_field(body, "max_completion_tokens", 1)
     if max_tokens is None:

@@ -26,6 +26,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from kubetoll_core.periods import Clock, SystemClock
 from kubetoll_core.router_config import RouterConfig, ServerSettings
 
+from . import inbound
+from .batch_registry import FileRegistry, RedisRegistry
+from .batches import BatchManager, owner_id
 from .budgets.memory import InMemoryBudgetStore
 from .budgets.store import BudgetStore
 from .cache.embeddings import embedder_for_backend
@@ -37,11 +40,13 @@ from .drain import CLOSE_RESERVE_MAX_SECONDS, Drain, DrainBudget
 from .errors import ApiError
 from .forwarder import Forwarder
 from .http_server import BoundedTCPSite, app_runner
+from .inbound.messages import count_tokens
+from .inbound.responses import forward_stored
 from .ledger import InMemoryLedger, Ledger
 from .metrics import Metrics
 from .pipeline import Pipeline
 from .providers.base import Endpoint
-from .request_parsing import expect_continue
+from .request_parsing import expect_continue, read_json
 from .routing import read_pod_labels
 from .state import RouterState, SessionPool, build_state
 from .workload import WorkloadIdentity
@@ -87,12 +92,17 @@ class Sidecar:
         self._watch_interval = watch_interval
         self._watcher: ConfigWatcher | None = None
         self.pipeline: Pipeline | None = None
+        self.batches: BatchManager | None = None  # /v1/files and /v1/batches (batches.py)
         self.started_at = time.time()
 
     @property
     def config(self) -> RouterConfig:
         assert self.state is not None
         return self.state.config
+
+    def _serving_state(self) -> RouterState:
+        assert self.state is not None
+        return self.state
 
     @property
     def draining(self) -> bool:
@@ -103,6 +113,7 @@ class Sidecar:
         self.state = self._build(self._loaded)
         cfg = self.state.config
         redis_cache_client = None
+        redis_client = None
         if cfg.budget_store.url and not self._store_given:
             from kubetoll_core.redis_connect import RedisCredentials, connect_redis
 
@@ -110,7 +121,7 @@ class Sidecar:
             from .ledger_redis import RedisLedger
 
             creds = RedisCredentials.for_store(cfg.budget_store, cfg.server.credentials_dir)
-            client = connect_redis(cfg.budget_store, creds)
+            client = redis_client = connect_redis(cfg.budget_store, creds)
             self._redis_clients.append(client)
             store = RedisBudgetStore(
                 client,
@@ -141,6 +152,24 @@ class Sidecar:
             self.cache,
             workload=self.identity.workload,
         )
+        # Pending batches are kept where the budgets are: in Redis, else on the pod's disk.
+        owner = owner_id(self.identity.pod or os.uname().nodename)
+        self.batches = BatchManager(
+            self._serving_state,
+            self.store,
+            self.ledger,
+            self.metrics,
+            self.clock,
+            self.credentials,
+            RedisRegistry(redis_client, cfg.namespace, owner)
+            if redis_client is not None
+            else FileRegistry.open(cfg.server.state_dir),
+            self.pipeline._estimate_prompt,
+            self.pipeline._output_reservation,
+            workload=self.identity.workload,
+            monotonic=self.monotonic,
+        )
+        await self.batches.start()
         ident = self.identity
         # Outside a pod no namespace comes from the environment; the config's is the same one in a pod.
         self.metrics.publish_identity(
@@ -260,6 +289,8 @@ class Sidecar:
         end = loop.time() + timeout
         if self._watcher:
             await self._watcher.stop()
+        if self.batches is not None:
+            await self.batches.close()  # pending batches stay persisted for the next process
         await self.store.close(timeout=max(end - loop.time(), 0.0))  # leases back, buffered spend written
         await self.ledger.close()
         if self.cache is not None:
@@ -287,6 +318,14 @@ class Sidecar:
         app.router.add_post("/v1/embeddings", self._embeddings, expect_handler=self._expect)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model:.+}", self._model)
+        # Inbound APIs (inbound/): OpenAI's Responses API and Anthropic's Messages API, on the same pipeline.
+        app.router.add_post("/v1/responses", self._responses, expect_handler=self._expect)
+        app.router.add_get("/v1/responses/{response_id}", self._stored_response)
+        app.router.add_delete("/v1/responses/{response_id}", self._stored_response)
+        app.router.add_post("/v1/messages", self._messages, expect_handler=self._expect)
+        app.router.add_post("/v1/messages/count_tokens", self._count_tokens, expect_handler=self._expect)
+        if self.batches is not None:
+            self.batches.add_routes(app.router)  # /v1/files, /v1/batches
         # Spend records of this sidecar, for `kubetoll report`. On the API port (127.0.0.1
         # only), not the metrics port: per-tenant spend must not be readable from the pod network.
         app.router.add_get("/kubetoll/v1/spend", self._spend)
@@ -301,30 +340,39 @@ class Sidecar:
 
     @web.middleware
     async def _error_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        # In the error format of the API the path belongs to (Anthropic's under /v1/messages: inbound/).
+        api = inbound.endpoint_for_path(request.path)
         try:
             return await handler(request)
         except ApiError as exc:
-            return exc.response()
+            return inbound.error_response(api, exc)
         except web.HTTPNotFound:
-            return ApiError(
-                404,
-                f"unknown path {request.path}; this router serves the OpenAI API under /v1",
-                "invalid_request_error",
-                "unknown_url",
-            ).response()
+            return inbound.error_response(
+                api,
+                ApiError(
+                    404,
+                    f"unknown path {request.path}; this router serves the OpenAI API under /v1",
+                    "invalid_request_error",
+                    "unknown_url",
+                ),
+            )
         except web.HTTPMethodNotAllowed as exc:
-            return ApiError(
-                405,
-                f"{request.method} is not allowed on {request.path} "
-                f"(allowed: {', '.join(sorted(exc.allowed_methods))})",
-                "invalid_request_error",
-                "method_not_allowed",
-            ).response()
+            return inbound.error_response(
+                api,
+                ApiError(
+                    405,
+                    f"{request.method} is not allowed on {request.path} "
+                    f"(allowed: {', '.join(sorted(exc.allowed_methods))})",
+                    "invalid_request_error",
+                    "method_not_allowed",
+                ),
+            )
         except Exception:
             log.exception("internal error on %s", request.path)
-            return ApiError(
-                500, "internal error in the kubetoll sidecar (see its log)", "server_error", "internal_error"
-            ).response()
+            return inbound.error_response(
+                api,
+                ApiError(500, "internal error in the kubetoll sidecar (see its log)", "server_error", "internal_error"),
+            )
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, Endpoint.chat)
@@ -334,6 +382,34 @@ class Sidecar:
 
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, Endpoint.embeddings)
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, Endpoint.responses)
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, Endpoint.messages)
+
+    async def _stored_response(self, request: web.Request) -> web.Response:
+        """GET/DELETE /v1/responses/{id}: on the backend that stored it. No spend, so not the pipeline."""
+        assert self.pipeline is not None and self.state is not None
+        return await forward_stored(request, self.state, self.pipeline.stored_responses, self.credentials)
+
+    async def _count_tokens(self, request: web.Request) -> web.Response:
+        """POST /v1/messages/count_tokens: the sidecar's estimate; no backend is called, nothing is spent."""
+        assert self.state is not None
+        server = self.state.config.server
+        try:
+            async with asyncio.timeout(server.body_timeout_seconds):
+                body, _ = await read_json(request, server.max_body_bytes)
+        except TimeoutError:
+            raise ApiError(
+                408,
+                f"the request body did not arrive within {server.body_timeout_seconds:g} s",
+                "invalid_request_error",
+                "request_timeout",
+                headers={"Connection": "close"},
+            ) from None
+        return web.json_response(count_tokens(body, self.state))
 
     async def _expect(self, request: web.Request) -> web.StreamResponse | None:
         return await expect_continue(request, self.config.server.max_body_bytes)

@@ -8,7 +8,7 @@ data joined by newlines, comments ignored).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -70,3 +70,18 @@ def encode_event(payload: dict[str, Any]) -> bytes:
 
 
 DONE = b"data: [DONE]\n\n"
+
+
+class StreamFraming(Protocol):
+    """How one stream's events go to the client: OpenAI chat's `data:` lines ending with `[DONE]`
+    (stream_relay.ChatFraming), or an inbound API's own named events (inbound/)."""
+
+    done: bytes  # what ends a complete stream (nothing for an API whose last event says so)
+
+    def encode(self, chunk: dict[str, Any] | bytes) -> bytes:
+        """One event: a dict, or bytes already holding its JSON."""
+        ...
+
+    def error_event(self, message: str, type: str, code: str) -> bytes:
+        """The event a stream cut short ends with, in the shape the API's SDKs raise."""
+        ...

@@ -1,7 +1,9 @@
 """Stage 8, streaming: relay the upstream's SSE stream to the client chunk by chunk, and bill it.
 
-The translator turns each upstream event into OpenAI chunks; they are written
-as they come (an assembler keeps a copy when the answer may be cached). A
+The translator turns each upstream event into OpenAI chunks (or, for an
+inbound API, that API's events); they are written as they come, in the API's
+framing (`ChatFraming`, or the inbound API's: named events, no `[DONE]`), and an
+assembler keeps a copy when the answer may be cached. A
 stream the upstream cuts short ends with an error event the SDKs raise, and so
 does one cut at the drain deadline (code `draining`, drain.py); a client that
 goes away is billed for what was sent. Every way the spend is settled exactly
@@ -19,17 +21,17 @@ from aiohttp import web
 
 from kubetoll_core.usage import Usage
 
-from . import drain, tokens
-from .cache.replay import StreamAssembler
+from . import drain, inbound
+from .cache.replay import Assembler, assembler_for
 from .cache.stage import CacheStage
 from .context import RequestContext
-from .forwarder import Forwarded, OpenStream
+from .forwarder import Forwarded
 from .metrics import Metrics
-from .providers.base import StreamTranslator
-from .sse import DONE, encode_event
+from .sse import DONE, StreamFraming, encode_event
 
-# Settles a finished (or cut) stream's usage, records it, and returns its cost.
-SettleStream = Callable[[RequestContext, Forwarded, Usage], Awaitable[float]]
+# Settles a finished (or cut) stream's usage, one per upstream call (n when `n` was fanned out),
+# records it, and returns its cost.
+SettleStream = Callable[[RequestContext, Forwarded, list[Usage]], Awaitable[float]]
 
 
 class StreamRelay:
@@ -44,29 +46,26 @@ class StreamRelay:
         assert st is not None and req is not None
         resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache", **headers})
         outcome = "ok"
+        framing = inbound.stream_framing(req.endpoint) or CHAT_FRAMING
         # The answer is assembled as it streams, to be cached if it ends cleanly.
-        assembler = StreamAssembler(req.endpoint) if ctx.cache is not None and ctx.cache.should_store else None
+        assembler = assembler_for(req.endpoint) if ctx.cache is not None and ctx.cache.should_store else None
         try:
             await resp.prepare(ctx.request)
             ctx.added_before_first_byte = time.perf_counter() - ctx.started - ctx.upstream_seconds
             self.metrics.ttft.labels(ctx.backend).observe(st.first_chunk_at - st.started)
-            await _write_chunks(resp, st.pending, assembler)
-            translator = st.translator
-            while not translator.done:
-                chunk = await st.response.content.readany()
-                if not chunk:
-                    for ev, data in st.decoder.flush():
-                        await _write_chunks(resp, translator.feed(ev, data), assembler)
+            await _write_chunks(resp, st.pending, assembler, framing)
+            while not st.done:
+                chunks = await st.next_chunks()
+                if chunks is None:  # the upstream ended its body
                     break
-                for ev, data in st.decoder.feed(chunk):
-                    await _write_chunks(resp, translator.feed(ev, data), assembler)
-                if translator.error() is not None:
+                await _write_chunks(resp, chunks, assembler, framing)
+                if st.error() is not None:
                     break
-            err = translator.error()
-            if err is not None or not translator.done:
+            err = st.error()
+            if err is not None or not st.done:
                 outcome = "cut_stream"
                 msg = err.message if err else "the upstream stream ended early"
-                await resp.write(_cut_event(f"{ctx.backend}: {msg}"))
+                await resp.write(framing.error_event(f"{ctx.backend}: {msg}", "server_error", "upstream_stream_cut"))
         except (ConnectionResetError, asyncio.CancelledError) as exc:
             outcome = "client_disconnected"
             if isinstance(exc, asyncio.CancelledError):
@@ -78,13 +77,14 @@ class StreamRelay:
                 outcome = "drain_cut"
                 await self.finish(ctx, fwd, outcome)
                 try:
-                    await resp.write(drain.DRAINING_EVENT)
+                    await resp.write(framing.error_event(drain.DRAIN_CUT_MESSAGE, "service_unavailable", "draining"))
                 except (ConnectionResetError, RuntimeError):
                     outcome = "client_disconnected"
         except (TimeoutError, OSError, Exception) as exc:  # upstream read failed mid-stream
             outcome = "cut_stream"
             try:
-                await resp.write(_cut_event(f"{ctx.backend}: upstream stream failed: {type(exc).__name__}"))
+                message = f"{ctx.backend}: upstream stream failed: {type(exc).__name__}"
+                await resp.write(framing.error_event(message, "server_error", "upstream_stream_cut"))
             except (ConnectionResetError, RuntimeError):
                 outcome = "client_disconnected"
         cost = await self.finish(ctx, fwd, outcome)
@@ -96,7 +96,8 @@ class StreamRelay:
             try:
                 # An SSE comment: SDKs ignore it, curl users and tests see the final cost.
                 await resp.write(f": kubetoll cost_usd={cost:.9f} backend={ctx.backend}\n\n".encode())
-                await resp.write(DONE)
+                if framing.done:
+                    await resp.write(framing.done)
                 await resp.write_eof()
             except (ConnectionResetError, RuntimeError):
                 ctx.outcome = "client_disconnected"
@@ -108,36 +109,37 @@ class StreamRelay:
             return ctx.cost
         st = fwd.stream
         assert st is not None
-        st.response.close()
+        st.close()
         ctx.outcome = outcome
-        return await self.settle_stream(ctx, fwd, streamed_usage(st, fwd.backend.config.model, ctx.prompt_tokens))
+        # The provider's usage of each complete stream; else what was sent, counted (forwarder.stream_usage).
+        return await self.settle_stream(ctx, fwd, st.usages(fwd.backend.config.model, ctx.prompt_tokens))
 
 
-def streamed_usage(st: OpenStream, model: str, prompt_tokens: int) -> Usage:
-    """The provider's usage of a complete stream; else what was sent, counted."""
-    translator: StreamTranslator = st.translator
-    usage = translator.usage
-    if usage is not None and translator.done:
-        return usage
-    # No usage from the provider, or a stream cut short: bill for what was sent.
-    counted = tokens.count_text("".join(translator.text), model) if translator.text else 0
-    prompt = usage.prompt_tokens if usage and usage.prompt_tokens else prompt_tokens
-    cached = usage.cached_tokens if usage else 0
-    return Usage(prompt, max(counted, usage.completion_tokens if usage else 0), cached, reported=False)
+class ChatFraming:
+    """OpenAI's chat (and legacy) completions streams: `data:` lines, `[DONE]`, errors as `{"error": ...}`."""
+
+    __slots__ = ()
+
+    done = DONE
+
+    def encode(self, chunk: dict[str, Any] | bytes) -> bytes:
+        return b"data: " + chunk + b"\n\n" if isinstance(chunk, bytes) else encode_event(chunk)
+
+    def error_event(self, message: str, type: str, code: str) -> bytes:
+        return encode_event({"error": {"message": message, "type": type, "param": None, "code": code}})
 
 
-def _cut_event(message: str) -> bytes:
-    return encode_event(
-        {"error": {"message": message, "type": "server_error", "param": None, "code": "upstream_stream_cut"}}
-    )
+CHAT_FRAMING: StreamFraming = ChatFraming()
 
 
-async def _write_chunks(resp: web.StreamResponse, chunks: list[Any], assembler: StreamAssembler | None = None) -> None:
+async def _write_chunks(
+    resp: web.StreamResponse, chunks: list[Any], assembler: Assembler | None, framing: StreamFraming
+) -> None:
     if not chunks:
         return
     parts = []
     for c in chunks:
         if assembler is not None:
             assembler.feed(c)
-        parts.append(b"data: " + c + b"\n\n" if isinstance(c, bytes) else encode_event(c))
+        parts.append(framing.encode(c))
     await resp.write(b"".join(parts))

@@ -9,6 +9,9 @@ One aiohttp server answers the wire formats of three providers, so the sidecar
   completions,embeddings}?api-version=...` (`api-key` header).
 * Anthropic: `POST /v1/messages`, `POST /v1/messages/count_tokens`
   (`GET /v1/models` answers in Anthropic's shape when `anthropic-version` is sent).
+* OpenAI's (and Azure's) Files and Batch APIs: `simulator_batches` (`SimulatedUpstream.batches`).
+* OpenAI's Responses API (`POST /v1/responses`, `GET`/`DELETE /v1/responses/{id}`):
+  `simulator_responses` (`SimulatedUpstream.responses`).
 
 What it simulates: request validation and error bodies in each provider's own
 format; authentication (OpenAI `Authorization: Bearer`, Azure `api-key`,
@@ -60,6 +63,9 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+from .simulator_batches import SimulatedBatches
+from .simulator_responses import SimulatedResponses
 
 __all__ = [
     "Fault",
@@ -124,6 +130,7 @@ class SimSettings:
     cached_prompt_tokens: int = 0  # reported as cached (OpenAI) / cache_read (Anthropic)
     context_window: int | None = None  # None: 128000 on OpenAI/Azure paths, 200000 on Anthropic
     max_recorded_requests: int = 10_000  # 0 disables recording; oldest half dropped when full
+    batch_seconds: float | None = 1.0  # a batch completes this long after it was created; None: when told to
 
 
 FAULT_KINDS = (
@@ -898,6 +905,8 @@ class SimulatedUpstream:
         self._started = time.monotonic()
         self._window = (0, 0)  # (minute, requests in it)
         self._runner: web.AppRunner | None = None
+        self.batches = SimulatedBatches(self)  # the Files and Batch APIs (simulator_batches)
+        self.responses = SimulatedResponses(self)  # the Responses API (simulator_responses)
         self.app = self._build_app()
 
     # ----- lifecycle
@@ -956,7 +965,24 @@ class SimulatedUpstream:
         ]
         for method, path, provider, handler in routes:
             app.router.add_route(method, path, functools.partial(self._entry, provider, handler))
+        self.batches.add_routes(app)
+        self.responses.add_routes(app)
         return app
+
+    async def answer(self, provider: str, endpoint: str, body: dict[str, Any], request: web.Request) -> tuple[int, Any]:
+        """One request to `endpoint` ("/chat/completions", "/completions", "/embeddings") as it would be
+        answered, without faults or latency: (status, JSON body). What a batch runs for each of its lines."""
+        handlers: dict[str, Handler] = {
+            "/chat/completions": self._chat,
+            "/completions": self._completions,
+            "/embeddings": self._embeddings,
+        }
+        handler = handlers.get(endpoint)
+        if handler is None:
+            return 404, openai_error_body(f"Unknown endpoint {endpoint}.", "invalid_request_error")
+        resp = await handler(_Ctx(request, provider, body, time.perf_counter()))
+        raw = resp.body if isinstance(resp, web.Response) else None
+        return resp.status, orjson.loads(raw) if isinstance(raw, bytes) else None
 
     # ----- the common path of every request
 
@@ -1651,7 +1677,9 @@ def describe_paths() -> str:
     return (
         "OpenAI /v1/chat/completions /v1/completions /v1/embeddings /v1/models; "
         "Azure /openai/deployments/{deployment}/(chat/completions|completions|embeddings)?api-version=...; "
-        "Anthropic /v1/messages /v1/messages/count_tokens"
+        "Anthropic /v1/messages /v1/messages/count_tokens; "
+        "Files and Batches /v1/files /v1/batches (Azure /openai/files /openai/batches); "
+        "Responses /v1/responses"
     )
 
 

@@ -34,6 +34,8 @@ import orjson
 from kubetoll_core.enums import CacheScope
 from kubetoll_core.router_config import CachePolicy
 
+from .. import inbound
+
 # Bump when the stored entry format or the strict check changes: it is part of
 # every generation, so entries written by an older sidecar are never read.
 CACHE_FORMAT_VERSION = 1
@@ -139,9 +141,16 @@ def semantic_split(
     endpoint: str, route: str, scope: str, normalized: Mapping[str, Any], mode: str
 ) -> SemanticSplit | None:
     """None when the request has no question to embed (not chat, or the last turn is not user text)."""
-    if endpoint != "chat":
-        return None
-    messages = normalized.get("messages")
+    if endpoint == "chat":
+        messages: Any = normalized.get("messages")
+        turns_key = "messages"
+    else:
+        # An inbound API's turns, in chat's shape (Anthropic's messages are; a Responses API `input` is made so).
+        adapter = inbound.adapter_for(endpoint)
+        if adapter is None:
+            return None
+        messages = adapter.conversation(normalized)
+        turns_key = adapter.turns_field
     if not isinstance(messages, list) or not messages:
         return None
     last = messages[-1]
@@ -173,7 +182,7 @@ def semantic_split(
         context = messages[:-1]
     if not text.strip():
         return None
-    rest = {k: v for k, v in normalized.items() if k != "messages"}
+    rest = {k: v for k, v in normalized.items() if k != turns_key}
     part = {
         "endpoint": endpoint,
         "route": route,

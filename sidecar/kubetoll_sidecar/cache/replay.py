@@ -7,6 +7,10 @@ refusal, tool-call) chunks, a finish chunk per choice, the usage chunk when the
 client asked for it, and `[DONE]`, which the `openai` SDK parses like any
 stream. The usage reported is the original answer's (the tokens the answer
 represents; the `x-kubetoll-cost-usd` header says what it cost: nothing).
+
+An inbound API's answer (inbound/: the Responses and Messages APIs) is kept in
+that API's shape, and its adapter says when it is complete, gives a hit its new
+id, replays it as the API's event stream and assembles it from one.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from typing import Any
 
 import orjson
 
+from .. import inbound
+from ..inbound.base import Assembler
 from ..providers.base import Usage
 
 COMPLETE_FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "function_call"})
@@ -63,6 +69,9 @@ class Entry:
 
 def is_complete(endpoint: str, body: Any) -> bool:
     """A successful, whole answer: every choice finished for a reason worth repeating."""
+    adapter = inbound.adapter_for(endpoint)
+    if adapter is not None:
+        return adapter.is_complete(body)
     if not isinstance(body, dict) or "error" in body:
         return False
     choices = body.get("choices")
@@ -120,6 +129,9 @@ class CacheHit:
 
     def response_body(self) -> dict[str, Any]:
         """The original response with a new id and created time (a new object: safe to change)."""
+        adapter = inbound.adapter_for(self.entry.endpoint)
+        if adapter is not None:
+            return adapter.refreshed(self.entry.body, self.wall())
         body = dict(self.entry.body)
         body["id"], body["created"] = self._fresh_ids()
         if "usage" not in body:
@@ -173,6 +185,9 @@ class CacheHit:
 
     def sse_bytes(self, include_usage: bool) -> bytes:
         """The whole replay, `[DONE]` included, ready to write to a text/event-stream response."""
+        adapter = inbound.adapter_for(self.entry.endpoint)
+        if adapter is not None:
+            return adapter.replay(self.response_body())  # the API's own events (and no `[DONE]`)
         parts = [b"data: " + orjson.dumps(c) + b"\n\n" for c in self.sse_chunks(include_usage)]
         parts.append(_DONE)
         return b"".join(parts)
@@ -242,6 +257,12 @@ def _completion_choice_deltas(c: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- storing a stream
+
+
+def assembler_for(endpoint: str) -> Assembler:
+    """What puts a streamed answer of `endpoint` back together."""
+    adapter = inbound.adapter_for(endpoint)
+    return adapter.assembler() if adapter is not None else StreamAssembler(endpoint)
 
 
 class StreamAssembler:

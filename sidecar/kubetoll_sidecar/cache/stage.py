@@ -53,6 +53,7 @@ from prometheus_client import CollectorRegistry
 from kubetoll_core.router_config import CachePolicy, RouterConfig
 from kubetoll_core.spend_record import CACHE_EMBEDDING_OUTCOME, SpendRecord
 
+from .. import inbound
 from ..providers.base import Usage
 from . import keys
 from .embeddings import EmbedFn
@@ -71,7 +72,7 @@ if TYPE_CHECKING:  # numpy and the index load on first semantic use, not with th
 log = logging.getLogger("kubetoll.cache")
 
 CACHE_CONTROL_HEADER = "x-kubetoll-cache-control"
-CACHEABLE_ENDPOINTS = ("chat", "completions")
+CACHEABLE_ENDPOINTS = ("chat", "completions", "responses", "messages")
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +200,10 @@ def uncacheable_reason(policy: CachePolicy, endpoint: str, body: Mapping[str, An
         return "disabled"
     if endpoint not in CACHEABLE_ENDPOINTS:
         return "endpoint"
+    adapter = inbound.adapter_for(endpoint)
+    reason = adapter.uncacheable_reason(body) if adapter is not None else ""
+    if reason:
+        return reason  # e.g. a Responses API request on server-side state
     t = body.get("temperature")
     if t is None:
         t = 1.0  # OpenAI's default

@@ -3,9 +3,15 @@
 `AnthropicTranslator` turns an OpenAI chat request into a `POST /v1/messages`
 request and Anthropic's responses, SSE streams and errors back into OpenAI's
 shapes. It does no I/O. Only chat completions are served: legacy completions
-and embeddings raise `UnsupportedRequest`, as does `n > 1` (Anthropic returns
-one candidate). `capabilities` declares as much, so a route of Anthropic
-backends only answers such a request with a 400 before trying any of them.
+and embeddings raise `UnsupportedRequest`. `capabilities` declares as much, so a
+route of Anthropic backends only answers such a request with a 400 before
+trying any of them.
+
+Anthropic returns one candidate per call and has no `n`. The translator builds
+one-choice requests only (a body with `n > 1` raises `UnsupportedRequest`) and
+declares `fan_out_choices`: the forwarder serves `n > 1` (up to
+`base.MAX_FAN_OUT`) as n calls of the same translated request, merges the
+choices by index and sums the usage (forwarder.py, "Choices by fan-out").
 
 Request mapping
     * system and developer messages, wherever they sit in the conversation,
@@ -170,7 +176,7 @@ class AnthropicTranslator:
 
     __slots__ = ("_json_tool",)
 
-    capabilities = frozenset({Capability.chat})
+    capabilities = frozenset({Capability.chat, Capability.fan_out_choices})
 
     def __init__(self) -> None:
         self._json_tool: str | None = None
@@ -190,7 +196,8 @@ class AnthropicTranslator:
             raise UnsupportedRequest("anthropic backends serve chat completions only")
         n = body.get("n")
         if isinstance(n, int) and not isinstance(n, bool) and n > 1:
-            raise UnsupportedRequest("anthropic backends return one choice only (n must be 1)")
+            # The forwarder fans n > 1 out as n one-choice requests; one that reaches here asks for more.
+            raise UnsupportedRequest("anthropic backends return one choice per call (n must be 1)")
         if body.get("functions") is not None or body.get("function_call") is not None:
             raise UnsupportedRequest("anthropic backends do not serve the legacy functions API; use tools")
         modalities = body.get("modalities")

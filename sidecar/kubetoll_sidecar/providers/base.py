@@ -21,6 +21,7 @@ from kubetoll_core.usage import Usage
 
 __all__ = [
     "ALL_CAPABILITIES",
+    "MAX_FAN_OUT",
     "Capability",
     "Endpoint",
     "StreamTranslator",
@@ -29,6 +30,8 @@ __all__ = [
     "UpstreamError",
     "UpstreamRequest",
     "Usage",
+    "requested_choices",
+    "upstream_calls",
 ]
 
 
@@ -38,6 +41,9 @@ class Endpoint(StrEnum):
     chat = "chat"
     completions = "completions"
     embeddings = "embeddings"
+    # Inbound APIs (inbound/): served natively by their own provider's backends, through chat by the others.
+    responses = "responses"  # OpenAI's Responses API
+    messages = "messages"  # Anthropic's Messages API
 
 
 class Capability(StrEnum):
@@ -48,12 +54,36 @@ class Capability(StrEnum):
     chat = "chat"  # POST /v1/chat/completions
     completions = "completions"  # POST /v1/completions (legacy)
     embeddings = "embeddings"  # POST /v1/embeddings
-    multiple_choices = "multiple_choices"  # n > 1
+    multiple_choices = "multiple_choices"  # n > 1, in one upstream call (the provider has `n`)
+    # n > 1 as n upstream calls of one choice each, made by the forwarder (up to MAX_FAN_OUT): for
+    # providers without `n`. The translator itself still builds one-choice requests only.
+    fan_out_choices = "fan_out_choices"
     legacy_functions = "legacy_functions"  # `functions`, `function_call`, messages with the `function` role
     audio_output = "audio_output"  # `audio`, `modalities: ["audio"]`
 
 
 ALL_CAPABILITIES = frozenset(Capability)
+
+# The most choices served by fanning out (`Capability.fan_out_choices`). Each choice is a whole
+# upstream call that bills the prompt again and holds a connection of the backend's pool, so one
+# request may not turn into more than this many (OpenAI's own `n` goes to 128, in one call).
+MAX_FAN_OUT = 8
+
+
+def requested_choices(body: Mapping[str, Any]) -> int:
+    """The number of choices an OpenAI request asks for (`n`; 1 when absent)."""
+    n = body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
+
+
+def upstream_calls(capabilities: frozenset[Capability], n: int) -> int | None:
+    """How many upstream calls serve `n` choices on a backend with these capabilities: 1 when the
+    provider has `n` (or n is 1), n when the forwarder fans out, None when the backend cannot."""
+    if n <= 1 or Capability.multiple_choices in capabilities:
+        return 1
+    if Capability.fan_out_choices in capabilities and n <= MAX_FAN_OUT:
+        return n
+    return None
 
 
 @dataclass(slots=True)
@@ -77,8 +107,8 @@ class UpstreamError:
 
 
 class UnsupportedRequest(Exception):
-    """This provider cannot serve this request: the endpoint (embeddings on Anthropic) or a parameter (n > 1 on \
-Anthropic). The forwarder skips the backend and says why."""
+    """This provider cannot serve this request: the endpoint (embeddings on Anthropic) or a parameter (audio input \
+on Anthropic, more than MAX_FAN_OUT choices on a provider without `n`). The forwarder skips the backend and says why."""
 
 
 class StreamTranslator(Protocol):
