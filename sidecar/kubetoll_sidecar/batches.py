@@ -65,7 +65,7 @@ from .batch_registry import BatchRegistry, KnownObject, PendingBatch
 from .budgets.admission import NeverFits, NoDowngradeBackends, Rejected, reserve_with_policy, tightest
 from .budgets.store import BudgetStore, Hold, Meter, Reservation, StoreUnavailable, Suspended
 from .credentials import CredentialStore, MissingCredential
-from .errors import ApiError, bad_request
+from .errors import ApiError, bad_request, budget_suspended, store_unavailable
 from .forwarder import BackendRuntime, translator_class
 from .ledger import Ledger
 from .metrics import Metrics
@@ -524,15 +524,9 @@ class BatchManager:
                 retry_after=exc.exhausted.retry_after or 60.0,
             ) from None
         except StoreUnavailable as exc:
-            raise ApiError(
-                503,
-                f"budget store unavailable: {exc}",
-                "service_unavailable",
-                "budget_store_unavailable",
-                retry_after=1.0,
-            ) from None
+            raise store_unavailable(exc) from None
         except Suspended as exc:
-            raise ApiError(403, str(exc), "permission_denied", "budget_suspended") from None
+            raise budget_suspended(exc) from None
         return admitted.reservation
 
     # ------------------------------------------------------------------ pending batches and settlement

@@ -64,3 +64,15 @@ def not_found_model(model: str, known: list[str]) -> ApiError:
         "model_not_found",
         "model",
     )
+
+
+def store_unavailable(exc: Exception) -> ApiError:
+    """503 for a budget the shared store could not decide (failClosed, or the failOpen allowance used up)."""
+    return ApiError(
+        503, f"budget store unavailable: {exc}", "service_unavailable", "budget_store_unavailable", retry_after=1.0
+    )
+
+
+def budget_suspended(exc: Exception) -> ApiError:
+    """403 for a budget whose kill switch is on."""
+    return ApiError(403, str(exc), "permission_denied", "budget_suspended")

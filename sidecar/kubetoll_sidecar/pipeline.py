@@ -52,7 +52,7 @@ from .budgets.refusals import RefusalSampler
 from .budgets.store import BudgetStore, Hold, Meter, Reservation, StoreUnavailable, Suspended
 from .cache.stage import CacheLookup, CacheStage
 from .context import RequestContext
-from .errors import ApiError, not_found_model
+from .errors import ApiError, budget_suspended, not_found_model, store_unavailable
 from .forwarder import (
     AllBackendsFailed,
     Forwarded,
@@ -374,17 +374,11 @@ class Pipeline:
         except StoreUnavailable as exc:
             ctx.outcome, ctx.reason = "rejected", "store_unavailable"
             self.metrics.rejections.labels(route, "store_unavailable").inc()
-            raise ApiError(
-                503,
-                f"budget store unavailable: {exc}",
-                "service_unavailable",
-                "budget_store_unavailable",
-                retry_after=1.0,
-            ) from None
+            raise store_unavailable(exc) from None
         except Suspended as exc:
             ctx.outcome = "suspended"
             self.metrics.rejections.labels(route, "budget_suspended").inc()
-            raise ApiError(403, str(exc), "permission_denied", "budget_suspended") from None
+            raise budget_suspended(exc) from None
 
     def _note_refusal(self, ctx: RequestContext, meter: Meter, now: float) -> None:
         """A refusal record for the operator's status: which meter refused (a window only), sampled."""
