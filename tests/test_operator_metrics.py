@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import ssl
 import time
 from typing import Any
@@ -98,7 +99,17 @@ async def test_metrics_endpoint_serves_reconcile_and_compile_metrics(kubectl: Ku
         await kubectl.apply(doc)
 
     async def compiled() -> dict[Any, float]:
-        assert await kubectl.get("ConfigMap", "kubetoll-router") is not None
+        cm = await kubectl.get("ConfigMap", "kubetoll-router")
+        assert cm is not None
+        # The compile of every document is written (and with it the last good versions the
+        # route's typo below falls back on), not only an earlier one of part of them.
+        config = json.loads(cm["data"]["router.json"])
+        assert {r["name"] for r in config["routes"]} >= {
+            d["metadata"]["name"] for d in docs if d["kind"] == "ModelRoute"
+        }
+        assert {b["name"] for b in config["budgets"]} >= {
+            d["metadata"]["name"] for d in docs if d["kind"] == "TokenBudget"
+        }
         samples = await scrape(port)
         assert (value(samples, "kubetoll_operator_reconciles_total", kind="compile", result="ok") or 0) > ok_before
         stamp = value(samples, "kubetoll_operator_last_successful_compile_timestamp_seconds", namespace=NS)
@@ -120,7 +131,7 @@ async def test_metrics_endpoint_serves_reconcile_and_compile_metrics(kubectl: Ku
         samples = await scrape(port)
         errors = series(samples, "kubetoll_operator_compile_errors", namespace=NS)
         assert errors, "no compile error series"
-        assert {dict(k)["kind"] for k in errors} == {"ModelRoute"} and all(v >= 1 for v in errors.values())
+        assert {dict(k)["kind"] for k in errors} == {"ModelRoute"} and all(v >= 1 for v in errors.values()), errors
         # The last good route stays in force, so the compile still produced a config.
         assert (value(samples, "kubetoll_operator_reconciles_total", kind="compile", result="problems") or 0) >= 1
         return samples
