@@ -155,6 +155,7 @@ class BatchManager:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._poll_lock = asyncio.Lock()
         self.settled_total = 0  # batches settled by this process (tests and diagnostics)
 
     # ------------------------------------------------------------------ lifecycle
@@ -730,9 +731,18 @@ class BatchManager:
                 raise
             except Exception:  # a bug must not stop settling for good
                 log.exception("batch poll failed")
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Cancelled, but a library on the way swallowed the CancelledError (seen: a
+                # cancel arriving with a client's own timeout): stop all the same.
+                raise asyncio.CancelledError
 
     async def poll_once(self) -> None:
         """Say this owner is alive, take over what it should settle, and ask the backends about each batch."""
+        async with self._poll_lock:  # one at a time: a claim must see what the one before it took over
+            await self._poll_once()
+
+    async def _poll_once(self) -> None:
         try:
             await self.registry.heartbeat(self._alive_seconds())
             await self._claim()
