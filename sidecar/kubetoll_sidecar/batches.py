@@ -38,9 +38,9 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import astuple
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import aiohttp
 import orjson
@@ -64,6 +64,7 @@ from .batch_files import (
 from .batch_registry import BatchRegistry, KnownObject, PendingBatch
 from .budgets.admission import NeverFits, NoDowngradeBackends, Rejected, reserve_with_policy, tightest
 from .budgets.store import BudgetStore, Hold, Meter, Reservation, StoreUnavailable, Suspended
+from .budgets.suspensions import cancelling
 from .credentials import CredentialStore, MissingCredential
 from .errors import ApiError, bad_request, budget_suspended, store_unavailable
 from .forwarder import BackendRuntime, translator_class
@@ -81,11 +82,12 @@ TRANSFER_TIMEOUT_SECONDS = 600.0  # an upload or a file's content, at the least
 MAX_FIELD_BYTES = 64 * 1024  # a form field of an upload other than the file
 MIN_OWNER_ALIVE_SECONDS = 120.0  # an owner that has not polled for this long (or 3 polls) is gone
 WARN_EVERY_SECONDS = 600.0
-CLOSE_WAIT_SECONDS = 5.0  # how long `close` waits for the poller to stop
+CLOSE_WAIT_SECONDS = 5.0  # how long `close` waits, at most, for the poller and settlements to stop
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _FAMILY = (Provider.openai, Provider.azure_openai, Provider.openai_compatible)
 
 PromptEstimate = Callable[..., int]
+T = TypeVar("T")
 
 
 def price_to_json(p: ResolvedPrice) -> dict[str, Any]:
@@ -150,7 +152,7 @@ class BatchManager:
         self._held: dict[str, Reservation | None] = {}  # their reservations (None: none could be taken)
         self._unsaved: set[str] = set()  # pending batches the registry has not taken yet
         self._settling: set[str] = set()
-        self._committing: set[asyncio.Future[bool]] = set()  # settlements past their commit point
+        self._committing: set[asyncio.Future[Any]] = set()  # creates and settlements that must not stop half-way
         self._warned: dict[str, float] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -184,22 +186,26 @@ class BatchManager:
         if self.pending:
             self._wake.set()  # a batch that ended while no sidecar ran settles now, not a poll later
 
-    async def close(self) -> None:
-        """Stop polling, and let settlements past their commit point finish (before the store closes).
-
-        Pending batches stay in the registry for the next process; the store returns the leases.
+    async def close(self, timeout: float = CLOSE_WAIT_SECONDS) -> None:
+        """Stop polling, and let creates and settlements under way finish (before the store closes),
+        within about `timeout` seconds (the shutdown's share). Pending batches stay in the registry for
+        the next process; the store returns the leases.
         """
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
         self._closing = True
         if self._task is not None:
-            # The flag as well as the cancel: a client library that turns a cancel arriving with
-            # its own timeout into a TimeoutError would otherwise leave the poller running.
+            # The flag as well as the cancel: a library that swallows a CancelledError would
+            # otherwise leave the poller running (and this wait with it).
             self._task.cancel()
-            done, _ = await asyncio.wait({self._task}, timeout=CLOSE_WAIT_SECONDS)
+            done, _ = await asyncio.wait({self._task}, timeout=max(end - loop.time(), 0.0))
             if not done:
-                log.warning("the batch poller did not stop within %g s", CLOSE_WAIT_SECONDS)
+                log.warning("the batch poller did not stop within %g s", timeout)
             self._task = None
         if self._committing:
-            await asyncio.gather(*self._committing, return_exceptions=True)
+            _, left = await asyncio.wait(set(self._committing), timeout=max(end - loop.time(), 0.01))
+            if left:
+                log.warning("%d batch creates or settlements were still running at shutdown", len(left))
 
     def poke(self) -> None:
         """Poll now (tests; a reload)."""
@@ -293,16 +299,14 @@ class BatchManager:
                         fields[part.name] = buf.read().decode("utf-8", "replace")
                     finally:
                         buf.close()
-        except ApiError:
+        except BaseException as exc:  # the spooled file goes whatever stopped the upload (a timeout, a 413)
             if source is not None:
                 source.close()
+            if isinstance(exc, (ValueError, aiohttp.ClientError, web.HTTPException)):
+                raise bad_request(
+                    f"the multipart body is malformed ({type(exc).__name__})", code="malformed_body"
+                ) from None
             raise
-        except (ValueError, aiohttp.ClientError, web.HTTPException) as exc:
-            if source is not None:
-                source.close()
-            raise bad_request(
-                f"the multipart body is malformed ({type(exc).__name__})", code="malformed_body"
-            ) from None
         return fields, source, filename
 
     async def list_files(self, request: web.Request) -> web.StreamResponse:
@@ -400,17 +404,10 @@ class BatchManager:
         holds = [Hold(m, est_tokens if m.unit == "tokens" else usd) for m in windows]
         reservation = await self._reserve(route.name, holds, now) if holds else None
         upstream = {**body, "endpoint": upstream_line_url(rt.config.provider, summary.endpoint)}
-        try:
-            obj = await self._json_call(rt, "POST", "/batches", json_body=upstream)
-            batch_id = obj.get("id")
-            if not isinstance(batch_id, str) or not batch_id:
-                raise ApiError(502, f"backend {rt.config.name} answered a batch without an id", "server_error")
-        except BaseException:
-            if reservation is not None:
-                await asyncio.shield(self.store.settle(reservation, {}, self.clock.time()))
-            raise
-        entry = PendingBatch(
-            id=batch_id,
+        # Once the create is sent, it and its bookkeeping finish even if the client leaves: the
+        # batch would run upstream with its reservation released otherwise.
+        draft = PendingBatch(
+            id="",
             backend=rt.config.name,
             route=route.name,
             tenant=ident.tenant,
@@ -422,18 +419,10 @@ class BatchManager:
             tokens=est_tokens,
             price=price_to_json(price),
         )
-        self.pending[batch_id] = entry
-        self._held[batch_id] = reservation
-        self._unsaved.add(batch_id)  # until the registry has it (a poll meanwhile must not let go of it)
-        await self._remember(batch_id, KnownObject("batch", rt.config.name, now))
-        try:
-            await self.registry.add_pending(entry)
-            self._unsaved.discard(batch_id)
-        except Exception as exc:  # Redis away: held here, written by the next poll
-            log.warning("pending batch %s could not be persisted (%s); the poller tries again", batch_id, _why(exc))
+        obj = await asyncio.shield(self._to_the_end(self._open(rt, upstream, draft, reservation)))
         log.info(
             "batch %s created on backend %s: route %s, %d lines, $%.6f reserved at batch prices (%s)",
-            batch_id,
+            obj["id"],
             rt.config.name,
             route.name,
             summary.lines,
@@ -449,6 +438,31 @@ class BatchManager:
             )
         await self._observe(rt.config.name, obj)
         return _json(obj, rt.config.name, extra=headers)
+
+    async def _open(
+        self, rt: BackendRuntime, upstream: dict[str, Any], entry: PendingBatch, reservation: Reservation | None
+    ) -> dict[str, Any]:
+        """Create the batch upstream and hold it pending here; release the reservation if it was not created."""
+        try:
+            obj = await self._json_call(rt, "POST", "/batches", json_body=upstream)
+            batch_id = obj.get("id")
+            if not isinstance(batch_id, str) or not batch_id:
+                raise ApiError(502, f"backend {rt.config.name} answered a batch without an id", "server_error")
+        except BaseException:
+            if reservation is not None:
+                await self.store.settle(reservation, {}, self.clock.time())
+            raise
+        entry.id = batch_id
+        self.pending[batch_id] = entry
+        self._held[batch_id] = reservation
+        self._unsaved.add(batch_id)  # until the registry has it (a poll meanwhile must not let go of it)
+        await self._remember(batch_id, KnownObject("batch", rt.config.name, entry.created))
+        try:
+            await self.registry.add_pending(entry)
+            self._unsaved.discard(batch_id)
+        except Exception as exc:  # Redis away: held here, written by the next poll
+            log.warning("pending batch %s could not be persisted (%s); the poller tries again", batch_id, _why(exc))
+        return obj
 
     async def get_batch(self, request: web.Request) -> web.StreamResponse:
         batch_id = request.match_info["batch_id"]
@@ -483,7 +497,7 @@ class BatchManager:
                 )
         for bud in state.meters.budgets:
             if bud.covers(route) and (bud.name in state.suspended_budgets or self.store.is_suspended(bud.name)):
-                raise ApiError(403, str(Suspended(bud.name)), "permission_denied", "budget_suspended")
+                raise budget_suspended(Suspended(bud.name))
 
     @staticmethod
     def _windows(state: RouterState, route: str, tenant: str, tier: str, at: float) -> list[Meter]:
@@ -607,12 +621,18 @@ class BatchManager:
             lines, malformed = await self._read_output(rt, out_id)
         # From the commit point on, nothing may stop half-way (a client that leaves, the poller
         # stopped at shutdown): the rest runs as a task of its own, which `close` waits for.
-        task = asyncio.ensure_future(self._commit(batch_id, entry, lines, malformed, str(obj.get("status"))))
-        self._committing.add(task)
-        task.add_done_callback(self._committed)
-        return await asyncio.shield(task)
+        return await asyncio.shield(
+            self._to_the_end(self._commit(batch_id, entry, lines, malformed, str(obj.get("status"))))
+        )
 
-    def _committed(self, task: asyncio.Future[bool]) -> None:
+    def _to_the_end(self, work: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+        """Run `work` as a task of its own that its caller's cancellation does not stop; `close` waits for it."""
+        task = asyncio.ensure_future(work)
+        self._committing.add(task)
+        task.add_done_callback(self._finished)
+        return task
+
+    def _finished(self, task: asyncio.Future[Any]) -> None:
         self._committing.discard(task)
         if not task.cancelled():
             task.exception()  # retrieved: its caller reports it, or (gone) the next poll tries again
@@ -731,10 +751,7 @@ class BatchManager:
                 raise
             except Exception:  # a bug must not stop settling for good
                 log.exception("batch poll failed")
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # Cancelled, but a library on the way swallowed the CancelledError (seen: a
-                # cancel arriving with a client's own timeout): stop all the same.
+            if cancelling():  # cancelled, but a library on the way swallowed the CancelledError
                 raise asyncio.CancelledError
 
     async def poll_once(self) -> None:

@@ -290,7 +290,8 @@ class Sidecar:
         if self._watcher:
             await self._watcher.stop()
         if self.batches is not None:
-            await self.batches.close()  # pending batches stay persisted for the next process
+            # Pending batches stay persisted for the next process; a settlement under way finishes.
+            await self.batches.close(timeout=max(end - loop.time(), 0.0) / 4)
         await self.store.close(timeout=max(end - loop.time(), 0.0))  # leases back, buffered spend written
         await self.ledger.close()
         if self.cache is not None:
