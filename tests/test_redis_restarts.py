@@ -396,11 +396,13 @@ async def test_an_empty_redis_restart_does_not_lift_a_suspension(ns):
 
 
 class DelayProxy:
-    """A TCP proxy that holds every reply from Redis for `delay` seconds: a loaded node."""
+    """A TCP proxy that holds every reply from Redis for `delay` seconds: a loaded node.
+    While `refusing`, it closes every new connection: Redis is away for this client only."""
 
-    def __init__(self, upstream_port: int, delay: float) -> None:
+    def __init__(self, upstream_port: int, delay: float, refusing: bool = False) -> None:
         self.upstream_port = upstream_port
         self.delay = delay
+        self.refusing = refusing
         self.server: asyncio.Server | None = None
         self.port = 0
         self.tasks: list[asyncio.Task[None]] = []
@@ -411,6 +413,9 @@ class DelayProxy:
         return self
 
     async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.close()
+            return
         ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, replies: bool) -> None:
@@ -472,6 +477,53 @@ async def test_a_wait_that_runs_out_says_what_happened(redis_down, ns):
     finally:
         await store.close()
         await proxy.stop()
+
+
+# --------------------------------------------------------------------------- back from an outage
+
+
+async def test_the_first_sidecar_back_is_not_leased_what_the_others_spent_unheard(redis_down, ns):
+    """Two sidecars spend their failOpen allowances while Redis is away from them; the first
+    one back must not be leased the room the other already spent and has not reported yet
+    (the other retries on its own backoff), or the budget goes past its limit."""
+    redis_down.start()
+    warm = make(redis_down.url, ns, "warm")
+    ledger = RedisLedger(warm, None)
+    await warm.start()
+    assert await spend(warm, ledger, ns, 247, 0.4) == 247  # 98.8 of 100 USD
+    await warm.close()
+
+    gates = [await DelayProxy(redis_down.port, 0.0, refusing=True).start() for _ in range(2)]
+    settings = [
+        BudgetStoreSettings(url=f"redis://127.0.0.1:{g.port}/0", timeout_ms=50, expected_sidecars=2) for g in gates
+    ]
+    a, b = (make(s.url, ns, sid, settings=s) for s, sid in zip(settings, ("a", "b")))
+    try:
+        for st in (a, b):
+            await st.start()
+            assert not st.available
+            # 1% of the limit over the 2 sidecars the operator counted: 0.5 USD each, spent
+            assert await spend(st, RedisLedger(st, None), ns, 10, 0.05, start=1000 if st is a else 2000) == 10
+
+        gates[0].refusing = False  # Redis answers `a` again; `b` has not been heard from
+        await wait_until(lambda: a.available, timeout=10)
+        got = await spend(a, RedisLedger(a, None), ns, 40, 0.05, start=3000)
+        # Room left: 100 - 98.8 - a's 0.5 - what b may have spent (its 0.5) = 0.2 USD.
+        assert got * 0.05 <= 0.2 + 1e-9, f"the first one back got {got * 0.05:.2f} USD of room b had spent"
+
+        gates[1].refusing = False
+        await wait_until(lambda: b.available, timeout=10)
+        await b.close()
+        await a.close()
+        totals, _ = await totals_and_ledger(redis_down.url, ns)
+        assert totals <= int(LIMIT * 1e9), f"spent {totals / 1e9:.4f} of {LIMIT} USD"
+        async with Redis.from_url(redis_down.url, decode_responses=True) as r:
+            keys = [k async for k in r.scan_iter(f"*{OPEN.budget}*") if await r.type(k) == "hash"]
+            owes = [await r.hget(k, "owe") for k in keys]
+        assert "0" in owes  # b's own share came off what was kept back for it
+    finally:
+        for g in gates:
+            await g.stop()
 
 
 # --------------------------------------------------------------------------- causes

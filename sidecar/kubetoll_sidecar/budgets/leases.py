@@ -41,6 +41,9 @@ class Lease:
     unflushed: int = 0  # settled, not yet confirmed written (open batch and the batch in flight)
     extra: int = 0  # failOpen allowance spent that Redis does not know of yet
     allowance_used: int = 0
+    # Held through an outage and not yet told to Redis: the first call back says what this
+    # sidecar and the others may have spent of their failOpen allowances (the script's `owe`).
+    outage_unreported: bool = False
     # last reply
     g_total: int = 0  # window: spent; bucket: level outside every lease
     g_leased: int = 0

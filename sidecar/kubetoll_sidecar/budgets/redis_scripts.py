@@ -21,6 +21,9 @@ SYNC, in one atomic step, for one sidecar:
    `frac * unleased / holders` (more when a waiting request `need`s it and it is
    there), never below `floor` (what the sidecar has already promised to
    requests in flight), nothing above `floor` when the budget is suspended;
+   after an outage, what the sidecars not yet back may have spent of their
+   failOpen allowances (`owe`, from the first call back's `po`) is not leased
+   until each has called or `owe_ms` has passed;
 5. the batch's spend records appended to the ledger stream, and its quarantined
    records (ones the codec had to alter) to the quarantine stream (MINID trimming by age).
 
@@ -83,7 +86,7 @@ for i, m in ipairs(p.meters) do
   local h = KEYS[m.h]
   local x = KEYS[m.x]
   local me = 'L:' .. p.sid
-  local f = redis.call('HMGET', h, 'spent', 'level', 'ts', 'leased', me, 'ep', 'born', 'seed')
+  local f = redis.call('HMGET', h, 'spent', 'level', 'ts', 'leased', me, 'ep', 'born', 'seed', 'owe', 'owe_until')
   local bucket = (m.kind == 'bucket')
   local spent = tonumber(f[1]) or 0
   local leased = tonumber(f[4]) or 0
@@ -124,6 +127,24 @@ for i, m in ipairs(p.meters) do
       redis.call('HSET', h, 'seed', int(m.seed))
     end
   end
+  -- owe: what the sidecars not yet back from an outage may have spent of their failOpen
+  -- allowances, kept out of the room until they say (or `owe_ms` passes). The first call
+  -- back sets it to the most the others may have spent (`po[2]`); each later one takes
+  -- its own share (`po[1]`) off, its spend being in `d`.
+  local owe = tonumber(f[9]) or 0
+  local owe_until = tonumber(f[10]) or 0
+  local owe_was = owe
+  if now >= owe_until then owe = 0 end
+  if m.po then
+    if now >= owe_until then
+      owe = m.po[2]
+      owe_until = now + p.owe_ms
+    else
+      owe = owe - m.po[1]
+    end
+    if owe < 0 then owe = 0 end
+  end
+  if owe ~= owe_was or m.po then redis.call('HSET', h, 'owe', int(owe), 'owe_until', int(owe_until)) end
   -- settled spend of this batch: covered by the lease first, the rest is overage
   if m.d > 0 and not dup then
     local covered = math.min(m.d, cur)
@@ -136,7 +157,7 @@ for i, m in ipairs(p.meters) do
     end
   end
   local room
-  if bucket then room = level else room = m.limit - spent - leased end
+  if bucket then room = level - owe else room = m.limit - spent - leased - owe end
   if room < 0 then room = 0 end
   local new = cur
   if suspended[m.b] then

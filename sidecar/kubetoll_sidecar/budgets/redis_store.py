@@ -79,6 +79,10 @@ from .suspensions import SuspensionWatcher, bounded, cancelling
 log = logging.getLogger("kubetoll.budgets.redis")
 
 _INF = float("inf")
+# After an outage, how long Redis keeps back what the sidecars not yet heard from may have
+# spent of their failOpen allowances (`owe` in the SYNC script): each retries within its
+# backoff (at most 1 s) plus the I/O timeout, so one that has not called by then is gone.
+OWE_HORIZON_MS = 5_000
 _SIDECAR_KEY_TTL_MS = 7 * 86_400_000  # how long Redis remembers a sidecar's last flush batch
 
 
@@ -565,6 +569,8 @@ class RedisBudgetStore:
             kept = self._adopted.pop(m.key, None) if self._adopted else None
             if kept is not None:  # what an earlier process of this pod used of its allowance
                 st.allowance_used = max(int(kept.get("used", 0)), 0)
+            if not self._healthy:
+                self._outage_to_report(m.key, st)
         elif st.meter is not m:
             st.track(m)
         return st
@@ -648,9 +654,13 @@ class RedisBudgetStore:
         Shared by the sidecars last seen holding the budget, or, when this sidecar has
         seen fewer (it never reached Redis), by as many as the operator counted.
         """
-        holders = max(st.g_holders, self._budget_holders.get(st.meter.budget, 0), self.expected_sidecars)
         start = self._degraded_since if since is None else since
-        return st.fail_open_allowance(holders, self.fail_open_fraction, start, mono)
+        return st.fail_open_allowance(self._holders_for(st), self.fail_open_fraction, start, mono)
+
+    def _holders_for(self, st: Lease) -> int:
+        """How many sidecars share a meter's failOpen allowance: the most seen holding it or
+        its budget, or as many as the operator counted when this sidecar has seen fewer."""
+        return max(st.g_holders, self._budget_holders.get(st.meter.budget, 0), self.expected_sidecars, 1)
 
     async def _await_sync(self, timeout: float) -> bool:
         """Wait for the next sync (at most `timeout`). A wait running out is not an outage:
@@ -701,9 +711,10 @@ class RedisBudgetStore:
             self._degraded_since = mono
             # A bucket's allowance is its share of capacity plus refill since this outage
             # began, so what an earlier outage used does not count against it.
-            for st in self._leases.values():
+            for key, st in self._leases.items():
                 if st.bucket:
                     st.allowance_used = 0
+                self._outage_to_report(key, st)
             self._backoff = 0.05
             self._retry_at = mono + self._backoff
             # One line per outage, and at most one every 10 s when Redis flaps.
@@ -711,6 +722,15 @@ class RedisBudgetStore:
             if self._logged_outage:
                 self._last_outage_log = mono
                 log.warning("Redis budget store unavailable (%s); failOpen budgets serve on local allowances", why)
+
+    def _outage_to_report(self, key: str, st: Lease) -> None:
+        """A failOpen meter held through an outage goes in the first call back, with what this
+        sidecar and the others may have spent of their allowances. The others retry on their own
+        backoff: without it, the first sidecar back would be leased room they already spent,
+        which is what took a tokens/min bucket 3% past its bound on a cold start."""
+        if st.meter.fail_open:
+            st.outage_unreported = True
+            self._dirty.add(key)
 
     def _mark_available(self) -> None:
         if not self._healthy:
@@ -1159,6 +1179,9 @@ class RedisBudgetStore:
                 "nmin": nmin,
                 "want": max(want, need),
             }
+            if st.outage_unreported:
+                share = self.fail_open_allowance(st, mono)
+                entry["po"] = [share, share * (self._holders_for(st) - 1)]
             if not st.bucket and st.g_seen != -_INF:
                 # What this sidecar last saw of the window: the total spent, and what the others
                 # held leased, counted as spent (their spend since is unknown here; a lease is what
@@ -1222,6 +1245,7 @@ class RedisBudgetStore:
             "frac": self.lease_fraction,
             "ix_ttl": INDEX_TTL_S * 1000,
             "grace": BUCKET_IDLE_GRACE_MS,
+            "owe_ms": OWE_HORIZON_MS,
             "lk": 0,
             "recs": [],
             "qk": 0,
@@ -1278,6 +1302,7 @@ class RedisBudgetStore:
         for (st, d), row in zip(c.leases, out):
             lease, total, leased, holders = (int(v) for v in row)
             st.granted(lease, total, leased, holders, deadline, mono)
+            st.outage_unreported = False  # told (a failed call keeps it for the retry)
             if holders > self._budget_holders.get(st.meter.budget, 0):
                 self._budget_holders[st.meter.budget] = holders
             if c.batch and d:
