@@ -391,6 +391,85 @@ BAD = [
         "regex",
     ),
     ("unknown-fallback", _with(ROUTE, "spec.fallbackOn", ["always"]), "fallbackOn"),
+    # Cascades and experiments (docs/routing.md).
+    (
+        "cascade-unknown-check",
+        _with(ROUTE, "spec.rules.0.cascade", {"steps": [{"backends": ["b"]}], "checks": ["vibes"]}),
+        "checks",
+    ),
+    ("cascade-without-steps", _with(ROUTE, "spec.rules.0.cascade", {"steps": []}), "steps"),
+    (
+        "cascade-bad-streams",
+        _with(ROUTE, "spec.rules.0.cascade", {"steps": [{"backends": ["b"]}], "streams": "maybe"}),
+        "streams",
+    ),
+    (
+        "backends-and-split",
+        _with(
+            ROUTE, "spec.rules.0.split", {"experiment": "e", "arms": [{"name": "a", "weight": 1, "backends": ["b"]}]}
+        ),
+        "backends",
+    ),
+    (
+        "split-with-rule-cascade",
+        _with(
+            ROUTE,
+            "spec.rules",
+            [
+                {
+                    "split": {"experiment": "e", "arms": [{"name": "a", "weight": 1, "backends": ["b"]}]},
+                    "cascade": {"steps": [{"backends": ["b"]}]},
+                }
+            ],
+        ),
+        "cascade",
+    ),
+    (
+        "split-duplicate-arms",
+        _with(
+            ROUTE,
+            "spec.rules",
+            [
+                {
+                    "split": {
+                        "experiment": "e",
+                        "arms": [
+                            {"name": "a", "weight": 1, "backends": ["b"]},
+                            {"name": "a", "weight": 1, "backends": ["b"]},
+                        ],
+                    }
+                }
+            ],
+        ),
+        "arms",
+    ),
+    (
+        "split-all-weights-zero",
+        _with(
+            ROUTE,
+            "spec.rules",
+            [{"split": {"experiment": "e", "arms": [{"name": "a", "weight": 0, "backends": ["b"]}]}}],
+        ),
+        "arms",
+    ),
+    (
+        "split-bad-experiment-name",
+        _with(
+            ROUTE,
+            "spec.rules",
+            [{"split": {"experiment": "Big Test", "arms": [{"name": "a", "weight": 1, "backends": ["b"]}]}}],
+        ),
+        "experiment",
+    ),
+    (
+        "split-bad-sticky-by",
+        _with(
+            ROUTE,
+            "spec.rules",
+            [{"split": {"experiment": "e", "stickyBy": "ip", "arms": [{"name": "a", "weight": 1, "backends": ["b"]}]}}],
+        ),
+        "stickyBy",
+    ),
     ("downgrade-zero", _with(ROUTE, "spec.downgrade", {"atPercent": 0, "backends": ["b"]}), "atPercent"),
     ("downgrade-over-100", _with(ROUTE, "spec.downgrade", {"atPercent": 150, "backends": ["b"]}), "atPercent"),
     ("bad-model-name", _with(ROUTE, "spec.modelName", "has space"), "modelName"),
@@ -425,6 +504,28 @@ BAD = [
     ("threshold-over-1", _with(CACHE, "spec.semantic.threshold", 1.5), "threshold"),
     ("bad-scope", _with(CACHE, "spec.scope", "cluster"), "scope"),
     ("bad-embed", _with(CACHE, "spec.semantic.embed", "everything"), "embed"),
+    # The semantic verifier (docs/caching.md, "Verifiers").
+    ("rerank-without-backend", _with(CACHE, "spec.semantic.verifier", {"kind": "rerank"}), "backend"),
+    ("rules-with-backend", _with(CACHE, "spec.semantic.verifier", {"kind": "rules", "backend": "b"}), "backend"),
+    (
+        "judge-with-threshold",
+        _with(CACHE, "spec.semantic.verifier", {"kind": "judge", "backend": "b", "threshold": 0.5}),
+        "threshold",
+    ),
+    ("judge-with-api", _with(CACHE, "spec.semantic.verifier", {"kind": "judge", "backend": "b", "api": "tei"}), "api"),
+    ("bad-verifier-kind", _with(CACHE, "spec.semantic.verifier", {"kind": "oracle"}), "kind"),
+    ("bad-rerank-api", _with(CACHE, "spec.semantic.verifier", {"kind": "rerank", "backend": "b", "api": "x"}), "api"),
+    (
+        "verify-false-with-verifier",
+        _with(_with(CACHE, "spec.semantic.verify", False), "spec.semantic.verifier", {"kind": "none"}),
+        "verify",
+    ),
+    ("embedding-timeout-zero", _with(CACHE, "spec.semantic.embeddingTimeoutMs", 0), "embeddingTimeoutMs"),
+    (
+        "circuit-zero-failures",
+        _with(CACHE, "spec.semantic.circuitBreaker", {"failureThreshold": 0}),
+        "failureThreshold",
+    ),
     ("ttl-zero", _with(CACHE, "spec.exact.ttlSeconds", 0), "ttlSeconds"),
     ("spec-not-object", _with(CACHE, "spec", "yes"), "spec"),
     # Identity from Kubernetes: tier assignments, the tier header policy, workload selectors.

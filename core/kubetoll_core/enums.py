@@ -66,6 +66,23 @@ class EmbedInput(str, Enum):
     all_user_messages = "allUserMessages"
 
 
+class VerifierKind(str, Enum):
+    """What confirms a semantic cache candidate before it is served: rules (the strict agreement check), rerank (a cross-encoder's score), judge (a chat model's yes/no) or none (similarity alone)."""  # noqa: E501 (the CRD's description)
+
+    rules = "rules"
+    rerank = "rerank"
+    judge = "judge"
+    none = "none"
+
+
+class RerankApi(str, Enum):
+    """The rerank wire format: tei (POST /rerank with texts), cohere (POST /rerank with documents: vLLM, Infinity, Cohere) or score (vLLM's POST /score)."""  # noqa: E501 (the CRD's description)
+
+    tei = "tei"
+    cohere = "cohere"
+    score = "score"
+
+
 class TierHeaderPolicy(str, Enum):
     """What the tier header may do: trusted (it names the tier), capped (it may only choose a tier at or below the tenant's assigned one) or ignored (the assigned tier always)."""  # noqa: E501 (the CRD's description)
 
@@ -81,3 +98,28 @@ class SelectorOperator(str, Enum):
     not_in = "NotIn"
     exists = "Exists"
     does_not_exist = "DoesNotExist"
+
+
+class CascadeCheck(str, Enum):
+    """A check a cascade step's answer must pass to be served: length (no choice stopped at finish_reason length), empty (every choice has text, a tool call or a refusal), refusal (no message.refusal and no short stock refusal), jsonSchema (the answer satisfies the request's response_format), toolArguments (every tool call names an offered tool and its arguments are a JSON object)."""  # noqa: E501 (the CRD's description)
+
+    length = "length"
+    empty = "empty"
+    refusal = "refusal"
+    json_schema = "jsonSchema"
+    tool_arguments = "toolArguments"
+
+
+class CascadeStreams(str, Enum):
+    """What a cascade does with a streaming request: skip (no cascade: the rule's backends stream it) or buffer (each cheaper step's stream is read whole and checked before any of it is sent)."""  # noqa: E501 (the CRD's description)
+
+    skip = "skip"
+    buffer = "buffer"
+
+
+class StickyBy(str, Enum):
+    """What keeps a caller on one arm of an experiment: tenant (the tenant id), session (the x-kubetoll-session header, else the tenant id) or none (each request drawn on its own)."""  # noqa: E501 (the CRD's description)
+
+    tenant = "tenant"
+    session = "session"
+    none = "none"

@@ -13,17 +13,30 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Mapping
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, field_validator
 
-from .enums import CacheScope, EmbedInput, OnExhausted, SelectorOperator, TierHeaderPolicy
+from .enums import (
+    CacheScope,
+    CascadeCheck,
+    CascadeStreams,
+    EmbedInput,
+    OnExhausted,
+    RerankApi,
+    SelectorOperator,
+    StickyBy,
+    TierHeaderPolicy,
+    VerifierKind,
+)
 from .model_base import CelRule, ContractModel, regex_compiles
 from .names import (
     HEADER_NAME_PATTERN,
     LABEL_KEY_PATTERN,
     LABEL_VALUE_PATTERN,
     MAX_LABEL_KEY_LENGTH,
+    NAME_PATTERN,
     TIER_NAME_PATTERN,
 )
 
@@ -257,21 +270,158 @@ class RuleMatch(ContractModel):
         return regex_compiles(v)
 
 
+def _backend_items() -> dict[str, Any]:
+    """The CRD schema of a list of backend names' items (a fresh dict each time: schemas are edited in place)."""
+    return {"items": {"type": "string", "maxLength": 253, "description": "Name of a ModelBackend in this namespace."}}
+
+
+DEFAULT_CASCADE_CHECKS = tuple(CascadeCheck)
+
+
+class CascadeStep(ContractModel):
+    """One cheaper step of a cascade: a fallback chain whose answer is served only if it passes the checks."""
+
+    backends: list[str] = Field(
+        min_length=1,
+        max_length=16,
+        description="ModelBackend names: this step's fallback chain, in order.",
+        json_schema_extra=_backend_items(),
+    )
+
+
+class Cascade(ContractModel):
+    """Try cheaper backends first: a step's answer that fails a check escalates to the next step, and the last step is the rule's (or arm's) backends, served unchecked (docs/routing.md, "Cascades")."""  # noqa: E501 (the CRD's description)
+
+    steps: list[CascadeStep] = Field(
+        min_length=1,
+        max_length=4,
+        description="The steps tried before the rule's backends, cheapest first.",
+    )
+    checks: list[CascadeCheck] = Field(
+        default_factory=lambda: list(DEFAULT_CASCADE_CHECKS),
+        min_length=1,
+        max_length=len(DEFAULT_CASCADE_CHECKS),
+        description="What a step's answer must pass to be served (default: all of them).",
+        json_schema_extra={"x-kubernetes-list-type": "set", "default": [c.value for c in DEFAULT_CASCADE_CHECKS]},
+    )
+    streams: CascadeStreams = Field(
+        CascadeStreams.skip,
+        description="Streaming requests: skip (the rule's backends stream them, no cascade) or buffer (each "
+        "cheaper step's stream is read whole and checked before any of it is sent).",
+    )
+
+    @field_validator("checks")
+    @classmethod
+    def _unique_checks(cls, v: list[CascadeCheck]) -> list[CascadeCheck]:
+        if len(set(v)) != len(v):
+            raise ValueError("each check may be listed once")
+        return v
+
+
+class SplitArm(ContractModel):
+    """One arm of an experiment: its share of the rule's traffic and what serves it."""
+
+    name: str = Field(
+        max_length=63,
+        pattern=NAME_PATTERN,
+        description="Arm name, recorded on the spend records of its requests.",
+    )
+    weight: int = Field(ge=0, le=10000, description="Share of the traffic, relative to the other arms (0: none).")
+    backends: list[str] = Field(
+        min_length=1,
+        max_length=16,
+        description="ModelBackend names: this arm's fallback chain (with a cascade, its last step).",
+        json_schema_extra=_backend_items(),
+    )
+    cascade: Cascade | None = Field(None, description="Cheaper steps this arm tries before its backends.")
+
+
+class Split(ContractModel):
+    """An experiment: the rule's traffic split between arms by weight, each caller kept on one arm (docs/routing.md, "Experiments")."""  # noqa: E501 (the CRD's description)
+
+    experiment: str = Field(
+        max_length=63,
+        pattern=NAME_PATTERN,
+        description="Experiment name, recorded with the arm on every spend record (kubetoll report --experiment).",
+    )
+    sticky_by: StickyBy = Field(
+        StickyBy.tenant,
+        description="What keeps a caller on one arm: tenant, session (the x-kubetoll-session header, else the "
+        "tenant) or none (each request drawn on its own).",
+    )
+    # One arm is allowed: what is left when the compiler drops arms whose backends are all gone.
+    arms: list[SplitArm] = Field(min_length=1, max_length=8, description="The arms; the traffic splits by weight.")
+
+    __cel_rules__ = (
+        CelRule(
+            "self.arms.all(a, self.arms.filter(b, b.name == a.name).size() == 1)",
+            "arm names must be unique",
+            lambda s: len({a.name for a in s.arms}) == len(s.arms),
+            ".arms",
+        ),
+        CelRule(
+            "self.arms.exists(a, a.weight > 0)",
+            "at least one arm needs a weight above 0",
+            lambda s: any(a.weight > 0 for a in s.arms),
+            ".arms",
+        ),
+    )
+
+
 class Rule(ContractModel):
-    """A routing rule: when `match` holds, try `backends` in order."""
+    """A routing rule: when `match` holds, try `backends` in order (or, with `split`, the backends of the caller's arm)."""  # noqa: E501 (the CRD's description)
 
     name: str = Field("", max_length=63, description="Rule name, shown in logs and metrics.")
     match: RuleMatch = Field(
         default_factory=RuleMatch, description="When this rule applies; empty matches every request."
     )
+    # Empty only with `split`, whose arms name the backends (the CEL rule below).
     backends: list[str] = Field(
-        min_length=1,
+        default_factory=list,
         max_length=16,
-        description="ModelBackend names: the fallback chain, in order.",
-        json_schema_extra={
-            "items": {"type": "string", "maxLength": 253, "description": "Name of a ModelBackend in this namespace."}
-        },
+        description="ModelBackend names: the fallback chain, in order (with a cascade, its last step). Leave out "
+        "with split.",
+        json_schema_extra=_backend_items(),
     )
+    cascade: Cascade | None = Field(None, description="Cheaper steps tried before backends.")
+    split: Split | None = Field(None, description="An experiment: split this rule's traffic between arms.")
+
+    __cel_rules__ = (
+        CelRule(
+            "has(self.split) != (has(self.backends) && size(self.backends) > 0)",
+            "set backends (a fallback chain) or split (an experiment's arms), exactly one",
+            lambda r: (r.split is not None) != bool(r.backends),
+            ".backends",
+        ),
+        CelRule(
+            "!has(self.split) || !has(self.cascade)",
+            "with split, a cascade goes in the arms (split.arms[].cascade)",
+            lambda r: r.split is None or r.cascade is None,
+            ".cascade",
+        ),
+    )
+
+    def backend_refs(self) -> list[tuple[str, str]]:
+        """Every backend this rule names, with the field that names it (relative to the rule), in the order
+        a request may meet them: cascade steps before the chain they escalate to, arms in order."""
+        out: list[tuple[str, str]] = []
+
+        def chain(prefix: str, backends: list[str], cascade: Cascade | None) -> None:
+            if cascade is not None:
+                for i, step in enumerate(cascade.steps):
+                    out.extend((f"{prefix}cascade.steps[{i}].backends[{j}]", b) for j, b in enumerate(step.backends))
+            out.extend((f"{prefix}backends[{j}]", b) for j, b in enumerate(backends))
+
+        if self.split is not None:
+            for i, arm in enumerate(self.split.arms):
+                chain(f"split.arms[{i}].", arm.backends, arm.cascade)
+        else:
+            chain("", self.backends, self.cascade)
+        return out
+
+    def backend_names(self) -> list[str]:
+        """Every backend this rule may call, each once, in `backend_refs` order."""
+        return list(dict.fromkeys(b for _, b in self.backend_refs()))
 
 
 class Downgrade(ContractModel):
@@ -536,15 +686,108 @@ class ExactCache(ContractModel):
     ttl_seconds: int = Field(3600, ge=1, le=2592000, description="How long an entry lives, in seconds.")
 
 
+_MODEL_VERIFIERS = (VerifierKind.rerank, VerifierKind.judge)
+DEFAULT_RERANK_THRESHOLD = 0.5
+DEFAULT_EMBEDDING_TIMEOUT_MS = 2000
+
+
+class SemanticVerifier(ContractModel):
+    """What confirms the nearest stored question before its answer is served (docs/caching.md, "Verifiers")."""
+
+    kind: VerifierKind = Field(
+        VerifierKind.rules,
+        description="rules (the strict agreement check), rerank (a cross-encoder scores the two questions), judge (a "
+        "chat model answers yes or no: would one answer serve both?) or none (similarity alone).",
+    )
+    backend: str | None = Field(
+        None,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+        description="Name of a ModelBackend in this namespace: for rerank an openai-compatible server with a /rerank "
+        "or /score API (TEI, vLLM, Infinity), for judge any chat backend. Required for rerank and judge.",
+    )
+    api: RerankApi | None = Field(
+        None,
+        description="rerank only: the wire format, tei (POST <endpoint>/rerank with texts), cohere (POST "
+        "<endpoint>/rerank with documents; vLLM, Infinity, Cohere) or score (POST <endpoint>/score; vLLM). Default "
+        "cohere.",
+    )
+    threshold: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description=f"rerank only: the score at or above which the candidate is served (default "
+        f"{DEFAULT_RERANK_THRESHOLD}; model-specific, see docs/caching.md).",
+    )
+    timeout_ms: int = Field(
+        2000, ge=10, le=60000, description="Milliseconds a verifier call may take; slower is a failure (a miss)."
+    )
+    rules_first: bool = Field(
+        True,
+        description="rerank and judge: run the strict agreement check first (it is free and can only turn a "
+        "candidate down), so the model is asked only about candidates that pass it.",
+    )
+
+    __cel_rules__ = (
+        CelRule(
+            "(self.kind == 'rerank' || self.kind == 'judge') == has(self.backend)",
+            "rerank and judge need backend (a ModelBackend); rules and none take none",
+            lambda v: (v.kind in _MODEL_VERIFIERS) == (v.backend is not None),
+            ".backend",
+        ),
+        CelRule(
+            "self.kind == 'rerank' || !has(self.threshold)",
+            "threshold is the rerank score to serve at; only kind rerank takes it",
+            lambda v: v.kind is VerifierKind.rerank or v.threshold is None,
+            ".threshold",
+        ),
+        CelRule(
+            "self.kind == 'rerank' || !has(self.api)",
+            "api is the rerank wire format; only kind rerank takes it",
+            lambda v: v.kind is VerifierKind.rerank or v.api is None,
+            ".api",
+        ),
+    )
+
+    @property
+    def uses_model(self) -> bool:
+        """A rerank or judge verifier: a paid call to a backend."""
+        return self.kind in _MODEL_VERIFIERS
+
+    @property
+    def rerank_threshold(self) -> float:
+        return DEFAULT_RERANK_THRESHOLD if self.threshold is None else self.threshold
+
+    @property
+    def rerank_api(self) -> RerankApi:
+        return self.api or RerankApi.cohere
+
+    @property
+    def runs_rules(self) -> bool:
+        """Whether the strict agreement check runs (as the whole check, or before the model)."""
+        return self.kind is VerifierKind.rules or (self.uses_model and self.rules_first)
+
+
+class SemanticCircuitBreaker(ContractModel):
+    """When the embedding or verifier backend keeps failing, stop calling it for a while: the semantic tier misses (and says so: the Degraded condition)."""  # noqa: E501 (the CRD's description)
+
+    failure_threshold: int = Field(
+        3, ge=1, le=10000, description="Consecutive failures (errors, timeouts, unreadable answers) that open it."
+    )
+    cooldown_seconds: float = Field(
+        10.0, gt=0, le=86400, description="How long it stays open before one probe call is let through."
+    )
+
+
 class SemanticCache(ContractModel):
     """Serve a stored answer to a near-identical question that passes a strict agreement check."""
 
     enabled: bool = Field(False, description="Turn semantic caching on.")
     threshold: float = Field(
-        0.7,
+        0.6,
         gt=0,
         le=1,
-        description="Cosine similarity (model-specific; see docs/caching.md) at or above which a stored question is a candidate (a hit also needs the strict agreement check when verify is on).",  # noqa: E501
+        description="Cosine similarity (model-specific; see docs/caching.md) at or above which a stored question is a candidate (a hit also needs the verifier's yes).",  # noqa: E501
     )
     embedding_backend: str | None = Field(
         None,
@@ -558,9 +801,25 @@ class SemanticCache(ContractModel):
     )
     verify: bool = Field(
         True,
-        description="Also require the two questions to agree on numbers, negation, named things and the action asked for.",  # noqa: E501
+        description="Deprecated: use verifier. Without verifier, true is verifier.kind rules (the two questions must agree on numbers, negation, named things and the action asked for) and false is kind none.",  # noqa: E501
     )
     max_entries: int = Field(20000, ge=1, le=100000000, description="Entries in each sidecar's local semantic index.")
+    # Absent, not defaulted (like Tenancy.tierHeaderPolicy): a policy that sets none of these
+    # compiles to the config, and the cache generation, it had before they existed.
+    verifier: SemanticVerifier | None = Field(
+        None, description="What confirms the nearest candidate before it is served. Default: from verify."
+    )
+    embedding_timeout_ms: int | None = Field(
+        None,
+        ge=10,
+        le=60000,
+        description=f"Milliseconds the embedding call may take; slower is a failure (a miss). Default "
+        f"{DEFAULT_EMBEDDING_TIMEOUT_MS}.",
+    )
+    circuit_breaker: SemanticCircuitBreaker | None = Field(
+        None,
+        description="When to stop calling a failing embedding or verifier backend (default: 3 failures, 10 s open).",
+    )
 
     __cel_rules__ = (
         CelRule(
@@ -569,7 +828,30 @@ class SemanticCache(ContractModel):
             lambda s: not s.enabled or s.embedding_backend is not None,
             ".embeddingBackend",
         ),
+        CelRule(
+            "!has(self.verifier) || !has(self.verify) || self.verify",
+            "verify is deprecated: with verifier set leave verify out (verifier.kind none turns the check off)",
+            lambda s: s.verifier is None or s.verify,
+            ".verify",
+        ),
     )
+
+    @property
+    def verifier_settings(self) -> SemanticVerifier:
+        """The verifier in force: `verifier`, else what the deprecated `verify` means."""
+        if self.verifier is not None:
+            return self.verifier
+        return SemanticVerifier(kind=VerifierKind.rules if self.verify else VerifierKind.none)
+
+    @property
+    def embedding_timeout(self) -> float:
+        """Seconds."""
+        ms = self.embedding_timeout_ms if self.embedding_timeout_ms is not None else DEFAULT_EMBEDDING_TIMEOUT_MS
+        return ms / 1000.0
+
+    @property
+    def circuit(self) -> SemanticCircuitBreaker:
+        return self.circuit_breaker or SemanticCircuitBreaker()
 
 
 class Cacheable(ContractModel):

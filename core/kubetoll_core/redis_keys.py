@@ -150,6 +150,11 @@ class RedisKeys:
     def budgets_index(self) -> str:
         return self._k(self.ns_tag, "budgets")
 
+    def cache_health(self, policy: str) -> str:
+        """Hash: `<part>:<sidecar>` -> a report (kubetoll_core.cache_health) of a cache policy's semantic tier
+        degraded in that sidecar. Written by the sidecars on a transition, read by the operator."""
+        return self._k(self.ns_tag, "cachehealth", check_name("cache policy", policy))
+
     def channel(self) -> str:
         """Pub/sub channel for kill-switch changes (JSON: {"budget": ..., "suspended": bool})."""
         return self._k(self.ns_tag, "events")

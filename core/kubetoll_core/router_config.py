@@ -115,6 +115,43 @@ class Credential(ContractModel):
         return self
 
 
+class PriceTier(ContractModel):
+    """A catalogue price that replaces the base one for a request over `start` prompt tokens."""
+
+    start: int = Field(ge=0, description="Prompt (input) tokens a request must exceed for this price to apply.")
+    per_mtok: float = Field(ge=0, alias="perMTok", description="USD per million tokens.")
+
+
+class CatalogRate(ContractModel):
+    """One kind of token's catalogue price, USD per million tokens, with its prompt-size tiers."""
+
+    per_mtok: float = Field(ge=0, alias="perMTok", description="USD per million tokens.")
+    tiers: list[PriceTier] = Field(default_factory=list)
+
+
+class CatalogPrice(ContractModel):
+    """One price catalogue entry, as the compiler read it (rates as the catalogue gives them, unrounded)."""
+
+    provider: str = Field(min_length=1, description="The catalogue's provider id.")
+    model: str = Field(min_length=1, description="The catalogue's model id.")
+    input: CatalogRate
+    output: CatalogRate | None = Field(None, description="Absent for input-only (embedding) models.")
+    cached_input: CatalogRate | None = Field(None, alias="cachedInput", description="Absent: the input price.")
+    cache_write: CatalogRate | None = Field(None, alias="cacheWrite", description="Absent: the input price.")
+
+
+class CatalogPrices(ContractModel):
+    """The price catalogue's prices for a backend priced from it, resolved where the config is compiled.
+
+    The sidecar carries no price catalogue (it would cost every pod tens of MB and a
+    catalogue version of its own): the operator and `kubetoll run` look the backend's
+    model up in `genai-prices` and write what they found here.
+    """
+
+    standard: CatalogPrice
+    batch: CatalogPrice | None = Field(None, description="The catalogue's Batch API prices, when it has them.")
+
+
 class Backend(ContractModel):
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     provider: Provider
@@ -124,6 +161,13 @@ class Backend(ContractModel):
     headers: dict[str, str] = Field(default_factory=dict, description="Extra non-secret request headers.")
     azure: AzureSettings | None = None
     pricing: Pricing = Field(default_factory=Pricing)
+    catalog_prices: CatalogPrices | None = Field(
+        None,
+        alias="catalogPrices",
+        description="For a backend priced from the catalogue (no explicit pricing): its catalogue prices, written "
+        "by the compiler. Absent: looked up in the catalogue at load where one is installed (not in the sidecar "
+        "image).",
+    )
     limits: BackendLimits = Field(default_factory=BackendLimits)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)
@@ -150,6 +194,9 @@ class Backend(ContractModel):
             raise ValueError("provider azure-openai needs azure.deployment")
         if self.provider is not Provider.azure_openai and self.azure is not None:
             raise ValueError("azure settings are only for provider azure-openai")
+        if self.catalog_prices is not None and self.pricing.is_override:
+            # Explicit prices win; catalogue prices beside them would be read by nobody.
+            raise ValueError("catalogPrices is for a backend priced from the catalogue, not one with explicit pricing")
         return self
 
 
@@ -345,9 +392,9 @@ class RouterConfig(ContractModel):
             raise ValueError(f"duplicate route names: {dup}")
         for route in self.routes:
             for i, rule in enumerate(route.rules):
-                for b in rule.backends:
+                for where, b in rule.backend_refs():  # the chain, cascade steps and experiment arms
                     if b not in known:
-                        raise ValueError(f"routes[{route.name}].rules[{i}].backends: unknown backend {b!r}")
+                        raise ValueError(f"routes[{route.name}].rules[{i}].{where}: unknown backend {b!r}")
             if route.downgrade:
                 for b in route.downgrade.backends:
                     if b not in known:
@@ -363,6 +410,11 @@ class RouterConfig(ContractModel):
                 raise ValueError(
                     f"cachePolicies[{p.name}].semantic.embeddingBackend: "
                     f"unknown backend {p.semantic.embedding_backend!r}"
+                )
+            verifier = p.semantic.verifier
+            if verifier is not None and verifier.backend is not None and verifier.backend not in known:
+                raise ValueError(
+                    f"cachePolicies[{p.name}].semantic.verifier.backend: unknown backend {verifier.backend!r}"
                 )
         dup = _duplicates([b.name for b in self.budgets])
         if dup:

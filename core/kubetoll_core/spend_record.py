@@ -7,6 +7,8 @@ sidecar that wrote it (docs/redis-layout.md, "ledger"). `workload` names what
 spent: the workload of the writing sidecar's pod, which the injector derives from
 the pod's owner (`kubetoll_sidecar.workload`); older records have none. A line of
 a Batch API job carries its batch's id (`batch_id`; `kubetoll_sidecar.batches`).
+A request under an experiment carries its `experiment` and `arm`, a cascaded one
+its `cascade` fields (docs/routing.md); a request's record its `latency_ms`.
 
 A *refusal record* says that admission refused a request on one budget meter
 (`refused_budget`, `refused_meter`): no spend, outcome `rejected`. Sidecars write
@@ -29,12 +31,19 @@ from .meters import scale_of, to_units
 # The outcome of a record that bills a semantic cache lookup's embedding call: spend,
 # but not a request of its own (reports count requests without it).
 CACHE_EMBEDDING_OUTCOME = "cache_embedding"
+# The same for the call a semantic lookup makes to its verifier (rerank or judge backend).
+CACHE_VERIFIER_OUTCOME = "cache_verifier"
 # The outcome of a record that bills upstream calls whose answers were not used: the calls of a
 # fanned-out `n` (one per choice, on a provider without `n`) that completed while a sibling failed.
 # Spend on the backend that made them, not a request of its own.
 FAN_OUT_ABANDONED_OUTCOME = "fan_out_abandoned"
+# The outcome of a record that bills a cascade step whose answer failed a check (or whose backends
+# failed) and was not served: the request escalated to the next step (docs/routing.md, "Cascades").
+CASCADE_ESCALATED_OUTCOME = "cascade_escalated"
 # Records that are spend but not requests (reports do not count them as requests).
-SPEND_ONLY_OUTCOMES = frozenset({CACHE_EMBEDDING_OUTCOME, FAN_OUT_ABANDONED_OUTCOME})
+SPEND_ONLY_OUTCOMES = frozenset(
+    {CACHE_EMBEDDING_OUTCOME, CACHE_VERIFIER_OUTCOME, FAN_OUT_ABANDONED_OUTCOME, CASCADE_ESCALATED_OUTCOME}
+)
 # The outcome of a refusal record (the same word the access log and metrics use).
 REFUSAL_OUTCOME = "rejected"
 
@@ -55,13 +64,27 @@ class SpendRecord:
     avoided_usd: float = 0.0  # what a cache hit saved
     downgraded: bool = False
     fallbacks: int = 0
-    # ok, upstream_error, cut_stream, client_disconnected, drain_cut, cache_embedding, fan_out_abandoned
+    # ok, upstream_error, cut_stream, client_disconnected, drain_cut, cache_embedding, cache_verifier,
+    # fan_out_abandoned
     outcome: str = "ok"
     request_id: str = ""
     refused_budget: str = ""  # a refusal record: the budget whose meter refused
     refused_meter: str = ""  # ... and that meter's name in the budget, e.g. "cap:usd:2026-11-22"
     workload: str = ""  # the writing sidecar's pod's workload, e.g. "Deployment/search-api" ("" unknown)
     batch_id: str = ""  # a Batch API line: the batch it ran in (its request_id is the line's custom_id)
+    experiment: str = ""  # a rule with a split: the experiment ...
+    arm: str = ""  # ... and the arm the request was assigned to
+    # A cascaded request's record: "first" (its first step's answer was served) or "escalated".
+    cascade: str = ""
+    # The cascade step whose call this record bills (0: the first); on a cascade_escalated record,
+    # why that step's answer was not served: the check it failed, or "failed" (its backends failed).
+    cascade_step: int = 0
+    escalation: str = ""
+    # A cascaded request's record: what its last step's first backend would have charged for the
+    # answer served (an estimate for an answer a cheaper step gave); the saving is this minus what
+    # every step of the request cost.
+    cascade_baseline_usd: float = 0.0
+    latency_ms: float = 0.0  # a request's record: arrival to the whole answer in hand (a stream's last chunk), ms
 
     @property
     def refusal(self) -> bool:
@@ -77,7 +100,13 @@ _RECORD_FIELDS = (
 )  # fmt: skip
 # Written only when set, so spend records stay as they were; a reader that predates
 # them ignores them (decoding reads fields by name).
-_OPTIONAL_FIELDS = ("refused_budget", "refused_meter", "workload", "batch_id")
+_OPTIONAL_FIELDS = (
+    "refused_budget", "refused_meter", "workload", "batch_id", "experiment", "arm", "cascade", "escalation",
+)  # fmt: skip
+# The same for numbers: written only when not 0; an entry without one decodes as 0.
+_OPTIONAL_INTS = ("cascade_step",)
+_OPTIONAL_FLOATS = ("cascade_baseline_usd", "latency_ms")
+_OPTIONAL_NUMBERS = _OPTIONAL_INTS + _OPTIONAL_FLOATS
 
 
 def encode_record(r: SpendRecord, sidecar_id: str) -> list[str]:
@@ -112,6 +141,8 @@ def encode_record_checked(r: SpendRecord, sidecar_id: str) -> EncodedRecord:
             tuple(map(type, values)) == _KINDS
             and all(map(math.isfinite, _FLOAT_VALUES(r)))
             and tuple(map(type, _OPTIONAL_VALUES(r))) == _OPTIONAL_KINDS
+            and tuple(map(type, _OPTIONAL_NUMBER_VALUES(r))) == _OPTIONAL_NUMBER_KINDS
+            and all(map(math.isfinite, _OPTIONAL_FLOAT_VALUES(r)))
         ):
             out = _encode_plain(r, values, sidecar_id)
             joined = "".join(out)
@@ -133,6 +164,10 @@ def _encode_plain(r: SpendRecord, values: tuple[Any, ...], sidecar_id: str) -> l
     for name in _OPTIONAL_FIELDS:
         if getattr(r, name):
             out += [name, getattr(r, name)]
+    for name in _OPTIONAL_NUMBERS:
+        v = getattr(r, name)
+        if v:
+            out += [name, repr(v) if type(v) is float else str(v)]
     out += ["cost_nusd", str(to_units(r.cost_usd, scale_of("usd"))), "sidecar", sidecar_id]
     return out
 
@@ -150,6 +185,13 @@ def _encode_careful(r: SpendRecord, values: tuple[Any, ...], sidecar_id: str) ->
         v = getattr(r, name, "")
         if v != "":  # only the empty string is "not set"; anything else is written
             text, ok = _text(v)
+            out += [name, text]
+            if not ok:
+                defects.append(name)
+    for name in _OPTIONAL_NUMBERS:
+        v = getattr(r, name, 0)
+        if not _is_zero(v):  # only a zero is "not set"; anything else is written
+            text, ok = (_int if name in _OPTIONAL_INTS else _float)(v)
             out += [name, text]
             if not ok:
                 defects.append(name)
@@ -184,6 +226,11 @@ def _text(v: Any) -> tuple[str, bool]:
     if len(v) > MAX_TEXT_CHARS:
         v = v[: MAX_TEXT_CHARS - 1] + "…"
     return v, False
+
+
+def _is_zero(v: Any) -> bool:
+    """Whether an optional number is unset: a zero of a number type (not False, "0" or None)."""
+    return type(v) in (int, float) and v == 0
 
 
 def _is_utf8(v: str) -> bool:
@@ -231,6 +278,9 @@ _FLOAT_VALUES = operator.attrgetter(*_FLOATS)
 _RECORD_VALUES = operator.attrgetter(*_RECORD_FIELDS)
 _OPTIONAL_VALUES = operator.attrgetter(*_OPTIONAL_FIELDS)
 _OPTIONAL_KINDS = (str,) * len(_OPTIONAL_FIELDS)
+_OPTIONAL_NUMBER_VALUES = operator.attrgetter(*_OPTIONAL_NUMBERS)
+_OPTIONAL_NUMBER_KINDS = (int,) * len(_OPTIONAL_INTS) + (float,) * len(_OPTIONAL_FLOATS)
+_OPTIONAL_FLOAT_VALUES = operator.attrgetter(*_OPTIONAL_FLOATS)
 
 
 def decode_record(fields: Mapping[str, str]) -> SpendRecord:
@@ -264,4 +314,11 @@ def decode_record(fields: Mapping[str, str]) -> SpendRecord:
         refused_meter=fields.get("refused_meter", ""),
         workload=fields.get("workload", ""),
         batch_id=fields.get("batch_id", ""),
+        experiment=fields.get("experiment", ""),
+        arm=fields.get("arm", ""),
+        cascade=fields.get("cascade", ""),
+        cascade_step=f("cascade_step", int, 0),
+        escalation=fields.get("escalation", ""),
+        cascade_baseline_usd=f("cascade_baseline_usd", float, 0.0),
+        latency_ms=f("latency_ms", float, 0.0),
     )

@@ -18,7 +18,10 @@ A broken resource never breaks the namespace. The rules, in order:
   ResolvedRefs=False). A rule left with no backend is skipped (a warning): the
   route and the budgets on it stay in force for its other rules. The route is
   left out only when no rule keeps a backend. Downgrade backends that do not
-  resolve are dropped; with none left, the downgrade is dropped.
+  resolve are dropped; with none left, the downgrade is dropped. The same for a
+  cascade step (CascadeStepDropped; no step left: CascadeDropped, the requests go
+  to the chain it escalates to) and an experiment arm (ArmDropped: the other arms
+  take its share; no arm of weight above 0 left: RuleSkipped).
 * A budget drops routes that do not resolve. When none of the routes it names
   resolve, the budget is left out: an empty list would mean "every route" and
   widen it.
@@ -38,7 +41,9 @@ A broken resource never breaks the namespace. The rules, in order:
   first budget's (a TenantTierConflict warning on the later one). Once any
   budget assigns tiers, `tierHeaderPolicy` defaults to `capped`.
 * A CachePolicy whose embedding backend does not resolve (or is an anthropic
-  backend, which has no embeddings API) is left out. A route naming a missing or
+  backend, which has no embeddings API) is left out; so is one whose
+  `semantic.verifier.backend` does not resolve (or, for a rerank verifier, is not
+  openai-compatible: the hosted providers have no rerank API). A route naming a missing or
   left-out CachePolicy drops the reference (warning).
 * Two routes with the same modelName: the later by resource name is left out.
 
@@ -58,10 +63,11 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from kubetoll_core.enums import TierHeaderPolicy
+from kubetoll_core.enums import TierHeaderPolicy, VerifierKind
 from kubetoll_core.jwt_settings import HS256_SECRET_FILE
 from kubetoll_core.names import NAME_PATTERN, ROUTE_NAME_PATTERN
-from kubetoll_core.parts import MAX_TENANT_TIERS, Tenancy
+from kubetoll_core.parts import MAX_TENANT_TIERS, Cascade, Rule, Tenancy
+from kubetoll_core.price_catalog import with_catalog_prices
 from kubetoll_core.prices import PricingError, resolve_price
 from kubetoll_core.router_config import (
     Backend,
@@ -434,7 +440,10 @@ class _Compilation:
                 continue
             # The sidecar refuses a whole config with a backend it cannot price,
             # so such a backend is left out here rather than break the namespace.
+            # Catalogue prices are looked up here and written into the config: the
+            # sidecar carries no catalogue (kubetoll_core/price_catalog.py).
             try:
+                backend = with_catalog_prices(backend)
                 price = resolve_price(backend)
             except PricingError as exc:
                 self.leave_out(kind, name, "PriceUnknown", str(exc).removeprefix(f"backend {name}: "), "spec.pricing")
@@ -495,6 +504,39 @@ class _Compilation:
                     field_path,
                 )
                 continue
+            # The verifier's backend, as strictly as the embedding one: a policy that could only miss is left out.
+            verifier = spec.semantic.verifier
+            vref = verifier.backend if verifier is not None else None
+            field_path = "spec.semantic.verifier.backend"
+            if vref is not None and vref not in backends and self.check_only and vref not in all_backends:
+                self.problem(
+                    kind,
+                    name,
+                    "BackendNotFound",
+                    f"ModelBackend {vref!r} is not in this check; it must exist when the policy is applied",
+                    field_path,
+                    "warning",
+                )
+            elif vref is not None and vref not in backends:
+                reason = "BackendNotReady" if vref in all_backends else "BackendNotFound"
+                what = "is not ready" if vref in all_backends else "not found"
+                self.leave_out(kind, name, reason, f"ModelBackend {vref!r} {what}", field_path)
+                continue
+            if (
+                verifier is not None
+                and vref in backends
+                and verifier.kind is VerifierKind.rerank
+                and backends[vref]["provider"] != Provider.openai_compatible.value
+            ):
+                self.leave_out(
+                    kind,
+                    name,
+                    "Unsupported",
+                    f"ModelBackend {vref!r} is a {backends[vref]['provider']} backend; a rerank verifier needs an "
+                    "openai-compatible server with a /rerank or /score API (TEI, vLLM, Infinity)",
+                    field_path,
+                )
+                continue
             data = {"name": name, **spec.model_dump(mode="json", by_alias=True, exclude_none=True)}
             try:
                 policy = CachePolicy.model_validate(data)
@@ -546,6 +588,104 @@ class _Compilation:
                 )
         return kept
 
+    def _cascade(
+        self,
+        name: str,
+        cascade: Cascade | None,
+        field_prefix: str,
+        backends: dict[str, dict[str, Any]],
+        all_backends: set[str],
+    ) -> dict[str, Any] | None:
+        """A cascade with its references resolved: a step keeping no backend is dropped, and so is a cascade
+        keeping no step (its requests go to the chain it escalates to, as without one)."""
+        if cascade is None:
+            return None
+        steps = []
+        for k, step in enumerate(cascade.steps):
+            where = f"{field_prefix}.steps[{k}].backends"
+            kept = self._resolve_backends(name, step.backends, where, backends, all_backends)
+            if kept:
+                steps.append({"backends": kept})
+            else:
+                self.problem(
+                    "ModelRoute",
+                    name,
+                    "CascadeStepDropped",
+                    "no backend of this step resolves; it is dropped",
+                    where,
+                    "warning",
+                )
+        if not steps:
+            self.problem(
+                "ModelRoute",
+                name,
+                "CascadeDropped",
+                "no cascade step keeps a backend; the cascade is dropped",
+                field_prefix,
+                "warning",
+            )
+            return None
+        return {**cascade.model_dump(mode="json", by_alias=True, exclude_none=True), "steps": steps}
+
+    def _rule(
+        self, name: str, i: int, rule: Rule, backends: dict[str, dict[str, Any]], all_backends: set[str]
+    ) -> dict[str, Any] | None:
+        """One rule with its references resolved, or None when it keeps nothing to serve with (RuleSkipped)."""
+        out: dict[str, Any] = {"name": rule.name, "match": rule.match.model_dump(by_alias=True, exclude_none=True)}
+        prefix = f"spec.rules[{i}]"
+        if rule.split is None:
+            kept = self._resolve_backends(name, rule.backends, f"{prefix}.backends", backends, all_backends)
+            if not kept:
+                self.problem(
+                    "ModelRoute",
+                    name,
+                    "RuleSkipped",
+                    f"rule {rule.name or i!r} has no backend that resolves; it is skipped",
+                    f"{prefix}.backends",
+                    "warning",
+                )
+                return None
+            out["backends"] = kept
+            cascade = self._cascade(name, rule.cascade, f"{prefix}.cascade", backends, all_backends)
+            if cascade is not None:
+                out["cascade"] = cascade
+            return out
+        arms = []
+        for j, arm in enumerate(rule.split.arms):
+            where = f"{prefix}.split.arms[{j}]"
+            kept = self._resolve_backends(name, arm.backends, f"{where}.backends", backends, all_backends)
+            if not kept:
+                # Its share goes to the other arms: the experiment goes on, its records say which arms ran.
+                self.problem(
+                    "ModelRoute",
+                    name,
+                    "ArmDropped",
+                    f"arm {arm.name!r} of experiment {rule.split.experiment!r} has no backend that resolves; it is "
+                    "dropped and the other arms take its share",
+                    f"{where}.backends",
+                    "warning",
+                )
+                continue
+            compiled: dict[str, Any] = {"name": arm.name, "weight": arm.weight, "backends": kept}
+            cascade = self._cascade(name, arm.cascade, f"{where}.cascade", backends, all_backends)
+            if cascade is not None:
+                compiled["cascade"] = cascade
+            arms.append(compiled)
+        if not any(a["weight"] > 0 for a in arms):
+            self.problem(
+                "ModelRoute",
+                name,
+                "RuleSkipped",
+                f"rule {rule.name or i!r}: no arm of experiment {rule.split.experiment!r} with a weight above 0 keeps "
+                "a backend; the rule is skipped",
+                f"{prefix}.split.arms",
+                "warning",
+            )
+            return None
+        split = rule.split.model_dump(mode="json", by_alias=True, exclude_none=True)
+        out["split"] = {**split, "arms": arms}
+        return out
+
     def routes(
         self,
         specs: dict[str, ModelRouteSpec],
@@ -582,26 +722,11 @@ class _Compilation:
                 continue
             rules: list[dict[str, Any]] = []
             for i, rule in enumerate(spec.rules):
-                kept = self._resolve_backends(name, rule.backends, f"spec.rules[{i}].backends", backends, all_backends)
-                if not kept:
-                    # Only the requests this rule would take are affected: they go to the
-                    # next rule that matches. The route and its budgets stay in force.
-                    self.problem(
-                        kind,
-                        name,
-                        "RuleSkipped",
-                        f"rule {rule.name or i!r} has no backend that resolves; it is skipped",
-                        f"spec.rules[{i}].backends",
-                        "warning",
-                    )
-                    continue
-                rules.append(
-                    {
-                        "name": rule.name,
-                        "match": rule.match.model_dump(by_alias=True, exclude_none=True),
-                        "backends": kept,
-                    }
-                )
+                # A rule keeping no backend affects only the requests it would take: they go to
+                # the next rule that matches. The route and its budgets stay in force.
+                compiled = self._rule(name, i, rule, backends, all_backends)
+                if compiled is not None:
+                    rules.append(compiled)
             if not rules:
                 self.leave_out(kind, name, "NoBackends", "no rule has a backend that resolves", "spec.rules")
                 continue
@@ -660,14 +785,14 @@ class _Compilation:
             model_names[model_name] = name
             out[name] = route.model_dump(mode="json", by_alias=True, exclude_none=True)
             chain: list[str] = []
-            for r in rules:
-                chain += [b for b in r["backends"] if b not in chain]
+            for r in route.rules:  # cascade steps and experiment arms too
+                chain += [b for b in r.backend_names() if b not in chain]
             for b in data.get("downgrade", {}).get("backends", []):
                 if b not in chain:
                     chain.append(b)
             self.outcomes[(kind, name)].details = {
                 "modelName": model_name,
-                "firstBackend": rules[0]["backends"][0],
+                "firstBackend": route.rules[0].backend_names()[0],
                 "backends": chain,
             }
         for policy, users in policy_users.items():

@@ -26,7 +26,8 @@ meanwhile.
 A second task per namespace with budgets, the spend reporter, runs every
 `spend_interval_seconds`. With a Redis budget store (`--redis-url`) it reads what
 the sidecars wrote (totals, and the ledger's cache hits and refusal records) and
-fills the TokenBudget spend fields and CachePolicy counters, posts one Event per
+fills the TokenBudget spend fields and CachePolicy counters (and each policy's
+Degraded condition, from the sidecars' reports of a lost semantic tier), posts one Event per
 alert threshold per period, sets the SpendKnown and ThresholdReached
 conditions, and writes each budget's kill switch from `spec.suspended` where
 Redis lost it; without one it writes each budget's limits from the spec and
@@ -54,7 +55,7 @@ from typing import Any
 import kopf
 from redis.exceptions import RedisError
 
-from . import metrics, sidecar_count, spend
+from . import cache_health, metrics, sidecar_count, spend
 from .compiler import CompileResult, compile_namespace
 from .kube import ApiError, KubeApi
 from .resources import API_VERSION, GROUP, KINDS, VERSION, TokenBudgetSpec
@@ -767,7 +768,7 @@ class Reconciler:
         self.alert_marks = {k: end for k, end in self.alert_marks.items() if end > now}
 
         if policies and failure is None:
-            await self._report_cache(namespace, config, [objects[("CachePolicy", p.name)] for p in policies])
+            await self._report_cache(namespace, config, policies, objects, now)
         metrics.record_reconcile("spend", "ok" if failure is None else "store_unavailable", time.time() - now)
 
     async def _assert_suspensions(self, namespace: str, objects: dict[tuple[Any, str], dict[str, Any]]) -> None:
@@ -924,11 +925,32 @@ class Reconciler:
         except (RedisError, OSError, TimeoutError, ValueError) as exc:
             log.debug("namespace %s: ledger read stopped after %d entries: %s", namespace, read, type(exc).__name__)
 
-    async def _report_cache(self, namespace: str, config: Any, policies: list[dict[str, Any]]) -> None:
+    async def _report_cache(
+        self, namespace: str, config: Any, policies: list[Any], objects: dict[tuple[Any, str], Any], now: float
+    ) -> None:
         counter = self.cache_counters.setdefault(namespace, spend.CacheCounter())
         routes = spend.policy_routes(config)
-        for obj in policies:
-            await self._write_spend_status(obj, counter.status(routes.get(obj["metadata"]["name"], [])), [])
+        health = await self._read_cache_health(namespace, policies, now)
+        for p in policies:
+            obj = objects[("CachePolicy", p.name)]
+            # A policy whose reports could not be read keeps its last Degraded condition.
+            conditions = [cache_health.degraded_condition(p, health[p.name])] if p.name in health else []
+            await self._write_spend_status(obj, counter.status(routes.get(p.name, [])), conditions)
+
+    async def _read_cache_health(self, namespace: str, policies: list[Any], now: float) -> dict[str, list[Any]]:
+        """Policy name -> the live reports of a degraded semantic tier the sidecars wrote (cache_health.py)."""
+        from kubetoll_core.cache_health import read_degraded
+
+        out: dict[str, list[Any]] = {}
+        try:
+            async with asyncio.timeout(self.options.redis_timeout_seconds):
+                for p in policies:
+                    out[p.name] = (
+                        await read_degraded(self._redis(), namespace, p.name, now) if p.semantic.enabled else []
+                    )
+        except (RedisError, OSError, TimeoutError, ValueError) as exc:
+            log.debug("namespace %s: cache health read stopped: %s", namespace, type(exc).__name__)
+        return out
 
 
 # --------------------------------------------------------------------------- kopf wiring

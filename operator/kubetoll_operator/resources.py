@@ -645,12 +645,17 @@ class CachePolicyStatus(StatusModel):
     ledger (records with a cache hit on the routes naming the policy) since the start of
     the current UTC day (countersSince). savedTokens and entries stay empty: the ledger
     does not record the tokens a hit avoided, and counting entries would mean scanning
-    the cache's keys.
+    the cache's keys. The same pass sets Degraded from what the sidecars report: True
+    (EmbeddingUnavailable or VerifierUnavailable, naming the backend) while some sidecar's
+    semantic tier misses because its embedding or verifier backend is lost.
     """
 
     observed_generation: int | None = Field(None, description="metadata.generation last compiled.")
     conditions: list[Condition] = Field(
-        default_factory=list, description="Ready and ResolvedRefs.", json_schema_extra=_CONDITIONS_EXTRA
+        default_factory=list,
+        description="Ready, ResolvedRefs and (with a Redis budget store) Degraded: True while a sidecar's semantic "
+        "tier misses because its embedding or verifier backend is unavailable.",
+        json_schema_extra=_CONDITIONS_EXTRA,
     )
     entries: int | None = Field(None, description="Entries stored (not reported yet).")
     hits: int | None = Field(None, description="Requests answered from the cache since countersSince.")

@@ -37,10 +37,13 @@ from kubetoll_core.periods import Period, compute_period
 from kubetoll_core.router_config import Budget, RouterConfig
 from kubetoll_core.spend_record import SpendRecord
 
+from .cache_health import DEGRADED
+
 # Conditions the spend reporter owns; the compile owns the others. Each writer keeps the other's.
 SPEND_KNOWN = "SpendKnown"
 THRESHOLD_REACHED = "ThresholdReached"
-SPEND_CONDITIONS = (SPEND_KNOWN, THRESHOLD_REACHED)
+# Degraded is a CachePolicy's (cache_health.py), written on the same pass.
+SPEND_CONDITIONS = (SPEND_KNOWN, THRESHOLD_REACHED, DEGRADED)
 # Status fields the reporter writes (and clears when a budget no longer has a limit).
 BUDGET_FIELDS = (
     "binding",

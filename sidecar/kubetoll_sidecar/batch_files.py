@@ -211,12 +211,14 @@ def _route_input(
         )
         if rule is None:
             raise _bad_line(n, f"no rule of route `{this_route.name}` matches it", "no_matching_rule")
-        chosen = batch_backend(rule.backends, state)
+        # The rule's chain, or the caller's experiment arm; a batch runs no cascade (its last step serves it).
+        chain = rule.target(ident.tenant, headers).backends
+        chosen = batch_backend(chain, state)
         if chosen is None:
             raise _bad_line(
                 n,
                 f"route `{this_route.name}` (rule {rule.name}) has no OpenAI-family backend, and only those "
-                f"(openai, azure-openai, openai-compatible) have a Batch API; its backends: {', '.join(rule.backends)}",
+                f"(openai, azure-openai, openai-compatible) have a Batch API; its backends: {', '.join(chain)}",
                 "batch_unsupported_by_route",
             )
         if backend is None:

@@ -17,6 +17,8 @@ from kubetoll_core.usage import Usage
 from .budgets.admission import MeterSet
 from .budgets.store import Reservation
 from .cache.stage import CacheLookup
+from .cascade import CascadeRun
+from .experiments import Target
 from .providers.base import Endpoint
 from .request_parsing import ParsedRequest
 from .routing import CompiledRoute
@@ -33,6 +35,8 @@ class RequestContext:
     # what the stages decided
     req: ParsedRequest | None = None  # 1 parse
     route: CompiledRoute | None = None  # 3 route
+    target: Target | None = None  # 3 route: the rule's backends, or the caller's experiment arm
+    cascade: CascadeRun | None = None  # 7 admit: the target's cascade, when it applies to this request
     prompt_tokens: int = 0  # 4 estimate
     meters: MeterSet = field(default_factory=MeterSet)  # 5/7: the budget levels this request falls under
     reservation: Reservation | None = None  # 7 admit

@@ -39,6 +39,7 @@ import orjson
 from kubetoll_core.enums import FailureClass, Provider
 from kubetoll_core.prices import ResolvedPrice
 from kubetoll_core.router_config import Backend
+from kubetoll_core.spend_record import FAN_OUT_ABANDONED_OUTCOME
 
 from . import inbound, tokens
 from .circuit import BreakerRegistry, counts_against_backend
@@ -261,11 +262,15 @@ class FanOutStream:
 @dataclass(slots=True)
 class Spend:
     """Upstream calls of one backend whose answers were not used (fan-out calls whose sibling
-    failed, or that completed before the request was cancelled). The provider bills them, so
-    they are settled and recorded all the same."""
+    failed, or that completed before the request was cancelled; a cascade step that escalated).
+    The provider bills them, so they are settled and recorded all the same."""
 
     backend: BackendRuntime
     usages: list[Usage]  # one per call
+    # A cascade step whose answer was not served is spend of this kind too (cascade.py).
+    outcome: str = FAN_OUT_ABANDONED_OUTCOME
+    cascade_step: int = 0
+    escalation: str = ""  # cascade_escalated: the check the answer failed, or "failed"
 
     @property
     def usage(self) -> Usage:

@@ -35,7 +35,7 @@ import orjson
 from aiohttp import web
 
 from kubetoll_core.periods import Clock
-from kubetoll_core.spend_record import FAN_OUT_ABANDONED_OUTCOME, REFUSAL_OUTCOME, SpendRecord
+from kubetoll_core.spend_record import REFUSAL_OUTCOME, SpendRecord
 
 from . import capabilities, drain, inbound, tokens
 from .budgets.admission import (
@@ -51,6 +51,7 @@ from .budgets.admission import (
 from .budgets.refusals import RefusalSampler
 from .budgets.store import BudgetStore, Hold, Meter, Reservation, StoreUnavailable, Suspended
 from .cache.stage import CacheLookup, CacheStage
+from .cascade import combine_holds
 from .context import RequestContext
 from .errors import ApiError, budget_suspended, not_found_model, store_unavailable
 from .forwarder import (
@@ -133,7 +134,8 @@ class Pipeline:
         except ApiError as exc:
             ctx.status, ctx.outcome = exc.status, ctx.outcome if ctx.outcome != "ok" else "error"
             # In the error format of the API called (an inbound API's own: inbound/).
-            return inbound.error_response(ctx.endpoint, exc, {"x-request-id": ctx.request_id})
+            routed = ctx.target.headers(ctx.cascade) if ctx.target is not None else {}  # its experiment arm
+            return inbound.error_response(ctx.endpoint, exc, {"x-request-id": ctx.request_id, **routed})
         except asyncio.CancelledError:
             if ctx.outcome == "ok":  # the client went away before we answered, or the drain deadline came
                 ctx.status, ctx.outcome = (503, "drain_cut") if drain.cut_by_drain() else (499, "client_disconnected")
@@ -208,14 +210,16 @@ class Pipeline:
                 "no_matching_rule",
                 "model",
             )
+        # The rule's backends, or this caller's experiment arm (experiments.py).
+        target = ctx.target = rule.target(ident.tenant, request.headers)
         try:  # a request no backend of the chain can serve: 400 now, before anything is counted
             capabilities.check_route(
-                ctx.endpoint, req.body, route.name, [state.backends[n].config for n in rule.backends]
+                ctx.endpoint, req.body, route.name, [state.backends[n].config for n in target.backends]
             )
         except ApiError:
             ctx.outcome = "unsupported"
             raise
-        output_tokens = self._output_reservation(req, route, state, rule.backends)
+        output_tokens = self._output_reservation(req, route, state, target.all_backends)
         now = self.clock.time()
         meters = ctx.meters = state.meters.for_request(route.name, ident.tenant, ident.tier, now)
         self._check_suspended(ctx)
@@ -240,13 +244,15 @@ class Pipeline:
             if percent_used(self.store, meters.windows(), now) >= route.downgrade_at:
                 downgrade = True
                 self.metrics.downgrades.labels(route.name, "at_percent").inc()
-        chain_names = route.downgrade_chain if downgrade else rule.backends
-        # 7 admit
-        holds = self._holds(meters, state, chain_names, ctx.prompt_tokens, output_tokens, req.n)
+        chain_names = route.downgrade_chain if downgrade else target.backends
+        # 7 admit (a cascade reserves for every step: each one called is billed, cascade.py)
+        ctx.cascade = target.cascade_run(ctx.endpoint, req.stream, downgrade, state.backends)
+        chains = ctx.cascade.chains if ctx.cascade is not None else (chain_names,)
+        holds = combine_holds([self._holds(meters, state, c, ctx.prompt_tokens, output_tokens, req.n) for c in chains])
         admitted = await self._admit(ctx, holds, now, can_downgrade)
         if admitted and admitted.downgrade and not downgrade:
             downgrade = True
-            chain_names = route.downgrade_chain
+            chain_names, ctx.cascade = route.downgrade_chain, None
             self.metrics.downgrades.labels(route.name, "exhausted").inc()
         ctx.downgraded = downgrade
         ctx.reservation = admitted.reservation if admitted else None
@@ -272,7 +278,8 @@ class Pipeline:
         body = fwd.body or {}
         if ctx.cache is not None and ctx.cache.should_store and self.cache is not None:
             self.cache.store_soon(ctx.cache, body, usage, cost)
-        headers = self._headers(ctx, cost + sum(s.cost() for s in fwd.abandoned))
+        lookup_cost = ctx.cache.lookup_cost_usd if ctx.cache is not None else 0.0
+        headers = self._headers(ctx, cost + sum(s.cost() for s in fwd.abandoned) + lookup_cost)
         return web.Response(body=orjson.dumps(body), content_type="application/json", headers=headers)
 
     # ------------------------------------------------------------------ stages
@@ -410,6 +417,17 @@ class Pipeline:
         # Fan-out calls whose answers were not used: billed however forwarding ends.
         abandoned: list[Spend] = []
         try:
+            if ctx.cascade is not None:  # cheaper steps first, each answer checked (cascade.py)
+                return await ctx.cascade.run(
+                    self.forwarder,
+                    ctx.state.chain,
+                    ctx.endpoint,
+                    req,
+                    route.fallback_on,
+                    lambda backend, reason: self.metrics.fallbacks.labels(route.name, backend, reason).inc(),
+                    ctx.prompt_tokens,
+                    abandoned,
+                )
             return await self.forwarder.forward(
                 ctx.state.chain(chain_names),
                 ctx.endpoint,
@@ -423,8 +441,9 @@ class Pipeline:
                 abandoned=abandoned,
             )
         except AllBackendsFailed as exc:
-            await self._settle_failed(ctx, now, abandoned)
             ctx.outcome, ctx.fallbacks = "all_backends_failed", len(exc.attempts)
+            last = exc.attempts[-1].backend if exc.attempts else ""
+            await self._settle_failed(ctx, now, abandoned, self._failure_record(ctx, last))
             raise ApiError(
                 exc.status(),
                 f"every backend of route `{route.name}` failed: " + "; ".join(a.describe() for a in exc.attempts),
@@ -433,8 +452,8 @@ class Pipeline:
                 retry_after=exc.retry_after() or (1.0 if exc.status() == 503 else None),
             ) from None
         except UpstreamRejected as exc:
-            await self._settle_failed(ctx, now, abandoned)
             ctx.outcome, ctx.backend = "upstream_error", exc.attempts[-1].backend
+            await self._settle_failed(ctx, now, abandoned, self._failure_record(ctx, ctx.backend))
             e = exc.error.openai_error or {}
             raise ApiError(
                 exc.error.status,
@@ -493,12 +512,15 @@ class Pipeline:
         for record in records:
             self.ledger.append(record)
 
-    async def _settle_failed(self, ctx: RequestContext, now: float, abandoned: list[Spend]) -> None:
-        """Forwarding failed: the reservation is released, less what abandoned fan-out calls spent."""
+    async def _settle_failed(
+        self, ctx: RequestContext, now: float, abandoned: list[Spend], record: SpendRecord | None = None
+    ) -> None:
+        """Forwarding failed: the reservation is released, less what abandoned fan-out calls (and the
+        cascade steps before the failing one) spent."""
         if abandoned:
-            await self._settle(ctx, ctx.reservation, None, 0.0, self.clock.time(), abandoned=abandoned)
+            await self._settle(ctx, ctx.reservation, None, 0.0, self.clock.time(), record=record, abandoned=abandoned)
         else:
-            await self._settle(ctx, ctx.reservation, None, 0.0, now)
+            await self._settle(ctx, ctx.reservation, None, 0.0, now, record=record)
 
     async def _settle_stream(self, ctx: RequestContext, fwd: Forwarded, usages: list[Usage]) -> float:
         """What `StreamRelay` calls once a stream ended (or was cut), with each upstream call's usage:
@@ -542,9 +564,12 @@ class Pipeline:
                     cached_tokens=usage.cached_tokens,
                     cost_usd=cost,
                     downgraded=ctx.downgraded,
-                    outcome=FAN_OUT_ABANDONED_OUTCOME,
+                    outcome=s.outcome,  # fan_out_abandoned, or cascade_escalated
                     request_id=ctx.request_id,
                     workload=self.workload,
+                    cascade_step=s.cascade_step,
+                    escalation=s.escalation,
+                    **(ctx.target.record_fields(None, None, 0.0) if ctx.target is not None else {}),
                 )
             )
         return out
@@ -569,6 +594,33 @@ class Pipeline:
             outcome=ctx.outcome,
             request_id=ctx.request_id,
             workload=self.workload,
+            latency_ms=(time.perf_counter() - ctx.started) * 1000,
+            **(ctx.target.record_fields(ctx.cascade, u, ctx.cost) if ctx.target is not None else {}),
+        )
+
+    def _failure_record(self, ctx: RequestContext, backend: str) -> SpendRecord | None:
+        """A request under an experiment that failed upstream: a record without spend, so that its arm's
+        error rate is in the ledger (`kubetoll report --experiment`). Other failed requests have none."""
+        if ctx.target is None or not ctx.target.experiment:
+            return None
+        return SpendRecord(
+            time=self.clock.time(),
+            namespace=ctx.state.config.namespace,
+            route=ctx.route_name or "-",
+            backend=backend,
+            tenant=ctx.tenant,
+            tier=ctx.tier,
+            prompt_tokens=0,
+            completion_tokens=0,
+            cached_tokens=0,
+            cost_usd=0.0,
+            downgraded=ctx.downgraded,
+            fallbacks=ctx.fallbacks,
+            outcome=ctx.outcome,
+            request_id=ctx.request_id,
+            workload=self.workload,
+            latency_ms=(time.perf_counter() - ctx.started) * 1000,
+            **ctx.target.record_fields(ctx.cascade, None, 0.0),
         )
 
     # ------------------------------------------------------------------ cache (stage 6)
@@ -579,12 +631,13 @@ class Pipeline:
             policy, ctx.route_name, ctx.tenant, ctx.endpoint, ctx.req.upstream_body, ctx.request.headers
         )
         ctx.cache = lookup
-        charge = lookup.embedding
-        if charge is not None:
-            # The semantic lookup's embedding call is spend like any other: counted against
-            # this request's budgets (never refused: it already happened) and in the ledger.
-            record = CacheStage.embedding_record(
+        for outcome, charge in lookup.charges:
+            # The semantic lookup's embedding and verifier calls are spend like any other: counted
+            # against this request's budgets (never refused: they already happened) and in the ledger.
+            record = CacheStage.charge_record(
                 lookup,
+                charge,
+                outcome,
                 time_=self.clock.time(),
                 namespace=ctx.state.config.namespace,
                 tenant=ctx.tenant,
@@ -621,6 +674,8 @@ class Pipeline:
         if record is not None:
             self.ledger.append(record)
         headers = {"x-request-id": ctx.request_id, **hit.headers()}
+        if lookup.lookup_cost_usd:  # the hit cost nothing upstream; its embedding and verifier calls did
+            headers["x-kubetoll-cost-usd"] = f"{lookup.lookup_cost_usd:.9f}"
         if not req.stream:
             return web.Response(body=hit.json_bytes(), content_type="application/json", headers=headers)
         resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache", **headers})
@@ -646,6 +701,8 @@ class Pipeline:
             h["x-kubetoll-downgraded"] = "true"
         if ctx.cache is not None:
             h["x-kubetoll-cache"] = ctx.cache.header_value
+        if ctx.target is not None:
+            h.update(ctx.target.headers(ctx.cascade))  # experiment arm, cascade (experiments.py)
         t = tightest(self.store, ctx.meters.all(), self.clock.time())
         if t is not None:
             m, st = t

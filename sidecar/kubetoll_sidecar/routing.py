@@ -3,6 +3,8 @@
 A route is the model name the app asks for. Its rules are tried in order and
 the first whose conditions all hold wins; its backends are the chain the
 forwarder walks. Regexes and keyword sets are compiled once per config load.
+What serves the request is the rule's `Target` (experiments.py): its backends and
+cascade (cascade.py), or with a `split` those of the caller's experiment arm.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kubetoll_core.enums import FailureClass
-from kubetoll_core.parts import RuleMatch
+from kubetoll_core.parts import Rule
 from kubetoll_core.router_config import Route, RouterConfig
 from kubetoll_core.user_regex import compile_user_regex
+
+from .cascade import CompiledCascade
+from .experiments import CompiledSplit, Target
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +36,8 @@ class CompiledRule:
     __slots__ = (
         "name",
         "backends",
+        "_target",
+        "_split",
         "_min",
         "_max",
         "_tiers",
@@ -42,9 +49,13 @@ class CompiledRule:
         "_re",
     )
 
-    def __init__(self, name: str, match: RuleMatch, backends: list[str]) -> None:
+    def __init__(self, name: str, rule: Rule) -> None:
         self.name = name
-        self.backends = tuple(backends)
+        self.backends = tuple(rule.backends)  # empty with a split: each arm names its own
+        self._split = CompiledSplit(rule.split) if rule.split is not None else None
+        cascade = CompiledCascade.of(rule.cascade) if rule.cascade is not None else None
+        self._target = Target(self.backends, cascade)
+        match = rule.match
         self._min = match.min_prompt_tokens
         self._max = match.max_prompt_tokens
         self._tiers = frozenset(match.tiers)
@@ -60,6 +71,12 @@ class CompiledRule:
             else None
         )
         self._re = compile_user_regex(match.regex) if match.regex else None
+
+    def target(self, tenant: str, headers: Mapping[str, str]) -> Target:
+        """What serves this request: the rule's backends (and cascade), or its experiment arm for this caller."""
+        if self._split is None:
+            return self._target
+        return self._split.choose(tenant, headers)
 
     def matches(self, ctx: RouteContext) -> bool:
         if self._min is not None and ctx.prompt_tokens < self._min:
@@ -90,16 +107,16 @@ class CompiledRule:
 class CompiledRoute:
     def __init__(self, route: Route) -> None:
         self.name = route.name
-        self.rules = [CompiledRule(r.name or f"rule-{i}", r.match, r.backends) for i, r in enumerate(route.rules)]
+        self.rules = [CompiledRule(r.name or f"rule-{i}", r) for i, r in enumerate(route.rules)]
         self.fallback_on: frozenset[FailureClass] = frozenset(route.fallback_on)
         self.max_output_tokens = route.max_output_tokens
         self.downgrade_at = route.downgrade.at_percent if route.downgrade else None
         self.downgrade_chain: tuple[str, ...] = tuple(route.downgrade.backends) if route.downgrade else ()
         self.cache_policy = route.cache_policy
-        # Every backend this route might call, for a conservative USD reservation.
+        # Every backend this route might call (cascade steps and experiment arms too).
         seen: dict[str, None] = {}
-        for r in self.rules:
-            seen.update(dict.fromkeys(r.backends))
+        for r in route.rules:
+            seen.update(dict.fromkeys(r.backend_names()))
         self.all_backends = tuple(seen)
 
     def select(self, ctx: RouteContext) -> CompiledRule | None:

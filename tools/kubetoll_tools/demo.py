@@ -272,7 +272,7 @@ def default_baseline(config: RouterConfig, route: str) -> str:
     cr = CompiledRoute(next(r for r in config.routes if r.name == route))
     for tier in ("premium", config.tenancy.default_tier):
         rule = cr.select(RouteContext(200, "baseline", tier, {}, lambda: ""))
-        if rule is not None:
+        if rule is not None and rule.backends:  # a rule with an experiment split names its backends per arm
             return rule.backends[0]
     return cr.all_backends[0]
 

@@ -296,7 +296,7 @@ def targets_from_config(path: str, route: str | None) -> list[Target]:
         raise EstimateError(f"{path}: no route {route!r} (routes: {', '.join(names) or 'none'})")
     order: dict[str, None] = {}
     for rule in found.rules:
-        order.update(dict.fromkeys(rule.backends))
+        order.update(dict.fromkeys(rule.backend_names()))  # cascade steps and experiment arms too
     if found.downgrade:
         order.update(dict.fromkeys(found.downgrade.backends))
     out = []

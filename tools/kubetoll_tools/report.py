@@ -20,7 +20,12 @@ tenant,route` shows those only.
 
 Savings are shown against a baseline model's catalogue prices (`--baseline`,
 default gpt-4o): every request's tokens priced there, with no cache and no
-routing, split into cache, routing and downgrade parts (see `spend.py`).
+routing, split into cache, routing and downgrade parts (see `spend.py`). Cascaded
+requests get a line of their own: the escalation rate and the savings against
+always calling each cascade's last step.
+
+`--experiment NAME` reports one experiment instead, per arm, with 95% intervals
+(`experiment_report.py`).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from datetime import datetime, timedelta, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from . import spend
+from . import experiment_report, spend
 from .estimate import EstimateError, catalog_price, text_table
 from .spend import fmt_usd
 
@@ -252,6 +257,8 @@ def format_table(report: dict[str, Any]) -> str:
             f"routing {fmt_usd(sav['routing_usd'])}, "
             f"downgrade {fmt_usd(sav['downgrade_usd'])} ({t['downgraded']} downgraded requests)"
         )
+    if s.get("cascade"):
+        lines.append("Cascades: " + experiment_report.cascade_line(s["cascade"]))
     for dim in report["by"]:
         groups = s[f"by_{dim}"]
         if dim == "tenant":
@@ -295,6 +302,40 @@ def format_csv(report: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
+_EXPERIMENT_CSV = [
+    "requests",
+    "cost_usd",
+    "cost_per_request_usd",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "errors",
+    "error_rate",
+]
+
+
+def format_experiment(report: dict[str, Any], fmt: str) -> str:
+    e = report["experiment"]
+    if fmt == "json":
+        return json.dumps(report, indent=2) + "\n"
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["arm", *_EXPERIMENT_CSV, "cost_per_request_ci95_low", "cost_per_request_ci95_high",
+                    "error_rate_ci95_low", "error_rate_ci95_high", "escalation_rate", "cascade_saved_usd"])  # fmt: skip
+        for a in e["arms"]:
+            cost_ci, err_ci, c = a["cost_per_request_ci95"] or ("", ""), a["error_rate_ci95"] or ("", ""), a["cascade"]
+            w.writerow(
+                [a["arm"], *(a[f] for f in _EXPERIMENT_CSV), *cost_ci, *err_ci]
+                + ([c["escalation_rate"], c["saved_usd"]] if c else ["", ""])
+            )
+        return buf.getvalue()
+    head = (
+        f"Namespace {report['namespace'] or '?'} from {report['since_text']} to {report['until_text']} "
+        f"({report['source']})"
+    )
+    return head + "\n" + experiment_report.format_experiment(e) + "\n"
+
+
 async def build_report(args: Any, now: float) -> dict[str, Any]:
     tz = _tz(args.tz)
     since = parse_when(args.since, now, tz, "--since")
@@ -323,7 +364,20 @@ async def build_report(args: Any, now: float) -> dict[str, Any]:
             baseline = catalog_price(args.baseline)
         except EstimateError as exc:
             raise ReportError(str(exc).replace("--models", "--baseline")) from None
-    summary = spend.summarize(records, baseline=baseline, baseline_label=args.baseline or "", top=args.top)
+    recs = [spend.to_record(r) for r in records]
+    if getattr(args, "experiment", None):  # callers that build args by hand may leave it out
+        return {
+            "namespace": namespace,
+            "source": source,
+            "since": since,
+            "until": until,
+            "since_text": _fmt_time(since, tz),
+            "until_text": _fmt_time(until, tz),
+            "dropped": dropped,
+            "experiment": experiment_report.experiment_summary(recs, args.experiment),
+        }
+    summary = spend.summarize(recs, baseline=baseline, baseline_label=args.baseline or "", top=args.top)
+    summary["cascade"] = experiment_report.cascade_summary(recs)
     return {
         "namespace": namespace,
         "source": source,
@@ -348,7 +402,9 @@ def run(args: Any, out: Any = None, err: Any = None) -> int:
     except ReportError as exc:
         print(f"kubetoll report: {exc}", file=err)
         return 2
-    if args.format == "json":
+    if "experiment" in report:
+        out.write(format_experiment(report, args.format))
+    elif args.format == "json":
         out.write(json.dumps(report, indent=2) + "\n")
     elif args.format == "csv":
         out.write(format_csv(report))

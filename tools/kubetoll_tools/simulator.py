@@ -41,6 +41,13 @@ such as an HTTP-date, is sent as written), `500`, `529`, `cut;after=3`, `slow;de
 role chunk, Anthropic's message_start and ping included); a cut never reaches the
 finishing event (finish_reason chunk / message_delta), usage or `[DONE]`. On a
 non-streaming request `cut` sends half of the JSON body and drops the connection.
+
+Bad answers (a 200 whose answer a cascade's checks turn down; OpenAI and Azure chat
+completions, streamed or not): `length` (half the answer, `finish_reason: length`),
+`empty` (no text), `refusal` (`message.refusal` set, no content), `bad_json` (with a
+`json_schema` response format whose schema requires properties: the sampled object
+without them; otherwise JSON cut short by one character), `bad_tool_args` (a tool
+call's arguments cut short by one character: not JSON).
 """
 
 from __future__ import annotations
@@ -142,13 +149,26 @@ FAULT_KINDS = (
     "malformed",
     "no_usage",
     "stream_error",
+    "answer_length",
+    "answer_empty",
+    "answer_refusal",
+    "answer_bad_json",
+    "answer_bad_tool_args",
 )
+# The faults that answer 200 with an answer a check turns down (`spoil_reply`).
+ANSWER_FAULTS = frozenset(k for k in FAULT_KINDS if k.startswith("answer_"))
+SIM_REFUSAL = "I'm sorry, but I can't help with that."
 
 _KIND_ALIASES = {k: k for k in FAULT_KINDS} | {
     "cut": "cut_stream",
     "slow": "slow_first_token",
     "context": "context_length",
     "quota": "insufficient_quota",
+    "length": "answer_length",
+    "empty": "answer_empty",
+    "refusal": "answer_refusal",
+    "bad_json": "answer_bad_json",
+    "bad_tool_args": "answer_bad_tool_args",
 }
 
 
@@ -544,6 +564,7 @@ class _Reply:
     tool_id: str = ""
     arguments: str = ""
     pre_split: bool = False  # pieces are already stream-sized (JSON answers), not single tokens
+    refusal: str | None = None  # OpenAI's structured refusal, instead of content
 
     @property
     def text(self) -> str:
@@ -606,6 +627,36 @@ def plan_chat(body: dict[str, Any], settings: SimSettings, model: str) -> list[_
         else:
             replies.append(_json_reply(body, seed, settings, model, i) or _text_reply(seed, settings, cap, i))
     return replies
+
+
+def spoil_reply(reply: _Reply, kind: str, body: dict[str, Any], settings: SimSettings, model: str) -> _Reply:
+    """The reply as an answer fault (ANSWER_FAULTS) turns it bad; see the module's docstring."""
+    size = 4 * max(1, settings.tokens_per_chunk)
+    if kind == "answer_empty":
+        return _Reply([], "stop", 0)
+    if kind == "answer_refusal":
+        return _Reply([], "stop", count_tokens(SIM_REFUSAL, model), refusal=SIM_REFUSAL)
+    if kind == "answer_length":
+        if reply.tool is not None:
+            args = reply.arguments[: len(reply.arguments) // 2]
+            return _Reply([], "length", count_tokens(args, model), reply.tool, reply.tool_id, args)
+        pieces = reply.pieces[: max(1, len(reply.pieces) // 2)]
+        tokens = count_tokens("".join(pieces), model) if reply.pre_split else len(pieces)
+        return _Reply(pieces, "length", tokens, pre_split=reply.pre_split)
+    if kind == "answer_bad_tool_args" and reply.tool is not None:
+        args = reply.arguments[:-1]
+        return _Reply([], reply.finish, count_tokens(args, model), reply.tool, reply.tool_id, args)
+    if kind == "answer_bad_json" and reply.tool is None:
+        fmt = body.get("response_format")
+        schema = ((fmt.get("json_schema") or {}).get("schema") or {}) if isinstance(fmt, dict) else {}
+        required = schema.get("required") if isinstance(schema, dict) else None
+        value = sample_from_schema(schema) if schema else None
+        if isinstance(value, dict) and required:
+            text = orjson.dumps({k: v for k, v in value.items() if k not in required}).decode()
+        else:
+            text = (reply.text or "{}")[:-1]
+        return _Reply(_split_chars(text, size), "stop", count_tokens(text, model), pre_split=True)
+    return reply
 
 
 def _split_chars(text: str, size: int) -> list[str]:
@@ -690,6 +741,12 @@ def chat_stream_events(
                 events.append(
                     (chunk(choice(i, {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})), True)
                 )
+        elif reply.refusal is not None:
+            events.append((chunk(choice(i, {"role": "assistant", "content": None, "refusal": ""})), False))
+            events.extend(
+                (chunk(choice(i, {"refusal": text})), True)
+                for text in _split_chars(reply.refusal, 4 * max(1, settings.tokens_per_chunk))
+            )
         else:
             events.append((chunk(choice(i, {"role": "assistant", "content": "", "refusal": None})), False))
             events.extend(
@@ -1409,6 +1466,8 @@ class SimulatedUpstream:
         if prompt > self._context_window(ctx):
             return self._context_length_error(ctx, prompt)
         replies = plan_chat(body, settings, count_model)
+        if ctx.fault is not None and ctx.fault.kind in ANSWER_FAULTS:
+            replies = [spoil_reply(r, ctx.fault.kind, body, settings, count_model) for r in replies]
         usage = _openai_usage(prompt, sum(r.tokens for r in replies), settings.cached_prompt_tokens)
         if ctx.stream:
             base = self._openai_base(ctx, "chatcmpl-", "chat.completion.chunk")
@@ -1421,8 +1480,8 @@ class SimulatedUpstream:
         for i, reply in enumerate(replies):
             message: dict[str, Any] = {
                 "role": "assistant",
-                "content": None if reply.tool else reply.text,
-                "refusal": None,
+                "content": None if reply.tool or reply.refusal is not None else reply.text,
+                "refusal": reply.refusal,
                 "annotations": [],
             }
             if reply.tool is not None:

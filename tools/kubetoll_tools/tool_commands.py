@@ -172,6 +172,12 @@ def _report_arguments(p: argparse.ArgumentParser) -> None:
         metavar="MODEL",
         help="catalogue model the savings are measured against (default gpt-4o; 'none' to skip)",
     )
+    p.add_argument(
+        "--experiment",
+        metavar="NAME",
+        help="report one experiment instead: per arm, requests, cost per request, latency p50/p95, error and "
+        "escalation rates, with 95%% intervals",
+    )
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
 
 

@@ -67,7 +67,9 @@ def embedder_for_backend(runtime: Any, credentials: Any, timeout: float = 2.0) -
             raise
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # connection, timeout, credentials, an unsupported provider, a bad body
+        except TimeoutError:
+            raise EmbeddingFailed(f"{backend.name}: no answer within {timeout * 1000:.0f} ms") from None
+        except Exception as exc:  # connection, credentials, an unsupported provider, a bad body
             raise EmbeddingFailed(f"{backend.name}: {type(exc).__name__}: {exc}") from None
         vectors = parse_vectors(data, len(texts))
         return vectors, usage, runtime.price.cost(usage)

@@ -20,6 +20,8 @@ namespace lands in one Redis Cluster slot and no namespace reads another's:
     kt:cache:{<ns>}:<policy>:epoch             admin epoch (INCR it to flush)
     kt:cache:{<ns>}:<policy>:<gen>:e:<hash>    one cached response (both tiers)
     kt:cache:{<ns>}:<policy>:<gen>:log         stream of semantic inserts
+    kt:cache:{<ns>}:<policy>:<gen>:q:<hash>    the question a semantic entry answers (for rerank/judge)
+    kt:cache:{<ns>}:<policy>:<gen>:v:<hash>    a verifier's score for one pair of questions
 """
 
 from __future__ import annotations
@@ -216,3 +218,13 @@ def entry_key(namespace: str, policy: str, gen: str, h: str) -> str:
 
 def log_key(namespace: str, policy: str, gen: str) -> str:
     return f"{policy_prefix(namespace, policy)}{gen}:log"
+
+
+def question_key(namespace: str, policy: str, gen: str, h: str) -> str:
+    """The question text a semantic entry (`h`) answers: what a rerank or judge verifier compares."""
+    return f"{policy_prefix(namespace, policy)}{gen}:q:{h}"
+
+
+def verdict_key(namespace: str, policy: str, gen: str, pair: str) -> str:
+    """A verifier's score for one pair of questions (`pair`: a hash of the verifier and both texts)."""
+    return f"{policy_prefix(namespace, policy)}{gen}:v:{pair}"

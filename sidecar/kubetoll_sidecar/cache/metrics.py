@@ -37,7 +37,8 @@ class CacheMetrics:
         )
         self.semantic_rejections = Counter(
             "kubetoll_cache_semantic_rejections",
-            "Semantic candidates above the threshold turned down by the strict check, by what differed.",
+            "Semantic candidates above the threshold turned down, by why: what the strict check found different, "
+            "or the verifier (rerank, judge) saying no.",
             ["route", "policy", "reason"],
             registry=r,
         )
@@ -58,6 +59,27 @@ class CacheMetrics:
             "kubetoll_cache_embedding_usd",
             "USD spent on embedding calls for semantic lookups.",
             ["policy"],
+            registry=r,
+        )
+        self.verifier_calls = Counter(
+            "kubetoll_cache_verifier_calls",
+            "Model verifier (rerank, judge) decisions on semantic candidates, by result: ok (the backend answered), "
+            "cached (a score stored for the same pair), failed (error, timeout, unreadable answer), skipped (circuit "
+            "open or no client), no_question (the stored question is gone), too_long.",
+            ["policy", "kind", "result"],
+            registry=r,
+        )
+        self.verifier_usd = Counter(
+            "kubetoll_cache_verifier_usd",
+            "USD spent on verifier calls for semantic lookups.",
+            ["policy"],
+            registry=r,
+        )
+        self.semantic_degraded = Gauge(
+            "kubetoll_cache_semantic_degraded",
+            "1 while a policy's semantic tier misses because a part is unavailable (its circuit is open, or the "
+            "sidecar has no client for its backend), by part (embedding, verifier); 0 when it serves.",
+            ["policy", "part"],
             registry=r,
         )
         self.redis_errors = Counter(

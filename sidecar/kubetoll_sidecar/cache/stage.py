@@ -2,10 +2,11 @@
 
 `CacheStage` answers a request from cache when its route's cache policy
 allows: first the exact tier (in-process LRU, then Redis), then the semantic
-tier (embed the question, search the local index, check the candidate
-strictly, fetch the answer). On a miss it keeps what it computed (the key, the
-embedding) in the returned `CacheLookup`, and `store(lookup, ...)` files the
-answer under it once the model has given one.
+tier (embed the question, search the local index, check the candidates
+strictly, have the policy's verifier confirm the top one, fetch the answer). On
+a miss it keeps what it computed (the key, the embedding) in the returned
+`CacheLookup`, and `store(lookup, ...)` files the answer under it once the model
+has given one.
 
 Sharing across the sidecars of a namespace goes through Redis:
 
@@ -30,8 +31,18 @@ older entry unreachable at once, locally and in Redis.
 
 Redis is never waited on for more than `redis_timeout` on the request path;
 after a failure the stage runs on local state alone for a second before trying
-again (`RedisGuard`). An embedding backend that fails or is slow makes the
-semantic tier a miss, never an error.
+again (`RedisGuard`). An embedding or verifier backend that fails or is slow
+(past the policy's `embeddingTimeoutMs` / `verifier.timeoutMs`) makes the
+semantic tier a miss, never an error; enough failures in a row open that part's
+circuit (`semantic_health.py`), and the tier is then visibly degraded: a
+gauge, one log line, and a report in Redis the operator turns into the
+CachePolicy's `Degraded` condition.
+
+The verification step is `_confirm`: the one place that decides whether the top
+candidate (the most similar one whose answer is still stored and, when the
+rules run, that passes them) is served. Only that candidate is put to a rerank
+or judge verifier, whose scores are cached per pair of questions (locally and
+in Redis) and billed like the embedding call (`CacheLookup.charges`).
 
 Time comes from two clocks given to `CacheStage` (the real ones by default; a
 test passes fakes to expire a TTL or a cool-down without sleeping): `wall`
@@ -43,15 +54,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
+from kubetoll_core.cache_health import EMBEDDING, VERIFIER
+from kubetoll_core.redis_keys import RedisKeys, check_sidecar_id
 from kubetoll_core.router_config import CachePolicy, RouterConfig
-from kubetoll_core.spend_record import CACHE_EMBEDDING_OUTCOME, SpendRecord
+from kubetoll_core.spend_record import CACHE_EMBEDDING_OUTCOME, CACHE_VERIFIER_OUTCOME, SpendRecord
 
 from .. import inbound
 from ..providers.base import Usage
@@ -61,6 +76,8 @@ from .lru import ByteLRU
 from .metrics import CacheMetrics
 from .redis_guard import RedisGuard, RedisUnavailable
 from .replay import CacheHit, Entry, is_complete, usage_dict
+from .semantic_health import PartSpec, SemanticHealth
+from .verifiers import MAX_TEXT_CHARS, ModelVerifier
 from .verify import VERIFY_VERSION, Signature, disagreement, signature
 
 if TYPE_CHECKING:  # numpy and the index load on first semantic use, not with the stage
@@ -76,13 +93,16 @@ CACHEABLE_ENDPOINTS = ("chat", "completions", "responses", "messages")
 
 
 @dataclass(frozen=True, slots=True)
-class EmbeddingCharge:
-    """An embedding call made for a semantic lookup: bill it like any call."""
+class LookupCharge:
+    """A call a semantic lookup made (the embedding, the verifier): bill it like any call."""
 
     backend: str
     usage: Usage
     cost_usd: float
     seconds: float
+
+
+EmbeddingCharge = LookupCharge  # its name from before verifier calls were billed too
 
 
 @dataclass(slots=True)
@@ -91,8 +111,9 @@ class CacheLookup:
 
     status: str  # "hit", "miss", "bypass", "uncacheable", "off"
     hit: CacheHit | None = None
-    embedding: EmbeddingCharge | None = None
-    reason: str = ""  # why uncacheable, or why a semantic candidate was turned down
+    embedding: LookupCharge | None = None
+    verification: LookupCharge | None = None  # the rerank or judge call, when one was made
+    reason: str = ""  # why uncacheable, why a semantic candidate was turned down, or why the tier could not look
     # -- private to the stage
     _rt: _PolicyRuntime | None = None
     _route: str = ""
@@ -103,6 +124,22 @@ class CacheLookup:
     _partition: str = ""
     _vector: np.ndarray | None = None
     _signature: Signature | None = None
+    _question: str = ""  # the embedded text: stored with a semantic entry for model verifiers
+
+    @property
+    def charges(self) -> list[tuple[str, LookupCharge]]:
+        """(ledger outcome, charge) of each call this lookup made, to bill."""
+        out = []
+        if self.embedding is not None:
+            out.append((CACHE_EMBEDDING_OUTCOME, self.embedding))
+        if self.verification is not None:
+            out.append((CACHE_VERIFIER_OUTCOME, self.verification))
+        return out
+
+    @property
+    def lookup_cost_usd(self) -> float:
+        """What the lookup's own calls cost (in the request's `x-kubetoll-cost-usd`)."""
+        return sum(c.cost_usd for _, c in self.charges)
 
     @property
     def header_value(self) -> str:
@@ -126,11 +163,13 @@ class _PolicyRuntime:
     settings_hash: str
     lru: ByteLRU
     embed: EmbedFn | None = None
+    verifier: ModelVerifier | None = None
     epoch: int | None = None  # None until read from Redis
     epoch_retry_at: float = 0.0
     index: SemanticIndex | None = None  # built on first use (numpy is only needed then)
     cursor: str = "0-0"  # last stream id applied to the index
-    embed_down_until: float = 0.0
+    # Stored questions and cached verifier scores, for a model verifier: bounded apart from the entries.
+    verify_lru: ByteLRU = field(default_factory=lambda: ByteLRU(0))
     stats: dict[str, int] = field(default_factory=lambda: {"hits": 0, "misses": 0})
 
     @property
@@ -167,6 +206,7 @@ class _PolicyRuntime:
         if self.epoch is not None or had_state:
             # Entries of another epoch (or of an epoch never known) must not be served.
             self.lru.clear()
+            self.verify_lru.clear()
             if self.index is not None:
                 self.index.clear()
             if self.epoch is not None:
@@ -176,10 +216,23 @@ class _PolicyRuntime:
         self.cursor = "0-0"  # read the new generation's inserts from the start
 
 
+# Settings that decide only what is served, never what is stored: changing them keeps the entries
+# (a stricter verifier re-checks old entries; a timeout or circuit setting changes nothing stored).
+_SERVING_ONLY = {"verifier": None, "embedding_timeout_ms": None, "circuit_breaker": None}
+VERIFY_LRU_SHARE = 16  # the questions and verdicts get localMaxBytes / 16 more (at least 1 MiB)
+
+
 def policy_hash(policy: CachePolicy) -> str:
+    stored_as = policy.model_copy(update={"semantic": policy.semantic.model_copy(update=_SERVING_ONLY)})
     return keys.digest(
-        keys.canonical_json({"settings": keys.policy_settings_hash(policy), "verify": VERIFY_VERSION}), 6
+        keys.canonical_json({"settings": keys.policy_settings_hash(stored_as), "verify": VERIFY_VERSION}), 6
     )
+
+
+def _describe(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout * 1000:.0f} ms"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _header(headers: Mapping[str, str] | None, name: str) -> str:
@@ -225,13 +278,17 @@ class CacheStage:
         background_timeout: float = 0.5,
         sync_interval: float = 0.2,
         epoch_interval: float = 1.0,
-        embed_timeout: float = 2.0,
-        embed_cooldown: float = 2.0,
+        embed_timeout: float | None = None,
+        embed_cooldown: float | None = None,
         redis_cooldown: float = 1.0,
         metrics: CacheMetrics | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        instance: str | None = None,
     ) -> None:
+        """`embed_timeout` and `embed_cooldown` (seconds) override every policy's `embeddingTimeoutMs` and
+        the embedding circuit's `cooldownSeconds` (benchmarks, tests); None: the policy's. `instance` names
+        this sidecar in the reports the operator reads (the pod name; default a random id)."""
         if redis is not None and redis.get_encoder().decode_responses:
             raise ValueError("CacheStage needs a Redis client with decode_responses=False (it stores binary vectors)")
         self.namespace = namespace
@@ -249,7 +306,16 @@ class CacheStage:
         self.sync_interval = sync_interval
         self.epoch_interval = epoch_interval
         self.embed_timeout = embed_timeout
-        self.embed_cooldown = embed_cooldown
+        cooldowns = {EMBEDDING: embed_cooldown} if embed_cooldown is not None else {}
+        self.health = SemanticHealth(self.metrics, monotonic, wall, cooldowns)
+        try:
+            self.instance = check_sidecar_id(instance) if instance else uuid.uuid4().hex[:12]
+        except ValueError:
+            self.instance = uuid.uuid4().hex[:12]
+        try:
+            self._health_keys: RedisKeys | None = RedisKeys(namespace)
+        except ValueError:  # not a namespace name (a hand-written config): no reports to the operator
+            self._health_keys = None
         self._policies: dict[str, _PolicyRuntime] = {}
         self._sync_task: asyncio.Task | None = None
         self._pending: set[asyncio.Task] = set()
@@ -259,9 +325,17 @@ class CacheStage:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def configure(self, config: RouterConfig, embedders: Mapping[str, EmbedFn] | None = None) -> None:
-        """Apply a config load. A policy whose settings are unchanged keeps its local
-        entries; a changed one starts empty under a new generation."""
+    def configure(
+        self,
+        config: RouterConfig,
+        embedders: Mapping[str, EmbedFn] | None = None,
+        verifiers: Mapping[str, ModelVerifier] | None = None,
+    ) -> None:
+        """Apply a config load. A policy whose stored-entry settings are unchanged keeps its
+        local entries; a changed one starts empty under a new generation.
+
+        `embedders` maps embedding backend names to their EmbedFn, `verifiers` policy names to
+        their rerank or judge verifier (`verifiers.verifier_for_policy`)."""
         if config.namespace != self.namespace:
             log.warning(
                 "cache: config namespace %s differs from the stage's %s; keys stay in %s",
@@ -270,31 +344,42 @@ class CacheStage:
                 self.namespace,
             )
         embedders = embedders or {}
+        verifiers = verifiers or {}
         new: dict[str, _PolicyRuntime] = {}
+        parts: list[PartSpec] = []
         for p in config.cache_policies:
             h = policy_hash(p)
-            embed = (
-                embedders.get(p.semantic.embedding_backend)
-                if p.semantic.enabled and p.semantic.embedding_backend
-                else None
-            )
-            if p.semantic.enabled and embed is None:
-                log.warning(
-                    "cache policy %s: no embedder for backend %s; its semantic tier will miss",
-                    p.name,
-                    p.semantic.embedding_backend,
-                )
+            s = p.semantic
+            embed = embedders.get(s.embedding_backend) if s.enabled and s.embedding_backend else None
+            v = s.verifier_settings
+            verifier = verifiers.get(p.name) if s.enabled and v.uses_model else None
+            if s.enabled:
+                c = s.circuit
+                backend = s.embedding_backend or ""
+                missing = "" if embed is not None else f"no embedder for backend {backend or '(none)'}"
+                parts.append(PartSpec(p.name, EMBEDDING, backend, c.failure_threshold, c.cooldown_seconds, missing))
+                if v.uses_model:
+                    backend = v.backend or ""
+                    missing = "" if verifier is not None else f"no {v.kind.value} verifier for backend {backend}"
+                    parts.append(PartSpec(p.name, VERIFIER, backend, c.failure_threshold, c.cooldown_seconds, missing))
+            # Kept only for a model verifier; a verifier turned on later keeps the entries (not the
+            # generation's business) and reads the questions from Redis until its own are stored.
+            verify_bytes = max(p.local_max_bytes // VERIFY_LRU_SHARE, 1 << 20) if s.enabled and v.uses_model else 0
             old = self._policies.get(p.name)
             if old is not None and old.settings_hash == h:
-                old.policy = p
-                old.embed = embed
+                old.policy, old.embed, old.verifier = p, embed, verifier
+                old.verify_lru.max_bytes = verify_bytes
+                if not verify_bytes:
+                    old.verify_lru.clear()
                 new[p.name] = old
                 continue
             if old is not None:
                 self.metrics.flushes.labels(p.name, "policy_changed").inc()
                 log.info("cache policy %s changed: new generation %s, old entries no longer served", p.name, h)
-            new[p.name] = _PolicyRuntime(p, h, ByteLRU(p.local_max_bytes), embed)
+            lru = ByteLRU(p.local_max_bytes)
+            new[p.name] = _PolicyRuntime(p, h, lru, embed, verifier, verify_lru=ByteLRU(verify_bytes))
         self._policies = new
+        self.health.configure(parts)
         self._next_epoch_check = 0.0
 
     async def start(self) -> None:
@@ -306,6 +391,12 @@ class CacheStage:
         """Waits (briefly) for stores in flight, then stops the sync task."""
         self._closed = True
         await self.drain(1.0)
+        # This sidecar's reports of a degraded tier leave with it (else they count until their TTL).
+        self.health.retire_all()
+        try:
+            await asyncio.wait_for(self._publish_health(), self.background_timeout)
+        except (TimeoutError, Exception):
+            pass
         if self._sync_task is not None:
             self._sync_task.cancel()
             try:
@@ -421,15 +512,40 @@ class CacheStage:
     async def _semantic(
         self, rt: _PolicyRuntime, lk: CacheLookup, split: keys.SemanticSplit, now: float
     ) -> CacheHit | None:
+        s = rt.policy.semantic
+        v = s.verifier_settings
+        if v.uses_model and self.health.blocked(rt.name, VERIFIER):
+            # Nothing could be confirmed: no embedding call either (it would be spent for nothing).
+            lk.reason = "verifier_unavailable"
+            self.metrics.verifier_calls.labels(rt.name, v.kind.value, "skipped").inc()
+            return None
         vec = await self._embed(rt, lk, split.text)
         if vec is None:
             return None
         sig = signature(split.text)
-        lk._partition, lk._vector, lk._signature = split.partition, vec, sig
-        index = rt.ensure_index()
+        lk._partition, lk._vector, lk._signature, lk._question = split.partition, vec, sig, split.text
+        candidates = await self._search(rt.ensure_index(), split.partition, vec, s.threshold, now)
+        top = await self._top_candidate(rt, lk, sig, candidates, now)
+        if top is None:
+            return None
+        cand, entry = top
+        if not await self._confirm(rt, lk, split.text, cand):
+            return None
+        return CacheHit("semantic", rt.name, entry, cand.similarity, wall=self._wall)
+
+    async def _top_candidate(
+        self, rt: _PolicyRuntime, lk: CacheLookup, sig: Signature, candidates: list[Candidate], now: float
+    ) -> tuple[Candidate, Entry] | None:
+        """The most similar candidate whose answer is still stored and, when the rules run, that passes them.
+
+        The rules are free and can only turn a candidate down, so they filter every candidate;
+        a model verifier is then asked about this one only (`_confirm`).
+        """
         s = rt.policy.semantic
-        for cand in await self._search(index, split.partition, vec, s.threshold, now):
-            if s.verify:
+        rules = s.verifier_settings.runs_rules
+        index = rt.ensure_index()
+        for cand in candidates:
+            if rules:
                 why = disagreement(sig, cand.signature)
                 if why is not None:
                     lk.reason = why
@@ -441,8 +557,136 @@ class CacheStage:
                     continue  # cannot tell whether it is gone: keep it, try the next
                 index.remove(cand.entry_id)
                 continue
-            return CacheHit("semantic", rt.name, entry, cand.similarity, wall=self._wall)
+            return cand, entry
         return None
+
+    async def _confirm(self, rt: _PolicyRuntime, lk: CacheLookup, question: str, cand: Candidate) -> bool:
+        """Whether the top candidate is served: the verification step after the search and the rules.
+
+        True for kinds rules and none (the rules already ran in `_top_candidate`). For rerank and
+        judge: the score for this pair of questions (cached, or one call to the verifier, billed in
+        `lk.verification`) against the verifier's threshold. A cached score needs no call, so it
+        serves even if the verifier's circuit opened meanwhile. Anything short of a usable score
+        (no client, an open circuit, a failed call, the stored question gone) is a miss, never a hit.
+        """
+        v = rt.policy.semantic.verifier_settings
+        if not v.uses_model:
+            return True
+        m, kind = self.metrics, v.kind.value
+        verifier = rt.verifier
+        if verifier is None:  # (degraded from the config load on: `_semantic` stops before the embedding)
+            lk.reason = "verifier_unavailable"
+            m.verifier_calls.labels(rt.name, kind, "skipped").inc()
+            return False
+        stored = await self._question(rt, cand.entry_id)
+        if stored is None:
+            lk.reason = "question_missing"
+            m.verifier_calls.labels(rt.name, kind, "no_question").inc()
+            return False
+        if len(question) > MAX_TEXT_CHARS or len(stored) > MAX_TEXT_CHARS:
+            lk.reason = "too_long"
+            m.verifier_calls.labels(rt.name, kind, "too_long").inc()
+            return False
+        pair = keys.digest(keys.canonical_json([verifier.identity, question, stored]))
+        score = await self._cached_score(rt, pair)
+        if score is not None:
+            m.verifier_calls.labels(rt.name, kind, "cached").inc()
+        else:
+            score = await self._call_verifier(rt, lk, verifier, question, stored, v.timeout_ms / 1000.0)
+            if score is None:
+                return False
+            self._remember_score(rt, pair, score)
+        if verifier.accepts(score):
+            return True
+        lk.reason = kind
+        m.semantic_rejections.labels(lk._route, rt.name, kind).inc()
+        return False
+
+    async def _call_verifier(
+        self, rt: _PolicyRuntime, lk: CacheLookup, verifier: ModelVerifier, question: str, stored: str, timeout: float
+    ) -> float | None:
+        m, kind = self.metrics, verifier.kind.value
+        if not self.health.allow(rt.name, VERIFIER):
+            lk.reason = "verifier_unavailable"
+            m.verifier_calls.labels(rt.name, kind, "skipped").inc()
+            return None
+        t0 = time.perf_counter()
+        try:
+            judgement = await asyncio.wait_for(verifier.score(question, stored), timeout)
+        except asyncio.CancelledError:
+            self.health.release(rt.name, VERIFIER)
+            raise
+        except Exception as exc:  # the backend's failure (or an answer without a usable score) is a miss
+            why = _describe(exc, timeout)
+            self.health.failure(rt.name, VERIFIER, why)
+            m.verifier_calls.labels(rt.name, kind, "failed").inc()
+            lk.reason = "verifier_failed"
+            log.debug("cache policy %s: %s verifier failed: %s", rt.name, kind, why)
+            return None
+        self.health.success(rt.name, VERIFIER)
+        m.verifier_calls.labels(rt.name, kind, "ok").inc()
+        m.verifier_usd.labels(rt.name).inc(judgement.cost_usd)
+        lk.verification = LookupCharge(
+            verifier.backend, judgement.usage, float(judgement.cost_usd), time.perf_counter() - t0
+        )
+        return judgement.score
+
+    async def _question(self, rt: _PolicyRuntime, h: str) -> str | None:
+        """The question stored with entry `h`: this sidecar's copy, else Redis's."""
+        now = self._wall()
+        raw = rt.verify_lru.get("q:" + h, now)
+        if raw is None and rt.epoch is not None and self.guard.available:
+            key = keys.question_key(self.namespace, rt.name, rt.gen, h)
+            try:
+                raw = await self.guard.call("question", lambda c: c.get(key))
+            except RedisUnavailable:
+                raw = None
+            if raw is not None:
+                rt.verify_lru.put("q:" + h, bytes(raw), now + rt.policy.semantic.ttl_seconds)
+        if raw is None:
+            return None
+        try:
+            return bytes(raw).decode()
+        except UnicodeDecodeError:
+            return None
+
+    async def _cached_score(self, rt: _PolicyRuntime, pair: str) -> float | None:
+        now = self._wall()
+        raw = rt.verify_lru.get("v:" + pair, now)
+        if raw is None and rt.epoch is not None and self.guard.available:
+            key = keys.verdict_key(self.namespace, rt.name, rt.gen, pair)
+            try:
+                raw = await self.guard.call("verdict", lambda c: c.get(key))
+            except RedisUnavailable:
+                raw = None
+            if raw is not None:
+                rt.verify_lru.put("v:" + pair, bytes(raw), now + rt.policy.semantic.ttl_seconds)
+        if raw is None:
+            return None
+        try:
+            score = float(bytes(raw).decode())
+        except (UnicodeDecodeError, ValueError):
+            return None
+        return score if math.isfinite(score) else None
+
+    def _remember_score(self, rt: _PolicyRuntime, pair: str, score: float) -> None:
+        """Keep the score here and share it through Redis (in the background: never on the request path)."""
+        raw = repr(float(score)).encode()
+        ttl = rt.policy.semantic.ttl_seconds
+        rt.verify_lru.put("v:" + pair, raw, self._wall() + ttl)
+        if rt.epoch is None or not self.guard.available or self._closed:
+            return
+        key = keys.verdict_key(self.namespace, rt.name, rt.gen, pair)
+
+        async def write() -> None:
+            try:
+                await self.guard.call("verdict", lambda c: c.set(key, raw, ex=ttl), timeout=self.background_timeout)
+            except RedisUnavailable:
+                pass
+
+        task = asyncio.get_running_loop().create_task(write())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     @staticmethod
     async def _search(
@@ -458,33 +702,34 @@ class CacheStage:
 
     async def _embed(self, rt: _PolicyRuntime, lk: CacheLookup, text: str) -> np.ndarray | None:
         m = self.metrics
-        if rt.embed is None or self._monotonic() < rt.embed_down_until:
+        if rt.embed is None or not self.health.allow(rt.name, EMBEDDING):
             m.embedding_calls.labels(rt.name, "skipped").inc()
+            lk.reason = "embedding_unavailable"
             return None
+        timeout = self.embed_timeout if self.embed_timeout is not None else rt.policy.semantic.embedding_timeout
         t0 = time.perf_counter()
         try:
-            vectors, usage, cost = await asyncio.wait_for(rt.embed([text]), self.embed_timeout)
+            vectors, usage, cost = await asyncio.wait_for(rt.embed([text]), timeout)
             from .semantic import SemanticIndex
 
             vec = SemanticIndex.normalise(vectors[0])
             if vec is None:
                 raise ValueError("empty or zero vector")
         except asyncio.CancelledError:
+            self.health.release(rt.name, EMBEDDING)
             raise
         except Exception as exc:  # the backend's failure is a miss, whatever it is
-            rt.embed_down_until = self._monotonic() + self.embed_cooldown
+            why = _describe(exc, timeout)
+            self.health.failure(rt.name, EMBEDDING, why)
             m.embedding_calls.labels(rt.name, "failed").inc()
-            log.warning(
-                "cache policy %s: embedding failed (%s: %s); semantic lookups miss for %.0fs",
-                rt.name,
-                type(exc).__name__,
-                exc,
-                self.embed_cooldown,
-            )
+            lk.reason = "embedding_failed"
+            # Per request at DEBUG only: the transition to degraded is the WARNING (semantic_health.py).
+            log.debug("cache policy %s: embedding failed: %s", rt.name, why)
             return None
+        self.health.success(rt.name, EMBEDDING)
         m.embedding_calls.labels(rt.name, "ok").inc()
         m.embedding_usd.labels(rt.name).inc(cost)
-        lk.embedding = EmbeddingCharge(
+        lk.embedding = LookupCharge(
             rt.policy.semantic.embedding_backend or "", usage, float(cost), time.perf_counter() - t0
         )
         return vec
@@ -567,8 +812,13 @@ class CacheStage:
         # The question's vector and signature: both set when the lookup embedded it and the policy is semantic.
         vector, sig = (lookup._vector, lookup._signature) if p.semantic.enabled else (None, None)
         sem_expires = now + p.semantic.ttl_seconds
+        # The question goes with a semantic entry (a rerank or judge verifier compares it; turned on
+        # later, it finds the questions of the entries already stored). Too long to verify: not kept.
+        question = lookup._question.encode() if vector is not None and len(lookup._question) <= MAX_TEXT_CHARS else b""
         if vector is not None and sig is not None:
             rt.ensure_index().add(h, lookup._partition, vector, sig, sem_expires)
+            if question:
+                rt.verify_lru.put("q:" + h, question, sem_expires)
         if rt.epoch is None or not self.guard.available:
             m.stores.labels(
                 lookup._route, rt.name, "redis_unavailable" if self.guard.client is not None else "stored"
@@ -576,6 +826,7 @@ class CacheStage:
             return True
         ek = keys.entry_key(self.namespace, rt.name, rt.gen, h)
         lk = keys.log_key(self.namespace, rt.name, rt.gen)
+        qk = keys.question_key(self.namespace, rt.name, rt.gen, h)
 
         async def write(c: Any) -> Any:
             pipe = c.pipeline(transaction=False)
@@ -590,6 +841,8 @@ class CacheStage:
                 }
                 pipe.xadd(lk, fields, maxlen=p.semantic.max_entries, approximate=True)
                 pipe.expire(lk, p.semantic.ttl_seconds + 60)
+                if question:
+                    pipe.set(qk, question, ex=p.semantic.ttl_seconds)
             return await pipe.execute()
 
         try:
@@ -619,7 +872,10 @@ class CacheStage:
         now_m = self._monotonic()
         rts = list(self._policies.values())
         self._publish_gauges(rts)
-        if not rts or not self.guard.available:
+        if not self.guard.available:
+            return False
+        await self._publish_health()
+        if not rts:
             return False
         if now_m >= self._next_epoch_check:
             ekeys = [keys.epoch_key(self.namespace, rt.name) for rt in rts]
@@ -660,6 +916,31 @@ class CacheStage:
                 srt.cursor = rid.decode() if isinstance(rid, bytes) else rid
             more = more or len(records) >= batch
         return more
+
+    async def _publish_health(self) -> None:
+        """Write the semantic tier's transitions (and the refreshes of degraded parts) for the operator."""
+        updates = self.health.due()
+        hk = self._health_keys
+        if not updates or hk is None or not self.guard.available:
+            return
+        from kubetoll_core.cache_health import TTL_SECONDS, report_field
+
+        async def write(c: Any) -> Any:
+            pipe = c.pipeline(transaction=False)
+            for u in updates:
+                key, name = hk.cache_health(u.policy), report_field(u.part, self.instance)
+                if u.report is None:
+                    pipe.hdel(key, name)
+                else:
+                    pipe.hset(key, name, u.report.to_json())
+                    pipe.expire(key, int(TTL_SECONDS) + 1)
+            return await pipe.execute()
+
+        try:
+            await self.guard.call("health", write, timeout=self.background_timeout)
+        except (RedisUnavailable, ValueError):  # ValueError: a policy name no key can hold
+            return
+        self.health.written(updates)
 
     @staticmethod
     def _apply(index: SemanticIndex, fields: Mapping[Any, Any], now: float) -> None:
@@ -741,9 +1022,36 @@ class CacheStage:
         workload: str = "",
     ) -> SpendRecord | None:
         """The ledger record of the embedding call a semantic lookup made (hit or miss)."""
-        e = lookup.embedding
-        if e is None:
+        if lookup.embedding is None:
             return None
+        return CacheStage.charge_record(
+            lookup,
+            lookup.embedding,
+            CACHE_EMBEDDING_OUTCOME,
+            time_=time_,
+            namespace=namespace,
+            tenant=tenant,
+            tier=tier,
+            request_id=request_id,
+            workload=workload,
+        )
+
+    @staticmethod
+    def charge_record(
+        lookup: CacheLookup,
+        charge: LookupCharge,
+        outcome: str,
+        *,
+        time_: float,
+        namespace: str,
+        tenant: str,
+        tier: str,
+        request_id: str,
+        workload: str = "",
+    ) -> SpendRecord:
+        """The ledger record of one call a semantic lookup made (`lookup.charges`): the embedding
+        (outcome cache_embedding) or the verifier (cache_verifier); spend, not a request."""
+        e = charge
         return SpendRecord(
             time=time_,
             namespace=namespace,
@@ -752,10 +1060,10 @@ class CacheStage:
             tenant=tenant,
             tier=tier,
             prompt_tokens=e.usage.prompt_tokens,
-            completion_tokens=0,
+            completion_tokens=e.usage.completion_tokens,
             cached_tokens=0,
             cost_usd=e.cost_usd,
-            outcome=CACHE_EMBEDDING_OUTCOME,
+            outcome=outcome,
             request_id=request_id,
             workload=workload,
         )
