@@ -15,6 +15,7 @@ Uses a private `redis-server` from PATH (or REDIS_URL). Figures, never pass/fail
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import os
 import sys
@@ -35,7 +36,7 @@ from kubetoll_sidecar.cache import CacheStage  # noqa: E402
 from kubetoll_sidecar.cache.lru import ByteLRU  # noqa: E402
 from kubetoll_sidecar.cache.replay import Entry  # noqa: E402
 from kubetoll_sidecar.cache.semantic import SemanticIndex  # noqa: E402
-from kubetoll_sidecar.cache.verify import Signature, signature  # noqa: E402
+from kubetoll_sidecar.cache.verify import signature  # noqa: E402
 from kubetoll_sidecar.providers.base import Usage  # noqa: E402
 
 ANSWER_TEXT = "To cancel your order, open Orders, pick the order and choose Cancel. " * 8  # ~550 characters
@@ -237,15 +238,7 @@ def memory_figures() -> None:
             for i in range(10_000):
                 # 20 partitions, ids as the stage makes them (32 hex characters)
                 # a signature of its own per entry, as entries read from Redis have
-                sig = Signature(
-                    ("order", str(chunk * 10_000 + i)),
-                    False,
-                    base.names,
-                    base.actions,
-                    base.objects,
-                    base.modifiers,
-                    "",
-                )
+                sig = dataclasses.replace(base, numbers=(str(chunk * 10_000 + i),))
                 index.add(
                     f"{chunk:02d}{i:06d}".ljust(32, "0"),
                     f"part{i % 20:02d}".ljust(32, "0"),
