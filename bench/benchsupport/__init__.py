@@ -206,7 +206,7 @@ def start_upstream(port: int, cpus: set[int] | None, log: Path) -> subprocess.Po
 
 def write_config(directory: Path, upstream_port: int, api_port: int, metrics_port: int) -> Path:
     """A RouterConfig with budgets (namespace cap + a tier with tokens/min and requests/min) that never reject."""
-    cfg = {
+    cfg: dict = {
         "version": 1,
         "namespace": "bench",
         "server": {"host": "127.0.0.1", "port": api_port, "metricsHost": "127.0.0.1", "metricsPort": metrics_port},
@@ -236,9 +236,24 @@ def write_config(directory: Path, upstream_port: int, api_port: int, metrics_por
             }
         ],
     }
+    cfg["backends"] = [compiled_backend(b) for b in cfg["backends"]]
     path = directory / "router.json"
     path.write_text(json.dumps(cfg, indent=2))
     return path
+
+
+def compiled_backend(backend: dict) -> dict:
+    """A RouterConfig backend as the operator writes it: catalogue prices included.
+
+    The operator looks catalogue-priced backends up and writes `catalogPrices`, so a
+    sidecar never loads the price catalogue; a benchmark's config does the same, or
+    its sidecar would carry the catalogue no pod carries.
+    """
+    from kubetoll_core.price_catalog import with_catalog_prices
+    from kubetoll_core.router_config import Backend
+
+    compiled = with_catalog_prices(Backend.model_validate(backend))
+    return compiled.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def start_sidecar(

@@ -6,10 +6,13 @@ An in-cluster GPU backend gets a shadow price: its hourly cost spread over the
 tokens it can serve in an hour, the same for input and output, so routing and
 budgets compare it with hosted models like for like.
 
-The catalogue's own `calc_price` costs ~130 µs a call (Decimal arithmetic and
-unit registries), too much for the request path, so the rates are read out of the
-catalogue entry at load and tests check that `ResolvedPrice.cost` agrees with
-`calc_price` to the micro-dollar.
+The catalogue is read where the RouterConfig is compiled (`price_catalog.py`):
+the operator writes each catalogue-priced backend's entry into its
+`catalogPrices`, and the sidecar prices from that alone, without the catalogue
+package (tens of MB a pod). The catalogue's own `calc_price` costs ~130 µs a call
+(Decimal arithmetic and unit registries), too much for the request path anyway,
+so the rates are read out of the entry once and tests check that
+`ResolvedPrice.cost` agrees with `calc_price` to the micro-dollar.
 
 Batch API jobs (`resolve_batch_price`) are priced at the catalogue's batch
 prices where it has them (its `processing: batch` price variants), else at the
@@ -20,23 +23,12 @@ which overrides both.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from decimal import Decimal
-from typing import Any
 
 from .enums import Provider
-from .router_config import Backend
+from .router_config import Backend, CatalogPrice, CatalogPrices, CatalogRate
 from .usage import Usage
 
 PER_MTOK = 1_000_000
-
-# genai-prices provider ids for our provider kinds (openai-compatible has none:
-# an in-cluster server must be priced explicitly, a hosted one via catalogProvider).
-_CATALOG_PROVIDER = {
-    Provider.openai: "openai",
-    Provider.azure_openai: "azure",
-    Provider.anthropic: "anthropic",
-}
-
 
 # The catalogue's request context for Batch API prices (genai-prices price variants).
 BATCH_PRICE_CONTEXT = {"processing": "batch"}
@@ -113,7 +105,7 @@ class ResolvedPrice:
         }
 
 
-def _per_token(v: float | Decimal | None) -> float | None:
+def _per_token(v: float | None) -> float | None:
     return None if v is None else float(v) / PER_MTOK
 
 
@@ -146,11 +138,9 @@ def resolve_batch_price(backend: Backend) -> ResolvedPrice:
     """
     p = backend.pricing
     if p.batch_discount is None and not p.is_override:
-        standard = _catalog_lookup(backend)
-        batch = _catalog_lookup(backend, BATCH_PRICE_CONTEXT)
-        # The catalogue answers a context it has no variant for with the standard rates.
-        if batch.model_price != standard.model_price:
-            return _resolved(backend, batch, f"catalog-batch:{batch.provider.id}/{batch.model.id}")
+        batch = _catalog_entry(backend).batch
+        if batch is not None:
+            return _resolved(batch, f"catalog-batch:{batch.provider}/{batch.model}")
     if p.batch_discount is not None:
         discount, why = p.batch_discount, "pricing.batchDiscount"
     else:
@@ -162,56 +152,34 @@ def resolve_batch_price(backend: Backend) -> ResolvedPrice:
 
 
 def _from_catalog(backend: Backend) -> ResolvedPrice:
-    found = _catalog_lookup(backend)
-    return _resolved(backend, found, f"catalog:{found.provider.id}/{found.model.id}")
+    found = _catalog_entry(backend).standard
+    return _resolved(found, f"catalog:{found.provider}/{found.model}")
 
 
-def _catalog_lookup(backend: Backend, price_context: dict[str, str] | None = None) -> Any:
-    """The catalogue's calculation for one token of each kind (its `model_price` holds the rates)."""
-    from genai_prices import Usage as CatalogUsage
-    from genai_prices import calc_price
+def _catalog_entry(backend: Backend) -> CatalogPrices:
+    """The backend's catalogue prices: compiled into the RouterConfig, else looked up now.
 
-    provider = backend.pricing.catalog_provider or _CATALOG_PROVIDER.get(backend.provider)
-    model = backend.pricing.catalog_model or backend.model
-    if provider is None:
-        raise PricingError(
-            f"backend {backend.name}: provider {backend.provider.value} has no price catalogue; "
-            "set pricing (inputPerMTok/outputPerMTok, or gpuHourlyUSD with tokensPerSecond), "
-            "or pricing.catalogProvider for a hosted OpenAI-compatible API"
-        )
-    try:
-        return calc_price(
-            CatalogUsage(input_tokens=1, output_tokens=1),
-            model_ref=model,
-            provider_id=provider,
-            price_context=price_context,
-        )
-    except LookupError as exc:
-        raise PricingError(
-            f"backend {backend.name}: model {model!r} is not in the price catalogue for {provider} ({exc}); "
-            "set pricing.catalogModel to a catalogue id or give prices explicitly"
-        ) from exc
+    The operator's configs always carry them, so a sidecar never imports the
+    catalogue (`price_catalog.py` says why); a hand-written config is looked up
+    where the catalogue is installed, and refused with a clear message where not.
+    """
+    if backend.catalog_prices is not None:
+        return backend.catalog_prices
+    from .price_catalog import lookup
+
+    return lookup(backend)
 
 
-def _resolved(backend: Backend, found: Any, source: str) -> ResolvedPrice:
-    from genai_prices.types import TieredPrices
-
-    model = backend.pricing.catalog_model or backend.model
-    mp = found.model_price
-
-    def split(value: Decimal | TieredPrices | None) -> tuple[float | None, list[tuple[int, float]]]:
-        if value is None:
+def _resolved(found: CatalogPrice, source: str) -> ResolvedPrice:
+    def split(rate: CatalogRate | None) -> tuple[float | None, list[tuple[int, float]]]:
+        if rate is None:
             return None, []
-        if isinstance(value, TieredPrices):
-            return _per_token(value.base), [(t.start, float(t.price) / PER_MTOK) for t in value.tiers]
-        return _per_token(value), []
+        return rate.per_mtok / PER_MTOK, [(t.start, t.per_mtok / PER_MTOK) for t in rate.tiers]
 
-    inp, inp_t = split(getattr(mp, "input_mtok", None))
-    out, out_t = split(getattr(mp, "output_mtok", None))
-    cr, cr_t = split(getattr(mp, "cache_read_mtok", None))
-    cw, cw_t = split(getattr(mp, "cache_write_mtok", None))
-    if inp is None:
-        raise PricingError(f"backend {backend.name}: catalogue entry for {model!r} has no input token price")
+    inp, (_, inp_t) = found.input.per_mtok / PER_MTOK, split(found.input)  # input is always priced
+    out, out_t = split(found.output)
+    cr, cr_t = split(found.cached_input)
+    cw, cw_t = split(found.cache_write)
     if out is None:
         out = 0.0  # embedding models: input only
     base = Rates(inp, out, inp if cr is None else cr, inp if cw is None else cw)

@@ -33,6 +33,7 @@ from .budgets.memory import InMemoryBudgetStore
 from .budgets.store import BudgetStore
 from .cache.embeddings import embedder_for_backend
 from .cache.stage import CacheStage
+from .cache.verifiers import verifier_for_policy
 from .circuit import BreakerRegistry
 from .config_loader import ConfigError, ConfigWatcher, LoadedConfig, load_config
 from .credentials import CredentialStore
@@ -110,6 +111,11 @@ class Sidecar:
 
     async def start(self) -> None:
         """Builds the first state; raises ConfigError if it cannot (the process then exits)."""
+        from . import tokens
+
+        # Only the encodings the backends need, loaded while the rest starts (Redis, batches);
+        # awaited before the ports open. `main.run` has usually loaded them already.
+        encodings = tokens.load_in_background(tokens.encodings_for(b.model for b in self._loaded.config.backends))
         self.state = self._build(self._loaded)
         cfg = self.state.config
         redis_cache_client = None
@@ -138,7 +144,12 @@ class Sidecar:
             self._redis_clients.append(redis_cache_client)
         # Always present (cheap when no route names a policy), so a reload can add policies.
         self.cache = CacheStage(
-            cfg.namespace, redis_cache_client, self.metrics.registry, monotonic=self.monotonic, wall=self.clock.time
+            cfg.namespace,
+            redis_cache_client,
+            self.metrics.registry,
+            monotonic=self.monotonic,
+            wall=self.clock.time,
+            instance=self.identity.pod or None,  # names this sidecar in its reports to the operator
         )
         await self.cache.start()
         self._apply_to_shared_parts(self.state)
@@ -175,7 +186,7 @@ class Sidecar:
         self.metrics.publish_identity(
             ident.namespace or cfg.namespace, ident.pod, ident.service_account, ident.workload
         )
-        self._warm_encodings(self.state)
+        await asyncio.wrap_future(encodings)
         self._publish_config_metrics()
         if self._watch:
             self._watcher = ConfigWatcher(
@@ -185,10 +196,10 @@ class Sidecar:
 
     @staticmethod
     def _warm_encodings(state: RouterState) -> None:
-        """Load tiktoken's BPE tables now (~100 ms each), not on the first request."""
+        """Load the encodings a reloaded config's backends need (~0.2 s each), not on the first request."""
         from . import tokens
 
-        for name in {tokens.encoding_for_model(b.config.model).name for b in state.backends.values()}:
+        for name in tokens.encodings_for(b.config.model for b in state.backends.values()):
             tokens.get_encoding(name)
 
     def _apply_to_shared_parts(self, state: RouterState) -> None:
@@ -197,14 +208,23 @@ class Sidecar:
         self.store.watch_budgets([b.name for b in state.config.budgets])
         self.store.apply_settings(state.config.budget_store)
         if self.cache is not None:
+            semantic = [p.semantic for p in state.config.cache_policies if p.semantic.enabled]
+            # One embedder per backend; its own bound is the longest policy timeout using it (the stage
+            # bounds each policy's call by that policy's embeddingTimeoutMs).
+            timeouts: dict[str, float] = {}
+            for s in semantic:
+                if s.embedding_backend in state.backends:
+                    timeouts[s.embedding_backend] = max(timeouts.get(s.embedding_backend, 0.0), s.embedding_timeout)
             embedders = {
-                p.semantic.embedding_backend: embedder_for_backend(
-                    state.backends[p.semantic.embedding_backend], self.credentials
-                )
-                for p in state.config.cache_policies
-                if p.semantic.enabled and p.semantic.embedding_backend in state.backends
+                name: embedder_for_backend(state.backends[name], self.credentials, timeout)
+                for name, timeout in timeouts.items()
             }
-            self.cache.configure(state.config, embedders)
+            verifiers = {
+                p.name: v
+                for p in state.config.cache_policies
+                if (v := verifier_for_policy(p, state.backends, self.credentials)) is not None
+            }
+            self.cache.configure(state.config, embedders, verifiers)
 
     def _build(self, loaded: LoadedConfig) -> RouterState:
         labels = read_pod_labels(loaded.config.server.pod_labels_file)

@@ -24,14 +24,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubetoll_core.enums import TierHeaderPolicy
 from kubetoll_core.router_config import RouterConfig
 
 from .errors import bad_request
 from .header_values import is_text, text_header
-from .jwt_identity import JwtVerifier
+
+if TYPE_CHECKING:  # PyJWT and cryptography load only with tenancy.jwt (state.build_state)
+    from .jwt_identity import JwtVerifier
 
 MAX_TENANT_LEN = 128
 

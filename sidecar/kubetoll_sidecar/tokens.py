@@ -12,13 +12,31 @@ settles it after), so it must be close and fast:
 - Messages resent on every turn of a conversation are counted once: counts are
   memoised per (encoding, text) in a bounded LRU, so a long history costs a hash
   lookup per message instead of a re-encode.
+
+A sidecar runs in every application pod, so the encodings are loaded as lean as
+tiktoken allows (docs/performance.md, "Footprint"):
+
+- only the ones the configured backends need (`encodings_for`): before the
+  server's modules are imported (`main.preload_encodings`), or in a thread
+  started at config load (`load_in_background`);
+- from a form baked at image build (`bake_encodings`): token bytes in rank order,
+  read without the base64 decoding of OpenAI's text files (~40% less CPU to
+  load), checked against the SHA-256 of the file it was made from; without it (a
+  dev checkout), from the bundled text files through tiktoken;
+- keeping only tiktoken's Rust tables: `Encoding` would also hold its Python
+  `dict[bytes, int]` of ranks (~16 MiB for cl100k_base, ~27 MiB for o200k_base),
+  which only pickling reads; it is dropped and the freed heap handed back to the
+  system (`malloc_trim`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +44,9 @@ from typing import Any
 import orjson
 
 _BUNDLED_CACHE = Path(__file__).with_name("tiktoken_cache")
-# tiktoken downloads an encoding unless this directory holds it; ours ship with the package.
+# tiktoken downloads an encoding unless this directory holds it; ours ship with the
+# package. Set for every user of tiktoken in this process (tests and tools call
+# `tiktoken.get_encoding` too); this module itself never lets tiktoken download.
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(_BUNDLED_CACHE))
 
 import tiktoken  # noqa: E402  (must follow the cache-dir setting)
@@ -43,7 +63,44 @@ REPLY_PRIMING = 3
 _O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4", "chatgpt-4o", "gpt-oss", "codex")
 _CL100K_PREFIXES = ("gpt-4", "gpt-3.5", "gpt-35", "text-embedding-", "davinci-002", "babbage-002")
 
+
+@dataclass(frozen=True, slots=True)
+class _Source:
+    """An encoding's file as OpenAI publishes it, and the SHA-256 tiktoken checks it against."""
+
+    url: str
+    sha256: str
+
+    @property
+    def cache_name(self) -> str:
+        """The file name tiktoken looks for in TIKTOKEN_CACHE_DIR."""
+        return hashlib.sha1(self.url.encode()).hexdigest()
+
+
+_SOURCES = {
+    O200K: _Source(
+        "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
+        "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+    ),
+    CL100K: _Source(
+        "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+        "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+    ),
+}
+# Larger first: the process peaks at the tables held plus the next load's transient,
+# so o200k_base's load (+71 MiB at its peak) goes before cl100k_base's tables (23 MiB)
+# are held, and cl100k_base's (+36 MiB) comes on top of o200k_base's 43 MiB.
+_LOAD_ORDER = (O200K, CL100K)
+
+BAKED_SUFFIX = ".kubetoll-bpe"
+_BAKED_MAGIC = b"KUBETOLL-BPE 1"
+# Where the baked encodings are read from: the package's folder (the image bakes them
+# there), or this directory (the footprint benchmark points a dev checkout at its own).
+BAKED_DIR_ENV = "KUBETOLL_BAKED_ENCODINGS"
+
 _encodings: dict[str, tiktoken.Encoding] = {}
+_sources: dict[str, Path] = {}  # the file each loaded encoding was read from
+_load_lock = threading.Lock()  # one load at a time: two at once would stack their peaks
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,17 +120,165 @@ def encoding_for_model(model: str) -> EncodingChoice:
     return EncodingChoice(CL100K, True)
 
 
+def encodings_for(models: Iterable[str]) -> list[str]:
+    """The encodings these models are counted with, in the order to load them."""
+    names = {encoding_for_model(m).name for m in models}
+    return [n for n in _LOAD_ORDER if n in names]
+
+
+def loaded_encodings() -> dict[str, str]:
+    """The encodings this process has loaded, and the file each was read from."""
+    return {name: str(_sources[name]) for name in sorted(_encodings)}
+
+
 def get_encoding(name: str) -> tiktoken.Encoding:
     enc = _encodings.get(name)
     if enc is None:
-        try:
-            enc = tiktoken.get_encoding(name)
-        except Exception as exc:  # a missing file would otherwise surface as a network error
-            raise RuntimeError(
-                f"tiktoken encoding {name!r} could not be loaded from {os.environ.get('TIKTOKEN_CACHE_DIR')}: {exc}"
-            ) from exc
-        _encodings[name] = enc
+        with _load_lock:
+            enc = _encodings.get(name)  # another thread may have loaded it while we waited
+            if enc is None:
+                enc = _encodings[name] = _load(name)
     return enc
+
+
+def load_in_background(names: Iterable[str]) -> Future[None]:
+    """Load `names` in a thread of their own; the future is done (or failed) when all are.
+
+    The sidecar starts this at config load and awaits it before it listens, so the
+    rest of its start-up (Redis, the batch registry) overlaps the load.
+    """
+    todo = list(names)
+    done: Future[None] = Future()
+
+    def run() -> None:
+        try:
+            for n in todo:
+                get_encoding(n)
+        except BaseException as exc:  # handed to whoever awaits the future
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
+
+    threading.Thread(target=run, name="kubetoll-encodings", daemon=True).start()
+    return done
+
+
+def _load(name: str) -> tiktoken.Encoding:
+    if name not in _SOURCES:
+        raise RuntimeError(f"tiktoken encoding {name!r} is not one the sidecar ships ({', '.join(_SOURCES)})")
+    try:
+        path = _baked_dir() / (name + BAKED_SUFFIX)
+        if path.exists():
+            kwargs = _read_baked(path, name)
+        else:
+            path = _published_path(name)
+            kwargs = _read_published(name)
+        enc = tiktoken.Encoding(**kwargs)
+    except Exception as exc:  # a missing or damaged file would otherwise surface as a network error
+        raise RuntimeError(f"tiktoken encoding {name!r} could not be loaded: {exc}") from exc
+    # Only pickling reads the Python copy of the ranks; the Rust tables hold their own.
+    enc._mergeable_ranks = {}
+    del kwargs
+    _release_freed_heap()
+    _sources[name] = path
+    return enc
+
+
+def _baked_dir() -> Path:
+    return Path(os.environ.get(BAKED_DIR_ENV) or _BUNDLED_CACHE)
+
+
+def _published_path(name: str) -> Path:
+    """Where tiktoken reads OpenAI's file from; an error if it is not there, so tiktoken never downloads."""
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR")
+    if not cache_dir:  # empty: tiktoken would skip its cache and download
+        raise RuntimeError("TIKTOKEN_CACHE_DIR is empty (the sidecar never downloads encodings)")
+    path = Path(cache_dir) / _SOURCES[name].cache_name
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing (the sidecar never downloads encodings)")
+    return path
+
+
+def _read_published(name: str) -> dict[str, Any]:
+    """tiktoken's own constructor over the bundled file (which checks its SHA-256)."""
+    from tiktoken_ext.openai_public import ENCODING_CONSTRUCTORS
+
+    _published_path(name)
+    kwargs: dict[str, Any] = ENCODING_CONSTRUCTORS[name]()
+    return kwargs
+
+
+def _read_baked(path: Path, name: str) -> dict[str, Any]:
+    """A file written by `bake_encodings`: a magic line, a JSON header line, then the body:
+    one length byte per token in rank order, then the tokens' bytes back to back."""
+    parts = path.read_bytes().split(b"\n", 2)
+    if len(parts) != 3 or parts[0] != _BAKED_MAGIC:
+        raise RuntimeError(f"{path} is not a baked encoding")
+    _, header_line, body = parts
+    try:
+        header = orjson.loads(header_line)
+        n, source, digest = int(header["tokens"]), header["source_sha256"], header["body_sha256"]
+        pat_str, special_tokens = str(header["pat_str"]), dict(header["special_tokens"])
+    except (ValueError, KeyError, TypeError):
+        raise RuntimeError(f"{path} is not a baked encoding (its header does not read)") from None
+    if header.get("name") != name or source != _SOURCES[name].sha256:
+        raise RuntimeError(f"{path} was baked from another file than {name}'s published one")
+    if hashlib.sha256(body).hexdigest() != digest or len(body) != n + sum(body[:n]):
+        raise RuntimeError(f"{path} is damaged (its contents do not match its header)")
+    ranks: dict[bytes, int] = {}
+    pos = n
+    for rank, length in enumerate(body[:n]):
+        ranks[body[pos : pos + length]] = rank
+        pos += length
+    return {"name": name, "pat_str": pat_str, "mergeable_ranks": ranks, "special_tokens": special_tokens}
+
+
+def bake_encodings(directory: Path | None = None) -> list[Path]:
+    """Write the baked form of every shipped encoding into `directory` (the package's folder).
+
+    Run once at image build (Dockerfile.sidecar). Made from tiktoken's own constructor
+    over the bundled files, so the pattern, special tokens and ranks are tiktoken's.
+    """
+    target = directory or _BUNDLED_CACHE
+    written = []
+    for name in _LOAD_ORDER:
+        kwargs = _read_published(name)
+        ranks: dict[bytes, int] = kwargs["mergeable_ranks"]
+        by_rank = sorted(ranks, key=ranks.__getitem__)
+        # The format stores ranks by position and lengths in a byte; both hold for OpenAI's files.
+        if [ranks[t] for t in by_rank] != list(range(len(by_rank))) or max(map(len, by_rank)) > 255:
+            raise RuntimeError(f"{name}: ranks are not 0..n-1 or a token is longer than 255 bytes")
+        body = bytes(map(len, by_rank)) + b"".join(by_rank)
+        header = {
+            "name": name,
+            "pat_str": kwargs["pat_str"],
+            "special_tokens": kwargs["special_tokens"],
+            "source_sha256": _SOURCES[name].sha256,
+            "tokens": len(by_rank),
+            "body_sha256": hashlib.sha256(body).hexdigest(),
+            "tiktoken": tiktoken.__version__,
+        }
+        path = target / (name + BAKED_SUFFIX)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(_BAKED_MAGIC + b"\n" + orjson.dumps(header) + b"\n" + body)
+        # Read back as the sidecar will: the same tables as tiktoken's, or no file at all.
+        again = _read_baked(tmp, name)
+        if again != kwargs:
+            tmp.unlink()
+            raise RuntimeError(f"{name}: the baked file does not read back as tiktoken's encoding")
+        tmp.replace(path)
+        written.append(path)
+    return written
+
+
+def _release_freed_heap() -> None:
+    """Hand the heap freed by the dropped ranks back to the system (glibc; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): the memory stays reusable by this process
+        pass
 
 
 class _CountCache:

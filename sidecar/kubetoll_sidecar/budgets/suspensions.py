@@ -21,7 +21,6 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from redis.exceptions import RedisError
 
 from kubetoll_core.redis_keys import RedisKeys, check_name
 
@@ -90,6 +89,10 @@ class SuspensionWatcher:
             self.set_local(b, True if flag is not None else (False if known is not None else None))
 
     async def poll_forever(self, closing: Callable[[], bool]) -> None:
+        # Imported here, not with the module: batches.py imports `cancelling`, and a
+        # sidecar without a Redis store would load the client library (~6 MB) for it.
+        from redis.exceptions import RedisError
+
         while not closing() and not cancelling():
             try:
                 await self.poll_once()
