@@ -631,40 +631,41 @@ class CacheStage:
         )
         return judgement.score
 
-    async def _question(self, rt: _PolicyRuntime, h: str) -> str | None:
-        """The question stored with entry `h`: this sidecar's copy, else Redis's."""
+    async def _read_through(self, rt: _PolicyRuntime, local: str, op: str, key: Callable[[], str]) -> bytes | None:
+        """A verifier's stored text (`local` in this sidecar's LRU, else `key()` in Redis, then kept here)."""
         now = self._wall()
-        raw = rt.verify_lru.get("q:" + h, now)
+        raw = rt.verify_lru.get(local, now)
         if raw is None and rt.epoch is not None and self.guard.available:
-            key = keys.question_key(self.namespace, rt.name, rt.gen, h)
+            k = key()
             try:
-                raw = await self.guard.call("question", lambda c: c.get(key))
+                raw = await self.guard.call(op, lambda c: c.get(k))
             except RedisUnavailable:
                 raw = None
             if raw is not None:
-                rt.verify_lru.put("q:" + h, bytes(raw), now + rt.policy.semantic.ttl_seconds)
+                raw = bytes(raw)
+                rt.verify_lru.put(local, raw, now + rt.policy.semantic.ttl_seconds)
+        return None if raw is None else bytes(raw)
+
+    async def _question(self, rt: _PolicyRuntime, h: str) -> str | None:
+        """The question stored with entry `h`: this sidecar's copy, else Redis's."""
+        raw = await self._read_through(
+            rt, "q:" + h, "question", lambda: keys.question_key(self.namespace, rt.name, rt.gen, h)
+        )
         if raw is None:
             return None
         try:
-            return bytes(raw).decode()
+            return raw.decode()
         except UnicodeDecodeError:
             return None
 
     async def _cached_score(self, rt: _PolicyRuntime, pair: str) -> float | None:
-        now = self._wall()
-        raw = rt.verify_lru.get("v:" + pair, now)
-        if raw is None and rt.epoch is not None and self.guard.available:
-            key = keys.verdict_key(self.namespace, rt.name, rt.gen, pair)
-            try:
-                raw = await self.guard.call("verdict", lambda c: c.get(key))
-            except RedisUnavailable:
-                raw = None
-            if raw is not None:
-                rt.verify_lru.put("v:" + pair, bytes(raw), now + rt.policy.semantic.ttl_seconds)
+        raw = await self._read_through(
+            rt, "v:" + pair, "verdict", lambda: keys.verdict_key(self.namespace, rt.name, rt.gen, pair)
+        )
         if raw is None:
             return None
         try:
-            score = float(bytes(raw).decode())
+            score = float(raw.decode())
         except (UnicodeDecodeError, ValueError):
             return None
         return score if math.isfinite(score) else None
