@@ -38,6 +38,38 @@ class EmbeddingFailed(Exception):
     """The embedding backend did not answer usably: the semantic lookup is a miss."""
 
 
+async def call_through_translator(
+    runtime: Any,
+    credentials: Any,
+    translator: Any,
+    endpoint: Any,
+    body: dict[str, Any],
+    timeout: float,
+    failed: type[Exception],
+) -> tuple[Any, Any]:
+    """One call a semantic lookup makes to a backend (the embedding, the judge) through its provider's
+    translator, bounded by `timeout` seconds: the parsed body and its usage, or `failed` saying why."""
+    backend = runtime.config
+    try:
+        key = credentials.get(backend.credentials)
+        req = translator.build_request(backend, endpoint, body, key, False)
+        async with runtime.session.request(
+            req.method, req.url, data=req.body, headers=req.headers, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as resp:
+            raw = await resp.read()
+            if resp.status >= 400:
+                raise failed(f"{backend.name}: HTTP {resp.status}")
+        return translator.parse_response(endpoint, raw, backend.model)
+    except failed:
+        raise
+    except asyncio.CancelledError:
+        raise
+    except TimeoutError:
+        raise failed(f"{backend.name}: no answer within {timeout * 1000:.0f} ms") from None
+    except Exception as exc:  # connection, credentials, an unsupported provider, a body the translator cannot read
+        raise failed(f"{backend.name}: {type(exc).__name__}: {exc}") from None
+
+
 def embedder_for_backend(runtime: Any, credentials: Any, timeout: float = 2.0) -> EmbedFn:
     """An EmbedFn calling `runtime` (a forwarder.BackendRuntime) on its own session.
 
@@ -51,26 +83,10 @@ def embedder_for_backend(runtime: Any, credentials: Any, timeout: float = 2.0) -
     translator = translator_for(backend.provider)
 
     async def embed(texts: list[str]) -> EmbedResult:
-        try:
-            key = credentials.get(backend.credentials)
-            req = translator.build_request(
-                backend, Endpoint.embeddings, {"model": backend.model, "input": texts}, key, False
-            )
-            async with runtime.session.request(
-                req.method, req.url, data=req.body, headers=req.headers, timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as resp:
-                raw = await resp.read()
-                if resp.status >= 400:
-                    raise EmbeddingFailed(f"{backend.name}: HTTP {resp.status}")
-            data, usage = translator.parse_response(Endpoint.embeddings, raw, backend.model)
-        except EmbeddingFailed:
-            raise
-        except asyncio.CancelledError:
-            raise
-        except TimeoutError:
-            raise EmbeddingFailed(f"{backend.name}: no answer within {timeout * 1000:.0f} ms") from None
-        except Exception as exc:  # connection, credentials, an unsupported provider, a bad body
-            raise EmbeddingFailed(f"{backend.name}: {type(exc).__name__}: {exc}") from None
+        body = {"model": backend.model, "input": texts}
+        data, usage = await call_through_translator(
+            runtime, credentials, translator, Endpoint.embeddings, body, timeout, EmbeddingFailed
+        )
         vectors = parse_vectors(data, len(texts))
         return vectors, usage, runtime.price.cost(usage)
 

@@ -47,6 +47,7 @@ from kubetoll_core.enums import RerankApi, VerifierKind
 from kubetoll_core.router_config import CachePolicy
 
 from ..providers.base import Usage
+from .embeddings import call_through_translator
 
 # Longer questions are not verified by a model (the candidate is a miss): a cross-encoder reads
 # about 512 tokens, and a truncated pair could agree where the whole questions do not.
@@ -235,24 +236,9 @@ def judge_verifier(runtime: Any, credentials: Any, timeout: float = 2.0) -> Mode
     async def score(query: str, text: str) -> Judgement:
         messages = judge_messages(query, text)
         body = {"model": backend.model, "messages": messages, "temperature": 0, "max_tokens": JUDGE_MAX_TOKENS}
-        try:
-            key = credentials.get(backend.credentials)
-            req = translator.build_request(backend, Endpoint.chat, body, key, False)
-            async with runtime.session.request(
-                req.method, req.url, data=req.body, headers=req.headers, timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as resp:
-                raw = await resp.read()
-                if resp.status >= 400:
-                    raise VerifierFailed(f"{backend.name}: HTTP {resp.status}")
-            data, usage = translator.parse_response(Endpoint.chat, raw, backend.model)
-        except VerifierFailed:
-            raise
-        except asyncio.CancelledError:
-            raise
-        except TimeoutError:
-            raise VerifierFailed(f"{backend.name}: no answer within {timeout * 1000:.0f} ms") from None
-        except Exception as exc:  # connection, credentials, a body the translator cannot read
-            raise VerifierFailed(f"{backend.name}: {type(exc).__name__}: {exc}") from None
+        data, usage = await call_through_translator(
+            runtime, credentials, translator, Endpoint.chat, body, timeout, VerifierFailed
+        )
         choices = data.get("choices")
         message = (
             choices[0].get("message")
