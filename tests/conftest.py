@@ -5,12 +5,18 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
+import redis.asyncio as aioredis
 import trustme
 from redis.asyncio import Redis
 
+from kubetoll_sidecar.cache import CacheStage
+from kubetoll_sidecar.cache.embeddings import EmbeddingServer, HashedEmbedder
 from kubetoll_tools.simulator import SimSettings, SimulatedUpstream
+from support.cache_stage import FakeClock
 from support.harness import RunningSidecar
 from support.ports import reserved_port
 from support.redis_server import private_or_shared_redis
@@ -128,3 +134,45 @@ def cert_dir(ca: trustme.CA, tmp_path: Path) -> Path:
     (d / "tls.key").write_bytes(cert.private_key_pem.bytes())
     (d / "ca.crt").write_bytes(ca.cert_pem.bytes())
     return d
+
+
+# --------------------------------------------------------------------------- the cache stage
+
+
+@pytest.fixture
+async def redis(redis_url):
+    client = aioredis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def embed_server():
+    async with EmbeddingServer(HashedEmbedder().encode) as server:
+        yield server
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def stages():
+    made: list[CacheStage] = []
+
+    def _make(ns: str, redis: Any, **kw: Any) -> CacheStage:
+        kw.setdefault("redis_timeout", 0.5)  # a loaded CI machine must not turn hits into misses
+        stage = CacheStage(ns, redis, **kw)
+        made.append(stage)
+        return stage
+
+    yield _make
+    for s in made:
+        await s.close()

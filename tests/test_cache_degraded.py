@@ -27,57 +27,18 @@ from kubetoll_core.redis_keys import RedisKeys
 from kubetoll_core.router_config import CachePolicy, RouterConfig
 from kubetoll_operator.cache_health import degraded_condition
 from kubetoll_sidecar.cache import CacheStage, http_embedder
-from kubetoll_sidecar.cache.embeddings import EmbeddingFailed, EmbeddingServer, HashedEmbedder
+from kubetoll_sidecar.cache.embeddings import EmbeddingFailed, HashedEmbedder
 from kubetoll_sidecar.cache.verifiers import Judgement, ModelVerifier
 from kubetoll_sidecar.providers.base import Usage
+from support.cache_stage import FakeClock, ask, request, sample
 from support.harness import base_config
 from support.kopf_env import LOCAL_BACKEND, NS, Kubectl, condition, eventually, route_to_local
 from support.redis_server import RedisProcess
-from test_cache_stage import FakeClock, ask, request, sample
 
 STORED = "How do I reset my password?"
 PARAPHRASE = "how can I reset my password"
 
 # --------------------------------------------------------------------------- fixtures and helpers
-
-
-@pytest.fixture
-async def redis(redis_url):
-    client = aioredis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def embed_server():
-    async with EmbeddingServer(HashedEmbedder().encode) as server:
-        yield server
-
-
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def stages():
-    made: list[CacheStage] = []
-
-    def _make(ns: str, redis: Any, **kw: Any) -> CacheStage:
-        kw.setdefault("redis_timeout", 0.5)
-        stage = CacheStage(ns, redis, **kw)
-        made.append(stage)
-        return stage
-
-    yield _make
-    for s in made:
-        await s.close()
 
 
 def config(ns: str, embed_url: str = "http://127.0.0.1:9/v1", verifier: dict[str, Any] | None = None, **semantic):

@@ -190,3 +190,53 @@ async def test_two_sidecars_on_redis_share_cached_answers_and_one_ledger(sim, st
             data = await r.json()
     assert data["scope"] == "namespace"
     assert sorted(rec["cache_hit"] for rec in data["records"]) == ["", "exact"]
+
+
+async def test_error_control_compares_the_upstream_answer_and_bills_the_comparison(sim, start_sidecar, embed_server):
+    """semantic.targetErrorRate: before enough answers were compared nothing is served; a near
+    question goes upstream, its answer is compared with the cached one after the response, and
+    the comparison's embedding call is in the ledger and the budget like the lookup's own."""
+    cfg = cached_config(sim.url)
+    cfg["backends"].append(
+        {
+            "name": "embed",
+            "provider": "openai-compatible",
+            "model": "hashed",  # similar questions are near (the simulator's vectors are random)
+            "endpoint": embed_server.url,
+            "pricing": {"inputPerMTok": 0.02, "outputPerMTok": 0},
+        }
+    )
+    cfg["cachePolicies"][0]["exact"] = {"enabled": False}
+    cfg["cachePolicies"][0]["semantic"] = {
+        "enabled": True,
+        "embeddingBackend": "embed",
+        "threshold": 0.3,
+        "verifier": {"kind": "none"},
+        "targetErrorRate": 0.05,
+    }
+    cfg["budgets"] = [{"name": "usd", "routes": ["chat"], "cap": {"usdPerDay": 100}}]
+    sc = await start_sidecar(cfg)
+    client = sc.openai()
+    await client.chat.completions.create(model="chat", messages=QUESTION, temperature=0)
+    await sc.sidecar.cache.drain()
+    near = [{"role": "user", "content": "How can I reset my password?"}]
+    second = await client.chat.completions.with_raw_response.create(model="chat", messages=near, temperature=0)
+    assert second.headers["x-kubetoll-cache"] == "miss"
+    await sc.sidecar.cache.drain()  # the comparison runs after the response
+    m = sc.sidecar.cache.metrics.registry
+    assert m.get_sample_value("kubetoll_cache_error_control_decisions_total", {"policy": "faq", "decision": "label"})
+    verdicts = {
+        s.labels["verdict"]: s.value
+        for metric in m.collect()
+        if metric.name == "kubetoll_cache_error_control_comparisons"
+        for s in metric.samples
+        if s.name.endswith("_total")
+    }
+    assert sum(verdicts.values()) == 1 and verdicts.get("not_similar") == 1  # the simulator's answers differ
+    assert upstream_chats(sim) == 2
+    records = list(sc.sidecar.ledger.records())
+    embedding = [r for r in records if r.outcome == CACHE_EMBEDDING_OUTCOME]
+    assert len(embedding) == 3  # two lookups and the comparison
+    assert embedding[-1].prompt_tokens > embedding[1].prompt_tokens  # it embedded both answers
+    meter = next(m for m in sc.sidecar.state.meters.for_request("chat", "-", "-", sc.sidecar.clock.time()).usd)
+    assert sc.sidecar.store.spent(meter.key) == pytest.approx(sum(r.cost_usd for r in records), rel=1e-12)

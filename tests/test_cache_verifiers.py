@@ -16,7 +16,6 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-import redis.asyncio as aioredis
 
 from kubetoll_core.enums import VerifierKind
 from kubetoll_core.prices import resolve_price
@@ -24,32 +23,18 @@ from kubetoll_core.router_config import RouterConfig
 from kubetoll_core.spend_record import CACHE_EMBEDDING_OUTCOME, CACHE_VERIFIER_OUTCOME, SPEND_ONLY_OUTCOMES
 from kubetoll_operator.compiler import compile_namespace
 from kubetoll_sidecar.cache import CacheStage, embedder_for_backend, keys, verifier_for_policy
-from kubetoll_sidecar.cache.embeddings import EmbeddingServer, HashedEmbedder
 from kubetoll_sidecar.cache.stage import policy_hash
 from kubetoll_sidecar.cache.verifiers import JUDGE_MAX_TOKENS, JUDGE_SYSTEM_PROMPT, parse_judge
 from kubetoll_sidecar.credentials import CredentialStore
 from kubetoll_sidecar.forwarder import BackendRuntime
 from kubetoll_tools.simulator_rerank import JudgeServer, RerankServer
+from support.cache_stage import ask, request, sample
 from support.harness import base_config
-from test_cache_stage import FakeClock, ask, request, sample
 
 STORED = "How do I reset my password?"
 PARAPHRASE = "how can I reset my password"  # above the 0.5 threshold and through the rules with the hashed embedder
 
 # --------------------------------------------------------------------------- fixtures and helpers
-
-
-@pytest.fixture
-async def redis(redis_url):
-    client = aioredis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def embed_server():
-    async with EmbeddingServer(HashedEmbedder().encode) as server:
-        yield server
 
 
 @pytest.fixture
@@ -62,32 +47,6 @@ async def rerank():
 async def judge():
     async with JudgeServer() as server:
         yield server
-
-
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def stages():
-    made: list[CacheStage] = []
-
-    def _make(ns: str, redis: Any, **kw: Any) -> CacheStage:
-        kw.setdefault("redis_timeout", 0.5)  # a loaded machine must not turn hits into misses
-        stage = CacheStage(ns, redis, **kw)
-        made.append(stage)
-        return stage
-
-    yield _make
-    for s in made:
-        await s.close()
 
 
 def config(

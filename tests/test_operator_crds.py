@@ -526,6 +526,10 @@ BAD = [
         _with(CACHE, "spec.semantic.circuitBreaker", {"failureThreshold": 0}),
         "failureThreshold",
     ),
+    # Error-rate control (docs/caching.md, "Error-rate control").
+    ("answer-similarity-alone", _with(CACHE, "spec.semantic.answerSimilarity", 0.9), "answerSimilarity"),
+    ("target-error-rate-half", _with(CACHE, "spec.semantic.targetErrorRate", 0.5), "targetErrorRate"),
+    ("target-error-rate-zero", _with(CACHE, "spec.semantic.targetErrorRate", 0), "targetErrorRate"),
     ("ttl-zero", _with(CACHE, "spec.exact.ttlSeconds", 0), "ttlSeconds"),
     ("spec-not-object", _with(CACHE, "spec", "yes"), "spec"),
     # Identity from Kubernetes: tier assignments, the tier header policy, workload selectors.

@@ -95,3 +95,101 @@ def live_reports(fields: Mapping[Any, Any], now: float) -> list[DegradedReport]:
 async def read_degraded(client: Any, namespace: str, policy: str, now: float) -> list[DegradedReport]:
     """The live reports of one policy (raises what the Redis client raises)."""
     return live_reports(await client.hgetall(RedisKeys(namespace).cache_health(policy)), now)
+
+
+# --------------------------------------------------------------------------- error-rate control
+
+# A sidecar running error-rate control for a policy (semantic.targetErrorRate) writes what its
+# controller learned into the hash `kt:{<ns>}:cachecontrol:<policy>` (`RedisKeys.cache_control`),
+# field `<sidecar>`, every REFRESH_SECONDS; each report stops counting TTL_SECONDS after it was
+# written. The operator pools the live ones into the CachePolicy's `status.errorControl`.
+_CONTROL_INTS = ("explored", "exploredWrong", "samples", "served", "verifiedCorrect", "verifiedWrong")
+# Wilson's z for the pooled error interval: one-sided 95%, the controller's own default delta.
+_POOLED_Z = 1.6448536269514722
+
+
+@dataclass(frozen=True, slots=True)
+class ControlReport:
+    target: float
+    threshold: float | None  # None: closed (serves no semantic hit)
+    exploration_rate: float
+    counts: Mapping[str, int]  # _CONTROL_INTS
+    until: float
+    sidecar: str = ""
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "target": self.target,
+                "threshold": self.threshold,
+                "explorationRate": self.exploration_rate,
+                **{k: int(self.counts.get(k, 0)) for k in _CONTROL_INTS},
+                "until": self.until,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes | str, sidecar: str = "") -> ControlReport | None:
+        """None for anything this version cannot read."""
+        try:
+            d = orjson.loads(raw)
+            threshold = None if d.get("threshold") is None else float(d["threshold"])
+            report = cls(
+                float(d["target"]),
+                threshold,
+                float(d["explorationRate"]),
+                {k: max(0, int(d.get(k) or 0)) for k in _CONTROL_INTS},
+                float(d["until"]),
+                sidecar,
+            )
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+        values = [report.target, report.exploration_rate, report.until, *([threshold] if threshold is not None else [])]
+        return report if all(math.isfinite(v) for v in values) else None
+
+
+def live_control_reports(fields: Mapping[Any, Any], now: float) -> list[ControlReport]:
+    out = []
+    for name, raw in fields.items():
+        sidecar = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+        report = ControlReport.from_json(raw, sidecar)
+        if report is not None and report.until > now:
+            out.append(report)
+    return sorted(out, key=lambda r: r.sidecar)
+
+
+def pooled_control_status(reports: list[ControlReport], target: float) -> dict[str, Any]:
+    """The CachePolicy's `status.errorControl` from the sidecars' live reports.
+
+    The explored would-be hits of every sidecar are pooled into one error estimate with its
+    Wilson interval (they are samples of the same policy's traffic); thresholds differ per
+    sidecar (each learns its own), so the lowest and highest are given.
+    """
+    mine = [r for r in reports if r.target == target]
+    totals = {k: sum(r.counts.get(k, 0) for r in mine) for k in _CONTROL_INTS}
+    open_thresholds = [r.threshold for r in mine if r.threshold is not None]
+    explored, wrong = totals["explored"], totals["exploredWrong"]
+    estimate: float | None = None
+    interval: list[float | None] = [None, None]
+    if explored:
+        estimate = wrong / explored
+        p, n, z2 = estimate, float(explored), _POOLED_Z**2
+        centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+        half = _POOLED_Z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+        interval = [round(max(0.0, centre - half), 6), round(min(1.0, centre + half), 6)]
+    return {
+        "targetErrorRate": target,
+        "sidecars": len(mine),
+        "closedSidecars": len(mine) - len(open_thresholds),
+        "thresholdMin": round(min(open_thresholds), 6) if open_thresholds else None,
+        "thresholdMax": round(max(open_thresholds), 6) if open_thresholds else None,
+        "explorationRate": round(sum(r.exploration_rate for r in mine) / len(mine), 6) if mine else None,
+        "estimatedErrorRate": None if estimate is None else round(estimate, 6),
+        "errorRateInterval": interval,
+        **totals,
+    }
+
+
+async def read_control_reports(client: Any, namespace: str, policy: str, now: float) -> list[ControlReport]:
+    """The live error-control reports of one policy (raises what the Redis client raises)."""
+    return live_control_reports(await client.hgetall(RedisKeys(namespace).cache_control(policy)), now)

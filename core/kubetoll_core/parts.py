@@ -779,6 +779,9 @@ class SemanticCircuitBreaker(ContractModel):
     )
 
 
+DEFAULT_ANSWER_SIMILARITY = 0.92
+
+
 class SemanticCache(ContractModel):
     """Serve a stored answer to a near-identical question that passes a strict agreement check."""
 
@@ -820,6 +823,23 @@ class SemanticCache(ContractModel):
         None,
         description="When to stop calling a failing embedding or verifier backend (default: 3 failures, 10 s open).",
     )
+    target_error_rate: float | None = Field(
+        None,
+        gt=0,
+        lt=0.5,
+        description="Error-rate control: the largest share of semantic hits that may be wrong answers, e.g. 0.01. "
+        "A sample of would-be hits goes upstream too and the fresh answer is compared with the cached one, so "
+        "each sidecar learns the similarity above which hits are right often enough; none is served until enough "
+        "answers were compared (docs/caching.md). Absent: the fixed threshold alone.",
+    )
+    answer_similarity: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description=f"With targetErrorRate: the cosine (by the embedding backend) at or above which a fresh answer "
+        f"and the cached one are the same answer, after their text and numbers are compared. Default "
+        f"{DEFAULT_ANSWER_SIMILARITY}.",
+    )
 
     __cel_rules__ = (
         CelRule(
@@ -833,6 +853,12 @@ class SemanticCache(ContractModel):
             "verify is deprecated: with verifier set leave verify out (verifier.kind none turns the check off)",
             lambda s: s.verifier is None or s.verify,
             ".verify",
+        ),
+        CelRule(
+            "!has(self.answerSimilarity) || has(self.targetErrorRate)",
+            "answerSimilarity is used by error-rate control only: set targetErrorRate too",
+            lambda s: s.answer_similarity is None or s.target_error_rate is not None,
+            ".answerSimilarity",
         ),
     )
 
@@ -852,6 +878,10 @@ class SemanticCache(ContractModel):
     @property
     def circuit(self) -> SemanticCircuitBreaker:
         return self.circuit_breaker or SemanticCircuitBreaker()
+
+    @property
+    def answer_match_similarity(self) -> float:
+        return self.answer_similarity if self.answer_similarity is not None else DEFAULT_ANSWER_SIMILARITY
 
 
 class Cacheable(ContractModel):

@@ -155,6 +155,11 @@ class RedisKeys:
         degraded in that sidecar. Written by the sidecars on a transition, read by the operator."""
         return self._k(self.ns_tag, "cachehealth", check_name("cache policy", policy))
 
+    def cache_control(self, policy: str) -> str:
+        """Hash: `<sidecar>` -> what that sidecar's error-rate controller learned for a cache policy
+        (kubetoll_core.cache_health.ControlReport). Written by the sidecars, read by the operator."""
+        return self._k(self.ns_tag, "cachecontrol", check_name("cache policy", policy))
+
     def channel(self) -> str:
         """Pub/sub channel for kill-switch changes (JSON: {"budget": ..., "suspended": bool})."""
         return self._k(self.ns_tag, "events")

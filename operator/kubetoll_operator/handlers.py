@@ -931,11 +931,33 @@ class Reconciler:
         counter = self.cache_counters.setdefault(namespace, spend.CacheCounter())
         routes = spend.policy_routes(config)
         health = await self._read_cache_health(namespace, policies, now)
+        control = await self._read_error_control(namespace, policies, now)
         for p in policies:
             obj = objects[("CachePolicy", p.name)]
             # A policy whose reports could not be read keeps its last Degraded condition.
             conditions = [cache_health.degraded_condition(p, health[p.name])] if p.name in health else []
-            await self._write_spend_status(obj, counter.status(routes.get(p.name, [])), conditions)
+            fields = counter.status(routes.get(p.name, []))
+            if p.name in control:  # else (unread) the last errorControl stays
+                fields["errorControl"] = control[p.name]
+            await self._write_spend_status(obj, fields, conditions)
+
+    async def _read_error_control(self, namespace: str, policies: list[Any], now: float) -> dict[str, Any]:
+        """Policy name -> its pooled `status.errorControl` (None without targetErrorRate: cleared)."""
+        from kubetoll_core.cache_health import pooled_control_status, read_control_reports
+
+        out: dict[str, Any] = {}
+        try:
+            async with asyncio.timeout(self.options.redis_timeout_seconds):
+                for p in policies:
+                    target = p.semantic.target_error_rate if p.semantic.enabled else None
+                    if target is None:
+                        out[p.name] = None
+                        continue
+                    reports = await read_control_reports(self._redis(), namespace, p.name, now)
+                    out[p.name] = pooled_control_status(reports, target)
+        except (RedisError, OSError, TimeoutError, ValueError) as exc:
+            log.debug("namespace %s: error-control read stopped: %s", namespace, type(exc).__name__)
+        return out
 
     async def _read_cache_health(self, namespace: str, policies: list[Any], now: float) -> dict[str, list[Any]]:
         """Policy name -> the live reports of a degraded semantic tier the sidecars wrote (cache_health.py)."""

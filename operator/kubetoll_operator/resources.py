@@ -638,6 +638,33 @@ class TokenBudgetStatus(StatusModel):
     routes: list[str] = Field(default_factory=list, description="Model names of the routes covered, resolved.")
 
 
+class ErrorControlStatus(StatusModel):
+    """What the sidecars' error-rate controllers learned (semantic.targetErrorRate), pooled."""
+
+    target_error_rate: float | None = Field(None, description="semantic.targetErrorRate.")
+    sidecars: int | None = Field(None, description="Sidecars that reported in the last minute.")
+    closed_sidecars: int | None = Field(
+        None, description="Of them, those serving no semantic hit yet (too few compared answers to certify one)."
+    )
+    threshold_min: float | None = Field(None, description="Lowest learned similarity threshold among the sidecars.")
+    threshold_max: float | None = Field(None, description="Highest learned similarity threshold among the sidecars.")
+    exploration_rate: float | None = Field(
+        None, description="Mean share of would-be hits answered upstream and compared instead of served."
+    )
+    estimated_error_rate: float | None = Field(
+        None, description="Share of explored would-be hits whose cached answer was wrong (pooled, recent)."
+    )
+    error_rate_interval: list[float | None] = Field(
+        default_factory=list, description="One-sided 95% Wilson interval of estimatedErrorRate: [low, high]."
+    )
+    explored: int | None = Field(None, description="Explored would-be hits the estimate is over.")
+    explored_wrong: int | None = Field(None, description="Of them, those whose cached answer was wrong.")
+    samples: int | None = Field(None, description="Compared answers the controllers learn from (explored and below).")
+    served: int | None = Field(None, description="Semantic hits served since the sidecars started.")
+    verified_correct: int | None = Field(None, description="Comparisons where the cached answer was right.")
+    verified_wrong: int | None = Field(None, description="Comparisons where the cached answer was wrong.")
+
+
 class CachePolicyStatus(StatusModel):
     """Observed state of a CachePolicy.
 
@@ -672,6 +699,9 @@ class CachePolicyStatus(StatusModel):
         json_schema_extra={"format": "date-time"},
     )
     routes: list[str] = Field(default_factory=list, description="Routes naming this policy.")
+    error_control: ErrorControlStatus | None = Field(
+        None, description="With semantic.targetErrorRate and a Redis budget store: what error-rate control learned."
+    )
 
 
 # --------------------------------------------------------------------------- kinds

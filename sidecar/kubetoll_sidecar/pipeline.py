@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import time
+from functools import partial
 from typing import Any
 
 import orjson
@@ -50,7 +51,7 @@ from .budgets.admission import (
 )
 from .budgets.refusals import RefusalSampler
 from .budgets.store import BudgetStore, Hold, Meter, Reservation, StoreUnavailable, Suspended
-from .cache.stage import CacheLookup, CacheStage
+from .cache.stage import CacheLookup, CacheStage, LookupCharge
 from .cascade import combine_holds
 from .context import RequestContext
 from .errors import ApiError, budget_suspended, not_found_model, store_unavailable
@@ -276,7 +277,7 @@ class Pipeline:
         )
         # 10 record (the rest happens in _record)
         body = fwd.body or {}
-        if ctx.cache is not None and ctx.cache.should_store and self.cache is not None:
+        if ctx.cache is not None and ctx.cache.wants_answer and self.cache is not None:
             self.cache.store_soon(ctx.cache, body, usage, cost)
         lookup_cost = ctx.cache.lookup_cost_usd if ctx.cache is not None else 0.0
         headers = self._headers(ctx, cost + sum(s.cost() for s in fwd.abandoned) + lookup_cost)
@@ -632,31 +633,38 @@ class Pipeline:
         )
         ctx.cache = lookup
         for outcome, charge in lookup.charges:
-            # The semantic lookup's embedding and verifier calls are spend like any other: counted
-            # against this request's budgets (never refused: they already happened) and in the ledger.
-            record = CacheStage.charge_record(
-                lookup,
-                charge,
-                outcome,
-                time_=self.clock.time(),
-                namespace=ctx.state.config.namespace,
-                tenant=ctx.tenant,
-                tier=ctx.tier,
-                request_id=ctx.request_id,
-                workload=self.workload,
-            )
-            meters = ctx.meters
-            holds = [Hold(m, float(charge.usage.total_tokens), enforce=False) for m in meters.tokens]
-            holds += [Hold(m, charge.cost_usd, enforce=False) for m in meters.usd]
-            reservation = None
-            if holds:
-                try:
-                    reservation = await self.store.reserve(holds, self.clock.time())
-                except (StoreUnavailable, Suspended):
-                    reservation = None  # the record still goes to the ledger; the store is away
-            self.metrics.cost.labels(ctx.route_name, charge.backend, ctx.tier, self.workload).inc(charge.cost_usd)
-            await self._settle(ctx, reservation, charge.usage, charge.cost_usd, self.clock.time(), record=record)
+            await self._bill_lookup_charge(ctx, lookup, outcome, charge)
+        # Error control's answer comparison runs after the response: billed the same way, then.
+        lookup.bill_later = partial(self._bill_lookup_charge, ctx, lookup)
         return lookup
+
+    async def _bill_lookup_charge(
+        self, ctx: RequestContext, lookup: CacheLookup, outcome: str, charge: LookupCharge
+    ) -> None:
+        # The semantic lookup's embedding and verifier calls are spend like any other: counted
+        # against this request's budgets (never refused: they already happened) and in the ledger.
+        record = CacheStage.charge_record(
+            lookup,
+            charge,
+            outcome,
+            time_=self.clock.time(),
+            namespace=ctx.state.config.namespace,
+            tenant=ctx.tenant,
+            tier=ctx.tier,
+            request_id=ctx.request_id,
+            workload=self.workload,
+        )
+        meters = ctx.meters
+        holds = [Hold(m, float(charge.usage.total_tokens), enforce=False) for m in meters.tokens]
+        holds += [Hold(m, charge.cost_usd, enforce=False) for m in meters.usd]
+        reservation = None
+        if holds:
+            try:
+                reservation = await self.store.reserve(holds, self.clock.time())
+            except (StoreUnavailable, Suspended):
+                reservation = None  # the record still goes to the ledger; the store is away
+        self.metrics.cost.labels(ctx.route_name, charge.backend, ctx.tier, self.workload).inc(charge.cost_usd)
+        await self._settle(ctx, reservation, charge.usage, charge.cost_usd, self.clock.time(), record=record)
 
     async def _cache_response(self, ctx: RequestContext, lookup: CacheLookup) -> web.StreamResponse:
         hit, req = lookup.hit, ctx.req

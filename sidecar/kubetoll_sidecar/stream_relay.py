@@ -48,7 +48,7 @@ class StreamRelay:
         outcome = "ok"
         framing = inbound.stream_framing(req.endpoint) or CHAT_FRAMING
         # The answer is assembled as it streams, to be cached if it ends cleanly.
-        assembler = assembler_for(req.endpoint) if ctx.cache is not None and ctx.cache.should_store else None
+        assembler = assembler_for(req.endpoint) if ctx.cache is not None and ctx.cache.wants_answer else None
         try:
             await resp.prepare(ctx.request)
             ctx.added_before_first_byte = time.perf_counter() - ctx.started - ctx.upstream_seconds

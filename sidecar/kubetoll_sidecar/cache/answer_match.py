@@ -36,6 +36,10 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+import orjson
+
+from kubetoll_core.parts import DEFAULT_ANSWER_SIMILARITY
+
 from .embeddings import EmbedFn
 
 # (fresh, cached) -> cosine similarity of the two answers
@@ -45,7 +49,7 @@ Judge = Callable[[str, str], Awaitable[bool]]
 # Told the usage and USD cost of an embedding call made for a comparison, so the caller can bill it.
 ChargeFn = Callable[[Any, float], None]
 
-DEFAULT_MIN_SIMILARITY = 0.92
+DEFAULT_MIN_SIMILARITY = DEFAULT_ANSWER_SIMILARITY  # a policy's semantic.answerSimilarity when unset
 
 # A run of digits with the separators inside it; a minus before it counts only
 # at the start or after a space or bracket (elsewhere it is a hyphen: "INV-2023").
@@ -162,3 +166,63 @@ def embedding_similarity(embed: EmbedFn, on_charge: ChargeFn | None = None) -> S
         return cosine(vectors[0], vectors[1])
 
     return similarity
+
+
+def _content_text(content: Any) -> list[str]:
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):  # parts: [{"type": "text", "text": ...}]
+        return [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    return []
+
+
+def _call_text(name: Any, arguments: Any) -> str:
+    """A tool call as text: a different function or different arguments is a different answer."""
+    args = arguments if isinstance(arguments, str) else orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS).decode()
+    return f"{name}({args})"
+
+
+def answer_text(endpoint: str, body: Any) -> str | None:
+    """The text of a complete answer as its API returns it (tool calls included), to compare two answers.
+
+    `endpoint` is the cache's: chat, completions, responses or messages. None when the body holds no
+    answer this version can read (the comparison is then inconclusive, never a guess).
+    """
+    if not isinstance(body, dict):
+        return None
+    out: list[str] = []
+    if endpoint in ("chat", "completions"):
+        choices = body.get("choices")
+        if not isinstance(choices, list) or not choices:
+            return None
+        for c in sorted((c for c in choices if isinstance(c, dict)), key=lambda c: c.get("index") or 0):
+            if endpoint == "completions":
+                out += _content_text(c.get("text"))
+                continue
+            msg = c.get("message")
+            if not isinstance(msg, dict):
+                continue
+            out += _content_text(msg.get("content"))
+            for call in msg.get("tool_calls") or ():
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict):
+                    out.append(_call_text(fn.get("name"), fn.get("arguments")))
+    elif endpoint == "responses":
+        for item in body.get("output") or ():
+            if not isinstance(item, dict):
+                continue
+            if item.get("type") == "message":
+                out += _content_text(item.get("content"))
+            elif item.get("type") == "function_call":
+                out.append(_call_text(item.get("name"), item.get("arguments")))
+    elif endpoint == "messages":
+        for block in body.get("content") or ():
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "text" and isinstance(block.get("text"), str):
+                out.append(block["text"])
+            elif block.get("type") == "tool_use":
+                out.append(_call_text(block.get("name"), block.get("input")))
+    else:
+        return None
+    return "\n".join(out) if out else None

@@ -113,3 +113,38 @@ class CacheMetrics:
             ["policy", "reason"],
             registry=r,
         )
+        # Error-rate control (semantic.targetErrorRate; cache/error_control.py)
+        self.control_decisions = Counter(
+            "kubetoll_cache_error_control_decisions",
+            "Semantic candidates that passed the verifier, by what error-rate control did: hit (served), explore "
+            "(a would-be hit sent upstream and compared), label (below the learned threshold, compared), miss.",
+            ["policy", "decision"],
+            registry=r,
+        )
+        self.control_comparisons = Counter(
+            "kubetoll_cache_error_control_comparisons",
+            "Fresh answers compared with the cached one, by verdict: equal, similar, judge_same (the cached answer "
+            "was right); numbers_differ, empty, not_similar, different (it was wrong); similarity_failed, "
+            "unreadable (inconclusive, not learned from).",
+            ["policy", "verdict"],
+            registry=r,
+        )
+        self.control_threshold = Gauge(
+            "kubetoll_cache_error_control_threshold",
+            "The similarity at or above which error-rate control serves a semantic hit; NaN while closed (not "
+            "enough compared answers yet, or no threshold meets the target).",
+            ["policy"],
+            registry=r,
+        )
+        self.control_error_rate = Gauge(
+            "kubetoll_cache_error_control_estimated_error_rate",
+            "Share of explored would-be hits whose cached answer was wrong (recent, in this sidecar); NaN before any.",
+            ["policy"],
+            registry=r,
+        )
+        self.control_exploration_rate = Gauge(
+            "kubetoll_cache_error_control_exploration_rate",
+            "Probability that a would-be semantic hit is explored (answered upstream and compared) instead of served.",
+            ["policy"],
+            registry=r,
+        )

@@ -57,7 +57,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +71,7 @@ from kubetoll_core.spend_record import CACHE_EMBEDDING_OUTCOME, CACHE_VERIFIER_O
 from .. import inbound
 from ..providers.base import Usage
 from . import keys
+from .answer_match import answer_text, answers_match, embedding_similarity
 from .embeddings import EmbedFn
 from .lru import ByteLRU
 from .metrics import CacheMetrics
@@ -80,10 +81,11 @@ from .semantic_health import PartSpec, SemanticHealth
 from .verifiers import MAX_TEXT_CHARS, ModelVerifier
 from .verify import VERIFY_VERSION, Signature, disagreement, signature
 
-if TYPE_CHECKING:  # numpy and the index load on first semantic use, not with the stage
+if TYPE_CHECKING:  # numpy, the index and error control load on first semantic use, not with the stage
     import numpy as np
     from redis.asyncio import Redis, RedisCluster
 
+    from .error_control import Decision, ErrorRateController
     from .semantic import Candidate, SemanticIndex
 
 log = logging.getLogger("kubetoll.cache")
@@ -114,6 +116,9 @@ class CacheLookup:
     embedding: LookupCharge | None = None
     verification: LookupCharge | None = None  # the rerank or judge call, when one was made
     reason: str = ""  # why uncacheable, why a semantic candidate was turned down, or why the tier could not look
+    # Bills a call made after the lookup (error control's answer comparison) against this request's
+    # budgets and in the ledger, like `charges`; set by the pipeline.
+    bill_later: Callable[[str, LookupCharge], Awaitable[None]] | None = None
     # -- private to the stage
     _rt: _PolicyRuntime | None = None
     _route: str = ""
@@ -125,6 +130,10 @@ class CacheLookup:
     _vector: np.ndarray | None = None
     _signature: Signature | None = None
     _question: str = ""  # the embedded text: stored with a semantic entry for model verifiers
+    # Error control asked for the fresh answer to be compared with this candidate's (explore or label).
+    _probe: Decision | None = None
+    _probe_entry: Entry | None = None
+    _probe_control: ErrorRateController | None = None
 
     @property
     def charges(self) -> list[tuple[str, LookupCharge]]:
@@ -153,6 +162,16 @@ class CacheLookup:
         """True when the answer to this request should be offered to `store` (a miss that may be stored)."""
         return self.status == "miss" and self._storable
 
+    @property
+    def compares(self) -> bool:
+        """True when error control waits for the upstream answer to this miss to compare it."""
+        return self._probe is not None
+
+    @property
+    def wants_answer(self) -> bool:
+        """True when the upstream answer to this request should be offered to `store` (to keep or compare)."""
+        return self.should_store or self._probe is not None
+
 
 _OFF = CacheLookup("off")
 
@@ -171,6 +190,31 @@ class _PolicyRuntime:
     # Stored questions and cached verifier scores, for a model verifier: bounded apart from the entries.
     verify_lru: ByteLRU = field(default_factory=lambda: ByteLRU(0))
     stats: dict[str, int] = field(default_factory=lambda: {"hits": 0, "misses": 0})
+    control: ErrorRateController | None = None  # semantic.targetErrorRate: built on first use
+
+    def ensure_control(self) -> ErrorRateController | None:
+        """The policy's error-rate controller (None without targetErrorRate): learned in this sidecar."""
+        s = self.policy.semantic
+        if s.target_error_rate is None or not s.enabled:
+            return None
+        if self.control is None:
+            from .error_control import ErrorRateController
+
+            # semantic.threshold is the floor (the index returns nothing below it); the controller
+            # may ask for anything up to a verbatim repeat.
+            self.control = ErrorRateController(s.target_error_rate, min(s.threshold, CONTROL_MAX_FLOOR), 1.0)
+        return self.control
+
+    def control_matches(self, policy: CachePolicy) -> bool:
+        """Whether what the controller learned still holds for `policy` (same target and floor)."""
+        c = self.control
+        s = policy.semantic
+        return (
+            c is not None
+            and s.target_error_rate == c.target
+            and min(s.threshold, CONTROL_MAX_FLOOR) == c.min_threshold
+            and s.embedding_backend == self.policy.semantic.embedding_backend
+        )
 
     @property
     def name(self) -> str:
@@ -218,7 +262,17 @@ class _PolicyRuntime:
 
 # Settings that decide only what is served, never what is stored: changing them keeps the entries
 # (a stricter verifier re-checks old entries; a timeout or circuit setting changes nothing stored).
-_SERVING_ONLY = {"verifier": None, "embedding_timeout_ms": None, "circuit_breaker": None}
+_SERVING_ONLY = {
+    "verifier": None,
+    "embedding_timeout_ms": None,
+    "circuit_breaker": None,
+    "target_error_rate": None,
+    "answer_similarity": None,
+}
+# How often a sidecar tells the operator what its error-rate controllers learned (cache_health.ControlReport).
+CONTROL_REPORT_SECONDS = 20.0
+# Error control needs room to learn above semantic.threshold: a floor nearer 1 than this is capped.
+CONTROL_MAX_FLOOR = 0.995
 VERIFY_LRU_SHARE = 16  # the questions and verdicts get localMaxBytes / 16 more (at least 1 MiB)
 
 
@@ -321,6 +375,7 @@ class CacheStage:
         self._pending: set[asyncio.Task] = set()
         self._next_epoch_check = 0.0
         self._next_sweep = 0.0
+        self._next_control_report = 0.0
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -367,6 +422,8 @@ class CacheStage:
             verify_bytes = max(p.local_max_bytes // VERIFY_LRU_SHARE, 1 << 20) if s.enabled and v.uses_model else 0
             old = self._policies.get(p.name)
             if old is not None and old.settings_hash == h:
+                if not old.control_matches(p):  # a new target or floor: learn again (also drops it when unset)
+                    old.control = None
                 old.policy, old.embed, old.verifier = p, embed, verifier
                 old.verify_lru.max_bytes = verify_bytes
                 if not verify_bytes:
@@ -395,6 +452,7 @@ class CacheStage:
         self.health.retire_all()
         try:
             await asyncio.wait_for(self._publish_health(), self.background_timeout)
+            await self._retire_control_reports()
         except (TimeoutError, Exception):
             pass
         if self._sync_task is not None:
@@ -531,6 +589,16 @@ class CacheStage:
         cand, entry = top
         if not await self._confirm(rt, lk, split.text, cand):
             return None
+        ctl = rt.ensure_control()
+        if ctl is not None:
+            d = ctl.decide(cand.similarity)
+            self.metrics.control_decisions.labels(rt.name, d.kind).inc()
+            if not d.serve:
+                # Explored or below the learned threshold: a miss; its upstream answer teaches the controller.
+                if d.explore:
+                    lk._probe, lk._probe_entry, lk._probe_control = d, entry, ctl
+                lk.reason = "error_control_explore" if d.kind == "explore" else "below_learned_threshold"
+                return None
         return CacheHit("semantic", rt.name, entry, cand.similarity, wall=self._wall)
 
     async def _top_candidate(
@@ -750,7 +818,7 @@ class CacheStage:
 
     def store_soon(self, lookup: CacheLookup, response_body: Any, usage: Usage | None, cost_usd: float) -> None:
         """Fire-and-forget `store`: never blocks or fails the response."""
-        if not lookup.should_store or self._closed:
+        if not lookup.wants_answer or self._closed:
             return
         task = asyncio.get_running_loop().create_task(self.store(lookup, response_body, usage, cost_usd))
         self._pending.add(task)
@@ -761,6 +829,11 @@ class CacheStage:
         rt: _PolicyRuntime | None = lookup._rt
         if rt is None or lookup.status != "miss":
             return False
+        if lookup.compares:
+            try:
+                await self._learn(rt, lookup, response_body)
+            except Exception:  # learning must never break the store (or the response)
+                log.exception("cache policy %s: answer comparison failed", rt.name)
         m = self.metrics
         if not lookup._storable:
             m.stores.labels(lookup._route, rt.name, "no_store").inc()
@@ -854,6 +927,70 @@ class CacheStage:
         m.stores.labels(lookup._route, rt.name, "stored").inc()
         return True
 
+    async def _learn(self, rt: _PolicyRuntime, lookup: CacheLookup, response_body: Any) -> None:
+        """Error control: compare the fresh answer with the candidate's cached one and report the verdict.
+
+        The answers are compared by text, then numbers, then (when the embedding backend is up) the
+        cosine of their embeddings, a call billed like the lookup's own (`bill_later`). An unreadable
+        answer or a failed embedding call is inconclusive: nothing is reported rather than a guess.
+        """
+        d, cached, ctl = lookup._probe, lookup._probe_entry, lookup._probe_control
+        lookup._probe = lookup._probe_entry = lookup._probe_control = None
+        if d is None or cached is None or ctl is None or rt.control is not ctl:
+            return  # the policy was reconfigured since the lookup: its controller starts afresh
+        m = self.metrics
+        fresh = answer_text(lookup._endpoint, response_body) if is_complete(lookup._endpoint, response_body) else None
+        old = answer_text(cached.endpoint, cached.body)
+        if fresh is None or old is None:
+            m.control_comparisons.labels(rt.name, "unreadable").inc()
+            return
+        s = rt.policy.semantic
+        charges: list[LookupCharge] = []
+        similarity = None
+        if rt.embed is not None and self.health.allow(rt.name, EMBEDDING):
+            embed = rt.embed
+            timeout = self.embed_timeout if self.embed_timeout is not None else s.embedding_timeout
+            t0 = time.perf_counter()
+
+            async def timed(texts: list[str]) -> Any:
+                try:
+                    out = await asyncio.wait_for(embed(texts), timeout)
+                except asyncio.CancelledError:
+                    self.health.release(rt.name, EMBEDDING)
+                    raise
+                except Exception as exc:
+                    self.health.failure(rt.name, EMBEDDING, _describe(exc, timeout))
+                    m.embedding_calls.labels(rt.name, "failed").inc()
+                    raise
+                self.health.success(rt.name, EMBEDDING)
+                m.embedding_calls.labels(rt.name, "ok").inc()
+                return out
+
+            def charge(usage: Any, cost: float) -> None:
+                m.embedding_usd.labels(rt.name).inc(cost)
+                charges.append(LookupCharge(s.embedding_backend or "", usage, float(cost), time.perf_counter() - t0))
+
+            similarity = embedding_similarity(timed, charge)
+        result = await answers_match(fresh, old, similarity=similarity, min_similarity=s.answer_match_similarity)
+        if lookup.bill_later is not None:
+            for c in charges:
+                await lookup.bill_later(CACHE_EMBEDDING_OUTCOME, c)
+        m.control_comparisons.labels(rt.name, result.reason).inc()
+        if result.conclusive:
+            ctl.observe(d, result.match)
+            self._publish_control(rt)
+
+    def _publish_control(self, rt: _PolicyRuntime) -> None:
+        ctl, m = rt.control, self.metrics
+        if ctl is None:
+            return
+        snap = ctl.snapshot()
+        nan = float("nan")
+        m.control_threshold.labels(rt.name).set(snap.threshold if snap.threshold is not None else nan)
+        est = snap.estimated_error_rate
+        m.control_error_rate.labels(rt.name).set(est if est is not None else nan)
+        m.control_exploration_rate.labels(rt.name).set(snap.exploration_rate)
+
     # ------------------------------------------------------------------ background sync
 
     async def _sync_loop(self) -> None:
@@ -876,6 +1013,8 @@ class CacheStage:
         if not self.guard.available:
             return False
         await self._publish_health()
+        if now_m >= self._next_control_report and await self._publish_control_reports(rts):
+            self._next_control_report = now_m + CONTROL_REPORT_SECONDS
         if not rts:
             return False
         if now_m >= self._next_epoch_check:
@@ -943,6 +1082,61 @@ class CacheStage:
             return
         self.health.written(updates)
 
+    async def _publish_control_reports(self, rts: list[_PolicyRuntime]) -> bool:
+        """Each error-rate controller's state, for the CachePolicy's status (kubetoll_core.cache_health).
+        True when reports were written (the next are due in CONTROL_REPORT_SECONDS)."""
+        hk = self._health_keys
+        live = [rt for rt in rts if rt.control is not None]
+        if hk is None or not live or not self.guard.available:
+            return False
+        from kubetoll_core.cache_health import TTL_SECONDS, ControlReport
+
+        until = self._wall() + TTL_SECONDS
+        reports = []
+        for rt in live:
+            assert rt.control is not None
+            snap = rt.control.snapshot()
+            counts = {
+                "explored": snap.explored,
+                "exploredWrong": snap.explored_wrong,
+                "samples": snap.samples,
+                "served": int(snap.decisions.get("hit", 0)),
+                "verifiedCorrect": snap.verified_correct,
+                "verifiedWrong": snap.verified_wrong,
+            }
+            report = ControlReport(snap.target_error_rate, snap.threshold, snap.exploration_rate, counts, until)
+            reports.append((hk.cache_control(rt.name), report.to_json()))
+
+        async def write(c: Any) -> Any:
+            pipe = c.pipeline(transaction=False)
+            for key, raw in reports:
+                pipe.hset(key, self.instance, raw)
+                pipe.expire(key, int(TTL_SECONDS) + 1)
+            return await pipe.execute()
+
+        try:
+            await self.guard.call("control", write, timeout=self.background_timeout)
+        except RedisUnavailable:
+            return False
+        return True
+
+    async def _retire_control_reports(self) -> None:
+        hk = self._health_keys
+        names = [rt.name for rt in self._policies.values() if rt.control is not None]
+        if hk is None or not names or not self.guard.available:
+            return
+
+        async def write(c: Any) -> Any:
+            pipe = c.pipeline(transaction=False)
+            for name in names:
+                pipe.hdel(hk.cache_control(name), self.instance)
+            return await pipe.execute()
+
+        try:
+            await self.guard.call("control", write, timeout=self.background_timeout)
+        except RedisUnavailable:
+            return
+
     @staticmethod
     def _apply(index: SemanticIndex, fields: Mapping[Any, Any], now: float) -> None:
         import numpy as np
@@ -975,6 +1169,8 @@ class CacheStage:
             if rt.index is not None:
                 m.local_entries.labels(rt.name, "semantic_index").set(len(rt.index))
                 m.local_bytes.labels(rt.name, "semantic_index").set(rt.index.nbytes)
+            if rt.control is not None:
+                self._publish_control(rt)
 
     # ------------------------------------------------------------------ ledger
 
