@@ -163,6 +163,7 @@ async def test_hits_wait_for_evidence_then_stay_within_the_target(redis, ns, sta
     stage._publish_gauges(list(stage._policies.values()))
     assert sample(stage, "kubetoll_cache_error_control_threshold", policy="faq") == pytest.approx(ctl.threshold)
     assert 0 < sample(stage, "kubetoll_cache_error_control_exploration_rate", policy="faq") <= 0.5
+    assert sample(stage, "kubetoll_cache_error_control_target_error_rate", policy="faq") == TARGET
     # A comparison that was not equal text embedded both answers, billed like the lookup's own call.
     assert len(stream.billed) == differ
     assert all(o == CACHE_EMBEDDING_OUTCOME and c.backend == "embedder" for o, c in stream.billed)

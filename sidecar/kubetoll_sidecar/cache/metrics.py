@@ -142,6 +142,12 @@ class CacheMetrics:
             ["policy"],
             registry=r,
         )
+        self.control_target = Gauge(
+            "kubetoll_cache_error_control_target_error_rate",
+            "The policy's semantic.targetErrorRate (for alerts comparing the estimate with it).",
+            ["policy"],
+            registry=r,
+        )
         self.control_exploration_rate = Gauge(
             "kubetoll_cache_error_control_exploration_rate",
             "Probability that a would-be semantic hit is explored (answered upstream and compared) instead of served.",

@@ -990,6 +990,7 @@ class CacheStage:
         est = snap.estimated_error_rate
         m.control_error_rate.labels(rt.name).set(est if est is not None else nan)
         m.control_exploration_rate.labels(rt.name).set(snap.exploration_rate)
+        m.control_target.labels(rt.name).set(snap.target_error_rate)
 
     # ------------------------------------------------------------------ background sync
 
