@@ -11,6 +11,7 @@ without a cluster at the end.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import time
@@ -20,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from kubetoll_core.burn_rate import BurnRates
 from kubetoll_core.ledger_stream import MeterTotal, read_ledger, read_ledger_page
 from kubetoll_core.meters import cap_meter_name, parse_meter_name, tier_meter_name
 from kubetoll_core.periods import compute_period
@@ -998,3 +1000,39 @@ def test_operator_credentials_are_read_per_connection(tmp_path: Any) -> None:
     from kubetoll_operator.handlers import OperatorOptions
 
     assert "from-env" not in repr(OperatorOptions(redis_password="from-env"))
+
+
+def test_projected_exhaustion_follows_the_spend_rate_across_passes() -> None:
+    """The reporter feeds each cap's spend to a rate tracker on every pass: once it has seen a quarter of
+    an hour, the status says when the cap runs out at that pace, if before the period ends."""
+    b = budget(cap={"usdPerDay": 100, "usdPerMonth": 10_000})
+    day_usd, month_usd = cap_meter_name("usd", DAY.id), cap_meter_name("usd", MONTH.id)
+    rates = BurnRates()
+    start = DAY.start + 3600  # 01:00
+    spent = 0.0
+    r = None
+    for minute in range(0, 21):
+        now = start + minute * 60
+        spent = minute * 0.5  # $30 an hour: the $100 day cap runs out at about 04:20
+        r = spend.budget_report(
+            b, [total(day_usd, spent, 100), total(month_usd, spent, 10_000)], [50], now, 10, rates=rates
+        )
+        if minute < 15:  # under a quarter of the window: no projection yet
+            assert r.status["projectedExhaustion"] is None, minute
+    assert r is not None
+    expected = start + 20 * 60 + (100 - spent) / (0.5 / 60)
+    day_row, month_row = r.status["meters"][0], r.status["meters"][1]
+    assert day_row["projectedExhaustion"] == r.status["projectedExhaustion"]
+    got = dt.datetime.fromisoformat(day_row["projectedExhaustion"].replace("Z", "+00:00")).timestamp()
+    assert expected <= got < expected + 60  # to the minute
+    # The month cap would run out in two weeks, within its month only if the month is long enough.
+    month_left = MONTH.end - (start + 20 * 60)
+    assert (month_row["projectedExhaustion"] is None) == ((10_000 - spent) / (0.5 / 60) >= month_left)
+    # No spend for a while: the rate falls, and a cap that lasts its period has no projection.
+    later = start + 20 * 60 + 2 * 3600
+    r = spend.budget_report(
+        b, [total(day_usd, spent, 100), total(month_usd, spent, 10_000)], [50], later, 10, rates=rates
+    )
+    assert r.status["projectedExhaustion"] is None
+    # Without trackers (a caller that does not follow rates) the field is not set at all.
+    assert "projectedExhaustion" not in spend.budget_report(b, [total(day_usd, 1, 100)], [50], later, 10).status

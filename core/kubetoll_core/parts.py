@@ -424,6 +424,24 @@ class Rule(ContractModel):
         return list(dict.fromkeys(b for _, b in self.backend_refs()))
 
 
+class BurnRateDowngrade(ContractModel):
+    """Downgrade before atPercent when the cap is being spent fast enough to run out before its period ends."""
+
+    window_minutes: int = Field(
+        60,
+        ge=5,
+        le=1440,
+        description="Minutes the spend rate is averaged over (a quarter of it must have been seen first).",
+    )
+    tiers: list[str] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Tiers downgraded by the burn rate; empty: every tier. Tiers not listed (premium, say) keep "
+        "their backends until atPercent.",
+        json_schema_extra={"items": {"type": "string", "maxLength": 63}},
+    )
+
+
 class Downgrade(ContractModel):
     """Budget-aware downgrade: past a share of the budget, serve from cheaper backends."""
 
@@ -437,6 +455,11 @@ class Downgrade(ContractModel):
         json_schema_extra={
             "items": {"type": "string", "maxLength": 253, "description": "Name of a ModelBackend in this namespace."}
         },
+    )
+    burn_rate: BurnRateDowngrade | None = Field(
+        None,
+        description="Also downgrade while a cap's current spend rate would exhaust it before its period ends "
+        "(docs/budgets.md, Burn-aware downgrade). Never refuses: it only picks the downgrade backends.",
     )
 
 

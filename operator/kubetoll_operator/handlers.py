@@ -55,6 +55,8 @@ from typing import Any
 import kopf
 from redis.exceptions import RedisError
 
+from kubetoll_core.burn_rate import BurnRates
+
 from . import cache_health, metrics, sidecar_count, spend
 from .compiler import CompileResult, compile_namespace
 from .kube import ApiError, KubeApi
@@ -192,6 +194,7 @@ class Reconciler:
     )  # (ns, budget, meter, threshold) → period end
     cache_counters: dict[str, spend.CacheCounter] = field(default_factory=dict)
     refusal_logs: dict[str, spend.RefusalLog] = field(default_factory=dict)  # ns → refusals read from the ledger
+    burn_rates: dict[str, BurnRates] = field(default_factory=dict)  # ns → each cap's spend rate (projectedExhaustion)
     spend_ok: dict[str, bool] = field(default_factory=dict)  # ns → last reading succeeded (logs transitions only)
     spend_reports: int = 0
     redis: Any = None
@@ -667,6 +670,7 @@ class Reconciler:
             del self.reporters[namespace]
             self.cache_counters.pop(namespace, None)
             self.refusal_logs.pop(namespace, None)
+            self.burn_rates.pop(namespace, None)
             self.spend_ok.pop(namespace, None)
 
     async def _spend_loop(self, namespace: str) -> None:
@@ -747,6 +751,8 @@ class Reconciler:
             # Before the budgets: the refusal records tell which meters admission refuses on.
             await self._read_ledger(namespace, now)
         refusals = self.refusal_logs.get(namespace) or spend.RefusalLog(self.options.refusal_window_seconds)
+        rates = self.burn_rates.setdefault(namespace, BurnRates())
+        rates.prune(now)
 
         for b in budgets:
             obj = objects[("TokenBudget", b.name)]
@@ -761,6 +767,7 @@ class Reconciler:
                 now,
                 self.options.tenants_over_budget,
                 refused=refusals.recent(b.name, now),
+                rates=rates,
             )
             await self._write_spend_status(obj, report.status, [spend.spend_known(True), report.threshold])
             for cap, threshold in report.alerts(thresholds):

@@ -553,6 +553,12 @@ class BudgetMeterStatus(StatusModel):
     spent: float | None = Field(None, description="Settled spend in the period (tier: all its tenants together).")
     remaining: float | None = Field(None, description="cap only: limit minus spent, at least 0.")
     percent: float | None = Field(None, description="cap only: percent of the limit spent.")
+    projected_exhaustion: str | None = Field(
+        None,
+        description="cap only: when the limit runs out at the spend rate of the last hour, if before the period "
+        "ends (empty: it lasts, or too little history yet).",
+        json_schema_extra={"format": "date-time"},
+    )
     tenants: int | None = Field(None, description="tier only: tenants with spend in the period.")
     tenants_over: int | None = Field(None, description="tier only: tenants at or over their limit.")
     max_percent: float | None = Field(None, description="tier only: the highest percent any tenant has spent.")
@@ -619,6 +625,12 @@ class TokenBudgetStatus(StatusModel):
     period_end: str | None = Field(
         None,
         description="End of the binding meter's current period, when it resets (RFC 3339).",
+        json_schema_extra={"format": "date-time"},
+    )
+    projected_exhaustion: str | None = Field(
+        None,
+        description="The earliest time a namespace cap runs out at the spend rate of the last hour, if before its "
+        "period ends (RFC 3339; empty: every cap lasts its period, or the operator has seen under 15 minutes).",
         json_schema_extra={"format": "date-time"},
     )
     display: BudgetDisplay | None = Field(None, description="Spent and percent as the printer columns show them.")

@@ -25,12 +25,14 @@ spend (docs/redis-layout.md).
 from __future__ import annotations
 
 import datetime
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from kubetoll_core.burn_rate import BurnRates
 from kubetoll_core.ledger_stream import MeterTotal, ledger_start_id
 from kubetoll_core.meters import cap_meter_name, parse_meter_name, scale_of, to_units
 from kubetoll_core.periods import Period, compute_period
@@ -334,11 +336,13 @@ def budget_report(
     now: float,
     top_n: int,
     refused: Mapping[str, float] | None = None,
+    rates: BurnRates | None = None,
 ) -> BudgetReport:
     """Status fields for one budget from its window meters as Redis holds them.
 
     `refused`: meter name -> the last refusal recorded on it within the refusal window
-    (`RefusalLog.recent`).
+    (`RefusalLog.recent`). `rates`: this namespace's spend-rate trackers, fed a reading of each
+    cap on every pass, for `projectedExhaustion`.
     """
     refused = refused or {}
     by_name = {t.meter: t for t in totals if t.budget == budget.name and t.kind == "window"}
@@ -364,6 +368,18 @@ def budget_report(
         )
 
     rows = [c.row() for c in caps]
+    projected: list[float] = []
+    if rates is not None:
+        for c, row in zip(caps, rows, strict=True):
+            tracker = rates.observe(f"{budget.name}/{c.meter}", now, float(c.spent_units))
+            at = tracker.exhaustion(now, float(c.spent_units), float(c.limit_units))
+            # Only a projection inside the period means anything: the meter resets at its end.
+            if at is not None and at < c.period.end:
+                at = math.ceil(at / 60.0) * 60.0  # to the minute: a projection is not more precise than that
+                row["projectedExhaustion"] = rfc3339(at, tz)
+                projected.append(at)
+            else:
+                row["projectedExhaustion"] = None
     tenants: list[MeterReading] = []
     for tier_name, window, limit in _tier_limits(budget):
         period = periods[window]
@@ -415,6 +431,8 @@ def budget_report(
     ranked = sorted(worst.values(), key=lambda m: (-m.percent, m.tenant))[:top_n]
     status: dict[str, Any] = {"tenantsOverBudget": [m.tenant for m in ranked], "meters": rows}
     status.update(_headline(binding_meter([*caps, *tenants])))
+    if rates is not None:
+        status["projectedExhaustion"] = rfc3339(min(projected), tz) if projected else None
     return BudgetReport(caps, tenants, status, threshold_condition(caps, thresholds), ranked)
 
 

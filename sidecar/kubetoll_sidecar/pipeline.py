@@ -35,6 +35,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from kubetoll_core.burn_rate import BurnRates
 from kubetoll_core.periods import Clock
 from kubetoll_core.spend_record import REFUSAL_OUTCOME, SpendRecord
 
@@ -45,6 +46,7 @@ from .budgets.admission import (
     NeverFits,
     NoDowngradeBackends,
     Rejected,
+    burn_exhausts,
     percent_used,
     reserve_with_policy,
     tightest,
@@ -113,6 +115,8 @@ class Pipeline:
         self.refusals = RefusalSampler()  # which refusals get a ledger record
         # Responses API ids an OpenAI backend stored, with that backend: GET/DELETE /v1/responses/{id} go there.
         self.stored_responses = StoredResponses()
+        # The namespace caps' spend rates, for downgrade.burnRate (read on the requests of such routes).
+        self.burn_rates = BurnRates()
         # A plain counter, read by the gauge at scrape time (a locked gauge update
         # twice a request cost 1-2% of the CPU).
         self.in_flight = 0
@@ -245,6 +249,14 @@ class Pipeline:
             if percent_used(self.store, meters.windows(), now) >= route.downgrade_at:
                 downgrade = True
                 self.metrics.downgrades.labels(route.name, "at_percent").inc()
+        # ... and by burn rate: the caps would run out before their periods end at the current pace.
+        burn = route.burn_rate
+        if burn is not None and (not burn.tiers or ctx.tier in burn.tiers) and meters.windows():
+            # Read on every request of such a route (also once downgraded: the rate must stay current).
+            if burn_exhausts(self.store, meters.windows(), now, self.burn_rates, burn.window_minutes * 60.0):
+                if not downgrade:
+                    downgrade = True
+                    self.metrics.downgrades.labels(route.name, "burn_rate").inc()
         chain_names = route.downgrade_chain if downgrade else target.backends
         # 7 admit (a cascade reserves for every step: each one called is billed, cascade.py)
         ctx.cascade = target.cascade_run(ctx.endpoint, req.stream, downgrade, state.backends)

@@ -112,6 +112,7 @@ class CompiledRoute:
         self.max_output_tokens = route.max_output_tokens
         self.downgrade_at = route.downgrade.at_percent if route.downgrade else None
         self.downgrade_chain: tuple[str, ...] = tuple(route.downgrade.backends) if route.downgrade else ()
+        self.burn_rate = route.downgrade.burn_rate if route.downgrade else None
         self.cache_policy = route.cache_policy
         # Every backend this route might call (cascade steps and experiment arms too).
         seen: dict[str, None] = {}

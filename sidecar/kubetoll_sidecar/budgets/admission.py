@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from kubetoll_core.burn_rate import BurnRates
 from kubetoll_core.enums import FailMode, OnExhausted
 from kubetoll_core.meters import cap_meter_name, tier_meter_name
 from kubetoll_core.periods import PeriodCalculator
@@ -259,6 +260,19 @@ def percent_used(store: BudgetStore, meters: Sequence[Meter], now: float) -> flo
         if m.kind == "window":
             worst = max(worst, store.snapshot(m, now).percent)
     return worst
+
+
+def burn_exhausts(store: BudgetStore, meters: Sequence[Meter], now: float, rates: BurnRates, window: float) -> bool:
+    """Whether a namespace cap of `meters`, at its spend rate over `window` seconds, runs out before its
+    period ends (downgrade.burnRate). Each call is a reading of the caps' spend for `rates`."""
+    burning = False
+    for m in meters:
+        if m.kind != "window" or m.level != "cap":
+            continue  # per-tenant tier meters would need a tracker per tenant: the cap is what the team pays
+        st = store.snapshot(m, now)
+        tracker = rates.observe(m.key, now, st.used, window)
+        burning = burning or tracker.exhausts_before(now, st.used, st.limit, m.period_end)
+    return burning
 
 
 def tightest(store: BudgetStore, meters: Sequence[Meter], now: float) -> tuple[Meter, MeterState] | None:
