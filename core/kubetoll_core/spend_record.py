@@ -46,6 +46,13 @@ SPEND_ONLY_OUTCOMES = frozenset(
 )
 # The outcome of a refusal record (the same word the access log and metrics use).
 REFUSAL_OUTCOME = "rejected"
+# The outcome of an *outcome record*: the app reported a business outcome (`business_outcome`, e.g.
+# "resolved", with an optional `outcome_value`) for a session or a request (`POST
+# /kubetoll/v1/outcomes`). No spend, not a request: reports divide spend by these.
+OUTCOME_REPORTED = "outcome_reported"
+# The outcome of a request answered with the platform's exhaustedResponse (a session or budget
+# exhausted with onExhausted: respond): a request, at no cost.
+EXHAUSTED_RESPONSE_OUTCOME = "exhausted_response"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,10 +92,24 @@ class SpendRecord:
     # every step of the request cost.
     cascade_baseline_usd: float = 0.0
     latency_ms: float = 0.0  # a request's record: arrival to the whole answer in hand (a stream's last chunk), ms
+    # Attribution: the request's accepted tags, canonical "key=value" pairs sorted by key and joined
+    # with "," (`kubetoll_core.attribution`), and its session id ("" without one).
+    tags: str = ""
+    session: str = ""
+    # An outcome record (outcome OUTCOME_REPORTED): the outcome's name and its value (0 when none given).
+    business_outcome: str = ""
+    outcome_value: float = 0.0
 
     @property
     def refusal(self) -> bool:
         return bool(self.refused_meter)
+
+    @property
+    def tag_map(self) -> dict[str, str]:
+        """`tags` as a mapping ({} without tags)."""
+        if not self.tags:
+            return {}
+        return dict(pair.partition("=")[::2] for pair in self.tags.split(","))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,10 +123,11 @@ _RECORD_FIELDS = (
 # them ignores them (decoding reads fields by name).
 _OPTIONAL_FIELDS = (
     "refused_budget", "refused_meter", "workload", "batch_id", "experiment", "arm", "cascade", "escalation",
+    "tags", "session", "business_outcome",
 )  # fmt: skip
 # The same for numbers: written only when not 0; an entry without one decodes as 0.
 _OPTIONAL_INTS = ("cascade_step",)
-_OPTIONAL_FLOATS = ("cascade_baseline_usd", "latency_ms")
+_OPTIONAL_FLOATS = ("cascade_baseline_usd", "latency_ms", "outcome_value")
 _OPTIONAL_NUMBERS = _OPTIONAL_INTS + _OPTIONAL_FLOATS
 
 
@@ -321,4 +343,8 @@ def decode_record(fields: Mapping[str, str]) -> SpendRecord:
         escalation=fields.get("escalation", ""),
         cascade_baseline_usd=f("cascade_baseline_usd", float, 0.0),
         latency_ms=f("latency_ms", float, 0.0),
+        tags=fields.get("tags", ""),
+        session=fields.get("session", ""),
+        business_outcome=fields.get("business_outcome", ""),
+        outcome_value=f("outcome_value", float, 0.0),
     )
