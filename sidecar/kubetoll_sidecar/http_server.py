@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
 
@@ -213,3 +213,37 @@ class BoundedTCPSite(web.BaseSite):
             backlog=128,
         )
         self._server = self._listener  # BaseSite.stop closes it
+
+
+class LocalServer:
+    """An aiohttp app of a subclass's `app()` on 127.0.0.1, for test, bench and simulator servers.
+
+    Port 0 (the default) takes any free port; `port` holds the one bound once started.
+    Usable as `async with Server(...) as s:`.
+    """
+
+    def __init__(self, port: int = 0) -> None:
+        self.port = port
+        self._runner: web.AppRunner | None = None
+
+    def app(self) -> web.Application:
+        raise NotImplementedError
+
+    async def start(self) -> Self:
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

@@ -34,6 +34,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from kubetoll_sidecar.http_server import LocalServer
+
 __all__ = ["JudgeServer", "MALFORMED", "RerankServer", "word_overlap"]
 
 # What `malformed` may be set to: rerank "no_results", "not_json", "nan", "string_score", "wrong_index";
@@ -54,19 +56,18 @@ def word_overlap(a: str, b: str) -> float:
     return len(wa & wb) / len(wa | wb) if wa | wb else 0.0
 
 
-class _Server:
-    """What both servers share: start/stop on 127.0.0.1, faults, a bearer key, the calls received."""
+class _Server(LocalServer):
+    """What both servers share: faults, a bearer key, the calls received (start/stop: `LocalServer`)."""
 
     def __init__(self, api_key: str | None = None, port: int = 0) -> None:
+        super().__init__(port)
         self.api_key = api_key
-        self.port = port
         self.calls = 0
         self.bodies: list[dict[str, Any]] = []
         self.paths: list[str] = []
         self.fail = False
         self.hang = 0.0
         self.malformed = ""
-        self._runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
@@ -101,24 +102,6 @@ class _Server:
     @staticmethod
     def _json(payload: Any) -> web.Response:
         return web.Response(body=orjson.dumps(payload), content_type="application/json")
-
-    async def start(self) -> Any:
-        self._runner = web.AppRunner(self.app(), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return self
-
-    async def stop(self) -> None:
-        if self._runner:
-            await self._runner.cleanup()
-
-    async def __aenter__(self) -> Any:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
 
 class RerankServer(_Server):

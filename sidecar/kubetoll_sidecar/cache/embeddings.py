@@ -28,6 +28,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from ..http_server import LocalServer
 from ..providers.base import Usage
 
 EmbedResult = tuple[Sequence[Sequence[float]], Usage, float]
@@ -189,7 +190,7 @@ def count_words(text: str) -> int:
     return max(1, len(text.split()))
 
 
-class EmbeddingServer:
+class EmbeddingServer(LocalServer):
     """An OpenAI-compatible `/v1/embeddings` server on 127.0.0.1 for any encoder.
 
     `fail` makes it answer 500 (or hang for `hang` seconds) to test failure paths.
@@ -198,14 +199,13 @@ class EmbeddingServer:
     def __init__(
         self, encode: Callable[[list[str]], Sequence[Sequence[float]]], model: str = "hashed-embedder", port: int = 0
     ) -> None:
+        super().__init__(port)
         self.encode = encode
         self.model = model
-        self.port = port
         self.calls = 0
         self.inputs: list[str] = []
         self.fail = False
         self.hang = 0.0
-        self._runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
@@ -255,21 +255,3 @@ class EmbeddingServer:
             },
             dumps=lambda o: orjson.dumps(o).decode(),
         )
-
-    async def start(self) -> EmbeddingServer:
-        self._runner = web.AppRunner(self.app(), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return self
-
-    async def stop(self) -> None:
-        if self._runner:
-            await self._runner.cleanup()
-
-    async def __aenter__(self) -> EmbeddingServer:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
