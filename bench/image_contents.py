@@ -2,7 +2,7 @@
 
 No Docker engine is needed: the script builds the project's wheel, makes one venv
 per image, installs the wheel with that image's extra from the package index
-(`pip install "<wheel>[sidecar]"`, as the Dockerfile's builder stage does), runs
+(`pip install "<wheel>[sidecar,traces]"`, as the Dockerfile's builder stage does), runs
 the Dockerfile's own prune step and prints the venv's size, the project packages
 it holds and its largest dependencies. The runtime image adds python:3.11-slim
 (about 130 MB) to this.
@@ -23,6 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = {"sidecar": "Dockerfile.sidecar", "operator": "Dockerfile.operator"}
+# The extras each Dockerfile installs (the sidecar carries OpenTelemetry for telemetry.otlp, loaded only then).
+EXTRAS = {"sidecar": "sidecar,traces", "operator": "operator"}
 
 
 def prune_step(dockerfile: Path) -> str:
@@ -65,7 +67,7 @@ def main() -> int:
             shutil.rmtree(venv, ignore_errors=True)
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
             pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-            subprocess.run([*pip, f"{wheel}[{which}]"], check=True)
+            subprocess.run([*pip, f"{wheel}[{EXTRAS[which]}]"], check=True)
             subprocess.run(
                 ["bash", "-c", prune_step(ROOT / dockerfile).replace("/opt/kubetoll", str(venv))], check=True
             )

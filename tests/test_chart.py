@@ -395,6 +395,9 @@ def test_rbac_is_exactly_what_the_operator_touches() -> None:
         (("",), ("configmaps",)): ["get", "list", "watch"],
         # The injected pods, counted for budgetStore.expectedSidecars: never read by name, never written.
         (("",), ("pods",)): ["list", "watch"],
+        # The ready replicas of the Services serviceRefs name (endpoint_slices.py): listed and watched, never read
+        # by name, never written.
+        (("discovery.k8s.io",), ("endpointslices",)): ["list", "watch"],
         (("",), ("configmaps",), ("kubetoll-router",)): ["delete", "get", "patch"],
         (("",), ("secrets",), ("kubetoll-credentials",)): ["delete", "patch"],
         (("",), ("configmaps", "secrets")): ["create"],
@@ -600,6 +603,8 @@ def test_monitoring_objects() -> None:
         "KubetollConfigRefused",
         "KubetollCircuitOpen",
         "KubetollRedisErrors",
+        "KubetollSemanticCacheDegraded",
+        "KubetollSemanticCacheErrorRateHigh",
         "KubetollWebhookFailedOpen",
         # tests/test_least_privilege.py checks these
         "KubetollBudgetExhaustionPredicted",

@@ -171,3 +171,27 @@ def test_live_view_renders() -> None:
     ):
         assert needle in text, needle
     assert len(text.splitlines()) <= 30  # fits a terminal
+
+
+def test_the_examples_demo_shows_a_cascade_and_a_spill_over(tmp_path: Path) -> None:
+    """With examples/ (spend-less/: a cascade route, a spill-over route), part of the traffic goes to each:
+    cascaded requests escalate when the cheap step runs out of max_tokens, and while the simulated vLLM
+    replicas' queues are deep the spill-over route sends its requests to the hosted backend."""
+    pytest.importorskip("kubetoll_operator.compiler")
+    repo_examples = Path(__file__).resolve().parents[1] / "examples"
+    path = tmp_path / "report.html"
+    out = io.StringIO()
+    opts = DemoOptions(
+        duration=12, live=False, report=str(path), config_source="examples", examples_dir=str(repo_examples), seed=5
+    )
+    result = asyncio.run(run_demo(opts, out=out))
+    events = result.data["events"]
+    cascade = events["cascade"]
+    assert cascade is not None and cascade["cascaded"] > 0 and 0 < cascade["escalated"] < cascade["cascaded"]
+    spilled = [r for r in result.records if r.spillover]
+    assert spilled and events["spillovers"] == {"llama-vllm-pool": len(spilled)}
+    assert {r.route for r in spilled} == {"chat-local-first"} and all(r.backend == "gpt-4o-mini" for r in spilled)
+    # Outside the busy stretch the in-cluster pool answered.
+    assert any(r.route == "chat-local-first" and r.backend == "llama-vllm-pool" for r in result.records)
+    text = out.getvalue()
+    assert "cascade    " in text and "spill-over llama-vllm-pool" in text

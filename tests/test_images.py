@@ -127,7 +127,9 @@ def test_dockerfile_shape(which: str) -> None:
     builder = steps[: [i for i, (kw, _) in enumerate(steps) if kw == "FROM"][1]]
     build_runs = " ".join(a for kw, a in builder if kw == "RUN")
     assert "pip wheel --no-deps --wheel-dir /dist ." in build_runs
-    assert f'pip install "$(ls /dist/kubetoll-*.whl)[{which}]"' in build_runs
+    # The sidecar image also carries the `traces` extra (OpenTelemetry, loaded only with telemetry.otlp).
+    extras = {"sidecar": "sidecar,traces"}.get(which, which)
+    assert f'pip install "$(ls /dist/kubetoll-*.whl)[{extras}]"' in build_runs
     assert prune_step(which), "the builder removes the packages this image does not run"
 
     users = [a for kw, a in runtime if kw == "USER"]
@@ -294,13 +296,16 @@ def test_wheel_contents(wheel: Path) -> None:
         "kubetoll_sidecar/main.py",
         "kubetoll_operator/handlers.py",
         "kubetoll_operator/main.py",
+        "kubetoll_operator/ledger_sink/main.py",
+        "kubetoll_operator/ledger_sink/migrations/0001_spend_records.sql",
         "kubetoll_tools/cli.py",
         "kubetoll_tools/simulator.py",
         "kubetoll_tools/demo_router.yaml",
     ):
         assert module in names
     for script in ("kubetoll = kubetoll_tools.cli:main", "kubetoll-sidecar = kubetoll_sidecar.main:main",
-                   "kubetoll-operator = kubetoll_operator.main:main"):  # fmt: skip
+                   "kubetoll-operator = kubetoll_operator.main:main",
+                   "kubetoll-ledger-sink = kubetoll_operator.ledger_sink.main:main"):  # fmt: skip
         assert script in entry_points
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     sidecar_deps = " ".join(r for r in requires if 'extra == "sidecar"' in r)
@@ -316,7 +321,8 @@ def test_image_holds_only_its_packages(image_venv: tuple[str, Path], tmp_path: P
     ours = {p.name for p in site.iterdir() if p.name.startswith("kubetoll_")}
     assert ours == set(KEEPS[which])
     scripts = {p.name for p in (venv / "bin").iterdir() if p.name.startswith("kubetoll")}
-    assert scripts == {f"kubetoll-{which}"}
+    # The operator image also runs the PostgreSQL ledger sink (its second container in the chart).
+    assert scripts == ({"kubetoll-operator", "kubetoll-ledger-sink"} if which == "operator" else {"kubetoll-sidecar"})
     # Importing everything the image runs pulls in nothing the image must not carry.
     entry = (
         "kubetoll_sidecar.server, kubetoll_sidecar.main"

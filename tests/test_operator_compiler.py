@@ -100,7 +100,7 @@ FULL_ROUTE = obj(
         ],
         "fallbackOn": ["rateLimited", "contextLengthExceeded", "budgetExhausted"],
         "maxOutputTokens": 1024,
-        "downgrade": {"atPercent": 85, "backends": ["gpu"]},
+        "downgrade": {"atPercent": 85, "backends": ["gpu"], "burnRate": {"windowMinutes": 30, "tiers": ["free"]}},
         "cachePolicy": "cache",
     },
 )
@@ -134,6 +134,9 @@ FULL_BUDGET = obj(
             {"name": "premium", "tokensPerMinute": 100000, "onExhausted": "downgrade"},
         ],
         "alertThresholds": [80, 95],
+        "tagSelector": {"feature": "search"},
+        "attribution": {"tags": [{"key": "feature", "maxValues": 7, "metricLabel": True}], "maxValueLength": 40},
+        "exhaustedResponse": "Limit reached; an agent will follow up.",
     },
 )
 CACHE_POLICY = obj(
@@ -208,7 +211,7 @@ def test_every_field_reaches_router_config() -> None:
         ],
         "fallbackOn": ["rateLimited", "contextLengthExceeded", "budgetExhausted"],
         "maxOutputTokens": 1024,
-        "downgrade": {"atPercent": 85.0, "backends": ["gpu"]},
+        "downgrade": {"atPercent": 85.0, "backends": ["gpu"], "burnRate": {"windowMinutes": 30, "tiers": ["free"]}},
         "cachePolicy": "cache",
     }
     (b,) = data["budgets"]
@@ -230,6 +233,9 @@ def test_every_field_reaches_router_config() -> None:
             },
             "premium": {"tokensPerMinute": 100000, "onExhausted": "downgrade"},
         },
+        "tagSelector": {"feature": "search"},
+        "attribution": {"tags": [{"key": "feature", "maxValues": 7, "metricLabel": True}], "maxValueLength": 40},
+        "exhaustedResponse": "Limit reached; an agent will follow up.",
     }
     assert data["tenancy"] == {
         "header": "x-user",

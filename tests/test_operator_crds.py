@@ -444,6 +444,16 @@ BAD = [
         "arms",
     ),
     (
+        "context-summarize-without-summarizer",
+        _with(ROUTE, "spec.context", {"maxPromptTokens": 2000, "overflow": "summarize"}),
+        "summarizer",
+    ),
+    (
+        "context-summarizer-without-summarize",
+        _with(ROUTE, "spec.context", {"maxPromptTokens": 2000, "overflow": "reject", "summarizer": "mini"}),
+        "summarizer",
+    ),
+    (
         "split-all-weights-zero",
         _with(
             ROUTE,
@@ -526,6 +536,20 @@ BAD = [
         _with(CACHE, "spec.semantic.circuitBreaker", {"failureThreshold": 0}),
         "failureThreshold",
     ),
+    # Attribution and onExhausted respond (docs/attribution.md).
+    ("respond-without-message", _with(BUDGET, "spec.capOnExhausted", "respond"), "exhaustedResponse"),
+    (
+        "tier-respond-without-message",
+        _with(BUDGET, "spec.tiers", [{"name": "free", "usdPerDay": 1, "onExhausted": "respond"}]),
+        "exhaustedResponse",
+    ),
+    (
+        "duplicate-tag-keys",
+        _with(BUDGET, "spec.attribution", {"tags": [{"key": "feature"}, {"key": "feature"}]}),
+        "tags",
+    ),
+    ("bad-tag-key", _with(BUDGET, "spec.attribution", {"tags": [{"key": "Feature!"}]}), "key"),
+    ("bad-tag-selector-value", _with(BUDGET, "spec.tagSelector", {"feature": "a b"}), "tagSelector"),
     # Error-rate control (docs/caching.md, "Error-rate control").
     ("answer-similarity-alone", _with(CACHE, "spec.semantic.answerSimilarity", 0.9), "answerSimilarity"),
     ("target-error-rate-half", _with(CACHE, "spec.semantic.targetErrorRate", 0.5), "targetErrorRate"),
@@ -608,6 +632,10 @@ def test_every_cel_rule_was_seen_passing_and_failing() -> None:
         api_server_errors(obj)
     for obj in [BACKEND, VLLM, ROUTE, BUDGET, CACHE, *[d for d in examples() if d["kind"] != "Secret"]]:
         api_server_errors(obj)
+    # Fields no example above sets (examples/spend-less/ is checked by its own tests).
+    api_server_errors(
+        _with(ROUTE, "spec.context", {"maxPromptTokens": 2000, "overflow": "summarize", "summarizer": "b"})
+    )
     rules = set()
     for kind in KINDS:
 

@@ -62,6 +62,8 @@ HEAVY = {
     "redis": "budgetStore.url",
     "yaml": "a YAML config file (the operator writes JSON)",
     "numpy": "a semantic cache policy",
+    "opentelemetry": "telemetry.otlp.endpoint (traces)",
+    "google.protobuf": "the same (the OTLP exporter's encoding)",
 }
 
 
@@ -189,11 +191,13 @@ async def test_a_compiled_one_backend_config_loads_its_encoding_and_nothing_heav
 
 async def test_each_heavy_library_loads_with_its_feature(sim, tmp_path, redis_url):
     """The check above can fail: a hand-written YAML config (no catalogPrices) with
-    tenancy.jwt and a Redis budget store loads the catalogue, PyJWT, Redis and PyYAML."""
+    tenancy.jwt, a Redis budget store and traces loads the catalogue, PyJWT, Redis, PyYAML and OpenTelemetry."""
     config = base_config(
         sim.url,
         tenancy={"jwt": {"algorithms": ["HS256"], "hs256SecretEnv": "KT_TEST_JWT_SECRET"}},
         budgetStore={"url": redis_url},
+        # Traces on: the exporter runs in the background, so a collector that is not there does not matter.
+        telemetry={"otlp": {"endpoint": "http://127.0.0.1:9"}},
     )
     process = await start_process(
         tmp_path, config, name="router.yaml", KT_TEST_JWT_SECRET="a-secret-of-at-least-32-bytes-for-hs256"
@@ -203,8 +207,8 @@ async def test_each_heavy_library_loads_with_its_feature(sim, tmp_path, redis_ur
     finally:
         await process.stop()
     assert list(loaded["encodings"]) == [tokens.O200K]  # gpt-4o: o200k_base alone
-    for module in ("genai_prices", "jwt", "cryptography", "redis", "yaml"):
-        assert module in loaded["top"], module
+    for module in ("genai_prices", "jwt", "cryptography", "redis", "yaml", "opentelemetry", "google.protobuf"):
+        assert module in loaded["top"] or module in loaded["modules"], module
     assert "numpy" not in loaded["top"]  # no semantic cache here either
 
 

@@ -38,11 +38,12 @@ DEFAULT_FALLBACK_ON = (
 
 
 class OnExhausted(str, Enum):
-    """What happens to a request once a limit is spent: reject (429 with Retry-After), downgrade (serve from the route's downgrade backends) or allow (serve, count the overage, alert)."""  # noqa: E501 (the CRD's description)
+    """What happens to a request once a limit is spent: reject (429 with Retry-After), downgrade (serve from the route's downgrade backends), allow (serve, count the overage, alert) or respond (answer with the budget's exhaustedResponse as a normal completion, at no cost)."""  # noqa: E501 (the CRD's description)
 
     reject = "reject"
     downgrade = "downgrade"
     allow = "allow"
+    respond = "respond"
 
 
 class FailMode(str, Enum):
@@ -117,9 +118,26 @@ class CascadeStreams(str, Enum):
     buffer = "buffer"
 
 
+class ContextOverflow(str, Enum):
+    """What a route does with a chat prompt over its context policy's maxPromptTokens: dropOldest (drop the oldest turns until it fits), summarize (replace the older turns by a summary from the summarizer backend) or reject (a 400 context_length_exceeded)."""  # noqa: E501 (the CRD's description)
+
+    drop_oldest = "dropOldest"
+    summarize = "summarize"
+    reject = "reject"
+
+
 class StickyBy(str, Enum):
     """What keeps a caller on one arm of an experiment: tenant (the tenant id), session (the x-kubetoll-session header, else the tenant id) or none (each request drawn on its own)."""  # noqa: E501 (the CRD's description)
 
     tenant = "tenant"
     session = "session"
+    none = "none"
+
+
+class LoadMetricsFormat(str, Enum):
+    """Which server's Prometheus gauges tell a replica's load: vllm (vllm:num_requests_waiting, vllm:num_requests_running, vllm:gpu_cache_usage_perc), tgi (tgi_queue_size), sglang (sglang:num_queue_reqs, sglang:num_running_reqs) or none (not read)."""  # noqa: E501 (the CRD's description)
+
+    vllm = "vllm"
+    tgi = "tgi"
+    sglang = "sglang"
     none = "none"

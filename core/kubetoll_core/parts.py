@@ -22,7 +22,9 @@ from .enums import (
     CacheScope,
     CascadeCheck,
     CascadeStreams,
+    ContextOverflow,
     EmbedInput,
+    LoadMetricsFormat,
     OnExhausted,
     RerankApi,
     SelectorOperator,
@@ -190,6 +192,43 @@ class CircuitBreaker(ContractModel):
             "The longest a provider's Retry-After (on a 429 or 5xx) may hold the circuit open: a longer value, "
             "or inf, is cut to this; a negative, NaN or unreadable one is ignored (the failure counts as any other)."
         ),
+    )
+
+
+class LoadMetrics(ContractModel):
+    """Where and how often the sidecar reads an in-cluster backend's replicas' load (docs/routing.md, Load-aware choice)."""  # noqa: E501 (the CRD's description)
+
+    format: LoadMetricsFormat = Field(
+        LoadMetricsFormat.none, description="Which server's gauges to read: vllm, tgi, sglang or none (not read)."
+    )
+    path: str = Field(
+        "/metrics",
+        max_length=256,
+        pattern=r"^/\S*$",
+        description="Path of the Prometheus text endpoint on each replica's host and port.",
+    )
+    interval_seconds: float = Field(1.0, ge=0.1, le=60, description="Seconds between two reads of one replica.")
+    timeout_seconds: float = Field(
+        0.5, gt=0, le=10, description="A read that takes longer fails (the replica's load is then as last read)."
+    )
+    stale_after_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=600,
+        description="A replica whose last good read is older than this counts as unknown: still used, after "
+        "the replicas whose load is known.",
+    )
+
+
+class Spillover(ContractModel):
+    """Skip an in-cluster backend whose every replica has a deep queue, for the next backend of the chain."""
+
+    queue_depth: int = Field(
+        ge=0,
+        le=100000,
+        description="When every replica of a backend with loadMetrics reports more requests waiting than this, "
+        "the request goes to the next backend of the chain (a hosted API, say). A replica whose load is unknown "
+        "never counts as deep.",
     )
 
 
@@ -463,7 +502,96 @@ class Downgrade(ContractModel):
     )
 
 
+class ContextPolicy(ContractModel):
+    """What a chat request whose estimated prompt is over maxPromptTokens becomes: trimmed, summarized or refused (docs/routing.md, "Context policies")."""  # noqa: E501 (the CRD's description)
+
+    max_prompt_tokens: int = Field(
+        ge=64,
+        le=10_000_000,
+        description="The most prompt tokens (as the sidecar estimates them) a chat request may send upstream.",
+    )
+    keep_system: bool = Field(
+        True, description="Keep every system (and developer) message; false: they are dropped like other turns."
+    )
+    keep_last_turns: int = Field(
+        4,
+        ge=0,
+        le=1000,
+        description="The last messages always kept as they are (an assistant message with tool calls and its "
+        "tool results are kept or dropped together, so the kept tail may be longer).",
+    )
+    overflow: ContextOverflow = Field(
+        ContextOverflow.drop_oldest,
+        description="dropOldest (drop the oldest turns until the prompt fits), summarize (replace the turns "
+        "before the kept tail by one summary from the summarizer backend) or reject (a 400 "
+        "context_length_exceeded).",
+    )
+    summarizer: str | None = Field(
+        None,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+        description="Name of a chat ModelBackend in this namespace (a cheap one) that writes the summaries. "
+        "Required for summarize, not allowed otherwise.",
+    )
+
+    __cel_rules__ = (
+        CelRule(
+            "(self.overflow == 'summarize') == has(self.summarizer)",
+            "overflow summarize needs summarizer (a ModelBackend); dropOldest and reject take none",
+            lambda c: (c.overflow is ContextOverflow.summarize) == (c.summarizer is not None),
+            ".summarizer",
+        ),
+    )
+
+
 # --------------------------------------------------------------------------- budgets
+
+TAG_KEY_PATTERN = r"^[a-z][a-z0-9_.-]{0,31}$"
+TAG_VALUE_PATTERN = r"^[A-Za-z0-9._:/-]+$"
+DEFAULT_MAX_TAG_VALUES = 100
+DEFAULT_MAX_TAG_VALUE_LENGTH = 64
+
+
+class AttributionTag(ContractModel):
+    """A request tag key the platform accepts (from x-kubetoll-tags or the OpenAI metadata object)."""
+
+    key: str = Field(pattern=TAG_KEY_PATTERN, description="The tag key, e.g. feature or team.")
+    max_values: int = Field(
+        DEFAULT_MAX_TAG_VALUES,
+        ge=1,
+        le=10000,
+        description="Distinct values kept per UTC day in each sidecar; later new values are recorded as other.",
+    )
+    metric_label: bool = Field(
+        False,
+        description="Also count spend by this key's values in kubetoll_spend_by_tag_usd_total (bounded by maxValues).",
+    )
+
+
+class Attribution(ContractModel):
+    """Which request tags are kept on spend records; tags with other keys are dropped and counted."""
+
+    tags: list[AttributionTag] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Tag keys accepted on the requests this budget covers.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["key"]},
+    )
+    max_value_length: int = Field(
+        DEFAULT_MAX_TAG_VALUE_LENGTH,
+        ge=1,
+        le=128,
+        description="Longest tag value kept (characters: letters, digits and . _ : / -); longer ones are dropped.",
+    )
+
+    __cel_rules__ = (
+        CelRule(
+            "self.tags.all(t, self.tags.filter(u, u.key == t.key).size() == 1)",
+            "tag keys must be unique",
+            lambda s: len({t.key for t in s.tags}) == len(s.tags),
+            ".tags",
+        ),
+    )
 
 
 class Cap(ContractModel):

@@ -164,6 +164,15 @@ class RedisKeys:
         """Pub/sub channel for kill-switch changes (JSON: {"budget": ..., "suspended": bool})."""
         return self._k(self.ns_tag, "events")
 
+    # -- context policies (kubetoll_sidecar.context_policy), slot {ns}
+
+    def context_summary(self, digest: str) -> str:
+        """String with a TTL: the summary of one conversation prefix (a route's context policy, overflow
+        summarize), by the sha256 hex digest of that prefix, its summarizer and the prompt version."""
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ValueError(f"{digest!r} is not a sha256 hex digest")
+        return self._k(self.ns_tag, "ctxsum", digest)
+
     # -- Batch API (kubetoll_sidecar.batches), slot {ns}
 
     def upstream_object(self, object_id: str) -> str:

@@ -28,15 +28,19 @@ from .jwt_settings import JwtIdentity
 from .model_base import ContractModel
 from .names import CREDENTIAL_HEADERS, NAME_PATTERN, ROUTE_NAME_PATTERN
 from .parts import (
+    Attribution,
     AzureSettings,
     BackendLimits,
     CacheSettings,
     Cap,
     CircuitBreaker,
+    ContextPolicy,
     Downgrade,
     LabelSelector,
+    LoadMetrics,
     Pricing,
     Rule,
+    Spillover,
     Tenancy,
     TierLimits,
     Timeouts,
@@ -97,6 +101,75 @@ class ServerSettings(ContractModel):
         return self
 
 
+# --------------------------------------------------------------------------- telemetry
+
+
+def _credential_file_name(value: str | None, field: str) -> str | None:
+    if value is not None and ("/" in value or value.startswith(".") or not value):
+        raise ValueError(f"{field} must be a plain file name inside server.credentialsDir")
+    return value
+
+
+class OtlpExport(ContractModel):
+    """Where the sidecar sends its traces: an OTLP/HTTP collector."""
+
+    endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP URL of the collector, e.g. http://otel-collector.observability:4318 (a URL without "
+        "a path gets /v1/traces). Unset: no traces, and the sidecar loads no OpenTelemetry code.",
+    )
+    protocol: Literal["http/protobuf"] = Field("http/protobuf", description="The OTLP transport (only http/protobuf).")
+    headers_file: str | None = Field(
+        None,
+        description="File name under server.credentialsDir holding the export's headers (e.g. the collector's "
+        "Authorization), one `Name: value` per line. Never put in a span.",
+    )
+    timeout_seconds: float = Field(
+        5.0, gt=0, le=60, description="One export call's timeout; exports run in the background, never on a request."
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?$", v):
+            raise ValueError("telemetry.otlp.endpoint must be an http:// or https:// URL (OTLP/HTTP)")
+        return v
+
+    @field_validator("headers_file")
+    @classmethod
+    def _plain_headers_file(cls, v: str | None) -> str | None:
+        return _credential_file_name(v, "telemetry.otlp.headersFile")
+
+
+class TelemetrySettings(ContractModel):
+    """OpenTelemetry traces (docs/sidecar.md, "Traces"). Off unless otlp.endpoint is set; read at start."""
+
+    otlp: OtlpExport = Field(default_factory=OtlpExport)
+    sample_ratio: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Share of traces started here that are kept (a request with a traceparent follows its "
+        "parent's sampled flag instead).",
+    )
+    tenant_hash_key_file: str | None = Field(
+        None,
+        description="File name under server.credentialsDir with the key of kubetoll.tenant.hash (HMAC-SHA256 of the "
+        "tenant id), so every sidecar hashes a tenant alike. Unset: a random key per process.",
+    )
+    max_queued_spans: int = Field(
+        2048,
+        ge=1,
+        le=1_000_000,
+        description="Finished spans waiting for export; past this they are dropped (kubetoll_traces_dropped_total).",
+    )
+
+    @field_validator("tenant_hash_key_file")
+    @classmethod
+    def _plain_key_file(cls, v: str | None) -> str | None:
+        return _credential_file_name(v, "telemetry.tenantHashKeyFile")
+
+
 # --------------------------------------------------------------------------- backends
 
 
@@ -152,6 +225,25 @@ class CatalogPrices(ContractModel):
     batch: CatalogPrice | None = Field(None, description="The catalogue's Batch API prices, when it has them.")
 
 
+class Replica(ContractModel):
+    """One ready replica of an in-cluster backend, as the operator read it from the Service's EndpointSlices."""
+
+    url: str = Field(description="The replica's own base URL, e.g. http://10.0.3.7:8000/v1.")
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="The replica's pod name (else its place in the list): the `replica` label of its metrics.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("replica url must be an http:// or https:// URL")
+        return v.rstrip("/")
+
+
 class Backend(ContractModel):
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     provider: Provider
@@ -172,6 +264,16 @@ class Backend(ContractModel):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)
     max_connections: int = Field(100, ge=1, description="Size of this backend's keep-alive pool.")
+    # Absent (not empty) without replicas, so a config without them keeps the hash it had before the field.
+    replicas: list[Replica] | None = Field(
+        None,
+        max_length=1000,
+        description="The ready replicas behind `endpoint` (an in-cluster Service), each called directly, the "
+        "least loaded first. Absent or empty: `endpoint` is called.",
+    )
+    load_metrics: LoadMetrics | None = Field(
+        None, description="How the sidecar reads each replica's load. Absent: not read (hosted backends)."
+    )
 
     @field_validator("endpoint")
     @classmethod
@@ -216,6 +318,12 @@ class Route(ContractModel):
         description="Serve this route only in pods whose labels include all of these (empty: every pod).",
     )
     cache_policy: str | None = Field(None, description="Name of the cache policy answering this route from cache.")
+    spillover: Spillover | None = Field(
+        None, description="Skip an in-cluster backend whose replicas' queues are all deeper than this."
+    )
+    context: ContextPolicy | None = Field(
+        None, description="What a chat prompt over maxPromptTokens becomes (docs/routing.md, Context policies)."
+    )
 
 
 # --------------------------------------------------------------------------- budgets
@@ -235,6 +343,13 @@ class Budget(ContractModel):
         description="Apply this budget only in sidecars whose pod's labels (server.podLabelsFile) match; "
         "absent: every pod. The pods it selects share its meters.",
     )
+    tag_selector: dict[str, str] | None = Field(
+        None, description="Apply this budget only to requests carrying all these tags (e.g. feature: search)."
+    )
+    attribution: Attribution | None = Field(None, description="The request tags kept on spend records.")
+    exhausted_response: str | None = Field(
+        None, description="The answer served when a limit with onExhausted respond is spent."
+    )
 
     @field_validator("timezone")
     @classmethod
@@ -251,6 +366,10 @@ class Budget(ContractModel):
 
     def covers(self, route: str) -> bool:
         return not self.routes or route in self.routes
+
+    def selects(self, tags: Mapping[str, str]) -> bool:
+        """Whether a request with these (accepted) tags falls under this budget (its tagSelector)."""
+        return not self.tag_selector or all(tags.get(k) == v for k, v in self.tag_selector.items())
 
     def applies_to(self, pod_labels: Mapping[str, str]) -> bool:
         """Whether this budget applies in a pod with these labels (its workloadSelector, if any, matches)."""
@@ -377,6 +496,10 @@ class RouterConfig(ContractModel):
         default_factory=list, description="Budgets that failed to compile: their routes answer 503, never unbudgeted."
     )
     cache_policies: list[CachePolicy] = Field(default_factory=list)
+    telemetry: TelemetrySettings = Field(
+        default_factory=TelemetrySettings,
+        description="OpenTelemetry traces; off unless telemetry.otlp.endpoint is set.",
+    )
 
     @model_validator(mode="after")
     def _references(self) -> RouterConfig:

@@ -40,9 +40,18 @@ FAN_OUT_ABANDONED_OUTCOME = "fan_out_abandoned"
 # The outcome of a record that bills a cascade step whose answer failed a check (or whose backends
 # failed) and was not served: the request escalated to the next step (docs/routing.md, "Cascades").
 CASCADE_ESCALATED_OUTCOME = "cascade_escalated"
+# The outcome of a record that bills the summarizer call a route's context policy made to shorten the
+# request's prompt (docs/routing.md, "Context policies"): spend on the summarizer, not a request.
+CONTEXT_SUMMARY_OUTCOME = "context_summary"
 # Records that are spend but not requests (reports do not count them as requests).
 SPEND_ONLY_OUTCOMES = frozenset(
-    {CACHE_EMBEDDING_OUTCOME, CACHE_VERIFIER_OUTCOME, FAN_OUT_ABANDONED_OUTCOME, CASCADE_ESCALATED_OUTCOME}
+    {
+        CACHE_EMBEDDING_OUTCOME,
+        CACHE_VERIFIER_OUTCOME,
+        FAN_OUT_ABANDONED_OUTCOME,
+        CASCADE_ESCALATED_OUTCOME,
+        CONTEXT_SUMMARY_OUTCOME,
+    }
 )
 # The outcome of a refusal record (the same word the access log and metrics use).
 REFUSAL_OUTCOME = "rejected"
@@ -99,6 +108,9 @@ class SpendRecord:
     # An outcome record (outcome OUTCOME_REPORTED): the outcome's name and its value (0 when none given).
     business_outcome: str = ""
     outcome_value: float = 0.0
+    # The in-cluster backends this request skipped because every replica's queue was deeper than the
+    # route's spillover.queueDepth (comma-separated, in chain order; "" when none): docs/routing.md.
+    spillover: str = ""
 
     @property
     def refusal(self) -> bool:
@@ -123,7 +135,7 @@ _RECORD_FIELDS = (
 # them ignores them (decoding reads fields by name).
 _OPTIONAL_FIELDS = (
     "refused_budget", "refused_meter", "workload", "batch_id", "experiment", "arm", "cascade", "escalation",
-    "tags", "session", "business_outcome",
+    "tags", "session", "business_outcome", "spillover",
 )  # fmt: skip
 # The same for numbers: written only when not 0; an entry without one decodes as 0.
 _OPTIONAL_INTS = ("cascade_step",)
@@ -347,4 +359,5 @@ def decode_record(fields: Mapping[str, str]) -> SpendRecord:
         session=fields.get("session", ""),
         business_outcome=fields.get("business_outcome", ""),
         outcome_value=f("outcome_value", float, 0.0),
+        spillover=fields.get("spillover", ""),
     )

@@ -45,6 +45,9 @@ A broken resource never breaks the namespace. The rules, in order:
   `semantic.verifier.backend` does not resolve (or, for a rerank verifier, is not
   openai-compatible: the hosted providers have no rerank API). A route naming a missing or
   left-out CachePolicy drops the reference (warning).
+* A context policy whose `summarizer` is not a ready ModelBackend (SummarizerNotFound,
+  a warning) or is a CachePolicy's embedding or rerank backend (SummarizerNotChat) is
+  compiled as `overflow: dropOldest`.
 * Two routes with the same modelName: the later by resource name is left out.
 
 The JSON is canonical (sorted keys, compact, no nulls) and `content_hash` is the
@@ -57,16 +60,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from kubetoll_core.enums import TierHeaderPolicy, VerifierKind
+from kubetoll_core.enums import ContextOverflow, TierHeaderPolicy, VerifierKind
 from kubetoll_core.jwt_settings import HS256_SECRET_FILE
 from kubetoll_core.names import NAME_PATTERN, ROUTE_NAME_PATTERN
-from kubetoll_core.parts import MAX_TENANT_TIERS, Cascade, Rule, Tenancy
+from kubetoll_core.parts import MAX_TENANT_TIERS, Cascade, ContextPolicy, Rule, Tenancy
 from kubetoll_core.price_catalog import with_catalog_prices
 from kubetoll_core.prices import PricingError, resolve_price
 from kubetoll_core.router_config import (
@@ -77,8 +80,10 @@ from kubetoll_core.router_config import (
     Route,
     RouterConfig,
     ServerSettings,
+    TelemetrySettings,
 )
 
+from .endpoint_slices import replicas_of, slices_among
 from .jwt_keys import check_public_keys
 from .resources import (
     API_VERSION,
@@ -149,6 +154,7 @@ REFERENCE_REASONS = frozenset(
         "NoBackends",
         "NoRoutes",
         "DowngradeDropped",
+        "SummarizerNotFound",
         "SecretNotFound",
         "SecretKeyNotFound",
         "ConfigMapNotFound",
@@ -232,6 +238,8 @@ def canonical_json(config: RouterConfig) -> str:
     if not data.get("unavailableBudgets"):
         # Absent rather than empty, so a namespace without one keeps the hash it had before the field existed.
         data.pop("unavailableBudgets", None)
+    if config.telemetry == TelemetrySettings():
+        data.pop("telemetry", None)  # the operator writes none (traces off): the same hash as before the field
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -244,7 +252,10 @@ class _Compilation:
         cluster_domain: str,
         check_only: bool = False,
         config_maps: Mapping[str, Mapping[str, str]] | None = None,
+        endpoint_slices: Sequence[Mapping[str, Any]] = (),
     ) -> None:
+        # The EndpointSlices of the Services ModelBackends reference: their ready replicas (endpoint_slices.py).
+        self.endpoint_slices = endpoint_slices
         # check_only: one object on its own (admission, `kubetoll validate` of a file):
         # references to other objects are reported but kept, so every check of the
         # object itself still runs.
@@ -361,6 +372,7 @@ class _Compilation:
                     "metadata.name",
                 )
                 continue
+            replicas: list[dict[str, str]] = []
             if spec.endpoint is not None:
                 endpoint = spec.endpoint
             else:
@@ -368,6 +380,9 @@ class _Compilation:
                 assert ref is not None  # the model guarantees one of the two
                 endpoint = service_endpoint(
                     self.namespace, ref.name, ref.port, ref.scheme.value, ref.path, self.cluster_domain
+                )
+                replicas = replicas_of(
+                    ref.name, ref.port, ref.port_name, ref.scheme.value, ref.path, self.endpoint_slices
                 )
             data: dict[str, Any] = {
                 "name": name,
@@ -381,6 +396,20 @@ class _Compilation:
                 "circuitBreaker": spec.circuit_breaker.model_dump(by_alias=True),
                 "maxConnections": spec.max_connections,
             }
+            if spec.service_ref is not None and replicas:
+                data["replicas"] = replicas
+            if spec.load_metrics is not None:
+                data["loadMetrics"] = spec.load_metrics.model_dump(mode="json", by_alias=True)
+                if spec.service_ref is None:
+                    self.problem(
+                        kind,
+                        name,
+                        "LoadMetricsIgnored",
+                        "loadMetrics is read from the replicas of a serviceRef's Service; an endpoint URL has none, "
+                        "so it is not read",
+                        "spec.loadMetrics",
+                        "warning",
+                    )
             if spec.azure is not None:
                 data["azure"] = spec.azure.model_dump(by_alias=True)
             if spec.credentials is not None:
@@ -456,6 +485,8 @@ class _Compilation:
                     for start, r in price.tiers
                 )
             self.outcomes[(kind, name)].details = {"endpoint": endpoint, "prices": prices}
+            if replicas:
+                self.outcomes[(kind, name)].details["replicas"] = len(replicas)
         # A credential only a left-out backend used is not needed.
         used = {b["credentials"].get("file") or b["credentials"].get("env") for b in out.values() if "credentials" in b}
         self.credentials = {k: v for k, v in self.credentials.items() if k in used}
@@ -686,6 +717,65 @@ class _Compilation:
         out["split"] = {**split, "arms": arms}
         return out
 
+    def _context(
+        self,
+        name: str,
+        context: ContextPolicy,
+        backends: dict[str, dict[str, Any]],
+        all_backends: set[str],
+        policies: dict[str, dict[str, Any]],
+    ) -> dict[str, Any]:
+        """A context policy with its summarizer resolved. A summarizer that names no backend of the namespace,
+        or one that serves no chat (a cache policy's embedding or rerank backend), cannot summarize: the policy
+        is compiled as dropOldest (what the sidecar falls back to when a summary fails), with a Problem."""
+        out = context.model_dump(mode="json", by_alias=True, exclude_none=True)
+        ref = context.summarizer
+        if ref is None:
+            return out
+        where = "spec.context.summarizer"
+        problem: tuple[str, str] | None = None
+        if ref not in backends and self.check_only and ref not in all_backends:
+            self.problem(
+                "ModelRoute",
+                name,
+                "BackendNotFound",
+                f"ModelBackend {ref!r} is not in this check; it must exist when the route is applied",
+                where,
+                "warning",
+            )
+            return out
+        if ref not in backends:
+            what = "is not ready" if ref in all_backends else "not found"
+            problem = ("SummarizerNotFound", f"summarizer ModelBackend {ref!r} {what}")
+        else:
+            for policy, p in sorted(policies.items()):
+                semantic = p.get("semantic", {})
+                verifier = semantic.get("verifier", {})
+                if semantic.get("embeddingBackend") == ref:
+                    problem = (
+                        "SummarizerNotChat",
+                        f"summarizer ModelBackend {ref!r} is CachePolicy {policy!r}'s embedding backend, not a "
+                        "chat model",
+                    )
+                elif verifier.get("kind") == VerifierKind.rerank.value and verifier.get("backend") == ref:
+                    problem = (
+                        "SummarizerNotChat",
+                        f"summarizer ModelBackend {ref!r} is CachePolicy {policy!r}'s rerank backend, not a chat model",
+                    )
+                if problem is not None:
+                    break
+        if problem is None:
+            return out
+        # A missing backend is a reference (it may be applied later: a warning, as for a chain's backends);
+        # an embedding or rerank server named as a summarizer is a mistake in the route.
+        severity: Severity = "warning" if problem[0] == "SummarizerNotFound" else "error"
+        self.problem(
+            "ModelRoute", name, problem[0], f"{problem[1]}; the route drops the oldest turns instead", where, severity
+        )
+        out["overflow"] = ContextOverflow.drop_oldest.value
+        out.pop("summarizer", None)
+        return out
+
     def routes(
         self,
         specs: dict[str, ModelRouteSpec],
@@ -737,6 +827,10 @@ class _Compilation:
             }
             if spec.max_output_tokens is not None:
                 data["maxOutputTokens"] = spec.max_output_tokens
+            if spec.spillover is not None:
+                data["spillover"] = spec.spillover.model_dump(by_alias=True)
+            if spec.context is not None:
+                data["context"] = self._context(name, spec.context, backends, all_backends, policies)
             if spec.pod_selector is not None and spec.pod_selector.match_labels:
                 data["podSelector"] = dict(spec.pod_selector.match_labels)
             if spec.downgrade is not None:
@@ -745,6 +839,8 @@ class _Compilation:
                 )
                 if kept:
                     data["downgrade"] = {"atPercent": spec.downgrade.at_percent, "backends": kept}
+                    if spec.downgrade.burn_rate is not None:
+                        data["downgrade"]["burnRate"] = spec.downgrade.burn_rate.model_dump(by_alias=True)
                 else:
                     self.problem(
                         kind,
@@ -876,6 +972,12 @@ class _Compilation:
             }
             if spec.workload_selector is not None and not spec.workload_selector.empty:
                 data["workloadSelector"] = spec.workload_selector.model_dump(by_alias=True, exclude_none=True)
+            if spec.tag_selector:
+                data["tagSelector"] = dict(spec.tag_selector)
+            if spec.attribution is not None:
+                data["attribution"] = spec.attribution.model_dump(by_alias=True, exclude_none=True)
+            if spec.exhausted_response is not None:
+                data["exhaustedResponse"] = spec.exhausted_response
             try:
                 budget = Budget.model_validate(data)
             except ValidationError as exc:
@@ -1131,10 +1233,13 @@ def _compile_pass(
     cluster_domain: str,
     check_only: bool,
     config_maps: Mapping[str, Mapping[str, str]] | None = None,
+    endpoint_slices: Sequence[Mapping[str, Any]] | None = None,
 ) -> _Pass:
     if config_maps is None:
         config_maps = config_maps_among(resources, namespace)
-    c = _Compilation(namespace, credential_mode, secrets, cluster_domain, check_only, config_maps)
+    if endpoint_slices is None:
+        endpoint_slices = slices_among(resources)
+    c = _Compilation(namespace, credential_mode, secrets, cluster_domain, check_only, config_maps, endpoint_slices)
     parsed = c.parse(resources)
     all_backends = {n for (k, n) in c.outcomes if k == "ModelBackend"}
     all_routes = {n for (k, n) in c.outcomes if k == "ModelRoute"}
@@ -1224,6 +1329,7 @@ def compile_namespace(
     last_good: Mapping[ObjectKey, Mapping[str, Any]] | None = None,
     check_only: bool = False,
     config_maps: Mapping[str, Mapping[str, str]] | None = None,
+    endpoint_slices: Sequence[Mapping[str, Any]] | None = None,
 ) -> CompileResult:
     """Compile one namespace's ModelBackends, ModelRoutes, TokenBudgets and CachePolicies.
 
@@ -1239,7 +1345,9 @@ def compile_namespace(
     `check_only` keeps references to objects not given (see `check_resource`).
     `config_maps` maps ConfigMap name → its data, for `tenantTiersFrom` (the
     operator reads the ones referenced); without it, ConfigMap manifests among
-    `resources` are used.
+    `resources` are used. `endpoint_slices` are the EndpointSlices of the Services
+    ModelBackends reference (their ready endpoints become the backend's `replicas`:
+    endpoint_slices.py); without it, EndpointSlice manifests among `resources` are used.
     """
     objects = list(resources)
     substituted: dict[ObjectKey, tuple[Mapping[str, Any], list[Problem], Outcome]] = {}
@@ -1248,7 +1356,9 @@ def compile_namespace(
     # of an object's own fields are substituted first; one that failed only for a reference
     # after that, since the object it named may be back in force by then.
     while True:
-        run = _compile_pass(namespace, current, credential_mode, secrets, cluster_domain, check_only, config_maps)
+        run = _compile_pass(
+            namespace, current, credential_mode, secrets, cluster_domain, check_only, config_maps, endpoint_slices
+        )
         c = run.compilation
         fresh = _to_substitute(objects, c.outcomes, last_good or {}, substituted, references_too=False)
         if not fresh:

@@ -4,8 +4,9 @@ kopf indexes keep the four kinds in memory by namespace (and kopf starts the
 handlers only after the initial listing filled every index, so the first compile
 sees the whole namespace, never half of it). An event on any of them, on a Secret
 a backend (or a TokenBudget's `tenant.jwt`) references, on a ConfigMap a
-TokenBudget's `tenantTiersFrom` or `tenant.jwt.publicKeysFrom` names, or
-on the operator's own ConfigMap or Secret asks the
+TokenBudget's `tenantTiersFrom` or `tenant.jwt.publicKeysFrom` names, on an
+EndpointSlice of a Service a backend's `serviceRef` names (its ready replicas:
+endpoint_slices.py), or on the operator's own ConfigMap or Secret asks the
 `Reconciler` to recompile that namespace; so does a count of the namespace's
 injected pods that passes a power of two (sidecar_count.py, `expectedSidecars`).
 The Reconciler runs one worker per namespace: it coalesces bursts of events,
@@ -47,6 +48,7 @@ import logging
 import re
 import socket
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +59,7 @@ from redis.exceptions import RedisError
 
 from kubetoll_core.burn_rate import BurnRates
 
-from . import cache_health, metrics, sidecar_count, spend
+from . import cache_health, endpoint_slices, metrics, sidecar_count, spend
 from .compiler import CompileResult, compile_namespace
 from .kube import ApiError, KubeApi
 from .resources import API_VERSION, GROUP, KINDS, VERSION, TokenBudgetSpec
@@ -288,6 +290,30 @@ class Reconciler:
                     names.add(keys["configMapName"])
         return names
 
+    def referenced_services(self, namespace: str) -> set[str]:
+        """Services a ModelBackend of the namespace calls (`serviceRef`): their EndpointSlices give its replicas."""
+        names = set()
+        for obj in self.resources(namespace):
+            if obj.get("kind") == "ModelBackend":
+                ref = (obj.get("spec") or {}).get("serviceRef") or {}
+                if isinstance(ref, dict) and isinstance(ref.get("name"), str):
+                    names.add(ref["name"])
+        return names
+
+    async def _endpoint_slices(self, api: KubeApi, namespace: str) -> list[dict[str, Any]]:
+        """The EndpointSlices of the Services ModelBackends reference, one list call per Service."""
+        out: list[dict[str, Any]] = []
+        for service in sorted(self.referenced_services(namespace)):
+            selector = urllib.parse.quote(f"{endpoint_slices.SERVICE_NAME_LABEL}={service}", safe="")
+            path = f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices"
+            listed = await api.get(f"{path}?labelSelector={selector}")
+            for item in (listed or {}).get("items") or ():
+                # The list's items carry no apiVersion and kind; the compiler takes whole objects.
+                obj = {**item, "apiVersion": endpoint_slices.API_VERSION, "kind": endpoint_slices.KIND}
+                if endpoint_slices.service_of(obj) == service:  # the selector, checked: never another Service's pods
+                    out.append(obj)
+        return out
+
     def referenced_secrets(self, namespace: str) -> set[str]:
         names = set()
         for obj in self.resources(namespace):
@@ -341,6 +367,7 @@ class Reconciler:
             cm = await api.get(f"/api/v1/namespaces/{namespace}/configmaps/{name}")
             if cm is not None:
                 config_maps[name] = {k: v for k, v in (cm.get("data") or {}).items() if isinstance(v, str)}
+        slices = await self._endpoint_slices(api, namespace)
         store = None
         store_secret: dict[str, str] = {}  # this namespace's own Redis login, for kubetoll-credentials
         if self.options.redis_url:
@@ -355,6 +382,7 @@ class Reconciler:
             resources,
             secrets=sources,
             config_maps=config_maps,
+            endpoint_slices=slices,
             budget_store=store,
             cluster_domain=self.options.cluster_domain,
             last_good=last_good,
@@ -1117,6 +1145,22 @@ async def _on_tier_configmap(
     fp = None if type == "DELETED" else _fingerprint(sorted((body.get("data") or {}).items()))
     if r.changed("ConfigMap", namespace, name, fp):
         r.request(namespace, f"ConfigMap {name} {type or 'listed'}")
+
+
+@kopf.on.event("discovery.k8s.io", "v1", "endpointslices", id="recompile_on_endpointslices", registry=registry)
+async def _on_endpoint_slice(
+    *, type: str | None, body: Any, namespace: str | None, name: str, memo: Any, **kwargs: Any
+) -> None:
+    """An EndpointSlice of a Service a ModelBackend calls: its ready replicas changed (a scale, a rollout)."""
+    r = _reconciler(memo)
+    r.bind(kwargs)
+    assert namespace is not None, "EndpointSlices are namespaced"
+    service = endpoint_slices.service_of(dict(body))
+    if service is None or service not in r.referenced_services(namespace):
+        return
+    fp = None if type == "DELETED" else _fingerprint(endpoint_slices.fingerprint_fields(dict(body)))
+    if r.changed("EndpointSlice", namespace, name, fp):
+        r.request(namespace, f"EndpointSlice {name} of Service {service} {type or 'listed'}")
 
 
 # The sidecar-injection webhook (webhook.py): its admission handlers and server settings.

@@ -38,15 +38,21 @@ from kubetoll_core.names import (
     URL_PATTERN,
 )
 from kubetoll_core.parts import (
+    TAG_KEY_PATTERN,
+    TAG_VALUE_PATTERN,
+    Attribution,
     AzureSettings,
     BackendLimits,
     CacheSettings,
     Cap,
     CircuitBreaker,
+    ContextPolicy,
     Downgrade,
     LabelSelector,
+    LoadMetrics,
     Pricing,
     Rule,
+    Spillover,
     Tenancy,
     TierLimits,
     Timeouts,
@@ -79,6 +85,14 @@ class ServiceRef(SpecModel):
         max_length=63, pattern=SERVICE_NAME_PATTERN, description="Name of the Service, in the same namespace."
     )
     port: int = Field(ge=1, le=65535, description="Service port.")
+    port_name: str | None = Field(
+        None,
+        max_length=15,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="Name of that Service port: how its replicas' port is found in the EndpointSlices when the "
+        "Service maps it to another target port. Absent: the EndpointSlice port numbered `port`, or a "
+        "single-port Service's only port.",
+    )
     scheme: Scheme = Field(Scheme.http, description="http or https.")
     path: str = Field(
         "/v1",
@@ -148,6 +162,11 @@ class ModelBackendSpec(SpecModel):
     )
     max_connections: int = Field(
         100, ge=1, le=10000, description="Size of this backend's keep-alive connection pool per sidecar."
+    )
+    load_metrics: LoadMetrics | None = Field(
+        None,
+        description="With serviceRef: read each replica's load from its Prometheus metrics and send each request "
+        "to the least loaded one. Absent: not read (replicas are taken in turn, fewest requests in flight first).",
     )
 
     __cel_rules__ = (
@@ -236,6 +255,16 @@ class ModelRouteSpec(SpecModel):
     )
     cache_policy: str | None = Field(
         None, max_length=253, pattern=OBJECT_NAME_PATTERN, description="Name of a CachePolicy in this namespace."
+    )
+    spillover: Spillover | None = Field(
+        None,
+        description="Spill over under load: skip an in-cluster backend of the chain whose every replica's queue "
+        "is deeper than queueDepth, for the next backend.",
+    )
+    context: ContextPolicy | None = Field(
+        None,
+        description="Context policy for chat requests: past maxPromptTokens, drop the oldest turns, summarize "
+        "them with a cheaper backend, or refuse the request.",
     )
 
 
@@ -333,6 +362,11 @@ class TenantTiersSource(SpecModel):
     )
 
 
+def _exhausted_policies(spec: Any) -> set[OnExhausted]:
+    """Every onExhausted a TokenBudget spec sets (its cap's and its tiers')."""
+    return {spec.cap_on_exhausted, *(t.on_exhausted for t in spec.tiers)}
+
+
 class TokenBudgetSpec(SpecModel):
     """Spend limits for routes: a namespace-wide cap and per-tenant tiers."""
 
@@ -400,6 +434,25 @@ class TokenBudgetSpec(SpecModel):
             "sidecars share its meters, other pods' sidecars ignore it. Absent: every pod."
         ),
     )
+    tag_selector: dict[str, str] | None = Field(
+        None,
+        max_length=8,
+        description="Apply this budget only to requests carrying all these tags (tag key → value, e.g. "
+        "feature: search), alongside the namespace's other budgets. Its keys are accepted as tags.",
+        json_schema_extra={"additionalProperties": {"type": "string", "maxLength": 128}},
+    )
+    attribution: Attribution | None = Field(
+        None,
+        description="Request tags (x-kubetoll-tags, the OpenAI metadata object) kept on the spend records of the "
+        "routes this budget covers; other keys are dropped and counted.",
+    )
+    exhausted_response: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4000,
+        description="What the assistant answers, as a normal completion at no cost, once a limit whose onExhausted "
+        'is respond is spent (e.g. "I\'ve reached my limit for this conversation; an agent will follow up.").',
+    )
     alert_thresholds: list[int] = Field(
         default_factory=lambda: [50, 75, 90, 100],
         max_length=20,
@@ -414,7 +467,33 @@ class TokenBudgetSpec(SpecModel):
         },
     )
 
+    def tag_items(self) -> list[tuple[str, str]]:
+        return list((self.tag_selector or {}).items())
+
     __cel_rules__ = (
+        CelRule(
+            f"!has(self.tagSelector) || self.tagSelector.all(k, k.matches('{TAG_KEY_PATTERN}') && "
+            f"self.tagSelector[k].matches('{TAG_VALUE_PATTERN}'))",
+            "tagSelector keys are lower-case tag keys and values letters, digits and . _ : / -",
+            lambda s: all(
+                re.match(TAG_KEY_PATTERN, k) and re.match(TAG_VALUE_PATTERN, v)
+                for k, v in (s.tag_selector or {}).items()
+            ),
+            ".tagSelector",
+        ),
+        CelRule(
+            "has(self.exhaustedResponse) || ((!has(self.capOnExhausted) || self.capOnExhausted != 'respond') && "
+            "(!has(self.tiers) || self.tiers.all(t, !has(t.onExhausted) || t.onExhausted != 'respond')))",
+            "onExhausted respond needs exhaustedResponse (the answer it serves)",
+            lambda s: (
+                s.exhausted_response is not None
+                or (
+                    s.cap_on_exhausted != OnExhausted.respond
+                    and all(t.on_exhausted != OnExhausted.respond for t in s.tiers)
+                )
+            ),
+            ".exhaustedResponse",
+        ),
         CelRule(
             "!has(self.tiers) || self.tiers.all(t, self.tiers.filter(u, u.name == t.name).size() == 1)",
             "tier names must be unique",

@@ -14,6 +14,8 @@ from aiohttp import web
 
 from kubetoll_core.usage import Usage
 
+from .attribution import NONE as NO_ATTRIBUTION
+from .attribution import Attributed
 from .budgets.admission import MeterSet
 from .budgets.store import Reservation
 from .cache.stage import CacheLookup
@@ -53,7 +55,11 @@ class RequestContext:
     usage: Usage | None = None
     cost: float = 0.0
     fallbacks: int = 0
+    spillover: str = ""  # 8 forward: the backends skipped for their replicas' deep queues, comma-separated
+    context: str = ""  # 3 route: what the context policy did, the x-kubetoll-context header (context_policy.py)
+    context_cost: float = 0.0  # 3 route: what the context policy's summarizer call cost
     downgraded: bool = False
     upstream_seconds: float = 0.0
     added_before_first_byte: float | None = None  # streams: the router's share before the first byte
     settled: bool = False  # spend settled and recorded (a stream settles once, whichever path ends it)
+    attribution: Attributed = NO_ATTRIBUTION  # 2 identify: tags, session, a reported outcome

@@ -10,6 +10,10 @@ Retry-After is cut to the backend's `circuitBreaker.maxRetryAfterSeconds` here,
 before the breaker or the client sees it. A chain whose every backend skipped
 the request as unsupported answers 400, not 502 (nothing was sent).
 
+In-cluster backends with replicas (replica_load.py): each attempt goes to the
+least loaded replica, and with the route's `spillover` a backend whose every
+replica's queue is too deep is skipped for the next one ("spillover" attempt).
+
 Streams: the client's response starts only when the first upstream chunk is in
 hand, so a backend that fails before sending anything is still fallen back from.
 After the first byte has reached the client there is no fallback (the client has
@@ -56,8 +60,11 @@ from .providers.base import (
     requested_choices,
     upstream_calls,
 )
+from .replica_load import ReplicaLoads
 from .retry_after import clamp_retry_after
 from .sse import SSEDecoder
+from .tracing import OFF as TRACING_OFF
+from .tracing import Tracing
 
 # type[Any]: the translators are Translators structurally, not by type[...] (their stream
 # translators' `feed` returns narrower lists than the protocol's).
@@ -100,7 +107,8 @@ class BackendRuntime:
 @dataclass(slots=True)
 class Attempt:
     backend: str
-    outcome: str  # "ok", a FailureClass value, "circuit_open", "unsupported", "credentials", "upstream_error"
+    # "ok", a FailureClass value, "circuit_open", "unsupported", "credentials", "upstream_error", "spillover"
+    outcome: str
     status: int = 0
     message: str = ""
     retry_after: float | None = None
@@ -343,9 +351,19 @@ class UpstreamRejected(Exception):
 
 
 class Forwarder:
-    def __init__(self, breakers: BreakerRegistry, credentials: CredentialStore) -> None:
+    def __init__(
+        self,
+        breakers: BreakerRegistry,
+        credentials: CredentialStore,
+        replicas: ReplicaLoads | None = None,
+        tracing: Tracing = TRACING_OFF,
+    ) -> None:
         self.breakers = breakers
         self.credentials = credentials
+        # An in-cluster backend's replicas and their load: each attempt goes to the least loaded one.
+        self.replicas = replicas
+        # A span per upstream attempt, its traceparent in the request (tracing.py; no-ops when off).
+        self.tracing = tracing
 
     async def forward(
         self,
@@ -360,15 +378,46 @@ class Forwarder:
         *,
         prompt_tokens: int = 0,
         abandoned: list[Spend] | None = None,
+        spillover_depth: int | None = None,
+        on_spillover: Any = None,
     ) -> Forwarded:
         """`prompt_tokens` (the estimate) bills a call whose provider reported no usage. `abandoned`
         collects the spend of fan-out calls whose answers were not used (a sibling failed, or the
-        request was cancelled): the caller settles it whichever way this returns or raises."""
+        request was cancelled): the caller settles it whichever way this returns or raises.
+
+        `spillover_depth` (the route's spillover.queueDepth): a backend with replicas whose every
+        queue is deeper is skipped for the next one of the chain, and kept as the last resort (tried
+        again after the rest of the chain failed), so spill-over never fails a request the deep queue
+        would have served. The last backend of the chain never spills: nothing is after it."""
         attempts: list[Attempt] = []
         abandoned = abandoned if abandoned is not None else []
         n = requested_choices(body)
-        for rt in chain:
+        candidates = list(chain)
+        spilled: set[str] = set()
+        pos = 0
+        while pos < len(candidates):
+            rt = candidates[pos]
+            pos += 1
             b = rt.config
+            replicas = self.replicas if b.replicas else None
+            if (
+                replicas is not None
+                and spillover_depth is not None
+                and pos < len(candidates)
+                and b.name not in spilled
+                and replicas.all_deeper_than(b, spillover_depth)
+            ):
+                # Before the breaker is asked: a half-open breaker would count this as its probe.
+                spilled.add(b.name)
+                candidates.append(rt)
+                attempts.append(
+                    Attempt(b.name, "spillover", 0, f"every replica has more than {spillover_depth} requests waiting")
+                )
+                if on_spillover:
+                    on_spillover(b.name)
+                if on_fallback:
+                    on_fallback(b.name, "spillover")
+                continue
             breaker = self.breakers.get(b)
             if not breaker.allow():
                 attempts.append(
@@ -384,6 +433,7 @@ class Forwarder:
                     on_fallback(b.name, "circuit_open")
                 continue
             translator = translator_for(b.provider, endpoint)
+            replica = None
             try:
                 calls = upstream_calls(translator.capabilities, n)
                 if calls is None:
@@ -395,7 +445,10 @@ class Forwarder:
                 send = {**body, "model": b.model}
                 if calls > 1:
                     del send["n"]  # each call asks for one choice: the provider has no `n`
-                req = translator.build_request(b, endpoint, send, api_key, stream)
+                replica = replicas.pick(b, spillover_depth) if replicas is not None else None
+                req = translator.build_request(
+                    replica.backend_view(b) if replica is not None else b, endpoint, send, api_key, stream
+                )
             except UnsupportedRequest as exc:
                 breaker.release_probe()
                 attempts.append(Attempt(b.name, "unsupported", 0, str(exc)))
@@ -428,7 +481,10 @@ class Forwarder:
                 if on_fallback:
                     on_fallback(b.name, "credentials")
                 continue
+            span = self.tracing.attempt(b, endpoint, req)  # also writes traceparent into req.headers
             started = time.monotonic()
+            if replica is not None:
+                replica.in_flight += calls  # until the answer (a stream: its first chunk) is in hand
             try:
                 if calls == 1:
                     results = [await self._call(rt, translator, req, endpoint, stream, model_alias, include_usage)]
@@ -447,8 +503,19 @@ class Forwarder:
                     )
             except asyncio.CancelledError:
                 breaker.release_probe()
+                span.cancelled()
                 raise
+            finally:
+                if replica is not None:
+                    replica.in_flight -= calls
+            span.end(results)
             errors = [(i, r.error) for i, r in enumerate(results) if r.error is not None]
+            if (
+                replica is not None
+                and replicas is not None
+                and any(e.failure in (FailureClass.connection_error, FailureClass.timeout) for _, e in errors)
+            ):
+                replicas.mark_failed(replica)  # the next requests try the other replicas first
             if not errors:
                 breaker.success()
                 attempts.append(Attempt(b.name, "ok", results[0].status))

@@ -66,6 +66,47 @@ class Metrics:
             ["route", "reason"],
             registry=r,
         )
+        self.attribution_dropped = Counter(
+            "kubetoll_attribution_dropped",
+            "Request tags, sessions and outcomes not kept as sent, by why: unknown_key (no budget of the route "
+            "accepts the key), invalid_value, folded (past the key's maxValues a day: recorded as other), "
+            "invalid_session, invalid_outcome.",
+            ["reason"],
+            registry=r,
+        )
+        self.spend_by_tag = Counter(
+            "kubetoll_spend_by_tag_usd",
+            "USD spent by tag value, for the tag keys the platform marked metricLabel (bounded by maxValues).",
+            ["route", "key", "value"],
+            registry=r,
+        )
+        self.traces_dropped = Counter(
+            "kubetoll_traces_dropped",
+            "Finished spans not exported (telemetry.otlp), by why: queue_full (the export queue was at "
+            "telemetry.maxQueuedSpans), export_failed (the collector refused or did not answer), shutdown.",
+            ["reason"],
+            registry=r,
+        )
+        self.exhausted_answers = Counter(
+            "kubetoll_exhausted_responses",
+            "Requests answered with a budget's exhaustedResponse (a spent limit with onExhausted respond), by level "
+            "(cap, tier).",
+            ["route", "level"],
+            registry=r,
+        )
+        self.outcomes = Counter(
+            "kubetoll_outcomes",
+            "Business outcomes the app reported (x-kubetoll-outcome, POST /kubetoll/v1/outcomes), by name.",
+            ["outcome"],
+            registry=r,
+        )
+        self.outcome_spend = Counter(
+            "kubetoll_outcome_spend_usd",
+            "USD this sidecar saw the sessions spend that then reported the outcome (divide by kubetoll_outcomes "
+            "for a live cost per outcome; the ledger has the exact figures).",
+            ["outcome"],
+            registry=r,
+        )
         self.downgrades = Counter(
             "kubetoll_downgrades",
             "Requests served from a route's downgrade backends, by why.",
@@ -151,6 +192,43 @@ class Metrics:
             ["stat"],
             registry=r,
         )
+        # Load-aware choice (replica_load.py, docs/routing.md): `replica` is the pod's name, never an address.
+        self.spillover = Counter(
+            "kubetoll_spillover",
+            "Requests that skipped an in-cluster backend because every replica's queue was deeper than the "
+            "route's spillover.queueDepth, by route and the backend skipped.",
+            ["route", "backend"],
+            registry=r,
+        )
+        # Context policies (context_policy.py). action: dropped, summarized, or summary_failed (the summarizer
+        # failed and the oldest turns were dropped instead).
+        self.context_tokens_saved = Counter(
+            "kubetoll_context_tokens_saved",
+            "Prompt tokens a route's context policy kept from going upstream (estimate before minus after), by "
+            "route and action.",
+            ["route", "action"],
+            registry=r,
+        )
+        self.context_summaries = Counter(
+            "kubetoll_context_summaries",
+            "Summaries a context policy needed, by route and where it came from: computed (a summarizer call), "
+            "cached (this sidecar or Redis had it) or failed.",
+            ["route", "result"],
+            registry=r,
+        )
+        self.replica_queue_depth = Gauge(
+            "kubetoll_replica_queue_depth",
+            "Requests waiting at a replica of an in-cluster backend, as its metrics last said.",
+            ["backend", "replica"],
+            registry=r,
+        )
+
+    def forget_replica(self, backend: str, replica: str) -> None:
+        """A replica no longer in the config: its series goes."""
+        try:
+            self.replica_queue_depth.remove(backend, replica)
+        except KeyError:
+            pass
 
     def publish_identity(self, namespace: str, pod: str, service_account: str, workload: str) -> None:
         """Set `kubetoll_sidecar_info` (one series; the identity is read once, at start)."""

@@ -24,6 +24,7 @@ such a request, natively or through chat).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import math
@@ -37,15 +38,23 @@ from aiohttp import web
 
 from kubetoll_core.burn_rate import BurnRates
 from kubetoll_core.periods import Clock
-from kubetoll_core.spend_record import REFUSAL_OUTCOME, SpendRecord
+from kubetoll_core.spend_record import (
+    CONTEXT_SUMMARY_OUTCOME,
+    EXHAUSTED_RESPONSE_OUTCOME,
+    OUTCOME_REPORTED,
+    REFUSAL_OUTCOME,
+    SpendRecord,
+)
 
-from . import capabilities, drain, inbound, tokens
+from . import attribution, capabilities, context_policy, drain, exhausted_answer, inbound, tokens
+from .attribution import NONE as NO_ATTRIBUTION
 from .budgets.admission import (
     Admitted,
     MeterSet,
     NeverFits,
     NoDowngradeBackends,
     Rejected,
+    RespondExhausted,
     burn_exhausts,
     percent_used,
     reserve_with_policy,
@@ -101,6 +110,7 @@ class Pipeline:
         clock: Clock,
         cache: CacheStage | None = None,
         workload: str = "",
+        context: context_policy.ContextPolicies | None = None,
     ) -> None:
         self.get_state = get_state
         self.store = store
@@ -109,6 +119,12 @@ class Pipeline:
         self.metrics = metrics
         self.clock = clock
         self.cache = cache
+        # Context policies' summaries (context_policy.py): shared through Redis when the server gives a client;
+        # without one, kept in this sidecar.
+        # (No client, so the namespace is never put in a key: any valid name will do.)
+        self.context = context or context_policy.ContextPolicies(
+            context_policy.SummaryStore("local", None, wall=clock.time), forwarder.credentials
+        )
         # The pod's workload (`workload.WorkloadIdentity`): on every record, the access line and the cost metric.
         self.workload = workload
         self.relay = StreamRelay(metrics, cache, self._settle_stream)
@@ -117,6 +133,9 @@ class Pipeline:
         self.stored_responses = StoredResponses()
         # The namespace caps' spend rates, for downgrade.burnRate (read on the requests of such routes).
         self.burn_rates = BurnRates()
+        # Attribution's bounds and the per-session spend that outlive a config reload (attribution.py).
+        self.tag_values = attribution.DistinctValues()
+        self.session_spend = attribution.SessionSpend()
         # A plain counter, read by the gauge at scrape time (a locked gauge update
         # twice a request cost 1-2% of the CPU).
         self.in_flight = 0
@@ -133,9 +152,13 @@ class Pipeline:
             usable_request_id(request.headers) or f"{_ID_PREFIX}{next(_ids):010x}",
             time.perf_counter(),
         )
+        # The request's span, a child of the app's traceparent (tracing.py; a no-op when traces are off).
+        trace = self.forwarder.tracing.request(request.headers)
         self.in_flight += 1
         try:
             return await self._run(ctx)
+        except RespondExhausted as exc:  # onExhausted respond: the budget's message, as a normal answer
+            return await self._exhausted_answer(ctx, exc)
         except ApiError as exc:
             ctx.status, ctx.outcome = exc.status, ctx.outcome if ctx.outcome != "ok" else "error"
             # In the error format of the API called (an inbound API's own: inbound/).
@@ -164,6 +187,7 @@ class Pipeline:
         finally:
             self.in_flight -= 1
             self._record(ctx)
+            trace.end(ctx)
 
     async def _run(self, ctx: RequestContext) -> web.StreamResponse:
         request, state = ctx.request, ctx.state
@@ -191,12 +215,18 @@ class Pipeline:
             ctx.outcome = "unknown_route"
             raise not_found_model(req.model, state.router.names())
         ctx.route, ctx.route_name = route, route.name
+        # 2 (cont.) attribution: the tags and session this route accepts, a reported outcome (attribution.py)
+        self._attribute(ctx, state, req.body)
         self._check_budget_available(ctx)
         # 4 estimate
         if req.body_size >= OFFLOAD_COUNT_BYTES:
             ctx.prompt_tokens = await asyncio.to_thread(self._estimate_prompt, req, state, route)
         else:
             ctx.prompt_tokens = self._estimate_prompt(req, state, route)
+        # 3 (cont.) the route's context policy: a chat prompt over its limit is trimmed, summarized or refused
+        # here, so the rules, the reservation and the upstream all see the prompt that is sent.
+        if route.context is not None and ctx.endpoint == Endpoint.chat and ctx.prompt_tokens > 0:
+            await self._apply_context(ctx, req, state, route)
         rule = route.select(
             RouteContext(
                 ctx.prompt_tokens,
@@ -226,7 +256,9 @@ class Pipeline:
             raise
         output_tokens = self._output_reservation(req, route, state, target.all_backends)
         now = self.clock.time()
-        meters = ctx.meters = state.meters.for_request(route.name, ident.tenant, ident.tier, now)
+        meters = ctx.meters = state.meters.for_request(
+            route.name, ident.tenant, ident.tier, now, ctx.attribution.tag_map
+        )
         self._check_suspended(ctx)
         # 5 request rate
         can_downgrade = bool(route.downgrade_chain)
@@ -258,6 +290,7 @@ class Pipeline:
                     downgrade = True
                     self.metrics.downgrades.labels(route.name, "burn_rate").inc()
         chain_names = route.downgrade_chain if downgrade else target.backends
+        chain_names = self._within_windows(ctx, chain_names, output_tokens // max(req.n, 1), refuse=True)
         # 7 admit (a cascade reserves for every step: each one called is billed, cascade.py)
         ctx.cascade = target.cascade_run(ctx.endpoint, req.stream, downgrade, state.backends)
         chains = ctx.cascade.chains if ctx.cascade is not None else (chain_names,)
@@ -266,12 +299,14 @@ class Pipeline:
         if admitted and admitted.downgrade and not downgrade:
             downgrade = True
             chain_names, ctx.cascade = route.downgrade_chain, None
+            chain_names = self._within_windows(ctx, chain_names, output_tokens // max(req.n, 1), refuse=False)
             self.metrics.downgrades.labels(route.name, "exhausted").inc()
         ctx.downgraded = downgrade
         ctx.reservation = admitted.reservation if admitted else None
         # 8 forward
         fwd = await self._forward(ctx, chain_names, now)
         ctx.backend, ctx.fallbacks, ctx.upstream_seconds = fwd.backend.config.name, fwd.fallbacks, fwd.upstream_seconds
+        ctx.spillover = _spilled(fwd.attempts)
         self.stored_responses.remember(ctx.endpoint, fwd)
         if fwd.stream is not None:
             return await self.relay.respond(ctx, fwd, self._headers(ctx, None))
@@ -292,7 +327,7 @@ class Pipeline:
         if ctx.cache is not None and ctx.cache.wants_answer and self.cache is not None:
             self.cache.store_soon(ctx.cache, body, usage, cost)
         lookup_cost = ctx.cache.lookup_cost_usd if ctx.cache is not None else 0.0
-        headers = self._headers(ctx, cost + sum(s.cost() for s in fwd.abandoned) + lookup_cost)
+        headers = self._headers(ctx, cost + sum(s.cost() for s in fwd.abandoned) + lookup_cost + ctx.context_cost)
         return web.Response(body=orjson.dumps(body), content_type="application/json", headers=headers)
 
     # ------------------------------------------------------------------ stages
@@ -323,6 +358,106 @@ class Pipeline:
             asked = max((x for x in limits if x), default=DEFAULT_OUTPUT_RESERVATION)
         return asked * req.n
 
+    # ------------------------------------------------------------------ context policy (stage 3)
+
+    async def _apply_context(
+        self, ctx: RequestContext, req: ParsedRequest, state: RouterState, route: CompiledRoute
+    ) -> None:
+        policy = route.context
+        assert policy is not None
+        if policy.summarizer is not None:
+            self._check_suspended(ctx)  # a suspended budget's request must not pay for a summary first
+        model = state.backends[route.all_backends[0]].config.model
+        tools = req.chat_view.get("tools")
+        try:
+            applied = await self.context.apply(
+                policy,
+                req.messages,
+                lambda msgs: tokens.count_chat(msgs, model, tools),
+                ctx.prompt_tokens,
+                state.backends,
+            )
+        except context_policy.DoesNotFit as exc:
+            ctx.outcome, ctx.reason = "rejected", "context_length_exceeded"
+            self.metrics.rejections.labels(route.name, "context_length_exceeded").inc()
+            raise ApiError(400, str(exc), "invalid_request_error", "context_length_exceeded", "messages") from None
+        if applied is None:
+            return
+        req.messages = applied.messages
+        req.upstream_body = {**req.upstream_body, "messages": applied.messages}
+        ctx.prompt_tokens = applied.after
+        ctx.context = context_policy.header(applied.action, applied.saved)
+        m = self.metrics
+        m.context_tokens_saved.labels(route.name, applied.action).inc(applied.saved)
+        summary = applied.summary
+        if applied.action == "summary_failed":
+            m.context_summaries.labels(route.name, "failed").inc()
+        elif summary is not None:
+            m.context_summaries.labels(route.name, "cached" if applied.cached else "computed").inc()
+        if summary is not None and summary.usage is not None:
+            await self._bill_summary(ctx, summary, summary.usage)
+
+    async def _bill_summary(self, ctx: RequestContext, summary: context_policy.Summary, usage: Usage) -> None:
+        """The summarizer's call is spend of this request: counted against its budgets (never refused: it
+        already happened) and in the ledger, as outcome context_summary (spend, not a request)."""
+        now = self.clock.time()
+        ctx.meters = ctx.state.meters.for_request(ctx.route_name, ctx.tenant, ctx.tier, now, ctx.attribution.tag_map)
+        holds = [Hold(m, float(usage.total_tokens), enforce=False) for m in ctx.meters.tokens]
+        holds += [Hold(m, summary.cost_usd, enforce=False) for m in ctx.meters.usd]
+        reservation = None
+        if holds:
+            try:
+                reservation = await self.store.reserve(holds, now)
+            except (StoreUnavailable, Suspended):
+                reservation = None  # the record still goes to the ledger; the store is away
+        record = SpendRecord(
+            time=now,
+            namespace=ctx.state.config.namespace,
+            route=ctx.route_name,
+            backend=summary.backend,
+            tenant=ctx.tenant,
+            tier=ctx.tier,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cached_tokens=usage.cached_tokens,
+            cost_usd=summary.cost_usd,
+            outcome=CONTEXT_SUMMARY_OUTCOME,
+            request_id=ctx.request_id,
+            workload=self.workload,
+        )
+        ctx.context_cost += summary.cost_usd
+        self.metrics.cost.labels(ctx.route_name, summary.backend, ctx.tier, self.workload).inc(summary.cost_usd)
+        self.metrics.tokens.labels(ctx.route_name, summary.backend, "input").inc(usage.prompt_tokens)
+        self.metrics.tokens.labels(ctx.route_name, summary.backend, "output").inc(usage.completion_tokens)
+        await self._settle(ctx, reservation, usage, summary.cost_usd, now, record=record)
+
+    def _within_windows(
+        self, ctx: RequestContext, chain: tuple[str, ...], output: int, *, refuse: bool
+    ) -> tuple[str, ...]:
+        """The chain without the backends whose declared context window cannot hold the prompt plus the
+        output reservation (they would only refuse it). None holds it: a 400 when `refuse`, else the chain."""
+        if ctx.endpoint == Endpoint.embeddings or not chain:
+            return chain
+        configs = [ctx.state.backends[n].config for n in chain]
+        if all(b.limits.context_window is None for b in configs):
+            return chain
+        fitting = tuple(context_policy.within_windows(configs, ctx.prompt_tokens, output))
+        if fitting:
+            return fitting
+        if not refuse:
+            return chain
+        ctx.outcome, ctx.reason = "rejected", "context_length_exceeded"
+        self.metrics.rejections.labels(ctx.route_name, "context_length_exceeded").inc()
+        largest = max(b.limits.context_window or 0 for b in configs)
+        raise ApiError(
+            400,
+            f"the prompt is about {ctx.prompt_tokens} tokens and {output} are reserved for the answer; the largest "
+            f"context window of route `{ctx.route_name}`'s backends is {largest} tokens",
+            "invalid_request_error",
+            "context_length_exceeded",
+            "messages",
+        )
+
     def _check_budget_available(self, ctx: RequestContext) -> None:
         # Fail closed: a route a budget names is never served without that budget.
         for b in ctx.state.config.unavailable_budgets:
@@ -337,6 +472,58 @@ class Pipeline:
                     "budget_unavailable",
                     "budget_unavailable",
                 )
+
+    # ------------------------------------------------------------------ attribution (stage 2)
+
+    def _attribute(self, ctx: RequestContext, state: RouterState, body: dict[str, Any]) -> None:
+        a = ctx.attribution = attribution.read(
+            state.attribution.rules(ctx.route_name), self.tag_values, ctx.request.headers, body, self.clock.time()
+        )
+        for reason in a.dropped:
+            self.metrics.attribution_dropped.labels(reason).inc()
+        if a.outcome:
+            self.record_outcome(ctx.state, ctx.tenant, ctx.tier, a.session, ctx.request_id, a.outcome, a.outcome_value)
+
+    def _attributed(self, ctx: RequestContext, record: SpendRecord) -> SpendRecord:
+        """A record of this request with its tags and session, counted in the attribution metrics."""
+        a = ctx.attribution
+        if record.cost_usd:
+            self.session_spend.add(a.session, record.cost_usd)
+            rules = ctx.state.attribution.rules(ctx.route_name)
+            for key, value in a.tag_map.items():
+                rule = rules.get(key)
+                if rule is not None and rule.metric_label:
+                    self.metrics.spend_by_tag.labels(ctx.route_name, key, value).inc(record.cost_usd)
+        return dataclasses.replace(record, tags=a.tags, session=a.session)
+
+    def record_outcome(
+        self, state: RouterState, tenant: str, tier: str, session: str, request_id: str, name: str, value: float
+    ) -> SpendRecord:
+        """An outcome record (no spend): the app says this session or request ended with `name`."""
+        # Outcome names are the app's to choose: bounded like a tag's values (the metric's label set).
+        name = self.tag_values.admit(attribution.OUTCOME_KEY, name, attribution.MAX_OUTCOMES_PER_DAY, self.clock.time())
+        record = SpendRecord(
+            time=self.clock.time(),
+            namespace=state.config.namespace,
+            route="",
+            backend="",
+            tenant=tenant,
+            tier=tier,
+            prompt_tokens=0,
+            completion_tokens=0,
+            cached_tokens=0,
+            cost_usd=0.0,
+            outcome=OUTCOME_REPORTED,
+            request_id=request_id,
+            workload=self.workload,
+            session=session,
+            business_outcome=name,
+            outcome_value=value,
+        )
+        self.ledger.append(record)
+        self.metrics.outcomes.labels(name).inc()
+        self.metrics.outcome_spend.labels(name).inc(self.session_spend.spent(session))
+        return record
 
     def _check_suspended(self, ctx: RequestContext) -> None:
         state = ctx.state
@@ -400,6 +587,59 @@ class Pipeline:
             self.metrics.rejections.labels(route, "budget_suspended").inc()
             raise budget_suspended(exc) from None
 
+    async def _exhausted_answer(self, ctx: RequestContext, exc: RespondExhausted) -> web.StreamResponse:
+        """A spent limit with onExhausted respond: its budget's exhaustedResponse, served at no cost."""
+        meter, req = exc.exhausted.meter, ctx.req
+        message = ctx.state.exhausted_responses.get(meter.budget)
+        now = self.clock.time()
+        self._note_refusal(ctx, meter, now)  # admission refused on this meter: the operator's status says so
+        if message is None or req is None or ctx.endpoint == Endpoint.embeddings:
+            # Nothing to answer with (an embedding; a budget without a message, which validation refuses).
+            ctx.status, ctx.outcome, ctx.reason = 429, "rejected", "usd"
+            err = ApiError(
+                429,
+                f"budget limit reached: {exc.exhausted}.",
+                "insufficient_quota",
+                "budget_exhausted",
+                retry_after=exc.exhausted.retry_after or 60.0,
+            )
+            return inbound.error_response(ctx.endpoint, err, {"x-request-id": ctx.request_id})
+        ctx.outcome, ctx.backend = EXHAUSTED_RESPONSE_OUTCOME, ""
+        self.metrics.exhausted_answers.labels(ctx.route_name, meter.level.partition(":")[0]).inc()
+        record = SpendRecord(
+            time=now,
+            namespace=ctx.state.config.namespace,
+            route=ctx.route_name,
+            backend="",
+            tenant=ctx.tenant,
+            tier=ctx.tier,
+            prompt_tokens=0,
+            completion_tokens=0,
+            cached_tokens=0,
+            cost_usd=0.0,
+            outcome=EXHAUSTED_RESPONSE_OUTCOME,
+            request_id=ctx.request_id,
+            workload=self.workload,
+            latency_ms=(time.perf_counter() - ctx.started) * 1000,
+        )
+        self.ledger.append(self._attributed(ctx, record))
+        body = exhausted_answer.render(ctx.endpoint, message, req.model, req.body, req.stream, req.include_usage)
+        headers = {
+            "x-request-id": ctx.request_id,
+            exhausted_answer.EXHAUSTED_HEADER: meter.label,
+            "x-kubetoll-cost-usd": "0.000000000",
+        }
+        if not req.stream:
+            return web.Response(body=body, content_type="application/json", headers=headers)
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache", **headers})
+        try:
+            await resp.prepare(ctx.request)
+            await resp.write(body)
+            await resp.write_eof()
+        except (ConnectionResetError, RuntimeError):
+            ctx.outcome = "client_disconnected"
+        return resp
+
     def _note_refusal(self, ctx: RequestContext, meter: Meter, now: float) -> None:
         """A refusal record for the operator's status: which meter refused (a window only), sampled."""
         if meter.kind != "window" or not self.refusals.due(meter.key, now):
@@ -452,9 +692,12 @@ class Pipeline:
                 on_fallback=lambda backend, reason: self.metrics.fallbacks.labels(route.name, backend, reason).inc(),
                 prompt_tokens=ctx.prompt_tokens,
                 abandoned=abandoned,
+                spillover_depth=route.spillover_depth,
+                on_spillover=lambda backend: self.metrics.spillover.labels(route.name, backend).inc(),
             )
         except AllBackendsFailed as exc:
             ctx.outcome, ctx.fallbacks = "all_backends_failed", len(exc.attempts)
+            ctx.spillover = _spilled(exc.attempts)
             last = exc.attempts[-1].backend if exc.attempts else ""
             await self._settle_failed(ctx, now, abandoned, self._failure_record(ctx, last))
             raise ApiError(
@@ -507,6 +750,8 @@ class Pipeline:
             records.extend(self._abandoned_records(ctx, abandoned))
             usage = total_usage([*([usage] if usage else []), *(s.usage for s in abandoned)])
             cost += sum(s.cost() for s in abandoned)
+        if ctx.attribution is not NO_ATTRIBUTION:
+            records = [self._attributed(ctx, r) for r in records]
         actual: dict[str, float] = {}
         if reservation is not None:
             if requests:
@@ -604,6 +849,7 @@ class Pipeline:
             cost_usd=ctx.cost,
             downgraded=ctx.downgraded,
             fallbacks=ctx.fallbacks,
+            spillover=ctx.spillover,
             outcome=ctx.outcome,
             request_id=ctx.request_id,
             workload=self.workload,
@@ -629,6 +875,7 @@ class Pipeline:
             cost_usd=0.0,
             downgraded=ctx.downgraded,
             fallbacks=ctx.fallbacks,
+            spillover=ctx.spillover,
             outcome=ctx.outcome,
             request_id=ctx.request_id,
             workload=self.workload,
@@ -692,7 +939,7 @@ class Pipeline:
             workload=self.workload,
         )
         if record is not None:
-            self.ledger.append(record)
+            self.ledger.append(self._attributed(ctx, record))
         headers = {"x-request-id": ctx.request_id, **hit.headers()}
         if lookup.lookup_cost_usd:  # the hit cost nothing upstream; its embedding and verifier calls did
             headers["x-kubetoll-cost-usd"] = f"{lookup.lookup_cost_usd:.9f}"
@@ -715,6 +962,10 @@ class Pipeline:
             "x-kubetoll-backend": ctx.backend,
             "x-kubetoll-fallbacks": str(ctx.fallbacks),
         }
+        if ctx.spillover:
+            h["x-kubetoll-spillover"] = ctx.spillover
+        if ctx.context:
+            h["x-kubetoll-context"] = ctx.context
         if cost is not None:
             h["x-kubetoll-cost-usd"] = f"{cost:.9f}"
         if ctx.downgraded:
@@ -770,9 +1021,15 @@ class Pipeline:
                         "usage_reported": u.reported if u else None,
                         "cost_usd": round(ctx.cost, 9),
                         "fallbacks": ctx.fallbacks,
+                        "spillover": ctx.spillover or None,
                         "downgraded": ctx.downgraded,
                         "added_ms": round(added * 1000, 3),
                         "upstream_ms": round(ctx.upstream_seconds * 1000, 1),
                     }
                 ).decode()
             )
+
+
+def _spilled(attempts: list[Any]) -> str:
+    """The backends an attempt list skipped for their replicas' deep queues (the spillover header and record)."""
+    return ",".join(dict.fromkeys(a.backend for a in attempts if a.outcome == "spillover"))

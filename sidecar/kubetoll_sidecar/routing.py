@@ -114,6 +114,10 @@ class CompiledRoute:
         self.downgrade_chain: tuple[str, ...] = tuple(route.downgrade.backends) if route.downgrade else ()
         self.burn_rate = route.downgrade.burn_rate if route.downgrade else None
         self.cache_policy = route.cache_policy
+        # Skip an in-cluster backend whose replicas' queues are all deeper (forwarder.py, replica_load.py).
+        self.spillover_depth = route.spillover.queue_depth if route.spillover is not None else None
+        # What a chat prompt over its limit becomes (context_policy.py; the pipeline applies it before the estimate).
+        self.context = route.context
         # Every backend this route might call (cascade steps and experiment arms too).
         seen: dict[str, None] = {}
         for r in route.rules:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import sys
@@ -26,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from kubetoll_core.periods import Clock, SystemClock
 from kubetoll_core.router_config import RouterConfig, ServerSettings
 
-from . import inbound
+from . import attribution, inbound, tracing
 from .batch_registry import FileRegistry, RedisRegistry
 from .batches import BatchManager, owner_id
 from .budgets.memory import InMemoryBudgetStore
@@ -36,10 +37,12 @@ from .cache.stage import CacheStage
 from .cache.verifiers import verifier_for_policy
 from .circuit import BreakerRegistry
 from .config_loader import ConfigError, ConfigWatcher, LoadedConfig, load_config
+from .context_policy import ContextPolicies, SummaryStore
 from .credentials import CredentialStore
 from .drain import CLOSE_RESERVE_MAX_SECONDS, Drain, DrainBudget
 from .errors import ApiError
 from .forwarder import Forwarder
+from .header_values import REQUEST_ID_HEADER, usable_request_id
 from .http_server import BoundedTCPSite, app_runner
 from .inbound.messages import count_tokens
 from .inbound.responses import forward_stored
@@ -47,11 +50,13 @@ from .ledger import InMemoryLedger, Ledger
 from .metrics import Metrics
 from .pipeline import Pipeline
 from .providers.base import Endpoint
+from .replica_load import ReplicaLoads
 from .request_parsing import expect_continue, read_json
 from .routing import read_pod_labels
 from .state import RouterState, SessionPool, build_state
 from .workload import WorkloadIdentity
 
+OUTCOME_MAX_BYTES = 16 * 1024  # an outcome report is a few fields
 log = logging.getLogger("kubetoll.sidecar")
 
 
@@ -79,6 +84,8 @@ class Sidecar:
         self.monotonic = monotonic
         self.sessions = SessionPool()
         self.breakers = BreakerRegistry(monotonic)
+        # In-cluster backends' replicas and their load (replica_load.py), kept across reloads.
+        self.replica_loads = ReplicaLoads(self.metrics, monotonic)
         self._loaded = loaded
         self._store_given = store is not None
         self.store: BudgetStore = store or InMemoryBudgetStore(loaded.config.budget_store.max_meters)
@@ -94,7 +101,16 @@ class Sidecar:
         self._watcher: ConfigWatcher | None = None
         self.pipeline: Pipeline | None = None
         self.batches: BatchManager | None = None  # /v1/files and /v1/batches (batches.py)
+        self.tracing: tracing.Tracing = tracing.OFF  # spans of requests and attempts (start builds it)
         self.started_at = time.time()
+
+    def _trace_resource(self, cfg: RouterConfig) -> dict[str, str]:
+        """The OpenTelemetry resource attributes naming this sidecar (its pod, as the injector passed it)."""
+        ident = self.identity
+        attrs = {"k8s.namespace.name": ident.namespace or cfg.namespace, "k8s.pod.name": ident.pod}
+        if ident.workload:
+            attrs["kubetoll.workload"] = ident.workload
+        return {k: v for k, v in attrs.items() if v}
 
     @property
     def config(self) -> RouterConfig:
@@ -153,15 +169,22 @@ class Sidecar:
         )
         await self.cache.start()
         self._apply_to_shared_parts(self.state)
+        # Traces (telemetry.otlp): read at start like the budget store; OFF imports no OpenTelemetry.
+        self.tracing = tracing.build(cfg.telemetry, cfg.server.credentials_dir, self.metrics, self._trace_resource(cfg))
         self.pipeline = Pipeline(
             lambda: self.state,
             self.store,
             self.ledger,
-            Forwarder(self.breakers, self.credentials),
+            Forwarder(self.breakers, self.credentials, self.replica_loads, self.tracing),
             self.metrics,
             self.clock,
             self.cache,
             workload=self.identity.workload,
+            # Context policies' summaries, shared by the namespace's sidecars through Redis (context_policy.py).
+            context=ContextPolicies(
+                SummaryStore(cfg.namespace, redis_cache_client, monotonic=self.monotonic, wall=self.clock.time),
+                self.credentials,
+            ),
         )
         # Pending batches are kept where the budgets are: in Redis, else on the pod's disk.
         owner = owner_id(self.identity.pod or os.uname().nodename)
@@ -188,6 +211,7 @@ class Sidecar:
         )
         await asyncio.wrap_future(encodings)
         self._publish_config_metrics()
+        self.replica_loads.start()
         if self._watch:
             self._watcher = ConfigWatcher(
                 self.config_path, self._on_config_change, self._watch_interval, self._loaded.digest
@@ -206,6 +230,7 @@ class Sidecar:
         """What a config load changes outside RouterState: the kill switches the store
         watches, the cache policies and their embedding backends."""
         self.store.watch_budgets([b.name for b in state.config.budgets])
+        self.replica_loads.configure(state.config.backends)
         self.store.apply_settings(state.config.budget_store)
         if self.cache is not None:
             semantic = [p.semantic for p in state.config.cache_policies if p.semantic.enabled]
@@ -320,7 +345,9 @@ class Sidecar:
                 await asyncio.wait_for(self.cache.close(), max(end - loop.time(), 0.05))
             except TimeoutError:
                 log.warning("cache writes still in flight at shutdown were dropped")
+        await self.replica_loads.close()
         await self.sessions.close()
+        await self.tracing.close(min(max(end - loop.time(), 0.0), 2.0))  # the spans still queued, if it can
         for client in self._redis_clients:
             try:
                 await client.aclose()
@@ -350,6 +377,7 @@ class Sidecar:
         # Spend records of this sidecar, for `kubetoll report`. On the API port (127.0.0.1
         # only), not the metrics port: per-tenant spend must not be readable from the pod network.
         app.router.add_get("/kubetoll/v1/spend", self._spend)
+        app.router.add_post("/kubetoll/v1/outcomes", self._outcomes)
         return app
 
     def ops_app(self) -> web.Application:
@@ -456,6 +484,58 @@ class Sidecar:
 
             raise not_found_model(name, self.state.router.names())
         return web.Response(body=orjson.dumps(self._model_entry(name)), content_type="application/json")
+
+    async def _outcomes(self, request: web.Request) -> web.Response:
+        """`POST /kubetoll/v1/outcomes`: `{"session_id" or "request_id", "outcome", "value"?}` -> an outcome record.
+
+        The tenant comes from the request's headers as for any request (tenancy). 201 with the record.
+        """
+        assert self.pipeline is not None and self.state is not None
+        body, _ = await read_json(request, OUTCOME_MAX_BYTES)
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object", "invalid_request_error", "invalid_body")
+        session, request_id = body.get("session_id", ""), body.get("request_id", "")
+        if session and not attribution.valid_session(session):
+            raise ApiError(
+                400,
+                f"session_id must be 1-{attribution.MAX_SESSION_CHARS} characters of letters, digits and . _ : / -",
+                "invalid_request_error",
+                "invalid_session",
+                "session_id",
+            )
+        if request_id and not (isinstance(request_id, str) and usable_request_id({REQUEST_ID_HEADER: request_id})):
+            raise ApiError(400, "request_id must be a request id", "invalid_request_error", "invalid_id", "request_id")
+        if not session and not request_id:
+            raise ApiError(
+                400, "name the session_id or the request_id the outcome is for", "invalid_request_error", "missing"
+            )
+        value = body.get("value", 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ApiError(400, "value must be a finite number", "invalid_request_error", "invalid_value", "value")
+        name = body.get("outcome")
+        parsed = attribution.parse_outcome(name) if isinstance(name, str) and "=" not in name else None
+        if parsed is None:
+            raise ApiError(
+                400,
+                f"outcome must be 1-{attribution.MAX_OUTCOME_CHARS} characters of letters, digits and . _ : / -",
+                "invalid_request_error",
+                "invalid_outcome",
+                "outcome",
+            )
+        state = self.state
+        ident = state.tenants.identify(request.headers, {})
+        record = self.pipeline.record_outcome(
+            state, ident.tenant, ident.tier, session, request_id, parsed[0], float(value)
+        )
+        out = {
+            "object": "kubetoll.outcome",
+            "outcome": record.business_outcome,
+            "value": record.outcome_value,
+            "session_id": record.session,
+            "request_id": record.request_id,
+            "tenant": record.tenant,
+        }
+        return web.json_response(out, status=201, dumps=lambda o: orjson.dumps(o).decode())
 
     async def _spend(self, request: web.Request) -> web.Response:
         try:

@@ -23,6 +23,7 @@ from kubetoll_core.periods import Clock, SystemClock
 from kubetoll_core.prices import PricingError, resolve_price
 from kubetoll_core.router_config import Backend, RouterConfig
 
+from .attribution import AttributionPolicy
 from .budgets.admission import BudgetMeters
 from .config_loader import ConfigError
 from .credentials import CredentialStore
@@ -45,6 +46,9 @@ class RouterState:
     meters: BudgetMeters
     backends: dict[str, BackendRuntime]
     suspended_budgets: frozenset[str]
+    attribution: AttributionPolicy  # the tag keys each route accepts
+    # Budget name -> its exhaustedResponse (what onExhausted respond answers).
+    exhausted_responses: dict[str, str]
 
     def chain(self, names: tuple[str, ...]) -> list[BackendRuntime]:
         return [self.backends[n] for n in names]
@@ -143,4 +147,6 @@ def build_state(
         meters=meters,
         backends=backends,
         suspended_budgets=frozenset(b.name for b in config.budgets if b.suspended),
+        attribution=AttributionPolicy(meters.budgets, [r.name for r in config.routes]),
+        exhausted_responses={b.name: b.exhausted_response for b in meters.budgets if b.exhausted_response},
     )

@@ -68,6 +68,10 @@ def register_resources(emulator: Any) -> None:
         emulator.resources[resource("", "v1", plural)] = ResourceInfo(
             kind=kind, singular=kind.lower(), namespaced=kind != "Namespace", verbs=verbs
         )
+    # The replicas of a serviceRef's Service (kubetoll_operator.endpoint_slices).
+    emulator.resources[resource("discovery.k8s.io", "v1", "endpointslices")] = ResourceInfo(
+        kind="EndpointSlice", singular="endpointslice", namespaced=True, verbs=verbs
+    )
     emulator.resources[resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")] = ResourceInfo(
         kind="CustomResourceDefinition", namespaced=False, verbs=verbs
     )
@@ -81,6 +85,8 @@ class Kubectl:
     def path(kind: str, namespace: str, name: str | None = None) -> str:
         if kind in PLURALS:
             base = f"/apis/kubetoll.dev/v1alpha1/namespaces/{namespace}/{PLURALS[kind]}"
+        elif kind == "EndpointSlice":
+            base = f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices"
         else:
             base = f"/api/v1/namespaces/{namespace}/{CORE[kind]}"
         return f"{base}/{name}" if name else base

@@ -47,7 +47,7 @@ from kubetoll_sidecar.routing import CompiledRoute, RouteContext
 from kubetoll_sidecar.server import Sidecar, serve
 from kubetoll_tools.simulator import RateLimitBurst, SimSettings, SimulatedUpstream
 
-from . import live_view, report_html, spend, traffic
+from . import experiment_report, live_view, report_html, spend, traffic
 
 EMBEDDED_CONFIG = Path(__file__).with_name("demo_router.yaml")
 DEMO_KEY_ENV = "KUBETOLL_DEMO_API_KEY"
@@ -245,6 +245,68 @@ def sim_profile(backend: Backend, price: ResolvedPrice, seed: int) -> tuple[str,
     return kind, s
 
 
+# The demo's replicas of an in-cluster backend that reads load metrics, and when they are busy.
+REPLICAS = 2
+BUSY_FROM, BUSY_UNTIL = 0.40, 0.70  # of the run: every replica's queue deeper than the route's spillover.queueDepth
+# Shares of the traffic sent to the routes that show a cascade and a spill-over (when the config has them).
+CASCADE_SHARE, SPILLOVER_SHARE = 0.10, 0.20
+
+
+def side_routes(config: RouterConfig, main: str) -> tuple[traffic.SideRoute, ...]:
+    """Traffic for a route with a cascade (asked for extraction, half with a max_tokens the cheap step runs out
+    of) and for a route with spill-over, besides the main route."""
+    out: list[traffic.SideRoute] = []
+    for r in config.routes:
+        if r.name == main:
+            continue
+        cascaded = [rule for rule in r.rules if rule.cascade is not None and rule.match.header is not None]
+        if cascaded and not any(s.kind == "extract" for s in out):
+            h = cascaded[0].match.header
+            assert h is not None
+            headers = ((h.name, h.value),) if h.value else ()
+            out.append(traffic.SideRoute(r.name, CASCADE_SHARE, "extract", headers, (24, 400)))
+        elif r.spillover is not None and not any(s.kind == "chat" for s in out):
+            out.append(traffic.SideRoute(r.name, SPILLOVER_SHARE, "chat"))
+    return tuple(out)
+
+
+async def start_replicas(
+    cfg: dict[str, Any], backends: list[Backend], prices: dict[str, ResolvedPrice], seed: int
+) -> dict[str, list[SimulatedUpstream]]:
+    """Simulated replicas for each backend that reads load metrics, written into the config as the operator
+    writes the EndpointSlices' ready replicas."""
+    out: dict[str, list[SimulatedUpstream]] = {}
+    by_name = {b["name"]: b for b in cfg.get("backends", [])}
+    for i, b in enumerate(backends):
+        if b.load_metrics is None or b.name not in by_name:
+            continue
+        sims = []
+        for j in range(REPLICAS):
+            _, settings = sim_profile(b, prices[b.name], seed * 131 + i * 7 + j)
+            sim = SimulatedUpstream(settings)
+            await sim.start()
+            sim.load_metrics.format = b.load_metrics.format.value
+            sims.append(sim)
+        by_name[b.name]["replicas"] = [{"url": s.url + "/v1", "name": f"{b.name}-{j}"} for j, s in enumerate(sims)]
+        out[b.name] = sims
+    return out
+
+
+async def replica_load(replicas: dict[str, list[SimulatedUpstream]], duration: float, stop: asyncio.Event) -> None:
+    """The replicas' queues: shallow, then every one deep for a stretch of the run (requests spill to the next
+    backend of the chain), then shallow again."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    while not stop.is_set():
+        f = (loop.time() - t0) / duration
+        busy = BUSY_FROM <= f < BUSY_UNTIL
+        for sims in replicas.values():
+            for j, sim in enumerate(sims):
+                sim.load_metrics.set(waiting=40 + j if busy else j, running=8, kv_cache=0.95 if busy else 0.3 + 0.2 * j)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.25)
+
+
 def sim_endpoint(backend: dict[str, Any], sim: SimulatedUpstream) -> str:
     if backend.get("provider") == "azure-openai":
         return sim.url
@@ -345,6 +407,7 @@ async def _run_demo(opts: DemoOptions, console: Any, out: Any) -> DemoResult:
     os.environ.setdefault(DEMO_KEY_ENV, "sk-demo-offline-key")
 
     sims: dict[str, tuple[str, SimulatedUpstream]] = {}
+    replicas: dict[str, list[SimulatedUpstream]] = {}
     workdir = Path(tempfile.mkdtemp(prefix="kubetoll-demo-"))
     loop = asyncio.get_running_loop()
     installed_signals: list[signal.Signals] = []
@@ -363,6 +426,7 @@ async def _run_demo(opts: DemoOptions, console: Any, out: Any) -> DemoResult:
         endpoints = {b["name"]: sim_endpoint(b, sims[b["name"]][1]) for b in choice.data["backends"]}
         port, metrics_port = free_port(), free_port()
         cfg_data = adapt_config(choice.data, endpoints, port, metrics_port, scale, workdir)
+        replicas = await start_replicas(cfg_data, base_cfg.backends, prices, opts.seed)
         path = workdir / "router.json"
         path.write_text(json.dumps(cfg_data, indent=2))
         sidecar = Sidecar(load_config(str(path)), watch=False)
@@ -391,7 +455,8 @@ async def _run_demo(opts: DemoOptions, console: Any, out: Any) -> DemoResult:
         if baseline not in prices:
             raise DemoError(f"--baseline {baseline}: no such backend (backends: {', '.join(prices)})")
         tiers = {p.name: effective_tier(config, p.tier) for p in traffic.DEFAULT_TENANTS}
-        plan = traffic.plan(opts.seed, opts.duration, opts.rate)
+        sides = side_routes(config, route)
+        plan = traffic.side_routes(traffic.plan(opts.seed, opts.duration, opts.rate), sides, opts.seed)
         tenancy = (config.tenancy.header, config.tenancy.tier_header)
 
         print(f"kubetoll demo: config: {choice.label}", file=out)
@@ -407,10 +472,14 @@ async def _run_demo(opts: DemoOptions, console: Any, out: Any) -> DemoResult:
             "Ctrl-C stops early",
             file=out,
         )
+        for side in sides:
+            what = "a cascade" if side.kind == "extract" else "spill-over when its replicas are busy"
+            print(f"  {side.share:.0%} of them to route {side.route} ({what})", file=out)
         out.flush()
 
         started = time.monotonic()
         t0 = time.time()
+        load_task = asyncio.create_task(replica_load(replicas, opts.duration, traffic_stop)) if replicas else None
         traffic_task = asyncio.create_task(
             traffic.run_traffic(
                 f"http://127.0.0.1:{port}",
@@ -458,6 +527,9 @@ async def _run_demo(opts: DemoOptions, console: Any, out: Any) -> DemoResult:
                     next_line += 10.0
         with contextlib.suppress(asyncio.CancelledError):
             await traffic_task
+        traffic_stop.set()
+        if load_task is not None:
+            await load_task
         t1 = time.time()
         final = snap()
     finally:
@@ -469,6 +541,9 @@ async def _run_demo(opts: DemoOptions, console: Any, out: Any) -> DemoResult:
                 await serve_task
         for _, sim in sims.values():
             await sim.stop()
+        for replica_sims in replicas.values():
+            for sim in replica_sims:
+                await sim.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
     assert sidecar is not None
@@ -494,8 +569,11 @@ async def _run_demo(opts: DemoOptions, console: Any, out: Any) -> DemoResult:
         tenants_info.append(row)
     events = {
         "rejections": {r: v for (r,), v in final.rejections.items()},
-        "fallbacks": {f"{b}: {r}": v for (b, r), v in final.fallbacks.items()},
+        "fallbacks": {f"{b}: {r}": v for (b, r), v in final.fallbacks.items() if r != "spillover"},
         "downgrades": {r: v for (r,), v in final.downgrades.items()},
+        # From the ledger: requests a busy in-cluster backend spilled (by backend), and the cascades.
+        "spillovers": dict(Counter(b for r in records for b in r.spillover.split(",") if b)),
+        "cascade": experiment_report.cascade_summary(records),
     }
     rep = traffic.repeat_analysis(records, stats.by_request_id)
     cache = {
@@ -589,6 +667,11 @@ def summary_text(data: dict[str, Any], stats: traffic.TrafficStats, report_path:
             f"repeats cost {fmt(cache['exact_repeat_usd'])}, "
             f"{cache['paraphrases']} paraphrases {fmt(cache['paraphrase_usd'])}"
         )
+    if ev.get("cascade"):
+        lines.append("  cascade    " + experiment_report.cascade_line(ev["cascade"]))
+    if ev.get("spillovers"):
+        spilled = ", ".join(f"{b} ×{n}" for b, n in sorted(ev["spillovers"].items()))
+        lines.append(f"  spill-over {spilled}: requests sent on while every replica's queue was deep")
     top = summ["top_spenders"][:3]
     if top:
         lines.append("  top        " + ", ".join(f"{g['key']} {fmt(g['cost_usd'])}" for g in top))

@@ -80,6 +80,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_operator_arguments(p)
     p.set_defaults(handler=cmd_operator)
 
+    from kubetoll_operator.ledger_sink.main import add_arguments as add_sink_arguments
+
+    p = sub.add_parser(
+        "ledger-sink",
+        help="drain every namespace's ledger stream from Redis into PostgreSQL, exactly once (docs/ledger.md)",
+    )
+    add_sink_arguments(p)
+    p.set_defaults(handler=cmd_ledger_sink)
+
 
 def _add_files(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -372,5 +381,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_operator(args: argparse.Namespace) -> int:
     from kubetoll_operator.main import run
+
+    return run(args)
+
+
+def cmd_ledger_sink(args: argparse.Namespace) -> int:
+    from kubetoll_operator.ledger_sink.main import run
 
     return run(args)

@@ -8,6 +8,9 @@ Sources:
 * `--redis-url URL --namespace NS`: the namespace's shared ledger in Redis (one
   stream per namespace, read with `ledger_redis.read_ledger`), every sidecar's
   records. A build without the Redis ledger says so and exits 2.
+* `--database-url URL --namespace NS`: the PostgreSQL ledger sink's table
+  (docs/ledger.md), for periods older than Redis keeps; the URL's password is
+  never printed.
 
 Periods: `--since`/`--until` take ISO dates (`2026-11-01`, local midnight),
 date-times (`2026-11-01T09:30`, `...Z`, `...+01:00`), epoch seconds, `now`,
@@ -194,6 +197,24 @@ async def fetch_from_redis(
         await client.aclose()
 
 
+async def fetch_from_postgres(url: str, namespace: str, since: float, until: float | None) -> list[Any]:
+    """The namespace's records from the PostgreSQL ledger sink's table (docs/ledger.md)."""
+    from kubetoll_core.redis_keys import check_name
+
+    try:
+        check_name("namespace", namespace)
+        from kubetoll_operator.ledger_sink.reader import ReadError, read_records
+        from kubetoll_operator.ledger_sink.redact import redact_url
+    except ValueError as exc:
+        raise ReportError(f"--database-url / --namespace: {exc}") from None
+    except ModuleNotFoundError as exc:
+        raise ReportError(f"reading the ledger from PostgreSQL needs psycopg 3 ({exc.name} is missing)") from None
+    try:
+        return await read_records(url, namespace, since, until)
+    except ReadError as exc:
+        raise ReportError(f"cannot read the ledger from PostgreSQL at {redact_url(url)}: {exc}") from None
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -346,7 +367,17 @@ async def build_report(args: Any, now: float) -> dict[str, Any]:
         raise ReportError("--top must be at least 1")
     by = parse_by(args.by)
     dropped = 0
-    if args.redis_url:
+    database_url = getattr(args, "database_url", None)  # callers that build args by hand may leave it out
+    if database_url and args.redis_url:
+        raise ReportError("--database-url and --redis-url: read one ledger, not both")
+    if database_url:
+        if not args.namespace:
+            raise ReportError("--database-url needs --namespace")
+        from kubetoll_operator.ledger_sink.redact import redact_url
+
+        records = await fetch_from_postgres(database_url, args.namespace, since, until)
+        namespace, source = args.namespace, f"PostgreSQL ledger at {redact_url(database_url)}"
+    elif args.redis_url:
         if not args.namespace:
             raise ReportError("--redis-url needs --namespace (the ledger is one stream per namespace)")
         records = await fetch_from_redis(

@@ -12,6 +12,8 @@ One aiohttp server answers the wire formats of three providers, so the sidecar
 * OpenAI's (and Azure's) Files and Batch APIs: `simulator_batches` (`SimulatedUpstream.batches`).
 * OpenAI's Responses API (`POST /v1/responses`, `GET`/`DELETE /v1/responses/{id}`):
   `simulator_responses` (`SimulatedUpstream.responses`).
+* An inference server's Prometheus `GET /metrics` (vLLM, TGI or SGLang load gauges,
+  set by the test): `simulator_vllm_metrics` (`SimulatedUpstream.load_metrics`).
 
 What it simulates: request validation and error bodies in each provider's own
 format; authentication (OpenAI `Authorization: Bearer`, Azure `api-key`,
@@ -73,6 +75,7 @@ from aiohttp import web
 
 from .simulator_batches import SimulatedBatches
 from .simulator_responses import SimulatedResponses
+from .simulator_vllm_metrics import SimulatedLoadMetrics
 
 __all__ = [
     "Fault",
@@ -964,6 +967,8 @@ class SimulatedUpstream:
         self._runner: web.AppRunner | None = None
         self.batches = SimulatedBatches(self)  # the Files and Batch APIs (simulator_batches)
         self.responses = SimulatedResponses(self)  # the Responses API (simulator_responses)
+        # GET /metrics: the load gauges of an inference server, set by the test (simulator_vllm_metrics).
+        self.load_metrics = SimulatedLoadMetrics()
         self.app = self._build_app()
 
     # ----- lifecycle
@@ -1024,6 +1029,7 @@ class SimulatedUpstream:
             app.router.add_route(method, path, functools.partial(self._entry, provider, handler))
         self.batches.add_routes(app)
         self.responses.add_routes(app)
+        self.load_metrics.add_routes(app)
         return app
 
     async def answer(self, provider: str, endpoint: str, body: dict[str, Any], request: web.Request) -> tuple[int, Any]:

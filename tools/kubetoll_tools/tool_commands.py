@@ -146,7 +146,12 @@ def _report_arguments(p: argparse.ArgumentParser) -> None:
         help="a running sidecar's API (default http://127.0.0.1:7400)",
     )
     p.add_argument("--redis-url", metavar="URL", help="read the namespace's shared ledger from Redis instead")
-    p.add_argument("--namespace", metavar="NS", help="the namespace (required with --redis-url)")
+    p.add_argument(
+        "--database-url",
+        metavar="URL",
+        help="read the namespace's ledger from the PostgreSQL ledger sink's table instead (docs/ledger.md)",
+    )
+    p.add_argument("--namespace", metavar="NS", help="the namespace (required with --redis-url or --database-url)")
     p.add_argument(
         "--redis-password-file", metavar="FILE", help="file holding the Redis password (URLs never carry credentials)"
     )

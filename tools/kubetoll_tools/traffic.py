@@ -23,7 +23,7 @@ import random
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -156,9 +156,15 @@ class PlannedRequest:
     intent: int  # index into QUESTIONS; -1 for unique and long
     messages: tuple[dict[str, str], ...]
     stream: bool
+    # A request of a side route (`side_routes`): its route, its extra headers and max_tokens.
+    route: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+    max_tokens: int | None = None
 
     def body(self, route: str) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": route, "messages": list(self.messages), "temperature": 0}
+        body: dict[str, Any] = {"model": self.route or route, "messages": list(self.messages), "temperature": 0}
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
         if self.stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
@@ -168,6 +174,54 @@ class PlannedRequest:
     def prompt_key(self) -> str:
         """What an exact cache keys on: the messages and sampling settings (tenant scope is added by callers)."""
         return hashlib.sha256(orjson.dumps([list(self.messages), 0], option=orjson.OPT_SORT_KEYS)).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class SideRoute:
+    """A share of the traffic sent to another route than the main one (the demo's cascade and spill-over)."""
+
+    route: str
+    share: float  # of all requests
+    kind: str  # "extract": a structured task replaces the question (PlannedRequest.kind "extract"); "chat": kept
+    headers: tuple[tuple[str, str], ...] = ()
+    max_tokens: tuple[int, ...] = ()  # chosen from, one per request; () leaves it out
+
+
+EXTRACT_TEMPLATES = (
+    "Extract the order number, the date and the amount from this email as JSON: "
+    "'Hi, order {n} from the {d}th was charged twice, 49.90 EUR each.'",
+    "From this note, give me the customer id and the product as JSON: 'Customer C-{n} wants to return the {d}-inch "
+    "monitor.'",
+)
+
+
+def side_routes(requests: list[PlannedRequest], routes: tuple[SideRoute, ...], seed: int) -> list[PlannedRequest]:
+    """The plan with a share of its requests (long documents excepted) moved to each side route; deterministic."""
+    rng = random.Random(f"{seed}:side-routes")
+    out = []
+    for req in requests:
+        roll, moved = rng.random(), req
+        for side in routes:
+            if req.kind != "long" and roll < side.share:
+                messages = req.messages
+                if side.kind == "extract":
+                    q = rng.choice(EXTRACT_TEMPLATES).format(n=rng.randint(100_000, 999_999), d=rng.randint(10, 28))
+                    messages = ({"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": q})
+                max_tokens = rng.choice(side.max_tokens) if side.max_tokens else None
+                moved = replace(
+                    req,
+                    kind="extract" if side.kind == "extract" else req.kind,
+                    intent=-1 if side.kind == "extract" else req.intent,
+                    messages=messages,
+                    route=side.route,
+                    headers=side.headers,
+                    max_tokens=max_tokens,
+                    stream=False if side.kind == "extract" else req.stream,
+                )
+                break
+            roll -= side.share
+        out.append(moved)
+    return out
 
 
 def _zipf_weights(n: int, s: float = 1.1) -> list[float]:
@@ -289,7 +343,7 @@ async def send_one(
     session: aiohttp.ClientSession, base_url: str, route: str, tenancy: tuple[str, str], req: PlannedRequest
 ) -> Result:
     tenant_header, tier_header = tenancy
-    headers = {tenant_header: req.tenant, tier_header: req.tier, "x-request-id": req.request_id}
+    headers = {tenant_header: req.tenant, tier_header: req.tier, "x-request-id": req.request_id, **dict(req.headers)}
     res = Result(req, sent_at=time.time())
     t0 = time.perf_counter()
     try:

@@ -73,6 +73,14 @@ class Rejected(Exception):
         return 60.0 if ra is None else ra
 
 
+class RespondExhausted(Exception):
+    """A spent limit whose onExhausted is respond: the request gets the budget's exhaustedResponse."""
+
+    def __init__(self, exhausted: Exhausted) -> None:
+        self.exhausted = exhausted
+        super().__init__(str(exhausted))
+
+
 class NoDowngradeBackends(Exception):
     def __init__(self, exhausted: Exhausted) -> None:
         self.exhausted = exhausted
@@ -120,22 +128,31 @@ class BudgetMeters:
                 if name in self._budgets_by_route:
                     self._budgets_by_route[name].append(b)
         self._periods = PeriodCalculator()
-        self._memo: dict[tuple[str, str, str], MeterSet] = {}
+        self._memo: dict[tuple[str, str, str, str], MeterSet] = {}
+        # The tag keys some budget selects on (tagSelector): only they make two requests' meters differ.
+        self._selector_keys = tuple(sorted({k for b in self.budgets for k in b.tag_selector or {}}))
 
-    def for_request(self, route: str, tenant: str, tier: str, now: float) -> MeterSet:
-        key = (route, tenant, tier)
+    def for_request(
+        self, route: str, tenant: str, tier: str, now: float, tags: Mapping[str, str] | None = None
+    ) -> MeterSet:
+        selected = (
+            ",".join(f"{k}={tags.get(k, '')}" for k in self._selector_keys) if tags and self._selector_keys else ""
+        )
+        key = (route, tenant, tier, selected)
         ms = self._memo.get(key)
         if ms is not None and ms.valid_from <= now < ms.valid_until:
             return ms
-        ms = self._build(route, tenant, tier, now)
+        ms = self._build(route, tenant, tier, now, tags or {})
         if len(self._memo) >= self.MAX_MEMO:
             self._memo.clear()
         self._memo[key] = ms
         return ms
 
-    def _build(self, route: str, tenant: str, tier: str, now: float) -> MeterSet:
+    def _build(self, route: str, tenant: str, tier: str, now: float, tags: Mapping[str, str]) -> MeterSet:
         ms = MeterSet()
         for b in self._budgets_by_route.get(route, ()):
+            if not b.selects(tags):
+                continue  # a budget for other tags (tagSelector)
             day = self._periods.period("day", b.timezone, now)
             month = self._periods.period("month", b.timezone, now)
             ms.valid_from = max(ms.valid_from, day.start, month.start)
@@ -244,6 +261,8 @@ async def reserve_with_policy(store: BudgetStore, holds: Sequence[Hold], now: fl
             policy = exc.meter.on_exhausted
             if policy is OnExhausted.reject:
                 raise Rejected(exc, _reason(exc.meter)) from None
+            if policy is OnExhausted.respond:
+                raise RespondExhausted(exc) from None
             if policy is OnExhausted.downgrade:
                 if not can_downgrade:
                     raise NoDowngradeBackends(exc) from None
