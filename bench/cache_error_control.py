@@ -31,14 +31,12 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import aiohttp
-from aiohttp import web
 
 import cache_semantic_quality as quality
 from benchsupport import listen_port, metric_samples, stop, tempdir
@@ -73,27 +71,8 @@ class TruthfulUpstream(quality.DistinctAnswerUpstream):
         super().__init__()
         self.answers = answers
 
-    async def _chat(self, request: web.Request) -> web.Response:
-        self.calls += 1
-        body = await request.json()
-        users = [m for m in body.get("messages", []) if m.get("role") == "user"]
-        question = users[-1]["content"] if users else ""
-        answer = self.answers.get(question)
-        if answer is None:
-            return web.json_response(
-                {"error": {"message": "unknown question", "type": "invalid_request_error"}}, status=400
-            )
-        prompt = sum(len(m.get("content", "").split()) + 4 for m in body["messages"]) + 3
-        return web.json_response(
-            {
-                "id": f"chatcmpl-bench{self.calls}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": body.get("model", "gpt-4o-mini"),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": prompt, "completion_tokens": 8, "total_tokens": prompt + 8},
-            }
-        )
+    def answer(self, question: str) -> str | None:
+        return self.answers.get(question)
 
 
 def gauge(text: str, name: str) -> float | None:

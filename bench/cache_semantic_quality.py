@@ -114,14 +114,19 @@ class DistinctAnswerUpstream:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    def answer(self, question: str) -> str | None:
+        """The answer to a question (None: not one this upstream knows; a 400)."""
+        return answer_for(question)
+
     async def _chat(self, request: web.Request) -> web.Response:
         self.calls += 1
         body = await request.json()
         users = [m for m in body.get("messages", []) if m.get("role") == "user"]
         question = users[-1]["content"] if users and isinstance(users[-1].get("content"), str) else ""
-        if not question:
+        answer = self.answer(question) if question else None
+        if answer is None:
             return web.json_response(
-                {"error": {"message": "no user message", "type": "invalid_request_error"}}, status=400
+                {"error": {"message": "no user message it knows", "type": "invalid_request_error"}}, status=400
             )
         prompt = sum(len(m.get("content", "").split()) + 4 for m in body["messages"]) + 3
         return web.json_response(
@@ -133,7 +138,7 @@ class DistinctAnswerUpstream:
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": answer_for(question)},
+                        "message": {"role": "assistant", "content": answer},
                         "finish_reason": "stop",
                     }
                 ],

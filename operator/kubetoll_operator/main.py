@@ -12,14 +12,16 @@ import os
 import sys
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
+    """An argparse type: a number above 0."""
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
     return value
 
 
-def _port(text: str) -> int:
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port (0: any free one)."""
     value = int(text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"{text} is not a port (0-65535)")
@@ -104,8 +106,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--spend-interval",
-        type=_positive_float,
-        default=_positive_float(env("KUBETOLL_SPEND_INTERVAL", "15")),
+        type=positive_float,
+        default=positive_float(env("KUBETOLL_SPEND_INTERVAL", "15")),
         metavar="SECONDS",
         help="with --redis-url: how often each namespace's spend is read into TokenBudget and CachePolicy status "
         "(default 15); env KUBETOLL_SPEND_INTERVAL",
@@ -119,7 +121,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--metrics-port",
-        type=_port,
+        type=port_number,
         default=int(env("KUBETOLL_OPERATOR_METRICS_PORT", "8081")),
         metavar="PORT",
         help="serve the operator's Prometheus metrics on http://ADDR:PORT/metrics (default 8081; 0: any free port); "

@@ -606,21 +606,8 @@ class Pipeline:
             return inbound.error_response(ctx.endpoint, err, {"x-request-id": ctx.request_id})
         ctx.outcome, ctx.backend = EXHAUSTED_RESPONSE_OUTCOME, ""
         self.metrics.exhausted_answers.labels(ctx.route_name, meter.level.partition(":")[0]).inc()
-        record = SpendRecord(
-            time=now,
-            namespace=ctx.state.config.namespace,
-            route=ctx.route_name,
-            backend="",
-            tenant=ctx.tenant,
-            tier=ctx.tier,
-            prompt_tokens=0,
-            completion_tokens=0,
-            cached_tokens=0,
-            cost_usd=0.0,
-            outcome=EXHAUSTED_RESPONSE_OUTCOME,
-            request_id=ctx.request_id,
-            workload=self.workload,
-            latency_ms=(time.perf_counter() - ctx.started) * 1000,
+        record = self._no_spend_record(
+            ctx, now, EXHAUSTED_RESPONSE_OUTCOME, latency_ms=(time.perf_counter() - ctx.started) * 1000
         )
         self.ledger.append(self._attributed(ctx, record))
         body = exhausted_answer.render(ctx.endpoint, message, req.model, req.body, req.stream, req.include_usage)
@@ -629,39 +616,39 @@ class Pipeline:
             exhausted_answer.EXHAUSTED_HEADER: meter.label,
             "x-kubetoll-cost-usd": "0.000000000",
         }
-        if not req.stream:
-            return web.Response(body=body, content_type="application/json", headers=headers)
-        resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache", **headers})
-        try:
-            await resp.prepare(ctx.request)
-            await resp.write(body)
-            await resp.write_eof()
-        except (ConnectionResetError, RuntimeError):
-            ctx.outcome = "client_disconnected"
-        return resp
+        return await self._answer_here(ctx, body, headers, req.stream)
 
     def _note_refusal(self, ctx: RequestContext, meter: Meter, now: float) -> None:
         """A refusal record for the operator's status: which meter refused (a window only), sampled."""
         if meter.kind != "window" or not self.refusals.due(meter.key, now):
             return
         self.ledger.append_refusal(
-            SpendRecord(
-                time=now,
-                namespace=ctx.state.config.namespace,
-                route=ctx.route_name or "-",
-                backend="",
-                tenant=ctx.tenant,
-                tier=ctx.tier,
-                prompt_tokens=0,
-                completion_tokens=0,
-                cached_tokens=0,
-                cost_usd=0.0,
-                outcome=REFUSAL_OUTCOME,
-                request_id=ctx.request_id,
+            self._no_spend_record(
+                ctx,
+                now,
+                REFUSAL_OUTCOME,
                 refused_budget=meter.budget,
                 refused_meter=meter.key[len(meter.budget) + 1 :],  # the key is "<budget>:<meter name>"
-                workload=self.workload,
             )
+        )
+
+    def _no_spend_record(self, ctx: RequestContext, now: float, outcome: str, **fields: Any) -> SpendRecord:
+        """A ledger record of this request that bills nothing (a refusal, an exhausted response, a failure)."""
+        return SpendRecord(
+            time=now,
+            namespace=ctx.state.config.namespace,
+            route=ctx.route_name or "-",
+            backend=fields.pop("backend", ""),
+            tenant=ctx.tenant,
+            tier=ctx.tier,
+            prompt_tokens=0,
+            completion_tokens=0,
+            cached_tokens=0,
+            cost_usd=0.0,
+            outcome=outcome,
+            request_id=ctx.request_id,
+            workload=self.workload,
+            **fields,
         )
 
     async def _forward(self, ctx: RequestContext, chain_names: tuple[str, ...], now: float) -> Forwarded:
@@ -862,23 +849,14 @@ class Pipeline:
         error rate is in the ledger (`kubetoll report --experiment`). Other failed requests have none."""
         if ctx.target is None or not ctx.target.experiment:
             return None
-        return SpendRecord(
-            time=self.clock.time(),
-            namespace=ctx.state.config.namespace,
-            route=ctx.route_name or "-",
+        return self._no_spend_record(
+            ctx,
+            self.clock.time(),
+            ctx.outcome,
             backend=backend,
-            tenant=ctx.tenant,
-            tier=ctx.tier,
-            prompt_tokens=0,
-            completion_tokens=0,
-            cached_tokens=0,
-            cost_usd=0.0,
             downgraded=ctx.downgraded,
             fallbacks=ctx.fallbacks,
             spillover=ctx.spillover,
-            outcome=ctx.outcome,
-            request_id=ctx.request_id,
-            workload=self.workload,
             latency_ms=(time.perf_counter() - ctx.started) * 1000,
             **ctx.target.record_fields(ctx.cascade, None, 0.0),
         )
@@ -943,12 +921,19 @@ class Pipeline:
         headers = {"x-request-id": ctx.request_id, **hit.headers()}
         if lookup.lookup_cost_usd:  # the hit cost nothing upstream; its embedding and verifier calls did
             headers["x-kubetoll-cost-usd"] = f"{lookup.lookup_cost_usd:.9f}"
-        if not req.stream:
-            return web.Response(body=hit.json_bytes(), content_type="application/json", headers=headers)
+        body = hit.sse_bytes(req.include_usage) if req.stream else hit.json_bytes()
+        return await self._answer_here(ctx, body, headers, req.stream)
+
+    async def _answer_here(
+        self, ctx: RequestContext, body: bytes, headers: dict[str, str], stream: bool
+    ) -> web.StreamResponse:
+        """An answer made here, not upstream (a cache hit, an exhausted response): JSON, or a whole event stream."""
+        if not stream:
+            return web.Response(body=body, content_type="application/json", headers=headers)
         resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache", **headers})
         try:
             await resp.prepare(ctx.request)
-            await resp.write(hit.sse_bytes(req.include_usage))
+            await resp.write(body)
             await resp.write_eof()
         except (ConnectionResetError, RuntimeError):
             ctx.outcome = "client_disconnected"

@@ -303,6 +303,8 @@ class Sidecar:
                         exclude=live
                     ):
                         log.warning("config changed budgetStore; the budget store in use stays until the next restart")
+                    if old.config.telemetry != new_state.config.telemetry:
+                        log.warning("config changed telemetry; the traces in use stay until the next restart")
                 log.info(
                     "config applied: %s (revision %s, %d routes, %d backends, %d budgets)",
                     result.path,

@@ -14,19 +14,7 @@ import os
 import signal
 import sys
 
-
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text} is not a port (0-65535)")
-    return value
+from ..main import port_number, positive_float
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,20 +53,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=500, metavar="N", help="entries per transaction (default 500)")
     p.add_argument(
         "--retention-days",
-        type=_positive,
+        type=positive_float,
         default=None,
         metavar="DAYS",
         help="delete rows settled longer ago than this, in batches, once an hour (default: keep every row)",
     )
     p.add_argument(
         "--claim-idle-seconds",
-        type=_positive,
+        type=positive_float,
         default=60.0,
         metavar="S",
         help="take over entries another consumer left pending this long (default 60)",
     )
-    p.add_argument("--poll-interval", type=_positive, default=1.0, metavar="S", help="wait after an idle pass")
-    p.add_argument("--metrics-port", type=_port, default=8082, metavar="PORT", help="/metrics port (default 8082)")
+    p.add_argument("--poll-interval", type=positive_float, default=1.0, metavar="S", help="wait after an idle pass")
+    p.add_argument(
+        "--metrics-port", type=port_number, default=8082, metavar="PORT", help="/metrics port (default 8082)"
+    )
     p.add_argument("--metrics-addr", default="0.0.0.0", metavar="ADDR")
     p.add_argument("--no-metrics", action="store_true")
     p.add_argument("--once", action="store_true", help="migrate, drain every namespace once, and exit")
