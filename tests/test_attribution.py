@@ -235,3 +235,48 @@ async def test_reading_attribution_never_raises_on_odd_input():
         assert a.tags == "" and a.session == "" and a.outcome == ""
     assert attribution.parse_outcome("lead=12.5") == ("lead", 12.5)
     assert attribution.parse_outcome("lead=inf") is None
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_a_session_limit_answers_that_session_with_the_message_and_no_one_else(
+    sim, start_sidecar, store, redis_url, ns
+):
+    """usdPerSession with onExhausted respond: the conversation that spent its share gets the platform's
+    message; another session of the same tenant, and requests without a session, are still served.
+    The same with the budgets in Redis (the session's meter is a day window like a tenant's)."""
+    extra: dict[str, Any] = {"namespace": ns, "budgetStore": {"url": redis_url, "timeoutMs": 1000}}
+    cfg = base_config(
+        sim.url,
+        **(extra if store == "redis" else {}),
+        budgets=[
+            {
+                "name": "main",
+                "tiers": {"default": {"usdPerSession": LIMIT, "onExhausted": "respond"}},
+                "exhaustedResponse": MESSAGE,
+            }
+        ],
+    )
+    sc = await start_sidecar(cfg, clock=FakeClock(T0))
+    client = sc.openai()
+
+    async def ask(session: str | None) -> Any:
+        headers = {"x-kubetoll-tenant": "acme"} | ({"x-kubetoll-session": session} if session else {})
+        return await client.chat.completions.with_raw_response.create(
+            model="chat", messages=HELLO, max_tokens=16, extra_headers=headers
+        )
+
+    for _ in range(10):
+        raw = await ask("conv-1")
+        if "x-kubetoll-exhausted" in raw.headers:
+            break
+    assert raw.headers["x-kubetoll-exhausted"] == "main/tier:default/usd-per-session"
+    assert raw.parse().choices[0].message.content == MESSAGE
+    spent = sum(r.cost_usd for r in requests_of(sc) if r.session == "conv-1")
+    assert 0 < spent <= LIMIT
+    # The same tenant's other conversation, and its requests without a session, are not under conv-1's share.
+    for session in ("conv-2", None):
+        other = await ask(session)
+        assert "x-kubetoll-exhausted" not in other.headers and other.parse().choices[0].message.content != MESSAGE
+    # The next day the session starts again (its share is per calendar day).
+    sc.sidecar.clock.advance(86400)
+    assert "x-kubetoll-exhausted" not in (await ask("conv-1")).headers

@@ -13,6 +13,7 @@ milli-requests): exact sums across sidecars, no float drift.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 SCALE = {"usd": 1_000_000_000, "tokens": 1000, "requests": 1000}
@@ -35,6 +36,16 @@ def cap_meter_name(unit: str, period_id: str) -> str:
 def tier_meter_name(tier: str, tenant: str, what: str) -> str:
     """A tenant's meter in a tier; `what` is "rpm", "tpm" or "usd:<period id>"."""
     return f"tier:{tier}:t:{tenant}:{what}"
+
+
+def session_meter_name(tier: str, session: str, what: str) -> str:
+    """A session's meter in a tier (usdPerSession, tokensPerSession); `what` is "usd:<day>" or "tokens:<day>".
+
+    The session id is the app's to choose: it is hashed, so the name stays short and holds no
+    character a key or a name parser must watch for. `parse_meter_name` does not read these
+    (the operator's status does not list sessions)."""
+    digest = hashlib.blake2b(session.encode(), digest_size=10).hexdigest()
+    return f"tier:{tier}:s:{digest}:{what}"
 
 
 @dataclass(frozen=True, slots=True)

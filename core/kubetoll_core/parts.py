@@ -498,7 +498,7 @@ class Downgrade(ContractModel):
     burn_rate: BurnRateDowngrade | None = Field(
         None,
         description="Also downgrade while a cap's current spend rate would exhaust it before its period ends "
-        "(docs/budgets.md, Burn-aware downgrade). Never refuses: it only picks the downgrade backends.",
+        "(docs/sidecar.md, Burn-aware downgrade). Never refuses: it only picks the downgrade backends.",
     )
 
 
@@ -612,7 +612,21 @@ class TierLimits(ContractModel):
     usd_per_month: float | None = Field(
         None, gt=0, alias="usdPerMonth", description="USD per calendar month per tenant."
     )
+    usd_per_session: float | None = Field(
+        None,
+        gt=0,
+        alias="usdPerSession",
+        description="USD per session (x-kubetoll-session or metadata.session_id) per calendar day; requests without "
+        "a session are not under it.",
+    )
+    tokens_per_session: int | None = Field(
+        None, gt=0, description="Tokens (input plus output) per session per calendar day."
+    )
     on_exhausted: OnExhausted = Field(OnExhausted.reject, description="What happens once a tenant has spent a limit.")
+
+    @property
+    def per_session(self) -> bool:
+        return self.usd_per_session is not None or self.tokens_per_session is not None
 
     __cel_rules__ = (
         CelRule(

@@ -257,7 +257,7 @@ class Pipeline:
         output_tokens = self._output_reservation(req, route, state, target.all_backends)
         now = self.clock.time()
         meters = ctx.meters = state.meters.for_request(
-            route.name, ident.tenant, ident.tier, now, ctx.attribution.tag_map
+            route.name, ident.tenant, ident.tier, now, ctx.attribution.tag_map, ctx.attribution.session
         )
         self._check_suspended(ctx)
         # 5 request rate
@@ -401,7 +401,8 @@ class Pipeline:
         """The summarizer's call is spend of this request: counted against its budgets (never refused: it
         already happened) and in the ledger, as outcome context_summary (spend, not a request)."""
         now = self.clock.time()
-        ctx.meters = ctx.state.meters.for_request(ctx.route_name, ctx.tenant, ctx.tier, now, ctx.attribution.tag_map)
+        a = ctx.attribution
+        ctx.meters = ctx.state.meters.for_request(ctx.route_name, ctx.tenant, ctx.tier, now, a.tag_map, a.session)
         holds = [Hold(m, float(usage.total_tokens), enforce=False) for m in ctx.meters.tokens]
         holds += [Hold(m, summary.cost_usd, enforce=False) for m in ctx.meters.usd]
         reservation = None

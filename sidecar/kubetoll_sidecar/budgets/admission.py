@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from kubetoll_core.burn_rate import BurnRates
 from kubetoll_core.enums import FailMode, OnExhausted
-from kubetoll_core.meters import cap_meter_name, tier_meter_name
+from kubetoll_core.meters import cap_meter_name, session_meter_name, tier_meter_name
 from kubetoll_core.periods import PeriodCalculator
 from kubetoll_core.router_config import Budget, RouterConfig
 
@@ -128,27 +128,36 @@ class BudgetMeters:
                 if name in self._budgets_by_route:
                     self._budgets_by_route[name].append(b)
         self._periods = PeriodCalculator()
-        self._memo: dict[tuple[str, str, str, str], MeterSet] = {}
+        self._memo: dict[tuple[str, str, str, str, str], MeterSet] = {}
         # The tag keys some budget selects on (tagSelector): only they make two requests' meters differ.
         self._selector_keys = tuple(sorted({k for b in self.budgets for k in b.tag_selector or {}}))
+        # Tiers with per-session limits: only there does the session make two requests' meters differ.
+        self._session_tiers = frozenset(name for b in self.budgets for name, t in b.tiers.items() if t.per_session)
 
     def for_request(
-        self, route: str, tenant: str, tier: str, now: float, tags: Mapping[str, str] | None = None
+        self,
+        route: str,
+        tenant: str,
+        tier: str,
+        now: float,
+        tags: Mapping[str, str] | None = None,
+        session: str = "",
     ) -> MeterSet:
-        selected = (
-            ",".join(f"{k}={tags.get(k, '')}" for k in self._selector_keys) if tags and self._selector_keys else ""
-        )
-        key = (route, tenant, tier, selected)
+        selected = ""
+        if tags and self._selector_keys:
+            selected = ",".join(f"{k}={tags.get(k, '')}" for k in self._selector_keys)
+        session = session if tier in self._session_tiers else ""
+        key = (route, tenant, tier, selected, session)
         ms = self._memo.get(key)
         if ms is not None and ms.valid_from <= now < ms.valid_until:
             return ms
-        ms = self._build(route, tenant, tier, now, tags or {})
+        ms = self._build(route, tenant, tier, now, tags or {}, session)
         if len(self._memo) >= self.MAX_MEMO:
             self._memo.clear()
         self._memo[key] = ms
         return ms
 
-    def _build(self, route: str, tenant: str, tier: str, now: float, tags: Mapping[str, str]) -> MeterSet:
+    def _build(self, route: str, tenant: str, tier: str, now: float, tags: Mapping[str, str], session: str) -> MeterSet:
         ms = MeterSet()
         for b in self._budgets_by_route.get(route, ()):
             if not b.selects(tags):
@@ -215,6 +224,27 @@ class BudgetMeters:
                         fail_open=fo,
                     )
                 )
+            if session:
+                # Per session (usdPerSession, tokensPerSession), within the budget's calendar day.
+                for unit, limit, target in (
+                    ("usd", t.usd_per_session, ms.usd),
+                    ("tokens", t.tokens_per_session, ms.tokens),
+                ):
+                    if limit is not None:
+                        target.append(
+                            Meter(
+                                key=f"{base}:{session_meter_name(tier, session, f'{unit}:{day.id}')}",
+                                kind="window",
+                                unit=unit,
+                                limit=float(limit),
+                                budget=b.name,
+                                level=lvl,
+                                label=f"{base}/{lvl}/{unit}-per-session",
+                                on_exhausted=t.on_exhausted,
+                                period_end=day.end,
+                                fail_open=fo,
+                            )
+                        )
             for limit, period in ((t.usd_per_day, day), (t.usd_per_month, month)):
                 if limit is not None:
                     ms.usd.append(
