@@ -195,3 +195,5 @@ def test_the_examples_demo_shows_a_cascade_and_a_spill_over(tmp_path: Path) -> N
     assert any(r.route == "chat-local-first" and r.backend == "llama-vllm-pool" for r in result.records)
     text = out.getvalue()
     assert "cascade    " in text and "spill-over llama-vllm-pool" in text
+    html = path.read_text()
+    assert "spill-over" in html and "llama-vllm-pool: every replica" in html and "cascaded; saved" in html

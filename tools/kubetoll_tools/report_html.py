@@ -397,6 +397,15 @@ def render_html(data: dict[str, Any]) -> str:
         events_rows.append(["fallback", key, int(v)])
     for key, v in sorted(ev.get("downgrades", {}).items(), key=lambda kv: -kv[1]):
         events_rows.append(["downgrade", key, int(v)])
+    for key, v in sorted(ev.get("spillovers", {}).items(), key=lambda kv: -kv[1]):
+        events_rows.append(["spill-over", f"{key}: every replica's queue deep; sent to the next backend", int(v)])
+    cascade = ev.get("cascade")
+    if cascade:
+        why = (
+            f"escalated to the next step, of {cascade['cascaded']} cascaded; saved {fmt_usd(cascade['saved_usd'])} "
+            "against always calling the last step"
+        )
+        events_rows.append(["cascade", why, int(cascade["escalated"])])
     events_table = _table(["event", "where and why", "count"], events_rows or [["none", "", 0]], left_cols=2)
 
     if cache.get("hits"):
