@@ -156,10 +156,31 @@ async def test_a_90_10_split_stays_sticky_and_the_report_equals_the_ledger(sim, 
         assert a["cascade"] is None
     # The dearer arm costs more per request, and the cheap arm's interval lies below the control's.
     assert arms["mini"]["cost_per_request_ci95"][1] < arms["control"]["cost_per_request_ci95"][0]
-    assert rep["experiment"]["outcome_rate"] is None
+    assert all(a["outcomes"] == [] for a in arms.values())
+
+    # Outcomes reported for some requests: each arm's share and cost per outcome, from the ledger.
+    resolved = {
+        "control": [r for r in recs if r.arm == "control"][:2],
+        "mini": [r for r in recs if r.arm == "mini"][:1],
+    }
+    async with aiohttp.ClientSession() as http:
+        for rs in resolved.values():
+            for r in rs:
+                async with http.post(
+                    sc.url + "/kubetoll/v1/outcomes", json={"request_id": r.request_id, "outcome": "resolved"}
+                ) as resp:
+                    assert resp.status == 201
+    rep = await experiment_report(sc)
+    for a in rep["experiment"]["arms"]:
+        (o,) = a["outcomes"]
+        n = a["requests"]
+        assert (o["outcome"], o["outcomes"], o["conversations"]) == ("resolved", len(resolved[a["arm"]]), n)
+        assert o["rate"] == pytest.approx(len(resolved[a["arm"]]) / n)
+        assert o["rate_ci95"] == pytest.approx(list(wilson(len(resolved[a["arm"]]), n)))
+        assert o["cost_per_outcome_usd"] == pytest.approx(a["cost_usd"] / len(resolved[a["arm"]]))
 
     table = await experiment_report(sc, "table")
-    assert "Experiment mini-vs-4o" in table and "control" in table and "no outcome rate" in table
+    assert "Experiment mini-vs-4o" in table and "control" in table and "arm control: resolved in" in table
     rows = list(csv_rows(await experiment_report(sc, "csv")))
     assert [r["arm"] for r in rows] == [a["arm"] for a in rep["experiment"]["arms"]]
     assert int(rows[0]["requests"]) == rep["experiment"]["arms"][0]["requests"]

@@ -59,6 +59,8 @@ REFUSAL_OUTCOME = "rejected"
 # "resolved", with an optional `outcome_value`) for a session or a request (`POST
 # /kubetoll/v1/outcomes`). No spend, not a request: reports divide spend by these.
 OUTCOME_REPORTED = "outcome_reported"
+# Records that are not requests: spend-only ones and outcome records (reports count requests without them).
+NOT_REQUEST_OUTCOMES = SPEND_ONLY_OUTCOMES | {OUTCOME_REPORTED}
 # The outcome of a request answered with the platform's exhaustedResponse (a session or budget
 # exhausted with onExhausted: respond): a request, at no cost.
 EXHAUSTED_RESPONSE_OUTCOME = "exhausted_response"

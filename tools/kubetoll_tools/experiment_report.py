@@ -15,7 +15,12 @@ whose `experiment` is NAME; docs/routing.md, "Experiments") and gives, per arm:
   with a Wilson 95% interval; and the cascade's savings against always calling its
   last step.
 
-There is no outcome rate (cost per resolution): the ledger has no outcomes yet.
+* outcomes, per outcome name the app reported (`POST /kubetoll/v1/outcomes`,
+  `x-kubetoll-outcome`; docs/attribution.md): how many of the arm's conversations
+  reported it (a conversation is a session; a request without one is its own), that
+  share with a Wilson 95% interval, and the arm's spend per outcome (cost per
+  resolution). An outcome record belongs to the arm whose request carried its session
+  or its request id.
 
 `cascade_summary` gives the same cascade figures over any records, for the plain
 report: requests cascaded, escalated, and what always using each cascade's last
@@ -30,7 +35,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from kubetoll_core.spend_record import SPEND_ONLY_OUTCOMES, SpendRecord
+from kubetoll_core.spend_record import NOT_REQUEST_OUTCOMES, OUTCOME_REPORTED, SPEND_ONLY_OUTCOMES, SpendRecord
 
 from .estimate import text_table
 from .spend import fmt_usd
@@ -108,7 +113,7 @@ def _requests(records: Iterable[SpendRecord]) -> list[tuple[SpendRecord, float]]
     return [
         (r, r.cost_usd + (extra.get(r.request_id, 0.0) if r.request_id else 0.0))
         for r in recs
-        if r.outcome not in SPEND_ONLY_OUTCOMES
+        if r.outcome not in NOT_REQUEST_OUTCOMES
     ]
 
 
@@ -158,18 +163,50 @@ def arm_figures(arm: str, records: Sequence[SpendRecord]) -> dict[str, Any]:
     }
 
 
+def outcome_figures(records: Sequence[SpendRecord], outcomes: Sequence[SpendRecord]) -> list[dict[str, Any]]:
+    """Per outcome name: the conversations of `records` (one arm's) that reported it, their share with a
+    Wilson 95% interval, and the arm's spend per outcome."""
+    requests = [r for r, _ in _requests(records)]
+    units = {r.session or f"request:{r.request_id}" for r in requests}
+    by_session = {r.session for r in requests if r.session}
+    by_request = {r.request_id: r.session or f"request:{r.request_id}" for r in requests if r.request_id}
+    reported: dict[str, set[str]] = defaultdict(set)
+    counts: dict[str, int] = defaultdict(int)
+    for o in outcomes:
+        unit = o.session if o.session in by_session else by_request.get(o.request_id)
+        if unit is None:
+            continue  # another arm's (or no experiment's) conversation
+        reported[o.business_outcome].add(unit)
+        counts[o.business_outcome] += 1
+    spend = math.fsum(r.cost_usd for r in records)
+    return [
+        {
+            "outcome": name,
+            "outcomes": counts[name],
+            "conversations": len(units),
+            "rate": len(reported[name]) / len(units) if units else None,
+            "rate_ci95": wilson(len(reported[name]), len(units)),
+            "cost_per_outcome_usd": spend / counts[name],
+        }
+        for name in sorted(reported)
+    ]
+
+
 def experiment_summary(records: Iterable[SpendRecord], experiment: str) -> dict[str, Any]:
     """Per-arm figures of one experiment, arms in order of their first record."""
     arms: dict[str, list[SpendRecord]] = {}
+    outcomes: list[SpendRecord] = []
     for r in records:
         if r.experiment == experiment:
             arms.setdefault(r.arm, []).append(r)
-    return {
-        "experiment": experiment,
-        "arms": [arm_figures(arm, recs) for arm, recs in arms.items()],
-        # Cost per resolution needs outcomes, which the ledger does not record yet.
-        "outcome_rate": None,
-    }
+        elif r.outcome == OUTCOME_REPORTED:
+            outcomes.append(r)
+    figures = []
+    for arm, recs in arms.items():
+        f = arm_figures(arm, recs)
+        f["outcomes"] = outcome_figures(recs, outcomes)
+        figures.append(f)
+    return {"experiment": experiment, "arms": figures}
 
 
 # --------------------------------------------------------------------------- output
@@ -226,7 +263,14 @@ def format_experiment(summary: dict[str, Any]) -> str:
         c = a["cascade"]
         if c:
             lines.append(f"arm {a['arm']}: " + cascade_line(c))
-    lines.append("(no outcome rate: the ledger records no outcomes yet)")
+    for a in summary["arms"]:
+        for o in a.get("outcomes") or ():
+            lines.append(
+                f"arm {a['arm']}: {o['outcome']} in {_pct(o['rate'])} {_ci(o['rate_ci95'], _pct)} of "
+                f"{o['conversations']} conversations; {fmt_usd(o['cost_per_outcome_usd'])} per {o['outcome']}"
+            )
+    if not any(a.get("outcomes") for a in summary["arms"]):
+        lines.append("(no outcomes reported for this experiment's conversations)")
     return "\n".join(lines)
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from kubetoll_core.prices import ResolvedPrice
-from kubetoll_core.spend_record import SPEND_ONLY_OUTCOMES, SpendRecord
+from kubetoll_core.spend_record import NOT_REQUEST_OUTCOMES, SpendRecord
 
 CACHE_BACKEND = "(cache)"  # the group key of records no backend served
 # The group key of records that name no workload: written by a sidecar that was not injected
@@ -70,7 +70,7 @@ class Group:
     fallbacks: int = 0
 
     def add(self, r: SpendRecord) -> None:
-        if r.outcome not in SPEND_ONLY_OUTCOMES:  # a lookup's embedding call, abandoned fan-out calls: spend only
+        if r.outcome not in NOT_REQUEST_OUTCOMES:  # a lookup's embedding call, an outcome record: not requests
             self.requests += 1
         self.prompt_tokens += r.prompt_tokens
         self.completion_tokens += r.completion_tokens
