@@ -11,6 +11,7 @@ import pytest
 
 from kubetoll_core.prices import resolve_price
 from kubetoll_core.router_config import RouterConfig
+from kubetoll_core.spend_record import NOT_REQUEST_OUTCOMES, OUTCOME_REPORTED
 from kubetoll_tools import report_html, traffic
 from kubetoll_tools.demo import DemoOptions, adapt_config, choose_config, pick_route, run_demo
 from kubetoll_tools.spend import CACHE_BACKEND
@@ -33,7 +34,7 @@ def test_demo_headless_report_matches_ledger(tmp_path: Path) -> None:
     assert len(records) > 10
     total = sum(r.cost_usd for r in records)
     s = data["summary"]
-    assert s["totals"]["requests"] == sum(1 for r in records if r.outcome != "cache_embedding")
+    assert s["totals"]["requests"] == sum(1 for r in records if r.outcome not in NOT_REQUEST_OUTCOMES)
     assert s["totals"]["cost_usd"] == pytest.approx(total, rel=1e-12)
     assert s["totals"]["prompt_tokens"] == sum(r.prompt_tokens for r in records)
     assert s["totals"]["completion_tokens"] == sum(r.completion_tokens for r in records)
@@ -74,6 +75,9 @@ def test_demo_headless_report_matches_ledger(tmp_path: Path) -> None:
     client = {r.request.request_id: r for r in result.stats.results if r.status == 200}
     assert {r.request_id for r in records} == set(client)
     for rec in records:
+        if rec.outcome == OUTCOME_REPORTED:  # the outcome header of a conversation's last turn: no spend
+            assert rec.cost_usd == 0 and rec.session and rec.business_outcome in ("resolved", "escalated")
+            continue
         assert client[rec.request_id].cost_usd == pytest.approx(rec.cost_usd, abs=1e-9)
         if not rec.cache_hit:
             assert client[rec.request_id].backend == rec.backend
@@ -197,3 +201,15 @@ def test_the_examples_demo_shows_a_cascade_and_a_spill_over(tmp_path: Path) -> N
     assert "cascade    " in text and "spill-over llama-vllm-pool" in text
     html = path.read_text()
     assert "spill-over" in html and "llama-vllm-pool: every replica" in html and "cascaded; saved" in html
+    # Cost per feature and per resolved conversation, from the tags, sessions and outcomes the traffic sent.
+    attr = result.data["attribution"]
+    features = {g["key"]: g for g in attr["by_feature"]}
+    assert {"faq", "extraction"} <= set(features)
+    assert sum(g["cost_usd"] for g in features.values()) == pytest.approx(sum(r.cost_usd for r in result.records))
+    outcomes = {o["outcome"]: o for o in attr["outcomes"]}
+    reported = [r for r in result.records if r.outcome == "outcome_reported"]
+    assert outcomes["resolved"]["count"] == sum(r.business_outcome == "resolved" for r in reported) > 0
+    resolved = {r.session for r in reported if r.business_outcome == "resolved"}
+    spend = sum(r.cost_usd for r in result.records if r.session in resolved)
+    assert outcomes["resolved"]["cost_per_outcome_usd"] == pytest.approx(spend / outcomes["resolved"]["count"])
+    assert "Cost per feature and per outcome" in html and "features   " in text and "outcomes   " in text

@@ -457,6 +457,7 @@ async def _run_demo(opts: DemoOptions, console: Any, out: Any) -> DemoResult:
         tiers = {p.name: effective_tier(config, p.tier) for p in traffic.DEFAULT_TENANTS}
         sides = side_routes(config, route)
         plan = traffic.side_routes(traffic.plan(opts.seed, opts.duration, opts.rate), sides, opts.seed)
+        plan = traffic.conversations(plan, opts.seed)
         tenancy = (config.tenancy.header, config.tenancy.tier_header)
 
         print(f"kubetoll demo: config: {choice.label}", file=out)
@@ -575,6 +576,10 @@ async def _run_demo(opts: DemoOptions, console: Any, out: Any) -> DemoResult:
         "spillovers": dict(Counter(b for r in records for b in r.spillover.split(",") if b)),
         "cascade": experiment_report.cascade_summary(records),
     }
+    attribution = {
+        "by_feature": [g.as_dict() for g in spend.group_by_tag(records, "feature")],
+        "outcomes": spend.outcome_costs(records),
+    }
     rep = traffic.repeat_analysis(records, stats.by_request_id)
     cache = {
         "configured": final.cache_configured,
@@ -618,6 +623,7 @@ async def _run_demo(opts: DemoOptions, console: Any, out: Any) -> DemoResult:
         events=events,
         cache=cache,
     )
+    data["attribution"] = attribution
     report_path = await asyncio.to_thread(write_report, opts.report, data)
     text = summary_text(data, stats, report_path)
     print(text, file=out)
@@ -672,6 +678,15 @@ def summary_text(data: dict[str, Any], stats: traffic.TrafficStats, report_path:
     if ev.get("spillovers"):
         spilled = ", ".join(f"{b} ×{n}" for b, n in sorted(ev["spillovers"].items()))
         lines.append(f"  spill-over {spilled}: requests sent on while every replica's queue was deep")
+    attr = data.get("attribution") or {}
+    features = [g for g in attr.get("by_feature", []) if g["key"] != "(untagged)"]
+    if features:
+        lines.append("  features   " + " · ".join(f"{g['key']} {fmt(g['cost_usd'])}" for g in features[:5]))
+    if attr.get("outcomes"):
+        per = " · ".join(
+            f"{o['outcome']} ×{o['count']} at {fmt(o['cost_per_outcome_usd'])} each" for o in attr["outcomes"]
+        )
+        lines.append(f"  outcomes   {per} (the conversation's spend per outcome)")
     top = summ["top_spenders"][:3]
     if top:
         lines.append("  top        " + ", ".join(f"{g['key']} {fmt(g['cost_usd'])}" for g in top))

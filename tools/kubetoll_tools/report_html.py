@@ -427,6 +427,7 @@ def render_html(data: dict[str, Any]) -> str:
             f"({fmt_usd(cache.get('paraphrase_usd', 0.0))}): the candidates for a semantic cache."
         )
 
+    attribution_html = _attribution_section(data.get("attribution") or {})
     stopped = " Stopped early (interrupted); the report covers what ran." if meta.get("interrupted") else ""
     notes = "".join(f" · {n}" for n in meta.get("notes", []))
     sub = (
@@ -469,6 +470,7 @@ Budget used: the fullest of the tenant's tier USD budgets, as the sidecar's budg
 <h2>Tenants</h2>
 {tenant_table}
 
+{attribution_html}
 <h2>Rejections, fallbacks and downgrades</h2>
 {events_table}
 <p class="note">Counts from the sidecar's Prometheus metrics (<code>kubetoll_rejections</code>, \
@@ -479,6 +481,30 @@ the ledger's {tot["downgraded"]} are the ones served.</p>
 <script type="application/json" id="{DATA_ID}">{payload}</script>
 </main></body></html>
 """
+
+
+def _attribution_section(attr: dict[str, Any]) -> str:
+    """Cost per feature (the `feature` tag) and per business outcome, when the traffic carried them."""
+    features = attr.get("by_feature") or []
+    outcomes = attr.get("outcomes") or []
+    if not (any(g["key"] != "(untagged)" for g in features) or outcomes):
+        return ""
+    parts = ["<h2>Cost per feature and per outcome</h2>"]
+    if features:
+        rows = [[g["key"], g["requests"], fmt_usd(g["cost_usd"]), fmt_usd(g["cost_per_request_usd"])] for g in features]
+        parts.append(_table(["feature", "requests", "spend", "per request"], rows, left_cols=1))
+    if outcomes:
+        rows = [
+            [o["outcome"], o["count"], fmt_usd(o["spend_usd"]), fmt_usd(o["cost_per_outcome_usd"])] for o in outcomes
+        ]
+        parts.append(_table(["outcome", "conversations", "their spend", "per outcome"], rows, left_cols=1))
+    parts.append(
+        '<p class="note">From the ledger: the requests\' <code>feature</code> tag '
+        "(<code>x-kubetoll-tags</code>), and the outcomes the app reported for its sessions "
+        "(<code>x-kubetoll-outcome</code>, <code>POST /kubetoll/v1/outcomes</code>): a conversation's spend is "
+        "every request of its session.</p>"
+    )
+    return "\n".join(parts)
 
 
 def extract_data(page: str) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from kubetoll_core.prices import ResolvedPrice
-from kubetoll_core.spend_record import NOT_REQUEST_OUTCOMES, SpendRecord
+from kubetoll_core.spend_record import NOT_REQUEST_OUTCOMES, OUTCOME_REPORTED, SpendRecord
 
 CACHE_BACKEND = "(cache)"  # the group key of records no backend served
 # The group key of records that name no workload: written by a sidecar that was not injected
@@ -115,6 +115,45 @@ def group_by(records: Iterable[SpendRecord], key: str) -> list[Group]:
             g = groups[k] = Group(k)
         g.add(r)
     return sorted(groups.values(), key=lambda g: (-g.cost_usd, g.key))
+
+
+def group_by_tag(records: Iterable[SpendRecord], key: str, missing: str = "(untagged)") -> list[Group]:
+    """Groups by one tag key's value (`missing` for records without it), dearest first."""
+    groups: dict[str, Group] = {}
+    for r in records:
+        k = r.tag_map.get(key, missing)
+        g = groups.get(k)
+        if g is None:
+            g = groups[k] = Group(k)
+        g.add(r)
+    return sorted(groups.values(), key=lambda g: (-g.cost_usd, g.key))
+
+
+def outcome_costs(records: Iterable[SpendRecord]) -> list[dict[str, Any]]:
+    """Per business outcome the app reported: how many, the spend of the conversations that reported it
+    (a session's records; a request's own when the outcome named a request), and that spend per outcome."""
+    recs = list(records)
+    by_session: dict[str, float] = defaultdict(float)
+    by_request: dict[str, float] = defaultdict(float)
+    for r in recs:
+        if r.session:
+            by_session[r.session] += r.cost_usd
+        if r.request_id:
+            by_request[r.request_id] += r.cost_usd
+    out: dict[str, dict[str, Any]] = {}
+    seen: dict[str, set[str]] = defaultdict(set)
+    for r in recs:
+        if r.outcome != OUTCOME_REPORTED or not r.business_outcome:
+            continue
+        o = out.setdefault(r.business_outcome, {"outcome": r.business_outcome, "count": 0, "spend_usd": 0.0})
+        o["count"] += 1
+        unit = f"s:{r.session}" if r.session else f"r:{r.request_id}"
+        if unit not in seen[r.business_outcome]:  # a conversation's spend counts once per outcome name
+            seen[r.business_outcome].add(unit)
+            o["spend_usd"] += by_session.get(r.session, 0.0) if r.session else by_request.get(r.request_id, 0.0)
+    for o in out.values():
+        o["cost_per_outcome_usd"] = o["spend_usd"] / o["count"]
+    return sorted(out.values(), key=lambda o: (-o["count"], o["outcome"]))
 
 
 def totals(records: Iterable[SpendRecord]) -> Group:

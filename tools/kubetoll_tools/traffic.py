@@ -224,6 +224,31 @@ def side_routes(requests: list[PlannedRequest], routes: tuple[SideRoute, ...], s
     return out
 
 
+# The feature a request belongs to, by what it asks (its `x-kubetoll-tags: feature=...`).
+FEATURES = {"faq": "faq", "paraphrase": "faq", "unique": "orders", "long": "log-triage", "extract": "extraction"}
+TURNS_PER_CONVERSATION = 4
+RESOLVED_SHARE = 0.7  # of finished conversations; the rest are escalated to a person
+
+
+def conversations(requests: list[PlannedRequest], seed: int) -> list[PlannedRequest]:
+    """The plan with attribution, as a support bot would send it: each request tagged with its feature,
+    each tenant's requests grouped into conversations of TURNS_PER_CONVERSATION (`x-kubetoll-session`), and
+    the last turn of each carrying its outcome (`x-kubetoll-outcome`: resolved or escalated). Deterministic."""
+    rng = random.Random(f"{seed}:conversations")
+    turns: dict[str, int] = defaultdict(int)
+    out = []
+    for req in requests:
+        n = turns[req.tenant]
+        turns[req.tenant] = n + 1
+        session = f"{req.tenant}-c{n // TURNS_PER_CONVERSATION}"
+        headers = [*req.headers, ("x-kubetoll-tags", f"feature={FEATURES.get(req.kind, 'faq')}")]
+        headers.append(("x-kubetoll-session", session))
+        if n % TURNS_PER_CONVERSATION == TURNS_PER_CONVERSATION - 1:
+            headers.append(("x-kubetoll-outcome", "resolved" if rng.random() < RESOLVED_SHARE else "escalated"))
+        out.append(replace(req, headers=tuple(headers)))
+    return out
+
+
 def _zipf_weights(n: int, s: float = 1.1) -> list[float]:
     return [1.0 / (i + 1) ** s for i in range(n)]
 
