@@ -180,6 +180,7 @@ def test_chart_crds_are_a_byte_for_byte_copy_of_crds_dir() -> None:
         (["--set", "sidecar.resources.requests.memory=lots"], "memory"),
         (["--set", "operator.replica=3"], "replica"),  # a typo is an error, not a silently ignored key
         (["--set", "redis.url=redis://r:6379", "--set", "redis.deploy=true"], "not both"),
+        (["--set", "telemetry.otlpEndpoint=otel:4318"], "otlpEndpoint"),
     ],
 )
 def test_bad_values_are_refused(values: list[str], message: str) -> None:
@@ -511,6 +512,25 @@ def test_operator_deployment(tmp_path: Path) -> None:
     assert one(docs, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
     env = {e["name"]: e for e in container["env"]}
     assert env["POD_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+
+
+def test_traces_reach_every_namespace_config() -> None:
+    """telemetry.otlpEndpoint: the operator's flags, then the RouterConfig every namespace's sidecars read."""
+    from kubetoll_operator.compiler import compile_namespace
+    from kubetoll_operator.main import telemetry_settings
+
+    assert "--otlp-endpoint" not in " ".join(operator_args(render()))  # off by default
+    docs = render(
+        "--set", "telemetry.otlpEndpoint=http://otel.observability:4318", "--set-json", "telemetry.sampleRatio=0.2"
+    )
+    args = parse_operator_args(operator_args(docs))
+    telemetry = telemetry_settings(args.otlp_endpoint, args.trace_sample_ratio)
+    assert telemetry is not None and telemetry.otlp.endpoint == "http://otel.observability:4318"
+    result = compile_namespace("team-a", [], telemetry=telemetry)
+    assert result.config is not None and result.config.telemetry.sample_ratio == 0.2
+    assert result.config.telemetry.otlp.endpoint == "http://otel.observability:4318"
+    with pytest.raises(SystemExit, match="sample"):
+        telemetry_settings("http://otel:4318", 1.5)
 
 
 def test_single_replica_runs_standalone() -> None:

@@ -1325,6 +1325,7 @@ def compile_namespace(
     secrets: Mapping[str, Mapping[str, Any]] | None = None,
     server: ServerSettings | None = None,
     budget_store: BudgetStoreSettings | None = None,
+    telemetry: TelemetrySettings | None = None,
     cluster_domain: str = "cluster.local",
     last_good: Mapping[ObjectKey, Mapping[str, Any]] | None = None,
     check_only: bool = False,
@@ -1338,8 +1339,8 @@ def compile_namespace(
     data keys (values are not read); backends whose Secret or key is missing are
     left out. Without it (offline validation) references to Secrets are not
     checked. `credential_mode` "file" names keys of the kubetoll-credentials
-    Secret; "env" names environment variables (`kubetoll run`). `server` and
-    `budget_store` are deployment settings, not resources: the operator and
+    Secret; "env" names environment variables (`kubetoll run`). `server`,
+    `budget_store` and `telemetry` are deployment settings, not resources: the operator and
     `kubetoll run` pass them in. `last_good` is the previous result's `in_force`:
     a resource whose update does not compile is compiled from it instead.
     `check_only` keeps references to objects not given (see `check_resource`).
@@ -1392,6 +1393,8 @@ def compile_namespace(
         data["server"] = server.model_dump(mode="json", by_alias=True)
     if budget_store is not None:
         data["budgetStore"] = budget_store.model_dump(mode="json", by_alias=True)
+    if telemetry is not None:
+        data["telemetry"] = telemetry.model_dump(mode="json", by_alias=True)
     try:
         config: RouterConfig | None = RouterConfig.model_validate(data)
     except ValidationError as exc:

@@ -89,6 +89,7 @@ DEFAULT_THRESHOLDS: list[int] = TokenBudgetSpec.model_fields["alert_thresholds"]
 class OperatorOptions:
     redis_url: str | None = None
     cluster_domain: str = "cluster.local"
+    telemetry: Any = None  # TelemetrySettings for every namespace's sidecars (--otlp-endpoint); None: no traces
     debounce_seconds: float = 0.2  # coalesce a burst of events (kubectl apply -f dir/) into one compile
     max_backoff_seconds: float = 60.0
     webhook: Any = None  # webhook.WebhookOptions: the sidecar-injection webhook (None: off)
@@ -384,6 +385,7 @@ class Reconciler:
             config_maps=config_maps,
             endpoint_slices=slices,
             budget_store=store,
+            telemetry=self.options.telemetry,
             cluster_domain=self.options.cluster_domain,
             last_good=last_good,
         )

@@ -10,6 +10,19 @@ import argparse
 import logging
 import os
 import sys
+from typing import Any
+
+
+def telemetry_settings(endpoint: str, sample_ratio: float) -> Any:
+    """The sidecars' trace export, from the operator's flags (None: no endpoint, no traces)."""
+    if not endpoint:
+        return None
+    from kubetoll_core.router_config import TelemetrySettings
+
+    try:
+        return TelemetrySettings.model_validate({"otlp": {"endpoint": endpoint}, "sampleRatio": sample_ratio})
+    except ValueError as exc:
+        raise SystemExit(f"--otlp-endpoint / --trace-sample-ratio: {exc}") from None
 
 
 def positive_float(text: str) -> float:
@@ -76,6 +89,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--cluster-domain",
         default=env("KUBETOLL_CLUSTER_DOMAIN", "cluster.local"),
         help="cluster DNS domain for serviceRef endpoints (default: cluster.local)",
+    )
+    p.add_argument(
+        "--otlp-endpoint",
+        default=env("KUBETOLL_OTLP_ENDPOINT", ""),
+        metavar="URL",
+        help="OTLP/HTTP collector every sidecar sends its traces to (telemetry.otlp.endpoint; default: no traces)",
+    )
+    p.add_argument(
+        "--trace-sample-ratio",
+        type=positive_float,
+        default=float(env("KUBETOLL_TRACE_SAMPLE_RATIO", "1.0")),
+        metavar="R",
+        help="share of requests traced, 0 < R <= 1 (telemetry.sampleRatio; default 1)",
     )
     p.add_argument(
         "--redis-username-file",
@@ -147,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
     options = OperatorOptions(
         redis_url=args.redis_url or None,
         cluster_domain=args.cluster_domain,
+        telemetry=telemetry_settings(args.otlp_endpoint, args.trace_sample_ratio),
         webhook=webhook_options(args),
         spend_interval_seconds=args.spend_interval,
         tenants_over_budget=max(args.tenants_over_budget, 0),
