@@ -8,25 +8,9 @@ import pytest
 
 from kubetoll_core.periods import FakeClock
 from kubetoll_tools.simulator import Fault
-from support.harness import base_config, wait_until
+from support.harness import base_config, two_backend_config, wait_until
 from support.ports import refusing_port
 from test_operator_metrics import scrape, value
-
-
-def two_backend_config(sim, sim2, **route):
-    cfg = base_config(sim.url)
-    cfg["backends"].append(
-        {
-            "name": "secondary",
-            "provider": "openai",
-            "model": "gpt-4o-mini",
-            "endpoint": sim2.url + "/v1",
-            "credentials": {"env": "KT_TEST_OPENAI_KEY"},
-            "timeouts": {"connect": 1, "firstToken": 2, "total": 5},
-        }
-    )
-    cfg["routes"] = [{"name": "chat", "rules": [{"backends": ["primary", "secondary"]}], **route}]
-    return cfg
 
 
 async def chat(sc, **kw):

@@ -30,7 +30,7 @@ from kubetoll_core.router_config import RouterConfig
 from kubetoll_sidecar import otel_tracing
 from kubetoll_sidecar.metrics import Metrics
 from kubetoll_tools.simulator import Fault
-from support.harness import base_config, wait_until
+from support.harness import base_config, two_backend_config, wait_until
 from support.ports import refusing_port
 
 SERVER, CLIENT = 2, 3  # opentelemetry.proto.trace.v1.Span.SpanKind
@@ -134,22 +134,6 @@ def traced(cfg: dict[str, Any], endpoint: str, creds: Path, **telemetry: Any) ->
     return cfg
 
 
-def two_backends(sim, sim2, **route: Any) -> dict[str, Any]:
-    cfg = base_config(sim.url)
-    cfg["backends"].append(
-        {
-            "name": "secondary",
-            "provider": "openai",
-            "model": "gpt-4o-mini",
-            "endpoint": sim2.url + "/v1",
-            "credentials": {"env": "KT_TEST_OPENAI_KEY"},
-            "timeouts": {"connect": 1, "firstToken": 2, "total": 5},
-        }
-    )
-    cfg["routes"] = [{"name": "chat", "rules": [{"backends": ["primary", "secondary"]}], **route}]
-    return cfg
-
-
 async def chat(sc, **kw: Any) -> Any:
     return await sc.openai().chat.completions.with_raw_response.create(
         model="chat", messages=[{"role": "user", "content": "Where is my parcel?"}], **kw
@@ -239,7 +223,7 @@ async def test_a_fallback_gives_a_failed_attempt_span_then_an_ok_one(
     sim, sim2, start_sidecar, receiver, creds, fault, failure
 ):
     sc = await start_sidecar(
-        traced(two_backends(sim, sim2, fallbackOn=["rateLimited", "serverError"]), receiver.url, creds)
+        traced(two_backend_config(sim, sim2, fallbackOn=["rateLimited", "serverError"]), receiver.url, creds)
     )
     sim.enqueue_fault(fault)
     raw = await chat(sc)

@@ -411,21 +411,7 @@ class Pipeline:
                 reservation = await self.store.reserve(holds, now)
             except (StoreUnavailable, Suspended):
                 reservation = None  # the record still goes to the ledger; the store is away
-        record = SpendRecord(
-            time=now,
-            namespace=ctx.state.config.namespace,
-            route=ctx.route_name,
-            backend=summary.backend,
-            tenant=ctx.tenant,
-            tier=ctx.tier,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            cached_tokens=usage.cached_tokens,
-            cost_usd=summary.cost_usd,
-            outcome=CONTEXT_SUMMARY_OUTCOME,
-            request_id=ctx.request_id,
-            workload=self.workload,
-        )
+        record = self._record_of(ctx, now, CONTEXT_SUMMARY_OUTCOME, usage, summary.cost_usd, backend=summary.backend)
         ctx.context_cost += summary.cost_usd
         self.metrics.cost.labels(ctx.route_name, summary.backend, ctx.tier, self.workload).inc(summary.cost_usd)
         self.metrics.tokens.labels(ctx.route_name, summary.backend, "input").inc(usage.prompt_tokens)
@@ -635,6 +621,13 @@ class Pipeline:
 
     def _no_spend_record(self, ctx: RequestContext, now: float, outcome: str, **fields: Any) -> SpendRecord:
         """A ledger record of this request that bills nothing (a refusal, an exhausted response, a failure)."""
+        return self._record_of(ctx, now, outcome, None, 0.0, **fields)
+
+    def _record_of(
+        self, ctx: RequestContext, now: float, outcome: str, usage: Usage | None, cost: float, **fields: Any
+    ) -> SpendRecord:
+        """A ledger record of this request other than its answer's (`_spend_record`): a call made for it
+        (a summary, an unused fan-out or escalated step) or no call at all."""
         return SpendRecord(
             time=now,
             namespace=ctx.state.config.namespace,
@@ -642,10 +635,10 @@ class Pipeline:
             backend=fields.pop("backend", ""),
             tenant=ctx.tenant,
             tier=ctx.tier,
-            prompt_tokens=0,
-            completion_tokens=0,
-            cached_tokens=0,
-            cost_usd=0.0,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            cached_tokens=usage.cached_tokens if usage else 0,
+            cost_usd=cost,
             outcome=outcome,
             request_id=ctx.request_id,
             workload=self.workload,
@@ -798,21 +791,14 @@ class Pipeline:
                 m.child(m.tokens, route, backend, "cached_input").inc(usage.cached_tokens)
             m.child(m.cost, route, backend, ctx.tier, self.workload).inc(cost)
             out.append(
-                SpendRecord(
-                    time=self.clock.time(),
-                    namespace=ctx.state.config.namespace,
-                    route=route,
+                self._record_of(
+                    ctx,
+                    self.clock.time(),
+                    s.outcome,  # fan_out_abandoned, or cascade_escalated
+                    usage,
+                    cost,
                     backend=backend,
-                    tenant=ctx.tenant,
-                    tier=ctx.tier,
-                    prompt_tokens=usage.prompt_tokens,
-                    completion_tokens=usage.completion_tokens,
-                    cached_tokens=usage.cached_tokens,
-                    cost_usd=cost,
                     downgraded=ctx.downgraded,
-                    outcome=s.outcome,  # fan_out_abandoned, or cascade_escalated
-                    request_id=ctx.request_id,
-                    workload=self.workload,
                     cascade_step=s.cascade_step,
                     escalation=s.escalation,
                     **(ctx.target.record_fields(None, None, 0.0) if ctx.target is not None else {}),

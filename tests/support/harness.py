@@ -50,6 +50,23 @@ def base_config(sim_url: str, **overrides: Any) -> dict[str, Any]:
     return cfg
 
 
+def two_backend_config(sim: Any, sim2: Any, **route: Any) -> dict[str, Any]:
+    """`base_config` with a second OpenAI backend on `sim2` after the first in the route's chain (fallback tests)."""
+    cfg = base_config(sim.url)
+    cfg["backends"].append(
+        {
+            "name": "secondary",
+            "provider": "openai",
+            "model": "gpt-4o-mini",
+            "endpoint": sim2.url + "/v1",
+            "credentials": {"env": "KT_TEST_OPENAI_KEY"},
+            "timeouts": {"connect": 1, "firstToken": 2, "total": 5},
+        }
+    )
+    cfg["routes"] = [{"name": "chat", "rules": [{"backends": ["primary", "secondary"]}], **route}]
+    return cfg
+
+
 class SidecarUrls:
     """The API and ops base URLs of a sidecar whose router config is `self.config`."""
 
