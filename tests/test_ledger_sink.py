@@ -430,7 +430,8 @@ async def test_report_reads_the_same_spend_from_postgres_as_from_redis(redis_url
     from kubetoll_tools import tool_commands as commands
 
     recs = [record(ns, i, t=NOW + i) for i in range(9)]
-    recs.append(record(ns, 50, t=NOW + 20, tags="team=a,feature=x", experiment="e1", arm="a", cascade="first"))
+    recs.append(record(ns, 50, t=NOW + 20, tags="feature=x,team=a", experiment="e1", arm="a", cascade="first",
+                       model="gpt-4o-mini"))  # fmt: skip
     await write_through_sidecar_store(redis_url, ns, recs)
     sink, client = sink_for(redis_url, db, ns)
     try:
@@ -451,6 +452,10 @@ async def test_report_reads_the_same_spend_from_postgres_as_from_redis(redis_url
     assert from_pg["source"].startswith("PostgreSQL ledger at ")
     assert from_pg["summary"] == from_redis["summary"]
     assert from_pg["summary"]["totals"]["requests"] == 10
+    from kubetoll_operator.ledger_sink.reader import read_records
+
+    back = {x.request_id: x for x in await read_records(db, ns, NOW - 60, NOW + 60)}
+    assert back["req-50"] == recs[-1] and back["req-0"].model == ""  # every field back, the model included
     exp = await report.build_report(args("--database-url", db, "--experiment", "e1"), NOW + 100)
     assert (
         exp["experiment"]

@@ -228,3 +228,4 @@ async def test_spend_endpoint_lists_ledger_records(sim, start_sidecar):
     assert data["namespace"] == "test"
     (rec,) = data["records"]
     assert rec["tenant"] == "alice" and rec["route"] == "chat" and rec["backend"] == "primary" and rec["cost_usd"] > 0
+    assert rec["model"] == "gpt-4o"  # the model the backend was called with: `kubetoll report --by model`

@@ -113,6 +113,9 @@ class SpendRecord:
     # The in-cluster backends this request skipped because every replica's queue was deeper than the
     # route's spillover.queueDepth (comma-separated, in chain order; "" when none): docs/routing.md.
     spillover: str = ""
+    # The model name the serving backend was called with (its RouterConfig `model`); "" when no
+    # backend was called (a cache hit, a refusal, an outcome record) or written by an older sidecar.
+    model: str = ""
 
     @property
     def refusal(self) -> bool:
@@ -137,7 +140,7 @@ _RECORD_FIELDS = (
 # them ignores them (decoding reads fields by name).
 _OPTIONAL_FIELDS = (
     "refused_budget", "refused_meter", "workload", "batch_id", "experiment", "arm", "cascade", "escalation",
-    "tags", "session", "business_outcome", "spillover",
+    "tags", "session", "business_outcome", "spillover", "model",
 )  # fmt: skip
 # The same for numbers: written only when not 0; an entry without one decodes as 0.
 _OPTIONAL_INTS = ("cascade_step",)
@@ -362,4 +365,5 @@ def decode_record(fields: Mapping[str, str]) -> SpendRecord:
         business_outcome=fields.get("business_outcome", ""),
         outcome_value=f("outcome_value", float, 0.0),
         spillover=fields.get("spillover", ""),
+        model=fields.get("model", ""),
     )

@@ -673,6 +673,7 @@ class BatchManager:
                     namespace=state.config.namespace,
                     route=entry.route,
                     backend=entry.backend,
+                    model=state.model_of(entry.backend),
                     tenant=entry.tenant,
                     tier=entry.tier,
                     prompt_tokens=u.prompt_tokens,

@@ -628,11 +628,13 @@ class Pipeline:
     ) -> SpendRecord:
         """A ledger record of this request other than its answer's (`_spend_record`): a call made for it
         (a summary, an unused fan-out or escalated step) or no call at all."""
+        backend = fields.pop("backend", "")
         return SpendRecord(
             time=now,
             namespace=ctx.state.config.namespace,
             route=ctx.route_name or "-",
-            backend=fields.pop("backend", ""),
+            backend=backend,
+            model=ctx.state.model_of(backend),
             tenant=ctx.tenant,
             tier=ctx.tier,
             prompt_tokens=usage.prompt_tokens if usage else 0,
@@ -815,6 +817,7 @@ class Pipeline:
             namespace=ctx.state.config.namespace,
             route=ctx.route_name or "-",
             backend=ctx.backend,
+            model=ctx.state.model_of(ctx.backend),
             tenant=ctx.tenant,
             tier=ctx.tier,
             prompt_tokens=u.prompt_tokens,
@@ -877,6 +880,7 @@ class Pipeline:
             tier=ctx.tier,
             request_id=ctx.request_id,
             workload=self.workload,
+            model=ctx.state.model_of(charge.backend),
         )
         meters = ctx.meters
         holds = [Hold(m, float(charge.usage.total_tokens), enforce=False) for m in meters.tokens]

@@ -53,6 +53,11 @@ class RouterState:
     def chain(self, names: tuple[str, ...]) -> list[BackendRuntime]:
         return [self.backends[n] for n in names]
 
+    def model_of(self, backend: str) -> str:
+        """The model a backend is called with, for its spend records ("" for none or one this config lacks)."""
+        b = self.backends.get(backend)
+        return b.config.model if b is not None else ""
+
 
 class SessionPool:
     """One aiohttp ClientSession (keep-alive pool) per backend endpoint, shared across reloads."""

@@ -62,6 +62,7 @@ RECORD_COLUMNS: tuple[str, ...] = (
     "cached_tokens", "cost_usd", "cache_hit", "avoided_usd", "downgraded", "fallbacks", "outcome", "request_id",
     "refused_budget", "refused_meter", "batch_id", "experiment", "arm", "cascade", "cascade_step", "escalation",
     "cascade_baseline_usd", "latency_ms", "session", "business_outcome", "outcome_value", "spillover", "tags",
+    "model",
 )  # fmt: skip
 # Stream fields that are not record fields but have a column.
 ENTRY_COLUMNS = ("cost_nusd", "sidecar")

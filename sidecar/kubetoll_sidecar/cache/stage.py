@@ -1246,6 +1246,7 @@ class CacheStage:
         tier: str,
         request_id: str,
         workload: str = "",
+        model: str = "",
     ) -> SpendRecord:
         """The ledger record of one call a semantic lookup made (`lookup.charges`): the embedding
         (outcome cache_embedding) or the verifier (cache_verifier); spend, not a request."""
@@ -1255,6 +1256,7 @@ class CacheStage:
             namespace=namespace,
             route=lookup._route,
             backend=e.backend,
+            model=model,
             tenant=tenant,
             tier=tier,
             prompt_tokens=e.usage.prompt_tokens,
