@@ -43,7 +43,11 @@ async def start_sidecar(tmp_path):
     started: list[RunningSidecar] = []
 
     async def _start(config, clock=None, store=None, monotonic=time.monotonic) -> RunningSidecar:
-        sc = RunningSidecar(tmp_path, config, clock=clock, store=store, monotonic=monotonic)
+        # Each sidecar its own config file: one watches its file, and a second one written over it
+        # would reload the first with the second's ports.
+        where = tmp_path if not started else tmp_path / f"sidecar-{len(started)}"
+        where.mkdir(exist_ok=True)
+        sc = RunningSidecar(where, config, clock=clock, store=store, monotonic=monotonic)
         started.append(sc)
         return await sc.start()
 

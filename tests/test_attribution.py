@@ -280,3 +280,75 @@ async def test_a_session_limit_answers_that_session_with_the_message_and_no_one_
     # The next day the session starts again (its share is per calendar day).
     sc.sidecar.clock.advance(86400)
     assert "x-kubetoll-exhausted" not in (await ask("conv-1")).headers
+
+
+def idle_session_config(sim_url: str, store: str, redis_url: str, ns: str) -> dict[str, Any]:
+    extra: dict[str, Any] = {"namespace": ns, "budgetStore": {"url": redis_url, "timeoutMs": 1000}}
+    tier = {"usdPerSession": LIMIT, "sessionIdleSeconds": 600, "onExhausted": "respond"}
+    return base_config(
+        sim_url,
+        **(extra if store == "redis" else {}),
+        budgets=[{"name": "main", "tiers": {"default": tier}, "exhaustedResponse": MESSAGE}],
+    )
+
+
+async def ask_in_session(sc: Any, session: str) -> Any:
+    return await sc.openai().chat.completions.with_raw_response.create(
+        model="chat",
+        messages=HELLO,
+        max_tokens=16,
+        extra_headers={"x-kubetoll-tenant": "acme", "x-kubetoll-session": session},
+    )
+
+
+async def exhaust(sc: Any, session: str) -> None:
+    for _ in range(10):
+        if "x-kubetoll-exhausted" in (await ask_in_session(sc, session)).headers:
+            return
+    raise AssertionError(f"session {session} was never refused")
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_a_session_idle_for_sessionIdleSeconds_starts_afresh(sim, start_sidecar, store, redis_url, ns):
+    """sessionIdleSeconds: a conversation that spent its share stays refused while it goes on (every request,
+    the refused ones too, keeps it alive); after that long without a request the same id is a new session."""
+    clock = FakeClock(T0)
+    sc = await start_sidecar(idle_session_config(sim.url, store, redis_url, ns), clock=clock)
+    await exhaust(sc, "conv-1")
+    for _ in range(3):  # 3 × 599 s: never idle for 600 s, so the same session, still out of its share
+        clock.advance(599)
+        assert "x-kubetoll-exhausted" in (await ask_in_session(sc, "conv-1")).headers
+    clock.advance(600)
+    raw = await ask_in_session(sc, "conv-1")
+    assert "x-kubetoll-exhausted" not in raw.headers and raw.parse().choices[0].message.content != MESSAGE
+    # The ledger keeps the app's session id as sent: reports see one conversation id across both sessions.
+    assert {r.session for r in sc.sidecar.ledger.records()} == {"conv-1"}
+
+
+async def test_a_session_spread_over_two_sidecars_is_one_session_and_ends_for_both(
+    sim, start_sidecar, redis_url, ns, r
+):
+    """Two pods of one namespace agree on when a session began (a key in Redis), so its share is one share;
+    once it has been idle, the next request on either pod starts the same new session for both."""
+    one, two = FakeClock(T0), FakeClock(T0 + 1)  # clocks a second apart, as two nodes' may be
+    a = await start_sidecar(idle_session_config(sim.url, "redis", redis_url, ns), clock=one)
+    b = await start_sidecar(idle_session_config(sim.url, "redis", redis_url, ns), clock=two)
+    await exhaust(a, "conv-9")
+    assert "x-kubetoll-exhausted" in (await ask_in_session(b, "conv-9")).headers  # the same session on pod b
+    keys = [k async for k in r.scan_iter(f"kt:{{{ns}}}:sess:*")]
+    assert len(keys) == 1  # one session, one key, whatever pod served it
+    started = int((await r.get(keys[0])).split(":")[0])
+    assert started == int(T0)
+    one.advance(700)
+    two.advance(700)
+    assert "x-kubetoll-exhausted" not in (await ask_in_session(b, "conv-9")).headers  # a new session ...
+    await ask_in_session(a, "conv-9")  # ... which pod a joins (served or not: the new share is shared too)
+    start, seen = (int(x) for x in (await r.get(keys[0])).split(":"))
+    assert start == int(T0 + 701) and seen == int(T0 + 701)  # b began it; a's clock, a second behind, joined it
+    # Pod a's view of when the session began is b's (its meters are named after it), even with Redis
+    # gone now: the sidecar keeps the start it learnt.
+    assert await a.sidecar.pipeline.sessions.start_of("default", "conv-9", 600) == start
+    a.sidecar.pipeline.sessions.guard.client = None
+    assert await a.sidecar.pipeline.sessions.start_of("default", "conv-9", 600) == start
+    ttl = await r.ttl(keys[0])
+    assert 600 < ttl <= 600 + 3600  # cleared away once long over, not before it could end

@@ -622,6 +622,13 @@ class TierLimits(ContractModel):
     tokens_per_session: int | None = Field(
         None, gt=0, description="Tokens (input plus output) per session per calendar day."
     )
+    session_idle_seconds: int | None = Field(
+        None,
+        ge=60,
+        le=30 * 86400,
+        description="A session with no request for this long ends: the same session id then starts a new session, "
+        "with the whole usdPerSession and tokensPerSession again. Absent: a session lasts the calendar day.",
+    )
     on_exhausted: OnExhausted = Field(OnExhausted.reject, description="What happens once a tenant has spent a limit.")
 
     @property

@@ -173,6 +173,15 @@ class RedisKeys:
             raise ValueError(f"{digest!r} is not a sha256 hex digest")
         return self._k(self.ns_tag, "ctxsum", digest)
 
+    # -- sessions (kubetoll_sidecar.budgets.session_starts), slot {ns}
+
+    def session_start(self, digest: str) -> str:
+        """String "<start>:<last seen>" (epoch seconds) with a TTL past the tier's sessionIdleSeconds, renewed
+        on use: when one session began in one tier, by the blake2b-128 hex digest of the tier and session id."""
+        if not re.fullmatch(r"[0-9a-f]{32}", digest):
+            raise ValueError(f"{digest!r} is not a 128-bit hex digest")
+        return self._k(self.ns_tag, "sess", digest)
+
     # -- Batch API (kubetoll_sidecar.batches), slot {ns}
 
     def upstream_object(self, object_id: str) -> str:

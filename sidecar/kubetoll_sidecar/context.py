@@ -63,3 +63,6 @@ class RequestContext:
     added_before_first_byte: float | None = None  # streams: the router's share before the first byte
     settled: bool = False  # spend settled and recorded (a stream settles once, whichever path ends it)
     attribution: Attributed = NO_ATTRIBUTION  # 2 identify: tags, session, a reported outcome
+    # 2 (cont.) the session as its budget meters know it: its id, and when it began where its tier ends
+    # idle sessions (sessionIdleSeconds, budgets/session_starts.py); "" without a session.
+    session_meter: str = ""

@@ -61,6 +61,7 @@ from .budgets.admission import (
     tightest,
 )
 from .budgets.refusals import RefusalSampler
+from .budgets.session_starts import SessionStarts
 from .budgets.store import BudgetStore, Hold, Meter, Reservation, StoreUnavailable, Suspended
 from .cache.stage import CacheLookup, CacheStage, LookupCharge
 from .cascade import combine_holds
@@ -111,6 +112,7 @@ class Pipeline:
         cache: CacheStage | None = None,
         workload: str = "",
         context: context_policy.ContextPolicies | None = None,
+        sessions: SessionStarts | None = None,
     ) -> None:
         self.get_state = get_state
         self.store = store
@@ -125,6 +127,9 @@ class Pipeline:
         self.context = context or context_policy.ContextPolicies(
             context_policy.SummaryStore("local", None, wall=clock.time), forwarder.credentials
         )
+        # When each session began, for tiers whose sessions end when idle: shared through Redis when the
+        # server gives a client, else kept in this sidecar (budgets/session_starts.py).
+        self.sessions = sessions or SessionStarts("local", None, wall=clock.time)
         # The pod's workload (`workload.WorkloadIdentity`): on every record, the access line and the cost metric.
         self.workload = workload
         self.relay = StreamRelay(metrics, cache, self._settle_stream)
@@ -217,6 +222,8 @@ class Pipeline:
         ctx.route, ctx.route_name = route, route.name
         # 2 (cont.) attribution: the tags and session this route accepts, a reported outcome (attribution.py)
         self._attribute(ctx, state, req.body)
+        if ctx.attribution.session:
+            ctx.session_meter = await self._session_meter(ctx, state)
         self._check_budget_available(ctx)
         # 4 estimate
         if req.body_size >= OFFLOAD_COUNT_BYTES:
@@ -257,7 +264,7 @@ class Pipeline:
         output_tokens = self._output_reservation(req, route, state, target.all_backends)
         now = self.clock.time()
         meters = ctx.meters = state.meters.for_request(
-            route.name, ident.tenant, ident.tier, now, ctx.attribution.tag_map, ctx.attribution.session
+            route.name, ident.tenant, ident.tier, now, ctx.attribution.tag_map, ctx.session_meter
         )
         self._check_suspended(ctx)
         # 5 request rate
@@ -401,8 +408,10 @@ class Pipeline:
         """The summarizer's call is spend of this request: counted against its budgets (never refused: it
         already happened) and in the ledger, as outcome context_summary (spend, not a request)."""
         now = self.clock.time()
-        a = ctx.attribution
-        ctx.meters = ctx.state.meters.for_request(ctx.route_name, ctx.tenant, ctx.tier, now, a.tag_map, a.session)
+        meters = ctx.state.meters
+        ctx.meters = meters.for_request(
+            ctx.route_name, ctx.tenant, ctx.tier, now, ctx.attribution.tag_map, ctx.session_meter
+        )
         holds = [Hold(m, float(usage.total_tokens), enforce=False) for m in ctx.meters.tokens]
         holds += [Hold(m, summary.cost_usd, enforce=False) for m in ctx.meters.usd]
         reservation = None
@@ -470,6 +479,14 @@ class Pipeline:
             self.metrics.attribution_dropped.labels(reason).inc()
         if a.outcome:
             self.record_outcome(ctx.state, ctx.tenant, ctx.tier, a.session, ctx.request_id, a.outcome, a.outcome_value)
+
+    async def _session_meter(self, ctx: RequestContext, state: RouterState) -> str:
+        """The session id the budget meters use: with the time it began where the tier ends idle sessions."""
+        session = ctx.attribution.session
+        idle = state.meters.session_idle_seconds(ctx.tier)
+        if idle is None:
+            return session
+        return f"{session}@{await self.sessions.start_of(ctx.tier, session, idle)}"
 
     def _attributed(self, ctx: RequestContext, record: SpendRecord) -> SpendRecord:
         """A record of this request with its tags and session, counted in the attribution metrics."""

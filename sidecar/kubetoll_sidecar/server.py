@@ -31,6 +31,7 @@ from . import attribution, inbound, tracing
 from .batch_registry import FileRegistry, RedisRegistry
 from .batches import BatchManager, owner_id
 from .budgets.memory import InMemoryBudgetStore
+from .budgets.session_starts import SessionStarts
 from .budgets.store import BudgetStore
 from .cache.embeddings import embedder_for_backend
 from .cache.stage import CacheStage
@@ -185,6 +186,8 @@ class Sidecar:
                 SummaryStore(cfg.namespace, redis_cache_client, monotonic=self.monotonic, wall=self.clock.time),
                 self.credentials,
             ),
+            # Session starts, shared the same way (budgets/session_starts.py).
+            sessions=SessionStarts(cfg.namespace, redis_cache_client, wall=self.clock.time, monotonic=self.monotonic),
         )
         # Pending batches are kept where the budgets are: in Redis, else on the pod's disk.
         owner = owner_id(self.identity.pod or os.uname().nodename)

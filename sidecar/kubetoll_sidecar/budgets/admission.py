@@ -133,6 +133,17 @@ class BudgetMeters:
         self._selector_keys = tuple(sorted({k for b in self.budgets for k in b.tag_selector or {}}))
         # Tiers with per-session limits: only there does the session make two requests' meters differ.
         self._session_tiers = frozenset(name for b in self.budgets for name, t in b.tiers.items() if t.per_session)
+        # Tiers whose sessions end when idle (sessionIdleSeconds): the shortest, where budgets differ.
+        self._session_idle: dict[str, int] = {}
+        for b in self.budgets:
+            for name, t in b.tiers.items():
+                idle = t.session_idle_seconds
+                if t.per_session and idle is not None:
+                    self._session_idle[name] = min(idle, self._session_idle.get(name, idle))
+
+    def session_idle_seconds(self, tier: str) -> int | None:
+        """How long a session of `tier` may be idle before it starts afresh (None: it lasts the day)."""
+        return self._session_idle.get(tier)
 
     def for_request(
         self,
