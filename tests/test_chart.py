@@ -668,8 +668,28 @@ def test_dashboard_panels() -> None:
         ("Cache hit rate", "kubetoll_cache_lookups_total", "route"),
         ("Cache savings (USD/h)", "kubetoll_cache_avoided_usd_total", "route"),
         ("Fallbacks (per second)", "kubetoll_fallbacks_total", "reason"),
+        ("Spend by tag $tag_key (USD/h)", "kubetoll_spend_by_tag_usd_total", "value"),
+        ("Outcomes reported (per hour)", "kubetoll_outcomes_total", "outcome"),
     ):
         assert metric in exprs[title] and by in exprs[title], title
+    # Spend by feature: only the tag keys the platform made metric labels exist as series; the
+    # variable lists those, "feature" first.
+    assert 'key=~"$tag_key"' in exprs["Spend by tag $tag_key (USD/h)"]
+    (tag_key,) = [v for v in dashboard["templating"]["list"] if v["name"] == "tag_key"]
+    assert tag_key["definition"] == "label_values(kubetoll_spend_by_tag_usd_total, key)"
+    assert tag_key["current"]["value"] == ["feature"]
+    # Cost per outcome: the sessions' spend over the outcomes they reported, in the dashboard's range.
+    per_outcome = exprs["Cost per outcome in range (USD)"]
+    spend_part, _, count_part = per_outcome.partition(" / ")
+    assert "kubetoll_outcome_spend_usd_total" in spend_part and "kubetoll_outcomes_total" in count_part
+    assert spend_part.count("[$__range]") == count_part.count("[$__range]") == 1
+    # No two panels overlap on the grid.
+    cells = set()
+    for p in dashboard["panels"]:
+        g = p["gridPos"]
+        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        assert not cells & mine, p["title"]
+        cells |= mine
     assert (
         "histogram_quantile(0.5, sum by (le) (rate(kubetoll_added_latency_seconds_bucket"
         in exprs["Added latency (router overhead)"]
