@@ -347,8 +347,8 @@ async def test_a_session_spread_over_two_sidecars_is_one_session_and_ends_for_bo
     assert start == int(T0 + 701) and seen == int(T0 + 701)  # b began it; a's clock, a second behind, joined it
     # Pod a's view of when the session began is b's (its meters are named after it), even with Redis
     # gone now: the sidecar keeps the start it learnt.
-    assert await a.sidecar.pipeline.sessions.start_of("default", "conv-9", 600) == start
-    a.sidecar.pipeline.sessions.guard.client = None
-    assert await a.sidecar.pipeline.sessions.start_of("default", "conv-9", 600) == start
+    assert await a.sidecar.pipeline.attribution.sessions.start_of("default", "conv-9", 600) == start
+    a.sidecar.pipeline.attribution.sessions.guard.client = None
+    assert await a.sidecar.pipeline.attribution.sessions.start_of("default", "conv-9", 600) == start
     ttl = await r.ttl(keys[0])
     assert 600 < ttl <= 600 + 3600  # cleared away once long over, not before it could end

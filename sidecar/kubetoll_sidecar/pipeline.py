@@ -24,7 +24,6 @@ such a request, natively or through chat).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import math
@@ -41,13 +40,13 @@ from kubetoll_core.periods import Clock
 from kubetoll_core.spend_record import (
     CONTEXT_SUMMARY_OUTCOME,
     EXHAUSTED_RESPONSE_OUTCOME,
-    OUTCOME_REPORTED,
     REFUSAL_OUTCOME,
     SpendRecord,
 )
 
-from . import attribution, capabilities, context_policy, drain, exhausted_answer, inbound, tokens
+from . import capabilities, context_policy, drain, exhausted_answer, inbound, tokens
 from .attribution import NONE as NO_ATTRIBUTION
+from .attribution_stage import AttributionStage
 from .budgets.admission import (
     Admitted,
     MeterSet,
@@ -127,9 +126,6 @@ class Pipeline:
         self.context = context or context_policy.ContextPolicies(
             context_policy.SummaryStore("local", None, wall=clock.time), forwarder.credentials
         )
-        # When each session began, for tiers whose sessions end when idle: shared through Redis when the
-        # server gives a client, else kept in this sidecar (budgets/session_starts.py).
-        self.sessions = sessions or SessionStarts("local", None, wall=clock.time)
         # The pod's workload (`workload.WorkloadIdentity`): on every record, the access line and the cost metric.
         self.workload = workload
         self.relay = StreamRelay(metrics, cache, self._settle_stream)
@@ -138,9 +134,9 @@ class Pipeline:
         self.stored_responses = StoredResponses()
         # The namespace caps' spend rates, for downgrade.burnRate (read on the requests of such routes).
         self.burn_rates = BurnRates()
-        # Attribution's bounds and the per-session spend that outlive a config reload (attribution.py).
-        self.tag_values = attribution.DistinctValues()
-        self.session_spend = attribution.SessionSpend()
+        # Stage 2 (cont.): tags, sessions and outcomes onto records and metrics; its state outlives a config
+        # reload (attribution_stage.py).
+        self.attribution = AttributionStage(ledger, metrics, clock, workload, sessions)
         # A plain counter, read by the gauge at scrape time (a locked gauge update
         # twice a request cost 1-2% of the CPU).
         self.in_flight = 0
@@ -221,9 +217,7 @@ class Pipeline:
             raise not_found_model(req.model, state.router.names())
         ctx.route, ctx.route_name = route, route.name
         # 2 (cont.) attribution: the tags and session this route accepts, a reported outcome (attribution.py)
-        self._attribute(ctx, state, req.body)
-        if ctx.attribution.session:
-            ctx.session_meter = await self._session_meter(ctx, state)
+        await self.attribution.read(ctx, req.body)
         self._check_budget_available(ctx)
         # 4 estimate
         if req.body_size >= OFFLOAD_COUNT_BYTES:
@@ -469,66 +463,6 @@ class Pipeline:
                     "budget_unavailable",
                 )
 
-    # ------------------------------------------------------------------ attribution (stage 2)
-
-    def _attribute(self, ctx: RequestContext, state: RouterState, body: dict[str, Any]) -> None:
-        a = ctx.attribution = attribution.read(
-            state.attribution.rules(ctx.route_name), self.tag_values, ctx.request.headers, body, self.clock.time()
-        )
-        for reason in a.dropped:
-            self.metrics.attribution_dropped.labels(reason).inc()
-        if a.outcome:
-            self.record_outcome(ctx.state, ctx.tenant, ctx.tier, a.session, ctx.request_id, a.outcome, a.outcome_value)
-
-    async def _session_meter(self, ctx: RequestContext, state: RouterState) -> str:
-        """The session id the budget meters use: with the time it began where the tier ends idle sessions."""
-        session = ctx.attribution.session
-        idle = state.meters.session_idle_seconds(ctx.tier)
-        if idle is None:
-            return session
-        return f"{session}@{await self.sessions.start_of(ctx.tier, session, idle)}"
-
-    def _attributed(self, ctx: RequestContext, record: SpendRecord) -> SpendRecord:
-        """A record of this request with its tags and session, counted in the attribution metrics."""
-        a = ctx.attribution
-        if record.cost_usd:
-            self.session_spend.add(a.session, record.cost_usd)
-            rules = ctx.state.attribution.rules(ctx.route_name)
-            for key, value in a.tag_map.items():
-                rule = rules.get(key)
-                if rule is not None and rule.metric_label:
-                    self.metrics.spend_by_tag.labels(ctx.route_name, key, value).inc(record.cost_usd)
-        return dataclasses.replace(record, tags=a.tags, session=a.session)
-
-    def record_outcome(
-        self, state: RouterState, tenant: str, tier: str, session: str, request_id: str, name: str, value: float
-    ) -> SpendRecord:
-        """An outcome record (no spend): the app says this session or request ended with `name`."""
-        # Outcome names are the app's to choose: bounded like a tag's values (the metric's label set).
-        name = self.tag_values.admit(attribution.OUTCOME_KEY, name, attribution.MAX_OUTCOMES_PER_DAY, self.clock.time())
-        record = SpendRecord(
-            time=self.clock.time(),
-            namespace=state.config.namespace,
-            route="",
-            backend="",
-            tenant=tenant,
-            tier=tier,
-            prompt_tokens=0,
-            completion_tokens=0,
-            cached_tokens=0,
-            cost_usd=0.0,
-            outcome=OUTCOME_REPORTED,
-            request_id=request_id,
-            workload=self.workload,
-            session=session,
-            business_outcome=name,
-            outcome_value=value,
-        )
-        self.ledger.append(record)
-        self.metrics.outcomes.labels(name).inc()
-        self.metrics.outcome_spend.labels(name).inc(self.session_spend.spent(session))
-        return record
-
     def _check_suspended(self, ctx: RequestContext) -> None:
         state = ctx.state
         for b in state.meters.budgets:  # the budgets that apply in this pod (a workloadSelector may exclude some)
@@ -613,7 +547,7 @@ class Pipeline:
         record = self._no_spend_record(
             ctx, now, EXHAUSTED_RESPONSE_OUTCOME, latency_ms=(time.perf_counter() - ctx.started) * 1000
         )
-        self.ledger.append(self._attributed(ctx, record))
+        self.ledger.append(self.attribution.stamp(ctx, record))
         body = exhausted_answer.render(ctx.endpoint, message, req.model, req.body, req.stream, req.include_usage)
         headers = {
             "x-request-id": ctx.request_id,
@@ -751,7 +685,7 @@ class Pipeline:
             usage = total_usage([*([usage] if usage else []), *(s.usage for s in abandoned)])
             cost += sum(s.cost() for s in abandoned)
         if ctx.attribution is not NO_ATTRIBUTION:
-            records = [self._attributed(ctx, r) for r in records]
+            records = [self.attribution.stamp(ctx, r) for r in records]
         actual: dict[str, float] = {}
         if reservation is not None:
             if requests:
@@ -925,7 +859,7 @@ class Pipeline:
             workload=self.workload,
         )
         if record is not None:
-            self.ledger.append(self._attributed(ctx, record))
+            self.ledger.append(self.attribution.stamp(ctx, record))
         headers = {"x-request-id": ctx.request_id, **hit.headers()}
         if lookup.lookup_cost_usd:  # the hit cost nothing upstream; its embedding and verifier calls did
             headers["x-kubetoll-cost-usd"] = f"{lookup.lookup_cost_usd:.9f}"

@@ -529,7 +529,7 @@ class Sidecar:
             )
         state = self.state
         ident = state.tenants.identify(request.headers, {})
-        record = self.pipeline.record_outcome(
+        record = self.pipeline.attribution.record_outcome(
             state, ident.tenant, ident.tier, session, request_id, parsed[0], float(value)
         )
         out = {
