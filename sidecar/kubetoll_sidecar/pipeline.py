@@ -45,6 +45,7 @@ from kubetoll_core.spend_record import (
 )
 
 from . import capabilities, context_policy, drain, exhausted_answer, inbound, tokens
+from .access_log import access_log
 from .attribution import NONE as NO_ATTRIBUTION
 from .attribution_stage import AttributionStage
 from .budgets.admission import (
@@ -85,7 +86,6 @@ from .routing import CompiledRoute, RouteContext
 from .state import DEFAULT_OUTPUT_RESERVATION, RouterState
 from .stream_relay import StreamRelay
 
-access_log = logging.getLogger("kubetoll.access")
 log = logging.getLogger("kubetoll.sidecar")
 
 # Request ids when the app sends none: a random per-process prefix and a counter
@@ -929,8 +929,8 @@ class Pipeline:
             if u.cached_tokens:
                 child(m.tokens, route, ctx.backend, "cached_input").inc(u.cached_tokens)
             child(m.cost, route, ctx.backend, ctx.tier, self.workload).inc(ctx.cost)
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
+        if access_log.enabled:
+            access_log.write(
                 orjson.dumps(
                     {
                         "request_id": ctx.request_id,
@@ -953,7 +953,7 @@ class Pipeline:
                         "added_ms": round(added * 1000, 3),
                         "upstream_ms": round(ctx.upstream_seconds * 1000, 1),
                     }
-                ).decode()
+                )
             )
 
 

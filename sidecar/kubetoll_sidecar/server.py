@@ -28,6 +28,7 @@ from kubetoll_core.periods import Clock, SystemClock
 from kubetoll_core.router_config import RouterConfig, ServerSettings
 
 from . import attribution, inbound, tracing
+from .access_log import access_log
 from .batch_registry import FileRegistry, RedisRegistry
 from .batches import BatchManager, owner_id
 from .budgets.memory import InMemoryBudgetStore
@@ -723,6 +724,11 @@ def configure_logging(level: str = "INFO") -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    # The access line, once a request, skips the logging machinery for the same stream (access_log.py).
+    try:
+        access_log.write_to(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):  # a stderr without a descriptor (an embedding program's)
+        access_log.write_to(None)
 
 
 async def wait_for_config_file(
