@@ -126,3 +126,34 @@ async def test_the_redis_store_forgets_idle_tenant_states_past_its_bound(redis_u
         assert store.snapshot(m, time.time()).used >= 0.51 - 1e-9
     finally:
         await store.close()
+
+
+def test_the_namespace_caps_meters_are_one_object_for_every_tenant() -> None:
+    """A new tenant's meter set holds its own tier meters only; the caps' meters (the same for all) are shared,
+    so the memo grows by the tenant's part alone, and the store sees one object per cap meter."""
+    import tracemalloc
+
+    from kubetoll_core.router_config import RouterConfig
+    from kubetoll_sidecar.budgets.admission import BudgetMeters
+
+    cfg = base_config("http://127.0.0.1:1")
+    cfg["budgets"] = [
+        {
+            "name": "b",
+            "cap": {"usdPerDay": 5, "usdPerMonth": 50, "tokensPerDay": 10**7},
+            "tiers": {"free": {"usdPerDay": 1}},
+        }
+    ]
+    meters = BudgetMeters(RouterConfig.model_validate(cfg))
+    now = 1_795_000_000.0
+    a, b = (meters.for_request("chat", t, "free", now) for t in ("alice", "bob"))
+    caps = [m for m in a.all() if m.level == "cap"]
+    assert len(caps) == 3 and all(any(m is c for m in b.all()) for c in caps)
+    assert [m.key for m in a.all() if m.level != "cap"] != [m.key for m in b.all() if m.level != "cap"]
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    for i in range(2000):
+        meters.for_request("chat", f"tenant-{i}", "free", now)
+    grown = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
+    tracemalloc.stop()
+    print(f"BudgetMeters memo: {grown / 2000:.0f} B a tenant")  # printed, not asserted (it is the interpreter's)

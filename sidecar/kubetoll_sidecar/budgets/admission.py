@@ -129,6 +129,9 @@ class BudgetMeters:
                     self._budgets_by_route[name].append(b)
         self._periods = PeriodCalculator()
         self._memo: dict[tuple[str, str, str, str, str], MeterSet] = {}
+        # The namespace caps' meters are the same for every tenant: one object each, whichever sets hold it
+        # (a tenant's set then costs its own tier meters only). Cleared with the memo.
+        self._cap_meters: dict[tuple[str, str, str], Meter] = {}
         # The tag keys some budget selects on (tagSelector): only they make two requests' meters differ.
         self._selector_keys = tuple(sorted({k for b in self.budgets for k in b.tag_selector or {}}))
         # Tiers with per-session limits: only there does the session make two requests' meters differ.
@@ -165,6 +168,7 @@ class BudgetMeters:
         ms = self._build(route, tenant, tier, now, tags or {}, session)
         if len(self._memo) >= self.MAX_MEMO:
             self._memo.clear()
+            self._cap_meters.clear()
         self._memo[key] = ms
         return ms
 
@@ -187,8 +191,10 @@ class BudgetMeters:
                 ("tokens", cap.tokens_per_month, month, ms.tokens),
             ):
                 if limit is not None:
-                    target.append(
-                        Meter(
+                    shared = (b.name, unit, period.id)
+                    meter = self._cap_meters.get(shared)
+                    if meter is None:
+                        meter = self._cap_meters[shared] = Meter(
                             key=f"{base}:{cap_meter_name(unit, period.id)}",
                             kind="window",
                             unit=unit,
@@ -200,7 +206,7 @@ class BudgetMeters:
                             period_end=period.end,
                             fail_open=fo,
                         )
-                    )
+                    target.append(meter)
             t = b.tiers.get(tier)
             if t is None:
                 continue
