@@ -314,10 +314,9 @@ async def test_report_by_workload_sums_each_workloads_spend(
     out = io.StringIO()
     assert await asyncio.to_thread(report.run, args, out, io.StringIO()) == 0
     rows = list(csv.DictReader(io.StringIO(out.getvalue())))
-    assert {row["dimension"] for row in rows} == {"total", "workload", "route", "savings"}
-    assert {row["key"]: float(row["cost_usd"]) for row in rows if row["dimension"] == "workload"} == pytest.approx(
-        dict(spent), abs=6e-9
-    )
+    # A pivot: one row per (workload, route), a column for each.
+    assert {(row["workload"], row["route"]) for row in rows} == {(w, "chat") for w in spent}
+    assert {row["workload"]: float(row["cost_usd"]) for row in rows} == pytest.approx(dict(spent), abs=6e-9)
     # By default every dimension is there, workload last.
     args = report_args("--redis-url", redis_url, "--namespace", ns, "--since", "1h")
     out = io.StringIO()
@@ -328,5 +327,6 @@ async def test_report_by_workload_sums_each_workloads_spend(
 
 def test_report_by_refuses_an_unknown_dimension() -> None:
     err = io.StringIO()
-    assert report.run(report_args("--by", "workload,team"), io.StringIO(), err) == 2
-    assert "--by 'team'" in err.getvalue() and "workload" in err.getvalue()
+    # Any other lowercase name is a tag key (`--by workload,team`); this one cannot be.
+    assert report.run(report_args("--by", "workload,Team!"), io.StringIO(), err) == 2
+    assert "--by 'Team!'" in err.getvalue() and "workload" in err.getvalue()

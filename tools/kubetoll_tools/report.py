@@ -17,9 +17,27 @@ date-times (`2026-11-01T09:30`, `...Z`, `...+01:00`), epoch seconds, `now`,
 `today`, `yesterday`, `this-month`, `last-month`, or a duration back from now
 (`24h`, `7d`, `90m`, `2w`).
 
-Tables group by tenant, route, backend, tier and workload (the sidecar's pod's
-workload, "(unknown)" for records without one); `--by workload` or `--by
-tenant,route` shows those only.
+Without `--by`, tables group by tenant, route, backend, tier and workload (the
+sidecar's pod's workload, "(unknown)" for records without one), one table each.
+`--by DIM[,DIM...]` is a pivot instead (`report_pivot.py`): one row per distinct
+combination of the dimensions named (tenant, route, backend, model, tier,
+workload, session, outcome, day, or a tag key such as feature), dearest first,
+`--top N` rows (10 in a table, every row in JSON and CSV unless `--top` is given),
+the rows left out summed on a line of their own so the table still adds up.
+Totals carry the sessions and the cost per session; when the app reported
+business outcomes, a "Cost per outcome" section follows (`spend.outcome_costs`).
+
+JSON (`--format json`): `namespace`, `source`, `since`/`until` (epoch seconds)
+and their text, `dropped`, `by` (the dimensions' labels), `summary`
+(`spend.summarize`'s output plus `cascade`, `outcomes` and, in `totals`,
+`sessions` and `cost_per_session_usd`) and `pivot` (None without `--by`, else
+`report_pivot.pivot_summary`'s output: `by`, `rows` each with `keys` (label →
+value) and the figures, `total_rows`, `omitted`, `missing_tags`). CSV: without
+`--by`, one row per group (`dimension,key,...`), a `total` row and `savings`
+rows; with `--by`, one row per pivot row (a column per dimension, then the
+figures) and an `(other N rows)` row for those `--top` left out.
+`--format focus` writes FOCUS 1.2 rows (`report_focus.py`); `--format html` the
+ledger's HTML report (`report_html.render_ledger_report`).
 
 Savings are shown against a baseline model's catalogue prices (`--baseline`,
 default gpt-4o): every request's tokens priced there, with no cache and no
@@ -39,18 +57,23 @@ import io
 import json
 import re
 import sys
+from dataclasses import dataclass
 from datetime import datetime, timedelta, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from . import experiment_report, spend
+from kubetoll_core.prices import ResolvedPrice
+from kubetoll_core.spend_record import SpendRecord
+
+from . import experiment_report, report_focus, report_pivot, spend
 from .estimate import EstimateError, catalog_price, text_table
 from .spend import fmt_usd
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-# What the tables (and CSV rows) group by, in this order unless `--by` names others.
+# What the tables (and CSV rows) group by, in this order, without `--by`.
 DIMENSIONS = ("tenant", "route", "backend", "tier", "workload")
+DEFAULT_TOP = 10  # rows of the top spenders and pivot tables when `--top` is not given
 
 
 class ReportError(Exception):
@@ -103,17 +126,18 @@ def parse_when(text: str, now: float, tz: tzinfo, option: str = "--since") -> fl
 
 
 def parse_by(values: list[str] | None) -> list[str]:
-    """The dimensions `--by` names (comma-separated, repeatable), in order, each once; all by default."""
+    """The labels of the dimensions `--by` names (comma-separated, repeatable), in order, each once;
+    the default tables' dimensions without it."""
     if not values:
         return list(DIMENSIONS)
-    by: list[str] = []
-    for value in values:
-        for dim in (d.strip().lower() for d in value.split(",")):
-            if dim not in DIMENSIONS:
-                raise ReportError(f"--by {dim!r}: expected one or more of {', '.join(DIMENSIONS)}")
-            if dim not in by:
-                by.append(dim)
-    return by
+    return [d.label for d in _dimensions(values)]
+
+
+def _dimensions(values: list[str]) -> list[report_pivot.Dimension]:
+    try:
+        return report_pivot.parse_dimensions(values)
+    except report_pivot.PivotError as exc:
+        raise ReportError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- sources
@@ -255,14 +279,54 @@ _HEADERS = [
 ]
 
 
+def _pivot_table(p: dict[str, Any], total: float) -> list[str]:
+    """The pivot's title and table, and a line for the rows `--top` left out (so the table adds up)."""
+    rows = p["rows"]
+    by = p["by"]
+    with_sessions = any(r["sessions"] for r in rows)
+    headers = [*by, *_HEADERS] + (["sessions", "per session"] if with_sessions else [])
+    body = []
+    for r, cells in zip(rows, _group_rows([{**r, "key": ""} for r in rows], total)):
+        per_session = "–" if r["cost_per_session_usd"] is None else fmt_usd(r["cost_per_session_usd"])
+        extra = [str(r["sessions"]), per_session] if with_sessions else []
+        body.append([*(r["keys"][label] for label in by), *cells[1:], *extra])
+    if by == ["tenant"]:
+        title = f"Top spenders ({len(rows)} of {p['total_rows']} tenants)"
+    else:
+        title = "By " + " × ".join(by)
+        if p["omitted"]:
+            title += f" (top {len(rows)} of {p['total_rows']} rows)"
+    lines = ["", title, text_table(headers, body, set(range(len(by), len(headers))))]
+    o = p["omitted"]
+    if o:
+        share = f" ({100 * o['cost_usd'] / total:.1f}%)" if total else ""
+        lines.append(
+            f"… and {o['rows']} more rows: {o['requests']} requests, {fmt_usd(o['cost_usd'])}{share} "
+            "(--top N shows more)"
+        )
+    for key in p["missing_tags"]:
+        lines.append(f"note: no record in the period carries the tag {key!r} (every row is {report_pivot.UNTAGGED})")
+    return lines
+
+
+def _outcome_table(outcomes: list[dict[str, Any]]) -> list[str]:
+    rows = [
+        [o["outcome"], str(o["count"]), fmt_usd(o["spend_usd"]), fmt_usd(o["cost_per_outcome_usd"])] for o in outcomes
+    ]
+    return ["", "Cost per outcome", text_table(["outcome", "count", "spend", "per outcome"], rows, {1, 2, 3})]
+
+
 def format_table(report: dict[str, Any]) -> str:
     s = report["summary"]
     t = s["totals"]
+    sessions = (
+        f" · {t['sessions']} sessions · {fmt_usd(t['cost_per_session_usd'])} per session" if t.get("sessions") else ""
+    )
     lines = [
         f"Spend in namespace {report['namespace'] or '?'} from {report['since_text']} to {report['until_text']} "
         f"({report['source']})",
         f"{t['requests']} requests · {fmt_usd(t['cost_usd'])} · {fmt_usd(t['cost_per_request_usd'])} per request · "
-        f"{t['prompt_tokens']:,} input + {t['completion_tokens']:,} output tokens",
+        f"{t['prompt_tokens']:,} input + {t['completion_tokens']:,} output tokens{sessions}",
     ]
     if report.get("dropped"):
         lines.append(
@@ -280,6 +344,11 @@ def format_table(report: dict[str, Any]) -> str:
         )
     if s.get("cascade"):
         lines.append("Cascades: " + experiment_report.cascade_line(s["cascade"]))
+    if report.get("pivot"):
+        lines += _pivot_table(report["pivot"], t["cost_usd"])
+        if s.get("outcomes"):
+            lines += _outcome_table(s["outcomes"])
+        return "\n".join(lines)
     for dim in report["by"]:
         groups = s[f"by_{dim}"]
         if dim == "tenant":
@@ -288,6 +357,8 @@ def format_table(report: dict[str, Any]) -> str:
         else:
             title = f"By {dim}"
         lines += ["", title, text_table([dim, *_HEADERS], _group_rows(groups, t["cost_usd"]), set(range(1, 10)))]
+    if s.get("outcomes"):
+        lines += _outcome_table(s["outcomes"])
     return "\n".join(lines)
 
 
@@ -306,7 +377,26 @@ _CSV_FIELDS = [
 ]
 
 
+def _pivot_csv(p: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    by = p["by"]
+    w.writerow([*by, *_CSV_FIELDS, "sessions", "cost_per_session_usd"])
+    for r in p["rows"]:
+        per_session = "" if r["cost_per_session_usd"] is None else r["cost_per_session_usd"]
+        w.writerow([*(r["keys"][label] for label in by), *(r[f] for f in _CSV_FIELDS), r["sessions"], per_session])
+    o = p["omitted"]
+    if o:
+        figures = {"requests": o["requests"], "cost_usd": o["cost_usd"]}
+        w.writerow(
+            [f"(other {o['rows']} rows)", *([""] * (len(by) - 1)), *(figures.get(f, "") for f in _CSV_FIELDS), "", ""]
+        )
+    return buf.getvalue()
+
+
 def format_csv(report: dict[str, Any]) -> str:
+    if report.get("pivot"):
+        return _pivot_csv(report["pivot"])
     s = report["summary"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -357,15 +447,44 @@ def format_experiment(report: dict[str, Any], fmt: str) -> str:
     return head + "\n" + experiment_report.format_experiment(e) + "\n"
 
 
-async def build_report(args: Any, now: float) -> dict[str, Any]:
+@dataclass
+class Ledger:
+    """A period's records, where they came from, and the options every output reads."""
+
+    namespace: str
+    source: str
+    since: float
+    until: float | None
+    tz: tzinfo
+    dropped: int
+    records: list[SpendRecord]
+    baseline: ResolvedPrice | None
+    dims: list[report_pivot.Dimension] | None  # `--by`'s dimensions, None without it
+
+    def header(self) -> dict[str, Any]:
+        return {
+            "namespace": self.namespace,
+            "source": self.source,
+            "since": self.since,
+            "until": self.until,
+            "since_text": _fmt_time(self.since, self.tz),
+            "until_text": _fmt_time(self.until, self.tz),
+            "dropped": self.dropped,
+        }
+
+
+async def load_ledger(args: Any, now: float) -> Ledger:
+    """Parse the period and options, and read the records from the source the arguments name."""
     tz = _tz(args.tz)
     since = parse_when(args.since, now, tz, "--since")
     until = parse_when(args.until, now, tz, "--until") if args.until else None
     if until is not None and until <= since:
         raise ReportError(f"--until ({_fmt_time(until, tz)}) is not after --since ({_fmt_time(since, tz)})")
-    if args.top < 1:
+    if args.top is not None and args.top < 1:
         raise ReportError("--top must be at least 1")
-    by = parse_by(args.by)
+    dims = _dimensions(args.by) if args.by else None
+    if getattr(args, "experiment", None) and getattr(args, "format", "table") in ("focus", "html"):
+        raise ReportError(f"--format {args.format} reports spend, not an experiment: use table, json or csv")
     dropped = 0
     database_url = getattr(args, "database_url", None)  # callers that build args by hand may leave it out
     if database_url and args.redis_url:
@@ -396,30 +515,51 @@ async def build_report(args: Any, now: float) -> dict[str, Any]:
         except EstimateError as exc:
             raise ReportError(str(exc).replace("--models", "--baseline")) from None
     recs = [spend.to_record(r) for r in records]
+    return Ledger(namespace, source, since, until, tz, dropped, recs, baseline, dims)
+
+
+def summarize(ledger: Ledger, args: Any) -> dict[str, Any]:
+    """The report as plain data (the JSON output; the table and CSV are made from it)."""
+    recs = ledger.records
     if getattr(args, "experiment", None):  # callers that build args by hand may leave it out
-        return {
-            "namespace": namespace,
-            "source": source,
-            "since": since,
-            "until": until,
-            "since_text": _fmt_time(since, tz),
-            "until_text": _fmt_time(until, tz),
-            "dropped": dropped,
-            "experiment": experiment_report.experiment_summary(recs, args.experiment),
-        }
-    summary = spend.summarize(recs, baseline=baseline, baseline_label=args.baseline or "", top=args.top)
+        return {**ledger.header(), "experiment": experiment_report.experiment_summary(recs, args.experiment)}
+    summary = spend.summarize(
+        recs, baseline=ledger.baseline, baseline_label=args.baseline or "", top=args.top or DEFAULT_TOP
+    )
     summary["cascade"] = experiment_report.cascade_summary(recs)
+    summary["outcomes"] = spend.outcome_costs(recs)
+    summary["totals"].update(report_pivot.session_totals(recs))
+    pivot = None
+    if ledger.dims is not None:
+        # A table shows DEFAULT_TOP rows unless told; JSON and CSV are exports: every row unless told.
+        top = args.top if getattr(args, "format", "table") in ("json", "csv") else (args.top or DEFAULT_TOP)
+        pivot = report_pivot.pivot_summary(recs, ledger.dims, ledger.tz, top)
     return {
-        "namespace": namespace,
-        "source": source,
-        "since": since,
-        "until": until,
-        "since_text": _fmt_time(since, tz),
-        "until_text": _fmt_time(until, tz),
-        "dropped": dropped,
-        "by": by,
+        **ledger.header(),
+        "by": parse_by(args.by),
         "summary": summary,
+        "pivot": pivot,
     }
+
+
+async def build_report(args: Any, now: float) -> dict[str, Any]:
+    return summarize(await load_ledger(args, now), args)
+
+
+def format_html(ledger: Ledger, args: Any) -> str:
+    from . import report_html  # the HTML renderer's imports wait until an HTML report is asked for
+
+    return report_html.render_ledger_report(
+        ledger.records,
+        namespace=ledger.namespace,
+        source=ledger.source,
+        since=ledger.since,
+        until=ledger.until,
+        tz=ledger.tz,
+        baseline=ledger.baseline,
+        baseline_label=args.baseline or "",
+        top=args.top or DEFAULT_TOP,
+    )
 
 
 def run(args: Any, out: Any = None, err: Any = None) -> int:
@@ -429,10 +569,17 @@ def run(args: Any, out: Any = None, err: Any = None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
     try:
-        report = asyncio.run(build_report(args, time.time()))
+        ledger = asyncio.run(load_ledger(args, time.time()))
     except ReportError as exc:
         print(f"kubetoll report: {exc}", file=err)
         return 2
+    if args.format == "focus":
+        out.write(report_focus.format_focus(ledger.records, ledger.namespace))
+        return 0
+    if args.format == "html":
+        out.write(format_html(ledger, args))
+        return 0
+    report = summarize(ledger, args)
     if "experiment" in report:
         out.write(format_experiment(report, args.format))
     elif args.format == "json":

@@ -86,8 +86,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "report",
-        help="spend for a period by tenant, route, backend, tier and workload, from a running sidecar "
-        "(or the shared ledger)",
+        help="spend for a period by tenant, route, backend, model, feature, session, outcome, ... from a running "
+        "sidecar (or the shared ledger); table, JSON, CSV, FOCUS",
     )
     _report_arguments(p)
     p.set_defaults(handler=_report)
@@ -163,13 +163,19 @@ def _report_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--until", help="end (exclusive), same forms (default now)")
     p.add_argument("--tz", metavar="ZONE", help="timezone for dates and named periods (default: local)")
-    p.add_argument("--top", type=int, default=10, metavar="N", help="top spenders to show (default 10)")
+    p.add_argument(
+        "--top",
+        type=int,
+        metavar="N",
+        help="top spenders, and pivot rows, to show (default 10 in a table; JSON and CSV pivots: every row)",
+    )
     p.add_argument(
         "--by",
         action="append",
         metavar="DIM[,DIM...]",
-        help="group the tables and CSV rows by these only: tenant, route, backend, tier, workload "
-        "(default all; repeatable)",
+        help="a pivot: one row per combination of tenant, route, backend, model, tier, workload, session, "
+        "outcome, day, or a tag key (feature, tag:KEY) (default: a table per tenant, route, backend, tier, "
+        "workload; repeatable)",
     )
     p.add_argument(
         "--baseline",
@@ -183,7 +189,12 @@ def _report_arguments(p: argparse.ArgumentParser) -> None:
         help="report one experiment instead: per arm, requests, cost per request, latency p50/p95, error and "
         "escalation rates, with 95%% intervals",
     )
-    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument(
+        "--format",
+        choices=("table", "json", "csv", "focus", "html"),
+        default="table",
+        help="focus: FinOps FOCUS 1.2 CSV rows; html: a report page (default table)",
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
