@@ -21,7 +21,8 @@ once a pod. Measured on real processes, the sidecar alone on one core:
 The configs carry their catalogue prices as the operator compiles them, so no
 sidecar loads the price catalogue. Every child runs with bytecode, as the image's
 (its `pip install` compiles the modules): written once into a temporary
-PYTHONPYCACHEPREFIX before measuring, whatever PYTHONDONTWRITEBYTECODE says. Prints figures next to the targets; never asserts.
+PYTHONPYCACHEPREFIX before measuring, whatever PYTHONDONTWRITEBYTECODE says.
+Prints figures next to the targets; never asserts.
 
     .venv/bin/python bench/footprint.py [--starts 5] [--requests 10000] [--tenants 10000]
 """
