@@ -402,8 +402,7 @@ class Pipeline:
         """The summarizer's call is spend of this request: counted against its budgets (never refused: it
         already happened) and in the ledger, as outcome context_summary (spend, not a request)."""
         now = self.clock.time()
-        meters = ctx.state.meters
-        ctx.meters = meters.for_request(
+        ctx.meters = ctx.state.meters.for_request(
             ctx.route_name, ctx.tenant, ctx.tier, now, ctx.attribution.tag_map, ctx.session_meter
         )
         holds = [Hold(m, float(usage.total_tokens), enforce=False) for m in ctx.meters.tokens]

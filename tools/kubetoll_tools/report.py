@@ -125,14 +125,6 @@ def parse_when(text: str, now: float, tz: tzinfo, option: str = "--since") -> fl
     return dt.timestamp()
 
 
-def parse_by(values: list[str] | None) -> list[str]:
-    """The labels of the dimensions `--by` names (comma-separated, repeatable), in order, each once;
-    the default tables' dimensions without it."""
-    if not values:
-        return list(DIMENSIONS)
-    return [d.label for d in _dimensions(values)]
-
-
 def _dimensions(values: list[str]) -> list[report_pivot.Dimension]:
     try:
         return report_pivot.parse_dimensions(values)
@@ -536,7 +528,8 @@ def summarize(ledger: Ledger, args: Any) -> dict[str, Any]:
         pivot = report_pivot.pivot_summary(recs, ledger.dims, ledger.tz, top)
     return {
         **ledger.header(),
-        "by": parse_by(args.by),
+        # The dimensions' labels: the pivot's, or the default tables' without `--by`.
+        "by": [d.label for d in ledger.dims] if ledger.dims is not None else list(DIMENSIONS),
         "summary": summary,
         "pivot": pivot,
     }

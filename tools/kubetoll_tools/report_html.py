@@ -42,12 +42,10 @@ DATA_ID = "kubetoll-report-data"
 def timeline(records: Iterable[SpendRecord], t0: float, t1: float, bucket_s: float) -> dict[str, Any]:
     """Spend per backend per bucket of `bucket_s` seconds from t0 (the run's start)."""
     n = max(1, math.ceil(max(t1 - t0, bucket_s) / bucket_s))
-    series: dict[str, list[float]] = defaultdict(lambda: [0.0] * n)
-    for r in records:
-        i = min(max(int((r.time - t0) // bucket_s), 0), n - 1)
-        series[r.backend or spend.CACHE_BACKEND][i] += r.cost_usd
-    order = sorted(series, key=lambda k: -sum(series[k]))
-    return {"bucket_seconds": bucket_s, "buckets": n, "series": {k: series[k] for k in order}}
+    tl = edge_timeline(records, [t0 + i * bucket_s for i in range(n + 1)])
+    del tl["edges"]  # uniform buckets: their size says it
+    tl["bucket_seconds"] = bucket_s
+    return tl
 
 
 def build_report_data(
@@ -598,9 +596,8 @@ def _attribution_section(attr: dict[str, Any]) -> str:
 
 # Up to this long a period is charted per hour, beyond it per day (in the report's time zone).
 HOURLY_UP_TO_S = 2 * 86400
-# Dimensions charted besides tags: (record field, heading).
-_FIELD_DIMENSIONS = (("tenant", "tenant"), ("route", "route"), ("backend", "backend"), ("model", "model"),
-                     ("tier", "tier"), ("workload", "workload"))  # fmt: skip
+# Dimensions charted besides tags: record fields, each its own heading.
+_FIELD_DIMENSIONS = ("tenant", "route", "backend", "model", "tier", "workload")
 _NONE_KEY = "(none)"  # the bar of records without a value for a field (an older sidecar wrote no model)
 
 
@@ -644,13 +641,13 @@ def dimension_groups(recs: Sequence[SpendRecord], top: int) -> list[tuple[str, l
     """Per dimension (record fields, then every tag key the records carry): its `top` dearest groups, the rest
     folded into one row. A field no record sets (every group "(none)") is left out."""
     out: list[tuple[str, list[Group]]] = []
-    for field, heading in _FIELD_DIMENSIONS:
+    for field in _FIELD_DIMENSIONS:
         groups = spend.group_by(recs, field)
         if field == "workload" and all(g.key == spend.UNKNOWN_WORKLOAD for g in groups):
             continue
         if all(not g.key for g in groups):
             continue
-        out.append((heading, groups))
+        out.append((field, groups))
     for key in sorted({k for r in recs for k in r.tag_map}):
         out.append((f"tag {key}", spend.group_by_tag(recs, key)))
     result = []
@@ -671,10 +668,7 @@ def dimension_groups(recs: Sequence[SpendRecord], top: int) -> list[tuple[str, l
 
 def session_summary(recs: Iterable[SpendRecord]) -> dict[str, Any] | None:
     """Spend per session (the records that carried a session id): how many, their spend, mean and dearest."""
-    cost: dict[str, float] = defaultdict(float)
-    for r in recs:
-        if r.session:
-            cost[r.session] += r.cost_usd
+    cost = spend.session_costs(recs)
     if not cost:
         return None
     total = math.fsum(cost.values())

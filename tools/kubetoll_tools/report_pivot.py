@@ -41,7 +41,7 @@ from typing import Any
 from kubetoll_core.parts import TAG_KEY_PATTERN
 from kubetoll_core.spend_record import OUTCOME_REPORTED, SpendRecord
 
-from .spend import CACHE_BACKEND, UNKNOWN_WORKLOAD, Group
+from .spend import CACHE_BACKEND, UNKNOWN_WORKLOAD, Group, session_costs
 
 FIXED_DIMENSIONS = ("tenant", "route", "backend", "model", "tier", "workload", "session", "outcome", "day")
 NO_SESSION = "(none)"
@@ -175,13 +175,8 @@ def pivot(records: Iterable[SpendRecord], dims: Sequence[Dimension], tz: tzinfo)
 
 def session_totals(records: Iterable[SpendRecord]) -> dict[str, Any]:
     """Distinct sessions in the records, and the spend of their records per session (None without any)."""
-    sessions: set[str] = set()
-    cost = 0.0
-    for r in records:
-        if r.session:
-            sessions.add(r.session)
-            cost += r.cost_usd
-    return {"sessions": len(sessions), "cost_per_session_usd": cost / len(sessions) if sessions else None}
+    cost = session_costs(records)
+    return {"sessions": len(cost), "cost_per_session_usd": sum(cost.values()) / len(cost) if cost else None}
 
 
 def pivot_summary(

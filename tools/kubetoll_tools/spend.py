@@ -129,15 +129,22 @@ def group_by_tag(records: Iterable[SpendRecord], key: str, missing: str = "(unta
     return sorted(groups.values(), key=lambda g: (-g.cost_usd, g.key))
 
 
+def session_costs(records: Iterable[SpendRecord]) -> dict[str, float]:
+    """Spend per session id, over the records that carried one."""
+    cost: dict[str, float] = defaultdict(float)
+    for r in records:
+        if r.session:
+            cost[r.session] += r.cost_usd
+    return cost
+
+
 def outcome_costs(records: Iterable[SpendRecord]) -> list[dict[str, Any]]:
     """Per business outcome the app reported: how many, the spend of the conversations that reported it
     (a session's records; a request's own when the outcome named a request), and that spend per outcome."""
     recs = list(records)
-    by_session: dict[str, float] = defaultdict(float)
+    by_session = session_costs(recs)
     by_request: dict[str, float] = defaultdict(float)
     for r in recs:
-        if r.session:
-            by_session[r.session] += r.cost_usd
         if r.request_id:
             by_request[r.request_id] += r.cost_usd
     out: dict[str, dict[str, Any]] = {}
