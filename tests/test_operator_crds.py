@@ -488,6 +488,8 @@ BAD = [
     ("tier-zero-usd", _with(BUDGET, "spec.tiers.0.usdPerDay", 0), "usdPerDay"),
     ("tier-bad-name", _with(BUDGET, "spec.tiers.0.name", "Free Tier"), "name"),
     ("tier-bad-on-exhausted", _with(BUDGET, "spec.tiers.0.onExhausted", "explode"), "onExhausted"),
+    ("tier-idle-without-session-limit", _with(BUDGET, "spec.tiers.0.sessionIdleSeconds", 1800), "sessionIdleSeconds"),
+    ("tier-idle-too-short", _with(BUDGET, "spec.tiers.0.sessionIdleSeconds", 30), "sessionIdleSeconds"),
     ("cap-negative", _with(BUDGET, "spec.cap.usdPerMonth", -1), "usdPerMonth"),
     ("threshold-over-100", _with(BUDGET, "spec.alertThresholds", [150]), "alertThresholds"),
     ("bad-fail-mode", _with(BUDGET, "spec.failMode", "sometimes"), "failMode"),

@@ -643,6 +643,12 @@ class TierLimits(ContractModel):
                 v is None or v > 0 for v in (t.tokens_per_minute, t.requests_per_minute, t.usd_per_day, t.usd_per_month)
             ),
         ),
+        CelRule(
+            "!has(self.sessionIdleSeconds) || has(self.usdPerSession) || has(self.tokensPerSession)",
+            "sessionIdleSeconds ends a session's usdPerSession or tokensPerSession: set one of them, or drop it",
+            lambda t: t.session_idle_seconds is None or t.per_session,
+            ".sessionIdleSeconds",
+        ),
     )
 
 

@@ -141,7 +141,7 @@ class BudgetMeters:
         for b in self.budgets:
             for name, t in b.tiers.items():
                 idle = t.session_idle_seconds
-                if t.per_session and idle is not None:
+                if idle is not None:  # only beside a per-session limit (the models refuse it alone)
                     self._session_idle[name] = min(idle, self._session_idle.get(name, idle))
 
     def session_idle_seconds(self, tier: str) -> int | None:
