@@ -27,6 +27,9 @@ index (`merge_choices`; streams: `FanOutStream`) and their usages kept one per
 call, each priced on its own. One failing call fails the backend as a single
 failing call would; what the others spent is handed back as `Spend` in the
 caller's `abandoned` list, to be settled however forwarding ends.
+
+Transport: each backend's calls go through its `UpstreamClient` (upstream_client.py,
+a lean HTTP/1.1 keep-alive pool); aiohttp's `ClientSession` serves the calls off this path.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ from .retry_after import clamp_retry_after
 from .sse import SSEDecoder
 from .tracing import OFF as TRACING_OFF
 from .tracing import Tracing
+from .upstream_client import CallTimeout, UpstreamClient, UpstreamResponse
 
 # type[Any]: the translators are Translators structurally, not by type[...] (their stream
 # translators' `feed` returns narrower lists than the protocol's).
@@ -101,7 +105,13 @@ class BackendRuntime:
 
     config: Backend
     price: ResolvedPrice
-    session: aiohttp.ClientSession
+    session: aiohttp.ClientSession  # for the calls off the hot path (embeddings, verifiers, batches)
+    client: UpstreamClient = field(default_factory=UpstreamClient)  # the forwarder's calls
+    call_timeout: CallTimeout = field(init=False)
+
+    def __post_init__(self) -> None:
+        t = self.config.timeouts
+        self.call_timeout = CallTimeout(total=t.total, connect=t.connect, read=t.first_token)
 
 
 @dataclass(slots=True)
@@ -123,7 +133,7 @@ class Attempt:
 class OpenStream:
     """One upstream stream, opened: its first chunks are in hand."""
 
-    response: aiohttp.ClientResponse
+    response: UpstreamResponse
     decoder: SSEDecoder
     translator: Any  # StreamTranslator
     pending: list[Any]  # chunks translated but not yet sent (at least one, unless done)
@@ -150,7 +160,7 @@ class OpenStream:
         """The chunks of the upstream's next read (maybe none), or None once it is finished."""
         if self.finished:
             return None
-        return self.take(await self.response.content.readany())
+        return self.take(await self.response.readany())
 
     def take(self, raw: bytes) -> list[Any]:
         """Translate one read of the upstream body (b"": its end) into chunks to send."""
@@ -211,7 +221,7 @@ class FanOutStream:
             return None
         for i in live:
             if i not in self._reads:
-                self._reads[i] = asyncio.ensure_future(self.parts[i].response.content.readany())
+                self._reads[i] = asyncio.ensure_future(self.parts[i].response.readany())
         await asyncio.wait([self._reads[i] for i in live], return_when=asyncio.FIRST_COMPLETED)
         got: dict[int, list[Any]] = {}
         for i in live:
@@ -593,13 +603,14 @@ class Forwarder:
         b = rt.config
         started = time.monotonic()
         t = b.timeouts
-        timeout = aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.first_token)
         max_retry = b.circuit_breaker.max_retry_after_seconds
         try:
-            resp = await rt.session.request(req.method, req.url, data=req.body, headers=req.headers, timeout=timeout)
+            resp = await rt.client.request(
+                req.method, req.url, body=req.body, headers=req.headers, timeout=rt.call_timeout
+            )
         except TimeoutError:
             return _Call(0, error=UpstreamError(0, FailureClass.timeout, f"no response within {t.first_token:g}s"))
-        except (aiohttp.ClientError, OSError) as exc:
+        except OSError as exc:  # UpstreamConnectionError included
             return _Call(0, error=UpstreamError(0, FailureClass.connection_error, _connection_message(exc)))
         try:
             if resp.status >= 400:
@@ -622,7 +633,7 @@ class Forwarder:
         except TimeoutError:
             resp.close()
             return _Call(0, error=UpstreamError(0, FailureClass.timeout, f"no data within {t.first_token:g}s"))
-        except (aiohttp.ClientError, OSError) as exc:
+        except OSError as exc:
             resp.close()
             return _Call(0, error=UpstreamError(0, FailureClass.connection_error, _connection_message(exc)))
         except ValueError as exc:  # a 200 whose body is not what the API promises
@@ -636,7 +647,7 @@ class Forwarder:
 
     async def _open_stream(
         self,
-        resp: aiohttp.ClientResponse,
+        resp: UpstreamResponse,
         translator: Translator,
         model_alias: str,
         include_usage: bool,
@@ -647,7 +658,7 @@ class Forwarder:
         st = translator.stream_translator(model_alias, include_usage)
         pending: list[Any] = []
         while not pending and not st.done:
-            chunk = await resp.content.readany()
+            chunk = await resp.readany()
             if not chunk:
                 events = decoder.flush()
                 for ev, data in events:

@@ -30,6 +30,7 @@ from .credentials import CredentialStore
 from .forwarder import BackendRuntime
 from .routing import Router
 from .tenancy import TenantResolver
+from .upstream_client import UpstreamClient
 
 log = logging.getLogger("kubetoll.state")
 
@@ -60,16 +61,28 @@ class RouterState:
 
 
 class SessionPool:
-    """One aiohttp ClientSession (keep-alive pool) per backend endpoint, shared across reloads."""
+    """The connection pools of each backend endpoint, shared across reloads.
+
+    Two per backend: the lean `UpstreamClient` the forwarder's calls (the hot path) go
+    through, and an aiohttp `ClientSession` for the calls off it (embeddings, verifiers,
+    batch lines, the Responses passthrough). `maxConnections` bounds each; a session opens
+    connections only when such a call is made.
+    """
 
     def __init__(self) -> None:
-        self._sessions: dict[tuple[str, str, int], aiohttp.ClientSession] = {}
+        self._pools: dict[tuple[str, str, int], tuple[aiohttp.ClientSession, UpstreamClient]] = {}
         self._closing: set[asyncio.Task] = set()
 
     def get(self, b: Backend) -> aiohttp.ClientSession:
+        return self._pool(b)[0]
+
+    def client(self, b: Backend) -> UpstreamClient:
+        return self._pool(b)[1]
+
+    def _pool(self, b: Backend) -> tuple[aiohttp.ClientSession, UpstreamClient]:
         key = (b.name, b.endpoint, b.max_connections)
-        s = self._sessions.get(key)
-        if s is None or s.closed:
+        pool = self._pools.get(key)
+        if pool is None or pool[0].closed or pool[1].closed:
             connector = aiohttp.TCPConnector(
                 limit=b.max_connections, limit_per_host=b.max_connections, keepalive_timeout=60, ttl_dns_cache=30
             )
@@ -77,29 +90,32 @@ class SessionPool:
             s = aiohttp.ClientSession(
                 connector=connector, cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",)
             )
-            self._sessions[key] = s
-        return s
+            pool = (s, UpstreamClient(max_connections=b.max_connections, keepalive_seconds=60))
+            self._pools[key] = pool
+        return pool
 
     def retire_unused(self, in_use: Mapping[str, BackendRuntime], grace: float) -> None:
         used = {id(rt.session) for rt in in_use.values()}
-        for key, s in list(self._sessions.items()):
-            if id(s) not in used:
-                del self._sessions[key]
-                task = asyncio.create_task(self._close_later(s, grace))
+        for key, pool in list(self._pools.items()):
+            if id(pool[0]) not in used:
+                del self._pools[key]
+                task = asyncio.create_task(self._close_later(pool, grace))
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
 
     @staticmethod
-    async def _close_later(s: aiohttp.ClientSession, grace: float) -> None:
+    async def _close_later(pool: tuple[aiohttp.ClientSession, UpstreamClient], grace: float) -> None:
         await asyncio.sleep(grace)
-        await s.close()
+        await pool[0].close()
+        await pool[1].close()
 
     async def close(self) -> None:
         for t in list(self._closing):
             t.cancel()
-        for s in self._sessions.values():
+        for s, c in self._pools.values():
             await s.close()
-        self._sessions.clear()
+            await c.close()
+        self._pools.clear()
 
 
 def build_state(
@@ -126,7 +142,7 @@ def build_state(
             problems.append(str(exc))
     if problems:
         raise ConfigError("; ".join(problems))
-    backends = {b.name: BackendRuntime(b, prices[b.name], sessions.get(b)) for b in config.backends}
+    backends = {b.name: BackendRuntime(b, prices[b.name], sessions.get(b), sessions.client(b)) for b in config.backends}
     jwt = None
     if config.tenancy.jwt is not None:
         # Imported here: PyJWT and cryptography cost a sidecar ~8 MB and ~80 ms of start-up.
