@@ -539,7 +539,7 @@ async def test_a_reservation_held_open_outlives_many_lease_ttls_in_redis(redis_u
         assert int(await r.hget(state, "L:holder") or 0) >= 800_000_000
         with pytest.raises(Exhausted):
             await other.reserve([Hold(m, 0.5)], time.time())  # the batch's headroom is held for everyone
-        await holder.settle(batch, {m.key: 0.1}, time.time())
+        holder.settle(batch, {m.key: 0.1}, time.time())
         await asyncio.wait_for(_until_leased(r, state, "spent", 100_000_000), 10)  # settled: spend, not a lease
     finally:
         await holder.close()

@@ -112,7 +112,7 @@ async def test_the_redis_store_forgets_idle_tenant_states_past_its_bound(redis_u
         for i in range(300):
             m = tenant_window(i)
             res = await store.reserve([Hold(m, 0.01)], time.time())
-            await store.settle(res, {m.key: 0.01}, time.time())
+            store.settle(res, {m.key: 0.01}, time.time())
         # Leases come back once idle (2 x lease_seconds); then the table is cut back under its bound.
         deadline = time.monotonic() + 20
         while store.stats()["meters_tracked"] > 100:
@@ -122,7 +122,7 @@ async def test_the_redis_store_forgets_idle_tenant_states_past_its_bound(redis_u
         # A forgotten tenant's spend is Redis's: its next reservation sees what it spent.
         m = tenant_window(0)
         res = await store.reserve([Hold(m, 0.5)], time.time())
-        await store.settle(res, {m.key: 0.5}, time.time())
+        store.settle(res, {m.key: 0.5}, time.time())
         assert store.snapshot(m, time.time()).used >= 0.51 - 1e-9
     finally:
         await store.close()

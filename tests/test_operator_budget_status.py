@@ -114,7 +114,7 @@ async def spend_like_a_sidecar(
         now = time.time()
         holds = [Hold(m, usd, enforce=False) for m in meters.usd]  # onExhausted allow: counted past a limit
         reservation = await store.reserve(holds, now)
-        await store.settle(reservation, {m.key: usd for m in meters.usd}, now)
+        store.settle(reservation, {m.key: usd for m in meters.usd}, now)
         for r in records:
             store.add_record(r)
     finally:

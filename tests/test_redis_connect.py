@@ -69,7 +69,7 @@ async def round_trip(settings: BudgetStoreSettings, ns: str, creds: str = "/none
     await s.start()
     m1, m2 = meter("b1"), meter("b2")
     res = await s.reserve([Hold(m1, 1.0), Hold(m2, 1.0)], time.time())
-    await s.settle(res, {m1.key: 0.5, m2.key: 0.25}, time.time())
+    s.settle(res, {m1.key: 0.5, m2.key: 0.25}, time.time())
     RedisLedger(s, s.client).append(rec(ns, 0.5))
     await s.close()
     assert s.stats()["redis_errors"] == 0, s.stats()
@@ -96,11 +96,11 @@ async def test_namespaces_never_share_budget_state(redis_url):
     await b.start()
     m = meter()
     res = await a.reserve([Hold(m, 10.0)], time.time())
-    await a.settle(res, {m.key: 10.0}, time.time())
+    a.settle(res, {m.key: 10.0}, time.time())
     with pytest.raises(Exhausted):
         await a.reserve([Hold(m, 1.0)], time.time())
     res = await b.reserve([Hold(m, 10.0)], time.time())  # same budget and meter names, other namespace
-    await b.settle(res, {m.key: 3.0}, time.time())
+    b.settle(res, {m.key: 3.0}, time.time())
     r = Redis.from_url(redis_url, decode_responses=True)
     try:
         await set_suspended(r, ns_a, "b", True)
@@ -245,7 +245,7 @@ async def test_cluster_keeps_each_budget_in_one_slot():
         )
         await a.start()
         res = await a.reserve([Hold(meter("b1"), 0.1)], time.time())
-        await a.settle(res, {}, time.time())
+        a.settle(res, {}, time.time())
         await set_suspended(client, "clu", "b1", True)
         await wait_until(lambda: a.is_suspended("b1"), timeout=30)  # a hang bound, not a speed claim
         await a.close()

@@ -7,6 +7,7 @@ than timeout_ms, plus slack for a loaded test machine), not benchmarks.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 
@@ -92,7 +93,7 @@ async def warm(store: RedisBudgetStore, meter: Meter, n: int = 20, amount: float
     spent = 0.0
     for _ in range(n):
         res = await store.reserve([Hold(meter, amount)], time.time())
-        await store.settle(res, {meter.key: amount}, time.time())
+        store.settle(res, {meter.key: amount}, time.time())
         spent += amount
     return spent
 
@@ -124,7 +125,7 @@ async def exercise_outage(store: RedisBudgetStore, ledger: RedisLedger, ns: str)
             break
         assert not isinstance(res, Exception), res
         admitted_units += 250_000_000
-        await store.settle(res, {OPEN.key: 0.2}, time.time())
+        store.settle(res, {OPEN.key: 0.2}, time.time())
         ledger.append(record(ns, 0.2, i))
         settled += 0.2
     closed_errors = []
@@ -169,9 +170,10 @@ async def test_redis_killed_fail_open_serves_within_bound_fail_closed_raises(red
     assert st["buffered_spend_meters"] >= 1
     # settle never waits on Redis
     res = await store.reserve([Hold(OPEN, 0.0)], time.time())
-    settling = store.settle(res, {OPEN.key: 0.0}, time.time())
-    with pytest.raises(StopIteration):
-        settling.send(None)  # it finished without suspending once: nothing in it waits on Redis
+    assert not inspect.iscoroutinefunction(store.settle)  # nothing in it can wait on Redis
+    t0 = time.monotonic()
+    store.settle(res, {OPEN.key: 0.0}, time.time())
+    assert time.monotonic() - t0 < 0.05
     t0 = time.monotonic()
     await store.close(timeout=0.5)
     assert time.monotonic() - t0 < 0.5 + HANG  # close gives up on the unreachable Redis at its timeout
@@ -248,7 +250,7 @@ async def test_redis_restarted_empty_counts_lost_history_and_reregisters_leases(
         while store.counters.history_lost_total == 0 and time.monotonic() < deadline:
             # any activity (or the periodic renewal) reaches the new server
             res = await store.reserve([Hold(OPEN, 0.1)], time.time())
-            await store.settle(res, {OPEN.key: 0.1}, time.time())
+            store.settle(res, {OPEN.key: 0.1}, time.time())
             await asyncio.sleep(0.05)
         await drained(store)
         await asyncio.sleep(0.2)
@@ -260,7 +262,7 @@ async def test_redis_restarted_empty_counts_lost_history_and_reregisters_leases(
         h = await r.hgetall(RedisKeys(ns).meter(OPEN.budget, OPEN.key).state)
         # the reservation still in flight is leased again in the new Redis
         assert int(h["L:a"]) >= 3_000_000_000
-        await store.settle(in_flight, {OPEN.key: 2.0}, time.time())
+        store.settle(in_flight, {OPEN.key: 2.0}, time.time())
         await store.close()
         h = await r.hgetall(RedisKeys(ns).meter(OPEN.budget, OPEN.key).state)
         assert int(h["leased"]) == 0
@@ -278,7 +280,7 @@ async def test_redis_down_at_start_then_up(ns):
     res, dt = await timed(store.reserve([Hold(OPEN, 0.5)], time.time()))
     assert dt <= TIMEOUT_MS / 1000 + SLACK
     assert not isinstance(res, Exception)  # failOpen: on the allowance (1% of 100 USD)
-    await store.settle(res, {OPEN.key: 0.4}, time.time())
+    store.settle(res, {OPEN.key: 0.4}, time.time())
     exc, dt = await timed(store.reserve([Hold(CLOSED, 0.5)], time.time()))
     assert isinstance(exc, StoreUnavailable) and dt <= TIMEOUT_MS / 1000 + SLACK
     exc, _ = await timed(store.reserve([Hold(OPEN, 5.0)], time.time()))
@@ -287,7 +289,7 @@ async def test_redis_down_at_start_then_up(ns):
     try:
         await drained(store)
         res = await store.reserve([Hold(CLOSED, 0.5)], time.time())  # Redis answers again
-        await store.settle(res, {CLOSED.key: 0.5}, time.time())
+        store.settle(res, {CLOSED.key: 0.5}, time.time())
         await store.close()
         r = Redis.from_url(proc.url, decode_responses=True)
         try:

@@ -43,7 +43,7 @@ async def until(pred, limit: float = 30.0) -> None:
 
 async def use(store: RedisBudgetStore, m: Meter) -> None:
     res = await store.reserve([Hold(m, 1.0)], time.time())
-    await store.settle(res, {m.key: 1.0}, time.time())
+    store.settle(res, {m.key: 1.0}, time.time())
 
 
 @pytest.mark.parametrize("pubsub", [True, False], ids=["pubsub", "poll-only"])

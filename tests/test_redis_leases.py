@@ -86,7 +86,7 @@ async def spend_loop(
         admitted += 1
         last_admit = time.monotonic()
         await asyncio.sleep(0)
-        await store.settle(res, {h.meter.key: actual(h.amount) for h in holds}, time.time())
+        store.settle(res, {h.meter.key: actual(h.amount) for h in holds}, time.time())
     return admitted, rejected
 
 
@@ -144,7 +144,7 @@ async def test_lease_follows_own_rate_and_returns_when_idle(redis_url, ns, r):
     await s.start()
     for _ in range(200):
         res = await s.reserve([Hold(m, 0.01)], time.time())
-        await s.settle(res, {m.key: 0.01}, time.time())
+        s.settle(res, {m.key: 0.01}, time.time())
         await asyncio.sleep(0.002)
     st = s.lease_of(m.key)
     # it holds more than one request's worth (no round trip per request) ...
@@ -166,7 +166,7 @@ async def test_leases_shrink_near_the_limit(redis_url, ns):
     # Each takes a lease; with 4 holders none may take more than frac * remaining / holders (or one request).
     for s in stores:
         res = await s.reserve([Hold(m, 0.1)], time.time())
-        await s.settle(res, {m.key: 0.1}, time.time())
+        s.settle(res, {m.key: 0.1}, time.time())
     leases = [s.lease_of(m.key).lease for s in stores]
     assert sum(leases) <= 1_000_000_000
     assert leases[-1] <= max(0.5 * (1_000_000_000 - sum(leases[:-1])), 100_000_000)
@@ -190,7 +190,7 @@ CHILD = textwrap.dedent(
         s = RedisBudgetStore.connect(settings, {ns!r}, "/nonexistent", sidecar_id="doomed", lease_ttl=1.0)
         await s.start()
         done = await s.reserve([Hold(m, 1.0)], time.time())
-        await s.settle(done, {{m.key: 0.75}}, time.time())
+        s.settle(done, {{m.key: 0.75}}, time.time())
         await s.reserve([Hold(m, 2.0)], time.time())  # in flight when the process dies
         await asyncio.sleep(0.4)  # the 0.75 is flushed by now
         print("ready", s.lease_of(m.key).lease, flush=True)
@@ -245,7 +245,7 @@ async def test_ledger_and_period_totals_agree_exactly(redis_url, ns, r):
         res = await s.reserve([Hold(cap, 0.05), Hold(day, 0.05), Hold(tier[t], 0.05)], time.time())
         await asyncio.sleep(rnd.random() * 0.01)
         cost = rnd.uniform(0.0, 0.05)
-        await s.settle(res, {cap.key: cost, day.key: cost, tier[t].key: cost}, time.time())
+        s.settle(res, {cap.key: cost, day.key: cost, tier[t].key: cost}, time.time())
         led.append(
             SpendRecord(
                 time=time.time(),
@@ -289,7 +289,7 @@ async def test_period_keys_expire_on_their_own(redis_url, ns, r):
     s = make(redis_url, ns, "a")
     await s.start()
     res = await s.reserve([Hold(day, 1.0), Hold(month, 1.0), Hold(bucket, 60.0)], time.time())
-    await s.settle(res, {day.key: 1.0, month.key: 1.0, bucket.key: 60.0}, time.time())
+    s.settle(res, {day.key: 1.0, month.key: 1.0, bucket.key: 60.0}, time.time())
     await s.close()
     keys = RedisKeys(ns)
     now_ms = time.time() * 1000
@@ -346,7 +346,7 @@ async def test_redis_commands_per_request_stay_below_a_tenth(redis_url, ns):
     n = 20_000
     for i in range(n):
         res = await s.reserve([Hold(cap, 0.002), Hold(tenant_day, 0.002), Hold(tokens, 500.0)], time.time())
-        await s.settle(res, {cap.key: 0.001, tenant_day.key: 0.001, tokens.key: 300.0}, time.time())
+        s.settle(res, {cap.key: 0.001, tenant_day.key: 0.001, tokens.key: 300.0}, time.time())
         led.append(
             SpendRecord(
                 time=time.time(),
@@ -379,7 +379,7 @@ async def test_thousands_of_tenant_meters_are_synced_in_bounded_calls(redis_url,
 
     async def one(m: Meter) -> None:
         res = await s.reserve([Hold(m, 0.1)], time.time())
-        await s.settle(res, {m.key: 0.05}, time.time())
+        s.settle(res, {m.key: 0.05}, time.time())
 
     await asyncio.gather(*(one(m) for m in meters))
     await s.close()

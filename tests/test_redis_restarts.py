@@ -90,7 +90,7 @@ async def spend(store: RedisBudgetStore, ledger: RedisLedger, ns: str, n: int, c
             res = await store.reserve([Hold(OPEN, cost)], time.time())
         except (StoreUnavailable, Exhausted):
             continue
-        await store.settle(res, {OPEN.key: cost}, time.time())
+        store.settle(res, {OPEN.key: cost}, time.time())
         ledger.append(record(ns, i, cost))
         ok += 1
     return ok
@@ -179,7 +179,7 @@ async def test_spend_above_the_estimate_counts_against_the_allowance(redis_down,
             res = await store.reserve([Hold(OPEN, 0.05)], time.time())
         except StoreUnavailable:
             break
-        await store.settle(res, {OPEN.key: 0.10}, time.time())
+        store.settle(res, {OPEN.key: 0.10}, time.time())
         n += 1
     assert 0.10 * n <= 1.0 + 0.10  # the allowance is 1 USD of actual spend, give or take one request
     await store.close()
@@ -450,7 +450,7 @@ async def test_a_redis_slower_than_timeout_ms_is_waited_for_not_called_away(redi
         await store.start()
         for _ in range(5):  # first leases of a cold meter, then top-ups
             res = await store.reserve([Hold(closed, 2.0)], time.time())
-            await store.settle(res, {closed.key: 2.0}, time.time())
+            store.settle(res, {closed.key: 2.0}, time.time())
         assert store.available
         assert store.counters.unavailable_total == 0
     finally:
@@ -467,7 +467,7 @@ async def test_a_wait_that_runs_out_says_what_happened(redis_down, ns):
     try:
         await store.start()
         res = await store.reserve([Hold(closed, 0.5)], time.time())  # warm: a lease, a measured round trip
-        await store.settle(res, {closed.key: 0.5}, time.time())
+        store.settle(res, {closed.key: 0.5}, time.time())
         proxy.delay = 1.0  # now far slower than 3 round trips, but answering within the I/O timeout
         with pytest.raises(StoreUnavailable) as err:
             await store.reserve([Hold(closed, 80.0)], time.time())  # more than any lease so far: must ask Redis

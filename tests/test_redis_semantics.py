@@ -109,19 +109,19 @@ async def test_first_failing_hold_in_order_is_reported(store):
 async def test_settle_replaces_the_estimate_once(store):
     m = window(10.0)
     res = await store.reserve([Hold(m, 4.0)], NOW)
-    await store.settle(res, {m.key: 2.5}, NOW)
+    store.settle(res, {m.key: 2.5}, NOW)
     assert store.snapshot(m, NOW).used == pytest.approx(2.5)
-    await store.settle(res, {m.key: 2.5}, NOW)  # settling twice changes nothing
+    store.settle(res, {m.key: 2.5}, NOW)  # settling twice changes nothing
     assert store.snapshot(m, NOW).used == pytest.approx(2.5)
     res = await store.reserve([Hold(m, 1.0)], NOW)
-    await store.settle(res, {}, NOW)  # missing -> 0
+    store.settle(res, {}, NOW)  # missing -> 0
     assert store.snapshot(m, NOW).used == pytest.approx(2.5)
 
 
 async def test_settle_above_the_estimate_counts_the_overage(store):
     m = window(10.0)
     res = await store.reserve([Hold(m, 1.0)], NOW)
-    await store.settle(res, {m.key: 3.0}, NOW)
+    store.settle(res, {m.key: 3.0}, NOW)
     assert store.snapshot(m, NOW).used == pytest.approx(3.0)
 
 
@@ -142,7 +142,7 @@ async def test_bucket_take_give_back_and_retry_after(store):
     with pytest.raises(Exhausted) as ei:
         await store.reserve([Hold(m, 1.0)], NOW)
     assert ei.value.retry_after == pytest.approx(1000.0, rel=0.02)
-    await store.settle(res, {m.key: 4.0}, NOW)  # 6 unused tokens go back
+    store.settle(res, {m.key: 4.0}, NOW)  # 6 unused tokens go back
     assert store.snapshot(m, NOW).used == pytest.approx(4.0, abs=0.01)
     await store.reserve([Hold(m, 6.0)], NOW)
     with pytest.raises(Exhausted):
@@ -176,7 +176,7 @@ async def test_many_small_settles_sum_exactly(store):
     m = window(100.0)
     for i in range(300):
         res = await store.reserve([Hold(m, 0.01)], NOW)
-        await store.settle(res, {m.key: 0.001 + (i % 7) * 0.0001}, NOW)
+        store.settle(res, {m.key: 0.001 + (i % 7) * 0.0001}, NOW)
     expected = sum(0.001 + (i % 7) * 0.0001 for i in range(300))
     assert store.snapshot(m, NOW).used == pytest.approx(expected, abs=1e-9)
     if isinstance(store, RedisBudgetStore):

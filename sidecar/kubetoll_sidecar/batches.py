@@ -450,7 +450,7 @@ class BatchManager:
                 raise ApiError(502, f"backend {rt.config.name} answered a batch without an id", "server_error")
         except BaseException:
             if reservation is not None:
-                await self.store.settle(reservation, {}, self.clock.time())
+                self.store.settle(reservation, {}, self.clock.time())
             raise
         entry.id = batch_id
         self.pending[batch_id] = entry
@@ -560,7 +560,7 @@ class BatchManager:
                 self.pending.pop(batch_id, None)
                 res = self._held.pop(batch_id, None)
                 if res is not None:
-                    await self.store.settle(res, {}, self.clock.time())
+                    self.store.settle(res, {}, self.clock.time())
                 log.warning("batch %s is settled by another sidecar now: its reservation here is released", batch_id)
 
     async def _take_over(self, entry: PendingBatch) -> None:
@@ -651,7 +651,7 @@ class BatchManager:
         now = self.clock.time()
         if not committed:
             if res is not None:
-                await self.store.settle(res, {}, now)
+                self.store.settle(res, {}, now)
             log.info("batch %s was settled by another sidecar: its reservation here is released", batch_id)
             return False
         price = price_from_json(entry.price)
@@ -691,7 +691,7 @@ class BatchManager:
             res = Reservation(f"batch:{batch_id}", [Hold(m, 0.0, enforce=False) for m in windows])
         used_tokens = float(prompt + completion)
         actual = {h.meter.key: used_tokens if h.meter.unit == "tokens" else cost for h in res.holds}
-        await self._settle_and_record(res, actual, now, records)
+        self._settle_and_record(res, actual, now, records)
         self.settled_total += 1
         m = self.metrics
         m.cost.labels(entry.route, entry.backend, entry.tier, self.workload).inc(cost)
@@ -712,12 +712,12 @@ class BatchManager:
         )
         return True
 
-    async def _settle_and_record(
+    def _settle_and_record(
         self, res: Reservation, actual: dict[str, float], now: float, records: list[SpendRecord]
     ) -> None:
         # Settle and append with no suspension between them, as the pipeline does, so a shared
         # store writes the spend and its records in the same flush.
-        await self.store.settle(res, actual, now)
+        self.store.settle(res, actual, now)
         for r in records:
             self.ledger.append(r)
 

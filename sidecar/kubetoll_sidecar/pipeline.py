@@ -693,13 +693,14 @@ class Pipeline:
                 total = float(usage.total_tokens) if usage else 0.0
                 actual = {m.key: total for m in ctx.meters.tokens}
                 actual.update({m.key: cost for m in ctx.meters.usd})
-        await asyncio.shield(self._settle_and_record(reservation, actual, now, records))
+        self._settle_and_record(reservation, actual, now, records)
 
-    async def _settle_and_record(
+    def _settle_and_record(
         self, reservation: Reservation | None, actual: dict[str, float], now: float, records: list[SpendRecord]
     ) -> None:
+        # No await from here to the ledger: a cancel cannot land between settling and recording.
         if reservation is not None:
-            await self.store.settle(reservation, actual, now)
+            self.store.settle(reservation, actual, now)
         for record in records:
             self.ledger.append(record)
 

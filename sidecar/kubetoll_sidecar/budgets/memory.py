@@ -90,7 +90,7 @@ class InMemoryBudgetStore:
         self._maybe_prune(now)
         return Reservation(id=str(next(self._ids)), holds=list(holds))
 
-    async def settle(self, reservation: Reservation, actual: Mapping[str, float], now: float) -> None:
+    def settle(self, reservation: Reservation, actual: Mapping[str, float], now: float) -> None:
         if reservation.settled:
             return
         reservation.settled = True

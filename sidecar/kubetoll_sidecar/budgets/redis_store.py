@@ -444,7 +444,7 @@ class RedisBudgetStore:
             why += f" (recent round trips: {self._rtt * 1000.0:.0f} ms)"
         return self._reserve_degraded(holds, sts, amts, now, mono, why=why, since=started)
 
-    async def settle(self, reservation: Reservation, actual: Mapping[str, float], now: float) -> None:
+    def settle(self, reservation: Reservation, actual: Mapping[str, float], now: float) -> None:
         if reservation.settled:
             return
         reservation.settled = True

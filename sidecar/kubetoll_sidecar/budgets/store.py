@@ -122,8 +122,12 @@ class BudgetStore(Protocol):
         """All holds or none. Raises Exhausted for the first enforced hold that does not fit."""
         ...
 
-    async def settle(self, reservation: Reservation, actual: Mapping[str, float], now: float) -> None:
-        """Replace each hold's estimate by the actual amount (meter key -> amount; missing -> 0)."""
+    def settle(self, reservation: Reservation, actual: Mapping[str, float], now: float) -> None:
+        """Replace each hold's estimate by the actual amount (meter key -> amount; missing -> 0).
+
+        Synchronous in every store: settlement is local (the Redis store flushes spend in
+        batches), so a cancelled request (the client gone, the drain's cut) cannot be
+        interrupted between its answer and its settlement, and no task is needed to shield it."""
         ...
 
     def snapshot(self, meter: Meter, now: float) -> MeterState:
