@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import aiohttp
 import openai
+import orjson
 import pytest
 
 from support.harness import base_config
@@ -179,6 +181,26 @@ async def test_body_over_limit_is_413(sim, start_sidecar):
         async with s.post(sc.url + "/v1/chat/completions", json=big) as r:
             assert r.status == 413
             assert (await r.json())["error"]["code"] == "request_too_large"
+
+
+async def test_a_gzip_body_over_the_limit_once_decoded_is_413(sim, start_sidecar):
+    # Small on the wire, so Content-Length passes; the limit holds for the decoded body, whole
+    # (it came with the head) or still arriving.
+    cfg = base_config(sim.url)
+    cfg["server"]["maxBodyBytes"] = 2048
+    sc = await start_sidecar(cfg)
+    raw = orjson.dumps({"model": "chat", "messages": [{"role": "user", "content": "x" * 100_000}]})
+    packed = gzip.compress(raw)
+    assert len(packed) < 2048
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            sc.url + "/v1/chat/completions",
+            data=packed,
+            headers={"content-type": "application/json", "content-encoding": "gzip"},
+        ) as r:
+            assert r.status == 413
+            assert (await r.json())["error"]["code"] == "request_too_large"
+    assert not sim.requests
 
 
 async def test_sdk_exception_types(sim, start_sidecar):

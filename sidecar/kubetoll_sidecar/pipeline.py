@@ -81,7 +81,7 @@ from .inbound.responses import StoredResponses
 from .ledger import Ledger
 from .metrics import Metrics
 from .providers.base import Endpoint, Usage, upstream_calls
-from .request_parsing import ParsedRequest, parse_request
+from .request_parsing import ParsedRequest, body_deadline, parse_request
 from .routing import CompiledRoute, RouteContext
 from .state import DEFAULT_OUTPUT_RESERVATION, RouterState
 from .stream_relay import StreamRelay
@@ -196,7 +196,7 @@ class Pipeline:
         server = state.config.server
         try:
             # A stalled upload must not hold its buffers and its connection for ever.
-            async with asyncio.timeout(server.body_timeout_seconds):
+            async with body_deadline(request, server.body_timeout_seconds):
                 req = ctx.req = await parse_request(request, ctx.endpoint, server.max_body_bytes)
         except TimeoutError:
             ctx.outcome = "body_timeout"

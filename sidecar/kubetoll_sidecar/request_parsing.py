@@ -15,6 +15,9 @@ a request id that is not text (400), and a `Content-Length` over the limit
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +99,15 @@ async def expect_continue(request: web.Request, limit: int) -> web.StreamRespons
     return None
 
 
+_NOTHING_TO_WAIT_FOR: AbstractAsyncContextManager[None] = contextlib.nullcontext()
+
+
+def body_deadline(request: web.Request, seconds: float) -> AbstractAsyncContextManager[Any]:
+    """`asyncio.timeout(seconds)` around reading a body still arriving; nothing to bound when the
+    whole body came with the head (the usual case: a timer and a context switch saved)."""
+    return _NOTHING_TO_WAIT_FOR if request.content.is_eof() else asyncio.timeout(seconds)
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
     too_large = _too_large(request, limit)
     if too_large is not None:
@@ -108,27 +120,39 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             "invalid_request_error",
             "unsupported_content_encoding",
         )
+    content = request.content
+    try:
+        if content.is_eof():  # all of it is in (decoded, when it had a Content-Encoding)
+            raw = content.read_nowait()
+            if len(raw) > limit:
+                raise _over_limit(limit)
+            return raw
+    except web.RequestPayloadError as exc:
+        raise _payload_error(exc, encoding) from None
     chunks = []
     size = 0
     try:
-        async for chunk in request.content.iter_chunked(65536):
+        async for chunk in content.iter_chunked(65536):
             size += len(chunk)
             if size > limit:
-                raise ApiError(
-                    413,
-                    f"request body exceeds the limit of {limit} bytes",
-                    "invalid_request_error",
-                    "request_too_large",
-                )
+                raise _over_limit(limit)
             chunks.append(chunk)
     except web.RequestPayloadError as exc:
-        if isinstance(exc.__cause__, ContentEncodingError):
-            raise bad_request(
-                f"the request body does not decode as its Content-Encoding {encoding!r}",
-                code="invalid_content_encoding",
-            ) from None
-        raise bad_request("the request body is malformed (its framing or length)", code="malformed_body") from None
+        raise _payload_error(exc, encoding) from None
     return b"".join(chunks)
+
+
+def _over_limit(limit: int) -> ApiError:
+    message = f"request body exceeds the limit of {limit} bytes"
+    return ApiError(413, message, "invalid_request_error", "request_too_large")
+
+
+def _payload_error(exc: web.RequestPayloadError, encoding: str) -> ApiError:
+    if isinstance(exc.__cause__, ContentEncodingError):
+        return bad_request(
+            f"the request body does not decode as its Content-Encoding {encoding!r}", code="invalid_content_encoding"
+        )
+    return bad_request("the request body is malformed (its framing or length)", code="malformed_body")
 
 
 def _int_field(body: dict[str, Any], name: str, minimum: int) -> int | None:

@@ -53,7 +53,7 @@ from .metrics import Metrics
 from .pipeline import Pipeline
 from .providers.base import Endpoint
 from .replica_load import ReplicaLoads
-from .request_parsing import expect_continue, read_json
+from .request_parsing import body_deadline, expect_continue, read_json
 from .routing import read_pod_labels
 from .state import RouterState, SessionPool, build_state
 from .workload import WorkloadIdentity
@@ -454,7 +454,7 @@ class Sidecar:
         assert self.state is not None
         server = self.state.config.server
         try:
-            async with asyncio.timeout(server.body_timeout_seconds):
+            async with body_deadline(request, server.body_timeout_seconds):
                 body, _ = await read_json(request, server.max_body_bytes)
         except TimeoutError:
             raise ApiError(
