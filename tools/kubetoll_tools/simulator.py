@@ -62,6 +62,7 @@ import hashlib
 import math
 import random
 import signal
+import ssl
 import struct
 import time
 from array import array
@@ -955,9 +956,16 @@ Handler = Callable[[_Ctx], Awaitable[web.StreamResponse]]
 class SimulatedUpstream:
     """An aiohttp server speaking OpenAI, Azure OpenAI and Anthropic. Use `async with`."""
 
-    def __init__(self, settings: SimSettings | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        settings: SimSettings | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.settings = settings or SimSettings()
         self.host = host
+        self.ssl_context = ssl_context  # set: serves HTTPS, as a hosted API does
         self.port = port
         self.requests: list[RecordedRequest] = []
         self.faults: deque[Fault] = deque()
@@ -976,12 +984,12 @@ class SimulatedUpstream:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://{host}:{self.port}"
 
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True, ssl_context=self.ssl_context)
         await site.start()
         self.port = self._runner.addresses[0][1]
         self._started = time.monotonic()

@@ -1,0 +1,74 @@
+"""A hosted API over HTTPS, through a running sidecar: verified TLS with SNI, plain and streamed,
+and a certificate the sidecar does not trust failing over to the next backend without leaking the key."""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+import trustme
+
+from kubetoll_sidecar import upstream_client
+from kubetoll_tools.simulator import SimSettings, SimulatedUpstream
+from support.harness import two_backend_config
+
+
+@pytest.fixture
+async def tls_sim(ca: trustme.CA) -> AsyncIterator[SimulatedUpstream]:
+    cert = ca.issue_cert("localhost")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_ctx)
+    async with SimulatedUpstream(
+        SimSettings(api_key=os.environ["KT_TEST_OPENAI_KEY"]), host="localhost", ssl_context=server_ctx
+    ) as s:
+        yield s
+
+
+def trusting(monkeypatch: pytest.MonkeyPatch, ca: trustme.CA) -> None:
+    # The sidecar verifies against the system's CA store; the test CA joins it for this test.
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    monkeypatch.setattr(upstream_client, "_default_ssl", ctx)
+
+
+async def test_chat_over_https_plain_and_streamed(tls_sim, sim2, start_sidecar, monkeypatch, ca):
+    trusting(monkeypatch, ca)
+    assert tls_sim.url.startswith("https://localhost:")  # a name, so SNI and the name check are exercised
+    sc = await start_sidecar(two_backend_config(tls_sim, sim2))
+    client = sc.openai()
+    raw = await client.chat.completions.with_raw_response.create(
+        model="chat", messages=[{"role": "user", "content": "hello"}]
+    )
+    assert raw.headers["x-kubetoll-backend"] == "primary"
+    assert raw.parse().choices[0].message.content
+    stream = await client.chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": "hello"}], stream=True
+    )
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text
+    assert len(tls_sim.requests) == 2 and not sim2.requests
+    assert tls_sim.requests[0].headers["authorization"] == "Bearer " + os.environ["KT_TEST_OPENAI_KEY"]
+
+
+async def test_an_untrusted_certificate_falls_back_and_names_tls_without_the_key(tls_sim, sim2, start_sidecar):
+    cfg = two_backend_config(tls_sim, sim2)
+    cfg["routes"][0]["rules"][0]["backends"] = ["primary"]  # no fallback: the error reaches the client
+    sc = await start_sidecar(cfg)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            sc.url + "/v1/chat/completions", json={"model": "chat", "messages": [{"role": "user", "content": "x"}]}
+        ) as r:
+            status, text = r.status, await r.text()
+    assert status == 502
+    assert "TLS" in text and "certificate" in text
+    assert os.environ["KT_TEST_OPENAI_KEY"] not in text
+    assert not tls_sim.requests
+
+    sc2 = await start_sidecar(two_backend_config(tls_sim, sim2))  # with the fallback
+    raw = await sc2.openai().chat.completions.with_raw_response.create(
+        model="chat", messages=[{"role": "user", "content": "hello"}]
+    )
+    assert raw.headers["x-kubetoll-backend"] == "secondary"
