@@ -40,12 +40,13 @@ import benchsupport as bs
 
 AREAS = (
     # (area, substrings of the file path; first match wins)
+    ("upstream client (upstream_client.py)", ("kubetoll_sidecar/upstream_client.py",)),
     ("kubetoll sidecar code", ("kubetoll_sidecar/",)),
     ("logging (access log line)", ("/logging/",)),
     ("prometheus_client (metrics)", ("prometheus_client/",)),
     ("tiktoken (token estimate)", ("tiktoken/",)),
     (
-        "aiohttp client (upstream call)",
+        "aiohttp client (calls off the hot path)",
         ("aiohttp/client", "aiohttp/connector.py", "aiohttp/cookiejar.py", "aiohttp/tracing.py"),
     ),
     ("aiohttp server (API side)", ("aiohttp/web", "aiohttp/base_protocol.py")),

@@ -280,7 +280,7 @@ def start_sidecar(
 
 
 def start_bare_proxy(upstream_port: int, port: int, cpus: set[int] | None, log: Path) -> subprocess.Popen:
-    """The framework floor: aiohttp server + ClientSession pass-through, nothing else (benchsupport/bare_proxy.py)."""
+    """The reference: aiohttp server + ClientSession pass-through, nothing else (benchsupport/bare_proxy.py)."""
     proc = subprocess.Popen(
         [sys.executable, str(Path(__file__).with_name("bare_proxy.py")), str(upstream_port), str(port)],
         env=child_env(),

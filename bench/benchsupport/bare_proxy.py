@@ -1,8 +1,10 @@
-"""A bare aiohttp pass-through proxy: the framework floor under the sidecar.
+"""A bare aiohttp pass-through proxy: the reference the sidecar is measured against.
 
-The same two aiohttp halves the sidecar uses (a `web` server on 127.0.0.1 and a
-keep-alive `ClientSession` to the upstream, on uvloop), and nothing else: no
-parsing, budgets, metrics or logs. What the sidecar costs above this is its own.
+An aiohttp `web` server on 127.0.0.1 and a keep-alive `ClientSession` to the
+upstream, on uvloop, and nothing else: no parsing, budgets, metrics or logs. The
+sidecar's server half is the same; its upstream half has been its own HTTP/1.1
+client since 2026-12-03 (upstream_client.py), which costs less than ClientSession,
+so the sidecar's cost above this proxy is an upper bound of its pipeline's.
 
     python bare_proxy.py UPSTREAM_PORT LISTEN_PORT
 """
