@@ -541,12 +541,48 @@ async def test_idle_connections_close_after_keepalive_seconds(serve: Any, make_c
 
 
 async def test_a_response_released_before_its_end_closes_its_connection(serve: Any, client: UpstreamClient) -> None:
-    server = await serve(ok(b"x" * 1000))
+    sent_head = asyncio.Event()
+
+    async def handler(conn: Conn) -> None:
+        await conn.read_request()
+        await conn.send(response(body=b"x" * 1000)[:-500])  # the head and half the body
+        sent_head.set()
+        await conn.read_until_eof()
+
+    server = await serve(handler)
     resp = await bounded(client.request("GET", server.url()))
-    resp.release()
+    await bounded(sent_head.wait())
+    resp.release()  # the rest has not arrived: the connection cannot be reused
     assert client.open_connections == 0
-    assert await get(client, server.url()) == b"x" * 1000
-    assert server.accepted == 2
+
+
+async def test_a_stream_released_at_its_last_event_goes_back_to_the_pool(serve: Any, client: UpstreamClient) -> None:
+    # An SSE reader stops at `data: [DONE]`; the chunked terminator has arrived by the time it
+    # gives the response up, and release reads past it, so the next call reuses the connection
+    # (for a hosted API: no new TLS handshake).
+    events = [b"data: {}\n\n", b"data: [DONE]\n\n"]
+    read_done, sent_end = asyncio.Event(), asyncio.Event()
+
+    async def handler(conn: Conn) -> None:
+        await conn.read_request()
+        await conn.send(response(headers=CHUNKED, length=False) + b"".join(chunk(e) for e in events))
+        await read_done.wait()
+        await conn.send(b"0\r\n\r\n")
+        sent_end.set()
+        await keep_alive(lambda _req: response(body=b"again"))(conn)
+
+    server = await serve(handler)
+    resp = await bounded(client.request("GET", server.url()))
+    got = b""
+    while b"[DONE]" not in got:
+        got += await bounded(resp.readany())
+    read_done.set()
+    await bounded(sent_end.wait())
+    await asyncio.sleep(0.05)  # the terminator reaches the client's buffer, unread
+    resp.release()
+    assert (client.open_connections, client.idle_connections) == (1, 1)
+    assert await get(client, server.url()) == b"again"
+    assert server.accepted == 1
 
 
 async def test_connection_counts_and_close(serve: Any, client: UpstreamClient) -> None:

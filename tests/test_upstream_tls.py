@@ -72,3 +72,17 @@ async def test_an_untrusted_certificate_falls_back_and_names_tls_without_the_key
         model="chat", messages=[{"role": "user", "content": "hello"}]
     )
     assert raw.headers["x-kubetoll-backend"] == "secondary"
+
+
+async def test_streams_reuse_one_tls_connection(tls_sim, sim2, start_sidecar, monkeypatch, ca):
+    # A stream that ended hands its connection back: three streams, one TLS handshake.
+    trusting(monkeypatch, ca)
+    sc = await start_sidecar(two_backend_config(tls_sim, sim2))
+    client = sc.openai()
+    for _ in range(3):
+        stream = await client.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "hello"}], stream=True
+        )
+        assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    pool = sc.sidecar.state.backends["primary"].client
+    assert (pool.open_connections, pool.idle_connections) == (1, 1)

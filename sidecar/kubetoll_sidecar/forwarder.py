@@ -175,7 +175,9 @@ class OpenStream:
         return out
 
     def close(self) -> None:
-        self.response.close()
+        # Released, not closed: a stream that ended has its connection back in the pool; one
+        # given up part way is closed (release reads past only what was already received).
+        self.response.release()
 
     def usages(self, model: str, prompt_tokens: int) -> list[Usage]:
         """What the stream cost, per upstream call (one here)."""

@@ -456,11 +456,22 @@ class UpstreamResponse:
 
     # ---------------------------------------------------------------- end
     def release(self) -> None:
-        """Done with the response: its connection back to the pool if the body was read whole, else closed."""
+        """Done with the response: its connection back to the pool if the body was read whole, else closed.
+
+        What is left of the body and already received is read past first: a stream whose caller
+        stopped at its last event usually has the framing's end (chunked's `0\r\n\r\n`) in the
+        buffer, and its connection is then reused rather than opened again (a TLS handshake, for
+        a hosted API)."""
         if self._released:
             return
         self._released = True
         conn = self._conn
+        if not self._done and self._keep_alive and self._mode != "close":
+            try:
+                while not self._done and self._take():
+                    pass
+            except UpstreamProtocolError:
+                pass  # closed below
         if self._done and self._keep_alive and not conn.closed and not conn.buf and not conn.eof:
             self._client._release(conn)
         else:
