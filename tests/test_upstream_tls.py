@@ -86,3 +86,14 @@ async def test_streams_reuse_one_tls_connection(tls_sim, sim2, start_sidecar, mo
         assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     pool = sc.sidecar.state.backends["primary"].client
     assert (pool.open_connections, pool.idle_connections) == (1, 1)
+
+
+def test_the_default_context_verifies_and_is_the_one_aiohttp_loaded(monkeypatch):
+    # One CA store in the process (~2.3 MiB), not one for aiohttp and one for the upstream client.
+    from aiohttp import connector
+
+    monkeypatch.setattr(upstream_client, "_default_ssl", None)
+    ctx = upstream_client._default_ssl_context()
+    assert ctx is connector._SSL_CONTEXT_VERIFIED
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    assert upstream_client._default_ssl_context() is ctx
