@@ -11,6 +11,7 @@ responses, header injection, TLS, and that credentials never reach an error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import socket
 import ssl
@@ -88,31 +89,30 @@ async def get(client: UpstreamClient, url: str, **kw: Any) -> bytes:
 
 
 @pytest.fixture
-async def serve() -> AsyncIterator[Callable[..., Awaitable[RawServer]]]:
-    servers: list[RawServer] = []
-
-    async def _serve(handler: Handler, **kw: Any) -> RawServer:
-        server = await RawServer(handler, **kw).start()
-        servers.append(server)
-        return server
-
-    yield _serve
-    for server in servers:
-        await server.stop()
+async def cleanup() -> AsyncIterator[contextlib.AsyncExitStack]:
+    """What a test started (servers, clients), stopped at its end, the last started first."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield stack
 
 
 @pytest.fixture
-async def make_client() -> AsyncIterator[Callable[..., UpstreamClient]]:
-    clients: list[UpstreamClient] = []
+def serve(cleanup: contextlib.AsyncExitStack) -> Callable[..., Awaitable[RawServer]]:
+    async def _serve(handler: Handler, **kw: Any) -> RawServer:
+        server = await RawServer(handler, **kw).start()
+        cleanup.push_async_callback(server.stop)
+        return server
 
+    return _serve
+
+
+@pytest.fixture
+def make_client(cleanup: contextlib.AsyncExitStack) -> Callable[..., UpstreamClient]:
     def _make(**kw: Any) -> UpstreamClient:
         c = UpstreamClient(**kw)
-        clients.append(c)
+        cleanup.push_async_callback(c.close)
         return c
 
-    yield _make
-    for c in clients:
-        await c.close()
+    return _make
 
 
 @pytest.fixture
