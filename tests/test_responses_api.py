@@ -277,6 +277,8 @@ async def test_stored_responses_are_retrieved_from_the_backend_that_made_them(si
         ({"model": "gpt"}, "input"),
         ({"model": "gpt", "input": 42}, "input"),
         ({"model": "gpt", "input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
+        ({"model": "gpt", "input": [{"role": []}]}, "input[0].role"),  # found by the fuzzer: was a 500
+        ({"model": "gpt", "input": [{"role": {"a": 1}, "content": "x"}]}, "input[0].role"),
         ({"model": "gpt", "input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
         ({"model": "gpt", "input": "x", "max_output_tokens": 0}, "max_output_tokens"),
         ({"model": "gpt", "input": "x", "tools": {}}, "tools"),
@@ -413,6 +415,8 @@ def test_native_stream_usage_and_errors():
     done = {"type": "response.completed", "sequence_number": 9, "response": {"id": "r", "usage": usage}}
     assert stream.feed(None, json.dumps(done).encode()) == [done]
     assert stream.done and stream.text == ["Hi"] and stream.usage == Usage(12, 2, 4)
+    odd, event = ResponsesStream(), {"type": ["response.completed"]}
+    assert odd.feed(None, json.dumps(event).encode()) == [event] and not odd.done  # passed on, not a crash
     for payload in (
         {
             "type": "error",

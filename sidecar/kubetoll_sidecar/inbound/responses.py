@@ -138,7 +138,7 @@ def _validate_item(item: Any, where: str) -> None:
     kind = item.get("type")
     if kind is None or kind == "message":
         role = item.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:  # a list or an object is unhashable
             raise bad_request(f"{where}.role must be one of {sorted(_ROLES)}", param=f"{where}.role")
         content = item.get("content")
         if not isinstance(content, (str, list)):

@@ -72,6 +72,8 @@ class ResponsesStream:
             self._error = UpstreamError(502, FailureClass.server_error, "upstream sent a malformed stream event")
             return []
         kind = payload.get("type") or event
+        if not isinstance(kind, str):  # an upstream's odd event: a list `type` would not hash below
+            kind = None
         if kind == "error":
             # OpenAI nests the error (`{"type": "error", "error": {...}}`); its reference documents
             # the fields at the top level. Either is read.
