@@ -290,7 +290,7 @@ async def test_each_threshold_posts_one_event_per_period_across_restarts(
         assert (await cluster.get("TokenBudget", "team"))["status"]["percent"] == 85.0
 
     await eventually(at_85)
-    reports = memo.reconciler.spend_reports
+    reports = memo.reconciler.reporter.spend_reports
     await eventually(lambda: _more_reports(memo, reports + 5))
     assert len(await threshold_events(cluster)) == 2
 
@@ -309,7 +309,7 @@ async def test_each_threshold_posts_one_event_per_period_across_restarts(
         assert len(events) == 3 and events[2]["type"] == "Warning" and "90%" in events[2]["message"]
 
     await eventually(ninety)
-    mine, theirs = memo.reconciler.spend_reports + 5, other.reconciler.spend_reports + 5
+    mine, theirs = memo.reconciler.reporter.spend_reports + 5, other.reconciler.reporter.spend_reports + 5
     await eventually(lambda: _more_reports(memo, mine))
     await eventually(lambda: _more_reports(other, theirs))
     assert len(await threshold_events(cluster)) == 3
@@ -320,7 +320,7 @@ async def test_each_threshold_posts_one_event_per_period_across_restarts(
 
 
 async def _more_reports(memo: Any, at_least: int) -> None:
-    assert memo.reconciler.spend_reports >= at_least
+    assert memo.reconciler.reporter.spend_reports >= at_least
 
 
 async def redis_keys_matching(redis: RedisProcess, pattern: str) -> list[str]:
@@ -359,7 +359,7 @@ async def test_redis_down_sets_a_condition_and_keeps_the_last_reading(
 
     await eventually(unavailable)
     # Still ticking (each reading bounded), still compiling.
-    reports = memo.reconciler.spend_reports
+    reports = memo.reconciler.reporter.spend_reports
     await eventually(lambda: _more_reports(memo, reports + 3))
     await cluster.patch("ModelBackend", "local", {"spec": {"maxConnections": 7}})
 
@@ -446,7 +446,7 @@ async def test_no_shared_store_limits_from_the_spec_and_spend_per_pod(cluster: K
         "Unit": "tokens",
         "Ready": "True",
     }
-    assert memo.reconciler.redis is None  # nothing to read: no Redis client at all
+    assert memo.reconciler.reporter.redis is None  # nothing to read: no Redis client at all
 
     # A spec edit shows at once: the limit is the spec's.
     await cluster.patch("TokenBudget", "team", {"spec": {"cap": {"tokensPerDay": 5000}}})
@@ -510,7 +510,7 @@ async def test_kill_switches_are_written_back_from_the_spec_after_redis_lost_the
             await pubsub.subscribe(keys.channel())
             assert (await pubsub.get_message(timeout=10))["type"] == "subscribe"
             await client.flushall()  # Redis restarted empty
-            passes = memo.reconciler.spend_reports
+            passes = memo.reconciler.reporter.spend_reports
             # Pass `passes + 1` started after the flush; by the start of the next one it has run whole.
             await eventually(lambda: _more_reports(memo, passes + 2))
             await switches()
@@ -523,7 +523,7 @@ async def test_kill_switches_are_written_back_from_the_spec_after_redis_lost_the
 
             # A switch Redis knows is left as it is: `kubetoll budget suspend` ran ahead of the spec.
             await set_suspended(client, NS, "open", True)
-            passes, logged = memo.reconciler.spend_reports, len(events.records)
+            passes, logged = memo.reconciler.reporter.spend_reports, len(events.records)
             await eventually(lambda: _more_reports(memo, passes + 2))
             assert await client.exists(keys.suspended("open")) == 1
             assert not [r.getMessage() for r in events.records[logged:] if "kill switch" in r.getMessage()]

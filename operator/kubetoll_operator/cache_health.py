@@ -3,7 +3,7 @@
 A sidecar whose semantic tier of a policy cannot serve (the circuit on its
 embedding or verifier backend is open, or it has no client for that backend)
 writes a report into Redis (kubetoll_core.cache_health); the spend reporter
-reads each policy's reports on its pass (`handlers.Reconciler.report_spend`) and
+reads each policy's reports on its pass (`spend_reporter.SpendReporter.report_spend`) and
 writes this condition:
 
 * True, reason `EmbeddingUnavailable` (or `VerifierUnavailable` when only the

@@ -1,6 +1,6 @@
 """The spend reporter's arithmetic: TokenBudget and CachePolicy status from the sidecars' Redis state.
 
-Plain functions and small value objects, no Kubernetes calls (handlers.py reads
+Plain functions and small value objects, no Kubernetes calls (spend_reporter.py reads
 Redis on a timer per namespace, then writes what these functions return).
 
 * `budget_report`: a budget's window meters (`ledger_stream.period_totals`) in
