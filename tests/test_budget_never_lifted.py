@@ -49,6 +49,10 @@ async def apply_examples_and_wait(kubectl: Kubectl) -> dict[str, Any]:
         config = await router_config(kubectl)
         assert [b["name"] for b in config["budgets"]] == ["chat-budget"]
         assert [r["name"] for r in config["routes"]] == ["chat"]
+        # Applied last: until it is compiled in, the route is compiled without its cache policy,
+        # and the "good" version a test keeps would not be the one the examples describe.
+        assert [p["name"] for p in config.get("cachePolicies") or ()] == ["faq-cache"]
+        assert config["routes"][0].get("cachePolicy") == "faq-cache"
         return config
 
     return await eventually(compiled)
