@@ -62,6 +62,7 @@ HEAVY = {
     "redis": "budgetStore.url",
     "yaml": "a YAML config file (the operator writes JSON)",
     "numpy": "a semantic cache policy",
+    "kubetoll_sidecar.cache.guards.lexicon": "the same (the strict check's word lists, ~2 MiB)",
     "opentelemetry": "telemetry.otlp.endpoint (traces)",
     "google.protobuf": "the same (the OTLP exporter's encoding)",
 }

@@ -79,14 +79,15 @@ from .redis_guard import RedisGuard, RedisUnavailable
 from .replay import CacheHit, Entry, is_complete, usage_dict
 from .semantic_health import PartSpec, SemanticHealth
 from .verifiers import MAX_TEXT_CHARS, ModelVerifier
-from .verify import VERIFY_VERSION, Signature, disagreement, signature
 
-if TYPE_CHECKING:  # numpy, the index and error control load on first semantic use, not with the stage
+if TYPE_CHECKING:  # numpy, the index, error control and the strict check's word lists (verify.py,
+    # ~2 MiB and ~24 ms) load on first semantic use, not with the stage
     import numpy as np
     from redis.asyncio import Redis, RedisCluster
 
     from .error_control import Decision, ErrorRateController
     from .semantic import Candidate, SemanticIndex
+    from .verify import Signature
 
 log = logging.getLogger("kubetoll.cache")
 
@@ -279,7 +280,7 @@ VERIFY_LRU_SHARE = 16  # the questions and verdicts get localMaxBytes / 16 more 
 def policy_hash(policy: CachePolicy) -> str:
     stored_as = policy.model_copy(update={"semantic": policy.semantic.model_copy(update=_SERVING_ONLY)})
     return keys.digest(
-        keys.canonical_json({"settings": keys.policy_settings_hash(stored_as), "verify": VERIFY_VERSION}), 6
+        keys.canonical_json({"settings": keys.policy_settings_hash(stored_as), "verify": keys.VERIFY_VERSION}), 6
     )
 
 
@@ -580,6 +581,8 @@ class CacheStage:
         vec = await self._embed(rt, lk, split.text)
         if vec is None:
             return None
+        from .verify import signature
+
         sig = signature(split.text)
         lk._partition, lk._vector, lk._signature, lk._question = split.partition, vec, sig, split.text
         candidates = await self._search(rt.ensure_index(), split.partition, vec, s.threshold, now)
@@ -609,6 +612,8 @@ class CacheStage:
         The rules are free and can only turn a candidate down, so they filter every candidate;
         a model verifier is then asked about this one only (`_confirm`).
         """
+        from .verify import disagreement
+
         s = rt.policy.semantic
         rules = s.verifier_settings.runs_rules
         index = rt.ensure_index()
@@ -1141,6 +1146,8 @@ class CacheStage:
     @staticmethod
     def _apply(index: SemanticIndex, fields: Mapping[Any, Any], now: float) -> None:
         import numpy as np
+
+        from .verify import Signature
 
         def f(name: str) -> Any:
             return fields.get(name.encode(), fields.get(name))
