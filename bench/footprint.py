@@ -19,9 +19,11 @@ once a pod. Measured on real processes, the sidecar alone on one core:
      (a dev checkout, nothing baked): start to ready and peak.
 
 The configs carry their catalogue prices as the operator compiles them, so no
-sidecar loads the price catalogue. Every child runs with bytecode, as the image's
-(its `pip install` compiles the modules): written once into a temporary
-PYTHONPYCACHEPREFIX before measuring, whatever PYTHONDONTWRITEBYTECODE says.
+sidecar loads the price catalogue. TLS roots come from the hashed /etc/ssl/certs
+on demand, as the image sets them (SSL_CERT_DIR, SSL_CERT_FILE=/dev/null). Every
+child runs with bytecode, as the image's (its `pip install` compiles the modules):
+written once into a temporary PYTHONPYCACHEPREFIX before measuring, whatever
+PYTHONDONTWRITEBYTECODE says.
 Prints figures next to the targets; never asserts.
 
     .venv/bin/python bench/footprint.py [--starts 5] [--requests 10000] [--tenants 10000]
@@ -215,6 +217,11 @@ def main() -> int:
         env["PYTHONPYCACHEPREFIX"] = str(tmp / "pycache")
         run_child("import kubetoll_sidecar.server, kubetoll_sidecar.main", env)
         print("bytecode: compiled once into a temporary cache before measuring, as in the image")
+        if any(Path("/etc/ssl/certs").glob("*.0")):  # the image's TLS roots: the hashed directory, on demand
+            env |= {"SSL_CERT_DIR": "/etc/ssl/certs", "SSL_CERT_FILE": os.devnull}
+            print("TLS roots: SSL_CERT_DIR=/etc/ssl/certs, SSL_CERT_FILE=/dev/null, as in the image")
+        else:
+            print("TLS roots: this machine has no hashed /etc/ssl/certs: the bundle is parsed at start")
         measure_import(args.imports, env)
 
         up_port = bs.free_port()

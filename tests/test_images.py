@@ -132,6 +132,9 @@ def test_dockerfile_shape(which: str) -> None:
     assert f'pip install "$(ls /dist/kubetoll-*.whl)[{extras}]"' in build_runs
     assert prune_step(which), "the builder removes the packages this image does not run"
 
+    if which == "sidecar":  # roots from the hashed directory, on demand (tests/test_upstream_tls.py)
+        env_lines = " ".join(a for kw, a in runtime if kw == "ENV")
+        assert "SSL_CERT_DIR=/etc/ssl/certs" in env_lines and "SSL_CERT_FILE=/dev/null" in env_lines
     users = [a for kw, a in runtime if kw == "USER"]
     assert users == ["10001:10001"], "a numeric, non-root user (runAsNonRoot can check it)"
     assert ("COPY", "--from=builder /opt/kubetoll /opt/kubetoll") in runtime

@@ -3,7 +3,9 @@ and a certificate the sidecar does not trust failing over to the next backend wi
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 import ssl
 from collections.abc import AsyncIterator
 
@@ -97,3 +99,42 @@ def test_the_default_context_verifies_and_is_the_one_aiohttp_loaded(monkeypatch)
     assert ctx is connector._SSL_CONTEXT_VERIFIED
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
     assert upstream_client._default_ssl_context() is ctx
+
+
+async def test_roots_from_a_hashed_directory_verify_on_demand(tls_sim, ca, tmp_path, monkeypatch):
+    # The sidecar image sets SSL_CERT_FILE=/dev/null and SSL_CERT_DIR=/etc/ssl/certs: no root is
+    # parsed when the context is built, the one a handshake needs is read then. A directory holding
+    # the test CA under its subject hash verifies the upstream; an empty one refuses it.
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl binary to name the CA by its subject hash")
+    pem = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(pem))
+    proc = await asyncio.create_subprocess_exec(
+        openssl, "x509", "-subject_hash", "-noout", "-in", str(pem), stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    subject_hash = out.decode().strip()
+    roots, empty = tmp_path / "roots", tmp_path / "empty"
+    roots.mkdir()
+    empty.mkdir()
+    (roots / f"{subject_hash}.0").write_bytes(pem.read_bytes())
+    monkeypatch.setenv("SSL_CERT_FILE", os.devnull)
+    url = tls_sim.url + "/v1/models"
+    for directory, trusted in ((roots, True), (empty, False)):
+        monkeypatch.setenv("SSL_CERT_DIR", str(directory))
+        ctx = ssl.create_default_context()
+        assert ctx.cert_store_stats()["x509_ca"] == 0  # nothing parsed up front
+        client = upstream_client.UpstreamClient(ssl_context=ctx)
+        try:
+            if trusted:
+                resp = await client.request("GET", url, headers={"Authorization": "Bearer " + tls_sim.settings.api_key})
+                assert resp.status == 200, await resp.read()
+                await resp.read()
+                assert ctx.cert_store_stats()["x509_ca"] == 1  # read when the handshake needed it
+            else:
+                with pytest.raises(upstream_client.UpstreamConnectionError, match="TLS"):
+                    await client.request("GET", url)
+        finally:
+            await client.close()
