@@ -121,38 +121,32 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             "unsupported_content_encoding",
         )
     content = request.content
+    chunks = []
+    size = 0
     try:
         if content.is_eof():  # all of it is in (decoded, when it had a Content-Encoding)
             raw = content.read_nowait()
             if len(raw) > limit:
                 raise _over_limit(limit)
             return raw
-    except web.RequestPayloadError as exc:
-        raise _payload_error(exc, encoding) from None
-    chunks = []
-    size = 0
-    try:
         async for chunk in content.iter_chunked(65536):
             size += len(chunk)
             if size > limit:
                 raise _over_limit(limit)
             chunks.append(chunk)
     except web.RequestPayloadError as exc:
-        raise _payload_error(exc, encoding) from None
+        if isinstance(exc.__cause__, ContentEncodingError):
+            raise bad_request(
+                f"the request body does not decode as its Content-Encoding {encoding!r}",
+                code="invalid_content_encoding",
+            ) from None
+        raise bad_request("the request body is malformed (its framing or length)", code="malformed_body") from None
     return b"".join(chunks)
 
 
 def _over_limit(limit: int) -> ApiError:
     message = f"request body exceeds the limit of {limit} bytes"
     return ApiError(413, message, "invalid_request_error", "request_too_large")
-
-
-def _payload_error(exc: web.RequestPayloadError, encoding: str) -> ApiError:
-    if isinstance(exc.__cause__, ContentEncodingError):
-        return bad_request(
-            f"the request body does not decode as its Content-Encoding {encoding!r}", code="invalid_content_encoding"
-        )
-    return bad_request("the request body is malformed (its framing or length)", code="malformed_body")
 
 
 def _int_field(body: dict[str, Any], name: str, minimum: int) -> int | None:

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import aiohttp
 
@@ -60,6 +61,17 @@ class RouterState:
         return b.config.model if b is not None else ""
 
 
+class _Pools(NamedTuple):
+    """One backend endpoint's two pools."""
+
+    session: aiohttp.ClientSession
+    client: UpstreamClient
+
+    async def close(self) -> None:
+        await self.session.close()
+        await self.client.close()
+
+
 class SessionPool:
     """The connection pools of each backend endpoint, shared across reloads.
 
@@ -70,19 +82,19 @@ class SessionPool:
     """
 
     def __init__(self) -> None:
-        self._pools: dict[tuple[str, str, int], tuple[aiohttp.ClientSession, UpstreamClient]] = {}
+        self._pools: dict[tuple[str, str, int], _Pools] = {}
         self._closing: set[asyncio.Task] = set()
 
     def get(self, b: Backend) -> aiohttp.ClientSession:
-        return self._pool(b)[0]
+        return self._pool(b).session
 
     def client(self, b: Backend) -> UpstreamClient:
-        return self._pool(b)[1]
+        return self._pool(b).client
 
-    def _pool(self, b: Backend) -> tuple[aiohttp.ClientSession, UpstreamClient]:
+    def _pool(self, b: Backend) -> _Pools:
         key = (b.name, b.endpoint, b.max_connections)
         pool = self._pools.get(key)
-        if pool is None or pool[0].closed or pool[1].closed:
+        if pool is None or pool.session.closed or pool.client.closed:
             connector = aiohttp.TCPConnector(
                 limit=b.max_connections, limit_per_host=b.max_connections, keepalive_timeout=60, ttl_dns_cache=30
             )
@@ -90,31 +102,29 @@ class SessionPool:
             s = aiohttp.ClientSession(
                 connector=connector, cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",)
             )
-            pool = (s, UpstreamClient(max_connections=b.max_connections, keepalive_seconds=60))
+            pool = _Pools(s, UpstreamClient(max_connections=b.max_connections, keepalive_seconds=60))
             self._pools[key] = pool
         return pool
 
     def retire_unused(self, in_use: Mapping[str, BackendRuntime], grace: float) -> None:
         used = {id(rt.session) for rt in in_use.values()}
         for key, pool in list(self._pools.items()):
-            if id(pool[0]) not in used:
+            if id(pool.session) not in used:
                 del self._pools[key]
                 task = asyncio.create_task(self._close_later(pool, grace))
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
 
     @staticmethod
-    async def _close_later(pool: tuple[aiohttp.ClientSession, UpstreamClient], grace: float) -> None:
+    async def _close_later(pool: _Pools, grace: float) -> None:
         await asyncio.sleep(grace)
-        await pool[0].close()
-        await pool[1].close()
+        await pool.close()
 
     async def close(self) -> None:
         for t in list(self._closing):
             t.cancel()
-        for s, c in self._pools.values():
-            await s.close()
-            await c.close()
+        for pool in self._pools.values():
+            await pool.close()
         self._pools.clear()
 
 

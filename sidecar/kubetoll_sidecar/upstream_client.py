@@ -228,7 +228,6 @@ class UpstreamResponse:
         "headers",
         "content_length",
         "_conn",
-        "_client",
         "_deadline",
         "_read",
         "_mode",
@@ -240,9 +239,8 @@ class UpstreamResponse:
         "_released",
     )
 
-    def __init__(self, conn: _Conn, client: UpstreamClient, deadline: float | None, read: float | None) -> None:
+    def __init__(self, conn: _Conn, deadline: float | None, read: float | None) -> None:
         self._conn = conn
-        self._client = client
         self._deadline = deadline
         self._read = read
         self.status = 0
@@ -260,14 +258,14 @@ class UpstreamResponse:
     def _wait_until(self) -> float | None:
         if self._read is None:
             return self._deadline
-        until = self._client.loop.time() + self._read
+        until = self._conn.client.loop.time() + self._read
         return until if self._deadline is None else min(until, self._deadline)
 
     async def _receive(self) -> None:
         conn = self._conn
         if conn.eof:
             raise self._cut("the upstream closed the connection before the response was complete")
-        if self._deadline is not None and self._client.loop.time() >= self._deadline:
+        if self._deadline is not None and self._conn.client.loop.time() >= self._deadline:
             raise TimeoutError("the upstream call's total timeout passed")
         await conn.wait(self._wait_until())
 
@@ -473,12 +471,11 @@ class UpstreamResponse:
         conn = self._conn
         if not self._done and self._keep_alive and self._mode != "close":
             try:
-                while not self._done and self._take():
-                    pass
+                self._take()  # takes all the buffer holds of the body, its framing's end included
             except UpstreamProtocolError:
                 pass  # closed below
         if self._done and self._keep_alive and not conn.closed and not conn.buf and not conn.eof:
-            self._client._release(conn)
+            conn.client._release(conn)
         else:
             conn.close()
 
@@ -589,7 +586,7 @@ class UpstreamClient:
                 transport.write(data)
             else:
                 transport.writelines((head, body))
-            resp = UpstreamResponse(conn, self, deadline, timeout.read)
+            resp = UpstreamResponse(conn, deadline, timeout.read)
             try:
                 await resp._read_head(method, reused)
             except _Stale:
