@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -10,6 +12,7 @@ import re
 import orjson
 import pytest
 
+from kubetoll_sidecar import access_log as access_log_module
 from kubetoll_sidecar.access_log import AccessLog
 
 # What logging's "%(asctime)s %(levelname)s %(name)s %(message)s" gives (server.configure_logging).
@@ -53,3 +56,104 @@ def test_without_a_descriptor_it_is_a_logging_record_and_the_level_decides(caplo
     assert [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "kubetoll.access"] == [
         {"route": "chat"}
     ]
+
+
+def _read_available(r: int) -> bytes:
+    os.set_blocking(r, False)
+    try:
+        return os.read(r, 1 << 20)
+    except BlockingIOError:
+        return b""
+
+
+async def test_on_the_loop_lines_wait_for_the_timer_and_go_out_in_one_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    r, w = os.pipe()
+    log = AccessLog()
+    log.write_to(w)
+    writes: list[int] = []
+    real_write = os.write
+
+    def counting_write(fd: int, data: bytes) -> int:
+        writes.append(fd)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", counting_write)
+    for n in range(3):
+        log.write(orjson.dumps({"n": n}))
+    assert _read_available(r) == b""  # held until the timer
+    await asyncio.sleep(access_log_module.FLUSH_SECONDS * 3)
+    data = _read_available(r)
+    assert [json.loads(LINE.match(x).group(1))["n"] for x in data.decode().splitlines()] == [0, 1, 2]  # type: ignore[union-attr]
+    assert writes == [w]  # one syscall for the three lines
+    os.close(r)
+    os.close(w)
+
+
+async def test_a_full_batch_is_written_at_once_without_waiting() -> None:
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)  # room for the batch: the write blocks otherwise
+    log = AccessLog()
+    log.write_to(w)
+    line = orjson.dumps({"request_id": "x" * 1000})
+    n = access_log_module.FLUSH_BYTES // len(line) + 1
+    for _ in range(n):
+        log.write(line)
+    written = _read_available(r)  # before any timer could fire
+    assert len(written) >= access_log_module.FLUSH_BYTES and written.endswith(b"\n")
+    log.flush()
+    assert len((written + _read_available(r)).splitlines()) == n
+    os.close(r)
+    os.close(w)
+
+
+async def test_another_log_line_on_the_stream_flushes_the_pending_access_lines_first() -> None:
+    r, w = os.pipe()
+    log = AccessLog()
+    log.write_to(w)
+    stream = os.fdopen(os.dup(w), "w", buffering=1)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
+    handler.addFilter(log.flush_before)
+    other = logging.getLogger("kubetoll.test_order")
+    other.addHandler(handler)
+    other.setLevel(logging.INFO)
+    other.propagate = False
+    try:
+        log.write(b'{"n": 1}')
+        other.warning("between")
+        log.write(b'{"n": 2}')
+        log.flush()
+        lines = _read_available(r).decode().splitlines()
+    finally:
+        other.removeHandler(handler)
+        stream.close()
+        os.close(r)
+        os.close(w)
+    assert len(lines) == 3
+    assert lines[0].endswith('kubetoll.access {"n": 1}')
+    assert lines[1] == "kubetoll.test_order between"
+    assert lines[2].endswith('kubetoll.access {"n": 2}')
+
+
+def test_a_timer_left_on_an_ended_loop_does_not_strand_the_next_loops_lines() -> None:
+    r, w = os.pipe()
+    log = AccessLog()
+    log.write_to(w)
+
+    async def one() -> None:
+        log.write(b'{"n": 1}')
+
+    asyncio.run(one())  # ends before its timer fires: the line stays pending
+    asyncio.run(one())  # a new loop arms its own timer...
+
+    async def wait() -> None:
+        await asyncio.sleep(access_log_module.FLUSH_SECONDS * 3)
+
+    asyncio.run(wait())
+    log.write(b'{"n": 2}')  # (no loop: written at once, after the pending ones)
+    lines = _read_available(r).decode().splitlines()
+    os.close(r)
+    os.close(w)
+    assert [x.split("kubetoll.access ", 1)[1] for x in lines] == ['{"n": 1}', '{"n": 1}', '{"n": 2}']

@@ -705,6 +705,7 @@ async def drain_and_close(sidecar: Sidecar, api: web.BaseRunner, ops: web.BaseRu
     await sidecar.drain.run(budget, api)
     await sidecar.close(timeout=budget.close_seconds(loop.time()))
     await ops.cleanup()
+    access_log.flush()
     d = sidecar.drain
     log.info(
         "stopped %.2fs after the drain began: %d requests in flight finished, %d cut at the deadline, "
@@ -717,18 +718,23 @@ async def drain_and_close(sidecar: Sidecar, api: web.BaseRunner, ops: web.BaseRu
 
 
 def configure_logging(level: str = "INFO") -> None:
-    # Plain synchronous stderr. A QueueHandler thread and a loop-timed batched writer
-    # were both measured (docs/performance.md): neither paid off reliably on one core.
+    # Plain synchronous stderr for the rare lines (a QueueHandler thread was measured and did
+    # not pay off on one core: docs/performance.md); the access line is written its own way.
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    # The access line, once a request, skips the logging machinery for the same stream (access_log.py).
+    # The access line, once a request, skips the logging machinery for the same stream (access_log.py);
+    # its lines are batched, and flushed before any other line so the stream stays in order.
     try:
         access_log.write_to(sys.stderr.fileno())
     except (AttributeError, OSError, ValueError):  # a stderr without a descriptor (an embedding program's)
         access_log.write_to(None)
+        return
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
+            handler.addFilter(access_log.flush_before)
 
 
 async def wait_for_config_file(
