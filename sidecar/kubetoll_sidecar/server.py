@@ -45,6 +45,7 @@ from .drain import CLOSE_RESERVE_MAX_SECONDS, Drain, DrainBudget
 from .errors import ApiError
 from .forwarder import Forwarder
 from .header_values import REQUEST_ID_HEADER, usable_request_id
+from .hot_routes import HotRoutes
 from .http_server import BoundedTCPSite, app_runner
 from .inbound.messages import count_tokens
 from .inbound.responses import forward_stored
@@ -651,6 +652,8 @@ async def listen(
         (ops, metrics_host, metrics_port, cfg.metrics_max_connections, True),
     ):
         await runner.setup()
+        if runner is api:
+            HotRoutes.install(api)  # the POST routes without the router's per-request work (hot_routes.py)
         await BoundedTCPSite(runner, h, p, max_connections=limit, evict_oldest=evict).start()
     return api, ops
 
