@@ -403,3 +403,121 @@ async def test_a_reload_that_changes_telemetry_keeps_the_traces_in_use(sim, star
     assert sc.sidecar.tracing is in_use
     raw = await chat(sc)
     await span_of(receiver, raw.headers["x-request-id"], 1)  # still exported, sampled as at start
+
+
+# --------------------------------------------------------------------------- calls made for a request
+
+
+def semantic_config(sim_url: str, embed_url: str, verifier: dict[str, Any], verifier_backend: dict[str, Any]):
+    cfg = base_config(sim_url)
+    cfg["backends"] += [
+        {
+            "name": "embedder",
+            "provider": "openai-compatible",
+            "model": "hashed",
+            "endpoint": embed_url,
+            "pricing": {"inputPerMTok": 0.02, "outputPerMTok": 0},
+        },
+        verifier_backend,
+    ]
+    cfg["cachePolicies"] = [
+        {
+            "name": "faq",
+            "cacheable": {"maxTemperature": 0.5},
+            "exact": {"enabled": False},
+            "semantic": {"enabled": True, "embeddingBackend": "embedder", "threshold": 0.5, "verifier": verifier},
+        }
+    ]
+    cfg["routes"][0]["cachePolicy"] = "faq"
+    return cfg
+
+
+async def ask(sc: Any, question: str) -> Any:
+    return await sc.openai().chat.completions.with_raw_response.create(
+        model="chat", messages=[{"role": "user", "content": question}], temperature=0
+    )
+
+
+def calls(receiver: Receiver, request_span: dict[str, Any], purpose: str) -> list[dict[str, Any]]:
+    return [s for s in receiver.attempts(request_span) if s["attributes"].get("kubetoll.call") == purpose]
+
+
+@pytest.mark.parametrize("kind", ["judge", "rerank"])
+async def test_the_semantic_caches_embedding_and_verifier_calls_are_spans_of_the_request(
+    sim, start_sidecar, receiver, creds, embed_server, monkeypatch, kind
+):
+    from kubetoll_tools.simulator_rerank import JudgeServer, RerankServer
+
+    monkeypatch.setenv("KT_TEST_RERANK_KEY", "rerank-key")
+    server: Any = JudgeServer(decide=lambda a, b: True) if kind == "judge" else RerankServer(api_key="rerank-key")
+    async with server:
+        if kind == "judge":
+            backend = {"name": "judge", "provider": "openai-compatible", "model": "judge-small", "endpoint": server.url}
+            verifier: dict[str, Any] = {"kind": "judge", "backend": "judge"}
+        else:
+            backend = {
+                "name": "reranker",
+                "provider": "openai-compatible",
+                "model": "bge-reranker-base",
+                "endpoint": server.url,
+                "credentials": {"env": "KT_TEST_RERANK_KEY"},
+            }
+            verifier = {"kind": "rerank", "backend": "reranker", "api": "tei", "threshold": 0.0}
+        backend["pricing"] = {"inputPerMTok": 0.15, "outputPerMTok": 0.6}
+        cfg = semantic_config(sim.url, embed_server.url, verifier, backend)
+        sc = await start_sidecar(traced(cfg, receiver.url, creds))
+        first = await ask(sc, "How do I reset my password?")
+        await sc.sidecar.cache.drain()
+        second = await ask(sc, "how can I reset my password")
+        miss, _ = await span_of(receiver, first.headers["x-request-id"], 2)  # the embedding, the upstream
+        asked, _ = await span_of(receiver, second.headers["x-request-id"], 2)  # the embedding, the verifier
+    (embedding,) = calls(receiver, miss, "cache_embedding")
+    a = embedding["attributes"]
+    assert embedding["kind"] == CLIENT and embedding["name"] == "embeddings hashed"
+    assert a["kubetoll.backend"] == "embedder" and a["gen_ai.operation.name"] == "embeddings"
+    assert (a["server.address"], a["server.port"]) == ("127.0.0.1", embed_server.port)
+    assert a["http.response.status_code"] == 200 and a["gen_ai.usage.input_tokens"] > 0
+    assert miss["start"] <= embedding["start"] <= embedding["end"]
+    # The embedding server got the call span as its parent.
+    assert f"-{embedding['span_id']}-" in (embed_server.traceparents[0] or "")
+    (check,) = calls(receiver, asked, "cache_verifier")
+    b = check["attributes"]
+    model = backend["model"]
+    assert check["name"] == (f"chat {model}" if kind == "judge" else f"rerank {model}")
+    assert b["kubetoll.backend"] == backend["name"] and b["http.response.status_code"] == 200
+    assert b["gen_ai.usage.input_tokens"] > 0 and check["status"] != STATUS_ERROR
+    assert f"-{check['span_id']}-" in (server.traceparents[-1] or "")
+    assert len(calls(receiver, asked, "cache_embedding")) == 1
+
+
+async def test_a_failed_embedding_call_is_an_error_span_with_its_status_only(
+    sim, start_sidecar, receiver, creds, embed_server
+):
+    cfg = semantic_config(
+        sim.url,
+        embed_server.url,
+        {"kind": "rules"},
+        {"name": "spare", "provider": "openai", "model": "gpt-4o-mini", "endpoint": sim.url + "/v1"},
+    )
+    sc = await start_sidecar(traced(cfg, receiver.url, creds))
+    embed_server.fail = True
+    raw = await ask(sc, "How do I reset my password?")
+    assert raw.headers["x-kubetoll-cache"] == "miss"  # the answer is served; the semantic tier missed
+    span, _ = await span_of(receiver, raw.headers["x-request-id"], 2)
+    (embedding,) = calls(receiver, span, "cache_embedding")
+    assert embedding["status"] == STATUS_ERROR
+    assert embedding["attributes"]["error.type"] == "500"
+    assert embedding["attributes"]["http.response.status_code"] == 500
+    assert not any("simulated failure" in str(v) for v in embedding["attributes"].values())
+
+
+def test_outside_a_traced_request_a_call_is_not_traced() -> None:
+    from kubetoll_core.router_config import Backend
+    from kubetoll_sidecar import tracing
+
+    headers: dict[str, str] = {}
+    backend = Backend.model_validate(
+        {"name": "embedder", "provider": "openai-compatible", "model": "hashed", "endpoint": "http://127.0.0.1:9/v1"}
+    )
+    tracing.call(backend, "embeddings", tracing.CACHE_EMBEDDING, "http://127.0.0.1:9/v1", headers).end(200, None, None)
+    assert headers == {}  # no traceparent: no span to be the parent of

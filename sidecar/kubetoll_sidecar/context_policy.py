@@ -36,6 +36,7 @@ from kubetoll_core.redis_keys import RedisKeys
 from kubetoll_core.router_config import Backend
 from kubetoll_core.usage import Usage
 
+from . import tracing
 from .cache.embeddings import call_through_translator
 from .cache.lru import ByteLRU
 from .cache.redis_guard import RedisGuard, RedisUnavailable
@@ -311,7 +312,14 @@ async def summarize(runtime: Any, credentials: Any, replaced: Sequence[dict[str,
     body = summarizer_body(backend.model, transcript(replaced), max_tokens)
     timeout = min(backend.timeouts.total, 120.0)
     data, usage = await call_through_translator(
-        runtime, credentials, translator_for(backend.provider), Endpoint.chat, body, timeout, SummaryFailed
+        runtime,
+        credentials,
+        translator_for(backend.provider),
+        Endpoint.chat,
+        body,
+        timeout,
+        SummaryFailed,
+        tracing.CONTEXT_SUMMARY,
     )
     choices = data.get("choices") if isinstance(data, dict) else None
     first = choices[0] if isinstance(choices, list) and choices else None

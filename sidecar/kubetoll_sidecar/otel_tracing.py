@@ -46,10 +46,12 @@ from kubetoll_core.enums import Provider
 from kubetoll_core.router_config import Backend, TelemetrySettings
 from kubetoll_core.spend_record import EXHAUSTED_RESPONSE_OUTCOME
 
+from .tracing import CURRENT_REQUEST
+
 if TYPE_CHECKING:
     from .context import RequestContext
     from .metrics import Metrics
-    from .providers.base import UpstreamRequest
+    from .providers.base import UpstreamRequest, Usage
 
 log = logging.getLogger("kubetoll.sidecar")
 
@@ -200,8 +202,8 @@ class BoundedExport(SpanProcessor):
         return True
 
 
-# The request span of the request this task serves (fan-out tasks inherit it).
-_CURRENT: contextvars.ContextVar[RequestSpan | None] = contextvars.ContextVar("kubetoll_request_span", default=None)
+# The request span of the request this task serves (fan-out tasks inherit it): tracing.CURRENT_REQUEST.
+_CURRENT: contextvars.ContextVar[RequestSpan | None] = CURRENT_REQUEST
 
 
 @dataclass(slots=True)
@@ -286,6 +288,27 @@ class RequestSpan:
         self.tracing, self.span = tracing, span
         self.answered = Answered()
         self._token = _CURRENT.set(self)
+
+    def call(self, backend: Backend, operation: str, purpose: str, url: str, headers: dict[str, str]) -> CallSpan:
+        """A CLIENT child for a call made on this request's behalf (tracing.call)."""
+        span = self.tracing.tracer.start_span(
+            f"{operation} {backend.model}", context=trace.set_span_in_context(self.span), kind=SpanKind.CLIENT
+        )
+        parts = urlsplit(url)
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "gen_ai.operation.name": operation,
+                    "gen_ai.provider.name": PROVIDER_NAMES.get(backend.provider, backend.provider.value),
+                    "gen_ai.request.model": backend.model,
+                    "server.address": parts.hostname or "",
+                    "server.port": parts.port or (443 if parts.scheme == "https" else 80),
+                    "kubetoll.backend": backend.name,
+                    "kubetoll.call": purpose,
+                }
+            )
+        self.tracing.propagator.inject(headers, context=trace.set_span_in_context(span))
+        return CallSpan(span)
 
     def end(self, ctx: RequestContext) -> None:
         try:
@@ -402,3 +425,27 @@ class AttemptSpan:
     def cancelled(self) -> None:
         self.span.set_attribute("error.type", "cancelled")
         self.span.end()
+
+
+class CallSpan:
+    __slots__ = ("span",)
+
+    def __init__(self, span: Any) -> None:
+        self.span = span
+
+    def end(self, status: int | None, usage: Usage | None, error: str | None) -> None:
+        span = self.span
+        if span.is_recording():
+            attrs: dict[str, Any] = {}
+            if status is not None:
+                attrs["http.response.status_code"] = status
+            if usage is not None:
+                attrs["gen_ai.usage.input_tokens"] = usage.prompt_tokens
+                attrs["gen_ai.usage.output_tokens"] = usage.completion_tokens
+                attrs["kubetoll.usage.reported"] = usage.reported
+            if error is not None:
+                # The kind only: an upstream's message can echo parts of a key.
+                attrs["error.type"] = error
+                span.set_status(Status(StatusCode.ERROR))
+            span.set_attributes(attrs)
+        span.end()

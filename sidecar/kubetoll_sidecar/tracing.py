@@ -13,10 +13,18 @@ app's `traceparent`/`tracestate`) and ends it after the record stage, from the
 the upstream sees the attempt span as its parent. The attempt finds its request
 span through a context variable set for the request's task (fan-out calls are
 tasks of it and see the same value), so nothing is threaded through the stages.
+
+The calls the sidecar makes on a request's behalf to other backends (the
+semantic cache's embedding, its rerank or judge verifier, a context policy's
+summary) are traced with `call`: a CLIENT span under the request's span, found
+through the same context variable, so the embedders and verifiers built once per
+config need no tracing object of their own. Outside a traced request it is a
+no-op.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
@@ -26,7 +34,7 @@ from kubetoll_core.router_config import Backend, TelemetrySettings
 if TYPE_CHECKING:
     from .context import RequestContext
     from .metrics import Metrics
-    from .providers.base import UpstreamRequest
+    from .providers.base import UpstreamRequest, Usage
 
 log = logging.getLogger("kubetoll.sidecar")
 
@@ -42,6 +50,11 @@ class AttemptTrace(Protocol):
 
     def cancelled(self) -> None:
         """The attempt was cancelled (the client left, the drain cut it)."""
+
+
+class CallTrace(Protocol):
+    def end(self, status: int | None, usage: Usage | None, error: str | None) -> None:
+        """The call is over: the HTTP status (None: no answer), the usage it billed, why it failed."""
 
 
 class Tracing(Protocol):
@@ -67,7 +80,7 @@ class _Off:
     def attempt(self, backend: Backend, endpoint: str, req: UpstreamRequest) -> _Off:
         return self
 
-    def end(self, arg: Any) -> None:
+    def end(self, *args: Any) -> None:
         return None
 
     def cancelled(self) -> None:
@@ -78,6 +91,28 @@ class _Off:
 
 
 OFF: Tracing = _Off()
+
+# The open span of the request this task serves (otel_tracing's RequestSpan sets it; off: never set).
+CURRENT_REQUEST: contextvars.ContextVar[Any] = contextvars.ContextVar("kubetoll_request_span", default=None)
+
+# Why the sidecar called a backend on its own account (the span's `kubetoll.call`).
+CACHE_EMBEDDING = "cache_embedding"
+CACHE_VERIFIER = "cache_verifier"
+CONTEXT_SUMMARY = "context_summary"
+
+
+def call(backend: Backend, operation: str, purpose: str, url: str, headers: dict[str, str]) -> CallTrace:
+    """A span for one call to `backend` made for the current request; writes traceparent into `headers`.
+
+    `operation`: gen_ai.operation.name (`embeddings`, `chat`, `rerank`); `purpose`: one of the names above."""
+    request = CURRENT_REQUEST.get()
+    if request is None:
+        return _OFF_CALL
+    trace: CallTrace = request.call(backend, operation, purpose, url, headers)
+    return trace
+
+
+_OFF_CALL: CallTrace = _Off()
 
 
 def build(

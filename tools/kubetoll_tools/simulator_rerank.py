@@ -65,6 +65,7 @@ class _Server(LocalServer):
         self.calls = 0
         self.bodies: list[dict[str, Any]] = []
         self.paths: list[str] = []
+        self.traceparents: list[str | None] = []  # the W3C header of each call (traces)
         self.fail = False
         self.hang = 0.0
         self.malformed = ""
@@ -80,6 +81,7 @@ class _Server(LocalServer):
         """The request's body, or the error response to send instead."""
         self.calls += 1
         self.paths.append(request.path)
+        self.traceparents.append(request.headers.get("traceparent"))
         if self.hang:
             await asyncio.sleep(self.hang)
         if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":

@@ -28,6 +28,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from .. import tracing
 from ..http_server import LocalServer
 from ..providers.base import Usage
 
@@ -47,28 +48,47 @@ async def call_through_translator(
     body: dict[str, Any],
     timeout: float,
     failed: type[Exception],
+    purpose: str,
 ) -> tuple[Any, Any]:
-    """One call a semantic lookup makes to a backend (the embedding, the judge) through its provider's
-    translator, bounded by `timeout` seconds: the parsed body and its usage, or `failed` saying why."""
+    """One call a request makes to a backend on its own account (the embedding, the judge, a summary)
+    through its provider's translator, bounded by `timeout` seconds: the parsed body and its usage, or
+    `failed` saying why. Traced as a CLIENT span of the request, `purpose` its `kubetoll.call`."""
     backend = runtime.config
+    span: tracing.CallTrace | None = None
+    status: int | None = None
     try:
         key = credentials.get(backend.credentials)
         req = translator.build_request(backend, endpoint, body, key, False)
+        operation = "embeddings" if endpoint == "embeddings" else "chat"
+        span = tracing.call(backend, operation, purpose, req.url, req.headers)
         async with runtime.session.request(
             req.method, req.url, data=req.body, headers=req.headers, timeout=aiohttp.ClientTimeout(total=timeout)
         ) as resp:
             raw = await resp.read()
+            status = resp.status
             if resp.status >= 400:
                 raise failed(f"{backend.name}: HTTP {resp.status}")
-        return translator.parse_response(endpoint, raw, backend.model)
+        data, usage = translator.parse_response(endpoint, raw, backend.model)
     except failed:
+        _end(span, status, str(status) if status and status >= 400 else "invalid_answer")
         raise
     except asyncio.CancelledError:
+        _end(span, status, "cancelled")
         raise
     except TimeoutError:
+        _end(span, status, "timeout")
         raise failed(f"{backend.name}: no answer within {timeout * 1000:.0f} ms") from None
     except Exception as exc:  # connection, credentials, an unsupported provider, a body the translator cannot read
+        _end(span, status, type(exc).__name__)
         raise failed(f"{backend.name}: {type(exc).__name__}: {exc}") from None
+    if span is not None:
+        span.end(status, usage, None)
+    return data, usage
+
+
+def _end(span: tracing.CallTrace | None, status: int | None, error: str) -> None:
+    if span is not None:
+        span.end(status, None, error)
 
 
 def embedder_for_backend(runtime: Any, credentials: Any, timeout: float = 2.0) -> EmbedFn:
@@ -86,7 +106,14 @@ def embedder_for_backend(runtime: Any, credentials: Any, timeout: float = 2.0) -
     async def embed(texts: list[str]) -> EmbedResult:
         body = {"model": backend.model, "input": texts}
         data, usage = await call_through_translator(
-            runtime, credentials, translator, Endpoint.embeddings, body, timeout, EmbeddingFailed
+            runtime,
+            credentials,
+            translator,
+            Endpoint.embeddings,
+            body,
+            timeout,
+            EmbeddingFailed,
+            tracing.CACHE_EMBEDDING,
         )
         vectors = parse_vectors(data, len(texts))
         return vectors, usage, runtime.price.cost(usage)
@@ -204,6 +231,7 @@ class EmbeddingServer(LocalServer):
         self.model = model
         self.calls = 0
         self.inputs: list[str] = []
+        self.traceparents: list[str | None] = []  # the W3C header of each call (traces)
         self.fail = False
         self.hang = 0.0
 
@@ -218,6 +246,7 @@ class EmbeddingServer(LocalServer):
 
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
         self.calls += 1
+        self.traceparents.append(request.headers.get("traceparent"))
         if self.hang:
             await asyncio.sleep(self.hang)
         if self.fail:

@@ -46,6 +46,7 @@ import orjson
 from kubetoll_core.enums import RerankApi, VerifierKind
 from kubetoll_core.router_config import CachePolicy
 
+from .. import tracing
 from ..providers.base import Usage
 from .embeddings import call_through_translator
 
@@ -187,9 +188,11 @@ def rerank_verifier(
     url = backend.endpoint.rstrip("/") + _PATHS[api]
 
     async def score(query: str, text: str) -> Judgement:
+        headers = {"content-type": "application/json", **backend.headers}
+        span = tracing.call(backend, "rerank", tracing.CACHE_VERIFIER, url, headers)
+        status: int | None = None
         try:
             key = credentials.get(backend.credentials)
-            headers = {"content-type": "application/json", **backend.headers}
             if key:
                 headers["authorization"] = f"Bearer {key}"
             async with runtime.session.post(
@@ -199,25 +202,30 @@ def rerank_verifier(
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as resp:
                 raw = await resp.read()
+                status = resp.status
                 if resp.status >= 400:
                     raise VerifierFailed(f"{backend.name}: HTTP {resp.status}")
             data = orjson.loads(raw)
-        except VerifierFailed:
-            raise
-        except asyncio.CancelledError:
-            raise
-        except TimeoutError:
-            raise VerifierFailed(f"{backend.name}: no answer within {timeout * 1000:.0f} ms") from None
-        except Exception as exc:  # connection, credentials, a body that is not JSON
-            raise VerifierFailed(f"{backend.name}: {type(exc).__name__}: {exc}") from None
-        try:
             value, reported = parse_rerank(api, data)
         except VerifierFailed as exc:
+            span.end(status, None, str(status) if status and status >= 400 else "invalid_answer")
+            if status and status >= 400:
+                raise
             raise VerifierFailed(f"{backend.name}: {exc}") from None
+        except asyncio.CancelledError:
+            span.end(status, None, "cancelled")
+            raise
+        except TimeoutError:
+            span.end(status, None, "timeout")
+            raise VerifierFailed(f"{backend.name}: no answer within {timeout * 1000:.0f} ms") from None
+        except Exception as exc:  # connection, credentials, a body that is not JSON
+            span.end(status, None, type(exc).__name__)
+            raise VerifierFailed(f"{backend.name}: {type(exc).__name__}: {exc}") from None
         if reported is None:
             usage = Usage(prompt_tokens=_estimate_tokens(backend.model, query, text), reported=False)
         else:
             usage = Usage(prompt_tokens=reported)
+        span.end(status, usage, None)
         return Judgement(value, usage, runtime.price.cost(usage))
 
     return ModelVerifier(
@@ -237,7 +245,7 @@ def judge_verifier(runtime: Any, credentials: Any, timeout: float = 2.0) -> Mode
         messages = judge_messages(query, text)
         body = {"model": backend.model, "messages": messages, "temperature": 0, "max_tokens": JUDGE_MAX_TOKENS}
         data, usage = await call_through_translator(
-            runtime, credentials, translator, Endpoint.chat, body, timeout, VerifierFailed
+            runtime, credentials, translator, Endpoint.chat, body, timeout, VerifierFailed, tracing.CACHE_VERIFIER
         )
         choices = data.get("choices")
         message = (
