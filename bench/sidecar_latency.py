@@ -270,6 +270,7 @@ def main() -> int:
                 targets.append(("via bare aiohttp proxy", bare_port, body_d, bare))
             targets.append(("via sidecar", api_port, body_v, sidecar))
             before = bs.scrape(met_port)
+            bare_per_req: float | None = None  # the bare proxy's CPU a request on this run: the steadier reference
             for name, port, body, proc in targets:
                 cpu = bs.CpuMeter([proc.pid], place.sidecar_cpus) if proc else None
                 r = bs.run_load(port, body, headers, args.concurrency, args.duration, place.other_cpus, tmp, tool)
@@ -292,8 +293,12 @@ def main() -> int:
                         f"    {'':22s} CPU {per_req * 1e6:.0f} us per request ({used / wall:.0%} of its core)"
                         f" -> {1 / per_req:,.0f} req/s per fully used core"
                     )
+                    if proc is bare:
+                        bare_per_req = per_req
                     if name == "via sidecar":
                         line += f"; target <= {TARGET_CPU_US} us ({verdict(per_req * 1e6 <= TARGET_CPU_US)})"
+                        if bare_per_req:
+                            line += f"; {per_req / bare_per_req:.2f}x the bare proxy's"
                     if other is not None:
                         line += f"; other processes used {other / wall:.0%} of that core"
                         if other / wall > NOISY:
