@@ -54,7 +54,7 @@ from .embeddings import call_through_translator
 # about 512 tokens, and a truncated pair could agree where the whole questions do not.
 MAX_TEXT_CHARS = 8000
 # Part of every cached judge verdict's key: a changed prompt never reuses old verdicts.
-JUDGE_PROMPT_VERSION = 1
+JUDGE_PROMPT_VERSION = 2  # 2: the question tags inside a question are neutralised (judge_messages)
 JUDGE_MAX_TOKENS = 3
 JUDGE_SYSTEM_PROMPT = (
     "You check whether a cached answer may be reused. You are shown two questions a user asked, each "
@@ -148,10 +148,19 @@ def parse_rerank(api: RerankApi, data: Any) -> tuple[float, int | None]:
     return _first_result(data.get("data"), "score"), _reported_tokens(data)
 
 
+# A `<question>` or `</question>` tag, however spaced or cased, inside a question's own text.
+_QUESTION_TAG = re.compile(r"<\s*(/?)\s*question\s*>", re.IGNORECASE)
+
+
+def _as_data(text: str) -> str:
+    """`text` with its own question tags neutralised, so it cannot close its block and write outside it."""
+    return _QUESTION_TAG.sub(lambda m: f"‹{m.group(1)}question›", text)
+
+
 def judge_messages(question: str, stored: str) -> list[dict[str, str]]:
     user = (
-        f"First question:\n<question>\n{question}\n</question>\n"
-        f"Second question:\n<question>\n{stored}\n</question>\n"
+        f"First question:\n<question>\n{_as_data(question)}\n</question>\n"
+        f"Second question:\n<question>\n{_as_data(stored)}\n</question>\n"
         "Would one answer serve both? Reply yes or no."
     )
     return [{"role": "system", "content": JUDGE_SYSTEM_PROMPT}, {"role": "user", "content": user}]
