@@ -251,6 +251,28 @@ async def test_the_reservation_covers_every_step(sim, sim2, start_sidecar):
     ] == "strong"
 
 
+async def test_a_step_whose_context_windows_cannot_hold_the_prompt_is_passed_by_unbilled(sim, sim2, start_sidecar):
+    """A cheap model with a small window is skipped for a long prompt: no call, no reservation, no 400."""
+    cfg = cascade_config(sim, sim2, steps=[["cheap"], ["cheap-b"]])
+    cfg["backends"][0]["limits"] = {"contextWindow": 2_000}  # cheap: too small for the long prompt
+    cfg["backends"][1]["limits"] = {"contextWindow": 2_000}  # cheap-b: too
+    cfg["routes"][0]["maxOutputTokens"] = 200
+    sc = await start_sidecar(cfg, clock=FakeClock(T0))
+    long = [{"role": "user", "content": "Please summarise this ticket history. " + "The order was late again. " * 400}]
+    raw = await sc.openai().chat.completions.with_raw_response.create(model="chat", messages=long)
+    assert raw.headers["x-kubetoll-backend"] == "strong"
+    assert raw.headers["x-kubetoll-cascade"] == "escalated"
+    assert raw.headers["x-kubetoll-cascade-escalations"] == "context_window,context_window"
+    assert raw.headers["x-kubetoll-cascade-attempts"] == "1"  # only the strong step was called
+    assert chat_calls(sim) == 0 and chat_calls(sim2) == 1
+    (rec,) = records(sc)  # no escalated step's spend: nothing was sent
+    assert rec.backend == "strong" and rec.cascade == "escalated" and rec.cascade_step == 2
+    assert_settled_as_recorded(sc, await spent(sc, raw))
+    # A short prompt still goes to the first step.
+    short = await sc.openai().chat.completions.with_raw_response.create(model="chat", messages=HELLO)
+    assert short.headers["x-kubetoll-backend"] == "cheap" and short.headers["x-kubetoll-cascade"] == "first"
+
+
 # --------------------------------------------------------------------------- streams
 
 

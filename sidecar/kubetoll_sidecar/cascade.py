@@ -45,6 +45,8 @@ from .request_parsing import ParsedRequest
 
 # Why a step's answer was not served when no check failed: its backends failed, or its stream did.
 FAILED = "failed"
+# Why a step was passed by without a call: none of its backends' context windows holds the prompt.
+CONTEXT_WINDOW = "context_window"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,15 +83,20 @@ OnFallback = Callable[[str, str], None]
 class CascadeRun:
     """One request's way through a cascade: which steps it called, why each escalated, which answered."""
 
-    __slots__ = ("cascade", "chains", "ran", "answered", "escalations", "baseline")
+    __slots__ = ("cascade", "chains", "ran", "answered", "escalations", "skipped", "baseline")
 
     def __init__(self, cascade: CompiledCascade, final: tuple[str, ...], baseline: BackendRuntime) -> None:
         self.cascade = cascade
         self.chains: tuple[tuple[str, ...], ...] = (*cascade.steps, final)
         self.ran = False  # forwarding began (a request refused before it has no cascade to tell of)
         self.answered = -1  # the step whose answer was served (-1: none yet)
-        self.escalations: list[str] = []  # per escalated step: the check it failed, or "failed"
+        self.escalations: list[str] = []  # per step passed: the check it failed, "failed" or "context_window"
+        self.skipped = 0  # of those, the steps passed by without a call (context_window)
         self.baseline = baseline  # the last step's first backend: what "always the strong model" would call
+
+    def fit(self, steps: Sequence[tuple[str, ...]], final: tuple[str, ...]) -> None:
+        """The backends each step may call (an empty step is passed by) and the last step's chain."""
+        self.chains = (*steps, final)
 
     @property
     def label(self) -> str:
@@ -99,7 +106,8 @@ class CascadeRun:
     def headers(self) -> dict[str, str]:
         if not self.ran:
             return {}
-        h = {"x-kubetoll-cascade": self.label, "x-kubetoll-cascade-attempts": str(len(self.escalations) + 1)}
+        called = len(self.escalations) - self.skipped + 1
+        h = {"x-kubetoll-cascade": self.label, "x-kubetoll-cascade-attempts": str(called)}
         if self.escalations:
             h["x-kubetoll-cascade-escalations"] = ",".join(self.escalations)
         return h
@@ -133,6 +141,10 @@ class CascadeRun:
         earlier = 0.0  # upstream seconds of the steps whose answers were not served
         last = len(self.chains) - 1
         for step, names in enumerate(self.chains):
+            if not names:  # no backend of the step can hold the prompt (fit): nothing is sent or billed
+                self.escalations.append(CONTEXT_WINDOW)
+                self.skipped += 1
+                continue
             before = len(abandoned)
             try:
                 fwd = await forwarder.forward(

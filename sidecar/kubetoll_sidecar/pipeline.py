@@ -294,8 +294,15 @@ class Pipeline:
         chain_names = self._within_windows(ctx, chain_names, output_tokens // max(req.n, 1), refuse=True)
         # 7 admit (a cascade reserves for every step: each one called is billed, cascade.py)
         ctx.cascade = target.cascade_run(ctx.endpoint, req.stream, downgrade, state.backends)
+        if ctx.cascade is not None:
+            # Each step keeps the backends whose window holds the prompt; a step with none is passed by
+            # (nothing reserved or sent), and the last step is the chain checked above.
+            per_choice = output_tokens // max(req.n, 1)
+            ctx.cascade.fit([self._fitting(ctx, c, per_choice) for c in ctx.cascade.chains[:-1]], chain_names)
         chains = ctx.cascade.chains if ctx.cascade is not None else (chain_names,)
-        holds = combine_holds([self._holds(meters, state, c, ctx.prompt_tokens, output_tokens, req.n) for c in chains])
+        holds = combine_holds(
+            [self._holds(meters, state, c, ctx.prompt_tokens, output_tokens, req.n) for c in chains if c]
+        )
         admitted = await self._admit(ctx, holds, now, can_downgrade)
         if admitted and admitted.downgrade and not downgrade:
             downgrade = True
@@ -420,21 +427,27 @@ class Pipeline:
         self.metrics.tokens.labels(ctx.route_name, summary.backend, "output").inc(usage.completion_tokens)
         await self._settle(ctx, reservation, usage, summary.cost_usd, now, record=record)
 
-    def _within_windows(
-        self, ctx: RequestContext, chain: tuple[str, ...], output: int, *, refuse: bool
-    ) -> tuple[str, ...]:
-        """The chain without the backends whose declared context window cannot hold the prompt plus the
-        output reservation (they would only refuse it). None holds it: a 400 when `refuse`, else the chain."""
+    def _fitting(self, ctx: RequestContext, chain: tuple[str, ...], output: int) -> tuple[str, ...]:
+        """The backends of `chain` whose declared context window holds the prompt plus `output` (all of
+        them for embeddings, or when none declares a window); () when none does."""
         if ctx.endpoint == Endpoint.embeddings or not chain:
             return chain
         configs = [ctx.state.backends[n].config for n in chain]
         if all(b.limits.context_window is None for b in configs):
             return chain
-        fitting = tuple(context_policy.within_windows(configs, ctx.prompt_tokens, output))
-        if fitting:
+        return tuple(context_policy.within_windows(configs, ctx.prompt_tokens, output))
+
+    def _within_windows(
+        self, ctx: RequestContext, chain: tuple[str, ...], output: int, *, refuse: bool
+    ) -> tuple[str, ...]:
+        """The chain without the backends whose declared context window cannot hold the prompt plus the
+        output reservation (they would only refuse it). None holds it: a 400 when `refuse`, else the chain."""
+        fitting = self._fitting(ctx, chain, output)
+        if fitting or not chain:
             return fitting
         if not refuse:
             return chain
+        configs = [ctx.state.backends[n].config for n in chain]
         ctx.outcome, ctx.reason = "rejected", "context_length_exceeded"
         self.metrics.rejections.labels(ctx.route_name, "context_length_exceeded").inc()
         largest = max(b.limits.context_window or 0 for b in configs)
