@@ -147,6 +147,33 @@ async def test_traffic_goes_to_the_idle_replica_and_spills_to_hosted_when_all_ar
         assert served(a, b, sim) == [5, 8, 2]
 
 
+async def test_a_cascade_step_spills_over_like_a_chain(sim, sim2, replicas, start_sidecar) -> None:
+    """The cheap step (in-cluster first, a hosted cheap model after it) spills when the GPUs are deep."""
+    a, b = replicas
+    with refusing_port() as service_port:
+        cfg = config(sim, a, b, service_port)
+        strong = {**cfg["backends"][1], "name": "strong", "endpoint": sim2.url + "/v1", "model": "gpt-4o"}
+        cfg["backends"].append(strong)
+        cfg["routes"] = [
+            {
+                "name": "chat",
+                "rules": [{"backends": ["strong"], "cascade": {"steps": [{"backends": ["vllm", "hosted"]}]}}],
+                "spillover": {"queueDepth": 4},
+            }
+        ]
+        sc = await start_sidecar(cfg)
+        a.load_metrics.set(waiting=9)
+        b.load_metrics.set(waiting=7)
+        await sc.sidecar.replica_loads.poll_once()
+        raw = await chat(sc)
+    assert raw.headers["x-kubetoll-cascade"] == "first"  # the first step answered, from its hosted backend
+    assert raw.headers["x-kubetoll-backend"] == "hosted"
+    assert raw.headers["x-kubetoll-spillover"] == "vllm"
+    assert served(a, b, sim, sim2) == [0, 0, 1, 0]
+    samples = await scrape(sc.config["server"]["metricsPort"])
+    assert value(samples, "kubetoll_spillover_total", route="chat", backend="vllm") == 1
+
+
 async def test_stale_or_unreachable_metrics_count_as_unknown(sim, replicas, start_sidecar) -> None:
     a, b = replicas
     clock = Clock()

@@ -132,8 +132,11 @@ class CascadeRun:
         on_fallback: OnFallback | None,
         prompt_tokens: int,
         abandoned: list[Spend],
+        spillover_depth: int | None = None,
+        on_spillover: Callable[[str], None] | None = None,
     ) -> Forwarded:
         """The answer served: the first step's that passes the checks, else the last step's, unchecked.
+        Each step is a chain as the forwarder walks one (its fallback, the route's spill-over).
 
         Raises what the forwarder raises for the last step (or for a caller's error at any step);
         the steps called before are in `abandoned` either way."""
@@ -158,6 +161,8 @@ class CascadeRun:
                     on_fallback,
                     prompt_tokens=prompt_tokens,
                     abandoned=abandoned,
+                    spillover_depth=spillover_depth,
+                    on_spillover=on_spillover,
                 )
             except (AllBackendsFailed, UpstreamRejected) as exc:
                 self._tag(abandoned, before, step)

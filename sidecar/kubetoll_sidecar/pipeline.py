@@ -626,6 +626,8 @@ class Pipeline:
                     lambda backend, reason: self.metrics.fallbacks.labels(route.name, backend, reason).inc(),
                     ctx.prompt_tokens,
                     abandoned,
+                    spillover_depth=route.spillover_depth,
+                    on_spillover=lambda backend: self.metrics.spillover.labels(route.name, backend).inc(),
                 )
             return await self.forwarder.forward(
                 ctx.state.chain(chain_names),
