@@ -192,6 +192,45 @@ def csv_rows(text: str) -> Any:
     return csv.DictReader(io.StringIO(text))
 
 
+async def test_an_arm_is_served_only_its_own_cached_answers_and_its_hits_are_in_its_figures(sim, sim2, start_sidecar):
+    arms = [
+        {"name": "control", "weight": 50, "backends": ["gpt4o"]},
+        {"name": "mini", "weight": 50, "backends": ["mini"]},
+    ]
+    cfg = split_config(sim, sim2, arms)
+    cfg["cachePolicies"] = [{"name": "faq", "scope": "namespace", "exact": {"enabled": True, "ttlSeconds": 600}}]
+    cfg["routes"][0]["cachePolicy"] = "faq"
+    sc = await start_sidecar(cfg)
+    tenants = [f"tenant-{i:03d}" for i in range(40)]
+    control = [t for t in tenants if predicted(arms, t) == "control"][:2]
+    mini = next(t for t in tenants if predicted(arms, t) == "mini")
+
+    async def ask(tenant: str) -> tuple[str, str, str]:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                sc.url + "/v1/chat/completions",
+                json={"model": "chat", "messages": HELLO, "temperature": 0},
+                headers={"x-kubetoll-tenant": tenant},
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+                h = resp.headers
+                return h["x-kubetoll-arm"], h.get("x-kubetoll-cache", ""), h.get("x-kubetoll-backend", "")
+
+    assert await ask(control[0]) == ("control", "miss", "gpt4o")
+    assert sc.sidecar is not None and sc.sidecar.cache is not None
+    await sc.sidecar.cache.drain()  # the store is fire-and-forget
+    # The other arm asks the same question of the same namespace-wide policy: its own backend answers.
+    assert await ask(mini) == ("mini", "miss", "mini")
+    await sc.sidecar.cache.drain()
+    # A second caller of the control arm is served the control arm's answer.
+    arm, cache, _ = await ask(control[1])
+    assert (arm, cache) == ("control", "hit-exact")
+    hit = next(r for r in ledger(sc) if r.cache_hit)
+    assert (hit.experiment, hit.arm, hit.cost_usd, hit.tenant) == (EXPERIMENT, "control", 0.0, control[1])
+    assert hit.avoided_usd > 0
+    assert len(sim.requests) == 1 and len(sim2.requests) == 1  # one call per arm
+
+
 async def test_sticky_by_session_and_by_nothing(sim, sim2, start_sidecar):
     arms = [{"name": "a", "weight": 1, "backends": ["gpt4o"]}, {"name": "b", "weight": 1, "backends": ["mini"]}]
     sc = await start_sidecar(split_config(sim, sim2, arms, "session"))

@@ -24,6 +24,7 @@ such a request, natively or through chat).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import math
@@ -821,8 +822,15 @@ class Pipeline:
 
     async def _cache_lookup(self, ctx: RequestContext, policy: str) -> CacheLookup:
         assert self.cache is not None and ctx.req is not None
+        target = ctx.target
         lookup = await self.cache.lookup(
-            policy, ctx.route_name, ctx.tenant, ctx.endpoint, ctx.req.upstream_body, ctx.request.headers
+            policy,
+            ctx.route_name,
+            ctx.tenant,
+            ctx.endpoint,
+            ctx.req.upstream_body,
+            ctx.request.headers,
+            arm=f"{target.experiment}/{target.arm}" if target is not None and target.experiment else "",
         )
         ctx.cache = lookup
         for outcome, charge in lookup.charges:
@@ -848,6 +856,7 @@ class Pipeline:
             workload=self.workload,
             model=ctx.state.model_of(charge.backend),
         )
+        record = self._under_arm(ctx, record)
         meters = ctx.meters
         holds = [Hold(m, float(charge.usage.total_tokens), enforce=False) for m in meters.tokens]
         holds += [Hold(m, charge.cost_usd, enforce=False) for m in meters.usd]
@@ -859,6 +868,13 @@ class Pipeline:
                 reservation = None  # the record still goes to the ledger; the store is away
         self.metrics.cost.labels(ctx.route_name, charge.backend, ctx.tier, self.workload).inc(charge.cost_usd)
         await self._settle(ctx, reservation, charge.usage, charge.cost_usd, self.clock.time(), record=record)
+
+    @staticmethod
+    def _under_arm(ctx: RequestContext, record: SpendRecord) -> SpendRecord:
+        """A cache record of a request under an experiment carries its experiment and arm (the entries
+        are the arm's own: `cache.keys.scope_value`)."""
+        fields = ctx.target.record_fields(None, None, 0.0) if ctx.target is not None else {}
+        return dataclasses.replace(record, **fields) if fields else record
 
     async def _cache_response(self, ctx: RequestContext, lookup: CacheLookup) -> web.StreamResponse:
         hit, req = lookup.hit, ctx.req
@@ -874,8 +890,11 @@ class Pipeline:
             workload=self.workload,
         )
         if record is not None:
-            self.ledger.append(self.attribution.stamp(ctx, record))
+            self.ledger.append(self.attribution.stamp(ctx, self._under_arm(ctx, record)))
         headers = {"x-request-id": ctx.request_id, **hit.headers()}
+        target = ctx.target
+        if target is not None and target.experiment:  # the arm whose entries served it
+            headers["x-kubetoll-experiment"], headers["x-kubetoll-arm"] = target.experiment, target.arm
         if lookup.lookup_cost_usd:  # the hit cost nothing upstream; its embedding and verifier calls did
             headers["x-kubetoll-cost-usd"] = f"{lookup.lookup_cost_usd:.9f}"
         body = hit.sse_bytes(req.include_usage) if req.stream else hit.json_bytes()

@@ -107,8 +107,11 @@ def digest(data: bytes, size: int = 16) -> str:
     return hashlib.blake2b(data, digest_size=size).hexdigest()
 
 
-def scope_value(policy: CachePolicy, tenant: str) -> str:
-    return tenant if policy.scope is CacheScope.tenant else NAMESPACE_SCOPE
+def scope_value(policy: CachePolicy, tenant: str, arm: str = "") -> str:
+    """The key's and the semantic partition's scope: the tenant (or every tenant), and under an
+    experiment its arm (`experiment/arm`), so an arm is only ever served the answers its backends gave."""
+    scope = tenant if policy.scope is CacheScope.tenant else NAMESPACE_SCOPE
+    return f"{scope}\x00{arm}" if arm else scope
 
 
 def exact_key(endpoint: str, route: str, scope: str, normalized: Mapping[str, Any]) -> str:

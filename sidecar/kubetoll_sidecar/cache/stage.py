@@ -483,11 +483,13 @@ class CacheStage:
         headers: Mapping[str, str] | None = None,
         *,
         semantic: bool = True,
+        arm: str = "",
     ) -> CacheLookup:
         """Stage 6. `body` is the request as it goes upstream (`ParsedRequest.upstream_body`).
 
         Never raises for Redis or embedding trouble (those are misses). Pass
         `semantic=False` to skip the paid embedding call (e.g. for a tenant over budget).
+        `arm` (`experiment/arm`, under an experiment) partitions the entries by arm.
         """
         rt = self._policies.get(policy) if policy else None
         if rt is None:
@@ -506,7 +508,7 @@ class CacheStage:
             await self.start()
         await self._ensure_epoch(rt)
         normalized = keys.normalize_request(body)
-        scope = keys.scope_value(rt.policy, tenant)
+        scope = keys.scope_value(rt.policy, tenant, arm)
         h = keys.exact_key(endpoint, route, scope, normalized)
         lk = CacheLookup(
             "miss", _rt=rt, _route=route, _endpoint=endpoint, _key=h, _gen=rt.gen, _storable="no-store" not in control
