@@ -64,9 +64,12 @@ async def test_sigterm_drains_in_flight_requests_and_exits_zero(sim, tmp_path):
         err = (await proc.stderr.read()).decode()
         assert "draining" in err and "stopped" in err
         # The drained request was settled and logged before exit, and no key leaked into the log.
-        line = next(x for x in err.splitlines() if "kubetoll.access" in x)
-        record = json.loads(line.split("kubetoll.access ", 1)[1])
+        lines = err.splitlines()
+        at = next(i for i, x in enumerate(lines) if "kubetoll.access" in x)
+        record = json.loads(lines[at].split("kubetoll.access ", 1)[1])
         assert record["outcome"] == "ok" and record["cost_usd"] > 0
+        # Access lines are batched; they still come out in order with the other lines, before the last.
+        assert at < next(i for i, x in enumerate(lines) if "stopped" in x)
         assert "sk-test-openai-key-123" not in err and "slow one" not in err
     finally:
         if proc.returncode is None:
