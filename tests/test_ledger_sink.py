@@ -60,12 +60,14 @@ def record(ns: str, i: int, t: float = NOW, **kw) -> SpendRecord:
     return SpendRecord(**{**fields, **kw})
 
 
-async def write_through_sidecar_store(redis_url: str, ns: str, records: list[SpendRecord]) -> None:
+async def write_through_sidecar_store(
+    redis_url: str, ns: str, records: list[SpendRecord], sid: str | None = None
+) -> None:
     """Records written as a sidecar writes them: the Redis budget store's flusher and its Lua script."""
     client = Redis.from_url(redis_url, decode_responses=True)
     before = await client.xlen(RedisKeys(ns).ledger())
     # A sidecar id per call, as each sidecar process has its own.
-    sid = f"sc-{uuid.uuid4().hex[:8]}"
+    sid = sid or f"sc-{uuid.uuid4().hex[:8]}"
     store = RedisBudgetStore.connect(BudgetStoreSettings(url=redis_url), ns, "/nonexistent", sidecar_id=sid)
     ledger = RedisLedger(store, store.client)
     await store.start()
@@ -225,6 +227,32 @@ async def test_a_sink_killed_between_commit_and_ack_replays_without_duplicates(r
     assert len({q for _, q in got}) == 35
     assert await pending(r, ns) == 0
     assert sink.metrics.value("kubetoll_ledger_sink_duplicates_total", namespace=ns) == 10
+
+
+async def test_a_batch_re_sent_after_redis_lost_its_data_is_not_written_twice(redis_url, r, db, ns):
+    """Redis applied a batch, the sink copied it, Redis restarted empty before the sidecar saw its
+    reply: the sidecar sends the same batch (same id, number and records) again."""
+    recs = [record(ns, i) for i in range(12)]
+    sid = f"sc-{uuid.uuid4().hex[:8]}"
+    await write_through_sidecar_store(redis_url, ns, recs, sid=sid)
+    sink, client = sink_for(redis_url, db, ns, batch_size=5)
+    try:
+        await sink.migrate()
+        assert await sink.run_pass() == 12
+        first = {stream: rid for stream, rid in rows(db, ns)}
+        # Everything of the namespace gone, as after a restart without persistence.
+        for key in await r.keys(f"kt:{{{ns}}}:*"):
+            await r.delete(key)
+        await write_through_sidecar_store(redis_url, ns, recs, sid=sid)  # batch 1 of that sidecar, again
+        assert await sink.run_pass() == 0  # 12 entries read, none a new row
+    finally:
+        await sink.close()
+        await client.aclose()
+    assert rows(db, ns) == sorted(first.items(), key=lambda row: tuple(map(int, row[0].split("-"))))
+    assert sink.metrics.value("kubetoll_ledger_sink_duplicates_total", namespace=ns) == 12
+    with psycopg.connect(db) as conn:
+        ids = [i for (i,) in conn.execute(f"SELECT id FROM {RECORDS_TABLE} WHERE namespace = %s", (ns,))]
+    assert sorted(ids) == sorted(f"{ns}/{sid}/1/{i}" for i in range(12))
 
 
 class Proxy:

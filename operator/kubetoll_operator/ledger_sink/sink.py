@@ -11,7 +11,8 @@ consumers of the same group and share the entries). One pass, per namespace:
 3. new entries (XREADGROUP `>`).
 
 Each batch is inserted in one transaction (`INSERT ... ON CONFLICT (id) DO
-NOTHING`, the id being `<namespace>/<entry id>`), and XACKed only after the commit.
+NOTHING`, the id being `<namespace>/<rid>`, the writer's own id of the record,
+or `<namespace>/<entry id>` for an entry without one), and XACKed only after the commit.
 A crash between the commit and the ack leaves the entries pending: they are read
 again, inserted again as nothing, and acked, so a row is never written twice and
 an entry is never acked unwritten. With PostgreSQL away nothing is acked: the
@@ -71,7 +72,11 @@ _INSERT = (
     f"INSERT INTO {RECORDS_TABLE} ({', '.join(COLUMNS)}) VALUES ({', '.join(['%s'] * len(COLUMNS))}) "
     "ON CONFLICT (id) DO NOTHING"
 )
-_KNOWN_FIELDS = frozenset(RECORD_COLUMNS) | frozenset(ENTRY_COLUMNS)
+# The record's id as its writer gave it (sidecar/batch/index, redis_scripts.py): the row's id when present,
+# so a record re-sent after Redis lost its data is not a second row. Older writers' entries have none.
+RECORD_ID_FIELD = "rid"
+_RECORD_ID = re.compile(r"[A-Za-z0-9._-]{1,100}/\d{1,20}/\d{1,10}")
+_KNOWN_FIELDS = frozenset(RECORD_COLUMNS) | frozenset(ENTRY_COLUMNS) | {RECORD_ID_FIELD}
 _RECORD_FIELD_NAMES = frozenset(f.name for f in fields(SpendRecord))
 
 
@@ -92,7 +97,11 @@ def row_of(namespace: str, entry_id: str, entry: Mapping[str, str]) -> tuple[Any
             return v.replace("\x00", "\\x00")
         return v
 
-    row: list[Any] = [f"{namespace}/{entry_id}", entry_id, _entry_time(entry_id)]
+    rid = entry.get(RECORD_ID_FIELD, "")
+    if rid and not _RECORD_ID.fullmatch(rid):
+        extra[RECORD_ID_FIELD] = rid  # not a writer's id: kept, and the row keyed on the entry as before
+        rid = ""
+    row: list[Any] = [f"{namespace}/{rid or entry_id}", entry_id, _entry_time(entry_id)]
     for name in RECORD_COLUMNS:
         v = values[name]
         if name == "time":
@@ -301,8 +310,23 @@ class LedgerSink:
 
     async def drain(self, namespace: str) -> int:
         """Write what the namespace's stream holds for this sink; returns the rows written (new ones)."""
+        from redis.exceptions import ResponseError
+
         key = RedisKeys(namespace).ledger()
         await self._ensure_group(key)
+        try:
+            return await self._drain(namespace, key)
+        except ResponseError as exc:
+            if not str(exc).startswith("NOGROUP"):
+                raise
+        # The stream or its group is gone (Redis restarted empty, a failover to an empty replica, the
+        # stream deleted): the group is made again and what the stream holds now is read from its start.
+        log.info("ledger sink: namespace %s: the consumer group was gone; made again", namespace)
+        self._groups.discard(key)
+        await self._ensure_group(key)
+        return await self._drain(namespace, key)
+
+    async def _drain(self, namespace: str, key: str) -> int:
         written = 0
         for source in ("own", "claim", "new"):
             while True:

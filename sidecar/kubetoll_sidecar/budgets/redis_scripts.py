@@ -215,16 +215,22 @@ for i, m in ipairs(p.meters) do
   out[i] = {int(new), int(total), int(leased), redis.call('ZCARD', x)}
 end
 
--- The ledger and its quarantine: the same append, trimmed to the retention.
-local function append(k, recs)
+-- The ledger and its quarantine: the same append, trimmed to the retention. A ledger entry
+-- carries `rid` (sidecar/batch/index): the same record re-sent after Redis lost its data
+-- (the batch it was in never confirmed) has the same rid, which the ledger sink keys its rows on.
+local function append(k, recs, ids)
   if k == 0 or dup then return end
   local minid = int(now - p.keep_ms) .. '-0'
-  for _, r in ipairs(recs) do
+  for i, r in ipairs(recs) do
+    if ids then
+      r[#r + 1] = 'rid'
+      r[#r + 1] = p.sid .. '/' .. int(p.batch) .. '/' .. int(i - 1)
+    end
     redis.call('XADD', KEYS[k], 'MINID', '~', minid, '*', unpack(r))
   end
 end
-append(p.lk, p.recs)
-append(p.qk, p.qrecs)
+append(p.lk, p.recs, true)
+append(p.qk, p.qrecs, false)
 
 local status = 'ok'
 if dup then status = 'dup' end
