@@ -121,6 +121,27 @@ def test_load_config_reports_the_field():
     assert "server.port" in str(exc.value)
 
 
+def test_a_config_from_a_newer_operator_says_so(sim):
+    from kubetoll_sidecar.config_loader import parse_config
+
+    newer = base_config(sim.url, revision="3f9a1c")
+    newer["backends"][0]["catalogPricesV2"] = {"input": 1}  # a field a later operator writes
+    with pytest.raises(ConfigError) as exc:
+        parse_config(json.dumps(newer).encode(), "router.json")
+    assert "backends.0.catalogPricesV2" in str(exc.value)
+    assert "newer than this pod's sidecar" in str(exc.value) and "rollout restart" in str(exc.value)
+    # A typo in a hand-written config (no revision), or a wrong value, is not version skew.
+    typo = base_config(sim.url)
+    typo["backends"][0]["modle"] = "gpt-4o"
+    wrong = base_config(sim.url, revision="3f9a1c")
+    wrong["backends"][0]["catalogPricesV2"] = {}
+    wrong["server"]["port"] = "eighty"
+    for cfg in (typo, wrong):
+        with pytest.raises(ConfigError) as exc:
+            parse_config(json.dumps(cfg).encode(), "router.json")
+        assert "newer" not in str(exc.value)
+
+
 def test_sidecar_started_with_an_invalid_config_exits_with_a_clear_message(tmp_path):
     bad = tmp_path / "router.yaml"
     bad.write_text("routes:\n  - name: r\n    rules: [{backends: [missing]}]\n")

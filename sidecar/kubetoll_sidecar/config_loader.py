@@ -16,6 +16,7 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 from pydantic import ValidationError
@@ -87,7 +88,22 @@ def parse_config(raw: bytes, source: str) -> RouterConfig:
     try:
         return RouterConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: invalid RouterConfig: {format_validation_error(exc)}") from None
+        raise ConfigError(
+            f"{source}: invalid RouterConfig: {format_validation_error(exc)}{_skew_hint(data, exc)}"
+        ) from None
+
+
+def _skew_hint(data: dict[str, Any], exc: ValidationError) -> str:
+    """A config the operator wrote (it has a `revision`) refused only for fields this sidecar does not know:
+    the operator is newer than this sidecar, which keeps its last good config until the pod is recreated."""
+    errors = exc.errors()
+    if not data.get("revision") or not errors or any(e["type"] != "extra_forbidden" for e in errors):
+        return ""
+    return (
+        " (the operator wrote fields this sidecar version does not know: it is newer than this pod's "
+        "sidecar, which keeps serving its last good config; recreate the pod, e.g. `kubectl rollout "
+        "restart`, to get the sidecar the operator injects now)"
+    )
 
 
 def load_config(path: str) -> LoadedConfig:
