@@ -68,6 +68,7 @@ class _Served:
         await self.runner.setup()
         if self.hot:
             routes = HotRoutes.install(self.runner)
+            assert routes is not None
             inner = routes._fallback
 
             async def counting(request: web.BaseRequest) -> web.StreamResponse:
@@ -123,6 +124,18 @@ async def test_only_plain_posts_without_expect_skip_the_application() -> None:
     async with _Served(hot=True) as hot:
         await _answers(hot)
         assert hot.fallback_calls == len(REQUESTS) - 1  # all but the first
+
+
+async def test_an_aiohttp_that_keeps_match_info_elsewhere_gets_the_router_for_everything(monkeypatch) -> None:
+    monkeypatch.setattr(web.Request, "ATTRS", web.Request.ATTRS - {"_match_info"})
+    runner = web.AppRunner(_app([]), access_log=None)
+    await runner.setup()
+    try:
+        fallback = runner.server.request_handler  # type: ignore[union-attr]
+        assert HotRoutes.install(runner) is None
+        assert runner.server.request_handler is fallback  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
 
 
 def test_it_needs_a_set_up_runner_and_new_style_middlewares() -> None:

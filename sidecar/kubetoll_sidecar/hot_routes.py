@@ -20,14 +20,18 @@ router resolved, which tests/test_hot_routes.py checks against aiohttp itself.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
+import aiohttp
 from aiohttp import hdrs, web
 from aiohttp.web_urldispatcher import PlainResource, UrlMappingMatchInfo
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+log = logging.getLogger("kubetoll.sidecar")
 
 
 class HotRoutes:
@@ -70,11 +74,20 @@ class HotRoutes:
         return await self._fallback(request)
 
     @classmethod
-    def install(cls, runner: web.AppRunner) -> HotRoutes:
-        """Route `runner`'s server through a HotRoutes of its app (after `setup()`, before a connection)."""
+    def install(cls, runner: web.AppRunner) -> HotRoutes | None:
+        """Route `runner`'s server through a HotRoutes of its app (after `setup()`, before a connection).
+
+        None, and the application dispatches everything as before, on an aiohttp whose Request no
+        longer keeps its match info where this sets it (`Request.ATTRS` lists what aiohttp sets)."""
         server = runner.server
         if server is None:
             raise RuntimeError("HotRoutes.install needs a runner that has been set up")
+        if "_match_info" not in getattr(web.Request, "ATTRS", ()):
+            log.info(
+                "aiohttp %s keeps a request's match info elsewhere: every request goes through its router",
+                aiohttp.__version__,
+            )
+            return None
         hot = cls(runner.app, server.request_handler)
         server.request_handler = hot
         return hot
