@@ -60,9 +60,22 @@ class Target:
             return None
         return CascadeRun(c, self.backends, backends[self.backends[0]])
 
+    @property
+    def arm_id(self) -> str:
+        """`experiment/arm` under an experiment, else "" (what partitions the cache: cache.keys.scope_value)."""
+        return f"{self.experiment}/{self.arm}" if self.experiment else ""
+
+    def arm_headers(self) -> dict[str, str]:
+        """The response headers naming the experiment arm (none without an experiment)."""
+        return {"x-kubetoll-experiment": self.experiment, "x-kubetoll-arm": self.arm} if self.experiment else {}
+
+    def arm_fields(self) -> dict[str, Any]:
+        """The spend-record fields naming the experiment arm (none without an experiment)."""
+        return {"experiment": self.experiment, "arm": self.arm} if self.experiment else {}
+
     def headers(self, run: CascadeRun | None) -> dict[str, str]:
         """The response headers saying how the request was routed: its experiment arm, its cascade."""
-        h = {"x-kubetoll-experiment": self.experiment, "x-kubetoll-arm": self.arm} if self.experiment else {}
+        h = self.arm_headers()
         if run is not None:
             h.update(run.headers())
         elif self.cascade is not None:
@@ -71,7 +84,7 @@ class Target:
 
     def record_fields(self, run: CascadeRun | None, usage: Usage | None, cost: float) -> dict[str, Any]:
         """The request's spend-record fields for its experiment arm and cascade (none when it has neither)."""
-        out: dict[str, Any] = {"experiment": self.experiment, "arm": self.arm} if self.experiment else {}
+        out = self.arm_fields()
         if run is not None and run.answered >= 0 and usage is not None:
             out.update(run.record_fields(usage, cost))
         elif run is not None and run.answered < 0:  # the request failed: how far it got

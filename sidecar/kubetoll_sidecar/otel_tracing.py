@@ -256,8 +256,7 @@ class OtelTracing:
         parent = trace.set_span_in_context(current.span) if current is not None else None
         operation = OPERATIONS.get(endpoint, "chat")
         span = self.tracer.start_span(f"{operation} {backend.model}", context=parent, kind=SpanKind.CLIENT)
-        url = urlsplit(req.url)
-        address, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+        address, port = _server(req.url)
         if span.is_recording():
             span.set_attributes(
                 {
@@ -281,6 +280,12 @@ class OtelTracing:
         self.provider.shutdown()
 
 
+def _server(url: str) -> tuple[str, int]:
+    """server.address and server.port of a call to `url` (the scheme's port when it names none)."""
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+
 class RequestSpan:
     __slots__ = ("tracing", "span", "answered", "_token")
 
@@ -294,15 +299,15 @@ class RequestSpan:
         span = self.tracing.tracer.start_span(
             f"{operation} {backend.model}", context=trace.set_span_in_context(self.span), kind=SpanKind.CLIENT
         )
-        parts = urlsplit(url)
+        address, port = _server(url)
         if span.is_recording():
             span.set_attributes(
                 {
                     "gen_ai.operation.name": operation,
                     "gen_ai.provider.name": PROVIDER_NAMES.get(backend.provider, backend.provider.value),
                     "gen_ai.request.model": backend.model,
-                    "server.address": parts.hostname or "",
-                    "server.port": parts.port or (443 if parts.scheme == "https" else 80),
+                    "server.address": address,
+                    "server.port": port,
                     "kubetoll.backend": backend.name,
                     "kubetoll.call": purpose,
                 }

@@ -292,13 +292,13 @@ class Pipeline:
                     downgrade = True
                     self.metrics.downgrades.labels(route.name, "burn_rate").inc()
         chain_names = route.downgrade_chain if downgrade else target.backends
-        chain_names = self._within_windows(ctx, chain_names, output_tokens // max(req.n, 1), refuse=True)
+        per_choice = output_tokens // max(req.n, 1)  # what each choice's context window must hold besides the prompt
+        chain_names = self._within_windows(ctx, chain_names, per_choice, refuse=True)
         # 7 admit (a cascade reserves for every step: each one called is billed, cascade.py)
         ctx.cascade = target.cascade_run(ctx.endpoint, req.stream, downgrade, state.backends)
         if ctx.cascade is not None:
             # Each step keeps the backends whose window holds the prompt; a step with none is passed by
             # (nothing reserved or sent), and the last step is the chain checked above.
-            per_choice = output_tokens // max(req.n, 1)
             ctx.cascade.fit([self._fitting(ctx, c, per_choice) for c in ctx.cascade.chains[:-1]], chain_names)
         chains = ctx.cascade.chains if ctx.cascade is not None else (chain_names,)
         holds = combine_holds(
@@ -308,7 +308,7 @@ class Pipeline:
         if admitted and admitted.downgrade and not downgrade:
             downgrade = True
             chain_names, ctx.cascade = route.downgrade_chain, None
-            chain_names = self._within_windows(ctx, chain_names, output_tokens // max(req.n, 1), refuse=False)
+            chain_names = self._within_windows(ctx, chain_names, per_choice, refuse=False)
             self.metrics.downgrades.labels(route.name, "exhausted").inc()
         ctx.downgraded = downgrade
         ctx.reservation = admitted.reservation if admitted else None
@@ -822,7 +822,6 @@ class Pipeline:
 
     async def _cache_lookup(self, ctx: RequestContext, policy: str) -> CacheLookup:
         assert self.cache is not None and ctx.req is not None
-        target = ctx.target
         lookup = await self.cache.lookup(
             policy,
             ctx.route_name,
@@ -830,7 +829,7 @@ class Pipeline:
             ctx.endpoint,
             ctx.req.upstream_body,
             ctx.request.headers,
-            arm=f"{target.experiment}/{target.arm}" if target is not None and target.experiment else "",
+            arm=ctx.target.arm_id if ctx.target is not None else "",
         )
         ctx.cache = lookup
         for outcome, charge in lookup.charges:
@@ -873,7 +872,7 @@ class Pipeline:
     def _under_arm(ctx: RequestContext, record: SpendRecord) -> SpendRecord:
         """A cache record of a request under an experiment carries its experiment and arm (the entries
         are the arm's own: `cache.keys.scope_value`)."""
-        fields = ctx.target.record_fields(None, None, 0.0) if ctx.target is not None else {}
+        fields = ctx.target.arm_fields() if ctx.target is not None else {}
         return dataclasses.replace(record, **fields) if fields else record
 
     async def _cache_response(self, ctx: RequestContext, lookup: CacheLookup) -> web.StreamResponse:
@@ -892,9 +891,8 @@ class Pipeline:
         if record is not None:
             self.ledger.append(self.attribution.stamp(ctx, self._under_arm(ctx, record)))
         headers = {"x-request-id": ctx.request_id, **hit.headers()}
-        target = ctx.target
-        if target is not None and target.experiment:  # the arm whose entries served it
-            headers["x-kubetoll-experiment"], headers["x-kubetoll-arm"] = target.experiment, target.arm
+        if ctx.target is not None:  # the arm whose entries served it
+            headers.update(ctx.target.arm_headers())
         if lookup.lookup_cost_usd:  # the hit cost nothing upstream; its embedding and verifier calls did
             headers["x-kubetoll-cost-usd"] = f"{lookup.lookup_cost_usd:.9f}"
         body = hit.sse_bytes(req.include_usage) if req.stream else hit.json_bytes()

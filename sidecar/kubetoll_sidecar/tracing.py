@@ -115,6 +115,11 @@ def call(backend: Backend, operation: str, purpose: str, url: str, headers: dict
 _OFF_CALL: CallTrace = _Off()
 
 
+def failure_kind(status: int | None) -> str:
+    """A failed call's `error.type` when its answer came: the HTTP status of an error, else `invalid_answer`."""
+    return str(status) if status is not None and status >= 400 else "invalid_answer"
+
+
 def build(
     settings: TelemetrySettings, credentials_dir: str, metrics: Metrics, resource: Mapping[str, str] | None = None
 ) -> Tracing:

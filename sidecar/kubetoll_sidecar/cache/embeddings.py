@@ -70,7 +70,7 @@ async def call_through_translator(
                 raise failed(f"{backend.name}: HTTP {resp.status}")
         data, usage = translator.parse_response(endpoint, raw, backend.model)
     except failed:
-        _end(span, status, str(status) if status and status >= 400 else "invalid_answer")
+        _end(span, status, tracing.failure_kind(status))
         raise
     except asyncio.CancelledError:
         _end(span, status, "cancelled")

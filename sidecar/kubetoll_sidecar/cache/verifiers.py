@@ -217,8 +217,8 @@ def rerank_verifier(
             data = orjson.loads(raw)
             value, reported = parse_rerank(api, data)
         except VerifierFailed as exc:
-            span.end(status, None, str(status) if status and status >= 400 else "invalid_answer")
-            if status and status >= 400:
+            span.end(status, None, tracing.failure_kind(status))
+            if status is not None and status >= 400:
                 raise
             raise VerifierFailed(f"{backend.name}: {exc}") from None
         except asyncio.CancelledError:
