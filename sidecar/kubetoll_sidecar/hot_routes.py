@@ -64,6 +64,10 @@ class HotRoutes:
     def paths(self) -> list[str]:
         return sorted(self._post)
 
+    def route(self, path: str) -> tuple[UrlMappingMatchInfo, Handler]:
+        """A POST path's match info and its handler inside the app's middlewares (lean_http.py calls it)."""
+        return self._post[path]
+
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.method == hdrs.METH_POST and hdrs.EXPECT not in request.headers:
             hot = self._post.get(request.rel_url.path_safe)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Self
 
 from aiohttp import web
@@ -114,6 +115,11 @@ class _Bounded(asyncio.Protocol):
         if self._transport is not None:
             _abort(self._transport)
 
+    def close_idle(self) -> None:
+        close_idle = getattr(self._inner, "close_idle", None)
+        if close_idle is not None and self._transport is not None:
+            close_idle()
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self._transport is not None:
             self._transport = None
@@ -160,8 +166,10 @@ class BoundedTCPSite(web.BaseSite):
         max_connections: int,
         evict_oldest: bool = False,
         reuse_address: bool = True,
+        protocol: Callable[[], asyncio.Protocol] | None = None,
     ) -> None:
         super().__init__(runner)
+        self._protocol = protocol  # a connection's protocol; by default the runner's aiohttp server
         self._host, self._port = host, port
         self._reuse_address = reuse_address
         self.max_connections = max_connections
@@ -170,6 +178,11 @@ class BoundedTCPSite(web.BaseSite):
         self.evicted_connections = 0
         self._open: dict[_Bounded, None] = {}  # insertion order: oldest first
         self._listener: asyncio.Server | None = None
+
+    @property
+    def protocol(self) -> Callable[[], asyncio.Protocol] | None:
+        """The protocol factory given, or None for the runner's aiohttp server."""
+        return self._protocol
 
     @property
     def open_connections(self) -> int:
@@ -205,14 +218,22 @@ class BoundedTCPSite(web.BaseSite):
         await super().start()
         server = self._runner.server
         assert server is not None
+        protocol = self._protocol or server
         self._listener = await asyncio.get_running_loop().create_server(
-            lambda: _Bounded(server(), self),
+            lambda: _Bounded(protocol(), self),
             self._host,
             self._port,
             reuse_address=self._reuse_address,
             backlog=128,
         )
         self._server = self._listener  # BaseSite.stop closes it
+
+    async def stop(self) -> None:
+        await super().stop()
+        # aiohttp's server shutdown (after this) closes the connections its protocol serves; a
+        # connection of another protocol (lean_http.py) closes when idle, or after its answer.
+        for conn in list(self._open):
+            conn.close_idle()
 
 
 class LocalServer:

@@ -49,6 +49,7 @@ from .hot_routes import HotRoutes
 from .http_server import BoundedTCPSite, app_runner
 from .inbound.messages import count_tokens
 from .inbound.responses import forward_stored
+from .lean_http import LeanAPI
 from .ledger import InMemoryLedger, Ledger
 from .metrics import Metrics
 from .pipeline import Pipeline
@@ -60,6 +61,17 @@ from .state import RouterState, SessionPool, build_state
 from .workload import WorkloadIdentity
 
 OUTCOME_MAX_BYTES = 16 * 1024  # an outcome report is a few fields
+# The API's JSON POSTs: what the API port's own protocol takes whole (lean_http.py). Not the
+# batch and file uploads (multipart, large): those stay aiohttp's.
+LEAN_PATHS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/kubetoll/v1/outcomes",
+)
 log = logging.getLogger("kubetoll.sidecar")
 
 
@@ -652,9 +664,19 @@ async def listen(
         (ops, metrics_host, metrics_port, cfg.metrics_max_connections, True),
     ):
         await runner.setup()
+        protocol = None
         if runner is api:
-            HotRoutes.install(api)  # the POST routes without the router's per-request work (hot_routes.py)
-        await BoundedTCPSite(runner, h, p, max_connections=limit, evict_oldest=evict).start()
+            hot = HotRoutes.install(api)  # the POST routes without the router's per-request work (hot_routes.py)
+            if hot is not None and runner.server is not None:
+                # The JSON POSTs taken whole by the API port's own protocol, the rest by aiohttp (lean_http.py).
+                protocol = LeanAPI(
+                    api.app,
+                    {path: hot.route(path) for path in LEAN_PATHS},
+                    runner.server,
+                    header_timeout=cfg.header_timeout_seconds,
+                    body_limit=lambda: sidecar.config.server.max_body_bytes,
+                )
+        await BoundedTCPSite(runner, h, p, max_connections=limit, evict_oldest=evict, protocol=protocol).start()
     return api, ops
 
 

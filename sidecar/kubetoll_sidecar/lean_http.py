@@ -1,0 +1,423 @@
+"""The API port's connections: a plain JSON POST straight to its handler, anything else to aiohttp.
+
+aiohttp's server costs a request its protocol's parser callbacks and message queue,
+a `RawRequestMessage`, a `StreamReader` for the body, a `BaseRequest` with its
+URL object, and a handler task started from the connection's own loop task: about
+40 µs of CPU a request on the bench's machine above a protocol that takes a
+complete request off its buffer (docs/performance.md). The API's traffic is
+small POSTs to a handful of fixed paths whose body is in hand within a
+millisecond, so this protocol recognises that case itself and hands every other
+byte to aiohttp:
+
+- taken here: `POST <path> HTTP/1.1` to one of the given paths (no query), a head
+  of at most `MAX_HEAD` bytes whose lines are all plain `name: value` fields,
+  exactly one `Content-Length` within the body limit, and no `Transfer-Encoding`,
+  `Expect`, `Upgrade` or `Content-Encoding`; `Connection` only `keep-alive` or
+  `close`. Such a request is read whole (head and body) before its handler runs;
+- everything else (another method or path, chunked or encoded bodies, `Expect`,
+  HTTP/1.0, a head this does not recognise, malformed bytes) is handed to
+  aiohttp's own protocol for this connection: the bytes received so far (from the
+  first byte of that request) are fed to a fresh `RequestHandler`, which serves the
+  connection from then on, with its errors, limits and timers;
+- the handler is the one aiohttp would run (the route's handler inside the app's
+  middlewares, as `hot_routes.py` composes them), given a `LeanRequest` with the
+  parts of aiohttp's request the API handlers read; the response, streamed or not,
+  is written by aiohttp's own response and writer classes, so its bytes are
+  aiohttp's (`tests/test_lean_http.py` compares them);
+- one request at a time, in order (pipelined requests wait in the buffer); a
+  connection idle, or with a partial head, for `header_timeout` seconds is closed
+  (aiohttp's keep-alive timer does the same). A body still arriving when its head is
+  in is fed to an aiohttp `StreamReader` while the handler runs, as aiohttp does, so
+  the pipeline's body deadline (408) and a client leaving mid-upload (a counted
+  disconnect) work the same on both protocols.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http import HttpVersion11
+from aiohttp.http_writer import StreamWriter
+from aiohttp.streams import StreamReader
+from multidict import CIMultiDict, CIMultiDictProxy
+
+log = logging.getLogger("kubetoll.sidecar")
+
+MAX_HEAD = 8190  # aiohttp's line limit: a longer head is aiohttp's to judge
+_READER_LIMIT = 2**16  # an upload's StreamReader pauses the socket past twice this unread
+_MAX_FIELDS = 100
+_END = b"\r\n\r\n"
+_REQUEST_START = b"POST /"
+# A header line this protocol takes: a token, a colon, a value of visible characters, spaces,
+# tabs and obs-text. Anything else (obs-fold, control bytes, a bare LF) goes to aiohttp.
+_FIELD = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
+_HANDED_OFF_FIELDS = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"content-encoding"})
+
+Handler = Callable[[Any], Awaitable[web.StreamResponse]]
+Route = tuple[Any, Handler]  # (the route's match info, its handler in the app's middlewares)
+
+
+class _Body:
+    """The request body, whole: the part of aiohttp's `StreamReader` the API's body reader uses."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def is_eof(self) -> bool:
+        return True
+
+    def at_eof(self) -> bool:
+        return not self._data
+
+    def read_nowait(self, n: int = -1) -> bytes:
+        data = self._data
+        if n < 0 or n >= len(data):
+            self._data = b""
+            return data
+        self._data = data[n:]
+        return data[:n]
+
+    async def read(self, n: int = -1) -> bytes:
+        return self.read_nowait(n)
+
+
+class LeanRequest:
+    """What the API's handlers, middlewares and aiohttp's response classes read of a request."""
+
+    __slots__ = (
+        "app",
+        "content",
+        "content_length",
+        "headers",
+        "keep_alive",
+        "match_info",
+        "path",
+        "transport",
+        "_conn",
+        "_writer",
+    )
+
+    method = "POST"
+    version = HttpVersion11
+
+    def __init__(
+        self,
+        conn: LeanConnection,
+        app: web.Application,
+        path: str,
+        headers: CIMultiDictProxy[str],
+        content: _Body | StreamReader,
+        content_length: int,
+        keep_alive: bool,
+        match_info: Any,
+    ) -> None:
+        self._conn = conn
+        self._writer: StreamWriter | None = None
+        self.app = app
+        self.path = path
+        self.headers = headers
+        self.content = content
+        self.content_length = content_length
+        self.keep_alive = keep_alive
+        self.match_info = match_info
+        self.transport = conn.transport
+
+    @property
+    def _payload_writer(self) -> StreamWriter:
+        if self._writer is None:
+            self._writer = StreamWriter(self._conn, self._conn._loop)
+        return self._writer
+
+    @property
+    def writer(self) -> StreamWriter:
+        return self._payload_writer
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        # What aiohttp's Request does before a response's head goes out: the app's signal
+        # (the drain marks the request answered there and closes the connection while draining).
+        await self.app.on_response_prepare.send(self, response)  # type: ignore[arg-type]  # the parts it reads
+
+    def __repr__(self) -> str:
+        return f"<LeanRequest POST {self.path}>"
+
+
+class LeanAPI:
+    """The protocol factory's shared part: the routes, the aiohttp server to hand off to, the limits."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        routes: dict[str, Route],
+        aiohttp_protocol: Callable[[], asyncio.Protocol],
+        *,
+        header_timeout: float,
+        body_limit: Callable[[], int],
+    ) -> None:
+        self.app = app
+        self.routes = {path.encode("ascii"): (path, route) for path, route in routes.items()}
+        self.aiohttp_protocol = aiohttp_protocol
+        self.header_timeout = header_timeout
+        self.body_limit = body_limit
+        self.handed_off = 0  # connections given to aiohttp (a test and a bench read it)
+
+    def __call__(self) -> LeanConnection:
+        return LeanConnection(self)
+
+
+class LeanConnection(BaseProtocol):
+    """One API connection: requests taken whole off its buffer until it is handed to aiohttp."""
+
+    __slots__ = ("_api", "_aio", "_buf", "_busy", "_closing", "_held", "_idle_since", "_task", "_timer", "_upload")
+
+    def __init__(self, api: LeanAPI) -> None:
+        super().__init__(asyncio.get_running_loop())
+        self._api = api
+        self._aio: asyncio.Protocol | None = None  # aiohttp's protocol, once handed off
+        self._buf = bytearray()
+        self._busy = False  # a request of this connection is in its handler or being written
+        self._closing = False  # close once the request in flight is answered
+        self._held = False  # reading paused: pipelined bytes piled up behind the request in flight
+        self._idle_since = 0.0
+        # The body of the request in flight still arriving: its reader, and how many bytes are to come.
+        self._upload: tuple[StreamReader, int] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None  # the request in flight (held: the loop keeps tasks weakly)
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # uvloop's transports are not asyncio.Transport subclasses
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self._aio is not None:
+            self._aio.data_received(data)
+            return
+        if self._upload is not None:
+            reader, left = self._upload
+            if len(data) < left:
+                reader.feed_data(data)
+                self._upload = (reader, left - len(data))
+                return
+            reader.feed_data(data[:left])
+            reader.feed_eof()
+            self._upload = None
+            data = data[left:]  # a pipelined request behind the body
+            if not data:
+                return
+        self._buf += data
+        if not self._busy:
+            self._take()
+
+    def eof_received(self) -> bool | None:
+        if self._aio is not None:
+            return self._aio.eof_received()
+        return None  # the transport closes; a request in flight finds it closed when it writes
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._upload is not None:
+            # What aiohttp sets on the body of a request whose client left: its handler counts a disconnect.
+            self._upload[0].set_exception(ConnectionResetError("Connection lost"))
+            self._upload = None
+        if self._aio is not None:
+            self._aio.connection_lost(exc)  # type: ignore[arg-type]
+            return
+        super().connection_lost(exc)  # wakes a writer waiting to drain
+
+    def pause_reading(self) -> None:
+        # An upload's StreamReader holding more than it may: stop reading the socket until it is read.
+        self._reading_paused = True
+        self._pause_socket()
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        self._reading_paused = False
+        if not self._held:
+            self._resume_socket()
+
+    def _pause_socket(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def _resume_socket(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        if self._aio is not None:
+            self._aio.pause_writing()
+        else:
+            super().pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._aio is not None:
+            self._aio.resume_writing()
+        else:
+            super().resume_writing()
+
+    # ------------------------------------------------------------------ requests
+
+    def close_idle(self) -> None:
+        """At shutdown: close now if no request is in flight, else after its answer (aiohttp closes its own)."""
+        if self._aio is not None or self.transport is None:
+            return
+        if self._busy:
+            self._closing = True
+        else:
+            self.transport.close()
+
+    def _take(self) -> None:
+        """Start the next request in the buffer if it is whole; hand off what this does not take."""
+        buf = self._buf
+        end = buf.find(_END, 0, MAX_HEAD + 4)
+        if end < 0:
+            prefix = bytes(buf[:6])
+            if (
+                len(buf) > MAX_HEAD + 4
+                or not _REQUEST_START.startswith(prefix)
+                or buf.count(b"\n") != buf.count(b"\r\n")
+            ):
+                self._hand_off()  # not a POST, a bare LF, or no head within the limit: aiohttp answers now
+            return
+        taken = self._parse_head(bytes(buf[:end]))
+        if taken is None:
+            self._hand_off()
+            return
+        path, route, headers, length, keep_alive = taken
+        start = end + 4
+        content: _Body | StreamReader
+        if len(buf) >= start + length:
+            content = _Body(bytes(buf[start : start + length]))
+            del buf[: start + length]
+        else:
+            # The body is still arriving: the handler starts now and reads it as it comes, under its
+            # own deadline, as it would on aiohttp's protocol.
+            content = StreamReader(self, _READER_LIMIT, loop=self._loop)
+            if len(buf) > start:
+                content.feed_data(bytes(buf[start:]))
+            self._upload = (content, start + length - len(buf))
+            buf.clear()
+        self._busy = True
+        if len(buf) > self._api.body_limit():
+            self._held = True  # a client that pipelines without reading: stop taking its bytes
+            self._pause_socket()
+        info, handler = route
+        request = LeanRequest(self, self._api.app, path, headers, content, length, keep_alive, info)
+        self._task = self._loop.create_task(self._serve(request, handler))
+
+    def _parse_head(self, head: bytes) -> tuple[str, Route, CIMultiDictProxy[str], int, bool] | None:
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(b" ")
+        if len(parts) != 3 or parts[0] != b"POST" or parts[2] != b"HTTP/1.1" or len(lines) > _MAX_FIELDS:
+            return None
+        known = self._api.routes.get(parts[1])
+        if known is None:
+            return None
+        fields: list[tuple[str, str]] = []
+        length = -1
+        keep_alive = True
+        for line in lines[1:]:
+            m = _FIELD.fullmatch(line)
+            if m is None:
+                return None
+            raw_name, raw_value = m.groups()
+            name = raw_name.lower()
+            if name in _HANDED_OFF_FIELDS:
+                return None
+            if name == b"content-length":
+                if length >= 0 or not raw_value.isdigit():
+                    return None
+                length = int(raw_value)
+            elif name == b"connection":
+                value = raw_value.lower()
+                if value == b"close":
+                    keep_alive = False
+                elif value != b"keep-alive":
+                    return None
+            fields.append((raw_name.decode("ascii"), raw_value.decode("utf-8", "surrogateescape")))
+        if length < 0 or length > self._api.body_limit():
+            return None  # no length (aiohttp answers what that means), or aiohttp's reader answers 413
+        path, route = known
+        return path, route, CIMultiDictProxy(CIMultiDict(fields)), length, keep_alive
+
+    async def _serve(self, request: LeanRequest, handler: Handler) -> None:
+        try:
+            resp = await handler(request)
+        except asyncio.CancelledError:
+            self._close()  # the drain cut an answer already under way: as aiohttp, the connection ends
+            raise
+        except Exception:
+            # The error middleware answers every exception; one past it is a bug, answered as aiohttp does.
+            log.exception("unhandled error in the API handler for %s", request.path)
+            resp = web.Response(status=500, text="500 Internal Server Error\n\nServer got itself in trouble")
+            resp.force_close()
+        try:
+            await resp.prepare(request)  # type: ignore[arg-type]  # the parts of a Request it reads
+            await resp.write_eof()
+        except ConnectionError:
+            self._close()  # the client went away
+            return
+        except Exception:
+            log.exception("failed to write the answer to %s", request.path)
+            self._close()  # part of it may be out: the connection cannot carry another
+            return
+        if not resp.keep_alive or self._closing or self.transport is None or self._upload is not None:
+            # (an answer given before its body was all in: the rest of it cannot be told from a next request)
+            self._close()
+            return
+        self._busy = False
+        self._task = None
+        if self._held:
+            self._held = False
+            if not self._reading_paused:
+                self._resume_socket()
+        self._arm()
+        if self._buf:
+            self._take()
+
+    # ------------------------------------------------------------------ hand-off, timer, close
+
+    def _hand_off(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        aio = self._aio = self._api.aiohttp_protocol()
+        self._api.handed_off += 1
+        aio.connection_made(transport)
+        if self._paused:
+            aio.pause_writing()
+        data, self._buf = bytes(self._buf), bytearray()
+        if data:
+            aio.data_received(data)
+
+    def _arm(self) -> None:
+        self._idle_since = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._idle_since + self._api.header_timeout, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._aio is not None or self.transport is None or self._busy:
+            return  # the answer re-arms it
+        due = self._idle_since + self._api.header_timeout
+        if self._loop.time() < due:
+            self._timer = self._loop.call_at(due, self._on_timer)
+        else:
+            self.transport.close()  # idle, or a head not sent in time
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
