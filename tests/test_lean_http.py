@@ -136,6 +136,11 @@ CASES: dict[str, list[bytes]] = {
     "connection close": [_post({"q": 1}, "Connection: close")],
     "forced close": [_post({"close": True}) + _post({"q": 2})],
     "keep-alive field": [_post({"q": 1}, "Connection: keep-alive")],
+    "utf-8 and odd spacing": [
+        _post({"q": 1}).replace(b"Host: x", "Host:x\r\nUser-Agent: \tsdk ünï/1\r\nX-Empty:".encode(), 1)
+    ],
+    "trailing whitespace": [_post({"q": 1}).replace(b"Host: x", b"Host: x\r\nUser-Agent: sdk/1 \t", 1)],
+    "latin-1 byte in a value": [_post({"q": 1}).replace(b"Host: x", b"Host: x\r\nUser-Agent: caf\xe9", 1)],
     "then a GET, then a POST": [_post({"q": 1}) + b"GET /v1/hot HTTP/1.1\r\nHost: x\r\n\r\n" + _post({"q": 2})],
     "chunked": [b'POST /v1/hot HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n{"q": 1}\r\n0\r\n\r\n'],
     "expect": [_post({"q": 1}, "Expect: 100-continue")],
@@ -161,6 +166,8 @@ TAKEN = {
     "connection close",
     "forced close",
     "keep-alive field",
+    "utf-8 and odd spacing",
+    "latin-1 byte in a value",
 }
 
 

@@ -21,9 +21,11 @@ byte to aiohttp:
   connection from then on, with its errors, limits and timers;
 - the handler is the one aiohttp would run (the route's handler inside the app's
   middlewares, as `hot_routes.py` composes them), given a `LeanRequest` with the
-  parts of aiohttp's request the API handlers read; the response, streamed or not,
-  is written by aiohttp's own response and writer classes, so its bytes are
-  aiohttp's (`tests/test_lean_http.py` compares them);
+  parts of aiohttp's request the API handlers read; a stream is written by aiohttp's
+  own response and writer classes, and a whole JSON answer by a short path that sets
+  the fields aiohttp sets, in its order, and serialises them with aiohttp's own
+  serializer, so the bytes are aiohttp's either way (`tests/test_lean_http.py`
+  compares them);
 - one request at a time, in order (pipelined requests wait in the buffer); a
   connection idle, or with a partial head, for `header_timeout` seconds is closed
   (aiohttp's keep-alive timer does the same). A body still arriving when its head is
@@ -40,10 +42,11 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http import HttpVersion11
-from aiohttp.http_writer import StreamWriter
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
+from aiohttp.http_writer import StreamWriter, _serialize_headers
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -54,10 +57,13 @@ _READER_LIMIT = 2**16  # an upload's StreamReader pauses the socket past twice t
 _MAX_FIELDS = 100
 _END = b"\r\n\r\n"
 _REQUEST_START = b"POST /"
-# A header line this protocol takes: a token, a colon, a value of visible characters, spaces,
-# tabs and obs-text. Anything else (obs-fold, control bytes, a bare LF) goes to aiohttp.
-_FIELD = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
-_HANDED_OFF_FIELDS = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"content-encoding"})
+# A header line this protocol takes, after the CRLF before it: a token, a colon, a value of
+# visible characters, spaces, tabs and obs-text (decoded), up to the next CRLF or the head's end.
+# Anything else (obs-fold, control bytes, a bare LF) goes to aiohttp.
+# (Greedy, so a valid line is matched without backtracking; a value ending in a space or tab is
+# aiohttp's to strip.)
+_FIELDS = re.compile(r"\r\n([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*)(?=\r\n|\Z)")
+_HANDED_OFF_FIELDS = frozenset({"transfer-encoding", "expect", "upgrade", "content-encoding"})
 
 Handler = Callable[[Any], Awaitable[web.StreamResponse]]
 Route = tuple[Any, Handler]  # (the route's match info, its handler in the app's middlewares)
@@ -316,35 +322,39 @@ class LeanConnection(BaseProtocol):
         self._task = self._loop.create_task(self._serve(request, handler))
 
     def _parse_head(self, head: bytes) -> tuple[str, Route, CIMultiDictProxy[str], int, bool] | None:
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ")
-        if len(parts) != 3 or parts[0] != b"POST" or parts[2] != b"HTTP/1.1" or len(lines) > _MAX_FIELDS:
+        first = head.find(b"\r\n")
+        parts = (head if first < 0 else head[:first]).split(b" ")
+        if len(parts) != 3 or parts[0] != b"POST" or parts[2] != b"HTTP/1.1":
             return None
         known = self._api.routes.get(parts[1])
         if known is None:
             return None
         fields: list[tuple[str, str]] = []
+        if first >= 0:
+            # aiohttp's parser decodes names and values this way; one pass over the head's fields,
+            # each line matched whole (a line that does not match leaves the counts unequal).
+            text = head.decode("utf-8", "surrogateescape")
+            fields = _FIELDS.findall(text, first)
+            if len(fields) != head.count(b"\r\n") or len(fields) > _MAX_FIELDS:
+                return None
         length = -1
         keep_alive = True
-        for line in lines[1:]:
-            m = _FIELD.fullmatch(line)
-            if m is None:
+        for name, value in fields:
+            if value[-1:] in (" ", "\t"):
                 return None
-            raw_name, raw_value = m.groups()
-            name = raw_name.lower()
-            if name in _HANDED_OFF_FIELDS:
+            lowered = name.lower()
+            if lowered in _HANDED_OFF_FIELDS:
                 return None
-            if name == b"content-length":
-                if length >= 0 or not raw_value.isdigit():
+            if lowered == "content-length":
+                if length >= 0 or not (value.isascii() and value.isdigit()):
                     return None
-                length = int(raw_value)
-            elif name == b"connection":
-                value = raw_value.lower()
-                if value == b"close":
+                length = int(value)
+            elif lowered == "connection":
+                value = value.lower()
+                if value == "close":
                     keep_alive = False
-                elif value != b"keep-alive":
+                elif value != "keep-alive":
                     return None
-            fields.append((raw_name.decode("ascii"), raw_value.decode("utf-8", "surrogateescape")))
         if length < 0 or length > self._api.body_limit():
             return None  # no length (aiohttp answers what that means), or aiohttp's reader answers 413
         path, route = known
@@ -362,8 +372,13 @@ class LeanConnection(BaseProtocol):
             resp = web.Response(status=500, text="500 Internal Server Error\n\nServer got itself in trouble")
             resp.force_close()
         try:
-            await resp.prepare(request)  # type: ignore[arg-type]  # the parts of a Request it reads
-            await resp.write_eof()
+            keep_alive = await self._write_plain(request, resp)
+            if keep_alive is None:  # a stream, or what only aiohttp's writer writes
+                await resp.prepare(request)  # type: ignore[arg-type]  # the parts of a Request it reads
+                await resp.write_eof()
+                keep_alive = bool(resp.keep_alive)
+            elif self._paused:
+                await self._drain_helper()  # a client reading slowly: its answer out before the next
         except ConnectionError:
             self._close()  # the client went away
             return
@@ -371,7 +386,7 @@ class LeanConnection(BaseProtocol):
             log.exception("failed to write the answer to %s", request.path)
             self._close()  # part of it may be out: the connection cannot carry another
             return
-        if not resp.keep_alive or self._closing or self.transport is None or self._upload is not None:
+        if not keep_alive or self._closing or self.transport is None or self._upload is not None:
             # (an answer given before its body was all in: the rest of it cannot be told from a next request)
             self._close()
             return
@@ -384,6 +399,47 @@ class LeanConnection(BaseProtocol):
         self._arm()
         if self._buf:
             self._take()
+
+    async def _write_plain(self, request: LeanRequest, resp: web.StreamResponse) -> bool | None:
+        """A whole `Response` with a bytes body, written as aiohttp writes it, in one `write`.
+
+        What aiohttp's `Response.prepare` and `write_eof` do for it, in their order (length, type,
+        date, server and connection fields, then the app's prepare signal, then the head through
+        aiohttp's own serializer, which refuses control characters), without its writer objects.
+        Returns whether the connection stays open, or None for anything else (a stream, a payload,
+        compression, cookies, a status without a body), which aiohttp's classes write.
+        """
+        if type(resp) is not web.Response:
+            return None
+        body = resp.body
+        if (
+            resp.prepared
+            or type(body) is not bytes
+            or resp.chunked
+            or resp.compression
+            or getattr(resp, "_cookies", None)
+            or resp.status < 200
+            or resp.status in (204, 304)
+        ):
+            return None
+        headers = resp.headers
+        if hdrs.CONTENT_LENGTH not in headers:
+            headers[hdrs.CONTENT_LENGTH] = str(len(body))
+        if body:
+            headers.setdefault(hdrs.CONTENT_TYPE, "application/octet-stream")
+        if hdrs.DATE not in headers:
+            headers[hdrs.DATE] = rfc822_formatted_time()
+        headers.setdefault(hdrs.SERVER, SERVER_SOFTWARE)
+        keep_alive = request.keep_alive if resp.keep_alive is None else resp.keep_alive
+        if hdrs.CONNECTION not in headers and not keep_alive:
+            headers[hdrs.CONNECTION] = "close"
+        await request._prepare_hook(resp)
+        head = _serialize_headers(f"HTTP/1.1 {resp.status} {resp.reason}", headers)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("Connection lost")
+        transport.write(head + body)
+        return keep_alive and resp.keep_alive is not False  # the signal may have closed it (the drain)
 
     # ------------------------------------------------------------------ hand-off, timer, close
 
