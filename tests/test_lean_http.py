@@ -41,6 +41,8 @@ def _app(seen: list[str]) -> web.Application:
                 await resp.write(b"data: %d\n\n" % i)
             await resp.write_eof()
             return resp
+        if body.get("big"):
+            return web.Response(body=b"x" * body["big"], content_type="application/octet-stream")
         if body.get("close"):
             resp = web.json_response({"closing": True})
             resp.force_close()
@@ -130,6 +132,11 @@ CASES: dict[str, list[bytes]] = {
     "plain": [_post({"q": 1})],
     "pipelined": [_post({"q": 1}) + _post({"q": 2}) + _post({"q": 3})],
     "body in a later segment": [_post({"q": 1})[:-5], _post({"q": 1})[-5:]],
+    "body in three segments": [
+        _post({"q": "y" * 3000})[:-2000],
+        _post({"q": "y" * 3000})[-2000:-1000],
+        _post({"q": "y" * 3000})[-1000:],
+    ],
     "head in pieces": [_post({"q": 1})[:7], _post({"q": 1})[7:30], _post({"q": 1})[30:]],
     "handled error": [_post({"fail": "handled"})],
     "stream": [_post({"stream": True})],
@@ -158,6 +165,7 @@ CASES: dict[str, list[bytes]] = {
 }
 TAKEN = {
     "plain",
+    "body in three segments",
     "pipelined",
     "body in a later segment",
     "head in pieces",
@@ -313,3 +321,20 @@ async def test_a_bare_lf_head_is_aiohttps_to_answer_at_once() -> None:
         got = await lean.exchange(b"POST /v1/hot HTTP/1.1\nHost: x\nContent-Length: 2\n\n{}", read_for=2.0)
     assert got.startswith(b"HTTP/1.") and b" 400 " in got.split(b"\r\n", 1)[0]
     assert lean.lean.handed_off == 1
+
+
+async def test_a_large_answer_to_a_slow_reader_arrives_whole_before_the_next_pipelined_one() -> None:
+    size = 8 * 1024 * 1024  # well past the transport's write buffer: writing pauses, the answer waits
+    async with _Served(lean=True) as lean:
+        reader, writer = await asyncio.open_connection("127.0.0.1", lean.port)
+        writer.write(_post({"big": size}) + _post({"q": 2}))
+        await writer.drain()
+        await asyncio.sleep(0.3)  # not reading: the server's writes back up
+        got = b""
+        while got.count(b"HTTP/1.1 200 OK") < 2 or not got.endswith(b"}"):
+            data = await asyncio.wait_for(reader.read(1 << 20), 5)
+            assert data, got[-200:]
+            got += data
+        writer.close()
+    first, second = got.split(b"HTTP/1.1 200 OK")[1:]
+    assert first.count(b"x") == size and b'"q": 2' in second
