@@ -338,3 +338,19 @@ async def test_a_large_answer_to_a_slow_reader_arrives_whole_before_the_next_pip
         writer.close()
     first, second = got.split(b"HTTP/1.1 200 OK")[1:]
     assert first.count(b"x") == size and b'"q": 2' in second
+
+
+async def test_an_aiohttp_without_the_internals_it_writes_with_gets_aiohttp_for_everything(
+    sim: Any, start_sidecar: Any, monkeypatch: Any
+) -> None:
+    from kubetoll_sidecar import lean_http
+
+    monkeypatch.setattr(lean_http, "unavailable", "aiohttp lacks _serialize_headers")
+    sc = await start_sidecar(base_config(sim.url))
+    site = next(s for s in sc._runners[0].sites if isinstance(s, BoundedTCPSite))
+    assert site.protocol is None
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            sc.url + "/v1/chat/completions", json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+        ) as resp:
+            assert resp.status == 200, await resp.text()

@@ -44,11 +44,21 @@ from typing import Any
 
 from aiohttp import hdrs, web
 from aiohttp.base_protocol import BaseProtocol
-from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
-from aiohttp.http_writer import StreamWriter, _serialize_headers
+from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
+
+# Two aiohttp internals the whole-answer path writes with (aiohttp's own head serializer and its
+# cached Date value). An aiohttp without them gets its own protocol for every connection
+# (`unavailable`, which server.listen reads) rather than a sidecar that does not start.
+try:
+    from aiohttp.helpers import rfc822_formatted_time
+    from aiohttp.http_writer import _serialize_headers
+
+    unavailable: str | None = None
+except ImportError as _exc:  # pragma: no cover - depends on the aiohttp release
+    unavailable = f"aiohttp lacks {_exc.name or _exc}"
 
 log = logging.getLogger("kubetoll.sidecar")
 

@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from kubetoll_core.periods import Clock, SystemClock
 from kubetoll_core.router_config import RouterConfig, ServerSettings
 
-from . import attribution, inbound, tracing
+from . import attribution, inbound, lean_http, tracing
 from .access_log import access_log
 from .batch_registry import FileRegistry, RedisRegistry
 from .batches import BatchManager, owner_id
@@ -667,7 +667,9 @@ async def listen(
         protocol = None
         if runner is api:
             hot = HotRoutes.install(api)  # the POST routes without the router's per-request work (hot_routes.py)
-            if hot is not None and runner.server is not None:
+            if lean_http.unavailable is not None:
+                log.info("the API port's own protocol is off (%s): aiohttp serves it", lean_http.unavailable)
+            elif hot is not None and runner.server is not None:
                 # The JSON POSTs taken whole by the API port's own protocol, the rest by aiohttp (lean_http.py).
                 protocol = LeanAPI(
                     api.app,
