@@ -354,3 +354,20 @@ async def test_an_aiohttp_without_the_internals_it_writes_with_gets_aiohttp_for_
             sc.url + "/v1/chat/completions", json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
         ) as resp:
             assert resp.status == 200, await resp.text()
+
+
+async def test_a_flood_of_pipelined_requests_is_answered_in_order_with_a_small_buffer() -> None:
+    n = 2000  # ~400 KB of requests in one write: more than the held buffer, so reading pauses and resumes
+    async with _Served(lean=True) as lean:
+        reader, writer = await asyncio.open_connection("127.0.0.1", lean.port)
+        writer.write(b"".join(_post({"q": i}) for i in range(n)))
+        await writer.drain()
+        got = b""
+        while got.count(b"HTTP/1.1 200 OK") < n or not got.endswith(b"}"):
+            data = await asyncio.wait_for(reader.read(1 << 20), 10)
+            assert data, got[-200:]
+            got += data
+        writer.close()
+    qs = [json.loads(b)["echo"]["q"] for b in re.findall(rb"\r\n\r\n(\{.*?\})(?=HTTP/1.1|$)", got)]
+    assert qs == list(range(n))
+    assert lean.lean.handed_off == 0

@@ -64,6 +64,9 @@ log = logging.getLogger("kubetoll.sidecar")
 
 MAX_HEAD = 8190  # aiohttp's line limit: a longer head is aiohttp's to judge
 _READER_LIMIT = 2**16  # an upload's StreamReader pauses the socket past twice this unread
+# Pipelined bytes held behind the request in flight before the socket is paused: each request
+# taken moves the rest of the buffer down, so it stays small (the kernel holds the rest).
+_HOLD_BYTES = 2**16
 _MAX_FIELDS = 100
 _END = b"\r\n\r\n"
 _REQUEST_START = b"POST /"
@@ -324,7 +327,7 @@ class LeanConnection(BaseProtocol):
             self._upload = (content, start + length - len(buf))
             buf.clear()
         self._busy = True
-        if len(buf) > self._api.body_limit():
+        if len(buf) > _HOLD_BYTES:
             self._held = True  # a client that pipelines without reading: stop taking its bytes
             self._pause_socket()
         info, handler = route
