@@ -13,7 +13,8 @@ byte to aiohttp:
   of at most `MAX_HEAD` bytes whose lines are all plain `name: value` fields,
   exactly one `Content-Length` within the body limit, and no `Transfer-Encoding`,
   `Expect`, `Upgrade` or `Content-Encoding`; `Connection` only `keep-alive` or
-  `close`. Such a request is read whole (head and body) before its handler runs;
+  `close`. Its handler runs once the head is in, with the body whole when it came
+  with the head (the usual case) or as an aiohttp `StreamReader` (below);
 - everything else (another method or path, chunked or encoded bodies, `Expect`,
   HTTP/1.0, a head this does not recognise, malformed bytes) is handed to
   aiohttp's own protocol for this connection: the bytes received so far (from the
