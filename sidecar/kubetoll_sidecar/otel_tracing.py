@@ -253,10 +253,29 @@ class OtelTracing:
 
     def attempt(self, backend: Backend, endpoint: str, req: UpstreamRequest) -> AttemptSpan:
         current = _CURRENT.get()
-        parent = trace.set_span_in_context(current.span) if current is not None else None
-        operation = OPERATIONS.get(endpoint, "chat")
-        span = self.tracer.start_span(f"{operation} {backend.model}", context=parent, kind=SpanKind.CLIENT)
-        address, port = _server(req.url)
+        span, address, port = self.client_span(
+            current.span if current is not None else None,
+            backend,
+            OPERATIONS.get(endpoint, "chat"),
+            req.url,
+            req.headers,
+        )
+        return AttemptSpan(span, current, address, port)
+
+    def client_span(
+        self,
+        parent: Any,
+        backend: Backend,
+        operation: str,
+        url: str,
+        headers: dict[str, str],
+        extra: dict[str, str] | None = None,
+    ) -> tuple[Any, str, int]:
+        """A CLIENT span for a call to `backend` at `url`, child of `parent` (a span, or None for a new
+        trace), with the GenAI attributes; its traceparent goes into `headers`. (span, address, port)."""
+        context = trace.set_span_in_context(parent) if parent is not None else None
+        span = self.tracer.start_span(f"{operation} {backend.model}", context=context, kind=SpanKind.CLIENT)
+        address, port = _server(url)
         if span.is_recording():
             span.set_attributes(
                 {
@@ -266,11 +285,12 @@ class OtelTracing:
                     "server.address": address,
                     "server.port": port,
                     "kubetoll.backend": backend.name,
+                    **(extra or {}),
                 }
             )
-        # The upstream's parent is this attempt (the W3C headers; tracestate is the app's, carried along).
-        self.propagator.inject(req.headers, context=trace.set_span_in_context(span))
-        return AttemptSpan(span, current, address, port)
+        # The callee's parent is this span (the W3C headers; tracestate is the app's, carried along).
+        self.propagator.inject(headers, context=trace.set_span_in_context(span))
+        return span, address, port
 
     async def close(self, timeout: float) -> None:
         try:
@@ -296,23 +316,7 @@ class RequestSpan:
 
     def call(self, backend: Backend, operation: str, purpose: str, url: str, headers: dict[str, str]) -> CallSpan:
         """A CLIENT child for a call made on this request's behalf (tracing.call)."""
-        span = self.tracing.tracer.start_span(
-            f"{operation} {backend.model}", context=trace.set_span_in_context(self.span), kind=SpanKind.CLIENT
-        )
-        address, port = _server(url)
-        if span.is_recording():
-            span.set_attributes(
-                {
-                    "gen_ai.operation.name": operation,
-                    "gen_ai.provider.name": PROVIDER_NAMES.get(backend.provider, backend.provider.value),
-                    "gen_ai.request.model": backend.model,
-                    "server.address": address,
-                    "server.port": port,
-                    "kubetoll.backend": backend.name,
-                    "kubetoll.call": purpose,
-                }
-            )
-        self.tracing.propagator.inject(headers, context=trace.set_span_in_context(span))
+        span, _, _ = self.tracing.client_span(self.span, backend, operation, url, headers, {"kubetoll.call": purpose})
         return CallSpan(span)
 
     def end(self, ctx: RequestContext) -> None:
