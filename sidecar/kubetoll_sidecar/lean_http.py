@@ -156,10 +156,6 @@ class LeanRequest:
             self._writer = StreamWriter(self._conn, self._conn._loop)
         return self._writer
 
-    @property
-    def writer(self) -> StreamWriter:
-        return self._payload_writer
-
     async def _prepare_hook(self, response: web.StreamResponse) -> None:
         # What aiohttp's Request does before a response's head goes out: the app's signal
         # (the drain marks the request answered there and closes the connection while draining).

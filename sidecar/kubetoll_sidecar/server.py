@@ -49,7 +49,6 @@ from .hot_routes import HotRoutes
 from .http_server import BoundedTCPSite, app_runner
 from .inbound.messages import count_tokens
 from .inbound.responses import forward_stored
-from .lean_http import LeanAPI
 from .ledger import InMemoryLedger, Ledger
 from .metrics import Metrics
 from .pipeline import Pipeline
@@ -61,7 +60,7 @@ from .state import RouterState, SessionPool, build_state
 from .workload import WorkloadIdentity
 
 OUTCOME_MAX_BYTES = 16 * 1024  # an outcome report is a few fields
-# The API's JSON POSTs: what the API port's own protocol takes whole (lean_http.py). Not the
+# The API's JSON POSTs: what the API port's own protocol serves (lean_http.py). Not the
 # batch and file uploads (multipart, large): those stay aiohttp's.
 LEAN_PATHS = (
     "/v1/chat/completions",
@@ -670,8 +669,8 @@ async def listen(
             if lean_http.unavailable is not None:
                 log.info("the API port's own protocol is off (%s): aiohttp serves it", lean_http.unavailable)
             elif hot is not None and runner.server is not None:
-                # The JSON POSTs taken whole by the API port's own protocol, the rest by aiohttp (lean_http.py).
-                protocol = LeanAPI(
+                # The JSON POSTs served by the API port's own protocol, the rest by aiohttp (lean_http.py).
+                protocol = lean_http.LeanAPI(
                     api.app,
                     {path: hot.route(path) for path in LEAN_PATHS},
                     runner.server,
