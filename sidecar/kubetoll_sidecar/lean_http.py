@@ -189,7 +189,7 @@ class LeanAPI:
 
 
 class LeanConnection(BaseProtocol):
-    """One API connection: requests taken whole off its buffer until it is handed to aiohttp."""
+    """One API connection: requests taken off its buffer, in order, until it is handed to aiohttp."""
 
     __slots__ = ("_api", "_aio", "_buf", "_busy", "_closing", "_held", "_idle_since", "_task", "_timer", "_upload")
 
