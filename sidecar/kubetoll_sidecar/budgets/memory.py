@@ -79,14 +79,39 @@ class InMemoryBudgetStore:
     # -- BudgetStore
 
     async def reserve(self, holds: Sequence[Hold], now: float) -> Reservation:
+        # One table lookup a hold (this runs twice a request): every enforced hold is checked
+        # against the cell just looked up, then all are taken, so nothing is taken unless all fit.
+        cells: list[list[float]] = []
+        made = False
         for h in holds:
-            if h.enforce:
-                self._check(h, now)
-        for h in holds:
-            if h.meter.kind == "bucket":
-                self._bucket_level(h.meter, now)[0] -= h.amount
+            m = h.meter
+            if m.kind == "bucket":
+                cell = self._buckets.get(m.key)
+                if cell is None:
+                    cell, made = self._bucket_level(m, now), True
+                elif now > cell[1]:
+                    cell[0] = min(m.limit, cell[0] + (now - cell[1]) * m.refill_per_second)
+                    cell[1] = now
+                if h.enforce and h.amount > cell[0]:
+                    self._check(h, now)  # raises Exhausted, with its retry time
             else:
-                self._window(h.meter, now)[1] += h.amount
+                cell = self._windows.get(m.key)
+                if cell is None:
+                    cell, made = self._window(m, now), True
+                if h.enforce and h.amount > m.limit - cell[0] - cell[1]:
+                    self._check(h, now)
+            cells.append(cell)
+        if made:
+            # Making room for a new meter may have evicted a cell looked up before it: look them up again.
+            cells = [
+                self._bucket_level(h.meter, now) if h.meter.kind == "bucket" else self._window(h.meter, now)
+                for h in holds
+            ]
+        for h, cell in zip(holds, cells):
+            if h.meter.kind == "bucket":
+                cell[0] -= h.amount
+            else:
+                cell[1] += h.amount
         self._maybe_prune(now)
         return Reservation(id=str(next(self._ids)), holds=list(holds))
 
@@ -94,15 +119,21 @@ class InMemoryBudgetStore:
         if reservation.settled:
             return
         reservation.settled = True
+        buckets, windows = self._buckets, self._windows
         for h in reservation.holds:
             m = h.meter
             amount = actual.get(m.key, 0.0)
             if m.kind == "bucket":
                 # Give back what was over-reserved, or take the excess: the bucket may go
                 # negative, which delays the tenant's next requests (debt, as Envoy does).
-                self._bucket_level(m, now)[0] += h.amount - amount
+                b = buckets.get(m.key)
+                if b is None or now > b[1]:
+                    b = self._bucket_level(m, now)
+                b[0] += h.amount - amount
             else:
-                w = self._window(m, now)
+                w = windows.get(m.key)
+                if w is None:
+                    w = self._window(m, now)
                 w[1] = max(w[1] - h.amount, 0.0)
                 w[0] += amount
 
