@@ -8,12 +8,16 @@ import json
 import logging
 import os
 import re
+import socket
+import time
+from typing import Any
 
 import orjson
 import pytest
 
 from kubetoll_sidecar import access_log as access_log_module
 from kubetoll_sidecar.access_log import AccessLog
+from support.harness import base_config
 
 # What logging's "%(asctime)s %(levelname)s %(name)s %(message)s" gives (server.configure_logging).
 LINE = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2},\d{3} INFO kubetoll\.access (\{.*\})$")
@@ -157,3 +161,50 @@ def test_a_timer_left_on_an_ended_loop_does_not_strand_the_next_loops_lines() ->
     os.close(r)
     os.close(w)
     assert [x.split("kubetoll.access ", 1)[1] for x in lines] == ['{"n": 1}', '{"n": 1}', '{"n": 2}']
+
+
+async def test_the_answer_is_written_before_its_metrics_and_access_line(
+    sim: Any, start_sidecar: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The record stage (metrics, the access line) runs after the answer is on the wire: a record
+    # that holds the event loop for half a second must not delay the caller's answer, and the
+    # added latency it reports is the pipeline's, not the record's own time.
+    sc = await start_sidecar(base_config(sim.url))
+    pipeline = sc.sidecar.pipeline
+    record = pipeline._record
+    held: list[float] = []
+
+    def slow_record(ctx: Any) -> None:
+        held.append(time.monotonic())
+        time.sleep(0.5)  # blocks the loop, as a slow record would
+        record(ctx)
+
+    monkeypatch.setattr(pipeline, "_record", slow_record)
+    port = int(sc.url.rsplit(":", 1)[1])
+    body = orjson.dumps({"model": "chat", "messages": [{"role": "user", "content": "hi"}]})
+    raw = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"X-Kubetoll-Tenant: t1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+    def call() -> tuple[float, bytes]:  # a client outside the event loop, so the held loop does not hold it
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            started = time.monotonic()
+            s.sendall(raw)
+            got = b""
+            while b"\r\n\r\n" not in got:
+                got += s.recv(65536)
+            head, _, rest = got.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+            while len(rest) < length:
+                rest += s.recv(65536)
+            return time.monotonic() - started, got
+
+    took, answer = await asyncio.to_thread(call)
+    assert answer.startswith(b"HTTP/1.1 200 OK"), answer[:200]
+    assert held, "the record did not run"
+    assert took < 0.4, f"the answer waited {took:.2f} s for the record"
+    added = sum(
+        s.value for m in sc.sidecar.metrics.added_latency.collect() for s in m.samples if s.name.endswith("_sum")
+    )
+    assert 0 < added < 0.4, added

@@ -34,6 +34,7 @@ class RequestContext:
     state: RouterState  # this request's config, to the end (a reload does not change it)
     request_id: str
     started: float  # perf_counter at arrival
+    finished: float = 0.0  # perf_counter when the pipeline returned its answer (the record reads it)
     # what the stages decided
     req: ParsedRequest | None = None  # 1 parse
     route: CompiledRoute | None = None  # 3 route

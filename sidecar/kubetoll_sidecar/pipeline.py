@@ -188,7 +188,12 @@ class Pipeline:
             return inbound.error_response(ctx.endpoint, err, {"x-request-id": ctx.request_id})
         finally:
             self.in_flight -= 1
-            self._record(ctx)
+            ctx.finished = time.perf_counter()
+            # The metrics and the access line are written once the answer is out, not before it:
+            # the caller does not wait for them. The server writes a whole answer in the step that
+            # returns it, so this callback runs after the write (and before the loop reads anything
+            # new: callbacks run in the order they were scheduled).
+            asyncio.get_running_loop().call_soon(self._record, ctx)
             trace.end(ctx)
 
     async def _run(self, ctx: RequestContext) -> web.StreamResponse:
@@ -942,7 +947,7 @@ class Pipeline:
         return h
 
     def _record(self, ctx: RequestContext) -> None:
-        elapsed = time.perf_counter() - ctx.started
+        elapsed = ctx.finished - ctx.started
         added = ctx.added_before_first_byte
         if added is None:
             added = max(elapsed - ctx.upstream_seconds, 0.0)
