@@ -91,6 +91,16 @@ DIFFERENT = [
     ("我的订单在哪里", "我的退款在哪里", "swapped_word"),
     ("Где мой заказ?", "Где мой возврат?", "swapped_word"),
     ("Non mi è stato addebitato", "Mi è stato addebitato", "one_sided_word"),
+    # a capital letter alone names something: "gate B" is not "gate C"
+    ("Does the shuttle stop at gate B?", "Does the shuttle stop at gate C?", "swapped_word"),
+    ("Is parking included with plan A?", "Is parking included with the plan?", "one_sided_word"),
+    # "going to" before a verb is a future
+    ("My parcel is going to be sent back to the seller.", "My parcel was sent back to the seller.", "tense"),
+    # the same words in another order: who does what to which
+    ("The order arrived but the invoice is missing.", "The invoice arrived but the order is missing.", "order"),
+    ("My manager approved my leave request.", "I approved my manager's leave request.", "order"),
+    ("Die Bestellung ist da, aber die Rechnung fehlt.", "Die Rechnung ist da, aber die Bestellung fehlt.", "order"),
+    ("¿Puedo cambiar en tienda lo comprado online?", "¿Puedo cambiar online lo comprado en tienda?", "order"),
 ]
 
 SAME = [
@@ -131,6 +141,7 @@ SAME = [
     ("How long is the free trial?", "How many days is the free trial?"),
     ("Transfer $200 from savings to checking", "Transfer $200 to checking from savings"),
     ("Can I switch from monthly to annual billing?", "Can I switch my billing from monthly to annual?"),
+    ("A friend paid for my order, can I get the invoice?", "a friend paid for my order - can I get the invoice"),
     # German, Spanish, French: fillers, accents, typos
     ("Wie kann ich mein Abo kündigen?", "Hallo, wie kann ich mein Abo kündigen? Danke!"),
     ("Wann kommt meine Bestellung an?", "wann kommt meine bestellung an"),
@@ -202,6 +213,13 @@ def test_numbers_times_and_dates_are_read_one_way():
     assert signature("the 5th of May").dates == ("05-05",)
 
 
+def test_going_to_is_a_future_before_a_verb_only():
+    assert signature("My refund is going to arrive late").tense == "f"
+    assert signature("Is my parcel going to the pickup point?").tense == ""  # a place
+    assert signature("A friend paid for my order").words == signature("a friend paid for my order").words
+    assert "b" in signature("Is the lounge in terminal B open?").words
+
+
 def test_signature_survives_the_trip_through_redis():
     sig = signature("Can I move $20 from savings to checking before Friday at 5 pm? I don't want a fee.")
     raw = sig.to_json()
@@ -267,3 +285,12 @@ def test_the_guards_on_the_multilingual_dev_pairs():
     wording = [p for p in pairs if p["label"] == "same" and p.get("category") in ("typo", "filler")]
     passed = sum(disagreement(signature(p["a"]), signature(p["b"])) is None for p in wording)
     assert passed / len(wording) >= 0.75, f"only {passed} of {len(wording)} typo and filler pairs pass"
+
+
+def test_the_guards_on_the_retired_test_pairs():
+    """The first held-out split, retired to dev once its wrong answers were read: the guards
+    written from them (order, a lone capital letter, "going to") must keep turning its hard
+    negatives down (the guards alone: 382 of 384; before them, 376)."""
+    caught, passed = _rates(_pairs("dev_retired_test.jsonl"))
+    assert caught >= 0.99, f"only {caught:.3f} of the hard negatives turned down"
+    assert passed >= 0.2, f"only {passed:.3f} of the same-meaning pairs pass"

@@ -25,7 +25,12 @@ French; a question in another language is compared with every word counting):
 * ``one_sided_word``: a content word only one side has ("delete my account" /
   "delete my business account");
 * ``swapped_word``: each side has a word the other has no match for ("cancel" /
-  "pause", "get" / "use"): another thing, or a synonym.
+  "pause", "get" / "use"): another thing, or a synonym;
+* ``order``: the same content words in another order ("the order arrived but the
+  invoice is missing" / "the invoice arrived but the order is missing", "can my
+  partner add me" / "can I add my partner"): an embedding barely sees word order,
+  and who does what to which is in it. A paraphrase that only reorders its words
+  is turned down with them: a miss, the safe side.
 
 Content words are what is left once function words, fillers ("hmm", "thanks"),
 framing words ("need", "help", "way"), negators, numbers and question words
@@ -67,6 +72,7 @@ REASONS = (
     "role",
     "one_sided_word",
     "swapped_word",
+    "order",
 )
 
 
@@ -224,7 +230,41 @@ def _check(a: Signature, b: Signature) -> tuple[str, str] | None:
     found = _negation(a, b, lang) or _tense(a, b) or _question(a, b) or _modality(a, b) or _roles(a, b, lang)
     if found:
         return found
-    return _words(a, b, lang)
+    return _words(a, b, lang) or _order(a, b, lang)
+
+
+def _order(a: Signature, b: Signature, lang: Lang) -> tuple[str, str] | None:
+    """The same content words in another order. Each of a's words is matched to the first
+    unused match in b (words with no single match, a compound or an acronym spelled out,
+    are passed over); two words matched in the opposite order turn the pair down, unless
+    one of them holds the same role on both sides: a phrase with its preposition may move
+    ("to checking from savings" is "from savings to checking", "switch from monthly to
+    annual billing" is "switch my billing from monthly to annual"), the role guard compares
+    those."""
+    role_a, role_b = _role_of(a), _role_of(b)
+    used: set[int] = set()
+    matched: list[tuple[int, int]] = []
+    for i, w in enumerate(a.words):
+        j = next((j for j, v in enumerate(b.words) if j not in used and same_word(w, v, lang)), None)
+        if j is not None:
+            used.add(j)
+            matched.append((i, j))
+    for k, (i1, j1) in enumerate(matched):
+        for i2, j2 in matched[k + 1 :]:
+            if j2 > j1:
+                continue
+            if _kept_role(role_a, i1, role_b, j1) or _kept_role(role_a, i2, role_b, j2):
+                continue
+            return "order", f"{a.words[i1]!r} / {a.words[i2]!r} in the other order"
+    return None
+
+
+def _kept_role(role_a: dict[int, str], i: int, role_b: dict[int, str], j: int) -> bool:
+    return i in role_a and role_a[i] == role_b.get(j)
+
+
+def _role_of(sig: Signature) -> dict[int, str]:
+    return {int(r[1:]): r[0] for r in sig.roles if r[1:] != "-1"}
 
 
 def _words(a: Signature, b: Signature, lang: Lang) -> tuple[str, str] | None:

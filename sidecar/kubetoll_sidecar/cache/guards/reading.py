@@ -8,7 +8,8 @@ walks the tokens once and files each into one of:
 * numbers (with the unit glued to them, "49 usd", "2 user"), times, dates;
 * negation, per clause: a clause is cut at punctuation and conjunctions, so
   "opens but won't sync" negates "sync" and not "opens";
-* tense markers (past, future) and deictic days (yesterday, tomorrow...);
+* tense markers (past, future, English "going to" before a verb) and deictic
+  days (yesterday, tomorrow...);
 * the kind of question (when, why, who, where, how many...);
 * roles: the word after "from", "to", "for", "instead of" (and their
   German, Spanish, French kin), within three tokens;
@@ -27,6 +28,8 @@ from .numbers import clock, parse
 
 # A participle after these is passive ("will be charged"), not a past tense.
 _EN_PASSIVE = frozenset("am is are be been being was were get gets got getting".split())
+# After "going to", a determiner starts a place ("going to the bank"); anything else, a verb (a future).
+_EN_DETERMINERS = frozenset("the a an my your our their his her its this that these those some any every each".split())
 _FR_AUX = frozenset("ai as a avons avez ont suis est sommes etes sont ete".split())
 _ES_MORNING = frozenset("la esta cada por".split())  # "por la mañana": the morning, not tomorrow
 _NOT_A_SECOND = frozenset("a an per one every un una une cada".split())  # "a second": time, not 2nd
@@ -204,6 +207,8 @@ def read(toks: list[tuple[str, str]]) -> Reading:
             continue
         _tense(r, lang, w, low, prev)
         nxt_word = folded[i + 1] if i + 1 < n else ""
+        if lang is EN and w == "going" and nxt_word == "to" and i + 2 < n and folded[i + 2] not in _EN_DETERMINERS:
+            r.future = True  # "is going to be returned"; "going to the bank" is a place, not a tense
         if sentence_start and nxt_word not in lang.addressee:
             _modality(r, lang, w, nxt_word, folded, i)
         if w in lang.roles:
@@ -314,7 +319,8 @@ def _next_to_number(toks: list[tuple[str, str]], i: int) -> bool:
 
 def _tense(r: Reading, lang: Lang, w: str, low: str, prev: str) -> None:
     if w in lang.past:
-        r.past = True
+        # "will be sent" is passive, not a past; "was sent" has its past in "was"
+        r.past = r.past or not (lang is EN and prev in _EN_PASSIVE)
     elif w in lang.future and not (lang.code == "es" and prev in _ES_MORNING):
         r.future = True
     code = lang.code

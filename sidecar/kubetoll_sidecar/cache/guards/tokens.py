@@ -4,7 +4,8 @@ A token is a (kind, text) pair:
 
 * ``w`` a word, case-folded (accents kept; `lexicon.fold` strips them for comparison);
 * ``A`` a word written in capitals in a text that is not ("US", "IT", "PIN"):
-  an acronym, a content word even where its lower case is a function word;
+  an acronym, a content word even where its lower case is a function word; a
+  capital letter alone inside a sentence too ("building B", "plan A");
 * ``d`` a token with a digit in it: a number, time, date, ordinal, id or code;
 * ``$`` a currency or percent sign;
 * ``n`` a negation carried by a contraction ("n't", French "n'");
@@ -66,9 +67,15 @@ def tokenize(text: str) -> list[tuple[str, str]]:
         kind = m.lastgroup
         raw = m.group()
         if kind == "tok":
-            if not shouting and len(raw) > 1 and raw.isupper() and raw.isalpha():
-                out.append(("A", raw.casefold()))  # an acronym: "US" is not "us", "IT" not "it"
-                continue
+            if not shouting and raw.isupper() and raw.isalpha():
+                if len(raw) > 1:
+                    out.append(("A", raw.casefold()))  # an acronym: "US" is not "us", "IT" not "it"
+                    continue
+                if raw != "I" and out and out[-1][0] != "x":
+                    # A capital letter alone inside a sentence names something: "building B", "gate C",
+                    # "plan A" (at a sentence's start it may be an article: "A friend...").
+                    out.append(("A", raw.casefold()))
+                    continue
             _word(raw.casefold(), out)
         elif kind == "ampm":
             out.append(("w", "am" if raw[0] in "aA" else "pm"))
