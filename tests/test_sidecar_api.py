@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 
@@ -45,6 +46,22 @@ async def test_streaming_with_usage_chunk(sim, start_sidecar):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+
+
+async def test_a_stream_whose_body_ends_after_its_last_event_keeps_its_upstream_connection(sim, start_sidecar):
+    # A hosted API's end of body (chunked's last chunk) often comes after the last event, in a
+    # record of its own. The client's stream is over by then; the connection still goes back to
+    # the pool once the end arrives, so the next stream does not open (and TLS-handshake) another.
+    sim.settings.stream_end_delay_ms = 50
+    sc = await start_sidecar(base_config(sim.url))
+    for _ in range(2):
+        stream = await sc.openai().chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "hello"}], stream=True
+        )
+        assert [c async for c in stream]
+        await asyncio.sleep(0.2)  # the end arrives; the connection is pooled
+    first, second = sim.requests[-2:]
+    assert first.peer and first.peer == second.peer
 
 
 async def test_streaming_without_usage_hides_the_usage_chunk_but_still_bills(sim, start_sidecar):

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import pytest
 import trustme
 
+from kubetoll_sidecar import upstream_client
 from kubetoll_sidecar.upstream_client import (
     CallTimeout,
     UpstreamClient,
@@ -583,6 +584,83 @@ async def test_a_stream_released_at_its_last_event_goes_back_to_the_pool(serve: 
     assert (client.open_connections, client.idle_connections) == (1, 1)
     assert await get(client, server.url()) == b"again"
     assert server.accepted == 1
+
+
+def stream_then(end: Callable[[Conn], Awaitable[None]], sent: asyncio.Event) -> Handler:
+    """A chunked SSE stream whose last event is sent at once and whose body's end is up to `end`."""
+    events = [b"data: {}\n\n", b"data: [DONE]\n\n"]
+
+    async def handler(conn: Conn) -> None:
+        await conn.read_request()
+        await conn.send(response(headers=CHUNKED, length=False) + b"".join(chunk(e) for e in events))
+        sent.set()
+        await end(conn)
+
+    return handler
+
+
+async def read_to_done(resp: UpstreamResponse) -> None:
+    got = b""
+    while b"[DONE]" not in got:
+        got += await bounded(resp.readany())
+
+
+async def test_a_stream_whose_end_comes_after_its_last_event_is_pooled_once_it_arrives(
+    serve: Any, client: UpstreamClient
+) -> None:
+    # The end comes 50 ms after the last event, when the caller has long given the stream up:
+    # release would close the connection (the next call: a new one, a TLS handshake for a hosted
+    # API); release_when_done waits for the end in the background and pools the connection.
+    async def late_end(conn: Conn) -> None:
+        await asyncio.sleep(0.05)
+        await conn.send(b"0\r\n\r\n")
+        await keep_alive(lambda _req: response(body=b"again"))(conn)
+
+    sent = asyncio.Event()
+    server = await serve(stream_then(late_end, sent))
+    resp = await bounded(client.request("GET", server.url()))
+    await read_to_done(resp)
+    resp.release_when_done()  # returns at once: nothing waits for the end
+    assert (client.open_connections, client.idle_connections) == (1, 0)
+    await wait_for_state(lambda: client.idle_connections == 1)
+    assert await get(client, server.url()) == b"again"
+    assert server.accepted == 1
+
+
+@pytest.mark.parametrize("then", ["nothing", "more data", "close"])
+async def test_a_stream_whose_end_does_not_come_is_closed_not_pooled(
+    serve: Any, client: UpstreamClient, monkeypatch: pytest.MonkeyPatch, then: str
+) -> None:
+    monkeypatch.setattr(upstream_client, "_TAIL_SECONDS", 0.2)
+    monkeypatch.setattr(upstream_client, "_TAIL_BYTES", 1000)
+
+    async def no_end(conn: Conn) -> None:
+        if then == "more data":  # a server that keeps sending after it said it was done
+            for _ in range(20):
+                await conn.send(chunk(b"x" * 100))
+        if then != "close":
+            await conn.read_until_eof()
+
+    sent = asyncio.Event()
+    server = await serve(stream_then(no_end, sent))
+    resp = await bounded(client.request("GET", server.url()))
+    await read_to_done(resp)
+    resp.release_when_done()
+    await wait_for_state(lambda: client.open_connections == 0)
+    assert client.idle_connections == 0
+    assert server.accepted == 1
+
+
+async def test_client_close_ends_a_stream_end_still_awaited(serve: Any, make_client: Any) -> None:
+    client = make_client()
+    sent = asyncio.Event()
+    server = await serve(stream_then(lambda conn: conn.read_until_eof(), sent))
+    resp = await bounded(client.request("GET", server.url()))
+    await read_to_done(resp)
+    resp.release_when_done()
+    await bounded(client.close())
+    assert client.open_connections == 0
+    await wait_for_state(lambda: not client._tails)  # the waiting task ended, not left pending
 
 
 async def test_connection_counts_and_close(serve: Any, client: UpstreamClient) -> None:

@@ -175,9 +175,13 @@ class OpenStream:
         return out
 
     def close(self) -> None:
-        # Released, not closed: a stream that ended has its connection back in the pool; one
-        # given up part way is closed (release reads past only what was already received).
-        self.response.release()
+        # Released, not closed: a stream that said it is complete has its connection back in the
+        # pool (once its body's end arrives, which may come just after); one given up part way
+        # is closed (release reads past only what was already received).
+        if self.done and not self.ended:
+            self.response.release_when_done()
+        else:
+            self.response.release()
 
     def usages(self, model: str, prompt_tokens: int) -> list[Usage]:
         """What the stream cost, per upstream call (one here)."""

@@ -31,7 +31,7 @@ import base64
 import socket
 import ssl
 import zlib
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -40,6 +40,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 _MAX_HEAD = 64 * 1024  # a response head larger than this is refused, not buffered
 _HIGH_WATER = 256 * 1024  # stop reading the socket while this much is buffered unread
+# A stream that said it is complete may still owe its body's end (chunked's last chunk, often
+# its own segment or TLS record): waited for this long, and this many bytes, off the caller's path.
+_TAIL_SECONDS = 1.0
+_TAIL_BYTES = 64 * 1024
 _URL_CACHE_SIZE = 1024
 _NO_BODY_STATUS = frozenset({204, 304})
 _BAD_HEADER_CHARS = ("\r", "\n", "\x00")
@@ -479,6 +483,47 @@ class UpstreamResponse:
         else:
             conn.close()
 
+    def release_when_done(self) -> None:
+        """Done with a stream whose last event has come: its connection back to the pool once
+        the body's end arrives too.
+
+        The end (chunked's `0\r\n\r\n`) often comes in a segment of its own just after the
+        last event; `release` would close the connection then, and the next call would open a
+        new one (for a hosted API, a TLS handshake in its time to first token). So when the end
+        is not in the buffer yet it is waited for in the background, up to `_TAIL_SECONDS` and
+        `_TAIL_BYTES`; the caller does not wait. Anything else than the end, or nothing in time,
+        closes the connection, as `release` does."""
+        if self._released:
+            return
+        if not self._done and self._keep_alive and self._mode == "chunked":
+            try:
+                self._take()
+            except UpstreamProtocolError:
+                self.close()
+                return
+            if not self._done and not self._conn.eof:
+                self._released = True
+                self._conn.client._keep(self._await_tail())
+                return
+        self.release()
+
+    async def _await_tail(self) -> None:
+        conn = self._conn
+        until = conn.client.loop.time() + _TAIL_SECONDS
+        left = _TAIL_BYTES
+        try:
+            while not self._done and not conn.eof and not conn.closed:
+                await conn.wait(until)
+                left -= len(self._take())
+                if left < 0:
+                    break
+        except (TimeoutError, UpstreamProtocolError):
+            pass
+        if self._done and not conn.closed and not conn.buf and not conn.eof:
+            conn.client._release(conn)
+        else:
+            conn.close()
+
     def close(self) -> None:
         """Close the connection now (an abandoned stream, a cancelled call)."""
         self._released = True
@@ -535,6 +580,7 @@ class UpstreamClient:
         self._closed = False
         self._sweep: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._tails: set[asyncio.Task[None]] = set()  # streams' ends awaited (release_when_done)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -608,6 +654,8 @@ class UpstreamClient:
             self._sweep = None
         for c in list(self._conns):  # a response still being read included: it fails as a cut connection
             c.close(abort=False)
+        for t in list(self._tails):  # a stream's end awaited: its connection is closed just above
+            t.cancel()
         self._idle.clear()
         for w in self._waiters:
             if not w.done():
@@ -690,6 +738,11 @@ class UpstreamClient:
                 raise UpstreamConnectionError(f"cannot connect to {host}:{port}: {why}") from None
             raise
         return conn
+
+    def _keep(self, tail: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(tail)
+        self._tails.add(task)
+        task.add_done_callback(self._tails.discard)
 
     def _release(self, conn: _Conn) -> None:
         if self._closed:

@@ -119,6 +119,9 @@ class SimSettings:
     latency_ms: float = 0  # before the response headers
     first_token_ms: float = 0  # before the first streamed event
     chunk_interval_ms: float = 0  # between streamed token chunks
+    # between a stream's last event and its body's end (chunked's last chunk): a hosted API's
+    # often comes in a TLS record of its own, after the client has read the last event
+    stream_end_delay_ms: float = 0
     tokens_per_chunk: int = 4
     completion_tokens: int = 16  # natural answer length; max_tokens below it cuts (finish "length")
     embedding_dim: int = 64
@@ -239,6 +242,12 @@ class RecordedRequest:
     provider: str  # "openai" | "azure" | "anthropic"
     deployment: str | None = None
     api_version: str | None = None
+    peer: str = ""  # the client's address and port: one per connection, so reuse shows
+
+
+def _peer(req: web.Request) -> str:
+    peer = req.transport.get_extra_info("peername") if req.transport is not None else None
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else ""
 
 
 # --------------------------------------------------------------------------- token counting
@@ -1113,6 +1122,7 @@ class SimulatedUpstream:
                 provider=ctx.provider,
                 deployment=ctx.deployment,
                 api_version=ctx.api_version,
+                peer=_peer(req),
             )
         )
 
@@ -1386,6 +1396,8 @@ class SimulatedUpstream:
                 await resp.write(b"".join(pending))
         if cut:
             return self._abort(ctx, resp)
+        if settings.stream_end_delay_ms > 0:
+            await asyncio.sleep(settings.stream_end_delay_ms / 1000)
         await resp.write_eof()
         return resp
 
