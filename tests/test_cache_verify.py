@@ -294,3 +294,31 @@ def test_the_guards_on_the_retired_test_pairs():
     caught, passed = _rates(_pairs("dev_retired_test.jsonl"))
     assert caught >= 0.99, f"only {caught:.3f} of the hard negatives turned down"
     assert passed >= 0.2, f"only {passed:.3f} of the same-meaning pairs pass"
+
+
+def test_long_texts_match_equal_words_only_so_the_check_stays_cheap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inexact matching is every word against every word: past FUZZY_PAIRS only equal words
+    match. A long message with typos is then a miss (turned down), never a second of the loop."""
+    from kubetoll_sidecar.cache.guards import matching
+
+    words = [f"{w}{s}" for s in ("alpha", "bravo", "carlo", "delta", "ekko", "foxtr") for w in ("invoice", "parcel")]
+    short = ["invoice", "parcel", "account", "refund"]
+    typo = {"invoice": "invocie", "parcel": "parcle", "account": "acount", "refund": "refnud"}
+    assert disagreement(signature(" ".join(short)), signature(" ".join(typo[w] for w in short))) is None
+    long_words = (short + words) * 20  # 320 content words: 102,400 pairs
+    long_typos = [typo.get(w, w) for w in long_words]
+    calls = 0
+    real = matching.same_word
+
+    def counted(x: str, y: str, lang: object) -> bool:
+        nonlocal calls
+        calls += 1
+        return real(x, y, lang)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(matching, "same_word", counted)
+    import kubetoll_sidecar.cache.verify as verify
+
+    monkeypatch.setattr(verify, "same_word", counted)
+    a, b = signature.__wrapped__(" ".join(long_words)), signature.__wrapped__(" ".join(long_typos))
+    assert disagreement(a, b) == "swapped_word"
+    assert calls < matching.FUZZY_PAIRS // 10, calls

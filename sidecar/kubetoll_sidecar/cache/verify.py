@@ -54,7 +54,7 @@ from functools import lru_cache, update_wrapper
 import orjson
 
 from .guards.lexicon import BY_CODE, EN, Lang
-from .guards.matching import same_word, unmatched
+from .guards.matching import fuzzy, has_match, same_word, unmatched
 from .guards.reading import read
 from .guards.tokens import tokenize
 from .keys import VERIFY_VERSION  # part of every cache generation (keys.py)
@@ -240,27 +240,32 @@ def _order(a: Signature, b: Signature, lang: Lang) -> tuple[str, str] | None:
     one of them holds the same role on both sides: a phrase with its preposition may move
     ("to checking from savings" is "from savings to checking", "switch from monthly to
     annual billing" is "switch my billing from monthly to annual"), the role guard compares
-    those."""
+    those. Linear in the words but for the inexact matches, which long texts go without
+    (`guards.matching.fuzzy`)."""
     role_a, role_b = _role_of(a), _role_of(b)
+    inexact = fuzzy(a.words, b.words)
+    at: dict[str, list[int]] = {}
+    for j, v in enumerate(b.words):
+        at.setdefault(v, []).append(j)
     used: set[int] = set()
-    matched: list[tuple[int, int]] = []
+    last, last_word = -1, ""
     for i, w in enumerate(a.words):
-        j = next((j for j, v in enumerate(b.words) if j not in used and same_word(w, v, lang)), None)
-        if j is not None:
-            used.add(j)
-            matched.append((i, j))
-    for k, (i1, j1) in enumerate(matched):
-        for i2, j2 in matched[k + 1 :]:
-            if j2 > j1:
-                continue
-            if _kept_role(role_a, i1, role_b, j1) or _kept_role(role_a, i2, role_b, j2):
-                continue
-            return "order", f"{a.words[i1]!r} / {a.words[i2]!r} in the other order"
+        exact = at.get(w)
+        while exact and exact[0] in used:  # taken by an inexact match before
+            exact.pop(0)
+        found = exact.pop(0) if exact else None
+        if found is None and inexact:
+            found = next((k for k, v in enumerate(b.words) if k not in used and same_word(w, v, lang)), None)
+        if found is None:
+            continue
+        j = found
+        used.add(j)
+        if i in role_a and role_a[i] == role_b.get(j):
+            continue  # a word its preposition places: where it stands says nothing
+        if j < last:
+            return "order", f"{last_word!r} / {w!r} in the other order"
+        last, last_word = j, w
     return None
-
-
-def _kept_role(role_a: dict[int, str], i: int, role_b: dict[int, str], j: int) -> bool:
-    return i in role_a and role_a[i] == role_b.get(j)
 
 
 def _role_of(sig: Signature) -> dict[int, str]:
@@ -283,12 +288,14 @@ def _words(a: Signature, b: Signature, lang: Lang) -> tuple[str, str] | None:
 def _negation(a: Signature, b: Signature, lang: Lang) -> tuple[str, str] | None:
     if a.negated != b.negated:
         return "negation", "one side negated"
+    inexact = fuzzy(a.words, b.words)
     for x, y in ((a, b), (b, a)):
         negated_y = [y.words[j] for j in y.negated_words]
+        y_all, y_negated = set(y.words), set(negated_y)
         for j in x.negated_words:
             w = x.words[j]
             # A word negated here, present there, but not negated there: the negation governs something else.
-            if any(same_word(w, v, lang) for v in y.words) and not any(same_word(w, v, lang) for v in negated_y):
+            if has_match(w, y.words, y_all, lang, inexact) and not has_match(w, negated_y, y_negated, lang, inexact):
                 return "negation", f"{w!r} negated on one side only"
     return None
 
@@ -342,8 +349,8 @@ def _moved(x: Signature, held_x: list[int], y: Signature, held_y: list[int], lan
                 return "me"
             continue
         w = x.words[i]
-        if not any(j >= 0 and same_word(w, y.words[j], lang) for j in held_y) and any(
-            same_word(w, v, lang) for v in y.words
+        if not any(j >= 0 and same_word(w, y.words[j], lang) for j in held_y) and has_match(
+            w, y.words, set(y.words), lang, fuzzy(x.words, y.words)
         ):
             return w
     return None

@@ -95,12 +95,30 @@ def _one_typo(x: str, y: str) -> bool:
 _SOUND_ALIKE = frozenset(frozenset(p) for p in ("sz", "sc", "ck", "gj", "bv", "iy", "kq", "zc"))
 
 
+# Inexact matching compares every word of one side with every word of the other: past this many
+# pairs (two texts of 200 content words) only equal words match, so a long message costs
+# milliseconds, never a second of the event loop; its typos are then misses, never wrong answers.
+FUZZY_PAIRS = 40_000
+
+
+def fuzzy(xs: Sequence[str], ys: Sequence[str]) -> bool:
+    """Whether inexact matching between these two word lists is affordable (FUZZY_PAIRS)."""
+    return len(xs) * len(ys) <= FUZZY_PAIRS
+
+
+def has_match(x: str, ys: Sequence[str], yset: set[str] | frozenset[str], lang: Lang, inexact: bool) -> bool:
+    """`x` is one of `ys` (their set: `yset`), or matches one when `inexact`."""
+    return x in yset or (inexact and any(same_word(x, y, lang) for y in ys))
+
+
 def unmatched(xs: Sequence[str], ys: Sequence[str], lang: Lang) -> list[int]:
     """Indices of the words of `xs` that have no match in `ys`."""
     if not xs:
         return []
     yset = set(ys)
-    left = [i for i, x in enumerate(xs) if x not in yset and not any(same_word(x, y, lang) for y in ys)]
+    left = [i for i, x in enumerate(xs) if x not in yset]
+    if left and fuzzy(xs, ys):
+        left = [i for i in left if not any(same_word(xs[i], y, lang) for y in ys)]
     if not left:
         return left
     covered = _compounds(xs, ys, yset) | _initials(xs, ys)
