@@ -912,8 +912,7 @@ class Pipeline:
         resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache", **headers})
         try:
             await resp.prepare(ctx.request)
-            await resp.write(body)
-            await resp.write_eof()
+            await resp.write_eof(body)  # head, events and the body's end in one write
         except (ConnectionResetError, RuntimeError):
             ctx.outcome = "client_disconnected"
         return resp

@@ -94,11 +94,10 @@ class StreamRelay:
                 self.cache.store_soon(ctx.cache, body, ctx.usage, cost)
         if outcome != "client_disconnected":
             try:
-                # An SSE comment: SDKs ignore it, curl users and tests see the final cost.
-                await resp.write(f": kubetoll cost_usd={cost:.9f} backend={ctx.backend}\n\n".encode())
-                if framing.done:
-                    await resp.write(framing.done)
-                await resp.write_eof()
+                # An SSE comment: SDKs ignore it, curl users and tests see the final cost. It, the
+                # framing's end and the body's end go out in one write.
+                comment = f": kubetoll cost_usd={cost:.9f} backend={ctx.backend}\n\n".encode()
+                await resp.write_eof(comment + framing.done if framing.done else comment)
             except (ConnectionResetError, RuntimeError):
                 ctx.outcome = "client_disconnected"
         return resp
