@@ -627,6 +627,22 @@ async def test_a_stream_whose_end_comes_after_its_last_event_is_pooled_once_it_a
     assert server.accepted == 1
 
 
+async def test_a_stream_end_that_arrives_before_the_wait_begins_is_not_missed(
+    serve: Any, client: UpstreamClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The end lands in the buffer after release_when_done looked and before its background wait
+    # starts: nothing wakes a reader for bytes already there, so the wait must read first, or the
+    # connection sits out the whole grace period (and, with others like it, the pool's limit).
+    monkeypatch.setattr(upstream_client, "_TAIL_SECONDS", 30.0)
+    sent = asyncio.Event()
+    server = await serve(stream_then(lambda conn: conn.read_until_eof(), sent))
+    resp = await bounded(client.request("GET", server.url()))
+    await read_to_done(resp)
+    resp.release_when_done()
+    resp._conn.data_received(b"0\r\n\r\n")  # as the protocol would, before the wait runs
+    await wait_for_state(lambda: client.idle_connections == 1, limit=0.5)
+
+
 @pytest.mark.parametrize("then", ["nothing", "more data", "close"])
 async def test_a_stream_whose_end_does_not_come_is_closed_not_pooled(
     serve: Any, client: UpstreamClient, monkeypatch: pytest.MonkeyPatch, then: str

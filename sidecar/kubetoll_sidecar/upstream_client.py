@@ -512,11 +512,12 @@ class UpstreamResponse:
         until = conn.client.loop.time() + _TAIL_SECONDS
         left = _TAIL_BYTES
         try:
-            while not self._done and not conn.eof and not conn.closed:
-                await conn.wait(until)
+            while True:
+                # What came since the caller let go is in the buffer, with no one woken for it: read first.
                 left -= len(self._take())
-                if left < 0:
+                if self._done or left < 0 or conn.eof or conn.closed:
                     break
+                await conn.wait(until)
         except (TimeoutError, UpstreamProtocolError):
             pass
         if self._done and not conn.closed and not conn.buf and not conn.eof:
