@@ -98,7 +98,10 @@ DIFFERENT = [
     ("My parcel is going to be sent back to the seller.", "My parcel was sent back to the seller.", "tense"),
     # the same words in another order: who does what to which
     ("The order arrived but the invoice is missing.", "The invoice arrived but the order is missing.", "order"),
-    ("My manager approved my leave request.", "I approved my manager's leave request.", "order"),
+    ("My manager approved my leave request.", "I approved my manager's leave request.", "role"),
+    # a possessive: whose the thing is, or who acts ("'s" owns what follows)
+    ("Can my husband use my card?", "Can I use my husband's card?", "role"),
+    ("Can I see my son's appointments?", "Can my son see my appointments?", "role"),
     ("Die Bestellung ist da, aber die Rechnung fehlt.", "Die Rechnung ist da, aber die Bestellung fehlt.", "order"),
     ("¿Puedo cambiar en tienda lo comprado online?", "¿Puedo cambiar online lo comprado en tienda?", "order"),
 ]
@@ -142,6 +145,8 @@ SAME = [
     ("Transfer $200 from savings to checking", "Transfer $200 to checking from savings"),
     ("Can I switch from monthly to annual billing?", "Can I switch my billing from monthly to annual?"),
     ("A friend paid for my order, can I get the invoice?", "a friend paid for my order - can I get the invoice"),
+    ("What's my husband's card limit?", "What is my husband's card limit?"),  # "'s" after a pronoun is "is"
+    ("Where's my order?", "where is my order"),
     # German, Spanish, French: fillers, accents, typos
     ("Wie kann ich mein Abo kündigen?", "Hallo, wie kann ich mein Abo kündigen? Danke!"),
     ("Wann kommt meine Bestellung an?", "wann kommt meine bestellung an"),

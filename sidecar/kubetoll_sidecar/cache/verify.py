@@ -48,6 +48,7 @@ with the vector in Redis, so a lookup reads only the new question.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache, update_wrapper
 
@@ -89,7 +90,8 @@ class Signature:
     tense: str  # "p" past, "f" future, both, or ""
     anchors: tuple[str, ...]  # deictic days: "-1" yesterday, "0" today, "+1" tomorrow
     kinds: tuple[str, ...]  # kinds of question asked: time, reason, person, place, quantity, frequency
-    roles: tuple[str, ...]  # "s3": words[3] follows "from"; "d3" "to"; "f3" "for"; "i3" "instead of"; "f-1" "for me"
+    roles: tuple[str, ...]  # "s3": words[3] follows "from"; "d3" "to"; "f3" "for"; "i3" "instead of"; "f-1" "for me";
+    # "o3": words[3] has "'s" (it owns what follows)
     first_person: bool  # the asker speaks of themself (I, me, my)
     modality: str  # "m" may (can, could...), "o" must (must, have to...), both, or ""
 
@@ -323,14 +325,35 @@ def _modality(a: Signature, b: Signature) -> tuple[str, str] | None:
 
 def _roles(a: Signature, b: Signature, lang: Lang) -> tuple[str, str] | None:
     """Two words that trade a role (from X, to X, for X, instead of X): each side has both, and
-    each gives the role to the one the other does not: "points for a flight" / "a flight for points"."""
-    if not a.roles or not b.roles:
+    each gives the role to the one the other does not: "points for a flight" / "a flight for points";
+    or a word owns something on one side only (`_owners`)."""
+    if not a.roles and not b.roles:
         return None
     held_a, held_b = _holders(a), _holders(b)
     for role in held_a.keys() & held_b.keys():
         lost = _moved(a, held_a[role], b, held_b[role], lang)
         if lost is not None and _moved(b, held_b[role], a, held_a[role], lang) is not None:
             return "role", f"{lost!r} {_ROLE_NAMES[role]} on one side only"
+    return _owners(a, held_a.get("o", ()), b, held_b.get("o", ()), lang) or _owners(
+        b, held_b.get("o", ()), a, held_a.get("o", ()), lang
+    )
+
+
+def _owners(
+    x: Signature, owns_x: Sequence[int], y: Signature, owns_y: Sequence[int], lang: Lang
+) -> tuple[str, str] | None:
+    """A word that owns something in x ("can I use my wife's card") and is in y without owning
+    anything ("can my wife use my card"): whose the thing is, or who acts, changed."""
+    if not owns_x:
+        return None
+    owners_y = [y.words[j] for j in owns_y]
+    inexact = fuzzy(x.words, y.words)
+    for i in owns_x:
+        w = x.words[i]
+        if has_match(w, owners_y, set(owners_y), lang, inexact):
+            continue
+        if has_match(w, y.words, set(y.words), lang, inexact):
+            return "role", f"{w!r} owns something on one side only"
     return None
 
 
@@ -360,4 +383,4 @@ def _holder(sig: Signature, i: int) -> str:
     return "me" if i < 0 else sig.words[i]
 
 
-_ROLE_NAMES = {"s": "from", "d": "to", "f": "for", "i": "instead of"}
+_ROLE_NAMES = {"s": "from", "d": "to", "f": "for", "i": "instead of", "o": "'s"}

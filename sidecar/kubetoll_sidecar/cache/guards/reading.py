@@ -12,7 +12,8 @@ walks the tokens once and files each into one of:
   days (yesterday, tomorrow...);
 * the kind of question (when, why, who, where, how many...);
 * roles: the word after "from", "to", "for", "instead of" (and their
-  German, Spanish, French kin), within three tokens;
+  German, Spanish, French kin), within three tokens; in English, a content
+  word with "'s" owns what follows ("o");
 * content words: what is left once function words, fillers, framing words,
   negators, numbers and question words are taken out; light verbs ("get",
   "use") apart, since they count only when swapped for another.
@@ -77,6 +78,15 @@ def detect(folded: list[str]) -> tuple[str, bool]:
 
 
 def read(toks: list[tuple[str, str]]) -> Reading:
+    owners_at: set[int] = set()  # token indices of words an "'s" follows
+    if any(k == "o" for k, _ in toks):
+        kept: list[tuple[str, str]] = []
+        for k, t in toks:
+            if k != "o":
+                kept.append((k, t))
+            elif kept and kept[-1][0] in ("w", "A"):
+                owners_at.add(len(kept) - 1)
+        toks = kept
     folded = [fold(t) if k in ("w", "A") else "" for k, t in toks]
     code, clear = detect([f for f, (k, _) in zip(folded, toks, strict=True) if k == "w"])
     lang = BY_CODE[code] if code else EN
@@ -244,6 +254,8 @@ def read(toks: list[tuple[str, str]]) -> Reading:
             weak = mode[1:] == "w" or (mode[1:] == "b" and i == role[1] + 1)
             role_words.append((mode[0], len(r.words), clause, weak))
         role = None
+        if i in owners_at:  # a content word with "'s": it owns what follows ("my wife's card")
+            role_words.append(("o", len(r.words), clause, False))
         r.words.append(UNITS.get(w, w))  # "dollars" and "USD" are one word
         word_clause.append(clause)
         sentence_start = False

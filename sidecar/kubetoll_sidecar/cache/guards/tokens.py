@@ -9,6 +9,8 @@ A token is a (kind, text) pair:
 * ``d`` a token with a digit in it: a number, time, date, ordinal, id or code;
 * ``$`` a currency or percent sign;
 * ``n`` a negation carried by a contraction ("n't", French "n'");
+* ``o`` an English "'s" after a word: it owns what follows when the word is a
+  content word ("my wife's card"), it is "is" after a pronoun ("it's");
 * ``c`` a clause break (comma, colon, parenthesis, dash);
 * ``x`` a sentence break (. ! ? ; and line breaks).
 
@@ -145,5 +147,7 @@ def _apostrophe(tok: str, out: list[tuple[str, str]]) -> None:
         out.append(("w", head))
         if _EN_TAILS[tail]:
             out.append(("w", _EN_TAILS[tail]))
+        elif tail == "s":
+            out.append(("o", "'s"))  # a possessive ("my wife's card"), or "is" after a pronoun: the reader tells
         return
     out.append(("w", head + tail.replace("'", "")))  # o'clock, aujourd'hui
