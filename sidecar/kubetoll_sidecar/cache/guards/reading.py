@@ -254,7 +254,7 @@ def read(toks: list[tuple[str, str]]) -> Reading:
             weak = mode[1:] == "w" or (mode[1:] == "b" and i == role[1] + 1)
             role_words.append((mode[0], len(r.words), clause, weak))
         role = None
-        if i in owners_at:  # a content word with "'s": it owns what follows ("my wife's card")
+        if i in owners_at and lang is EN:  # a content word with "'s": it owns what follows ("my wife's card")
             role_words.append(("o", len(r.words), clause, False))
         r.words.append(UNITS.get(w, w))  # "dollars" and "USD" are one word
         word_clause.append(clause)
