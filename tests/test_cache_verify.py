@@ -147,6 +147,14 @@ SAME = [
     ("A friend paid for my order, can I get the invoice?", "a friend paid for my order - can I get the invoice"),
     ("What's my husband's card limit?", "What is my husband's card limit?"),  # "'s" after a pronoun is "is"
     ("Where's my order?", "where is my order"),
+    # social formulas around the question, in each language ("a million", "mil": not numbers there)
+    ("Hi team, quick one: can I pay by invoice? Thanks a million!", "Can I pay by invoice?"),
+    (
+        "Hallo zusammen, ich hätte mal eine Frage: Kann ich per Rechnung zahlen? Viele Grüße",
+        "Kann ich per Rechnung zahlen?",
+    ),
+    ("Hola, perdone la molestia: ¿puedo pagar con factura? ¡Mil gracias!", "¿Puedo pagar con factura?"),
+    ("Bonjour, désolé de vous déranger : puis-je payer par facture ? Merci beaucoup", "Puis-je payer par facture ?"),
     # German, Spanish, French: fillers, accents, typos
     ("Wie kann ich mein Abo kündigen?", "Hallo, wie kann ich mein Abo kündigen? Danke!"),
     ("Wann kommt meine Bestellung an?", "wann kommt meine bestellung an"),

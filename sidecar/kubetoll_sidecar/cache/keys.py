@@ -45,7 +45,7 @@ CACHE_FORMAT_VERSION = 1
 # The strict check's version (verify.py), part of every cache generation: a changed check never
 # reads signatures made by an older one. Here, with the keys, so the stage can name a policy's
 # generation without loading the check's word lists (a sidecar with no semantic policy never does).
-VERIFY_VERSION = 4
+VERIFY_VERSION = 5
 
 # Request fields that cannot change the answer's content.
 IGNORED_FIELDS = frozenset(

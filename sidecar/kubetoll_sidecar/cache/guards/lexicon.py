@@ -175,7 +175,10 @@ EN = Lang(
         quick question, not sure, no idea, or not, whether or not, no problem, no worries, not only,
         thank you, no rush, if possible, if you can, good morning, good afternoon, good evening, in advance,
         sorry to bother you, hope all is well, hope you are well, have a nice day, have a good day,
-        in order to, i would be grateful if, i would appreciate it if, i mean
+        in order to, i would be grateful if, i would appreciate it if, i mean,
+        quick one, silly question, just checking, thanks a lot, thanks a bunch, thanks a million,
+        thank you so much, hi team, hello team, hi all, hello all, hi everyone, hello everyone,
+        having a good day, having a great day, hope you are doing well, have a great day
         """
     ),
     splitters=_words("and but or because although though while whereas unless so then"),
@@ -281,7 +284,10 @@ DE = Lang(
     filler_phrases=_phrases(
         """
         keine ahnung, kein problem, oder nicht, nicht sicher, guten morgen, guten tag, guten abend,
-        vielen dank, sehr geehrte damen und herren, sag mal, sagt mal, im voraus, einen schönen tag
+        vielen dank, sehr geehrte damen und herren, sag mal, sagt mal, im voraus, einen schönen tag,
+        hallo zusammen, hallo ihr lieben, viele grüße, liebe grüße, beste grüße, kurze frage,
+        sorry für die störung, entschuldigung für die störung, entschuldigen sie die störung,
+        entschuldigen sie die frage, ich hätte mal eine frage, ich hätte eine frage, tausend dank
         """
     ),
     splitters=_words("und oder aber sondern denn weil obwohl wenn falls als bevor nachdem während dass doch"),
@@ -380,7 +386,9 @@ ES = Lang(
     filler_phrases=_phrases(
         """
         no sé, ni idea, o no, no hay problema, buenos días, buenas tardes, buenas noches, por favor,
-        muchas gracias, pues nada, una duda, una pregunta, de antemano
+        muchas gracias, pues nada, una duda, una pregunta, de antemano,
+        mil gracias, una cosita, una pregunta rápida, hola buenas, perdonad la molestia,
+        perdone la molestia, disculpe la molestia, disculpa la molestia, perdón por la molestia
         """
     ),
     splitters=_words("y e o u pero sino porque aunque si cuando mientras"),
@@ -474,7 +482,8 @@ FR = Lang(
         """
         je ne sais pas, je sais pas, pas sûr, pas sûre, ou pas, ou non, pas de problème,
         se il vous plaît, se il te plaît, de accord, je vous prie de, bien vouloir, par avance,
-        de avance
+        de avance, merci beaucoup, mille mercis, alors voilà, bonne journée, petite question,
+        désolé de vous déranger, désolée de vous déranger, excusez moi de vous déranger
         """
     ),
     splitters=_words("et ou mais car donc puisque quand lorsque si parce"),
