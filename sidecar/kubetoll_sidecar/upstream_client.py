@@ -472,12 +472,16 @@ class UpstreamResponse:
         if self._released:
             return
         self._released = True
-        conn = self._conn
         if not self._done and self._keep_alive and self._mode != "close":
             try:
                 self._take()  # takes all the buffer holds of the body, its framing's end included
             except UpstreamProtocolError:
                 pass  # closed below
+        self._pool_or_close()
+
+    def _pool_or_close(self) -> None:
+        """The connection back to the pool when the body was read whole and nothing follows it."""
+        conn = self._conn
         if self._done and self._keep_alive and not conn.closed and not conn.buf and not conn.eof:
             conn.client._release(conn)
         else:
@@ -520,10 +524,7 @@ class UpstreamResponse:
                 await conn.wait(until)
         except (TimeoutError, UpstreamProtocolError):
             pass
-        if self._done and not conn.closed and not conn.buf and not conn.eof:
-            conn.client._release(conn)
-        else:
-            conn.close()
+        self._pool_or_close()
 
     def close(self) -> None:
         """Close the connection now (an abandoned stream, a cancelled call)."""

@@ -271,7 +271,8 @@ def _order(a: Signature, b: Signature, lang: Lang) -> tuple[str, str] | None:
 
 
 def _role_of(sig: Signature) -> dict[int, str]:
-    return {int(r[1:]): r[0] for r in sig.roles if r[1:] != "-1"}
+    """Word index -> the role it holds (the asker's, -1, left out): `_holders` turned round."""
+    return {i: role for role, held in _holders(sig).items() for i in held if i >= 0}
 
 
 def _words(a: Signature, b: Signature, lang: Lang) -> tuple[str, str] | None:
@@ -347,12 +348,13 @@ def _owners(
     if not owns_x:
         return None
     owners_y = [y.words[j] for j in owns_y]
+    owners_set, y_set = set(owners_y), set(y.words)
     inexact = fuzzy(x.words, y.words)
     for i in owns_x:
         w = x.words[i]
-        if has_match(w, owners_y, set(owners_y), lang, inexact):
+        if has_match(w, owners_y, owners_set, lang, inexact):
             continue
-        if has_match(w, y.words, set(y.words), lang, inexact):
+        if has_match(w, y.words, y_set, lang, inexact):
             return "role", f"{w!r} owns something on one side only"
     return None
 
@@ -366,6 +368,7 @@ def _holders(sig: Signature) -> dict[str, list[int]]:
 
 def _moved(x: Signature, held_x: list[int], y: Signature, held_y: list[int], lang: Lang) -> str | None:
     """A word holding the role in x that y has too, but not in that role (-1: the asker, "for me")."""
+    y_set, inexact = set(y.words), fuzzy(x.words, y.words)
     for i in held_x:
         if i < 0:
             if y.first_person and -1 not in held_y:
@@ -373,7 +376,7 @@ def _moved(x: Signature, held_x: list[int], y: Signature, held_y: list[int], lan
             continue
         w = x.words[i]
         if not any(j >= 0 and same_word(w, y.words[j], lang) for j in held_y) and has_match(
-            w, y.words, set(y.words), lang, fuzzy(x.words, y.words)
+            w, y.words, y_set, lang, inexact
         ):
             return w
     return None
