@@ -8,7 +8,7 @@ once a pod. Measured on real processes, the sidecar alone on one core:
      process's RSS after it; the largest imports (`-X importtime`, cumulative);
      and what each encoding adds to a bare process (RSS after, peak while loading).
  (2) per config (one backend counted with cl100k_base (gpt-4), one with
-     o200k_base (gpt-4o-mini), both): `python -m kubetoll_sidecar --config
+     o200k_base (gpt-4o-mini), both, and gpt-4o-mini with an in-cluster Llama): `python -m kubetoll_sidecar --config
      router.json` spawned and its /readyz polled every 5 ms; start to ready (wall
      and the process's CPU until then, median of --starts); RSS (VmRSS), its
      anonymous part and the peak (VmHWM) when ready, after --requests requests of
@@ -52,10 +52,15 @@ TARGET_IDLE_O200K_MB = 70
 MIB_PER_MB = 1e6 / 2**20
 TARGET_READY_S = 0.5
 
+IN_CLUSTER_MODEL = "meta-llama/Llama-3.1-8B-Instruct"  # priced by GPU time, as a vLLM backend is
+
 CONFIGS = {
     "one backend, cl100k_base": ["gpt-4"],
     "one backend, o200k_base": ["gpt-4o-mini"],
     "two backends, both": ["gpt-4o-mini", "gpt-4"],
+    # A hosted model with an in-cluster fallback whose tokenizer tiktoken does not ship: counted
+    # with the o200k_base the hosted one needs (tokens.use_encodings_for), so no second table.
+    "gpt-4o-mini + in-cluster Llama": ["gpt-4o-mini", IN_CLUSTER_MODEL],
 }
 
 
@@ -135,6 +140,8 @@ def write_config(directory: Path, models: list[str], up_port: int, api_port: int
     for i, model in enumerate(models):
         b = {k: v for k, v in template.items() if k != "catalogPrices"}
         b.update(name=f"sim{i}", model=model)
+        if model == IN_CLUSTER_MODEL:
+            b.update(provider="openai-compatible", pricing={"gpuHourlyUSD": 0.36, "tokensPerSecond": 1000})
         backends.append(bs.compiled_backend(b))
     cfg["backends"] = backends
     cfg["routes"][0]["rules"][0]["backends"] = [b["name"] for b in backends]
@@ -265,7 +272,7 @@ def main() -> int:
         f"(RSS / anonymous / peak) idle, after {args.requests:,} requests of one tenant, after {args.tenants:,} "
         "more from as many new tenants"
     )
-    head = f"    {'config':26s} {'encodings':24s} {'ready':^15s} {'CPU':^15s}   {'idle':^19s}   {'requests':^19s}"
+    head = f"    {'config':32s} {'encodings':24s} {'ready':^15s} {'CPU':^15s}   {'idle':^19s}   {'requests':^19s}"
     print(head + f"   {'tenants':^19s}")
 
     def mem(s: dict[str, float]) -> str:
@@ -274,7 +281,7 @@ def main() -> int:
     for label, models, readies, cpus, idle, after_req, after_ten, _ in rows:
         encs = "+".join(tokens.encodings_for(models))
         print(
-            f"    {label:26s} {encs:24s} {statistics.median(readies):5.2f} ({min(readies):4.2f}) s "
+            f"    {label:32s} {encs:24s} {statistics.median(readies):5.2f} ({min(readies):4.2f}) s "
             f"{statistics.median(cpus):5.2f} ({min(cpus):4.2f}) s   "
             f"{mem(idle)}   {mem(after_req)}   {mem(after_ten)}"
         )

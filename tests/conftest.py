@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 import trustme
 from redis.asyncio import Redis
 
+from kubetoll_sidecar import tokens
 from kubetoll_sidecar.cache import CacheStage
 from kubetoll_sidecar.cache.embeddings import EmbeddingServer, HashedEmbedder
 from kubetoll_tools.simulator import SimSettings, SimulatedUpstream
@@ -180,3 +181,11 @@ async def stages():
     yield _make
     for s in made:
         await s.close()
+
+
+@pytest.fixture(autouse=True)
+def _approximate_counting_reset() -> Iterator[None]:
+    """A sidecar started in this process sets what approximate models are counted with
+    (`tokens.use_encodings_for`, process-wide, as in its own process); the next test starts from the default."""
+    yield
+    tokens.use_encodings_for([])

@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from kubetoll_sidecar import tokens
 from kubetoll_sidecar.config_loader import ConfigError, load_config
 from kubetoll_sidecar.server import Sidecar
 from kubetoll_tools.simulator import Fault
@@ -41,6 +42,36 @@ async def test_changed_file_is_applied_without_a_restart(sim, start_sidecar):
     applied = sc.sidecar.metrics.config_reloads.labels("applied")
     await wait_until(lambda: applied._value.get() == 1, timeout=30)  # a hang bound, not a speed claim
     assert await models(sc) == ["chat", "chat-2"]
+
+
+async def test_a_reload_counts_approximate_models_as_the_new_config_wants(sim, start_sidecar):
+    """gpt-4o beside a Llama: the Llama is counted with o200k_base. Without the gpt-4o backend,
+    it is counted with cl100k_base again, loaded with the new config, before it applies."""
+    cfg = base_config(sim.url)
+    cfg["backends"].append(
+        {
+            "name": "gpu",
+            "provider": "openai-compatible",
+            "model": "meta-llama/Llama-3.1-8B-Instruct",
+            "endpoint": sim.url + "/v1",
+            "credentials": {"env": "KT_TEST_OPENAI_KEY"},
+            "pricing": {"gpuHourlyUSD": 0.36, "tokensPerSecond": 1000},
+        }
+    )
+    cfg["routes"].append({"name": "local", "rules": [{"backends": ["gpu"]}]})
+    sc = await start_sidecar(cfg)
+    assert tokens.approximate_encoding() == tokens.O200K
+    cfg["backends"] = [b for b in cfg["backends"] if b["name"] == "gpu"]
+    cfg["routes"] = [{"name": "local", "rules": [{"backends": ["gpu"]}]}]
+    sc.write_config(cfg)
+    applied = sc.sidecar.metrics.config_reloads.labels("applied")
+    await wait_until(lambda: applied._value.get() == 1, timeout=30)  # a hang bound, not a speed claim
+    assert tokens.approximate_encoding() == tokens.CL100K
+    assert tokens.CL100K in tokens.loaded_encodings()
+    async with aiohttp.ClientSession() as s:
+        body = {"model": "local", "messages": [{"role": "user", "content": "hi"}]}
+        async with s.post(sc.url + "/v1/chat/completions", json=body) as r:
+            assert r.status == 200, await r.text()
 
 
 async def test_kubelet_style_symlink_swap(sim, start_sidecar, tmp_path):

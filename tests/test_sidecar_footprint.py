@@ -45,7 +45,11 @@ CHILD = textwrap.dedent(
         while not trigger.exists():
             time.sleep(0.02)
         from kubetoll_sidecar import tokens
-        report.write_text(json.dumps({"modules": sorted(sys.modules), "encodings": tokens.loaded_encodings()}))
+        report.write_text(json.dumps({
+            "modules": sorted(sys.modules),
+            "encodings": tokens.loaded_encodings(),
+            "approximate": tokens.approximate_encoding(),
+        }))
 
     threading.Thread(target=report_when_asked, daemon=True).start()
     from kubetoll_sidecar.main import main
@@ -188,6 +192,40 @@ async def test_a_compiled_one_backend_config_loads_its_encoding_and_nothing_heav
     assert list(loaded["encodings"]) == [tokens.CL100K]
     heavy = {m for m in HEAVY if m in loaded["modules"] or m in loaded["top"]}
     assert heavy == set(), {m: HEAVY[m] for m in heavy}
+
+
+async def test_an_in_cluster_fallback_beside_a_gpt4o_backend_adds_no_encoding(sim, tmp_path):
+    """A hosted gpt-4o-mini with an in-cluster Llama (whose tokenizer tiktoken does not ship):
+    the Llama route is counted with o200k_base, which the sidecar holds anyway, so
+    cl100k_base (+23 MiB) is never loaded, not at start and not by a request to the Llama."""
+    config = base_config(sim.url)
+    config["backends"][0]["model"] = "gpt-4o-mini"
+    config["backends"].append(
+        {
+            "name": "gpu",
+            "provider": "openai-compatible",
+            "model": "meta-llama/Llama-3.1-8B-Instruct",
+            "endpoint": sim.url + "/v1",
+            "credentials": {"env": "KT_TEST_OPENAI_KEY"},
+            "pricing": {"gpuHourlyUSD": 0.36, "tokensPerSecond": 1000},
+        }
+    )
+    config["routes"] = [
+        {"name": "chat", "rules": [{"backends": ["primary", "gpu"]}]},
+        {"name": "local", "rules": [{"backends": ["gpu"]}]},
+    ]
+    config["backends"] = [compiled(b) for b in config["backends"]]
+    process = await start_process(tmp_path, config)
+    try:
+        for route in ("local", "chat"):
+            body = {"model": route, "messages": [{"role": "user", "content": "Where is my order? Due Monday."}]}
+            async with aiohttp.ClientSession() as http, http.post(f"{process.url}/v1/chat/completions", json=body) as r:
+                assert r.status == 200, await r.text()
+        loaded = await process.loaded()
+    finally:
+        await process.stop()
+    assert list(loaded["encodings"]) == [tokens.O200K]
+    assert loaded["approximate"] == tokens.O200K
 
 
 async def test_each_heavy_library_loads_with_its_feature(sim, tmp_path, redis_url):

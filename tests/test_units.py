@@ -171,3 +171,30 @@ def test_config_rejects_credentials_in_headers_and_urls():
         backend(headers={"Authorization": "Bearer x"})
     with pytest.raises(ValueError, match="must not carry credentials"):
         RouterConfig.model_validate({"budgetStore": {"url": "redis://user:pass@host:6379"}})
+
+
+@pytest.mark.parametrize(
+    ("models", "load", "approximate"),
+    [
+        (["gpt-4"], ["cl100k_base"], "cl100k_base"),
+        (["gpt-4o-mini"], ["o200k_base"], "o200k_base"),
+        (["claude-3-5-haiku-latest"], ["cl100k_base"], "cl100k_base"),
+        # An approximate family beside an exact o200k_base model: counted with o200k_base, no second table.
+        (["gpt-4o-mini", "meta-llama/Llama-3.1-8B-Instruct"], ["o200k_base"], "o200k_base"),
+        # ... beside an exact cl100k_base model (with or without o200k_base): cl100k_base, as always.
+        (["gpt-4", "claude-3-5-haiku-latest"], ["cl100k_base"], "cl100k_base"),
+        (["gpt-4o", "gpt-4", "mistral-large"], ["o200k_base", "cl100k_base"], "cl100k_base"),
+        (["gpt-4o", "gpt-4"], ["o200k_base", "cl100k_base"], "cl100k_base"),
+    ],
+)
+def test_the_encodings_a_config_loads_and_what_approximate_models_are_counted_with(models, load, approximate):
+    assert tokens.approximate_encoding() == tokens.CL100K  # the default, before any config
+    assert tokens.encodings_for(models) == load
+    assert tokens.approximate_encoding() == tokens.CL100K  # only planned, not applied
+    assert tokens.use_encodings_for(models) == load
+    assert tokens.approximate_encoding() == approximate
+    choice = tokens.encoding_for_model("qwen2.5-72b-instruct")
+    assert choice.approximate and choice.name == approximate
+    assert tokens.encoding_for_model("gpt-4o") == tokens.EncodingChoice("o200k_base", False)  # exact: unchanged
+    text = "Ünïcödé text and some English words, 12345"
+    assert tokens.count_text(text, "qwen2.5-72b-instruct") == len(tiktoken.get_encoding(approximate).encode(text))

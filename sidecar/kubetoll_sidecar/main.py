@@ -73,7 +73,7 @@ def preload_encodings(config_path: str) -> None:
         return
     from . import tokens
 
-    for name in tokens.encodings_for(models):
+    for name in tokens.use_encodings_for(models):
         try:
             tokens.get_encoding(name)
         except RuntimeError:  # raised again, and reported, when the sidecar starts

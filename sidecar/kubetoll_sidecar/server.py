@@ -145,7 +145,7 @@ class Sidecar:
 
         # Only the encodings the backends need, loaded while the rest starts (Redis, batches);
         # awaited before the ports open. `main.run` has usually loaded them already.
-        encodings = tokens.load_in_background(tokens.encodings_for(b.model for b in self._loaded.config.backends))
+        encodings = tokens.load_in_background(tokens.use_encodings_for(b.model for b in self._loaded.config.backends))
         self.state = self._build(self._loaded)
         cfg = self.state.config
         redis_cache_client = None
@@ -302,6 +302,10 @@ class Sidecar:
             else:
                 old = self.state
                 self._apply_to_shared_parts(new_state)
+                from . import tokens
+
+                # Approximate models counted as this config wants (its encodings were warmed with it).
+                tokens.use_encodings_for(b.config.model for b in new_state.backends.values())
                 self.state = new_state  # new requests see it; requests in flight keep theirs
                 self.refused = None
                 self.metrics.config_reloads.labels("applied").inc()

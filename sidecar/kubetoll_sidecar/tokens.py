@@ -8,7 +8,9 @@ settles it after), so it must be close and fast:
 - Other families (Claude, Llama, Mistral, Qwen...) have tokenizers tiktoken does
   not ship; we count with cl100k_base and say so (`Estimate.approximate`). On
   English text it lands within ~10-20% of those tokenizers, and settlement
-  corrects it.
+  corrects it. When the config's exact models need o200k_base alone, those
+  families are counted with it instead (`use_encodings_for`), so a hosted GPT-4o
+  backend with an in-cluster Llama fallback holds one encoding, not two.
 - Messages resent on every turn of a conversation are counted once: counts are
   memoised per (encoding, text) in a bounded LRU, so a long history costs a hash
   lookup per message instead of a re-encode.
@@ -109,21 +111,71 @@ class EncodingChoice:
     approximate: bool  # True when the model's own tokenizer is not in tiktoken
 
 
-def encoding_for_model(model: str) -> EncodingChoice:
+# What a model of a family tiktoken does not ship is counted with (`use_encodings_for` sets it).
+_approximate_with = CL100K
+
+
+def _exact_encoding(model: str) -> str | None:
     m = model.lower().rsplit("/", 1)[-1]  # "openai/gpt-4o" -> "gpt-4o"
     if m.startswith("ft:"):
         m = m[3:]
     if m.startswith(_O200K_PREFIXES):
-        return EncodingChoice(O200K, False)
+        return O200K
     if m.startswith(_CL100K_PREFIXES):
-        return EncodingChoice(CL100K, False)
-    return EncodingChoice(CL100K, True)
+        return CL100K
+    return None
+
+
+def encoding_for_model(model: str) -> EncodingChoice:
+    exact = _exact_encoding(model)
+    if exact is not None:
+        return EncodingChoice(exact, False)
+    return EncodingChoice(_approximate_with, True)
+
+
+def _plan(models: Iterable[str]) -> tuple[list[str], str]:
+    """The encodings these models need, in load order, and the one approximate models are counted with.
+
+    A model whose tokenizer tiktoken does not ship is counted with an encoding held for an
+    exact model when there is one: cl100k_base if an exact model needs it (the historical
+    choice), else o200k_base. Neither is that model's tokenizer (settlement corrects the
+    estimate either way), and o200k_base's tables would otherwise sit beside cl100k_base's
+    (+23 MiB) for a hosted GPT-4o backend with an in-cluster Llama or a Claude fallback.
+    """
+    exact: set[str] = set()
+    approximate = False
+    for m in models:
+        name = _exact_encoding(m)
+        if name is None:
+            approximate = True
+        else:
+            exact.add(name)
+    approximate_with = O200K if exact == {O200K} else CL100K
+    if approximate:
+        exact.add(approximate_with)
+    return [n for n in _LOAD_ORDER if n in exact], approximate_with
 
 
 def encodings_for(models: Iterable[str]) -> list[str]:
     """The encodings these models are counted with, in the order to load them."""
-    names = {encoding_for_model(m).name for m in models}
-    return [n for n in _LOAD_ORDER if n in names]
+    return _plan(models)[0]
+
+
+def use_encodings_for(models: Iterable[str]) -> list[str]:
+    """Count approximate models as a config of these models wants; the encodings to load, in order.
+
+    The sidecar calls it when a config takes effect, with that config's encodings loaded
+    (at start, before its ports open; on a reload, after `encodings_for` was loaded off
+    the loop). A count of an encoding not loaded yet would load it then.
+    """
+    global _approximate_with
+    names, _approximate_with = _plan(models)
+    return names
+
+
+def approximate_encoding() -> str:
+    """The encoding models of families tiktoken does not ship are counted with, in this process."""
+    return _approximate_with
 
 
 def loaded_encodings() -> dict[str, str]:

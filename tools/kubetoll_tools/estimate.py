@@ -294,6 +294,8 @@ def targets_from_config(path: str, route: str | None) -> list[Target]:
     found = next((r for r in config.routes if r.name == route), None)
     if found is None:
         raise EstimateError(f"{path}: no route {route!r} (routes: {', '.join(names) or 'none'})")
+    # Approximate models counted as this config's sidecar counts them (tokens.use_encodings_for).
+    tokens.use_encodings_for(b.model for b in config.backends)
     order: dict[str, None] = {}
     for rule in found.rules:
         order.update(dict.fromkeys(rule.backend_names()))  # cascade steps and experiment arms too
