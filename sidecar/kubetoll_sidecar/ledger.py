@@ -1,16 +1,18 @@
 """The spend ledger: one `SpendRecord` per settled request.
 
 The in-memory ledger keeps a bounded ring for one process (`kubetoll run`, the
-demo); the Redis ledger (`ledger_redis`) appends to a stream per namespace.
+demo, a sidecar without a shared store), compressed (`record_ring`); the Redis
+ledger (`ledger_redis`) appends to a stream per namespace.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable
 from typing import Protocol
 
 from kubetoll_core.spend_record import SpendRecord
+
+from .record_ring import RecordRing
 
 
 class Ledger(Protocol):
@@ -45,12 +47,14 @@ class InMemoryLedger:
     scope = "sidecar"
 
     def __init__(self, max_records: int = 100_000) -> None:
-        self._records: deque[SpendRecord] = deque(maxlen=max_records)
-        self.dropped = 0  # records pushed out of the ring (reported by /v1/kubetoll/spend)
+        self._records = RecordRing(max_records)  # held compressed: ~20 bytes a record, not ~500
+
+    @property
+    def dropped(self) -> int:
+        """Records pushed out of the ring (reported by /v1/kubetoll/spend)."""
+        return self._records.dropped
 
     def append(self, record: SpendRecord) -> None:
-        if len(self._records) == self._records.maxlen:
-            self.dropped += 1
         self._records.append(record)
 
     def append_refusal(self, record: SpendRecord) -> None:
@@ -59,9 +63,7 @@ class InMemoryLedger:
         return None
 
     def records(self, since: float = 0.0, until: float | None = None) -> Iterable[SpendRecord]:
-        for r in list(self._records):
-            if r.time >= since and (until is None or r.time < until):
-                yield r
+        return self._records.records(since, until)
 
     async def read(self, since: float = 0.0, until: float | None = None) -> list[SpendRecord]:
         return list(self.records(since, until))

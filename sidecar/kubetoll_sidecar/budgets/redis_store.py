@@ -42,7 +42,6 @@ import itertools
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -70,6 +69,7 @@ from kubetoll_core.redis_keys import (
 from kubetoll_core.router_config import BudgetStoreSettings
 from kubetoll_core.spend_record import SpendRecord, encode_record, encode_record_checked
 
+from ..record_ring import RecordRing
 from .journal import JOURNAL_INTERVAL, LeftJournal, StateDir
 from .leases import Lease
 from .redis_sync import MAX_METERS_PER_CALL, Batch, SpendBuffer, SyncCall, SyncScript
@@ -189,7 +189,7 @@ class RedisBudgetStore:
         self._budget_holders: dict[str, int] = {}
         self._ids = itertools.count(1)
         self._seq = itertools.count(1)
-        self._recent: deque[SpendRecord] = deque(maxlen=10_000)
+        self._recent = RecordRing(10_000)  # for /kubetoll/v1/spend's view of this sidecar, held compressed
         self._last_quarantine_log = -_INF
         self._epochs: dict[str, str] = {}
 
@@ -552,7 +552,7 @@ class RedisBudgetStore:
             self.counters.dropped_records += 1
 
     def recent_records(self, since: float = 0.0, until: float | None = None) -> list[SpendRecord]:
-        return [r for r in list(self._recent) if r.time >= since and (until is None or r.time < until)]
+        return list(self._recent.records(since, until))
 
     def lease_of(self, meter_key: str) -> Lease | None:
         """What this sidecar holds of one meter (for tests and diagnostics)."""
