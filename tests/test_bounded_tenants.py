@@ -150,6 +150,9 @@ def test_the_namespace_caps_meters_are_one_object_for_every_tenant() -> None:
     caps = [m for m in a.all() if m.level == "cap"]
     assert len(caps) == 3 and all(any(m is c for m in b.all()) for c in caps)
     assert [m.key for m in a.all() if m.level != "cap"] != [m.key for m in b.all() if m.level != "cap"]
+    # A tier meter's level and label are the same for every tenant: one string object, not one a tenant.
+    tier_a, tier_b = ([m for m in x.all() if m.level != "cap"] for x in (a, b))
+    assert tier_a and all(x.label is y.label and x.level is y.level for x, y in zip(tier_a, tier_b))
     tracemalloc.start()
     before = tracemalloc.take_snapshot()
     for i in range(2000):

@@ -21,6 +21,7 @@ only send the client back to be refused again.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -210,7 +211,9 @@ class BudgetMeters:
             t = b.tiers.get(tier)
             if t is None:
                 continue
-            lvl = f"tier:{tier}"
+            # The level and the labels are the same for every tenant of the tier: one string each, not one a
+            # tenant (the memo holds up to MAX_MEMO meter sets; ~240 bytes a tenant).
+            lvl = sys.intern(f"tier:{tier}")
             if t.requests_per_minute is not None:
                 ms.requests.append(
                     Meter(
@@ -220,7 +223,7 @@ class BudgetMeters:
                         limit=float(t.requests_per_minute),
                         budget=b.name,
                         level=lvl,
-                        label=f"{base}/{lvl}/requests-per-minute",
+                        label=sys.intern(f"{base}/{lvl}/requests-per-minute"),
                         on_exhausted=t.on_exhausted,
                         refill_per_second=t.requests_per_minute / 60.0,
                         fail_open=fo,
@@ -235,7 +238,7 @@ class BudgetMeters:
                         limit=float(t.tokens_per_minute),
                         budget=b.name,
                         level=lvl,
-                        label=f"{base}/{lvl}/tokens-per-minute",
+                        label=sys.intern(f"{base}/{lvl}/tokens-per-minute"),
                         on_exhausted=t.on_exhausted,
                         refill_per_second=t.tokens_per_minute / 60.0,
                         fail_open=fo,
@@ -256,7 +259,7 @@ class BudgetMeters:
                                 limit=float(limit),
                                 budget=b.name,
                                 level=lvl,
-                                label=f"{base}/{lvl}/{unit}-per-session",
+                                label=sys.intern(f"{base}/{lvl}/{unit}-per-session"),
                                 on_exhausted=t.on_exhausted,
                                 period_end=day.end,
                                 fail_open=fo,
@@ -272,7 +275,7 @@ class BudgetMeters:
                             limit=float(limit),
                             budget=b.name,
                             level=lvl,
-                            label=f"{base}/{lvl}/usd-{period.kind}",
+                            label=sys.intern(f"{base}/{lvl}/usd-{period.kind}"),
                             on_exhausted=t.on_exhausted,
                             period_end=period.end,
                             fail_open=fo,
