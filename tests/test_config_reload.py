@@ -16,7 +16,7 @@ from kubetoll_sidecar import tokens
 from kubetoll_sidecar.config_loader import ConfigError, load_config
 from kubetoll_sidecar.server import Sidecar
 from kubetoll_tools.simulator import Fault
-from support.harness import base_config, wait_until
+from support.harness import base_config, in_cluster_llama, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,16 +48,7 @@ async def test_a_reload_counts_approximate_models_as_the_new_config_wants(sim, s
     """gpt-4o beside a Llama: the Llama is counted with o200k_base. Without the gpt-4o backend,
     it is counted with cl100k_base again, loaded with the new config, before it applies."""
     cfg = base_config(sim.url)
-    cfg["backends"].append(
-        {
-            "name": "gpu",
-            "provider": "openai-compatible",
-            "model": "meta-llama/Llama-3.1-8B-Instruct",
-            "endpoint": sim.url + "/v1",
-            "credentials": {"env": "KT_TEST_OPENAI_KEY"},
-            "pricing": {"gpuHourlyUSD": 0.36, "tokensPerSecond": 1000},
-        }
-    )
+    cfg["backends"].append(in_cluster_llama(sim.url))
     cfg["routes"].append({"name": "local", "rules": [{"backends": ["gpu"]}]})
     sc = await start_sidecar(cfg)
     assert tokens.approximate_encoding() == tokens.O200K

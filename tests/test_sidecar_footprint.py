@@ -25,7 +25,7 @@ from kubetoll_core.prices import resolve_price
 from kubetoll_core.router_config import Backend
 from kubetoll_core.usage import Usage
 from kubetoll_sidecar import tokens
-from support.harness import base_config
+from support.harness import base_config, in_cluster_llama
 from support.ports import PortTaken, candidate_port, is_address_in_use
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,16 +200,7 @@ async def test_an_in_cluster_fallback_beside_a_gpt4o_backend_adds_no_encoding(si
     cl100k_base (+23 MiB) is never loaded, not at start and not by a request to the Llama."""
     config = base_config(sim.url)
     config["backends"][0]["model"] = "gpt-4o-mini"
-    config["backends"].append(
-        {
-            "name": "gpu",
-            "provider": "openai-compatible",
-            "model": "meta-llama/Llama-3.1-8B-Instruct",
-            "endpoint": sim.url + "/v1",
-            "credentials": {"env": "KT_TEST_OPENAI_KEY"},
-            "pricing": {"gpuHourlyUSD": 0.36, "tokensPerSecond": 1000},
-        }
-    )
+    config["backends"].append(in_cluster_llama(sim.url))
     config["routes"] = [
         {"name": "chat", "rules": [{"backends": ["primary", "gpu"]}]},
         {"name": "local", "rules": [{"backends": ["gpu"]}]},

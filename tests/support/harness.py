@@ -67,6 +67,18 @@ def two_backend_config(sim: Any, sim2: Any, **route: Any) -> dict[str, Any]:
     return cfg
 
 
+def in_cluster_llama(sim_url: str, name: str = "gpu") -> dict[str, Any]:
+    """An in-cluster Llama backend on the simulator (a model tiktoken ships no tokenizer for), priced by GPU time."""
+    return {
+        "name": name,
+        "provider": "openai-compatible",
+        "model": "meta-llama/Llama-3.1-8B-Instruct",
+        "endpoint": sim_url + "/v1",
+        "credentials": {"env": "KT_TEST_OPENAI_KEY"},
+        "pricing": {"gpuHourlyUSD": 0.36, "tokensPerSecond": 1000},
+    }
+
+
 class SidecarUrls:
     """The API and ops base URLs of a sidecar whose router config is `self.config`."""
 
