@@ -139,6 +139,18 @@ def test_a_ring_whose_loop_stopped_still_compresses():
     assert list(ring.records()) == [record(i) for i in range(2 * BLOCK)]
 
 
+def test_a_block_pickle_cannot_write_is_kept_as_it_is():
+    """A record holding something pickle cannot write (a bug elsewhere) costs that block its
+    compression, never the records, the bound or the next blocks."""
+    ring = RecordRing(10_000)
+    odd = dataclasses.replace(record(5), tags=lambda: None)  # type: ignore[arg-type]
+    written = [record(i) for i in range(5)] + [odd] + [record(i) for i in range(6, 2 * BLOCK)]
+    for r in written:
+        ring.append(r)
+    assert list(ring.records()) == written
+    assert isinstance(ring._blocks[0].data, tuple) and isinstance(ring._blocks[1].data, bytes)
+
+
 @pytest.mark.parametrize("bad", [0, -1])
 def test_a_ring_needs_room(bad):
     with pytest.raises(ValueError):

@@ -40,7 +40,7 @@ class _Block(NamedTuple):
     first: float  # the earliest and latest record time in the block (records are not strictly in time order)
     last: float
     size: int  # records in the block
-    data: bytes
+    data: bytes | tuple[SpendRecord, ...]  # compressed, or the records themselves if pickle could not write one
 
 
 class RecordRing:
@@ -81,8 +81,12 @@ class RecordRing:
         for b in list(self._blocks):
             if b.last < since or (until is not None and b.first >= until):
                 continue
-            for values in pickle.loads(zlib.decompress(b.data)):
-                r = SpendRecord(*values)
+            held = (
+                b.data
+                if isinstance(b.data, tuple)
+                else (SpendRecord(*v) for v in pickle.loads(zlib.decompress(b.data)))
+            )
+            for r in held:
                 if r.time >= since and (until is None or r.time < until):
                     yield r
         for r in list(self._fresh):
@@ -94,7 +98,11 @@ class RecordRing:
         while len(self._fresh) >= self._block:
             chunk, self._fresh = self._fresh[: self._block], self._fresh[self._block :]
             times = [r.time for r in chunk]
-            data = zlib.compress(pickle.dumps([_FIELDS(r) for r in chunk], pickle.HIGHEST_PROTOCOL), 1)
+            data: bytes | tuple[SpendRecord, ...]
+            try:
+                data = zlib.compress(pickle.dumps([_FIELDS(r) for r in chunk], pickle.HIGHEST_PROTOCOL), 1)
+            except Exception:  # a field holding what pickle cannot write (a bug upstream): kept as it is
+                data = tuple(chunk)
             self._blocks.append(_Block(min(times), max(times), len(chunk), data))
             self._compacted += len(chunk)
         while self._blocks and len(self) > self.max_records:
