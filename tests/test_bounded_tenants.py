@@ -141,7 +141,7 @@ def test_the_namespace_caps_meters_are_one_object_for_every_tenant() -> None:
         {
             "name": "b",
             "cap": {"usdPerDay": 5, "usdPerMonth": 50, "tokensPerDay": 10**7},
-            "tiers": {"free": {"usdPerDay": 1}},
+            "tiers": {"free": {"usdPerDay": 1, "tokensPerMinute": 1000, "requestsPerMinute": 30}},
         }
     ]
     meters = BudgetMeters(RouterConfig.model_validate(cfg))
@@ -150,9 +150,12 @@ def test_the_namespace_caps_meters_are_one_object_for_every_tenant() -> None:
     caps = [m for m in a.all() if m.level == "cap"]
     assert len(caps) == 3 and all(any(m is c for m in b.all()) for c in caps)
     assert [m.key for m in a.all() if m.level != "cap"] != [m.key for m in b.all() if m.level != "cap"]
-    # A tier meter's level and label are the same for every tenant: one string object, not one a tenant.
+    # A tier meter's level, label, limit and refill rate are the same for every tenant: one object each.
     tier_a, tier_b = ([m for m in x.all() if m.level != "cap"] for x in (a, b))
-    assert tier_a and all(x.label is y.label and x.level is y.level for x, y in zip(tier_a, tier_b))
+    assert tier_a and all(
+        x.label is y.label and x.level is y.level and x.limit is y.limit and x.refill_per_second is y.refill_per_second
+        for x, y in zip(tier_a, tier_b)
+    )
     tracemalloc.start()
     before = tracemalloc.take_snapshot()
     for i in range(2000):

@@ -133,6 +133,9 @@ class BudgetMeters:
         # The namespace caps' meters are the same for every tenant: one object each, whichever sets hold it
         # (a tenant's set then costs its own tier meters only). Cleared with the memo.
         self._cap_meters: dict[tuple[str, str, str], Meter] = {}
+        # A tier's limits and refill rates, as the floats its tenants' meters hold: one object each, not
+        # one a tenant (with the interned labels, ~350 bytes of a new tenant's ~2 KB).
+        self._numbers: dict[float, float] = {}
         # The tag keys some budget selects on (tagSelector): only they make two requests' meters differ.
         self._selector_keys = tuple(sorted({k for b in self.budgets for k in b.tag_selector or {}}))
         # Tiers with per-session limits: only there does the session make two requests' meters differ.
@@ -144,6 +147,9 @@ class BudgetMeters:
                 idle = t.session_idle_seconds
                 if idle is not None:  # only beside a per-session limit (the models refuse it alone)
                     self._session_idle[name] = min(idle, self._session_idle.get(name, idle))
+
+    def _number(self, value: float) -> float:
+        return self._numbers.setdefault(value, float(value))
 
     def session_idle_seconds(self, tier: str) -> int | None:
         """How long a session of `tier` may be idle before it starts afresh (None: it lasts the day)."""
@@ -220,12 +226,12 @@ class BudgetMeters:
                         key=f"{base}:{tier_meter_name(tier, tenant, 'rpm')}",
                         kind="bucket",
                         unit="requests",
-                        limit=float(t.requests_per_minute),
+                        limit=self._number(t.requests_per_minute),
                         budget=b.name,
                         level=lvl,
                         label=sys.intern(f"{base}/{lvl}/requests-per-minute"),
                         on_exhausted=t.on_exhausted,
-                        refill_per_second=t.requests_per_minute / 60.0,
+                        refill_per_second=self._number(t.requests_per_minute / 60.0),
                         fail_open=fo,
                     )
                 )
@@ -235,12 +241,12 @@ class BudgetMeters:
                         key=f"{base}:{tier_meter_name(tier, tenant, 'tpm')}",
                         kind="bucket",
                         unit="tokens",
-                        limit=float(t.tokens_per_minute),
+                        limit=self._number(t.tokens_per_minute),
                         budget=b.name,
                         level=lvl,
                         label=sys.intern(f"{base}/{lvl}/tokens-per-minute"),
                         on_exhausted=t.on_exhausted,
-                        refill_per_second=t.tokens_per_minute / 60.0,
+                        refill_per_second=self._number(t.tokens_per_minute / 60.0),
                         fail_open=fo,
                     )
                 )
@@ -256,7 +262,7 @@ class BudgetMeters:
                                 key=f"{base}:{session_meter_name(tier, session, f'{unit}:{day.id}')}",
                                 kind="window",
                                 unit=unit,
-                                limit=float(limit),
+                                limit=self._number(limit),
                                 budget=b.name,
                                 level=lvl,
                                 label=sys.intern(f"{base}/{lvl}/{unit}-per-session"),
@@ -272,7 +278,7 @@ class BudgetMeters:
                             key=f"{base}:{tier_meter_name(tier, tenant, f'usd:{period.id}')}",
                             kind="window",
                             unit="usd",
-                            limit=float(limit),
+                            limit=self._number(limit),
                             budget=b.name,
                             level=lvl,
                             label=sys.intern(f"{base}/{lvl}/usd-{period.kind}"),
