@@ -78,20 +78,20 @@ class RecordRing:
 
     def records(self, since: float = 0.0, until: float | None = None) -> Iterator[SpendRecord]:
         """The records of the period [since, until), oldest first."""
+        for r in self._held(since, until):
+            if r.time >= since and (until is None or r.time < until):
+                yield r
+
+    def _held(self, since: float, until: float | None) -> Iterator[SpendRecord]:
+        """Every record of the blocks whose time range overlaps the period, then the fresh ones."""
         for b in list(self._blocks):
             if b.last < since or (until is not None and b.first >= until):
                 continue
-            held = (
-                b.data
-                if isinstance(b.data, tuple)
-                else (SpendRecord(*v) for v in pickle.loads(zlib.decompress(b.data)))
-            )
-            for r in held:
-                if r.time >= since and (until is None or r.time < until):
-                    yield r
-        for r in list(self._fresh):
-            if r.time >= since and (until is None or r.time < until):
-                yield r
+            if isinstance(b.data, tuple):
+                yield from b.data
+            else:
+                yield from (SpendRecord(*v) for v in pickle.loads(zlib.decompress(b.data)))
+        yield from list(self._fresh)
 
     def _compact(self) -> None:
         self._compact_scheduled = False
